@@ -1,0 +1,44 @@
+"""moesift: shrink a Mixture-of-Experts model to the experts a workload uses, and prove it.
+
+Public API (each CLI command is one of these functions, with the same arguments)::
+
+    trace, show, merge_traces, export_trace      # record and inspect routing
+    report, compare                              # analyse traces
+    plan, trim, restrict, load_resident, verify  # choose resident experts, shrink, prove
+    eval_model, sweep, demo                      # quality across budgets
+    place, cache                                 # expert parallelism and offloading
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# name -> module that defines it; imported on first use so `import moesift` stays light.
+_LAZY = {
+    "MoesiftError": "errors",
+    "Trace": "tracefile",
+    "load_trace": "tracefile",
+    "merge": "tracefile",
+    "adapter_for": "arch",
+    "supported_model_types": "arch",
+    "checkpoint_index": "checkpoint",
+    "CheckpointIndex": "checkpoint",
+    "load_model": "loading",
+}
+
+
+def __getattr__(name: str) -> Any:
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'moesift' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{mod}", __name__), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + list(_LAZY))
+
+
+__all__ = sorted(_LAZY)

@@ -1,0 +1,23 @@
+"""Qwen3-MoE (and Qwen2-MoE-style per-expert checkpoints): softmax top-k router `mlp.gate`."""
+
+from __future__ import annotations
+
+from .base import Patterns, StandardAdapter, cfg_get, register
+
+L = r"model\.layers\.(?P<layer>\d+)\.mlp"
+
+
+@register
+class Qwen3Moe(StandardAdapter):
+    model_types = ("qwen3_moe",)
+    patterns = Patterns(
+        router=(rf"{L}\.gate\.weight",),
+        expert=(rf"{L}\.experts\.(?P<expert>\d+)\.(gate|up|down)_proj\.[\w.]+",),
+        fused=((rf"{L}\.experts\.(gate_up_proj|down_proj)[\w.]*", 0),),
+    )
+
+    def is_moe_layer(self, config, i):
+        only = cfg_get(config, "mlp_only_layers", default=[]) or []
+        step = int(cfg_get(config, "decoder_sparse_step", default=1) or 1)
+        n = int(cfg_get(config, "num_experts", "num_local_experts", default=0) or 0)
+        return i not in only and n > 0 and (i + 1) % step == 0

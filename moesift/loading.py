@@ -1,0 +1,77 @@
+"""Finding and loading models: local directories or hub ids resolved through the local hub cache."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from .errors import MoesiftError
+
+
+def resolve_model_dir(model: str | os.PathLike) -> Path:
+    """A local directory for `model`: the path itself, or the hub cache snapshot of a hub id (offline)."""
+    p = Path(model)
+    if p.is_dir():
+        return p
+    s = str(model)
+    if p.exists():
+        raise MoesiftError(f"{s!r} is a file; pass the model directory")
+    if s.count("/") == 1 and not s.startswith((".", "/")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(s, local_files_only=True, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]))
+        except Exception:  # noqa: BLE001 - any failure here means "not in the local cache"
+            raise MoesiftError(
+                f"model {s!r} is neither a local directory nor in the local Hugging Face cache "
+                "(download it first with `hf download`, or pass a directory)"
+            ) from None
+    raise MoesiftError(f"model directory {s!r} not found")
+
+
+def parse_dtype(dtype: str | None) -> Any:
+    import torch
+
+    if dtype in (None, "auto"):
+        return "auto"
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise MoesiftError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(table)}")
+    return table[dtype]
+
+
+def load_model(
+    model: str | os.PathLike,
+    device: str | None = None,
+    dtype: str | None = None,
+    trust_remote_code: bool = False,
+) -> tuple[Any, Any]:
+    """(model, tokenizer or None). `device` "auto" spreads layers over GPUs with device_map="auto"."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .arch import adapter_for
+
+    d = resolve_model_dir(model)
+    try:
+        config = AutoConfig.from_pretrained(d, trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        raise MoesiftError(f"cannot read the config of {str(d)!r}: {str(e).splitlines()[0]}") from None
+    adapter_for(config)  # clear error for unsupported / dense models before loading any weight
+    from .checkpoint import shard_files
+
+    shard_files(d)  # refuse pickle-only checkpoints before loading
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    kwargs: dict[str, Any] = {"dtype": parse_dtype(dtype), "trust_remote_code": trust_remote_code}
+    kwargs["device_map"] = "auto" if device == "auto" else device
+    m = AutoModelForCausalLM.from_pretrained(d, **kwargs)
+    m.eval()
+    tok = None
+    try:
+        tok = AutoTokenizer.from_pretrained(d, trust_remote_code=trust_remote_code)
+    except Exception:  # noqa: BLE001 - models without a tokenizer can still be traced from token ids
+        tok = None
+    return m, tok

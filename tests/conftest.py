@@ -1,0 +1,33 @@
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+WCER_DIR = Path(os.environ.get("MOESIFT_WCER_DIR", SHARED / "traces" / "wcer"))
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """tiny_dir(model_type) -> directory of a saved tiny random model (built once per session)."""
+    from tiny import build
+
+    root = tmp_path_factory.mktemp("tiny_models")
+    cache: dict[str, Path] = {}
+
+    def get(model_type: str) -> Path:
+        if model_type not in cache:
+            d = root / model_type
+            build(model_type).save_pretrained(d)
+            cache[model_type] = d
+        return cache[model_type]
+
+    return get

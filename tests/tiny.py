@@ -1,0 +1,47 @@
+"""Tiny random models of every supported family, built with the real transformers classes.
+
+`TINY[model_type]()` returns a config small enough to build, save and run in well under a second.
+Families register here; tests/conftest.py saves each once per session (fixture `tiny_dir`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+TINY: dict[str, Callable[[], Any]] = {}
+
+COMMON = dict(vocab_size=96, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+
+
+def tiny(model_type: str):
+    def deco(fn):
+        TINY[model_type] = fn
+        return fn
+
+    return deco
+
+
+@tiny("qwen3_moe")
+def _qwen3_moe():
+    from transformers import Qwen3MoeConfig
+
+    return Qwen3MoeConfig(
+        **COMMON, head_dim=8, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,
+        num_experts=8, num_experts_per_tok=2, mlp_only_layers=[1], norm_topk_prob=True,
+    )
+
+
+def build(model_type: str, seed: int = 0):
+    """A float32 model of `model_type` with random weights (router weights scaled up so that routing is
+    decisive and ties are impossible)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = TINY[model_type]()
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    return model.eval()
