@@ -45,3 +45,18 @@ def build(model_type: str, seed: int = 0):
         for p in model.parameters():
             p.normal_(0.0, 0.2)
     return model.eval()
+
+
+def _load_families() -> None:
+    """Family configs live in tiny_families_1.py / tiny_families_2.py and register with @tiny."""
+    import importlib
+
+    for mod in ("tiny_families_1", "tiny_families_2"):
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod:
+                raise
+
+
+_load_families()

@@ -226,6 +226,25 @@ class Adapter:
         """Role of the on-disk tensor `name` in a checkpoint with config.json `config`."""
         raise NotImplementedError
 
+    def rename_expert(self, name: str, config: Mapping[str, Any], new_id: int) -> str:
+        """Name of per-expert tensor `name` once its expert is renumbered to `new_id`."""
+        raise NotImplementedError
+
+    def slice_experts(self, tensor: Any, role: TensorRole, keep: Sequence[int], config: Mapping[str, Any]) -> Any:
+        """Keep rows `keep` (sorted original ids) of a fused / router tensor along its expert dimension.
+        Works on torch tensors; `role.expert_block` handles [E * n, ...] layouts."""
+        import torch
+
+        dim = role.expert_dim if role.expert_dim is not None and role.expert_dim >= 0 else tensor.dim() + (role.expert_dim or 0)
+        idx = torch.as_tensor(list(keep), dtype=torch.long)
+        if role.expert_block:
+            n = role.expert_block
+            shape = list(tensor.shape)
+            v = tensor.reshape(shape[:dim] + [shape[dim] // n, n] + shape[dim + 1 :])
+            out = v.index_select(dim, idx)
+            return out.reshape(shape[:dim] + [len(keep) * n] + shape[dim + 1 :]).contiguous()
+        return tensor.index_select(dim, idx).contiguous()
+
 
 def group_problems(spec: MoESpec, resident: Mapping[int, Sequence[int]], standard: bool) -> list[str]:
     """Group-limited routing: a group with fewer than 2 resident experts can never win (its score is a
@@ -467,6 +486,14 @@ class StandardAdapter(Adapter):
                 return TensorRole(kind, layer=layer, expert_dim=self.router_expert_dim(name, kind))
             return TensorRole(kind, layer=layer)
         return OTHER
+
+    def rename_expert(self, name: str, config: Mapping[str, Any], new_id: int) -> str:
+        for kind, rx, _ in self.patterns.compile():
+            m = rx.fullmatch(name)
+            if m and kind == "expert":
+                a, b = m.span("expert")
+                return f"{name[:a]}{new_id}{name[b:]}"
+        raise ValueError(f"{name} is not a per-expert tensor")
 
     def router_expert_dim(self, name: str, kind: str) -> int:
         """Expert dimension of a router tensor (rows of the weight; the last dim of a [1, E] bias)."""
