@@ -11,8 +11,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-WCER_DIR = Path(os.environ.get("MOESIFT_WCER_DIR", SHARED / "traces" / "wcer"))
+# 15 real routing traces (5 public models x 3 workloads) in the WCER `expert-trace/1` JSON format.
+WCER_DIR = Path(os.environ.get("MOESIFT_WCER_DIR", Path(__file__).parent / "data" / "wcer"))
 
 
 @pytest.fixture(scope="session")
