@@ -210,6 +210,11 @@ class Adapter:
         """Output of expert ids[t] on hidden[t], unweighted: Tensor [T, H] (for saliency)."""
         raise NotImplementedError
 
+    def replace_moe_block(self, model: Any, layer: int, block: Any) -> None:
+        """Put `block` (a module built for another expert count) in place of decoder layer `layer`'s MoE
+        block; used to build models whose MoE layers hold different numbers of experts."""
+        raise NotImplementedError
+
     @contextlib.contextmanager
     def restrict(self, model: Any, resident: Mapping[int, Sequence[int]]) -> Iterator[None]:
         """Within the block, routing of each decoder layer in `resident` behaves as if experts outside
@@ -363,6 +368,9 @@ class StandardAdapter(Adapter):
     # ---- loaded model -----------------------------------------------------------------------------
     def moe_block(self, model: Any, layer: int) -> Any:
         return getattr(_get_path(model, self.layers_path)[layer], self.block_attr)
+
+    def replace_moe_block(self, model: Any, layer: int, block: Any) -> None:
+        setattr(_get_path(model, self.layers_path)[layer], self.block_attr, block)
 
     def router(self, model: Any, layer: int) -> Any:
         return getattr(self.moe_block(model, layer), self.router_attr)

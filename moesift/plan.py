@@ -1,0 +1,766 @@
+"""Resident-set plans: which experts of each MoE layer stay resident, chosen from traces.
+
+A plan file (`moesift-plan/1`, JSON) holds the model identity, one entry per MoE layer with the resident
+expert ids (original global ids, sorted), how the set was chosen (traces and their sha256, strategy, budget,
+seed) and predictions (coverage in-sample and on held-out folds, bytes when the checkpoint is known).
+WCER `resident-manifest/1` files are read too (their layers count MoE layers in order).
+
+Budgets (exactly one): ``keep`` (fraction of experts per MoE layer), ``keep_experts`` (count per layer),
+``coverage`` (smallest set per layer whose routes reach the share; counts differ by layer) and ``memory``
+(size of the whole checkpoint; experts allocated across layers by marginal coverage per byte, from the
+checkpoint headers). Constraints come from the family adapter (`plan_problems`): at least top-k experts
+per layer, hash-routed layers whole, groups of group-limited routers whole (so the plan can be served).
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import MoesiftError
+
+SCHEMA = "moesift-plan/1"
+WCER_MANIFEST = "resident-manifest/1"
+STRATEGIES = ("frequency", "weighted", "saliency", "random")
+
+
+# ------------------------------------------------------------------------------------------------
+# The plan object
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    """Resident experts per MoE layer.
+
+    ``layers``: one dict per MoE layer: ``layer`` (decoder layer id, or None when only the MoE position is
+    known, as in WCER manifests), ``moe_index`` (position among the MoE layers), ``resident`` (sorted
+    original ids), optional ``coverage`` / ``heldout_coverage``.
+    """
+
+    model: dict[str, Any]
+    layers: list[dict[str, Any]]
+    provenance: dict[str, Any] = field(default_factory=dict)
+    predictions: dict[str, Any] = field(default_factory=dict)
+    source: str | None = None  # file the plan was read from
+
+    # ---- views -------------------------------------------------------------------------------------
+    @property
+    def resident(self) -> dict[int, list[int]]:
+        """{decoder layer: sorted resident ids}. Plans that know only MoE positions need `resolve(spec)`."""
+        if any(e.get("layer") is None for e in self.layers):
+            raise MoesiftError(
+                f"plan {self.source or ''!s} names MoE positions only; resolve it against the model "
+                "(moesift does this when a model is given)"
+            )
+        return {int(e["layer"]): sorted(int(i) for i in e["resident"]) for e in self.layers}
+
+    @property
+    def uniform(self) -> bool:
+        return len({len(e["resident"]) for e in self.layers}) <= 1
+
+    def counts(self) -> list[int]:
+        return [len(e["resident"]) for e in self.layers]
+
+    def resolve(self, spec: Any) -> dict[int, list[int]]:
+        """{decoder layer: ids} for the model described by `spec` (MoESpec); refuses a plan made for
+        another model."""
+        where = f"plan {self.source!r}" if self.source else "the plan"
+        m = self.model
+        mt = m.get("model_type")
+        if mt and spec.model_type and mt != spec.model_type:
+            raise MoesiftError(f"{where} was made for a {mt} model, not {spec.model_type}; plan again for this model")
+        if m.get("n_experts") is not None and int(m["n_experts"]) != spec.n_experts:
+            raise MoesiftError(
+                f"{where} was made for a model with {m['n_experts']} experts per layer; this one has "
+                f"{spec.n_experts}; plan again for this model"
+            )
+        if m.get("top_k") is not None and int(m["top_k"]) != spec.top_k:
+            raise MoesiftError(f"{where} was made for top-k {m['top_k']}; this model routes to {spec.top_k}")
+        if m.get("moe_layers") is not None and list(m["moe_layers"]) != list(spec.moe_layers):
+            raise MoesiftError(
+                f"{where} was made for MoE layers {list(m['moe_layers'])}; this model has {list(spec.moe_layers)}"
+            )
+        out: dict[int, list[int]] = {}
+        for e in self.layers:
+            layer = e.get("layer")
+            if layer is None:
+                i = int(e["moe_index"])
+                if len(self.layers) != len(spec.moe_layers) or i >= len(spec.moe_layers):
+                    raise MoesiftError(
+                        f"{where} has {len(self.layers)} MoE layers; this model has {len(spec.moe_layers)}"
+                    )
+                layer = spec.moe_layers[i]
+            layer = int(layer)
+            if layer not in spec.moe_layers:
+                raise MoesiftError(f"{where} names decoder layer {layer}, which is not a MoE layer of this model")
+            ids = sorted(int(i) for i in e["resident"])
+            if ids and (ids[0] < 0 or ids[-1] >= spec.n_experts):
+                raise MoesiftError(f"{where}: layer {layer} names expert ids outside 0..{spec.n_experts - 1}")
+            out[layer] = ids
+        return out
+
+    # ---- io ------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA,
+            "model": self.model,
+            "layers": self.layers,
+            "provenance": self.provenance,
+            "predictions": self.predictions,
+        }
+
+    def save(self, path: str | os.PathLike, force: bool = True) -> Path:
+        from .io import write_json
+
+        return write_json(path, self.to_dict(), force=force)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], source: str | None = None) -> Plan:
+        where = repr(source) if source else "plan"
+        schema = d.get("schema") or d.get("schema_version")
+        if schema == WCER_MANIFEST:
+            return _from_wcer_manifest(d, source)
+        if schema != SCHEMA:
+            raise MoesiftError(f"{where} has schema {schema!r}; expected {SCHEMA} or {WCER_MANIFEST}")
+        layers = d.get("layers")
+        if not isinstance(layers, list) or not layers:
+            raise MoesiftError(f"{where} has no 'layers' list; it is not a valid {SCHEMA} file")
+        clean = []
+        for i, e in enumerate(layers):
+            if not isinstance(e, Mapping) or not isinstance(e.get("resident"), list):
+                raise MoesiftError(f"{where}: layers[{i}] has no 'resident' list")
+            try:
+                ids = sorted(int(x) for x in e["resident"])
+            except (TypeError, ValueError):
+                raise MoesiftError(f"{where}: layers[{i}].resident must hold integer expert ids") from None
+            entry = dict(e)
+            entry["resident"] = ids
+            entry.setdefault("moe_index", i)
+            clean.append(entry)
+        return cls(
+            model=dict(d.get("model") or {}),
+            layers=clean,
+            provenance=dict(d.get("provenance") or {}),
+            predictions=dict(d.get("predictions") or {}),
+            source=source,
+        )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Plan:
+        """Read a `moesift-plan/1` file, a WCER `resident-manifest/1` file, or the `moesift_plan.json` of
+        a trimmed checkpoint (its plan)."""
+        p = Path(path)
+        if p.is_dir() and (p / "moesift_plan.json").is_file():
+            p = p / "moesift_plan.json"
+        if not p.is_file():
+            raise MoesiftError(f"plan file {str(p)!r} not found")
+        try:
+            d = json.loads(p.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise MoesiftError(f"{str(p)!r} is not a JSON plan file (moesift-plan/1 or resident-manifest/1)") from None
+        if not isinstance(d, dict):
+            raise MoesiftError(f"{str(p)!r} is not a plan (expected a JSON object)")
+        if d.get("schema") == "moesift-trimmed/1" and isinstance(d.get("plan"), dict):
+            d = d["plan"]
+        return cls.from_dict(d, source=str(p))
+
+
+def _from_wcer_manifest(d: Mapping[str, Any], source: str | None) -> Plan:
+    where = repr(source) if source else "manifest"
+    per = d.get("per_layer_resident")
+    if not isinstance(per, list) or not per:
+        raise MoesiftError(f"{where} is a resident-manifest/1 without 'per_layer_resident'")
+    layers = []
+    for i, ids in enumerate(per):
+        if not isinstance(ids, list):
+            raise MoesiftError(f"{where}: per_layer_resident[{i}] is not a list")
+        layers.append({"layer": None, "moe_index": i, "resident": sorted(int(x) for x in ids)})
+    model = {
+        "name": d.get("model_id"),
+        "revision": d.get("model_revision"),
+        "n_experts": d.get("n_experts"),
+        "top_k": d.get("top_k"),
+        "n_moe_layers": d.get("n_layers", len(per)),
+    }
+    prov = {
+        "imported_from": WCER_MANIFEST,
+        "bank_name": d.get("bank_name"),
+        "traces": [{"path": d.get("built_from_trace")}] if d.get("built_from_trace") else [],
+        "budget": {"keep": d.get("budget_frac")},
+        "hash_layers_moe_index": d.get("hash_layers", []),
+    }
+    return Plan(model=model, layers=layers, provenance=prov, predictions={}, source=source)
+
+
+def as_plan(plan: Plan | str | os.PathLike | Mapping[int, Sequence[int]]) -> Plan:
+    """A Plan from a Plan, a plan file, or a {decoder layer: ids} mapping."""
+    if isinstance(plan, Plan):
+        return plan
+    if isinstance(plan, (str, os.PathLike)):
+        return Plan.load(plan)
+    if isinstance(plan, Mapping):
+        layers = [
+            {"layer": int(k), "moe_index": i, "resident": sorted(int(x) for x in v)}
+            for i, (k, v) in enumerate(sorted(plan.items()))
+        ]
+        return Plan(model={}, layers=layers)
+    raise MoesiftError(f"not a plan: {type(plan).__name__}")
+
+
+def resident_for(plan: Plan | str | os.PathLike | Mapping[int, Sequence[int]], spec: Any) -> dict[int, list[int]]:
+    """{decoder layer: resident ids} of `plan` for the model described by `spec` (checks identity)."""
+    return as_plan(plan).resolve(spec)
+
+
+# ------------------------------------------------------------------------------------------------
+# Scores and banks
+# ------------------------------------------------------------------------------------------------
+
+
+def strategy_scores(trace: Any, strategy: str, seed: int = 0) -> np.ndarray:
+    """Per MoE layer and expert, how much the strategy wants the expert resident: float64 [L, E].
+
+    frequency: selection counts; weighted: router-weight mass; saliency: mean gate x ||expert output||
+    over routed tokens (REAP); random: seeded uniform scores (ablation)."""
+    if strategy == "frequency":
+        return trace.counts.astype(np.float64)
+    if strategy == "weighted":
+        wm = trace.get("weight_mass")
+        if wm is None:
+            raise MoesiftError(
+                f"trace {trace.label!r} has no router-weight mass; the 'weighted' strategy needs a trace that "
+                "records weight_mass (moesift trace records it by default)"
+            )
+        return np.asarray(wm, dtype=np.float64)
+    if strategy == "saliency":
+        s, c = trace.get("saliency_sum"), trace.get("saliency_count")
+        if s is None or c is None:
+            raise MoesiftError(
+                f"trace {trace.label!r} has no saliency; record one with `moesift trace --saliency`"
+            )
+        s = np.asarray(s, dtype=np.float64)
+        c = np.asarray(c, dtype=np.float64)
+        return np.divide(s, c, out=np.zeros_like(s), where=c > 0)
+    if strategy == "random":
+        rng = np.random.default_rng(seed)
+        return rng.random((trace.n_layers, trace.n_experts))
+    raise MoesiftError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
+
+
+def _normalise_rows(a: np.ndarray) -> np.ndarray:
+    s = a.sum(axis=-1, keepdims=True)
+    return np.divide(a, s, out=np.zeros_like(a, dtype=np.float64), where=s > 0)
+
+
+def _parse_trace_arg(t: Any) -> tuple[Any, float]:
+    """(path or Trace, weight) from "path:0.7", a path, a Trace, or a (trace, weight) pair."""
+    if isinstance(t, tuple) and len(t) == 2:
+        return t[0], float(t[1])
+    if isinstance(t, (str, os.PathLike)):
+        s = str(t)
+        m = re.fullmatch(r"(.+):([0-9]*\.?[0-9]+(?:[eE][-+]?\d+)?)", s)
+        if m and not Path(s).exists():
+            return m.group(1), float(m.group(2))
+        return s, 1.0
+    return t, 1.0
+
+
+@dataclass
+class Bank:
+    """Several traces of one model mixed by weight: each trace's counts / scores are normalised to its
+    own routes per layer (so a long trace does not drown a short one) before weighting."""
+
+    traces: list[Any]
+    weights: list[float]
+    sources: list[dict[str, Any]]
+
+    @property
+    def model(self) -> dict[str, Any]:
+        return dict(self.traces[0].model)
+
+    def counts(self) -> np.ndarray:
+        """Weighted share of routes [L, E] (each layer sums to 1 when the layer saw routes)."""
+        return sum(w * _normalise_rows(t.counts.astype(np.float64)) for t, w in zip(self.traces, self.weights, strict=True))
+
+    def scores(self, strategy: str, seed: int) -> np.ndarray:
+        if strategy == "random":
+            return strategy_scores(self.traces[0], "random", seed)
+        return sum(w * _normalise_rows(strategy_scores(t, strategy, seed)) for t, w in zip(self.traces, self.weights, strict=True))
+
+    def fold_counts(self) -> np.ndarray | None:
+        """Weighted per-fold shares [F, L, E], or None when a trace has no folds or fold counts differ."""
+        folds = [t.get("fold_counts") for t in self.traces]
+        if any(f is None for f in folds) or len({f.shape for f in folds}) != 1 or folds[0].shape[0] < 2:
+            return None
+        out = np.zeros(folds[0].shape, dtype=np.float64)
+        for t, w, f in zip(self.traces, self.weights, folds, strict=True):
+            routes = t.counts.sum(axis=-1).astype(np.float64)  # [L]
+            out += w * np.divide(f, routes[None, :, None], out=np.zeros(f.shape), where=routes[None, :, None] > 0)
+        return out
+
+
+def _load_bank(traces: Sequence[Any]) -> Bank:
+    from .io import sha256_file
+    from .tracefile import Trace
+
+    if isinstance(traces, (str, os.PathLike, Trace)):
+        traces = [traces]
+    if not traces:
+        raise MoesiftError("plan needs at least one trace")
+    objs, weights, sources = [], [], []
+    for t in traces:
+        ref, w = _parse_trace_arg(t)
+        if w <= 0:
+            raise MoesiftError(f"trace weight must be positive (got {w} for {ref})")
+        if isinstance(ref, Trace):
+            tr = ref
+            src = {"label": tr.label, "token_sha256": tr.workload.get("token_sha256")}
+        else:
+            tr = Trace.load(ref)
+            src = {"path": str(ref), "sha256": sha256_file(ref), "label": tr.label,
+                   "token_sha256": tr.workload.get("token_sha256")}
+        objs.append(tr)
+        weights.append(w)
+        sources.append(src)
+    first = objs[0]
+    for tr, src in zip(objs[1:], sources[1:], strict=True):
+        if tr.model_key() != first.model_key():
+            raise MoesiftError(
+                f"trace {src.get('path', src['label'])!r} is of another model than the first trace "
+                f"({tr.model.get('name')!r} vs {first.model.get('name')!r}); a bank mixes traces of one model"
+            )
+    total = sum(weights)
+    weights = [w / total for w in weights]
+    for s, w in zip(sources, weights, strict=True):
+        s["weight"] = w
+    return Bank(objs, weights, sources)
+
+
+# ------------------------------------------------------------------------------------------------
+# Selection
+# ------------------------------------------------------------------------------------------------
+
+
+def parse_bytes(s: str | int | float) -> int:
+    """'20GiB', '1.5GB', '300MB', '123' -> bytes."""
+    if isinstance(s, (int, float)):
+        return int(s)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT]?)(i?)[bB]?\s*", str(s))
+    if not m:
+        raise MoesiftError(f"cannot read the size {s!r}; write it like 20GiB, 1.5GB or 300MB")
+    num, unit, binary = float(m.group(1)), m.group(2).upper(), bool(m.group(3))
+    power = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit]
+    return int(num * (1024 if binary else 1000) ** power)
+
+
+@dataclass
+class _Spec:
+    """What selection needs to know about the model (from the checkpoint config when given, else the trace)."""
+
+    model_type: str | None
+    moe_layers: list[int | None]  # decoder ids (None when unknown)
+    n_experts: int
+    top_k: int
+    n_group: int | None
+    topk_group: int | None
+    hash_pos: set[int]  # MoE positions kept whole
+    adapter_spec: Any = None  # MoESpec when known
+
+
+def _spec_from(bank: Bank, index: Any) -> _Spec:
+    m = bank.model
+    L = bank.traces[0].n_layers
+    E = int(m["n_experts"])
+    if index is not None:
+        spec = index.spec
+        if spec.n_experts != E or int(m["top_k"]) != spec.top_k or len(spec.moe_layers) != L:
+            raise MoesiftError(
+                f"the traces are of a model with {L} MoE layers x {E} experts (top-k {m['top_k']}), but "
+                f"{str(index.directory)!r} has {len(spec.moe_layers)} x {spec.n_experts} (top-k {spec.top_k}); "
+                "use the model the traces were recorded on"
+            )
+        if m.get("moe_layers") is not None and list(m["moe_layers"]) != list(spec.moe_layers):
+            raise MoesiftError(
+                f"the traces cover MoE layers {list(m['moe_layers'])}; {str(index.directory)!r} has "
+                f"{list(spec.moe_layers)}"
+            )
+        if m.get("model_type") and m["model_type"] != spec.model_type:
+            raise MoesiftError(
+                f"the traces are of a {m['model_type']} model; {str(index.directory)!r} is {spec.model_type}"
+            )
+        hash_pos = {spec.moe_layers.index(h) for h in spec.hash_layers if h in spec.moe_layers}
+        return _Spec(spec.model_type, list(spec.moe_layers), E, spec.top_k, spec.n_group, spec.topk_group,
+                     hash_pos, spec)
+    moe = m.get("moe_layers")
+    layers = [int(x) for x in moe] if moe is not None and len(moe) == L else [None] * L
+    hash_pos = {int(h) for h in (m.get("hash_layers") or [])}
+    spec = None
+    mt = m.get("model_type")
+    if mt and layers[0] is not None:
+        from .arch.base import MoESpec
+
+        hash_dec = tuple(layers[h] for h in sorted(hash_pos) if h < L)
+        spec = MoESpec(mt, tuple(layers), E, int(m["top_k"]), int(m.get("n_shared") or 0),
+                       m.get("scoring", "softmax"), m.get("n_group"), m.get("topk_group"), hash_dec)
+    return _Spec(mt, layers, E, int(m["top_k"]), m.get("n_group"), m.get("topk_group"), hash_pos, spec)
+
+
+def _units(sp: _Spec, pos: int, scores_row: np.ndarray) -> list[list[int]]:
+    """Selection units of one MoE layer, best first: experts, or whole groups for group-limited routers
+    (a group with one resident expert can never win, and standard exports keep whole groups)."""
+    if sp.n_group and sp.n_group > 1:
+        per = sp.n_experts // sp.n_group
+        groups = [list(range(g * per, (g + 1) * per)) for g in range(sp.n_group)]
+        gscore = [float(scores_row[g].sum()) for g in groups]
+        order = sorted(range(sp.n_group), key=lambda g: (-gscore[g], g))
+        return [groups[g] for g in order]
+    order = sorted(range(sp.n_experts), key=lambda e: (-float(scores_row[e]), e))
+    return [[e] for e in order]
+
+
+def _min_units(sp: _Spec, pos: int, units: list[list[int]]) -> int:
+    """Fewest units a layer may keep: all for hash-routed layers, else enough for top-k (and top-k groups)."""
+    if pos in sp.hash_pos:
+        return len(units)
+    n, got = 0, 0
+    while got < sp.top_k and n < len(units):
+        got += len(units[n])
+        n += 1
+    if sp.n_group and sp.n_group > 1 and sp.topk_group:
+        n = max(n, min(int(sp.topk_group), len(units)))
+    return n
+
+
+def _units_for_count(units: list[list[int]], n_experts: int) -> int:
+    got, n = 0, 0
+    while got < n_experts and n < len(units):
+        got += len(units[n])
+        n += 1
+    return n
+
+
+def _flatten(units: list[list[int]], n: int) -> list[int]:
+    return sorted(e for u in units[:n] for e in u)
+
+
+def _select(
+    sp: _Spec, scores: np.ndarray, share: np.ndarray, budget: dict[str, Any], uniform: bool, index: Any,
+) -> list[list[int]]:
+    """Resident ids per MoE position under the budget."""
+    L, E = scores.shape
+    units = [_units(sp, p, scores[p]) for p in range(L)]
+    mins = [_min_units(sp, p, units[p]) for p in range(L)]
+    kind, value = budget["kind"], budget["value"]
+    if kind in ("keep", "keep_experts"):
+        n = int(round(value * E)) if kind == "keep" else int(value)
+        what = f"--keep {value} keeps {n} of {E} experts per layer" if kind == "keep" else f"--keep-experts {n}"
+        if n > E:
+            raise MoesiftError(f"{what}, but the model has only {E} experts per layer")
+        if n < sp.top_k:
+            raise MoesiftError(
+                f"cannot meet the plan: {what}, below top-k {sp.top_k}; the router needs at least {sp.top_k} "
+                "resident experts per layer (raise the budget)"
+            )
+        counts = [len(units[p]) if p in sp.hash_pos else max(_units_for_count(units[p], n), mins[p]) for p in range(L)]
+    elif kind == "coverage":
+        if not 0 < value <= 1:
+            raise MoesiftError(f"--coverage must be in (0, 1]; got {value}")
+        counts = []
+        for p in range(L):
+            n, cov = 0, 0.0
+            total = share[p].sum()
+            while n < len(units[p]) and (total <= 0 or cov < value * total - 1e-12):
+                cov += share[p, units[p][n]].sum()
+                n += 1
+            counts.append(max(n, mins[p]))
+    elif kind == "memory":
+        counts = _allocate_memory(sp, units, mins, share, int(value), uniform, index)
+    else:
+        raise MoesiftError(f"unknown budget {kind!r}")
+    if uniform:
+        free = [p for p in range(L) if p not in sp.hash_pos]
+        if free:
+            target = max(counts[p] for p in free) if kind == "coverage" else max(counts[p] for p in free)
+            for p in free:
+                counts[p] = target
+    return [_flatten(units[p], counts[p]) for p in range(L)]
+
+
+def _allocate_memory(sp, units, mins, share, memory: int, uniform: bool, index: Any) -> list[int]:
+    """Units per layer so the whole checkpoint fits `memory` bytes, greedily by coverage gained per byte."""
+    if index is None:
+        raise MoesiftError("--memory needs --model (the checkpoint whose headers give the bytes per expert)")
+    L = len(units)
+    per = index.expert_bytes()
+    layers = sp.moe_layers
+    ub = [[sum(per[layers[p]][e] for e in u) for u in units[p]] for p in range(L)]
+    fixed = index.total_bytes() - sum(sum(ub[p]) for p in range(L))
+    counts = list(mins)
+    used = fixed + sum(sum(ub[p][: counts[p]]) for p in range(L))
+    if used > memory:
+        raise MoesiftError(
+            f"cannot meet the plan: the smallest servable model (top-k experts per layer, hash layers whole) "
+            f"needs {_fmt(used)}, above --memory {_fmt(memory)}"
+        )
+    if uniform:
+        free = [p for p in range(L) if p not in sp.hash_pos]
+        n = max((counts[p] for p in free), default=0)
+        for p in free:
+            counts[p] = n
+        used = fixed + sum(sum(ub[p][: counts[p]]) for p in range(L))
+        if used > memory:
+            raise MoesiftError(
+                f"cannot meet the plan: a uniform plan needs at least {_fmt(used)}, above --memory {_fmt(memory)}"
+            )
+        while free and all(counts[p] < len(units[p]) for p in free):
+            extra = sum(ub[p][counts[p]] for p in free)
+            if used + extra > memory:
+                break
+            used += extra
+            for p in free:
+                counts[p] += 1
+        return counts
+    heap = []
+    for p in range(L):
+        if counts[p] < len(units[p]):
+            u = units[p][counts[p]]
+            heapq.heappush(heap, (-float(share[p, u].sum()) / max(ub[p][counts[p]], 1), p))
+    while heap:
+        _, p = heapq.heappop(heap)
+        b = ub[p][counts[p]]
+        if used + b > memory:
+            continue  # this layer's next unit does not fit; others may
+        used += b
+        counts[p] += 1
+        if counts[p] < len(units[p]):
+            u = units[p][counts[p]]
+            heapq.heappush(heap, (-float(share[p, u].sum()) / max(ub[p][counts[p]], 1), p))
+    return counts
+
+
+def _fmt(n: int) -> str:
+    for unit, k in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= k:
+            return f"{n / k:.2f} {unit}"
+    return f"{n} B"
+
+
+# ------------------------------------------------------------------------------------------------
+# Held-out prediction
+# ------------------------------------------------------------------------------------------------
+
+
+def _heldout(fold_scores: np.ndarray, fold_counts: np.ndarray, n_keep: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Per layer mean and std over folds of the share of a left-out fold's routes covered by the n_keep
+    experts chosen (by score) on the other folds."""
+    try:
+        from .analysis import heldout_coverage
+    except ImportError:
+        heldout_coverage = None
+    if heldout_coverage is not None:
+        mean, std = heldout_coverage(fold_scores, fold_counts, np.asarray(n_keep))
+        return np.asarray(mean, dtype=np.float64), np.asarray(std, dtype=np.float64)
+    F, L, E = fold_counts.shape
+    cov = np.full((F, L), np.nan)
+    for f in range(F):
+        rest = fold_scores.sum(axis=0) - fold_scores[f]
+        for p in range(L):
+            total = fold_counts[f, p].sum()
+            if total <= 0:
+                continue
+            ids = np.lexsort((np.arange(E), -rest[p]))[: int(n_keep[p])]
+            cov[f, p] = fold_counts[f, p, ids].sum() / total
+    return np.nanmean(cov, axis=0), np.nanstd(cov, axis=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# The public function
+# ------------------------------------------------------------------------------------------------
+
+
+def plan(
+    traces: Any,
+    out: str | os.PathLike | None = None,
+    keep: float | None = None,
+    keep_experts: int | None = None,
+    coverage: float | None = None,
+    memory: str | int | None = None,
+    model: str | os.PathLike | None = None,
+    strategy: str = "frequency",
+    uniform: bool = False,
+    seed: int = 0,
+    force: bool = False,
+) -> Plan:
+    """Choose the resident experts of every MoE layer from one or more traces (a bank) under one budget.
+
+    `traces`: paths (``"path:0.7"`` sets a weight), Trace objects, or (trace, weight) pairs.
+    Exactly one of `keep`, `keep_experts`, `coverage`, `memory` (needs `model`)."""
+    from . import __version__
+
+    given = {k: v for k, v in (("keep", keep), ("keep_experts", keep_experts), ("coverage", coverage),
+                               ("memory", memory)) if v is not None}
+    if len(given) != 1:
+        raise MoesiftError("give exactly one budget: --keep, --keep-experts, --coverage or --memory")
+    kind, value = next(iter(given.items()))
+    if kind == "keep" and not 0 < float(value) <= 1:
+        raise MoesiftError(f"--keep is a fraction of experts in (0, 1]; got {value}")
+    if strategy not in STRATEGIES:
+        raise MoesiftError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
+    if out is not None:
+        from .io import check_output_path
+
+        check_output_path(out, force)
+    bank = _load_bank(traces)
+    index = None
+    if model is not None:
+        from .checkpoint import CheckpointIndex
+
+        index = CheckpointIndex.build(model)
+    sp = _spec_from(bank, index)
+    share = bank.counts()
+    scores = bank.scores(strategy, seed)
+    budget = {"kind": kind, "value": parse_bytes(value) if kind == "memory" else float(value)}
+    if kind == "keep_experts":
+        budget["value"] = int(value)
+    resident = _select(sp, scores, share, budget, uniform, index)
+
+    # constraints from the adapter (top-k, groups, hash layers)
+    if sp.adapter_spec is not None and sp.model_type:
+        from .arch import adapter_for
+
+        try:
+            ad = adapter_for({"model_type": sp.model_type})
+        except MoesiftError:
+            ad = None
+        if ad is not None:
+            res = {sp.moe_layers[p]: resident[p] for p in range(len(resident))}
+            problems = ad.plan_problems(sp.adapter_spec, res, standard=uniform)
+            if problems:
+                raise MoesiftError("cannot meet the plan: " + "; ".join(problems[:4])
+                                   + (f" (and {len(problems) - 4} more)" if len(problems) > 4 else ""))
+    else:
+        for p, ids in enumerate(resident):
+            if len(ids) < sp.top_k:
+                raise MoesiftError(f"cannot meet the plan: MoE layer {p} keeps {len(ids)} experts, below top-k")
+        if uniform and len({len(r) for r in resident if r}) > 1:
+            raise MoesiftError("cannot meet the plan: --uniform with hash-routed layers kept whole")
+
+    # predictions
+    L = len(resident)
+    insample = [float(share[p, resident[p]].sum() / share[p].sum()) if share[p].sum() > 0 else None for p in range(L)]
+    folds = bank.fold_counts()
+    held_mean = held_std = None
+    held_note = None
+    if folds is not None:
+        if strategy == "random":
+            fold_scores = np.broadcast_to(scores, folds.shape).copy()
+        else:
+            fold_scores = folds
+            if strategy != "frequency":
+                held_note = f"{strategy} scores are not kept per fold; held-out sets are chosen by fold counts"
+        held_mean, held_std = _heldout(fold_scores, folds, [len(r) for r in resident])
+    layers = []
+    for p in range(L):
+        e = {"layer": sp.moe_layers[p], "moe_index": p, "resident": resident[p], "n_resident": len(resident[p]),
+             "coverage": insample[p]}
+        if held_mean is not None:
+            e["heldout_coverage"] = None if np.isnan(held_mean[p]) else float(held_mean[p])
+            e["heldout_std"] = None if np.isnan(held_std[p]) else float(held_std[p])
+        layers.append(e)
+    vals = [c for c in insample if c is not None]
+    pred: dict[str, Any] = {
+        "coverage": float(np.mean(vals)) if vals else None,
+        "heldout_coverage": float(np.nanmean(held_mean)) if held_mean is not None else None,
+        "experts_resident": int(sum(len(r) for r in resident)),
+        "experts_total": int(L * sp.n_experts),
+    }
+    if held_mean is None:
+        pred["heldout_note"] = "the traces have no folds; held-out coverage cannot be estimated"
+    elif held_note:
+        pred["heldout_note"] = held_note
+    model_id = {k: v for k, v in bank.model.items() if k in ("name", "model_type", "config_hash", "n_experts",
+                                                                "top_k", "n_shared", "hash_layers")}
+    model_id["moe_layers"] = [x for x in sp.moe_layers] if sp.moe_layers[0] is not None else None
+    if index is not None:
+        res = {sp.moe_layers[p]: resident[p] for p in range(L)}
+        pred["bytes"] = int(index.predicted_bytes(res))
+        pred["bytes_full"] = int(index.total_bytes())
+        pred["bytes_fraction"] = pred["bytes"] / max(pred["bytes_full"], 1)
+        model_id["checkpoint"] = str(index.directory)
+    prov = {
+        "traces": bank.sources,
+        "strategy": strategy,
+        "budget": {kind: value if kind != "memory" else str(value), **({"bytes": budget["value"]} if kind == "memory" else {})},
+        "uniform": bool(uniform),
+        "seed": int(seed),
+        "tool": {"name": "moesift", "version": __version__},
+    }
+    result = Plan(model=model_id, layers=layers, provenance=prov, predictions=pred)
+    if out is not None:
+        result.save(out, force=force)
+        result.source = str(out)
+    return result
+
+
+# ------------------------------------------------------------------------------------------------
+# Comparing two banks
+# ------------------------------------------------------------------------------------------------
+
+
+def plan_diff(a: Any, b: Any, model: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Per MoE layer Jaccard of the resident sets of plans `a` and `b`, and (with `model`) the bytes to
+    load when switching from bank `a` to bank `b` (experts resident in b but not in a)."""
+    pa, pb = as_plan(a), as_plan(b)
+    index = None
+    if model is not None:
+        from .checkpoint import CheckpointIndex
+
+        index = CheckpointIndex.build(model)
+        ra, rb = pa.resolve(index.spec), pb.resolve(index.spec)
+    else:
+        if len(pa.layers) != len(pb.layers):
+            raise MoesiftError(f"the plans cover {len(pa.layers)} and {len(pb.layers)} MoE layers; not the same model")
+        for k in ("model_type", "n_experts"):
+            if pa.model.get(k) is not None and pb.model.get(k) is not None and pa.model[k] != pb.model[k]:
+                raise MoesiftError(f"the plans are for different models ({k}: {pa.model[k]} vs {pb.model[k]})")
+        key = (lambda e: e["layer"]) if all(e.get("layer") is not None for e in pa.layers + pb.layers) else (
+            lambda e: e["moe_index"])
+        ra = {key(e): e["resident"] for e in pa.layers}
+        rb = {key(e): e["resident"] for e in pb.layers}
+        if set(ra) != set(rb):
+            raise MoesiftError("the plans cover different MoE layers; not the same model")
+    per = index.expert_bytes() if index is not None else None
+    layers, jac, load_b, evict_b = [], [], 0, 0
+    for layer in sorted(ra):
+        sa, sb = set(ra[layer]), set(rb[layer])
+        j = len(sa & sb) / len(sa | sb) if sa | sb else 1.0
+        jac.append(j)
+        e = {"layer": layer, "jaccard": j, "common": len(sa & sb), "load": sorted(sb - sa), "evict": sorted(sa - sb)}
+        if per is not None:
+            e["bytes_to_load"] = int(sum(per[layer][x] for x in sb - sa))
+            e["bytes_to_evict"] = int(sum(per[layer][x] for x in sa - sb))
+            load_b += e["bytes_to_load"]
+            evict_b += e["bytes_to_evict"]
+        layers.append(e)
+    out: dict[str, Any] = {
+        "a": pa.source, "b": pb.source, "layers": layers,
+        "mean_jaccard": float(np.mean(jac)) if jac else math.nan,
+        "experts_to_load": int(sum(len(e["load"]) for e in layers)),
+        "experts_to_evict": int(sum(len(e["evict"]) for e in layers)),
+    }
+    if per is not None:
+        out["bytes_to_load"] = load_b
+        out["bytes_to_evict"] = evict_b
+    else:
+        out["bytes_note"] = "pass --model to get the bytes to load"
+    return out

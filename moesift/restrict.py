@@ -1,0 +1,37 @@
+"""Restrict routing of a loaded model to a plan's resident experts (DESIGN.md, restriction semantics)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+from .errors import MoesiftError
+
+
+@contextlib.contextmanager
+def restrict(model: Any, plan: Any) -> Iterator[Any]:
+    """Within the block, every MoE layer named by `plan` routes as if experts outside its resident set did
+    not exist (non-resident router logits -inf before the softmax; selection biases masked with them).
+    `plan`: a Plan, a plan file (moesift-plan/1 or resident-manifest/1), or {decoder layer: ids}.
+    Leaving the block restores the model exactly."""
+    from .arch import adapter_for
+    from .plan import resident_for
+
+    ad = adapter_for(model.config)
+    spec = ad.spec(model.config)
+    resident = resident_for(plan, spec)
+    problems = ad.plan_problems(spec, resident, standard=False)
+    if problems:
+        raise MoesiftError("cannot restrict to this plan: " + "; ".join(problems[:4]))
+    with ad.restrict(model, resident):
+        yield model
+
+
+def resident_of(plan: Any, config: Any) -> dict[int, list[int]]:
+    """{decoder layer: ids} of `plan` for a model with this config."""
+    from .arch import adapter_for
+    from .plan import resident_for
+
+    return resident_for(plan, adapter_for(config).spec(config))
+

@@ -1,0 +1,389 @@
+"""Write a smaller checkpoint that holds only a plan's resident experts.
+
+Streaming, tensor by tensor, from the source safetensors: the output layout (names, shapes, byte ranges,
+shard of every tensor) is computed from the source headers before any data moves, each output shard's
+header is written first and the data follows. Tensors without an expert dimension are copied byte for
+byte; per-expert tensors of resident experts are copied and renamed to 0..n-1 in original-id order;
+tensors with an expert dimension (router rows, selection biases, fused experts and their quantized
+companions) keep the resident rows: when the expert dimension is the outermost non-trivial one the rows
+are contiguous byte ranges and are copied as bytes; otherwise the one tensor is read and sliced by the
+adapter. At most one tensor (and a small copy buffer) is in memory.
+
+Uniform plans give a standard checkpoint (config rewritten by the adapter, loads with `from_pretrained`).
+Non-uniform plans give a checkpoint whose config.json has ``model_type`` "moesift_trimmed" and keeps
+the real config under the key ``moesift``: transformers, vLLM and SGLang do not know that model type and
+refuse the checkpoint (a stock loader would otherwise build every layer with the largest expert count and
+fill the missing experts with random weights); `moesift.load_trimmed` reads it.
+
+Everything is written to a hidden temporary directory beside the destination and renamed into place when
+complete, so an interrupted trim leaves no directory that looks like a finished checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import MoesiftError
+
+FORMAT = "moesift-trimmed/1"
+NONSTANDARD_MODEL_TYPE = "moesift_trimmed"
+PLAN_FILE = "moesift_plan.json"
+INDEX_FILE = "model.safetensors.index.json"
+DEFAULT_SHARD_SIZE = 5 * 1000**3
+_BUF = 16 << 20
+# files of the source directory that are not copied: weights (rewritten), config (rewritten), pickles
+_SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+_SKIP_NAMES = {"config.json", INDEX_FILE, PLAN_FILE, "pytorch_model.bin.index.json"}
+_MAX_COPIED_FILE = 256 << 20
+
+
+@dataclass
+class _OutTensor:
+    name: str
+    src_name: str
+    src_file: str
+    dtype: str
+    shape: list[int]
+    nbytes: int
+    ranges: list[tuple[int, int]] = field(default_factory=list)  # absolute (offset, length) in src_file
+    slice_keep: list[int] | None = None  # set when the tensor must be read and sliced by the adapter
+    role: Any = None
+
+
+def _expert_dim(role: Any, ndim: int) -> int:
+    d = role.expert_dim if role.expert_dim is not None else 0
+    return d + ndim if d < 0 else d
+
+
+def plan_layout(index: Any, resident: Mapping[int, Sequence[int]]) -> list[_OutTensor]:
+    """The output tensors, in source order, with where their bytes come from. Reads only headers."""
+    from .arch.base import Adapter
+    from .checkpoint import DTYPE_BYTES, read_header
+
+    cfg, ad = index.config, index.adapter
+    E = index.spec.n_experts
+    header_size = {f: read_header(index.directory / f)[1] for f in sorted({t.file for t in index.tensors})}
+    custom_slice = type(ad).slice_experts is not Adapter.slice_experts
+    out: list[_OutTensor] = []
+    for t in sorted(index.tensors, key=lambda t: (t.file, t.start)):
+        base = header_size[t.file]
+        r = t.role
+        keep = resident.get(r.layer) if r.layer is not None else None
+        if keep is None or r.kind not in ("expert", "router", "router_bias"):
+            out.append(_OutTensor(t.name, t.name, t.file, t.dtype, list(t.shape), t.nbytes,
+                                  [(base + t.start, t.nbytes)], role=r))
+            continue
+        keep = sorted(keep)
+        if r.expert is not None:
+            if r.expert in keep:
+                new = ad.rename_expert(t.name, cfg, keep.index(r.expert))
+                out.append(_OutTensor(new, t.name, t.file, t.dtype, list(t.shape), t.nbytes,
+                                      [(base + t.start, t.nbytes)], role=r))
+            continue
+        shape = list(t.shape)
+        if not shape:
+            raise MoesiftError(f"tensor {t.name} is a scalar but classified with an expert dimension")
+        d = _expert_dim(r, len(shape))
+        block = r.expert_block or 1
+        if shape[d] != E * block:
+            raise MoesiftError(
+                f"tensor {t.name} has {shape[d]} rows along its expert dimension {d}; expected {E} x {block} "
+                f"(experts x rows per expert); the {index.spec.model_type} adapter misclassifies it"
+            )
+        new_shape = list(shape)
+        new_shape[d] = len(keep) * block
+        if t.nbytes % E:
+            raise MoesiftError(f"tensor {t.name} ({t.nbytes} bytes) does not split evenly over {E} experts")
+        row = t.nbytes // E
+        nb = row * len(keep)
+        elem = DTYPE_BYTES.get(t.dtype)
+        if elem is not None:
+            n_el = 1
+            for s in new_shape:
+                n_el *= s
+            if n_el * elem != nb:
+                raise MoesiftError(f"tensor {t.name}: sliced size {nb} bytes disagrees with shape {new_shape}")
+        lead = 1
+        for s in shape[:d]:
+            lead *= s
+        if lead == 1 and not custom_slice:
+            ranges = _merge([(base + t.start + e * row, row) for e in keep])
+            out.append(_OutTensor(t.name, t.name, t.file, t.dtype, new_shape, nb, ranges, role=r))
+        else:
+            out.append(_OutTensor(t.name, t.name, t.file, t.dtype, new_shape, nb, [], slice_keep=keep, role=r))
+    names = [o.name for o in out]
+    if len(set(names)) != len(names):
+        raise MoesiftError("trimming would give two tensors the same name; the adapter's renaming is inconsistent")
+    return out
+
+
+def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    merged: list[tuple[int, int]] = []
+    for off, n in ranges:
+        if merged and merged[-1][0] + merged[-1][1] == off:
+            merged[-1] = (merged[-1][0], merged[-1][1] + n)
+        else:
+            merged.append((off, n))
+    return merged
+
+
+def _shards(tensors: list[_OutTensor], max_shard_size: int) -> list[list[_OutTensor]]:
+    shards: list[list[_OutTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if shards[-1] and size + t.nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    return shards
+
+
+def _header_bytes(tensors: list[_OutTensor]) -> bytes:
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    off = 0
+    for t in tensors:
+        header[t.name] = {"dtype": t.dtype, "shape": t.shape, "data_offsets": [off, off + t.nbytes]}
+        off += t.nbytes
+    hb = json.dumps(header, separators=(",", ":")).encode()
+    hb += b" " * ((-len(hb)) % 8)
+    return struct.pack("<Q", len(hb)) + hb
+
+
+class _Writer:
+    """Writes one output file and hashes what it writes."""
+
+    def __init__(self, path: Path):
+        self.f = open(path, "wb")
+        self.h = hashlib.sha256()
+        self.n = 0
+
+    def write(self, b: Any) -> None:
+        self.h.update(b)
+        self.f.write(b)
+        self.n += len(b)
+
+    def close(self) -> str:
+        self.f.close()
+        return self.h.hexdigest()
+
+
+def _copy_range(src: Any, w: _Writer, off: int, n: int, buf: memoryview, advance: Any) -> None:
+    src.seek(off)
+    while n > 0:
+        k = src.readinto(buf[: min(n, len(buf))])
+        if not k:
+            raise MoesiftError(f"{src.name!r} ended early (truncated shard?); the source checkpoint is damaged")
+        w.write(buf[:k])
+        n -= k
+        advance(k)
+
+
+def _sliced_bytes(src_dir: Path, t: _OutTensor, adapter: Any, cfg: Mapping[str, Any]) -> bytes:
+    import torch
+    from safetensors import safe_open
+
+    with safe_open(str(src_dir / t.src_file), framework="pt") as f:
+        x = f.get_tensor(t.src_name)
+    y = adapter.slice_experts(x, t.role, t.slice_keep, cfg).contiguous()
+    if list(y.shape) != t.shape:
+        raise MoesiftError(f"tensor {t.name}: adapter slice gave shape {list(y.shape)}, expected {t.shape}")
+    b = y.reshape(-1).view(torch.uint8).numpy().tobytes()
+    if len(b) != t.nbytes:
+        raise MoesiftError(f"tensor {t.name}: sliced to {len(b)} bytes, expected {t.nbytes}")
+    return b
+
+
+def _progress(enabled: bool, total: int):
+    import sys
+
+    if not enabled or not sys.stderr.isatty():
+        return None
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+
+    p = Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                 TimeRemainingColumn(), console=Console(stderr=True), transient=True)
+    p.start()
+    p.add_task("trimming", total=total)
+    return p
+
+
+def _check_paths(src: Path, out: Path, force: bool) -> None:
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise MoesiftError(f"output directory {str(parent)!r} does not exist; create it first")
+    rs, ro = src.resolve(), out.resolve()
+    if rs == ro or rs in ro.parents or ro in rs.parents:
+        raise MoesiftError(f"output {str(out)!r} overlaps the source model {str(src)!r}; choose another directory")
+    if out.exists() and not force:
+        raise MoesiftError(f"{str(out)!r} already exists; pass --force to overwrite it")
+
+
+def trim(
+    model: str | os.PathLike,
+    plan: Any,
+    out: str | os.PathLike,
+    force: bool = False,
+    max_shard_size: str | int = DEFAULT_SHARD_SIZE,
+    progress: bool = True,
+) -> Path:
+    """Write the checkpoint of `model` trimmed to `plan`'s resident experts into directory `out`.
+
+    The source is only read. Returns `out`."""
+    from . import __version__
+    from .checkpoint import CheckpointIndex
+    from .io import sha256_file
+    from .plan import as_plan, parse_bytes
+
+    out = Path(out)
+    idx = CheckpointIndex.build(model)
+    src = idx.directory
+    _check_paths(src, out, force)
+    p = as_plan(plan)
+    spec = idx.spec
+    resident = p.resolve(spec)
+    ad, cfg = idx.adapter, idx.config
+    full = {layer: sorted(resident.get(layer, range(spec.n_experts))) for layer in spec.moe_layers}
+    standard = len({len(v) for v in full.values()}) == 1
+    problems = ad.plan_problems(spec, full, standard=standard)
+    if not standard:  # every layer on its own must still be expressible (group rules)
+        for layer, ids in full.items():
+            problems += [q for q in ad.plan_problems(spec, {layer: ids}, standard=True) if q not in problems]
+    if problems:
+        raise MoesiftError(f"cannot trim {str(src)!r} to this plan: " + "; ".join(problems[:4]))
+    layout = plan_layout(idx, resident)
+    predicted = idx.predicted_bytes(resident)
+    written_tensor_bytes = sum(t.nbytes for t in layout)
+    if written_tensor_bytes != predicted:
+        raise MoesiftError(
+            f"internal check failed: layout has {written_tensor_bytes} tensor bytes, the plan predicts {predicted}"
+        )
+    shards = _shards(layout, parse_bytes(max_shard_size))
+    n = len(shards)
+    names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+    new_cfg: dict[str, Any]
+    if standard:
+        new_cfg = ad.rewrite_config(dict(cfg), full)
+    else:
+        new_cfg = {
+            "model_type": NONSTANDARD_MODEL_TYPE,
+            "moesift": {
+                "format": FORMAT,
+                "note": "experts per MoE layer differ; load with moesift.load_trimmed (stock loaders refuse "
+                        "this model_type on purpose rather than fill missing experts with random weights)",
+                "experts_per_layer": {str(k): len(v) for k, v in full.items()},
+                "resident": {str(k): v for k, v in full.items()},
+                "config": ad.rewrite_config(dict(cfg), full),
+                "source_config": cfg,
+            },
+        }
+
+    parent = out.parent if str(out.parent) else Path(".")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=parent))
+    bar = _progress(progress, written_tensor_bytes)
+    advance = (lambda k: bar.advance(bar.task_ids[0], k)) if bar else (lambda k: None)
+    try:
+        hashes: dict[str, str] = {}
+        buf = memoryview(bytearray(_BUF))
+        weight_map: dict[str, str] = {}
+        files: dict[str, Any] = {}
+        try:
+            for fname, tensors in zip(names, shards, strict=True):
+                w = _Writer(tmp / fname)
+                try:
+                    w.write(_header_bytes(tensors))
+                    for t in tensors:
+                        weight_map[t.name] = fname
+                        if t.slice_keep is not None:
+                            b = _sliced_bytes(src, t, ad, cfg)
+                            w.write(b)
+                            advance(len(b))
+                            del b
+                            continue
+                        f = files.get(t.src_file)
+                        if f is None:
+                            f = files[t.src_file] = open(src / t.src_file, "rb")
+                        for off, k in t.ranges:
+                            _copy_range(f, w, off, k, buf, advance)
+                finally:
+                    hashes[fname] = w.close()
+        finally:
+            for f in files.values():
+                f.close()
+        index_obj = {"metadata": {"total_size": written_tensor_bytes, "format": "pt"}, "weight_map": weight_map}
+        (tmp / INDEX_FILE).write_text(json.dumps(index_obj, indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(new_cfg, indent=2) + "\n")
+        copied = []
+        for f in sorted(src.iterdir()):
+            if not f.is_file() or f.name in _SKIP_NAMES or f.name.endswith(_SKIP_SUFFIXES) or f.name.startswith("."):
+                continue
+            if f.stat().st_size > _MAX_COPIED_FILE:
+                continue
+            shutil.copy2(f, tmp / f.name)
+            copied.append(f.name)
+        for extra in [INDEX_FILE, "config.json", *copied]:
+            hashes[extra] = sha256_file(tmp / extra)
+        id_map = {str(k): v for k, v in full.items()}
+        record = {
+            "schema": FORMAT,
+            "tool": {"name": "moesift", "version": __version__},
+            "source": {
+                "path": str(src.resolve()),
+                "model_type": spec.model_type,
+                "config_sha256": sha256_file(src / "config.json"),
+                "shards": sorted({t.file for t in idx.tensors}),
+                "tensor_bytes": idx.total_bytes(),
+            },
+            "standard": standard,
+            "experts_per_layer": {str(k): len(v) for k, v in full.items()},
+            "id_map": id_map,
+            "id_map_note": "per decoder layer: original expert id of each new id (new id = position)",
+            "tensor_bytes": written_tensor_bytes,
+            "predicted_bytes": predicted,
+            "files": hashes,
+            "plan": p.to_dict(),
+        }
+        (tmp / PLAN_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        if out.exists() or out.is_symlink():
+            if out.is_dir() and not out.is_symlink():
+                trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=parent))
+                os.replace(out, trash / "old")
+                os.replace(tmp, out)
+                shutil.rmtree(trash, ignore_errors=True)
+            else:
+                out.unlink()
+                os.replace(tmp, out)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if bar:
+            bar.stop()
+    return out
+
+
+def read_trimmed_record(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The `moesift_plan.json` record of a trimmed checkpoint, or None when the directory has none."""
+    p = Path(path) / PLAN_FILE
+    if not p.is_file():
+        return None
+    try:
+        d = json.loads(p.read_text())
+    except json.JSONDecodeError:
+        raise MoesiftError(f"{str(p)!r} is not valid JSON; the trimmed checkpoint is damaged") from None
+    if d.get("schema") != FORMAT:
+        raise MoesiftError(f"{str(p)!r} has schema {d.get('schema')!r}; expected {FORMAT}")
+    return d
