@@ -27,6 +27,16 @@ _LAZY = {
     "checkpoint_index": "checkpoint",
     "CheckpointIndex": "checkpoint",
     "load_model": "loading",
+    "report": "report",
+    "compare": "report",
+    "analyse": "analysis",
+    "experts_for_coverage": "analysis",
+    "coverage_of": "analysis",
+    "select_top": "analysis",
+    "heldout_coverage": "analysis",
+    "srp": "locality",
+    "sch": "locality",
+    "affinity_summary": "affinity",
 }
 
 

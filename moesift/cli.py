@@ -56,6 +56,38 @@ def families_cmd(json_out: bool = typer.Option(False, "--json", help="Print JSON
 
 # [analysis: report, compare]
 
+
+@app.command("report")
+def report_cmd(
+    traces: list[str] = typer.Argument(..., help="Trace files (moesift traces or expert-trace/1 JSON) of one model."),
+    model: str = typer.Option(None, "--model", help="Model directory or hub id (local cache): bytes from its headers."),
+    out: str = typer.Option(None, "--out", help="Write a self-contained HTML report here."),
+    locality_tokens: int = typer.Option(16384, "--locality-tokens", help="Logged tokens (whole documents) used for SRP/SCH."),
+    cache_tokens: int = typer.Option(4096, "--cache-tokens", help="Logged tokens used for the LRU/LFU/Belady simulation."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object with every figure."),
+) -> None:
+    """How concentrated routing is, what a resident set saves, and how far the trace can be trusted."""
+    from .report import report
+
+    res = report(traces, model=model, out=out, json=json_out, locality_tokens=locality_tokens, cache_tokens=cache_tokens)
+    if json_out:
+        emit_json(res)
+
+
+@app.command("compare")
+def compare_cmd(
+    traces: list[str] = typer.Argument(..., help="Two or more trace files of one model."),
+    keep: float = typer.Option(0.5, "--keep", help="Fraction of experts in each workload's resident set."),
+    target: float = typer.Option(0.9, "--target", help="Coverage every workload must reach in the smallest union."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Cross-coverage, Jaccard of resident sets, and the smallest union that serves every workload."""
+    from .report import compare
+
+    res = compare(traces, keep=keep, json=json_out, target=target)
+    if json_out:
+        emit_json(res)
+
 # [plan / trim / verify: plan, plan diff, trim, verify]
 
 # [quality: eval, sweep, demo]
