@@ -12,6 +12,8 @@ Public API (each CLI command is one of these functions, with the same arguments)
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import Any
 
 __version__ = "0.1.0"
@@ -27,6 +29,15 @@ _LAZY = {
     "checkpoint_index": "checkpoint",
     "CheckpointIndex": "checkpoint",
     "load_model": "loading",
+    "plan": "plan",
+    "Plan": "plan",
+    "plan_diff": "plan",
+    "strategy_scores": "plan",
+    "restrict": "restrict",
+    "trim": "trim",
+    "load_resident": "resident",
+    "load_trimmed": "resident",
+    "verify": "verify",
     "report": "report",
     "compare": "report",
     "analyse": "analysis",
@@ -38,6 +49,21 @@ _LAZY = {
     "sch": "locality",
     "affinity_summary": "affinity",
 }
+
+
+# Public functions that share their module's name (moesift.plan is the function in moesift/plan.py): when
+# Python imports such a submodule it sets the package attribute to the module; keep the function there.
+_SAME_NAME = {"plan", "trim", "restrict", "verify"}
+
+
+class _Package(types.ModuleType):
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _SAME_NAME and isinstance(value, types.ModuleType) and hasattr(value, name):
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str) -> Any:

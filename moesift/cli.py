@@ -90,6 +90,121 @@ def compare_cmd(
 
 # [plan / trim / verify: plan, plan diff, trim, verify]
 
+
+@app.command("plan")
+def plan_cmd(
+    traces: list[str] = typer.Argument(..., help="TRACE[:WEIGHT] ... (weights mix several workloads into one "
+                                       "bank), or `diff PLAN_A PLAN_B`."),
+    out: str = typer.Option(None, "--out", "-o", help="Plan file to write (moesift-plan/1 JSON)."),
+    keep: float = typer.Option(None, "--keep", help="Fraction of experts kept per MoE layer."),
+    keep_experts: int = typer.Option(None, "--keep-experts", help="Experts kept per MoE layer."),
+    coverage: float = typer.Option(None, "--coverage", help="Smallest set per layer covering this share of routes."),
+    memory: str = typer.Option(None, "--memory", help="Target checkpoint size, e.g. 20GiB (needs --model)."),
+    model: str = typer.Option(None, "--model", help="Model directory or hub id (bytes from its headers)."),
+    strategy: str = typer.Option("frequency", "--strategy", help="frequency | weighted | saliency | random."),
+    uniform: bool = typer.Option(False, "--uniform", help="Same number of experts in every MoE layer."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random strategy."),
+    force: bool = typer.Option(False, "--force", help="Overwrite --out."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Choose resident experts per MoE layer from traces under one budget; `plan diff A B` compares banks."""
+    if traces and traces[0] == "diff":
+        from .plan import plan_diff
+
+        if len(traces) != 3:
+            raise MoesiftError("usage: moesift plan diff PLAN_A PLAN_B [--model MODEL] [--json]")
+        d = plan_diff(traces[1], traces[2], model=model)
+        if json_out:
+            emit_json(d)
+            return
+        typer.echo(f"mean Jaccard {d['mean_jaccard']:.3f}; experts to load {d['experts_to_load']}, "
+                   f"to evict {d['experts_to_evict']}")
+        if "bytes_to_load" in d:
+            typer.echo(f"bytes to load switching A -> B: {d['bytes_to_load']:,}")
+        for e in d["layers"]:
+            extra = f"  load {e['bytes_to_load']:,} B" if "bytes_to_load" in e else ""
+            typer.echo(f"  layer {e['layer']:>3}: Jaccard {e['jaccard']:.3f}  +{len(e['load'])} -{len(e['evict'])}{extra}")
+        return
+    from .plan import plan
+
+    p = plan(traces, out=out, keep=keep, keep_experts=keep_experts, coverage=coverage, memory=memory, model=model,
+             strategy=strategy, uniform=uniform, seed=seed, force=force)
+    if json_out:
+        emit_json(p.to_dict())
+        return
+    pr = p.predictions
+    held = pr.get("heldout_coverage")
+    typer.echo(f"{pr['experts_resident']}/{pr['experts_total']} experts resident; coverage in-sample "
+               f"{pr['coverage']:.3f}" + (f", held-out {held:.3f}" if held is not None else " (no folds: no held-out)"))
+    if "bytes" in pr:
+        typer.echo(f"predicted checkpoint {pr['bytes']:,} bytes ({pr['bytes_fraction']:.1%} of {pr['bytes_full']:,})")
+    for e in p.layers:
+        h = e.get("heldout_coverage")
+        typer.echo(f"  layer {e['layer'] if e['layer'] is not None else e['moe_index']:>3}: {len(e['resident']):>4} "
+                   f"experts  coverage {e['coverage'] if e['coverage'] is not None else float('nan'):.3f}"
+                   + (f"  held-out {h:.3f}" if h is not None else ""))
+    if out:
+        typer.echo(f"wrote {out}")
+
+
+@app.command("trim")
+def trim_cmd(
+    model: str = typer.Argument(..., help="Source model directory or hub id (safetensors)."),
+    plan: str = typer.Option(..., "--plan", help="Plan file (moesift-plan/1 or resident-manifest/1)."),
+    out: str = typer.Option(..., "--out", "-o", help="Directory of the trimmed checkpoint."),
+    force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
+    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest output shard, e.g. 5GB."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Write a smaller checkpoint holding only the plan's resident experts (streamed, source untouched)."""
+    from .trim import read_trimmed_record, trim
+
+    d = trim(model, plan, out, force=force, max_shard_size=max_shard_size, progress=not json_out)
+    rec = read_trimmed_record(d) or {}
+    summary = {"out": str(d), "standard": rec.get("standard"), "tensor_bytes": rec.get("tensor_bytes"),
+               "predicted_bytes": rec.get("predicted_bytes"), "source_tensor_bytes": rec.get("source", {}).get("tensor_bytes"),
+               "experts_per_layer": rec.get("experts_per_layer"), "files": rec.get("files")}
+    if json_out:
+        emit_json(summary)
+        return
+    kind = "standard checkpoint" if summary["standard"] else "non-uniform checkpoint (load with moesift.load_trimmed)"
+    typer.echo(f"wrote {d}: {kind}, {summary['tensor_bytes']:,} tensor bytes "
+               f"({summary['tensor_bytes'] / max(summary['source_tensor_bytes'] or 1, 1):.1%} of the source)")
+
+
+@app.command("verify")
+def verify_cmd(
+    model: str = typer.Argument(..., help="Full model directory or hub id."),
+    trimmed: str = typer.Argument(..., help="Trimmed checkpoint directory."),
+    plan: str = typer.Option(None, "--plan", help="Plan (default: the one recorded in TRIMMED)."),
+    data: list[str] = typer.Option(None, "--data", help="Held-out prompts (JSONL / text); default: random tokens."),
+    max_new_tokens: int = typer.Option(16, "--max-new-tokens", help="Greedy tokens generated per prompt."),
+    max_samples: int = typer.Option(8, "--max-samples", help="Prompts used."),
+    max_length: int = typer.Option(64, "--max-length", help="Tokens per prompt at most."),
+    field: str = typer.Option(None, "--field", help="Text field of JSONL / datasets."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, ..."),
+    dtype: str = typer.Option(None, "--dtype", help="auto, float32, bfloat16, float16."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Restricted full model vs trimmed model: top-1 agreement, logit differences, greedy generations.
+    Exit code 1 when they disagree."""
+    from .verify import verify
+
+    r = verify(model, trimmed, plan=plan, data=data or None, max_new_tokens=max_new_tokens, max_samples=max_samples,
+               max_length=max_length, field=field, device=device, dtype=dtype, progress=not json_out)
+    if json_out:
+        emit_json(r)
+    else:
+        if r["data"]["kind"] == "random":
+            typer.echo(r["data"]["note"])
+        typer.echo(f"{r['prompts']} prompts, {r['tokens']} positions: top-1 agreement {r['top1_agreement']:.4f}, "
+                   f"max |logit diff| {r['max_abs_logit_diff']:.3g} (relative {r['max_rel_logit_diff']:.3g}), "
+                   f"greedy generations {'identical' if r['generations_identical'] else 'DIFFER'}")
+        typer.echo("OK: the trimmed model matches the restricted full model" if r["ok"] else
+                   "MISMATCH: the trimmed model does not match the restricted full model")
+    if not r["ok"]:
+        raise typer.Exit(1)
+
 # [quality: eval, sweep, demo]
 
 # [scale-out: place, cache, import]

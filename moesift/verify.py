@@ -1,0 +1,152 @@
+"""Prove that a trimmed model computes what the full model computes under the same restriction."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from .errors import MoesiftError
+
+
+def _read_texts(paths: list[str], field: str | None, max_samples: int) -> list[str]:
+    try:
+        from .workload import read_documents
+    except ImportError:
+        read_documents = None
+    if read_documents is not None:
+        docs = read_documents(paths, field=field, max_samples=max_samples)
+        out = []
+        for d in docs:
+            t = d.get("text") if isinstance(d, dict) else d
+            if t is None and isinstance(d, dict):
+                t = (d.get("prompt") or "") + (d.get("completion") or "")
+            if t:
+                out.append(str(t))
+        return out[:max_samples]
+    out: list[str] = []
+    for p in paths:
+        path = Path(p)
+        if not path.is_file():
+            raise MoesiftError(f"data file {p!r} not found")
+        if path.suffix == ".jsonl":
+            for i, line in enumerate(path.read_text().splitlines()):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError:
+                    raise MoesiftError(f"{p}:{i + 1} is not valid JSON") from None
+                t = obj.get(field or "text") if isinstance(obj, dict) else None
+                if t is None and isinstance(obj, dict):
+                    t = (obj.get("prompt") or "") + (obj.get("completion") or "")
+                if t:
+                    out.append(str(t))
+        else:
+            out += [b.strip() for b in path.read_text().split("\n\n") if b.strip()]
+    return out[:max_samples]
+
+
+def verify(
+    model: str | os.PathLike,
+    trimmed: str | os.PathLike,
+    plan: Any = None,
+    data: str | os.PathLike | list[str] | None = None,
+    max_new_tokens: int = 16,
+    max_samples: int = 8,
+    max_length: int = 64,
+    field: str | None = None,
+    device: str = "cpu",
+    dtype: str | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run the full model restricted to `plan` and the trimmed model on held-out prompts; report top-1
+    agreement over every prompt position, max absolute and relative logit differences, and whether greedy
+    generations of `max_new_tokens` tokens are identical. `plan` defaults to the one recorded in `trimmed`.
+    Without `data`, a deterministic set of random token sequences is used (said in the result)."""
+    import torch
+
+    from .plan import Plan, as_plan
+    from .resident import load_trimmed
+    from .restrict import restrict
+    from .trim import read_trimmed_record
+
+    if plan is None:
+        record = read_trimmed_record(trimmed) if Path(trimmed).is_dir() else None
+        if record is None:
+            raise MoesiftError(f"{str(trimmed)!r} has no moesift_plan.json; pass --plan PLAN")
+        p = Plan.from_dict(record["plan"], source=str(Path(trimmed) / "moesift_plan.json"))
+    else:
+        p = as_plan(plan)
+    full, tok = load_trimmed(model, device=device, dtype=dtype)  # any checkpoint; no accelerate needed
+    small, tok2 = load_trimmed(trimmed, device=device, dtype=dtype)
+    tok = tok or tok2
+    dev = next(full.parameters()).device
+    vocab = int(full.config.get_text_config().vocab_size if hasattr(full.config, "get_text_config")
+                else full.config.vocab_size)
+    if data is not None:
+        if tok is None:
+            raise MoesiftError(f"{str(model)!r} has no tokenizer; verify without --data (random token prompts)")
+        paths = [str(data)] if isinstance(data, (str, os.PathLike)) else [str(x) for x in data]
+        texts = _read_texts(paths, field, max_samples)
+        if not texts:
+            raise MoesiftError(f"no prompts found in {', '.join(paths)}")
+        prompts = []
+        for t in texts:
+            ids = tok(t, return_tensors="pt", truncation=True, max_length=max_length)["input_ids"]
+            if ids.shape[-1]:
+                prompts.append(ids)
+        source = {"kind": "files", "paths": paths, "prompts": len(prompts)}
+    else:
+        g = torch.Generator().manual_seed(seed)
+        hi = max(8, min(max_length, 32))
+        lengths = torch.randint(8, hi + 1, (max_samples,), generator=g).tolist()
+        prompts = [torch.randint(0, vocab, (1, n), generator=g) for n in lengths]
+        source = {"kind": "random", "note": f"no --data given: {len(prompts)} deterministic random token sequences "
+                                            f"(seed {seed})", "prompts": len(prompts)}
+    pad = getattr(full.generation_config, "pad_token_id", None)
+    if pad is None:
+        eos = getattr(full.generation_config, "eos_token_id", None)
+        pad = (eos[0] if isinstance(eos, list) else eos) if eos is not None else 0
+    gen_kw = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": pad,
+              "min_new_tokens": max_new_tokens}
+    agree = total = 0
+    max_abs = max_rel = 0.0
+    mismatches = []
+    with torch.no_grad():
+        for i, ids in enumerate(prompts):
+            ids = ids.to(dev)
+            with restrict(full, p):
+                lf = full(ids).logits.float()
+                gf = full.generate(ids, **gen_kw)[0, ids.shape[-1]:].tolist() if max_new_tokens > 0 else []
+            ls = small(ids.to(next(small.parameters()).device)).logits.float().to(lf.device)
+            gs = small.generate(ids, **gen_kw)[0, ids.shape[-1]:].tolist() if max_new_tokens > 0 else []
+            agree += int((lf.argmax(-1) == ls.argmax(-1)).sum())
+            total += lf.shape[1]
+            d = (lf - ls).abs().max().item()
+            max_abs = max(max_abs, d)
+            max_rel = max(max_rel, d / max(lf.abs().max().item(), 1e-30))
+            if gf != gs:
+                mismatches.append({"prompt": i, "full": gf, "trimmed": gs})
+    n_full = sum(x.numel() for x in full.parameters())
+    n_small = sum(x.numel() for x in small.parameters())
+    result = {
+        "model": str(model),
+        "trimmed": str(trimmed),
+        "plan": p.source,
+        "data": source,
+        "prompts": len(prompts),
+        "tokens": total,
+        "top1_agreement": agree / total if total else 1.0,
+        "max_abs_logit_diff": max_abs,
+        "max_rel_logit_diff": max_rel,
+        "generations_identical": not mismatches,
+        "max_new_tokens": max_new_tokens,
+        "generation_mismatches": mismatches[:4],
+        "params_full": n_full,
+        "params_trimmed": n_small,
+    }
+    result["ok"] = result["top1_agreement"] >= 1.0 and result["generations_identical"]
+    return result
