@@ -1,0 +1,187 @@
+"""WCER ``expert-trace/1`` JSON: import into a moesift Trace, and export a Trace back to it.
+
+The format (one JSON object per model and workload) holds per-layer selection histograms and summaries
+derived from them. Its token figures count token passes through MoE layers (one per token and layer:
+``prefill_tokens`` = tokens x ``n_layers``); moesift counts tokens through the model, so the importer
+divides by ``n_layers`` and the exporter multiplies back. Its layers are MoE blocks in order (decoder
+layer ids unknown), and it names the model by hub id only (no model_type / config hash). Histograms
+mix prompt and generated tokens, so an imported trace holds them all under ``prefill_counts``.
+Co-activation is only present as top pairs per layer; they are kept in ``extra`` (not as a full matrix)
+and written back unchanged. ``per_layer_weight_mass`` (summed softmax probability of the selected
+experts) is imported as ``weight_mass``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import MoesiftError
+from .tracefile import Trace
+
+SCHEMA = "expert-trace/1"
+COVERAGE_PCTS = (50, 80, 90, 95, 99)
+COVERAGE_POINTS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+TOP_M = 16
+
+
+def load_expert_trace(path: str | os.PathLike) -> Trace:
+    """Import a WCER ``expert-trace/1`` JSON file as a Trace."""
+    p = Path(path)
+    try:
+        d = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise MoesiftError(f"trace file {str(p)!r} not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise MoesiftError(f"cannot read {str(p)!r}: {e}") from None
+    except json.JSONDecodeError as e:
+        raise MoesiftError(f"{str(p)!r} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    return from_expert_trace(d, str(p))
+
+
+def from_expert_trace(d: Any, where: str = "expert-trace") -> Trace:
+    """Trace from a parsed ``expert-trace/1`` object."""
+    if not isinstance(d, dict):
+        raise MoesiftError(f"{where!r} is not an {SCHEMA} object (top level is {type(d).__name__})")
+    if d.get("schema_version") != SCHEMA:
+        raise MoesiftError(
+            f"{where!r} has schema_version {d.get('schema_version')!r}; expected {SCHEMA!r} "
+            "(or a moesift-trace/1 safetensors file)"
+        )
+    for k in ("n_layers", "n_experts", "top_k", "per_layer_histogram"):
+        if k not in d:
+            raise MoesiftError(f"{where!r} is missing {k!r}; not a complete {SCHEMA} file")
+    try:
+        L, E, K = int(d["n_layers"]), int(d["n_experts"]), int(d["top_k"])
+        hist = np.asarray(d["per_layer_histogram"], dtype=np.int64)
+    except (TypeError, ValueError) as e:
+        raise MoesiftError(f"{where!r}: malformed n_layers / n_experts / top_k / per_layer_histogram ({e})") from None
+    if hist.shape != (L, E) or L < 1 or E < 1 or not 1 <= K <= E:
+        raise MoesiftError(
+            f"{where!r}: per_layer_histogram has shape {list(hist.shape)}; n_layers={L}, n_experts={E}, top_k={K}"
+        )
+    if (hist < 0).any():
+        raise MoesiftError(f"{where!r}: per_layer_histogram holds negative counts")
+    arrays: dict[str, np.ndarray] = {"prefill_counts": hist}
+    wm = d.get("per_layer_weight_mass")
+    if wm is not None:
+        try:
+            w = np.asarray(wm, dtype=np.float64)
+        except (TypeError, ValueError):
+            w = None
+        if w is None or w.shape != (L, E):
+            raise MoesiftError(f"{where!r}: per_layer_weight_mass must be [n_layers][n_experts] numbers")
+        arrays["weight_mass"] = w
+
+    def per_model(key: str) -> int:
+        v = d.get(key, 0) or 0
+        try:
+            return int(round(int(v) / L))
+        except (TypeError, ValueError):
+            raise MoesiftError(f"{where!r}: {key} must be an integer") from None
+
+    hash_layers = d.get("hash_layers") or []
+    if not isinstance(hash_layers, list) or any(not isinstance(h, int) or not 0 <= h < L for h in hash_layers):
+        raise MoesiftError(f"{where!r}: hash_layers must be a list of layer positions below {L}")
+    meta = {k: v for k, v in d.items() if not isinstance(v, (list, dict))}
+    extra: dict[str, Any] = {"imported_from": SCHEMA, "wcer": meta}
+    pairs = d.get("coactivation_top_pairs_per_layer")
+    if isinstance(pairs, list) and len(pairs) == L:
+        extra["coactivation_top_pairs_per_layer"] = pairs
+    return Trace(
+        model={
+            "name": d.get("model_id"),
+            "model_type": d.get("model_type"),
+            "config_hash": d.get("config_hash"),
+            "moe_layers": None,
+            "n_experts": E,
+            "top_k": K,
+            "n_shared": None,
+            "hash_layers": list(hash_layers),
+        },
+        workload={
+            "label": str(d.get("workload_label") or Path(where).stem),
+            "sources": [{"path": where}],
+            "token_sha256": None,
+            "documents": int(d.get("n_prompts", 0) or 0),
+            "prefill_tokens": per_model("prefill_tokens"),
+            "decode_tokens": per_model("decode_tokens"),
+        },
+        arrays=arrays,
+        tool={"name": d.get("tool", "wcer expert_trace"), "schema_version": SCHEMA},
+        extra=extra,
+    )
+
+
+def dump_expert_trace(trace: Trace, top_m: int = TOP_M) -> dict[str, Any]:
+    """The ``expert-trace/1`` object of `trace` (summaries computed with the format's own definitions:
+    experts hottest-first, coverage = cumulative share of a layer's routes)."""
+    hist = trace.counts.astype(np.int64)
+    L, E = hist.shape
+    co = trace.arrays.get("coactivation")
+    kept_pairs = trace.extra.get("coactivation_top_pairs_per_layer")
+    points = [p for p in COVERAGE_POINTS if p <= E]
+    hot, imbalance, coverage_at, needed, coact_top = [], [], [], [], []
+    for layer in range(L):
+        h = hist[layer]
+        total = int(h.sum())
+        order = np.argsort(-h, kind="stable")  # ties: lower expert id first
+        sorted_counts = h[order]
+        cum = np.cumsum(sorted_counts) / max(total, 1)
+        hot.append([[int(order[i]), int(sorted_counts[i])] for i in range(min(top_m, E))])
+        mean = total / E
+        imbalance.append(float(sorted_counts[0] / mean) if mean else 0.0)
+        coverage_at.append({str(p): float(cum[min(p, len(cum)) - 1]) for p in points})
+        needed.append({str(p): int(np.searchsorted(cum, p / 100.0) + 1) for p in COVERAGE_PCTS})
+        if co is not None:
+            C = np.triu(np.asarray(co[layer], dtype=np.int64), k=1)
+            pairs = []
+            if C.max() > 0:
+                for f in np.argsort(-C, axis=None)[:top_m]:
+                    i, j = np.unravel_index(f, C.shape)
+                    if C[i, j] > 0:
+                        pairs.append([int(i), int(j), int(C[i, j])])
+            coact_top.append(pairs)
+        elif kept_pairs is not None:
+            coact_top.append(kept_pairs[layer])
+        else:
+            coact_top.append([])
+    w = trace.workload
+    wmeta = trace.extra.get("wcer", {}) if trace.extra.get("imported_from") == SCHEMA else {}
+    prefill, decode = int(w.get("prefill_tokens", 0)), int(w.get("decode_tokens", 0))
+    wm = trace.arrays.get("weight_mass")
+    out: dict[str, Any] = {
+        "schema_version": SCHEMA,
+        "router_weights": wmeta.get("router_weights")
+        or ("captured (routing weights the model applied, summed per selected expert)" if wm is not None
+            else "not_captured (indices-only)"),
+        "per_layer_weight_mass": wm.tolist() if wm is not None else None,
+        "n_layers": L,
+        "n_experts": E,
+        "top_k": trace.top_k,
+        "n_forward_calls": int(wmeta.get("n_forward_calls", (int(w.get("documents", 0)) + decode) * L)),
+        "hash_layers": [int(h) for h in (trace.model.get("hash_layers") or [])],
+        "prefill_tokens": int(wmeta.get("prefill_tokens", prefill * L)),
+        "decode_tokens": int(wmeta.get("decode_tokens", decode * L)),
+        "total_routes": int(hist.sum()),
+        "per_layer_histogram": hist.tolist(),
+        "hot_experts_per_layer": hot,
+        "imbalance_ratio_per_layer": imbalance,
+        "coverage_fraction_at_topM_per_layer": coverage_at,
+        "experts_needed_for_pct_coverage_per_layer": needed,
+        "coactivation_top_pairs_per_layer": coact_top,
+        "model_id": trace.model.get("name"),
+        "workload_label": trace.label,
+        "n_prompts": int(w.get("documents", 0)),
+        "max_tokens_per_prompt": wmeta.get("max_tokens_per_prompt", w.get("max_length")),
+        "prefill_only": bool(wmeta.get("prefill_only", decode == 0)),
+    }
+    if trace.model.get("model_type"):
+        out["model_type"] = trace.model["model_type"]
+    if trace.model.get("config_hash"):
+        out["config_hash"] = trace.model["config_hash"]
+    return out

@@ -1,0 +1,237 @@
+"""Workload readers: turn files into a deterministic list of documents to trace.
+
+Accepted inputs (``read_documents(paths, field=None, max_samples=None)``):
+
+- **Text files** (``.txt``, ``.md``, ``.text``, ``.rst``): one document per file. A file larger than
+  ``LARGE_TEXT_BYTES`` (64 KiB) is split at blank lines into documents of about ``TEXT_CHUNK_CHARS``
+  (16 KiB) each, paragraphs never cut, so a long book is traced as many prompts rather than truncated
+  to its first ``max_length`` tokens.
+- **JSONL** (``.jsonl``, ``.ndjson``; ``.json`` holding a list of objects or one object per line): one
+  document per object, from the first present of: ``text``; ``messages`` (a chat, rendered later with
+  the tokenizer's chat template); ``prompt`` (+ ``completion`` when present, concatenated);
+  ``input_ids`` (a list of token ids, already tokenized: traced as is). ``--field NAME`` picks the key;
+  its value may be a string, a chat (list of {role, content}) or a list of token ids.
+- **Parquet** (``.parquet``) and **saved Hugging Face datasets** (a directory written by
+  ``Dataset.save_to_disk``): rows in order, the column named by ``--field`` (default ``text``).
+  Needs the optional extra ``pip install 'moesift[data]'`` (pyarrow; ``datasets`` for saved datasets).
+
+Documents keep their input order (files in the order given, rows in file order); ``max_samples`` keeps
+the first N. Each document is a dict with exactly one of ``text`` / ``messages`` / ``input_ids``, plus
+``source`` (index into the list of sources).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from .errors import MoesiftError
+
+TEXT_EXT = (".txt", ".md", ".text", ".rst")
+JSONL_EXT = (".jsonl", ".ndjson", ".json")
+PARQUET_EXT = (".parquet",)
+LARGE_TEXT_BYTES = 64 * 1024
+TEXT_CHUNK_CHARS = 16 * 1024
+
+
+def read_documents(
+    paths: str | os.PathLike | list[str | os.PathLike],
+    field: str | None = None,
+    max_samples: int | None = None,
+) -> list[dict[str, Any]]:
+    """Documents of the workload files `paths`, in order (see the module docstring for formats)."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    if not paths:
+        raise MoesiftError("no workload given; pass --data FILE (text, JSONL, parquet or a saved dataset)")
+    if max_samples is not None and max_samples < 1:
+        raise MoesiftError(f"--max-samples must be at least 1 (got {max_samples})")
+    docs: list[dict[str, Any]] = []
+    for i, p in enumerate(paths):
+        for d in _read_one(Path(p), field):
+            d["source"] = i
+            docs.append(d)
+            if max_samples is not None and len(docs) >= max_samples:
+                return docs
+    if not docs:
+        names = ", ".join(repr(str(p)) for p in paths)
+        raise MoesiftError(f"workload {names} holds no documents; give a file with at least one non-empty text")
+    return docs
+
+
+def source_info(paths: list[str | os.PathLike]) -> list[dict[str, str]]:
+    """[{path, sha256}] of the workload sources (a saved dataset: hash over its files, sorted by name)."""
+    from .io import sha256_file
+
+    out = []
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            h = hashlib.sha256()
+            for f in sorted(q for q in p.rglob("*") if q.is_file()):
+                h.update(str(f.relative_to(p)).encode() + b"\0" + sha256_file(f).encode())
+            out.append({"path": str(p), "sha256": h.hexdigest()})
+        else:
+            out.append({"path": str(p), "sha256": sha256_file(p)})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def _read_one(p: Path, field: str | None) -> list[dict[str, Any]]:
+    if not p.exists():
+        raise MoesiftError(f"workload file {str(p)!r} not found")
+    if p.is_dir():
+        return _read_saved_dataset(p, field)
+    ext = p.suffix.lower()
+    try:
+        if ext in TEXT_EXT:
+            return _read_text(p)
+        if ext in JSONL_EXT:
+            return _read_jsonl(p, field)
+        if ext in PARQUET_EXT:
+            return _read_parquet(p, field)
+    except OSError as e:
+        raise MoesiftError(f"cannot read workload file {str(p)!r}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise MoesiftError(f"workload file {str(p)!r} is not UTF-8 text") from None
+    raise MoesiftError(
+        f"workload file {str(p)!r} has an unknown extension {ext or '(none)'!r}; use .txt/.md (text), "
+        ".jsonl/.json (JSON lines), .parquet, or a directory saved with datasets' save_to_disk"
+    )
+
+
+def _read_text(p: Path) -> list[dict[str, Any]]:
+    text = p.read_text(encoding="utf-8")
+    if not text.strip():
+        return []
+    if len(text.encode("utf-8")) <= LARGE_TEXT_BYTES:
+        return [{"text": text}]
+    docs, cur, size = [], [], 0
+    for para in text.split("\n\n"):
+        if not para.strip():
+            continue
+        if cur and size + len(para) > TEXT_CHUNK_CHARS:
+            docs.append({"text": "\n\n".join(cur)})
+            cur, size = [], 0
+        cur.append(para)
+        size += len(para) + 2
+    if cur:
+        docs.append({"text": "\n\n".join(cur)})
+    return docs
+
+
+def _doc_from_value(v: Any, where: str, key: str) -> dict[str, Any] | None:
+    if isinstance(v, str):
+        return {"text": v} if v.strip() else None
+    if isinstance(v, list):
+        if not v:
+            return None
+        if all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+            return {"input_ids": [int(x) for x in v]}
+        if all(isinstance(x, dict) and "role" in x and "content" in x for x in v):
+            return {"messages": v}
+    raise MoesiftError(
+        f"{where}: field {key!r} must be a string, a chat (list of {{role, content}}) or a list of token ids"
+    )
+
+
+def _doc_from_record(rec: Any, field: str | None, where: str) -> dict[str, Any] | None:
+    if not isinstance(rec, dict):
+        raise MoesiftError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    if field is not None:
+        if field not in rec:
+            raise MoesiftError(f"{where}: no field {field!r} (fields: {', '.join(map(str, rec)) or 'none'})")
+        return _doc_from_value(rec[field], where, field)
+    if "text" in rec:
+        return _doc_from_value(rec["text"], where, "text")
+    if "messages" in rec:
+        return _doc_from_value(rec["messages"], where, "messages")
+    if "prompt" in rec:
+        prompt, completion = rec["prompt"], rec.get("completion")
+        if not isinstance(prompt, str) or not (completion is None or isinstance(completion, str)):
+            raise MoesiftError(f"{where}: 'prompt' and 'completion' must be strings")
+        return _doc_from_value(prompt + (completion or ""), where, "prompt")
+    if "input_ids" in rec:
+        return _doc_from_value(rec["input_ids"], where, "input_ids")
+    raise MoesiftError(
+        f"{where}: no 'text', 'messages', 'prompt' or 'input_ids' field (fields: {', '.join(map(str, rec)) or 'none'}); "
+        "pass --field NAME"
+    )
+
+
+def _read_jsonl(p: Path, field: str | None) -> list[dict[str, Any]]:
+    raw = p.read_text(encoding="utf-8")
+    stripped = raw.lstrip()
+    records: list[tuple[str, Any]] = []
+    if p.suffix.lower() == ".json" and stripped.startswith("["):
+        try:
+            arr = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise MoesiftError(f"{str(p)!r} is not valid JSON ({e.msg} at line {e.lineno})") from None
+        records = [(f"{str(p)!r} item {i}", r) for i, r in enumerate(arr)]
+    else:
+        for n, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            where = f"{str(p)!r} line {n}"
+            try:
+                records.append((where, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise MoesiftError(f"{where} is not valid JSON ({e.msg}); write one JSON object per line") from None
+    docs = []
+    for where, rec in records:
+        d = _doc_from_record(rec, field, where)
+        if d is not None:
+            docs.append(d)
+    return docs
+
+
+def _read_parquet(p: Path, field: str | None) -> list[dict[str, Any]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise MoesiftError(
+            f"reading {str(p)!r} needs pyarrow: pip install 'moesift[data]'"
+        ) from None
+    try:
+        table = pq.read_table(p)
+    except Exception as e:  # noqa: BLE001 - any parse failure is a bad file for the user
+        raise MoesiftError(f"{str(p)!r} is not a readable parquet file ({e})") from None
+    return _rows_to_docs(table.column_names, lambda name: table.column(name).to_pylist(), field, str(p))
+
+
+def _read_saved_dataset(p: Path, field: str | None) -> list[dict[str, Any]]:
+    try:
+        import datasets
+    except ImportError:
+        raise MoesiftError(
+            f"{str(p)!r} is a directory; reading a saved Hugging Face dataset needs the datasets package: "
+            "pip install 'moesift[data]' datasets"
+        ) from None
+    try:
+        ds = datasets.load_from_disk(str(p))
+    except Exception as e:  # noqa: BLE001
+        raise MoesiftError(f"{str(p)!r} is not a dataset saved with save_to_disk ({e})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        split = "train" if "train" in ds else sorted(ds)[0]
+        ds = ds[split]
+    return _rows_to_docs(list(ds.column_names), lambda name: ds[name], field, str(p))
+
+
+def _rows_to_docs(columns: list[str], column, field: str | None, name: str) -> list[dict[str, Any]]:
+    key = field or next((c for c in ("text", "messages", "input_ids") if c in columns), None)
+    if key is None or key not in columns:
+        raise MoesiftError(
+            f"{name!r} has no column {field or 'text'!r} (columns: {', '.join(columns)}); pass --field NAME"
+        )
+    docs = []
+    for i, v in enumerate(column(key)):
+        d = _doc_from_value(v, f"{name!r} row {i}", key)
+        if d is not None:
+            docs.append(d)
+    return docs
