@@ -10,6 +10,8 @@ from collections.abc import Callable
 from typing import Any
 
 TINY: dict[str, Callable[[], Any]] = {}
+# model_type -> fn(model): randomise state that build() leaves alone (selection-bias buffers), under no_grad
+AFTER_BUILD: dict[str, Callable[[Any], None]] = {}
 
 COMMON = dict(vocab_size=96, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
 
@@ -44,6 +46,8 @@ def build(model_type: str, seed: int = 0):
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.2)
+        if model_type in AFTER_BUILD:
+            AFTER_BUILD[model_type](model)
     return model.eval()
 
 

@@ -289,15 +289,30 @@ class _MaskRouterLinear:
     linear projection, identified by its weight tensor. Entered around the router's forward only."""
 
     def __new__(cls, weight: Any, mask: Any):
+        import torch
         from torch.overrides import TorchFunctionMode
 
+        casts = (torch.Tensor.to, torch.Tensor.type, torch.Tensor.float, torch.Tensor.half, torch.Tensor.bfloat16)
+
         class _Mode(TorchFunctionMode):
+            aliases: list = []  # the weight and its dtype casts made in this forward (routers often cast to fp32)
+
+            def __enter__(self):
+                self.aliases = [weight]
+                return super().__enter__()
+
+            def __exit__(self, *exc):
+                self.aliases = []
+                return super().__exit__(*exc)
+
             def __torch_function__(self, func, types, args=(), kwargs=None):
                 import torch.nn.functional as F
 
                 out = func(*args, **(kwargs or {}))
-                if func is F.linear and len(args) > 1 and args[1] is weight:
+                if func is F.linear and len(args) > 1 and any(args[1] is w for w in self.aliases):
                     out = out + mask.to(device=out.device, dtype=out.dtype)
+                elif func in casts and args and any(args[0] is w for w in self.aliases):
+                    self.aliases.append(out)
                 return out
 
         return _Mode()
@@ -394,7 +409,8 @@ class StandardAdapter(Adapter):
 
             def pre(mod, args, kwargs, _m=m):
                 hidden, ids, weights = _expert_args(args, kwargs)
-                on_route(_m, Route(ids=ids, weights=weights, hidden=hidden if want_hidden else None))
+                flat = hidden.reshape(-1, hidden.shape[-1]) if want_hidden else None  # [T, H] whatever the family passes
+                on_route(_m, Route(ids=ids, weights=weights, hidden=flat))
 
             handles.append(experts.register_forward_pre_hook(pre, with_kwargs=True))
             if on_logits is not None:

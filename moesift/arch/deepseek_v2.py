@@ -1,0 +1,104 @@
+"""DeepSeek-V2: softmax router `mlp.gate` (greedy or group-limited greedy, group score = best expert of the
+group), weights times `routed_scaling_factor` (no renormalisation), shared experts, dense first layers.
+
+Also the base of the sigmoid + bias group-limited families (deepseek_v3.py, glm4_moe.py, dots1.py): the group
+rules and the `n_group` rewrite live here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+from .base import Patterns, StandardAdapter, cfg_get, register
+
+L = r"model\.layers\.(?P<layer>\d+)\.mlp"
+DEEPSEEK_PATTERNS = Patterns(
+    router=(rf"{L}\.gate\.weight",),
+    router_bias=(rf"{L}\.gate\.e_score_correction_bias",),
+    expert=(rf"{L}\.experts\.(?P<expert>\d+)\.(gate|up|down)_proj\.[\w.]+",),
+    fused=((rf"{L}\.experts\.(gate_up_proj|down_proj)[\w.]*", 0),),
+    shared=(rf"{L}\.shared_experts\.[\w.]+",),
+)
+
+
+@register
+class DeepseekV2(StandardAdapter):
+    model_types = ("deepseek_v2",)
+    n_experts_keys = ("n_routed_experts", "num_experts", "num_local_experts")
+    patterns = DEEPSEEK_PATTERNS
+    normalise_selection = False  # V2 scales its top-k probabilities, it never renormalises them
+    # a group's score is the sum of its best `group_score_top` experts: 1 for V2 (max), 2 for V3-style routers
+    group_score_top: ClassVar[int] = 1
+
+    def is_moe_layer(self, config, i):
+        n = int(cfg_get(config, *self.n_experts_keys, default=0) or 0)
+        return n > 0 and i >= int(cfg_get(config, "first_k_dense_replace", default=0) or 0)
+
+    def groups(self, config):
+        if cfg_get(config, "topk_method", default="greedy") != "group_limited_greedy":
+            return None, None
+        return _int(cfg_get(config, "n_group")), _int(cfg_get(config, "topk_group"))
+
+    def plan_problems(self, spec, resident, standard):
+        if not (spec.n_group and spec.n_group > 1):
+            return super().plan_problems(spec, resident, standard)
+        problems = super().plan_problems(dataclasses.replace(spec, n_group=None), resident, standard)
+        per, top = spec.n_experts // spec.n_group, self.group_score_top
+        kept_groups = set()
+        for layer, ids in sorted(resident.items()):
+            sizes = _group_sizes(ids, spec.n_experts, spec.n_group)
+            if top > 1 and any(0 < s < top for s in sizes):
+                problems.append(
+                    f"layer {layer}: a group holds fewer than {top} resident experts; its group score is -inf "
+                    f"and its experts are unreachable (keep 0 or >= {top} per group)"
+                )
+            nonzero = sorted(s for s in sizes if s)
+            if sum(nonzero[: spec.topk_group or spec.n_group]) < spec.top_k:
+                problems.append(
+                    f"layer {layer}: the {spec.topk_group} selectable groups can hold fewer than top-k "
+                    f"{spec.top_k} resident experts (group sizes {sizes})"
+                )
+            if standard:
+                whole, equal = all(s == per for s in nonzero), len(set(sizes)) == 1
+                if not (whole or equal):
+                    problems.append(
+                        f"layer {layer}: group sizes {sizes}; a standard checkpoint keeps whole groups or the "
+                        "same number in every group"
+                    )
+                kept_groups.add(_kept_groups(sizes, per))
+        if standard and len(kept_groups) > 1:
+            problems.append(f"MoE layers keep different numbers of groups {sorted(kept_groups)}; a standard "
+                            "checkpoint needs one n_group")
+        return problems
+
+    def rewrite_config(self, config, resident):
+        out = super().rewrite_config(config, resident)
+        n_group, topk_group = self.groups(config)
+        if n_group and n_group > 1:
+            n = int(cfg_get(config, *self.n_experts_keys))
+            ids = max(resident.values(), key=len)
+            kept = _kept_groups(_group_sizes(ids, n, n_group), n // n_group)
+            out["n_group"] = kept
+            out["topk_group"] = min(int(topk_group or kept), kept)
+        return out
+
+
+def _int(v: Any) -> int | None:
+    return None if v is None else int(v)
+
+
+def _group_sizes(ids, n_experts: int, n_group: int) -> list[int]:
+    per = n_experts // n_group
+    sizes = [0] * n_group
+    for i in ids:
+        if 0 <= i < n_experts:
+            sizes[i // per] += 1
+    return sizes
+
+
+def _kept_groups(sizes: list[int], per: int) -> int:
+    """n_group of the trimmed layer: the groups kept when whole groups are dropped, else unchanged (an equal
+    count kept in every group)."""
+    nonzero = [s for s in sizes if s]
+    return len(nonzero) if all(s == per for s in nonzero) else len(sizes)

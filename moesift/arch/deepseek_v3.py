@@ -1,0 +1,33 @@
+"""DeepSeek-V3 and Kimi-K2 style configs: sigmoid router `mlp.gate` with a selection bias
+`e_score_correction_bias` (masked with -inf by restrict, sliced with the experts by trim), group-limited top-k
+(group score = sum of its best two biased scores), weights renormalised (`norm_topk_prob`) and scaled by
+`routed_scaling_factor`, shared experts, dense first layers (`first_k_dense_replace`).
+
+Kimi-K2 checkpoints say `model_type: kimi_k2` but use this architecture with one group (n_group = topk_group
+= 1); transformers builds such configs as `deepseek_v3`. Multi-token-prediction layers stored after the last
+decoder layer (`num_nextn_predict_layers`) are not run by transformers: their tensors are classified "other"
+and copied unchanged by trim.
+"""
+
+from __future__ import annotations
+
+from .base import OTHER, cfg_get, register
+from .deepseek_v2 import DeepseekV2, _int
+
+
+@register
+class DeepseekV3(DeepseekV2):
+    model_types = ("deepseek_v3", "kimi_k2")
+    scoring = "sigmoid"
+    bias_attrs = ("e_score_correction_bias",)
+    normalise_selection = True
+    group_score_top = 2
+
+    def groups(self, config):
+        return _int(cfg_get(config, "n_group", default=1)), _int(cfg_get(config, "topk_group", default=1))
+
+    def classify(self, name, config):
+        role = super().classify(name, config)
+        if role.layer is not None and role.layer >= self.n_layers(config):
+            return OTHER  # multi-token-prediction layer
+        return role

@@ -1,0 +1,21 @@
+"""gpt-oss: router `mlp.router` (linear with bias), top-k of the logits, softmax over the k chosen; fused
+experts `mlp.experts.gate_up_proj [E, H, 2I]` / `down_proj [E, I, H]` with per-expert biases (MXFP4
+checkpoints: `*_blocks`, `*_scales`, sliced the same way). Every layer is MoE; no shared experts."""
+
+from __future__ import annotations
+
+from .base import Patterns, StandardAdapter, register
+
+L = r"model\.layers\.(?P<layer>\d+)\.mlp"
+
+
+@register
+class GptOss(StandardAdapter):
+    model_types = ("gpt_oss",)
+    router_attr = "router"
+    n_experts_keys = ("num_local_experts", "num_experts")
+    patterns = Patterns(
+        router=(rf"{L}\.router\.weight",),
+        router_bias=(rf"{L}\.router\.bias",),
+        fused=((rf"{L}\.experts\.(gate_up_proj|down_proj)[\w.]*", 0),),
+    )
