@@ -226,6 +226,13 @@ class Adapter:
         """Context manager: route to `k` experts per token instead of top-k (quality experiments)."""
         raise NotImplementedError
 
+    def reroute(self, model: Any, choose: Callable[[int, Any], tuple[Any, Any]]) -> contextlib.AbstractContextManager:
+        """Context manager for routing experiments (dynamic top-p): on every MoE layer and forward,
+        `choose(moe_index, probs [T, E])` returns (ids [T, K'], active [T, K'] bool) and the experts run on
+        those ids; active slots are weighted as the family weights its own selection (same normalisation
+        and scaling), inactive slots get weight 0."""
+        raise NotImplementedError
+
     # ---- checkpoint ---------------------------------------------------------------------------------
     def classify(self, name: str, config: Mapping[str, Any]) -> TensorRole:
         """Role of the on-disk tensor `name` in a checkpoint with config.json `config`."""
@@ -494,6 +501,49 @@ class StandardAdapter(Adapter):
         finally:
             for router, old in saved:
                 setattr(router, self.router_top_k_attr, old)
+
+    # routers without a `norm_topk_prob` attribute: do they renormalise the weights of their selection?
+    normalise_selection: ClassVar[bool] = True
+
+    def selection_weights(self, router: Any, probs: Any, ids: Any, active: Any) -> Any:
+        """Weights the family applies to a selection `ids` [T, K] (slots where `active` is False get 0):
+        router probabilities of the selected experts, renormalised over the active ones when the router
+        normalises its top-k, times the router's routed scaling factor."""
+        w = probs.gather(1, ids) * active.to(probs.dtype)
+        norm = getattr(router, "norm_topk_prob", None)
+        if norm is None:
+            norm = self.normalise_selection
+        if norm:
+            w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
+        return w * float(getattr(router, "routed_scaling_factor", 1.0) or 1.0)
+
+    @contextlib.contextmanager
+    def reroute(self, model, choose):
+        spec = self.spec(model.config)
+        handles = []
+        try:
+            for m, layer in enumerate(spec.moe_layers):
+                router, experts, box = self.router(model, layer), self.experts(model, layer), {}
+
+                def post(mod, args, output, _box=box):
+                    _box["probs"] = self.probs_from_router_output(mod, output)
+
+                def pre(mod, args, kwargs, _m=m, _box=box, _router=router):
+                    hidden, ids, weights = _expert_args(args, kwargs)
+                    probs = _box.pop("probs", None)
+                    if probs is None or probs.shape[0] != hidden.shape[0]:
+                        raise MoesiftError(f"{type(_router).__name__}: router probabilities not seen before the experts ran")
+                    new_ids, active = choose(_m, probs)
+                    w = self.selection_weights(_router, probs, new_ids, active).to(weights.dtype)
+                    rest = {k: v for k, v in kwargs.items() if not any(v is x for x in (hidden, ids, weights))}
+                    return (hidden, new_ids.to(ids.dtype), w, *args[3:]), rest
+
+                handles.append(router.register_forward_hook(post))
+                handles.append(experts.register_forward_pre_hook(pre, with_kwargs=True))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
 
     # ---- checkpoint ---------------------------------------------------------------------------------
     def classify(self, name: str, config: Mapping[str, Any]) -> TensorRole:
