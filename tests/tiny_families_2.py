@@ -101,7 +101,7 @@ def _dbrx():
 
     return DbrxConfig(
         vocab_size=COMMON["vocab_size"], d_model=32, n_heads=4, n_layers=3, max_seq_len=128,
-        attn_config={"kv_n_heads": 2, "rope_theta": 10000.0},
+        attn_config={"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
         ffn_config={"ffn_hidden_size": 16, "moe_num_experts": 8, "moe_top_k": 2, "moe_normalize_expert_weights": 1.0},
     )
 

@@ -1,0 +1,68 @@
+"""Llama-4 text (`llama4_text`): router `feed_forward.router` (a linear layer) keeps the top-k logits and
+weights each chosen expert by the sigmoid of its logit; the experts run densely on every token scaled by that
+score (0 for the others), so routing is read from the router's output rather than the experts' input. Fused
+experts `feed_forward.experts.gate_up_proj [E, H, 2I]` / `down_proj [E, I, H]`, one shared expert, MoE
+layers listed in `moe_layers` (else every `interleave_moe_layer_step`-th layer)."""
+
+from __future__ import annotations
+
+from .base import Patterns, Route, StandardAdapter, cfg_get, register
+
+L = r"(?:language_model\.)?model\.layers\.(?P<layer>\d+)\.feed_forward"
+
+
+@register
+class Llama4Text(StandardAdapter):
+    model_types = ("llama4_text",)
+    block_attr = "feed_forward"
+    router_attr = "router"
+    n_experts_keys = ("num_local_experts", "num_experts")
+    scoring = "sigmoid"
+    normalise_selection = False
+    patterns = Patterns(
+        router=(rf"{L}\.router\.weight",),
+        fused=((rf"{L}\.experts\.(gate_up_proj|down_proj)[\w.]*", 0),),
+        shared=(rf"{L}\.shared_expert\.[\w.]+",),
+    )
+
+    def n_shared(self, config):
+        return 1
+
+    def is_moe_layer(self, config, i):
+        layers = cfg_get(config, "moe_layers")
+        if layers is None:
+            step = int(cfg_get(config, "interleave_moe_layer_step", default=1) or 1)
+            layers = range(step - 1, self.n_layers(config), step)
+        return i in set(layers)
+
+    def probs_from_router_output(self, router, output):
+        import torch
+
+        return torch.sigmoid(output[1].reshape(-1, output[1].shape[-1]).float())
+
+    def attach_recorder(self, model, on_route, on_logits=None, want_hidden=False):
+        handles = []
+        for m, layer in enumerate(self.spec(model.config).moe_layers):
+
+            def post(mod, args, output, _m=m):
+                scores, logits = output
+                ids = logits.topk(mod.top_k, dim=-1).indices  # the router's own choice: same op, same tensor
+                hidden = args[0].reshape(-1, args[0].shape[-1]) if want_hidden else None
+                on_route(_m, Route(ids=ids, weights=scores.gather(1, ids), hidden=hidden))
+                if on_logits is not None:
+                    on_logits(_m, self.probs_from_router_output(mod, output))
+
+            handles.append(self.router(model, layer).register_forward_hook(post))
+        return handles
+
+    def expert_output(self, model, layer, hidden, ids):
+        import torch
+
+        ex = self.experts(model, layer)
+        out = torch.zeros_like(hidden)
+        ids = ids.reshape(-1)
+        for e in ids.unique().tolist():
+            rows = (ids == e).nonzero().squeeze(1)
+            gate, up = (hidden[rows] @ ex.gate_up_proj[e]).chunk(2, dim=-1)
+            out[rows] = (up * ex.act_fn(gate)) @ ex.down_proj[e]
+        return out
