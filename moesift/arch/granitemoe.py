@@ -1,0 +1,34 @@
+"""Granite-MoE (3.0 / 3.1), Granite-MoE-Shared and Granite-4 hybrid (mamba + attention): router
+`block_sparse_moe.router` (top-k of the logits, softmax over the k, which equals renormalised softmax top-k),
+every decoder layer is a MoE layer. On disk: router `block_sparse_moe.router.layer.weight`, fused experts
+`block_sparse_moe.input_linear.weight [E, 2I, H]` / `output_linear.weight [E, H, I]`; shared variants add a
+dense `shared_mlp` per layer."""
+
+from __future__ import annotations
+
+from .base import Patterns, StandardAdapter, cfg_get, register
+
+P = r"model\.layers\.(?P<layer>\d+)"
+L = rf"{P}\.block_sparse_moe"
+
+
+@register
+class GraniteMoe(StandardAdapter):
+    model_types = ("granitemoe", "granitemoeshared", "granitemoehybrid")
+    block_attr = "block_sparse_moe"
+    router_attr = "router"
+    n_experts_keys = ("num_local_experts", "num_experts")
+    patterns = Patterns(
+        router=(rf"{L}\.router\.(layer\.)?weight",),
+        fused=(
+            (rf"{L}\.(input_linear|output_linear)\.[\w.]+", 0),
+            (rf"{L}\.experts\.(gate_up_proj|down_proj)[\w.]*", 0),
+        ),
+        shared=(rf"{P}\.shared_mlp\.[\w.]+",),
+    )
+
+    def is_moe_layer(self, config, i):
+        return int(cfg_get(config, *self.n_experts_keys, default=0) or 0) > 0
+
+    def n_shared(self, config):
+        return 1 if int(cfg_get(config, "shared_intermediate_size", default=0) or 0) > 0 else 0

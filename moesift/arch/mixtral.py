@@ -1,0 +1,27 @@
+"""Mixtral and MiniMax(-Text-01): softmax top-k router, selection always renormalised; every decoder layer is
+a MoE layer. In memory the block is `mlp` (`gate` + fused `experts`); on disk the original layout
+`block_sparse_moe.gate.weight` and per-expert `block_sparse_moe.experts.{j}.w1/w2/w3`."""
+
+from __future__ import annotations
+
+from .base import Patterns, StandardAdapter, register
+
+L = r"model\.layers\.(?P<layer>\d+)\.(block_sparse_moe|mlp)"
+
+
+@register
+class Mixtral(StandardAdapter):
+    model_types = ("mixtral",)
+    n_experts_keys = ("num_local_experts", "num_experts")
+    patterns = Patterns(
+        router=(rf"{L}\.gate\.weight",),
+        expert=(rf"{L}\.experts\.(?P<expert>\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.[\w.]+",),
+        fused=((rf"{L}\.experts\.(gate_up_proj|down_proj)[\w.]*", 0),),
+    )
+
+
+@register
+class MiniMax(Mixtral):
+    """Lightning (linear) and softmax attention layers alternate; the MoE block is Mixtral's."""
+
+    model_types = ("minimax",)

@@ -1,0 +1,27 @@
+"""Phi-3.5-MoE: router `mlp.router` (an nn.Linear) followed by SparseMixer, which at inference picks the best
+expert, then the best of the rest, each weighted by a softmax over the logits within a relative threshold of
+it. The selection is hard-wired to two experts. On disk: `block_sparse_moe.gate.weight` and per-expert
+`block_sparse_moe.experts.{j}.w1/w2/w3`."""
+
+from __future__ import annotations
+
+import contextlib
+
+from ..errors import MoesiftError
+from .base import register
+from .mixtral import Mixtral
+
+
+@register
+class Phimoe(Mixtral):
+    model_types = ("phimoe",)
+    router_attr = "router"
+
+    def set_top_k(self, model, k):
+        if k == self.spec(model.config).top_k:
+            return contextlib.nullcontext()
+        raise MoesiftError("Phi-MoE's SparseMixer router always selects 2 experts; its top-k cannot be changed")
+
+    def reroute(self, model, choose):
+        raise MoesiftError("Phi-MoE's SparseMixer weights depend on its own two-step selection; rerouting "
+                           "with other selections is not supported")

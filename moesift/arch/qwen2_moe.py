@@ -1,0 +1,24 @@
+"""Qwen2-MoE: softmax top-k router `mlp.gate` (renormalised when `norm_topk_prob`), per-expert checkpoint
+tensors, one shared expert with a sigmoid gate (`shared_expert`, `shared_expert_gate`), dense layers from
+`mlp_only_layers` / `decoder_sparse_step`."""
+
+from __future__ import annotations
+
+from .base import Patterns, cfg_get, register
+from .qwen3_moe import L, Qwen3Moe
+
+QWEN2_PATTERNS = Patterns(
+    router=(rf"{L}\.gate\.weight",),
+    expert=(rf"{L}\.experts\.(?P<expert>\d+)\.(gate|up|down)_proj\.[\w.]+",),
+    fused=((rf"{L}\.experts\.(gate_up_proj|down_proj)[\w.]*", 0),),
+    shared=(rf"{L}\.shared_expert(_gate)?\.[\w.]+",),
+)
+
+
+@register
+class Qwen2Moe(Qwen3Moe):
+    model_types = ("qwen2_moe",)
+    patterns = QWEN2_PATTERNS
+
+    def n_shared(self, config):
+        return 1 if int(cfg_get(config, "shared_expert_intermediate_size", default=0) or 0) > 0 else 0

@@ -1,0 +1,12 @@
+"""Qwen3-Next: hybrid linear / full attention decoder whose MoE block is Qwen2-MoE's (softmax top-k router
+`mlp.gate`, one sigmoid-gated shared expert, dense layers from `mlp_only_layers` / `decoder_sparse_step`)."""
+
+from __future__ import annotations
+
+from .base import register
+from .qwen2_moe import Qwen2Moe
+
+
+@register
+class Qwen3Next(Qwen2Moe):
+    model_types = ("qwen3_next",)
