@@ -48,12 +48,15 @@ _LAZY = {
     "srp": "locality",
     "sch": "locality",
     "affinity_summary": "affinity",
+    "eval_model": "evaluate",
+    "sweep": "sweep",
+    "demo": "demo",
 }
 
 
 # Public functions that share their module's name (moesift.plan is the function in moesift/plan.py): when
 # Python imports such a submodule it sets the package attribute to the module; keep the function there.
-_SAME_NAME = {"plan", "trim", "restrict", "verify"}
+_SAME_NAME = {"plan", "trim", "restrict", "verify", "sweep", "demo"}
 
 
 class _Package(types.ModuleType):

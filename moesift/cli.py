@@ -207,6 +207,99 @@ def verify_cmd(
 
 # [quality: eval, sweep, demo]
 
+
+def _split_values(values: list[str] | None, cast: Any, flag: str) -> list[Any]:
+    """Values of a repeatable option that also takes comma-separated lists ("--top-k 4,2 --top-k 1")."""
+    out = []
+    for v in values or []:
+        for part in str(v).split(","):
+            if part.strip():
+                try:
+                    out.append(cast(part.strip()))
+                except ValueError:
+                    raise MoesiftError(f"{flag}: cannot read {part.strip()!r} as a number") from None
+    return out
+
+
+@app.command("eval")
+def eval_cmd(
+    model: str = typer.Argument(..., help="Model directory, or a hub id in the local Hugging Face cache."),
+    data: list[str] = typer.Option(..., "--data", help="Held-out text (text, JSONL, parquet); repeatable."),
+    plan: list[str] = typer.Option(None, "--plan", help="Also evaluate routing restricted to this plan; repeatable."),
+    top_k: list[str] = typer.Option(None, "--top-k", help="Also evaluate with K experts per token (e.g. 4,2,1)."),
+    top_p: list[str] = typer.Option(None, "--top-p", help="Also evaluate dynamic top-p routing (e.g. 0.5,0.8)."),
+    max_length: int = typer.Option(512, "--max-length", help="Window length in tokens (longer texts are cut)."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Windows per forward."),
+    max_samples: int = typer.Option(None, "--max-samples", help="Use only the first N documents."),
+    field: str = typer.Option(None, "--field", help="JSONL key / parquet column holding the documents."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N, or auto."),
+    dtype: str = typer.Option(None, "--dtype", help="auto, float32, bfloat16, float16."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own Python code."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Perplexity of the full model, restricted to plans, with fewer experts per token and with dynamic top-p
+    routing, each with the mean number of experts active per token."""
+    from .evaluate import eval_model, format_table
+
+    res = eval_model(model, data, plans=plan or (), top_k=_split_values(top_k, int, "--top-k"),
+                     top_p=_split_values(top_p, float, "--top-p"), max_length=max_length, batch_size=batch_size,
+                     device=device, dtype=dtype, json=json_out, progress=not json_out, max_samples=max_samples,
+                     field=field, trust_remote_code=trust_remote_code)
+    if json_out:
+        emit_json(res)
+    else:
+        from rich.console import Console
+
+        Console().print(format_table(res))
+
+
+@app.command("sweep")
+def sweep_cmd(
+    model: str = typer.Argument(..., help="Model directory, or a hub id in the local Hugging Face cache."),
+    trace: list[str] = typer.Option(..., "--trace", help="Trace(s) to plan from (PATH or PATH:WEIGHT); repeatable."),
+    data: list[str] = typer.Option(..., "--data", help="Held-out text for perplexity; repeatable."),
+    keep: str = typer.Option("0.25,0.5,0.75", "--keep", help="Fractions of experts kept per MoE layer."),
+    strategy: str = typer.Option("frequency,weighted,saliency,random", "--strategy", help="Selection strategies."),
+    out: str = typer.Option(None, "--out", help="Write a self-contained HTML page here."),
+    max_length: int = typer.Option(512, "--max-length", help="Window length in tokens."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Windows per forward."),
+    max_samples: int = typer.Option(None, "--max-samples", help="Use only the first N documents of --data."),
+    field: str = typer.Option(None, "--field", help="JSONL key / parquet column holding the documents."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N."),
+    dtype: str = typer.Option(None, "--dtype", help="auto, float32, bfloat16, float16."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random strategy."),
+    uniform: bool = typer.Option(False, "--uniform", help="Equal expert counts in every layer."),
+    no_timing: bool = typer.Option(False, "--no-timing", help="Skip loading each resident model for timings."),
+    force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Quality against memory and latency: for each strategy and budget, bytes, perplexity (x full), load time
+    and time to first token of the resident model, with the Pareto front marked."""
+    from .sweep import sweep
+
+    res = sweep(model, trace, data, keep=keep, strategy=strategy, json=json_out, out=out, max_length=max_length,
+                batch_size=batch_size, max_samples=max_samples, field=field, device=device, dtype=dtype, seed=seed,
+                uniform=uniform, timing=not no_timing, force=force, progress=not json_out)
+    if json_out:
+        emit_json(res)
+    elif out:
+        typer.echo(f"wrote {out}")
+
+
+@app.command("demo")
+def demo_cmd(
+    out: str = typer.Option(None, "--out", help="Output directory (default ./moesift-demo)."),
+    quick: bool = typer.Option(False, "--quick", help="A smaller run (fewer prompts and points), for tests."),
+    json_out: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
+) -> None:
+    """The whole pipeline on the bundled reference models and workloads: trace, report, compare, plan, trim,
+    verify, evaluate and sweep; writes one HTML report."""
+    from .demo import demo
+
+    res = demo(out=out, json=json_out, quick=quick, progress=not json_out)
+    if json_out:
+        emit_json(res)
+
 # [scale-out: place, cache, import]
 
 
