@@ -190,8 +190,6 @@ def trace(
 
     arrays = rec.to_arrays()
     prefill_tokens, decode_tokens = rec.token_counts()
-    if not generate:
-        arrays.pop("decode_counts", None)
     if log_routing:
         arrays["routing_log"] = (np.concatenate([lg for lg, _ in log_docs]) if log_docs
                                  else np.zeros((0, len(spec.moe_layers), spec.top_k), np.int16))
