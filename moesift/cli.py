@@ -42,6 +42,97 @@ def _json_default(o: Any) -> Any:
 # [foundation: trace, show, merge, export]
 
 
+@app.command("trace")
+def trace_cmd(
+    model: str = typer.Argument(..., help="Model directory, or a hub id in the local Hugging Face cache."),
+    data: list[str] = typer.Option(..., "--data", help="Workload file (text, JSONL, parquet, saved dataset); repeatable."),
+    out: str = typer.Option(None, "--out", help="Write the trace (moesift-trace/1 safetensors) here."),
+    label: str = typer.Option(None, "--label", help="Workload name (default: first file's stem)."),
+    max_samples: int = typer.Option(None, "--max-samples", help="Trace only the first N documents."),
+    max_length: int = typer.Option(512, "--max-length", help="Truncate each document to L tokens."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Documents per forward (padded, padding not counted)."),
+    generate: int = typer.Option(0, "--generate", help="Also decode N tokens greedily; decode routing kept apart."),
+    folds: int = typer.Option(8, "--folds", help="Deal documents round-robin into F folds (held-out coverage)."),
+    saliency: bool = typer.Option(False, "--saliency", help="Record REAP saliency (gate weight x ||expert output||)."),
+    log_routing: bool = typer.Option(False, "--log-routing", help="Keep every token's selected experts (int16)."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N, or auto (spread over GPUs)."),
+    dtype: str = typer.Option(None, "--dtype", help="auto, float32, bfloat16, float16."),
+    field: str = typer.Option(None, "--field", help="JSONL key / parquet or dataset column holding the documents."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own Python code."),
+    force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists."),
+    json_out: bool = typer.Option(False, "--json", help="Print the trace summary as JSON."),
+) -> None:
+    """Record which experts a workload selects, per MoE layer, with statistics kept on the device."""
+    from .tracer import trace
+
+    t = trace(model, data, out=out, label=label, max_samples=max_samples, max_length=max_length,
+              batch_size=batch_size, generate=generate, folds=folds, saliency=saliency, log_routing=log_routing,
+              device=device, dtype=dtype, field=field, trust_remote_code=trust_remote_code, force=force,
+              progress=not json_out)
+    counts = t.counts
+    summary = {"out": out, "model": t.model, "workload": t.workload,
+               "arrays": {k: list(v.shape) for k, v in t.arrays.items()},
+               "routes_per_layer": counts.sum(axis=1).tolist()}
+    if json_out:
+        emit_json(summary)
+    else:
+        w = t.workload
+        typer.echo(f"traced {w['documents']} documents, {w['prefill_tokens']} prompt + {w['decode_tokens']} "
+                   f"generated tokens over {t.n_layers} MoE layers x {t.n_experts} experts (top-{t.top_k})"
+                   + (f"; wrote {out}" if out else " (no --out: nothing written)"))
+
+
+@app.command("show")
+def show_cmd(
+    trace: str = typer.Argument(..., help="A moesift trace or a WCER expert-trace/1 JSON file."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Summarise a trace: model, workload, and per-layer routing concentration."""
+    from .tracer import show
+
+    info = show(trace, json=json_out)
+    if json_out:
+        emit_json(info)
+
+
+@app.command("merge")
+def merge_cmd(
+    traces: list[str] = typer.Argument(..., help="Traces of the same model."),
+    out: str = typer.Option(..., "--out", help="Write the merged trace here."),
+    label: str = typer.Option(None, "--label", help="Workload name of the merged trace."),
+    force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists."),
+    json_out: bool = typer.Option(False, "--json", help="Print a JSON summary."),
+) -> None:
+    """Add traces of the same model (counts add, folds add, routing logs concatenate)."""
+    from .tracer import merge_traces
+
+    t = merge_traces(traces, out, label=label, force=force)
+    res = {"out": out, "label": t.label, "documents": t.workload["documents"],
+           "prefill_tokens": t.workload["prefill_tokens"], "decode_tokens": t.workload["decode_tokens"]}
+    if json_out:
+        emit_json(res)
+    else:
+        typer.echo(f"merged {len(traces)} traces ({res['documents']} documents) into {out}")
+
+
+@app.command("export")
+def export_cmd(
+    trace: str = typer.Argument(..., help="A moesift trace (or expert-trace/1 JSON)."),
+    out: str = typer.Option(..., "--out", help="Output file."),
+    format: str = typer.Option("expert-trace/1", "--format", help="expert-trace/1 (WCER JSON) or moesift-trace/1."),
+    force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists."),
+    json_out: bool = typer.Option(False, "--json", help="Print a JSON summary."),
+) -> None:
+    """Write a trace in another format."""
+    from .tracer import export_trace
+
+    p = export_trace(trace, out, format=format, force=force)
+    if json_out:
+        emit_json({"out": str(p), "format": format})
+    else:
+        typer.echo(f"wrote {p} ({format})")
+
+
 @app.command("families")
 def families_cmd(json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """List the supported MoE families (transformers model_type values)."""
