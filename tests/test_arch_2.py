@@ -220,3 +220,33 @@ def test_layer_layouts():
     oss = {"model_type": "gpt_oss", "num_hidden_layers": 24, "num_local_experts": 32, "num_experts_per_tok": 4}
     assert adapter_for(oss).classify("model.layers.3.mlp.experts.gate_up_proj_blocks", oss).expert_dim == 0
     assert adapter_for(oss).classify("model.layers.3.mlp.router.bias", oss).kind == "router_bias"
+
+
+@pytest.mark.parametrize("model_type", MINE)
+def test_reroute_with_the_models_own_choice_is_the_full_model(model_type, tiny_dir):
+    """Rerouting to the experts the model itself picked (biases and groups included) weights them as the family
+    does, so the logits are unchanged; rerouting to other experts changes them."""
+    model = _load(tiny_dir(model_type))
+    ad = adapter_for(model.config)
+    x = _inputs(model.config.vocab_size)
+    own = {}
+    hs = ad.attach_recorder(model, lambda m, r: own.__setitem__(m, r.ids.clone()))
+    with torch.no_grad():
+        full = model(x).logits
+    for h in hs:
+        h.remove()
+
+    def same(m, probs):
+        return own[m], torch.ones_like(own[m], dtype=torch.bool)
+
+    def worst(m, probs):
+        ids = probs.topk(own[m].shape[1], dim=-1, largest=False).indices
+        return ids, torch.ones_like(ids, dtype=torch.bool)
+
+    with torch.no_grad():
+        with ad.reroute(model, same):
+            got = model(x).logits
+        with ad.reroute(model, worst):
+            other = model(x).logits
+    torch.testing.assert_close(got, full, rtol=1e-5, atol=1e-5)
+    assert (other - full).abs().max().item() > 1e-4

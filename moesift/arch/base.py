@@ -531,7 +531,7 @@ class StandardAdapter(Adapter):
                 def pre(mod, args, kwargs, _m=m, _box=box, _router=router):
                     hidden, ids, weights = _expert_args(args, kwargs)
                     probs = _box.pop("probs", None)
-                    if probs is None or probs.shape[0] != hidden.shape[0]:
+                    if probs is None or probs.shape[0] != hidden.numel() // hidden.shape[-1]:  # hidden may be [B, S, H]
                         raise MoesiftError(f"{type(_router).__name__}: router probabilities not seen before the experts ran")
                     new_ids, active = choose(_m, probs)
                     w = self.selection_weights(_router, probs, new_ids, active).to(weights.dtype)

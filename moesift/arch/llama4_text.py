@@ -6,6 +6,8 @@ layers listed in `moe_layers` (else every `interleave_moe_layer_step`-th layer).
 
 from __future__ import annotations
 
+import contextlib
+
 from .base import Patterns, Route, StandardAdapter, cfg_get, register
 
 L = r"(?:language_model\.)?model\.layers\.(?P<layer>\d+)\.feed_forward"
@@ -66,3 +68,25 @@ class Llama4Text(StandardAdapter):
             gate, up = (hidden[rows] @ ex.gate_up_proj[e]).chunk(2, dim=-1)
             out[rows] = (up * ex.act_fn(gate)) @ ex.down_proj[e]
         return out
+
+    @contextlib.contextmanager
+    def reroute(self, model, choose):
+        """The experts read per-expert scores [T, E] from the router: replace them by the chosen selection."""
+        import torch
+
+        handles = []
+        try:
+            for m, layer in enumerate(self.spec(model.config).moe_layers):
+
+                def post(mod, args, output, _m=m):
+                    scores, logits = output
+                    probs = self.probs_from_router_output(mod, output)
+                    ids, active = choose(_m, probs)
+                    w = self.selection_weights(mod, probs, ids, active).to(scores.dtype)
+                    return torch.zeros_like(scores).scatter_add(1, ids, w), logits
+
+                handles.append(self.router(model, layer).register_forward_hook(post))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
