@@ -568,8 +568,12 @@ def _heldout(fold_scores: np.ndarray, fold_counts: np.ndarray, n_keep: Sequence[
     except ImportError:
         heldout_coverage = None
     if heldout_coverage is not None:
-        mean, std = heldout_coverage(fold_scores, fold_counts, np.asarray(n_keep))
-        return np.asarray(mean, dtype=np.float64), np.asarray(std, dtype=np.float64)
+        E = fold_counts.shape[-1]
+        n = np.asarray(n_keep, dtype=np.int64)
+        mean, std = heldout_coverage(fold_scores, fold_counts, np.minimum(n, E - 1))
+        mean = np.where(n >= E, 1.0, np.asarray(mean, dtype=np.float64))  # a layer kept whole covers everything
+        std = np.where(n >= E, 0.0, np.asarray(std, dtype=np.float64))
+        return mean, std
     F, L, E = fold_counts.shape
     cov = np.full((F, L), np.nan)
     for f in range(F):

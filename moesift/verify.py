@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -10,42 +9,26 @@ from typing import Any
 from .errors import MoesiftError
 
 
-def _read_texts(paths: list[str], field: str | None, max_samples: int) -> list[str]:
-    try:
-        from .workload import read_documents
-    except ImportError:
-        read_documents = None
-    if read_documents is not None:
-        docs = read_documents(paths, field=field, max_samples=max_samples)
-        out = []
-        for d in docs:
-            t = d.get("text") if isinstance(d, dict) else d
-            if t is None and isinstance(d, dict):
-                t = (d.get("prompt") or "") + (d.get("completion") or "")
-            if t:
-                out.append(str(t))
-        return out[:max_samples]
-    out: list[str] = []
-    for p in paths:
-        path = Path(p)
-        if not path.is_file():
-            raise MoesiftError(f"data file {p!r} not found")
-        if path.suffix == ".jsonl":
-            for i, line in enumerate(path.read_text().splitlines()):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError:
-                    raise MoesiftError(f"{p}:{i + 1} is not valid JSON") from None
-                t = obj.get(field or "text") if isinstance(obj, dict) else None
-                if t is None and isinstance(obj, dict):
-                    t = (obj.get("prompt") or "") + (obj.get("completion") or "")
-                if t:
-                    out.append(str(t))
+def _read_prompts(paths: list[str], field: str | None, max_samples: int, tok: Any, max_length: int) -> list[Any]:
+    """Token id tensors [1, T] of the first `max_samples` documents of the workload files."""
+    import torch
+
+    from .workload import read_documents
+
+    out = []
+    for d in read_documents(paths, field=field, max_samples=max_samples):
+        if d.get("input_ids") is not None:
+            ids = torch.as_tensor([list(d["input_ids"])[:max_length]], dtype=torch.long)
+        elif tok is None:
+            raise MoesiftError("the model has no tokenizer; give --data with input_ids, or no --data (random tokens)")
+        elif d.get("messages") is not None:
+            ids = tok.apply_chat_template(d["messages"], tokenize=True, return_tensors="pt")
+            ids = (ids["input_ids"] if hasattr(ids, "keys") else ids)[:, :max_length]
         else:
-            out += [b.strip() for b in path.read_text().split("\n\n") if b.strip()]
-    return out[:max_samples]
+            ids = tok(str(d.get("text", "")), return_tensors="pt", truncation=True, max_length=max_length)["input_ids"]
+        if ids.shape[-1]:
+            out.append(ids)
+    return out
 
 
 def verify(
@@ -87,17 +70,10 @@ def verify(
     vocab = int(full.config.get_text_config().vocab_size if hasattr(full.config, "get_text_config")
                 else full.config.vocab_size)
     if data is not None:
-        if tok is None:
-            raise MoesiftError(f"{str(model)!r} has no tokenizer; verify without --data (random token prompts)")
         paths = [str(data)] if isinstance(data, (str, os.PathLike)) else [str(x) for x in data]
-        texts = _read_texts(paths, field, max_samples)
-        if not texts:
+        prompts = _read_prompts(paths, field, max_samples, tok, max_length)
+        if not prompts:
             raise MoesiftError(f"no prompts found in {', '.join(paths)}")
-        prompts = []
-        for t in texts:
-            ids = tok(t, return_tensors="pt", truncation=True, max_length=max_length)["input_ids"]
-            if ids.shape[-1]:
-                prompts.append(ids)
         source = {"kind": "files", "paths": paths, "prompts": len(prompts)}
     else:
         g = torch.Generator().manual_seed(seed)
