@@ -70,7 +70,9 @@ def top_pairs(t: np.ndarray, n: int = 5, min_count: int = 5) -> list[dict[str, A
     cond = np.divide(t, rs, out=np.zeros_like(t), where=rs > 0)
     lift = np.divide(cond, pc[None, :], out=np.zeros_like(t), where=pc[None, :] > 0)
     lift[t < min_count] = 0
-    flat = np.argsort(-lift, axis=None, kind="stable")[:n]
+    flat_l = lift.reshape(-1)
+    cand = np.argpartition(-flat_l, min(n, flat_l.size - 1))[: n + 1] if flat_l.size > n + 1 else np.arange(flat_l.size)
+    flat = cand[np.lexsort((cand, -flat_l[cand]))][:n]
     out = []
     for f in flat:
         e, e2 = divmod(int(f), t.shape[1])

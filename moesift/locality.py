@@ -72,27 +72,47 @@ def _doc_ids(offs: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
 def _one_hot_cumsum(ids: np.ndarray, n_experts: int) -> np.ndarray:
     """C [N+1, E] int32: C[t, e] = tokens among 0..t-1 that selected e."""
     n = ids.shape[0]
-    x = np.zeros((n + 1, n_experts), dtype=np.int32)
+    x = np.zeros((n + 1, n_experts), dtype=np.int16 if n < 32767 else np.int32)
     rows = np.repeat(np.arange(1, n + 1), ids.shape[1])
     x[rows, ids.reshape(-1).astype(np.int64)] = 1
     np.cumsum(x, axis=0, out=x)
     return x
 
 
-def srp_histograms(ids: np.ndarray, offs: np.ndarray, n_experts: int, seg_lens=SEG_LENS) -> dict[int, np.ndarray]:
+def _last_use(ids: np.ndarray, n_experts: int) -> np.ndarray:
+    """U [N+1, E] int32: U[t, e] = last token before t that selected e (-1 if none)."""
+    n, K = ids.shape
+    use = np.full((n + 1, n_experts), -1, dtype=np.int16 if n < 32767 else np.int32)
+    rows = np.repeat(np.arange(1, n + 1), K)
+    use[rows, ids.reshape(-1).astype(np.int64)] = rows - 1
+    np.maximum.accumulate(use, axis=0, out=use)
+    return use
+
+
+def srp_histograms(ids: np.ndarray, offs: np.ndarray, n_experts: int, seg_lens=SEG_LENS, C=None) -> dict[int, np.ndarray]:
     """For one layer: {m: H [m+1]} with H[v] = number of (window, expert) pairs whose count is v."""
     n = ids.shape[0]
-    C = _one_hot_cumsum(ids, n_experts)
+    if C is None:
+        C = _one_hot_cumsum(ids, n_experts)
     start, end = _doc_ids(offs, n)
     out = {}
     for m in seg_lens:
         if m > n:
             out[m] = np.zeros(m + 1, dtype=np.int64)
             continue
-        w = np.arange(n - m + 1)
-        valid = w + m <= end[: n - m + 1]
-        c = C[m:][valid] - C[: n - m + 1][valid]
-        out[m] = np.bincount(c.reshape(-1), minlength=m + 1).astype(np.int64)
+        valid = np.flatnonzero(np.arange(n - m + 1) + m <= end[: n - m + 1])
+        if valid.size == n - m + 1:
+            c = C[m:] - C[: n - m + 1]
+        else:
+            c = C[valid + m] - C[valid]
+        c = c.reshape(-1)
+        if m * ids.shape[1] * 4 < n_experts:  # mostly zeros: count the non-zero entries only
+            nz = c[c != 0]
+            h = np.bincount(nz, minlength=m + 1).astype(np.int64)
+            h[0] = c.size - nz.size
+        else:
+            h = np.bincount(c, minlength=m + 1).astype(np.int64)
+        out[m] = h
     return out
 
 
@@ -109,31 +129,33 @@ def srp_from_histogram(H: np.ndarray, m: int, k: int) -> dict[str, Any]:
     return {"srp": float(f1[j]), "threshold": j, "experts_ratio": float(preds[j] / actual), "windows": int(actual // (k * m))}
 
 
-def sch_ranks(ids: np.ndarray, offs: np.ndarray, n_experts: int, m: int, chunk: int = 4096) -> np.ndarray:
-    """For one layer: histogram R [E] of the cache rank of every activation under the SCH(m) ordering;
-    the hit rate of a cache of C experts is R[:C].sum() / activations."""
+def sch_ranks(ids: np.ndarray, offs: np.ndarray, n_experts: int, m: int, stride: int = 1, chunk: int = 2048,
+              C=None, U=None) -> np.ndarray:
+    """For one layer: histogram R [E] of the cache rank of every activation of the evaluated tokens (every
+    `stride`-th token) under the SCH(m) ordering; the hit rate of a cache of C experts is
+    R[:C].sum() / R.sum()."""
     n, K = ids.shape
     E = n_experts
-    C = _one_hot_cumsum(ids, E)
+    if C is None:
+        C = _one_hot_cumsum(ids, E)
+    if U is None:
+        U = _last_use(ids, E)
     start, end = _doc_ids(offs, n)
-    # last use before t within the document: running max of use positions, shifted by one token
-    use = np.full((n + 1, E), -1, dtype=np.int64)
-    rows = np.repeat(np.arange(1, n + 1), K)
-    use[rows, ids.reshape(-1).astype(np.int64)] = rows - 1
-    np.maximum.accumulate(use, axis=0, out=use)
     hist = np.zeros(E, dtype=np.int64)
-    eid = np.arange(E)
-    for a in range(0, n, chunk):
-        b = min(n, a + chunk)
-        t = np.arange(a, b)
-        hi = np.minimum(t + m, end[a:b])
-        cnt = C[hi] - C[t]  # [T, E] uses in t..t+m-1
-        lu = use[t]  # last use strictly before t (row t holds uses of tokens < t)
-        lu = np.where(lu >= start[a:b, None], lu, -1)
-        key = (cnt.astype(np.int64) * (n + 2) + (lu + 1)) * E + (E - 1 - eid)  # larger = kept first
-        sel = ids[a:b].astype(np.int64)
-        ks = np.take_along_axis(key, sel, axis=1)  # [T, K]
-        rank = (key[:, None, :] > ks[:, :, None]).sum(axis=2)  # [T, K]
+    dmax = int(np.diff(offs).max()) + 2 if len(offs) > 1 else 2
+    dt = np.int32 if (m + 1) * dmax * E < 2**31 - 1 else np.int64
+    tie = (E - 1 - np.arange(E)).astype(dt)
+    ts = np.arange(0, n, stride)
+    for a in range(0, ts.size, chunk):
+        t = ts[a : a + chunk]
+        hi = np.minimum(t + m, end[t])
+        cnt = (C[hi] - C[t]).astype(dt)  # [T, E] uses in t..t+m-1 (inside the document)
+        st = start[t, None].astype(dt)
+        lu = U[t].astype(dt)  # last use strictly before t
+        lu = np.where(lu >= st, lu - st + 1, 0)  # position in the document + 1; 0 = not used before in it
+        key = (cnt * dt(dmax) + lu) * dt(E) + tie  # larger = kept first; all distinct within a row
+        ks = np.take_along_axis(key, ids[t].astype(np.int64), axis=1)  # [T, K]
+        rank = (key[:, None, :] > ks[:, :, None]).sum(axis=2)  # [T, K] experts ranked above
         hist += np.bincount(rank.reshape(-1), minlength=E)[:E]
     return hist
 
@@ -147,54 +169,70 @@ def _check_log(log: np.ndarray, n_experts: int) -> np.ndarray:
     return log
 
 
-def srp(log: np.ndarray, doc_offsets, n_experts: int, seg_lens=SEG_LENS) -> dict[str, Any]:
-    """SRP per layer and overall for every segment length. log: [N, L, K]."""
-    log = _check_log(log, n_experts)
-    N, L, K = log.shape
-    offs = _offsets(doc_offsets, N)
-    total = {m: np.zeros(m + 1, dtype=np.int64) for m in seg_lens}
-    per_layer = []
-    for li in range(L):
-        hs = srp_histograms(log[:, li, :], offs, n_experts, seg_lens)
-        per_layer.append({str(m): srp_from_histogram(hs[m], m, K) for m in seg_lens})
-        for m in seg_lens:
-            total[m] += hs[m]
-    return {"overall": {str(m): srp_from_histogram(total[m], m, K) for m in seg_lens}, "layers": per_layer}
-
-
-def sch(log: np.ndarray, doc_offsets, n_experts: int, seg_lens=SEG_LENS, rhos=RHOS) -> dict[str, Any]:
-    """SCH per layer and overall for every segment length and cache size rho * top-k."""
+def srp_sch(log: np.ndarray, doc_offsets, n_experts: int, seg_lens=SEG_LENS, rhos=RHOS, stride: int = 1,
+            want_srp: bool = True, want_sch: bool = True) -> dict[str, Any]:
+    """SRP and SCH in one pass over the layers (the per-layer count arrays are shared)."""
     log = _check_log(log, n_experts)
     N, L, K = log.shape
     offs = _offsets(doc_offsets, N)
     rhos = [r for r in rhos if r * K <= n_experts]
-    acts = N * K
-    tot = {m: np.zeros(n_experts, dtype=np.int64) for m in seg_lens}
-    per_layer = []
+    h_tot = {m: np.zeros(m + 1, dtype=np.int64) for m in seg_lens}
+    r_tot = {m: np.zeros(n_experts, dtype=np.int64) for m in seg_lens}
+    srp_layers, sch_layers = [], []
     for li in range(L):
-        row = {}
-        for m in seg_lens:
-            h = sch_ranks(log[:, li, :], offs, n_experts, m)
-            tot[m] += h
-            cum = np.cumsum(h)
-            row[str(m)] = {str(r): float(cum[r * K - 1] / acts) if acts else float("nan") for r in rhos}
-        per_layer.append(row)
-    overall = {}
-    for m in seg_lens:
-        cum = np.cumsum(tot[m])
-        overall[str(m)] = {str(r): float(cum[r * K - 1] / (acts * L)) if acts else float("nan") for r in rhos}
-    return {"overall": overall, "layers": per_layer, "rhos": rhos}
+        ids = log[:, li, :]
+        C = _one_hot_cumsum(ids, n_experts)
+        if want_srp:
+            hs = srp_histograms(ids, offs, n_experts, seg_lens, C=C)
+            srp_layers.append({str(m): srp_from_histogram(hs[m], m, K) for m in seg_lens})
+            for m in seg_lens:
+                h_tot[m] += hs[m]
+        if want_sch:
+            U = _last_use(ids, n_experts)
+            row = {}
+            for m in seg_lens:
+                h = sch_ranks(ids, offs, n_experts, m, stride=stride, C=C, U=U)
+                r_tot[m] += h
+                row[str(m)] = _rates(h, rhos, K)
+            sch_layers.append(row)
+    out: dict[str, Any] = {}
+    if want_srp:
+        out["srp"] = {"overall": {str(m): srp_from_histogram(h_tot[m], m, K) for m in seg_lens}, "layers": srp_layers}
+    if want_sch:
+        out["sch"] = {"overall": {str(m): _rates(r_tot[m], rhos, K) for m in seg_lens}, "layers": sch_layers,
+                      "rhos": rhos, "stride": stride}
+    return out
 
 
-def cache_hit_rates(log: np.ndarray, n_experts: int, capacities, policies=("lru", "lfu", "belady")) -> dict[str, Any]:
-    """Per-layer hit rates of a cache of C experts for each policy, via `moesift.cachesim.simulate`."""
+def srp(log: np.ndarray, doc_offsets, n_experts: int, seg_lens=SEG_LENS) -> dict[str, Any]:
+    """SRP per layer and overall for every segment length. log: [N, L, K]."""
+    return srp_sch(log, doc_offsets, n_experts, seg_lens, want_sch=False)["srp"]
+
+
+def sch(log: np.ndarray, doc_offsets, n_experts: int, seg_lens=SEG_LENS, rhos=RHOS, stride: int = 1) -> dict[str, Any]:
+    """SCH per layer and overall for every segment length and cache size rho * top-k, evaluated at every
+    `stride`-th token (each evaluated token's cache is exact: it depends only on the log)."""
+    return srp_sch(log, doc_offsets, n_experts, seg_lens, rhos, stride=stride, want_srp=False)["sch"]
+
+
+def _rates(h: np.ndarray, rhos, K: int) -> dict[str, float]:
+    acts = h.sum()
+    cum = np.cumsum(h)
+    return {str(r): float(cum[r * K - 1] / acts) if acts else float("nan") for r in rhos}
+
+
+def cache_hit_rates(log: np.ndarray, n_experts: int, capacities, policies=("lru", "lfu", "belady"),
+                    layers=None) -> dict[str, Any]:
+    """Hit rates of a per-layer cache of C experts for each policy, via `moesift.cachesim.simulate`, on the
+    MoE layers `layers` (all by default); overall = hits / accesses summed over those layers."""
     from .cachesim import simulate
 
     log = _check_log(log, n_experts)
     N, L, K = log.shape
-    out: dict[str, Any] = {"capacities": [int(c) for c in capacities], "layers": [], "overall": {}}
+    layers = list(range(L)) if layers is None else [int(x) for x in layers]
+    out: dict[str, Any] = {"capacities": [int(c) for c in capacities], "moe_layers": layers, "layers": [], "overall": {}}
     sums = {(p, c): [0, 0] for p in policies for c in capacities}
-    for li in range(L):
+    for li in layers:
         row = {}
         lay = np.ascontiguousarray(log[:, li, :]).astype(np.int64)
         for c in capacities:
@@ -210,9 +248,13 @@ def cache_hit_rates(log: np.ndarray, n_experts: int, capacities, policies=("lru"
     return out
 
 
-def locality(trace, seg_lens=SEG_LENS, rhos=RHOS, max_tokens: int | None = 16384, cache_tokens: int | None = 4096,
-             cache_rhos=(1, 2, 4)) -> dict[str, Any] | None:
-    """Locality section of a report: SRP, SCH and cache-policy hit rates (None without a routing log)."""
+def locality(trace, seg_lens=SEG_LENS, rhos=RHOS, max_tokens: int | None = 8192, cache_tokens: int | None = 2048,
+             cache_rhos=(1, 2, 4), sch_stride: int | None = None, cache_layers: int | None = 6) -> dict[str, Any] | None:
+    """Locality section of a report: SRP, SCH and cache-policy hit rates (None without a routing log).
+
+    SRP and SCH use up to `max_tokens` logged tokens (whole documents spread over the log), SCH evaluated
+    at every `sch_stride`-th of them (default: about 4096 evaluated tokens). The cache simulation replays
+    up to `cache_tokens` of those tokens on `cache_layers` MoE layers spread evenly (None: all layers)."""
     log = trace.get("routing_log")
     if log is None or log.shape[0] == 0:
         return None
@@ -226,9 +268,8 @@ def locality(trace, seg_lens=SEG_LENS, rhos=RHOS, max_tokens: int | None = 16384
         "tokens_used": int(sub.shape[0]),
         "documents_used": int(len(sub_offs) - 1),
         "seg_lens": list(seg_lens),
-        "srp": srp(sub, sub_offs, E, seg_lens),
-        "sch": sch(sub, sub_offs, E, seg_lens, rhos),
     }
+    out.update(srp_sch(sub, sub_offs, E, seg_lens, rhos, stride=sch_stride or max(1, sub.shape[0] // 4096)))
     try:
         import importlib
 
@@ -240,7 +281,11 @@ def locality(trace, seg_lens=SEG_LENS, rhos=RHOS, max_tokens: int | None = 16384
     ckeep = sample_documents(sub_offs, sub.shape[0], cache_tokens)
     csub, _ = _subset(sub, sub_offs, ckeep)
     caps = [r * K for r in cache_rhos if r * K <= E]
-    out["cache"] = cache_hit_rates(csub, E, caps)
+    if cache_layers is None or cache_layers >= L:
+        lays = list(range(L))
+    else:
+        lays = sorted({int(round(x)) for x in np.linspace(0, L - 1, max(1, cache_layers))})
+    out["cache"] = cache_hit_rates(csub, E, caps, layers=lays)
     out["cache"]["tokens_used"] = int(csub.shape[0])
     return out
 

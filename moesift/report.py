@@ -320,7 +320,7 @@ def _print_report(r: dict[str, Any]) -> None:
     con = _console()
     m, w, o = r["model"], r["workload"], r["overall"]
     con.print(f"[bold]{m.get('name') or m.get('model_type')}[/] on [bold]{w.get('label')}[/]: {r['n_layers']} MoE layers x "
-              f"{r['n_experts']} experts, top-{r['top_k']}, {r['tokens']} tokens")
+              f"{r['n_experts']} experts, top-{r['top_k']}, {r['tokens']} tokens routed per layer")
     t = Table(title="experts needed per layer to cover a share of routes")
     t.add_column("layer", justify="right")
     for p in PCTS:
@@ -576,7 +576,7 @@ def _page(r: dict[str, Any], parts: list[str], plotlyjs: str) -> str:
 td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}h1{{font-size:1.4em}}</style>
 <script type="text/javascript">{plotlyjs}</script></head>
 <body><h1>{title}</h1>
-<p>{r['n_layers']} MoE layers x {r['n_experts']} experts, top-{r['top_k']}; {r['tokens']:,} tokens;
+<p>{r['n_layers']} MoE layers x {r['n_experts']} experts, top-{r['top_k']}; {r['tokens']:,} tokens routed per layer;
 traces: {esc(', '.join(r['traces']))}; moesift {esc(r['tool']['version'])} on {esc(platform.platform())}.</p>
 <p>Mean fraction of experts for 90% coverage: <b>{100 * o['mean_fraction_for_90']:.1f}%</b>.</p>
 <ul>{note_html}</ul>

@@ -117,39 +117,62 @@ def test_sample_documents_takes_whole_documents():
     assert sample_documents(offs, 1000, None).all()
 
 
-def _brute_lru(log, cap):
-    cache, hits, acc = [], 0, 0
-    for row in log:
+def brute_cache(log, cap, policy):
+    """Written from the cache model: a token's experts are accessed together; resident ones hit, the others
+    are loaded; victims are resident experts the token does not use: least recently used (earlier column =
+    less recent), fewest accesses so far (ties: least recent), or furthest next use (ties: smaller id)."""
+    resident, last, freq, hits, acc, clock = set(), {}, {}, 0, 0, 0
+    rows = [list(dict.fromkeys(int(e) for e in r)) for r in log]
+    for t, row in enumerate(rows):
+        need = [e for e in row if e not in resident]
+        hits += len(row) - len(need)
+        acc += len(row)
+        for e in need:
+            if len(resident) >= cap:
+                cand = [x for x in resident if x not in row]
+
+                def nxt(x, t=t):
+                    return next((u for u in range(t + 1, len(rows)) if x in rows[u]), float("inf"))
+
+                if policy == "lru":
+                    victim = min(cand, key=lambda x: last[x])
+                elif policy == "lfu":
+                    victim = min(cand, key=lambda x: (freq[x], last[x]))
+                else:
+                    victim = min(cand, key=lambda x: (-nxt(x), x))
+                resident.remove(victim)
+            resident.add(e)
         for e in row:
-            acc += 1
-            if e in cache:
-                hits += 1
-                cache.remove(e)
-            cache.append(e)
-            if len(cache) > cap:
-                cache.pop(0)
+            clock += 1
+            last[e] = clock
+            freq[e] = freq.get(e, 0) + 1
     return hits / acc
 
 
-def test_cache_policies_belady_never_below_lru():
+def test_cache_policies_match_brute_force_and_belady_is_best():
     cachesim = pytest.importorskip("moesift.cachesim", reason="moesift/cachesim.py not present")
     for seed in range(4):
         log = random_log(N=80, L=1, K=2, E=10, seed=seed, sticky=0.3)[:, 0, :].astype(np.int64)
         for cap in (2, 4, 6):
-            lru = cachesim.simulate(log, cap, "lru")
-            bel = cachesim.simulate(log, cap, "belady")
-            lfu = cachesim.simulate(log, cap, "lfu")
-            assert bel["hit_rate"] >= lru["hit_rate"] - 1e-12
-            assert bel["hit_rate"] >= lfu["hit_rate"] - 1e-12
-            assert lru["accesses"] == log.size
+            got = {p: cachesim.simulate(log, cap, p) for p in ("lru", "lfu", "belady")}
+            for p in got:
+                assert got[p]["hit_rate"] == pytest.approx(brute_cache(log, cap, p)), (seed, cap, p)
+                assert got[p]["accesses"] == log.size
+            assert got["belady"]["hit_rate"] >= got["lru"]["hit_rate"] - 1e-12
+            assert got["belady"]["hit_rate"] >= got["lfu"]["hit_rate"] - 1e-12
 
 
 def test_locality_section(tmp_path):
     from test_analysis import make_trace
 
     t = make_trace(L=2, E=16, K=2, n_tokens=400, doc_len=40)
-    loc = locality(t, seg_lens=(4, 16), rhos=(1, 2), max_tokens=200, cache_tokens=80)
+    loc = locality(t, seg_lens=(4, 16), rhos=(1, 2), max_tokens=200, cache_tokens=80, cache_layers=None)
     assert loc["tokens_used"] == 200 and loc["documents_used"] == 5
+    if loc.get("cache"):
+        c = loc["cache"]
+        assert c["moe_layers"] == [0, 1] and c["tokens_used"] == 80
+        for cap in c["capacities"]:
+            assert c["overall"][str(cap)]["belady"] >= c["overall"][str(cap)]["lru"] - 1e-12
     assert set(loc["srp"]["overall"]) == {"4", "16"}
     assert 0 < loc["srp"]["overall"]["4"]["srp"] <= 1
     nolog = make_trace(L=2, E=16, K=2, n_tokens=100, log=False)
