@@ -250,3 +250,24 @@ def test_reroute_with_the_models_own_choice_is_the_full_model(model_type, tiny_d
             other = model(x).logits
     torch.testing.assert_close(got, full, rtol=1e-5, atol=1e-5)
     assert (other - full).abs().max().item() > 1e-4
+
+
+def test_different_group_counts_per_layer_load_and_trim(tiny_dir, tmp_path):
+    """Whole groups, a different number per layer (3, 2, 2 of 4): each layer gets its own n_group, and both the
+    trimmed checkpoint and the resident-only load compute what the restricted full model computes."""
+    from moesift.resident import load_resident, load_trimmed
+    from moesift.trim import trim
+
+    d = tiny_dir("deepseek_v3")
+    model = _load(d)
+    ad = adapter_for(model.config)
+    resident = {1: [0, 1, 2, 3, 6, 7], 2: [0, 1, 4, 5], 3: [2, 3, 6, 7]}
+    assert ad.plan_problems(ad.spec(model.config), resident, standard=False) == []
+    x = _inputs(model.config.vocab_size)
+    with torch.no_grad():
+        with ad.restrict(model, resident):
+            want = model(x).logits
+        got_resident = load_resident(d, resident)(x).logits
+        got_trimmed = load_trimmed(trim(d, resident, tmp_path / "t", progress=False))[0](x).logits
+    torch.testing.assert_close(got_resident, want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got_trimmed, want, rtol=0, atol=1e-5)
