@@ -14,6 +14,7 @@ class GptOss(StandardAdapter):
     model_types = ("gpt_oss",)
     router_attr = "router"
     n_experts_keys = ("num_local_experts", "num_experts")
+    top_k_keys = ("num_experts_per_tok", "experts_per_token")  # the released config.json carries both
     patterns = Patterns(
         router=(rf"{L}\.router\.weight",),
         router_bias=(rf"{L}\.router\.bias",),
