@@ -397,7 +397,9 @@ def demo_cmd(
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2, never a traceback."""
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)  # click returns the code of typer.Exit(n) here instead of exiting
+        if isinstance(rc, int) and rc:
+            sys.exit(rc)
     except MoesiftError as e:
         sys.stderr.write(f"moesift: error: {e}\n")
         sys.exit(2)
