@@ -1,0 +1,220 @@
+"""Expert-cache simulation for one MoE layer: LRU, LFU and Belady-optimal hit rates.
+
+Model of the cache (one definition for every policy):
+
+- The input is a routing log of ONE layer, ``log [N, K]`` of expert ids, tokens in order. A token's
+  ids are accessed together: before the token's expert computation runs, every one of its (non-pinned)
+  experts must be resident at the same time. Duplicate ids in a row count once; negative ids (padding)
+  are ignored. ``accesses`` is the number of (token, distinct expert) pairs.
+- ``pinned`` experts are always resident, always hit, and take no cache slot.
+- The cache holds at most ``capacity`` non-pinned experts and starts empty (cold misses count).
+  ``capacity`` must be at least the largest number of distinct non-pinned experts of one token.
+- A token's experts already resident are hits; the others are misses and are loaded (demand paging).
+  When slots run out, victims are chosen among resident experts the current token does not use:
+    * ``lru``: least recently used; experts used by the same token are ordered by their column in the
+      row (an earlier column counts as less recent).
+    * ``lfu``: fewest accesses since the start of the log (frequency survives eviction), ties broken
+      by least recent use as in LRU.
+    * ``belady``: the expert whose next use is furthest in the future (never again = infinitely far),
+      ties broken by the smaller expert id. Evicting the furthest next use is optimal: no policy,
+      online or offline, takes fewer misses on the same log (checked by exhaustive search in tests).
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+
+POLICIES = ("lru", "lfu", "belady")
+
+
+def _tokens(log: np.ndarray, pinned) -> tuple[list[list[int]], int, int]:
+    """Rows as lists of distinct non-negative non-pinned ids in column order; pinned hit count; accesses."""
+    log = np.asarray(log)
+    if log.ndim == 1:
+        log = log[:, None]
+    if log.ndim != 2:
+        raise ValueError(f"routing log of one layer must be [N, K], got shape {tuple(log.shape)}")
+    if log.size and not np.issubdtype(log.dtype, np.integer):
+        raise ValueError(f"routing log must hold integer expert ids, got {log.dtype}")
+    log = log.astype(np.int64, copy=False)
+    N, K = log.shape
+    valid = log >= 0
+    if K > 1:
+        # drop repeats of an id within a row (keep the first column)
+        srt = np.sort(log, axis=1)
+        has_dup = bool((srt[:, 1:] == srt[:, :-1]).any()) if N else False
+        if has_dup:
+            for j in range(1, K):
+                valid[:, j] &= ~(log[:, :j] == log[:, j : j + 1]).any(axis=1)
+    accesses = int(valid.sum())
+    pin = np.asarray(sorted({int(p) for p in pinned}), dtype=np.int64)
+    pinned_mask = np.isin(log, pin) & valid if pin.size else np.zeros_like(valid)
+    pinned_hits = int(pinned_mask.sum())
+    keep = valid & ~pinned_mask
+    if keep.all():
+        rows = log.tolist()
+    else:
+        rows = [[e for e, k in zip(r, m, strict=True) if k] for r, m in zip(log.tolist(), keep.tolist(), strict=True)]
+    return rows, pinned_hits, accesses
+
+
+def _check_capacity(rows: list[list[int]], capacity: int) -> None:
+    need = max((len(r) for r in rows), default=0)
+    if capacity < need:
+        raise ValueError(f"cache capacity {capacity} is below the {need} non-pinned experts one token needs at once")
+
+
+def _lru(rows: list[list[int]], capacity: int) -> int:
+    od: OrderedDict[int, None] = OrderedDict()
+    move, pop = od.move_to_end, od.popitem
+    hits = 0
+    for r in rows:
+        miss = 0
+        for e in r:
+            if e in od:
+                hits += 1
+                move(e)
+            else:
+                miss += 1
+        if miss:
+            # the current token's resident experts sit at the end, so the front holds the victims
+            over = len(od) + miss - capacity
+            for _ in range(over):
+                pop(last=False)
+        for e in r:
+            od[e] = None
+            move(e)
+    return hits
+
+
+def _lfu(rows: list[list[int]], capacity: int) -> int:
+    freq: dict[int, int] = {}
+    key: dict[int, tuple[int, int]] = {}  # resident expert -> (freq, time) of its live heap entry
+    heap: list[tuple[int, int, int]] = []
+    hits = 0
+    t = 0  # access clock: one tick per (token, expert), column order within a token
+    for r in rows:
+        cur = set(r)
+        miss = [e for e in r if e not in key]
+        hits += len(r) - len(miss)
+        over = len(key) + len(miss) - capacity
+        held = []
+        while over > 0:
+            f, tt, e = heapq.heappop(heap)
+            if key.get(e) != (f, tt):
+                continue  # stale entry
+            if e in cur:
+                held.append((f, tt, e))
+                continue
+            del key[e]
+            over -= 1
+        for h in held:
+            heapq.heappush(heap, h)
+        for e in r:
+            f = freq.get(e, 0) + 1
+            freq[e] = f
+            key[e] = (f, t)
+            heapq.heappush(heap, (f, t, e))
+            t += 1
+        if len(heap) > 4 * capacity + 64:
+            heap = [(f, tt, e) for e, (f, tt) in key.items()]
+            heapq.heapify(heap)
+    return hits
+
+
+def next_use(rows: list[list[int]]) -> list[list[int]]:
+    """For each (token, expert) of ``rows``, the index of the next token that uses the expert (N if none)."""
+    N = len(rows)
+    lens = np.fromiter((len(r) for r in rows), dtype=np.int64, count=N)
+    flat = np.fromiter((e for r in rows for e in r), dtype=np.int64, count=int(lens.sum()))
+    tok = np.repeat(np.arange(N, dtype=np.int64), lens)
+    order = np.lexsort((tok, flat))
+    nxt_sorted = np.full(flat.size, N, dtype=np.int64)
+    if flat.size > 1:
+        same = flat[order][1:] == flat[order][:-1]
+        nxt_sorted[:-1][same] = tok[order][1:][same]
+    nxt = np.empty_like(nxt_sorted)
+    nxt[order] = nxt_sorted
+    out, pos = [], 0
+    nl = nxt.tolist()
+    for n in lens.tolist():
+        out.append(nl[pos : pos + n])
+        pos += n
+    return out
+
+
+def _belady(rows: list[list[int]], capacity: int) -> int:
+    nu = next_use(rows)
+    key: dict[int, int] = {}  # resident expert -> its next use
+    heap: list[tuple[int, int]] = []  # (-next_use, expert): smallest = furthest next use, then smaller id
+    hits = 0
+    for r, nr in zip(rows, nu, strict=True):
+        miss = 0
+        for e in r:
+            if e in key:
+                hits += 1
+            else:
+                miss += 1
+        over = len(key) + miss - capacity
+        while over > 0:
+            ne, e = heapq.heappop(heap)
+            if key.get(e) != -ne:
+                continue  # stale entry
+            # a resident expert of the current token has next use == this token, the nearest of all, so it
+            # is popped only after every other resident; the capacity check keeps that from happening.
+            del key[e]
+            over -= 1
+        for e, n in zip(r, nr, strict=True):
+            key[e] = n
+            heapq.heappush(heap, (-n, e))
+        if len(heap) > 4 * capacity + 64:
+            heap = [(-n, e) for e, n in key.items()]
+            heapq.heapify(heap)
+    return hits
+
+
+def simulate(log: np.ndarray, capacity: int, policy: str = "lru", pinned=()) -> dict[str, Any]:
+    """Simulate an expert cache of ``capacity`` slots on one layer's routing log ``[N, K]``.
+
+    Returns ``{"hits", "misses", "accesses", "hit_rate"}`` (hits include pinned experts; misses are expert
+    loads). See the module docstring for the exact cache model.
+    """
+    policy = str(policy).lower()
+    if policy not in POLICIES:
+        raise ValueError(f"unknown cache policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    capacity = int(capacity)
+    rows, pinned_hits, accesses = _tokens(log, pinned)
+    _check_capacity(rows, capacity)
+    fn = {"lru": _lru, "lfu": _lfu, "belady": _belady}[policy]
+    cached_hits = fn(rows, capacity) if rows else 0
+    hits = cached_hits + pinned_hits
+    misses = accesses - hits
+    return {
+        "hits": int(hits),
+        "misses": int(misses),
+        "accesses": int(accesses),
+        "hit_rate": float(hits / accesses) if accesses else float("nan"),
+    }
+
+
+def capacity_for_hit_rate(log: np.ndarray, target: float, policy: str = "lru", pinned=()) -> int | None:
+    """Smallest cache capacity whose hit rate reaches ``target``, by bisection between the experts one token
+    needs and the distinct experts of the log (exact for LRU and Belady, whose hit rate never falls as the
+    cache grows; for LFU a capacity that reaches the target). None when ``target`` is above what caching every
+    expert gives (cold misses)."""
+    rows, _, _ = _tokens(log, pinned)
+    lo = max((len(r) for r in rows), default=0)
+    hi = max(lo, len({e for r in rows for e in r}))
+    if not simulate(log, hi, policy, pinned)["hit_rate"] >= target:
+        return None
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if simulate(log, mid, policy, pinned)["hit_rate"] >= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
