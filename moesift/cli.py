@@ -153,8 +153,8 @@ def report_cmd(
     traces: list[str] = typer.Argument(..., help="Trace files (moesift traces or expert-trace/1 JSON) of one model."),
     model: str = typer.Option(None, "--model", help="Model directory or hub id (local cache): bytes from its headers."),
     out: str = typer.Option(None, "--out", help="Write a self-contained HTML report here."),
-    locality_tokens: int = typer.Option(16384, "--locality-tokens", help="Logged tokens (whole documents) used for SRP/SCH."),
-    cache_tokens: int = typer.Option(4096, "--cache-tokens", help="Logged tokens used for the LRU/LFU/Belady simulation."),
+    locality_tokens: int = typer.Option(8192, "--locality-tokens", help="Logged tokens (whole documents) used for SRP/SCH."),
+    cache_tokens: int = typer.Option(2048, "--cache-tokens", help="Logged tokens used for the LRU/LFU/Belady simulation."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object with every figure."),
 ) -> None:
     """How concentrated routing is, what a resident set saves, and how far the trace can be trusted."""

@@ -249,12 +249,13 @@ def cache_hit_rates(log: np.ndarray, n_experts: int, capacities, policies=("lru"
 
 
 def locality(trace, seg_lens=SEG_LENS, rhos=RHOS, max_tokens: int | None = 8192, cache_tokens: int | None = 2048,
-             cache_rhos=(1, 2, 4), sch_stride: int | None = None, cache_layers: int | None = 6) -> dict[str, Any] | None:
+             cache_rhos=(2,), sch_stride: int | None = None, cache_layers: int | None = 6) -> dict[str, Any] | None:
     """Locality section of a report: SRP, SCH and cache-policy hit rates (None without a routing log).
 
     SRP and SCH use up to `max_tokens` logged tokens (whole documents spread over the log), SCH evaluated
     at every `sch_stride`-th of them (default: about 4096 evaluated tokens). The cache simulation replays
-    up to `cache_tokens` of those tokens on `cache_layers` MoE layers spread evenly (None: all layers)."""
+    up to `cache_tokens` of those tokens on `cache_layers` MoE layers spread evenly (None: all layers), for
+    caches of rho * top-k experts per layer (`cache_rhos`; 2k is the setting of arXiv 2505.16056)."""
     log = trace.get("routing_log")
     if log is None or log.shape[0] == 0:
         return None
@@ -269,7 +270,7 @@ def locality(trace, seg_lens=SEG_LENS, rhos=RHOS, max_tokens: int | None = 8192,
         "documents_used": int(len(sub_offs) - 1),
         "seg_lens": list(seg_lens),
     }
-    out.update(srp_sch(sub, sub_offs, E, seg_lens, rhos, stride=sch_stride or max(1, sub.shape[0] // 4096)))
+    out.update(srp_sch(sub, sub_offs, E, seg_lens, rhos, stride=sch_stride or max(1, -(-sub.shape[0] // 4096))))
     try:
         import importlib
 

@@ -234,8 +234,8 @@ def compare(traces, keep: float = 0.5, json: bool = False, target: float = 0.9) 
 # ---- report --------------------------------------------------------------------------------------------
 
 
-def report(traces, model=None, out=None, json: bool = False, locality_tokens: int | None = 16384,
-           cache_tokens: int | None = 4096, force: bool = True) -> dict[str, Any]:
+def report(traces, model=None, out=None, json: bool = False, locality_tokens: int | None = 8192,
+           cache_tokens: int | None = 2048, force: bool = True) -> dict[str, Any]:
     """Concentration, held-out trust, savings in bytes, locality and affinity of one or more traces of the
     same model (several traces are merged for the main figures and compared side by side)."""
     from .affinity import affinity_summary
@@ -282,7 +282,11 @@ def _jsonable(o: Any) -> Any:
     if isinstance(o, (list, tuple)):
         return [_jsonable(v) for v in o]
     if isinstance(o, np.ndarray):
-        return _jsonable(o.tolist())
+        if o.dtype.kind == "f":
+            a = o.astype(object)
+            a[~np.isfinite(o)] = None
+            return a.tolist()
+        return o.tolist() if o.dtype.kind in "iub" else _jsonable(o.tolist())
     if isinstance(o, np.integer):
         return int(o)
     if isinstance(o, (float, np.floating)):
@@ -402,7 +406,8 @@ def _print_report(r: dict[str, Any]) -> None:
         con.print(t)
         c = loc.get("cache")
         if c:
-            t = Table(title=f"per-layer expert cache hit rate ({c['tokens_used']} tokens)")
+            t = Table(title=f"per-layer expert cache hit rate ({c['tokens_used']} tokens, MoE layers "
+                      f"{', '.join(map(str, c['moe_layers']))})")
             t.add_column("capacity", justify="right")
             for p in ("lru", "lfu", "belady"):
                 t.add_column(p, justify="right")
