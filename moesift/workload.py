@@ -6,7 +6,7 @@ Accepted inputs (``read_documents(paths, field=None, max_samples=None)``):
   ``LARGE_TEXT_BYTES`` (64 KiB) is split at blank lines into documents of about ``TEXT_CHUNK_CHARS``
   (16 KiB) each, paragraphs never cut, so a long book is traced as many prompts rather than truncated
   to its first ``max_length`` tokens.
-- **JSONL** (``.jsonl``, ``.ndjson``; ``.json`` holding a list of objects or one object per line): one
+- **JSONL** (``.jsonl``, ``.ndjson``; ``.json`` holding one object, a list of objects or one object per line): one
   document per object, from the first present of: ``text``; ``messages`` (a chat, rendered later with
   the tokenizer's chat template); ``prompt`` (+ ``completion`` when present, concatenated);
   ``input_ids`` (a list of token ids, already tokenized: traced as is). ``--field NAME`` picks the key;
@@ -174,6 +174,8 @@ def _read_jsonl(p: Path, field: str | None) -> list[dict[str, Any]]:
         except json.JSONDecodeError as e:
             raise MoesiftError(f"{str(p)!r} is not valid JSON ({e.msg} at line {e.lineno})") from None
         records = [(f"{str(p)!r} item {i}", r) for i, r in enumerate(arr)]
+    elif p.suffix.lower() == ".json" and stripped.startswith("{") and _whole_json(raw) is not None:
+        records = [(repr(str(p)), _whole_json(raw))]  # one (possibly multi-line) object
     else:
         for n, line in enumerate(raw.splitlines(), 1):
             if not line.strip():
@@ -189,6 +191,13 @@ def _read_jsonl(p: Path, field: str | None) -> list[dict[str, Any]]:
         if d is not None:
             docs.append(d)
     return docs
+
+
+def _whole_json(raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return None
 
 
 def _read_parquet(p: Path, field: str | None) -> list[dict[str, Any]]:
