@@ -364,9 +364,8 @@ def _print_report(r: dict[str, Any]) -> None:
     lc = r.get("learning_curve")
     if lc:
         for b, e in lc["estimates"].items():
-            need = e.get("tokens_needed")
-            con.print(f"budget {b}: gap in-sample - held-out {_fmt(e['gap_at_full'], pct=True)} at {int(lc['tokens_traced'])} tokens; "
-                      + (f"~{int(need):,} tokens to agree within 1 point ({e['status']})" if need else f"cannot estimate ({e['note']})"))
+            con.print(f"budget {b}: gap in-sample - held-out {_fmt(e['gap_at_full'], pct=True)} at {int(lc['tokens_traced']):,} tokens; "
+                      + _need_text(e))
     else:
         con.print("[yellow]no folds in this trace: held-out coverage cannot be measured (trace with --folds 2 or more)[/]")
     ph = r.get("phases")
@@ -426,6 +425,14 @@ def _print_report(r: dict[str, Any]) -> None:
         _print_compare(r["comparison"])
     if r.get("html"):
         con.print(f"HTML report: {r['html']}")
+
+
+def _need_text(e: dict[str, Any]) -> str:
+    if e["status"] == "agrees":
+        return "already within 1 point"
+    if e["status"] == "extrapolated":
+        return f"about {int(e['tokens_needed']):,} tokens for agreement within 1 point ({e['note']})"
+    return f"cannot estimate the tokens needed: {e['note']}"
 
 
 def _print_compare(c: dict[str, Any]) -> None:
@@ -501,12 +508,13 @@ def render_html(r: dict[str, Any]) -> str:
         figs.append(("learning", fig))
     sv = r.get("savings")
     if sv:
+        unit, div = ("GB", 1e9) if sv["total_bytes"] >= 1e9 else ("MB", 1e6)
         fig = go.Figure()
-        fig.add_trace(go.Scatter(x=[float(b["budget"]) for b in sv["budgets"]], y=[b["predicted_bytes"] / 1e9 for b in sv["budgets"]],
-                                 mode="lines+markers", name="predicted checkpoint (GB)"))
-        fig.add_hline(y=sv["total_bytes"] / 1e9, line_dash="dash", annotation_text="full checkpoint")
-        fig.add_hline(y=sv["non_expert_bytes"] / 1e9, line_dash="dot", annotation_text="non-expert bytes")
-        fig.update_layout(title="Checkpoint size vs budget", xaxis_title="fraction of experts kept", yaxis_title="GB", height=420)
+        fig.add_trace(go.Scatter(x=[float(b["budget"]) for b in sv["budgets"]], y=[b["predicted_bytes"] / div for b in sv["budgets"]],
+                                 mode="lines+markers", name=f"predicted checkpoint ({unit})"))
+        fig.add_hline(y=sv["total_bytes"] / div, line_dash="dash", annotation_text="full checkpoint")
+        fig.add_hline(y=sv["non_expert_bytes"] / div, line_dash="dot", annotation_text="non-expert bytes")
+        fig.update_layout(title="Checkpoint size vs budget", xaxis_title="fraction of experts kept", yaxis_title=unit, height=420)
         figs.append(("bytes", fig))
     loc = r.get("locality")
     if loc:
@@ -563,10 +571,8 @@ def _page(r: dict[str, Any], parts: list[str], plotlyjs: str) -> str:
     lc = r.get("learning_curve")
     if lc:
         for b, e in lc["estimates"].items():
-            need = e.get("tokens_needed")
             notes.append(f"Budget {b}: in-sample exceeds held-out by {_fmt(e['gap_at_full'], pct=True)} at "
-                         f"{int(lc['tokens_traced']):,} tokens; " + (f"about {int(need):,} tokens for agreement within 1 point ({esc(e['note'])})"
-                                                                    if need else f"cannot estimate: {esc(e['note'])}"))
+                         f"{int(lc['tokens_traced']):,} tokens; " + esc(_need_text(e)))
     else:
         notes.append("No folds in this trace: held-out coverage cannot be measured.")
     sv = r.get("savings")
