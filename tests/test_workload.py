@@ -80,6 +80,15 @@ def test_bad_inputs(tmp_path, name, content, field, match):
         read_documents(p, field=field)
 
 
+def test_unreadable_file(tmp_path):
+    p = tmp_path / "bin.txt"
+    p.write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(MoesiftError, match="not UTF-8"):
+        read_documents(p)
+    with pytest.raises(MoesiftError, match="no workload"):
+        read_documents([])
+
+
 def test_parquet(tmp_path):
     pq = pytest.importorskip("pyarrow.parquet")
     import pyarrow as pa
