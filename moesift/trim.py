@@ -24,9 +24,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
 import shutil
 import struct
 import tempfile
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +41,7 @@ NONSTANDARD_MODEL_TYPE = "moesift_trimmed"
 PLAN_FILE = "moesift_plan.json"
 INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_SHARD_SIZE = 5 * 1000**3
-_BUF = 16 << 20
+_BUF = 8 << 20  # read-back buffer of the checksum thread
 # files of the source directory that are not copied: weights (rewritten), config (rewritten), pickles
 _SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 _SKIP_NAMES = {"config.json", INDEX_FILE, PLAN_FILE, "pytorch_model.bin.index.json"}
@@ -160,32 +162,112 @@ def _header_bytes(tensors: list[_OutTensor]) -> bytes:
 
 
 class _Writer:
-    """Writes one output file and hashes what it writes."""
+    """Writes one output file. Byte ranges of the source are copied by the kernel (`copy_file_range`, no
+    trip through this process's memory); the sha256 of the file is computed in a second thread that reads
+    the same ranges back (`preadv` into a few fixed buffers) while the copy proceeds, so hashing overlaps
+    copying and memory stays bounded."""
 
-    def __init__(self, path: Path):
-        self.f = open(path, "wb")
-        self.h = hashlib.sha256()
-        self.n = 0
+    def __init__(self, path: Path, checksum: bool = True):
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.h = hashlib.sha256() if checksum else None
+        self.q: queue.Queue = queue.Queue(maxsize=64)
+        self.error: BaseException | None = None
+        self.t = threading.Thread(target=self._hash, daemon=True) if checksum else None
+        if self.t:
+            self.t.start()
+        self.closed = False
+        self.kernel_copy = True
+        self.pending: tuple[int, int, int, str] | None = None
 
-    def write(self, b: Any) -> None:
-        self.h.update(b)
-        self.f.write(b)
-        self.n += len(b)
+    def _hash(self) -> None:
+        buf = bytearray(_BUF)
+        mv = memoryview(buf)
+        try:
+            while True:
+                item = self.q.get()
+                if item is None:
+                    return
+                if isinstance(item, tuple):
+                    fd, off, n = item
+                    while n > 0:
+                        k = os.preadv(fd, [mv[: min(n, _BUF)]], off)
+                        if k <= 0:
+                            raise OSError(f"short read at {off}")
+                        self.h.update(mv[:k])
+                        off += k
+                        n -= k
+                else:
+                    self.h.update(item)
+        except BaseException as e:  # noqa: BLE001 - reported by close()
+            self.error = e
+            while self.q.get() is not None:
+                pass
 
-    def close(self) -> str:
-        self.f.close()
-        return self.h.hexdigest()
+    def _write_all(self, data: Any) -> None:
+        mv = memoryview(data)
+        n = 0
+        while n < len(mv):
+            n += os.write(self.fd, mv[n:])
+
+    def write(self, data: bytes) -> None:
+        self.flush()
+        self._write_all(data)
+        if self.h is not None:
+            self.q.put(data)
+
+    def copy(self, src_fd: int, off: int, n: int, name: str) -> None:
+        """Append bytes [off, off + n) of the open source file `src_fd` (contiguous ranges are joined and
+        copied in one go: neighbouring resident experts are neighbours on disk)."""
+        p = self.pending
+        if p is not None and p[0] == src_fd and p[1] + p[2] == off and p[2] < (1 << 30):
+            self.pending = (src_fd, p[1], p[2] + n, name)
+            return
+        self.flush()
+        self.pending = (src_fd, off, n, name)
+
+    def flush(self) -> None:
+        if self.pending is None:
+            return
+        src_fd, off, n, name = self.pending
+        self.pending = None
+        start, left = off, n
+        while left > 0:
+            k = 0
+            if self.kernel_copy:
+                try:
+                    k = os.copy_file_range(src_fd, self.fd, min(left, 1 << 30), start)
+                except OSError:
+                    self.kernel_copy = False  # other filesystems: plain reads and writes
+            if not self.kernel_copy:
+                chunk = os.pread(src_fd, min(left, _BUF), start)
+                k = len(chunk)
+                if k:
+                    self._write_all(chunk)
+            if k <= 0:
+                raise MoesiftError(f"{name!r} ended early (truncated shard?); the source checkpoint is damaged")
+            start += k
+            left -= k
+        if self.h is not None:
+            self.q.put((src_fd, off, n))
+
+    def close(self) -> str | None:
+        if not self.closed:
+            self.closed = True
+            try:
+                self.flush()
+            finally:
+                if self.t:
+                    self.q.put(None)
+                    self.t.join()
+                os.close(self.fd)
+        if self.error is not None:
+            raise MoesiftError(f"could not checksum the output: {self.error}")
+        return self.h.hexdigest() if self.h is not None else None
 
 
-def _copy_range(src: Any, w: _Writer, off: int, n: int, buf: memoryview, advance: Any) -> None:
-    src.seek(off)
-    while n > 0:
-        k = src.readinto(buf[: min(n, len(buf))])
-        if not k:
-            raise MoesiftError(f"{src.name!r} ended early (truncated shard?); the source checkpoint is damaged")
-        w.write(buf[:k])
-        n -= k
-        advance(k)
+def _copy_range(src_fd: int, w: _Writer, off: int, n: int, name: str, advance: Any) -> None:
+    w.copy(src_fd, off, n, name)
+    advance(n)
 
 
 def _sliced_bytes(src_dir: Path, t: _OutTensor, adapter: Any, cfg: Mapping[str, Any]) -> bytes:
@@ -236,10 +318,12 @@ def trim(
     force: bool = False,
     max_shard_size: str | int = DEFAULT_SHARD_SIZE,
     progress: bool = True,
+    checksums: bool = True,
 ) -> Path:
     """Write the checkpoint of `model` trimmed to `plan`'s resident experts into directory `out`.
 
-    The source is only read. Returns `out`."""
+    The source is only read. `checksums`: record the sha256 of every output file in moesift_plan.json
+    (computed alongside the copy; turn off only where hashing is slower than the disk). Returns `out`."""
     from . import __version__
     from .checkpoint import CheckpointIndex
     from .io import sha256_file
@@ -295,12 +379,11 @@ def trim(
     advance = (lambda k: bar.advance(bar.task_ids[0], k)) if bar else (lambda k: None)
     try:
         hashes: dict[str, str] = {}
-        buf = memoryview(bytearray(_BUF))
         weight_map: dict[str, str] = {}
-        files: dict[str, Any] = {}
+        fds: dict[str, int] = {}
         try:
             for fname, tensors in zip(names, shards, strict=True):
-                w = _Writer(tmp / fname)
+                w = _Writer(tmp / fname, checksum=checksums)
                 try:
                     w.write(_header_bytes(tensors))
                     for t in tensors:
@@ -311,16 +394,16 @@ def trim(
                             advance(len(b))
                             del b
                             continue
-                        f = files.get(t.src_file)
-                        if f is None:
-                            f = files[t.src_file] = open(src / t.src_file, "rb")
+                        fd = fds.get(t.src_file)
+                        if fd is None:
+                            fd = fds[t.src_file] = os.open(src / t.src_file, os.O_RDONLY)
                         for off, k in t.ranges:
-                            _copy_range(f, w, off, k, buf, advance)
+                            _copy_range(fd, w, off, k, t.src_file, advance)
                 finally:
                     hashes[fname] = w.close()
         finally:
-            for f in files.values():
-                f.close()
+            for fd in fds.values():
+                os.close(fd)
         index_obj = {"metadata": {"total_size": written_tensor_bytes, "format": "pt"}, "weight_map": weight_map}
         (tmp / INDEX_FILE).write_text(json.dumps(index_obj, indent=2) + "\n")
         (tmp / "config.json").write_text(json.dumps(new_cfg, indent=2) + "\n")
@@ -333,7 +416,7 @@ def trim(
             shutil.copy2(f, tmp / f.name)
             copied.append(f.name)
         for extra in [INDEX_FILE, "config.json", *copied]:
-            hashes[extra] = sha256_file(tmp / extra)
+            hashes[extra] = sha256_file(tmp / extra) if checksums else None
         id_map = {str(k): v for k, v in full.items()}
         record = {
             "schema": FORMAT,
