@@ -58,12 +58,16 @@ _LAZY = {
     "eval_model": "evaluate",
     "sweep": "sweep",
     "demo": "demo",
+    "place": "place",
+    "cache": "cachesim",
+    "simulate_cache": "cachesim",
+    "import_trace": "importers",
 }
 
 
 # Public functions that share their module's name (moesift.plan is the function in moesift/plan.py): when
 # Python imports such a submodule it sets the package attribute to the module; keep the function there.
-_SAME_NAME = {"plan", "trim", "restrict", "verify", "sweep", "demo"}
+_SAME_NAME = {"plan", "trim", "restrict", "verify", "sweep", "demo", "place"}
 
 
 class _Package(types.ModuleType):

@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from .errors import MoesiftError
+
 POLICIES = ("lru", "lfu", "belady")
 
 
@@ -218,3 +220,148 @@ def capacity_for_hit_rate(log: np.ndarray, target: float, policy: str = "lru", p
         else:
             lo = mid + 1
     return lo
+
+
+simulate_cache = simulate
+
+
+def _pinned_per_layer(resident, trace) -> list[list[int]]:
+    """Resident ids per MoE position from a plan file, a Plan or {decoder layer: ids}."""
+    moe_layers = [int(x) for x in (trace.model.get("moe_layers") or range(trace.n_layers))]
+    L = trace.n_layers
+    if isinstance(resident, dict):
+        entries = [{"layer": k, "resident": v} for k, v in resident.items()]
+        where = "resident set"
+    else:
+        try:
+            from .plan import Plan
+
+            plan = resident if isinstance(resident, Plan) else Plan.load(resident)
+            entries = plan.layers
+        except ImportError:  # plan module missing: read the plan JSON directly
+            import json as _json
+            from pathlib import Path
+
+            entries = _json.loads(Path(resident).read_text())["layers"]
+        where = f"plan {str(resident)!r}"
+    out: list[list[int]] = [[] for _ in range(L)]
+    for i, e in enumerate(entries):
+        layer = e.get("layer")
+        if layer is not None and int(layer) in moe_layers:
+            pos = moe_layers.index(int(layer))
+        elif layer is None:
+            pos = int(e.get("moe_index", i))
+        else:
+            raise MoesiftError(f"{where} names decoder layer {layer}, which is not a MoE layer of the trace")
+        if pos >= L:
+            raise MoesiftError(f"{where} has more MoE layers than the trace ({L})")
+        ids = sorted(int(x) for x in e["resident"])
+        if ids and (ids[0] < 0 or ids[-1] >= trace.n_experts):
+            raise MoesiftError(f"{where} names expert ids outside 0..{trace.n_experts - 1}")
+        out[pos] = ids
+    return out
+
+
+def cache(trace, capacity: int | None = None, memory: float | None = None, model=None, resident=None,
+          json: bool = False, policies=POLICIES, target: float = 0.9, max_tokens: int | None = None,
+          progress: bool = True) -> dict[str, Any]:
+    """Expert offloading simulated per MoE layer from a trace's routing log.
+
+    A cache of ``capacity`` experts per layer (or ``memory`` GiB of expert weights with ``model``, split
+    evenly over layers after the pinned experts), optionally beside a pinned ``resident`` set (a plan).
+    Reports hit rates per policy, expert loads and bytes moved per token, and the cache size per layer
+    that reaches ``target`` hit rate. With a resident set, also the cache-only figures at equal memory.
+    """
+    from .tracefile import Trace
+
+    tr = trace if isinstance(trace, Trace) else Trace.load(trace)
+    log = tr.get("routing_log")
+    if log is None or log.shape[0] == 0:
+        raise MoesiftError(f"trace {getattr(trace, 'name', trace)!s} has no routing log; trace again with --log-routing")
+    if max_tokens is not None and log.shape[0] > max_tokens:
+        log = log[: int(max_tokens)]
+    N, L, K = log.shape
+    E = tr.n_experts
+    for p in policies:
+        if p not in POLICIES:
+            raise MoesiftError(f"unknown cache policy {p!r}; choose from {', '.join(POLICIES)}")
+    pinned = _pinned_per_layer(resident, tr) if resident is not None else [[] for _ in range(L)]
+    expert_bytes: list[float] | None = None
+    if model is not None:
+        from .checkpoint import CheckpointIndex
+
+        idx = CheckpointIndex.build(model)
+        spec = idx.spec
+        if spec.n_experts != E or len(spec.moe_layers) != L:
+            raise MoesiftError(f"model {str(model)!r} has {len(spec.moe_layers)} MoE layers x {spec.n_experts} "
+                               f"experts; the trace has {L} x {E}; use the model the trace was made with")
+        eb = idx.expert_bytes()
+        expert_bytes = [float(max(eb[dl].values())) if dl in eb else 0.0 for dl in spec.moe_layers]
+    if (capacity is None) == (memory is None):
+        raise MoesiftError("give exactly one of --capacity (experts per layer) or --memory GiB (with --model)")
+    if memory is not None:
+        if expert_bytes is None:
+            raise MoesiftError("--memory needs --model to know how many bytes an expert takes")
+        budget = float(memory) * 2**30 - sum(len(p) * b for p, b in zip(pinned, expert_bytes, strict=True))
+        if budget < 0:
+            raise MoesiftError(f"--memory {memory} GiB does not even hold the pinned resident set")
+        caps = [int(budget / L // b) if b > 0 else E for b in expert_bytes]
+    else:
+        caps = [int(capacity)] * L
+    caps = [min(c, E - len(p)) for c, p in zip(caps, pinned, strict=True)]
+    need = [int(((log[:, li, :] >= 0) & ~np.isin(log[:, li, :], p)).sum(1).max()) for li, p in enumerate(pinned)]
+    for li in range(L):
+        if caps[li] < need[li]:
+            raise MoesiftError(f"a cache of {caps[li]} experts at MoE layer {li} cannot hold the {need[li]} "
+                               f"non-pinned experts one token needs; raise --capacity/--memory to at least {need[li]}")
+
+    import sys
+
+    from rich.progress import Progress
+
+    layers = []
+    tot = {p: [0, 0] for p in policies}
+    tot_bytes = {p: 0.0 for p in policies}
+    alone = {p: [0, 0] for p in policies}
+
+    with Progress(disable=json or not progress or not sys.stderr.isatty(), transient=True) as bar:
+        task = bar.add_task("simulating caches", total=L)
+        for li in range(L):
+            lay = np.ascontiguousarray(log[:, li, :]).astype(np.int64)
+            row: dict[str, Any] = {"moe_index": li, "layer": int((tr.model.get("moe_layers") or range(L))[li]),
+                                   "capacity": caps[li], "pinned": len(pinned[li])}
+            for p in policies:
+                r = simulate(lay, caps[li], p, pinned[li])
+                r["loads_per_token"] = r["misses"] / N
+                if expert_bytes is not None:
+                    r["bytes_per_token"] = r["misses"] * expert_bytes[li] / N
+                    tot_bytes[p] += r["bytes_per_token"]
+                tot[p][0] += r["hits"]
+                tot[p][1] += r["accesses"]
+                row[p] = r
+                if pinned[li]:
+                    a = simulate(lay, min(E, caps[li] + len(pinned[li])), p)
+                    row.setdefault("cache_only_equal_memory", {})[p] = a["hit_rate"]
+                    alone[p][0] += a["hits"]
+                    alone[p][1] += a["accesses"]
+            row["capacity_for_target"] = {p: capacity_for_hit_rate(lay, target, p, pinned[li])
+                                          for p in ("lru", "belady") if p in policies}
+            layers.append(row)
+            bar.advance(task)
+    overall: dict[str, Any] = {}
+    for p in policies:
+        o = {"hit_rate": tot[p][0] / tot[p][1] if tot[p][1] else float("nan"),
+             "loads_per_token": (tot[p][1] - tot[p][0]) / N}
+        if expert_bytes is not None:
+            o["bytes_per_token"] = tot_bytes[p]
+        if resident is not None and alone[p][1]:
+            o["cache_only_equal_memory_hit_rate"] = alone[p][0] / alone[p][1]
+        overall[p] = o
+    res: dict[str, Any] = {
+        "tokens": int(N), "moe_layers": L, "n_experts": E, "top_k": K, "policies": list(policies),
+        "target_hit_rate": target, "capacity_per_layer": caps, "pinned_per_layer": [len(p) for p in pinned],
+        "expert_bytes_per_layer": expert_bytes, "overall": overall, "layers": layers,
+    }
+    if memory is not None:
+        res["memory_gib"] = float(memory)
+    return res

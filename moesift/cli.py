@@ -394,6 +394,94 @@ def demo_cmd(
 # [scale-out: place, cache, import]
 
 
+@app.command("place")
+def place_cmd(
+    trace: str = typer.Argument(..., help="Trace file (with a routing log or transitions for --method affinity)."),
+    gpus: int = typer.Option(..., "--gpus", help="GPUs of the expert-parallel group."),
+    nodes: int = typer.Option(1, "--nodes", help="Nodes the GPUs are spread over (balance: experts packed per node)."),
+    replicas: int = typer.Option(0, "--replicas", help="Redundant expert slots per layer (balance)."),
+    method: str = typer.Option("balance", "--method", help="balance (EPLB-style) or affinity (ExFlow-style)."),
+    out: str = typer.Option(None, "--out", help="Write the placement JSON here (and PLACEMENT.sglang.json)."),
+    hidden: int = typer.Option(None, "--hidden", help="Hidden size for all-to-all bytes (default: from the trace)."),
+    dtype_bytes: int = typer.Option(2, "--dtype-bytes", help="Bytes per activation element sent (2 for bf16)."),
+    time_limit: float = typer.Option(30.0, "--time-limit", help="Seconds the integer program may run."),
+    force: bool = typer.Option(False, "--force", help="Overwrite --out."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Place experts on GPUs from a trace and simulate load, cross-GPU hops and all-to-all bytes."""
+    from .place import place
+
+    res = place(trace, gpus=gpus, nodes=nodes, replicas=replicas, method=method, out=out, json=json_out,
+                hidden=hidden, dtype_bytes=dtype_bytes, time_limit=time_limit, force=force)
+    if json_out:
+        emit_json(res)
+        return
+    typer.echo(f"{method} placement on {gpus} GPUs ({res['slots_per_gpu']} slots each), solver {res['solver'].get('solver')}")
+    for k, v in res.get("vs_round_robin", {}).items():
+        typer.echo(f"  {k:28s} {v['placed']:12.4f}   round-robin {v['round_robin']:12.4f}")
+    if "optimality_gap" in res["solver"]:
+        typer.echo(f"  optimality gap (cross hops, upper estimate) {res['solver']['optimality_gap']:.3f}")
+    if res.get("out"):
+        typer.echo(f"wrote {res['out']} and {res['sglang_init_expert_location']} (SGLang --init-expert-location)")
+
+
+@app.command("cache")
+def cache_cmd(
+    trace: str = typer.Argument(..., help="Trace file with a routing log (trace with --log-routing)."),
+    capacity: int = typer.Option(None, "--capacity", help="Cached experts per MoE layer."),
+    memory: float = typer.Option(None, "--memory", help="GiB of expert weights to cache (needs --model)."),
+    model: str = typer.Option(None, "--model", help="Model directory or hub id: expert bytes from its headers."),
+    resident: str = typer.Option(None, "--resident", help="Plan file whose resident experts stay pinned."),
+    target: float = typer.Option(0.9, "--target", help="Hit rate for the cache size per layer."),
+    max_tokens: int = typer.Option(None, "--max-tokens", help="Simulate only the first N logged tokens."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Expert offloading per layer: LRU, LFU and Belady hit rates, loads and bytes per token."""
+    from .cachesim import cache
+
+    res = cache(trace, capacity=capacity, memory=memory, model=model, resident=resident, json=json_out,
+                target=target, max_tokens=max_tokens, progress=not json_out)
+    if json_out:
+        emit_json(res)
+        return
+    typer.echo(f"{res['tokens']} tokens, {res['moe_layers']} MoE layers, capacity per layer {res['capacity_per_layer'][:8]}")
+    for p, o in res["overall"].items():
+        line = f"  {p:7s} hit rate {o['hit_rate']:.4f}  loads/token {o['loads_per_token']:.3f}"
+        if "bytes_per_token" in o:
+            line += f"  bytes/token {o['bytes_per_token']:.4g}"
+        if "cache_only_equal_memory_hit_rate" in o:
+            line += f"  (cache only, same memory: {o['cache_only_equal_memory_hit_rate']:.4f})"
+        typer.echo(line)
+
+
+@app.command("import")
+def import_cmd(
+    files: list[str] = typer.Argument(..., help="Engine routing records (several files are read into one trace)."),
+    format: str = typer.Option(..., "--format", help="vllm (routed experts responses) or sglang (recorder dumps)."),
+    out: str = typer.Option(..., "--out", help="Trace file to write."),
+    model: str = typer.Option(None, "--model", help="Model directory or hub id (MoE layers, experts, top-k)."),
+    n_experts: int = typer.Option(None, "--experts", help="Experts per layer (without --model)."),
+    top_k: int = typer.Option(None, "--top-k", help="Experts per token (without --model)."),
+    moe_layers: str = typer.Option(None, "--moe-layers", help="Comma-separated decoder layer ids of MoE layers."),
+    label: str = typer.Option(None, "--label", help="Workload label."),
+    force: bool = typer.Option(False, "--force", help="Overwrite --out."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Import vLLM or SGLang routing records into a moesift trace (merge several with `moesift merge`)."""
+    from .importers import import_trace
+
+    t = import_trace(files, format, model=model, out=out, n_experts=n_experts, top_k=top_k, moe_layers=moe_layers,
+                     label=label, force=force, json=json_out)
+    log = t.get("routing_log")
+    info = {"out": out, "format": format, "moe_layers": t.n_layers, "n_experts": t.n_experts, "top_k": t.top_k,
+            "tokens_logged": 0 if log is None else int(log.shape[0]), "routes": int(t.counts.sum())}
+    if json_out:
+        emit_json(info)
+    else:
+        typer.echo(f"wrote {out}: {info['moe_layers']} MoE layers x {info['n_experts']} experts, "
+                   f"{info['tokens_logged']} tokens logged, {info['routes']} routes")
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2, never a traceback."""
     try:

@@ -276,7 +276,10 @@ def affinity_place(T: np.ndarray, G: int, method: str = "auto", time_limit: floa
     cross = total - same_gpu_hops(T, gpu)
     cross_lb = max(0.0, total - bound)
     info["cross_hops_lower_bound"] = cross_lb
+    # relative gap (share of the placement's cross hops that an optimum might still save) and the same in
+    # points of the hop share; the bound is loose when transitions are sparse, so both are upper estimates
     info["optimality_gap"] = float((cross - cross_lb) / cross) if cross > 0 else 0.0
+    info["gap_share_points"] = float((cross - cross_lb) / total) if total > 0 else 0.0
     return gpu, info
 
 
