@@ -250,30 +250,61 @@ def report(traces, model=None, out=None, json: bool = False, locality_tokens: in
     _same_model(ts)
     labels = _labels(ts)
     main = ts[0] if len(ts) == 1 else merge(ts)
-    a = analyse(main)
-    c = main.counts.astype(np.float64)
-    a["usage"] = c / np.maximum(c.sum(axis=1, keepdims=True), 1)
-    res: dict[str, Any] = {"schema": "moesift-report/1", "tool": {"name": "moesift", "version": __version__},
-                           "traces": labels}
-    res.update(a)
-    if model is not None:
-        res["savings"] = savings(main, model, a)
-    res["locality"] = locality(main, max_tokens=locality_tokens, cache_tokens=cache_tokens)
-    res["affinity"] = affinity_summary(main)
-    if len(ts) > 1:
-        res["workloads"] = [
-            {"label": lab, **analyse(t)["overall"]} for lab, t in zip(labels, ts, strict=True)
-        ]
-        res["comparison"] = _compare(ts, labels, 0.5, 0.9)
-    res = _jsonable(res)
-    if out is not None:
-        from .io import write_text
+    with _status(not json) as step:
+        step("concentration and held-out coverage")
+        a = analyse(main)
+        c = main.counts.astype(np.float64)
+        a["usage"] = c / np.maximum(c.sum(axis=1, keepdims=True), 1)
+        res: dict[str, Any] = {"schema": "moesift-report/1", "tool": {"name": "moesift", "version": __version__},
+                               "traces": labels}
+        res.update(a)
+        if model is not None:
+            step("checkpoint headers")
+            res["savings"] = savings(main, model, a)
+        step("routing locality and cache policies")
+        res["locality"] = locality(main, max_tokens=locality_tokens, cache_tokens=cache_tokens)
+        step("inter-layer affinity")
+        res["affinity"] = affinity_summary(main)
+        if len(ts) > 1:
+            step("workload comparison")
+            res["workloads"] = [
+                {"label": lab, **analyse(t)["overall"]} for lab, t in zip(labels, ts, strict=True)
+            ]
+            res["comparison"] = _compare(ts, labels, 0.5, 0.9)
+        res = _jsonable(res)
+        if out is not None:
+            from .io import write_text
 
-        write_text(out, render_html(res), force=True)
-        res["html"] = str(out)
+            step("HTML report")
+            write_text(out, render_html(res), force=True)
+            res["html"] = str(out)
     if not json:
         _print_report(res)
     return res
+
+
+class _status:
+    """A rich status line on stderr while the report is computed (only on a terminal)."""
+
+    def __init__(self, show: bool):
+        self.show = show and _sys.stderr.isatty()
+        self._st = None
+
+    def __enter__(self):
+        if self.show:
+            from rich.console import Console
+
+            self._st = Console(stderr=True).status("report")
+            self._st.__enter__()
+        return self.step
+
+    def step(self, what: str) -> None:
+        if self._st is not None:
+            self._st.update(f"report: {what}")
+
+    def __exit__(self, *a):
+        if self._st is not None:
+            self._st.__exit__(*a)
 
 
 def _jsonable(o: Any) -> Any:
