@@ -179,3 +179,81 @@ def test_duplicates_and_padding_count_once():
 def test_next_use():
     rows = [[1, 2], [3], [2, 1], [1]]
     assert next_use(rows) == [[2, 2], [4], [4, 3], [4]]
+
+
+# ---- the cache command ------------------------------------------------------------------------------------
+
+
+def _trace(L=3, E=12, K=2, N=400, seed=0, moe_layers=None):
+    from moesift.tracefile import Trace
+
+    log = np.stack([rand_log(N, K, E, seed + li, sticky=0.6) for li in range(L)], axis=1).astype(np.int16)
+    counts = np.stack([np.bincount(log[:, li].ravel(), minlength=E) for li in range(L)]).astype(np.int64)
+    model = {"name": "synthetic", "model_type": "synthetic", "config_hash": "0",
+             "moe_layers": moe_layers or list(range(L)), "n_experts": E, "top_k": K, "n_shared": 0}
+    return Trace(model=model, workload={"label": "s"},
+                 arrays={"prefill_counts": counts, "routing_log": log, "doc_offsets": np.array([0, N])})
+
+
+def test_cache_report_matches_simulator(tmp_path):
+    from moesift.cachesim import cache
+
+    t = _trace()
+    r = cache(t, capacity=4, json=True)
+    log = t.get("routing_log").astype(np.int64)
+    for li in range(3):
+        for p in ("lru", "lfu", "belady"):
+            s = simulate(log[:, li], 4, p)
+            assert r["layers"][li][p]["hits"] == s["hits"]
+            assert r["layers"][li][p]["loads_per_token"] == pytest.approx(s["misses"] / 400)
+        c = r["layers"][li]["capacity_for_target"]["belady"]
+        assert c is None or simulate(log[:, li], c, "belady")["hit_rate"] >= 0.9
+    o = r["overall"]
+    assert o["belady"]["hit_rate"] >= o["lru"]["hit_rate"] and o["belady"]["hit_rate"] >= o["lfu"]["hit_rate"]
+    # a pinned resident set from a plan file (layers named by decoder layer id)
+    plan = {"schema": "moesift-plan/1", "model": {"n_experts": 12, "top_k": 2},
+            "layers": [{"layer": i, "moe_index": i, "resident": [0, 1, 2, 3]} for i in range(3)]}
+    pf = tmp_path / "plan.json"
+    pf.write_text(__import__("json").dumps(plan))
+    rp = cache(t, capacity=4, resident=pf, json=True)
+    for li in range(3):
+        s = simulate(log[:, li], 4, "lru", pinned=(0, 1, 2, 3))
+        assert rp["layers"][li]["lru"]["hits"] == s["hits"] and rp["layers"][li]["pinned"] == 4
+        assert "cache_only_equal_memory" in rp["layers"][li]
+    assert rp["overall"]["belady"]["hit_rate"] > r["overall"]["belady"]["hit_rate"]
+
+
+def test_cache_errors(tmp_path):
+    from moesift.cachesim import cache
+    from moesift.errors import MoesiftError
+    from moesift.tracefile import Trace
+
+    t = _trace()
+    with pytest.raises(MoesiftError, match="cannot hold"):
+        cache(t, capacity=1)
+    with pytest.raises(MoesiftError, match="exactly one"):
+        cache(t)
+    with pytest.raises(MoesiftError, match="needs --model"):
+        cache(t, memory=1.0)
+    nolog = Trace(model=t.model, workload=t.workload, arrays={"prefill_counts": t.arrays["prefill_counts"]})
+    with pytest.raises(MoesiftError, match="--log-routing"):
+        cache(nolog, capacity=4)
+
+
+def test_cache_memory_from_model_headers(tiny_dir):
+    from moesift.cachesim import cache
+    from moesift.checkpoint import CheckpointIndex
+
+    d = tiny_dir("qwen3_moe")
+    idx = CheckpointIndex.build(d)
+    spec = idx.spec
+    L, E, K = len(spec.moe_layers), spec.n_experts, spec.top_k
+    t = _trace(L=L, E=E, K=K, N=200, moe_layers=list(spec.moe_layers))
+    eb = idx.expert_bytes()
+    per = max(eb[spec.moe_layers[0]].values())
+    want_cap = K + 1
+    mem = (want_cap * per * L + per // 2) / 2**30
+    r = cache(t, memory=mem, model=d, json=True)
+    assert r["capacity_per_layer"] == [want_cap] * L
+    lay0 = r["layers"][0]["lru"]
+    assert lay0["bytes_per_token"] == pytest.approx(lay0["misses"] * per / 200)

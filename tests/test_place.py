@@ -167,3 +167,41 @@ def test_hops_from_transitions_equal_hops_from_log():
                     tot += 1
                     cross += gpu[i] != gpu[j]
     assert a["cross_gpu_hop_share"] == pytest.approx(cross / tot)
+
+
+def test_cli_place_and_cache(tmp_path, capsys, monkeypatch):
+    import sys
+
+    from moesift.cli import main
+
+    def run(args):
+        capsys.readouterr()
+        monkeypatch.setattr(sys, "argv", ["moesift", *map(str, args)])
+        code = 0
+        try:
+            main()
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        return (code, *capsys.readouterr())
+
+    tr = synth_trace(L=3, E=8, K=2, N=300, seed=6)
+    tf = tmp_path / "t.trace"
+    tr.save(tf)
+    out = tmp_path / "p.json"
+    code, so, se = run(["place", tf, "--gpus", 4, "--method", "affinity", "--out", out, "--json"])
+    assert code == 0, se
+    res = json.loads(so)
+    assert res["placement"]["cross_gpu_hop_share"] <= res["round_robin"]["cross_gpu_hop_share"]
+    assert out.exists() and (tmp_path / "p.sglang.json").exists()
+    code, so, se = run(["place", tf, "--gpus", 3])
+    assert code == 2 and se.startswith("moesift: error:") and "divisible" in se
+    code, so, se = run(["place", tf, "--gpus", 4, "--method", "magic"])
+    assert code == 2 and "balance or affinity" in se
+    code, so, se = run(["place", tf, "--gpus", 4, "--out", out])
+    assert code == 2 and "--force" in se
+    code, so, se = run(["cache", tf, "--capacity", 4, "--json"])
+    assert code == 0 and set(json.loads(so)["overall"]) == {"lru", "lfu", "belady"}
+    code, so, se = run(["cache", tf, "--capacity", 1])
+    assert code == 2 and se.startswith("moesift: error:") and len(se.strip().splitlines()) == 1
+    code, so, se = run(["cache", tmp_path / "missing.trace", "--capacity", 4])
+    assert code == 2 and "not found" in se
