@@ -130,7 +130,7 @@ def write_card(model_dir: Path, res: dict, table: str, command: str) -> Path:
     cfg = json.loads((model_dir / "config.json").read_text())
     tr = json.loads((model_dir / "training.json").read_text())
     mt = cfg["model_type"]
-    n_exp = cfg.get("num_experts") or cfg.get("n_routed_experts")
+    n_exp = cfg.get("num_experts") or cfg.get("num_local_experts") or cfg.get("n_routed_experts")
     total = expert = 0
     with safe_open(model_dir / "model.safetensors", "pt") as f:
         for k in f.keys():
