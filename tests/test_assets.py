@@ -98,20 +98,28 @@ def test_model_beats_unigram_baseline_on_every_domain(loaded):
     """Perplexity on bundled held-out eval text, against a unigram model fitted on the domain's trace prompts."""
     name, model, tok = loaded
     eos = tok.eos_token_id
-    for domain in DOMAINS:
-        counts = np.ones(len(tok))
-        for ids in tok(_texts(workload(domain, "trace")), add_special_tokens=False)["input_ids"]:
-            counts += np.bincount(ids, minlength=len(tok))
-        logp_uni = np.log(counts / counts.sum())
-        docs = _texts(workload(domain, "eval"))[:4]
-        nll_m = nll_u = 0.0
-        n = 0
-        for ids in tok(docs, add_special_tokens=False)["input_ids"]:
-            x = torch.tensor([[eos] + ids[:255]])
-            logits = model(input_ids=x, use_cache=False).logits.float()
-            lp = torch.log_softmax(logits[0, :-1], -1).gather(-1, x[0, 1:, None]).squeeze(-1)
-            nll_m -= float(lp.sum())
-            nll_u -= float(logp_uni[x[0, 1:].numpy()].sum())
-            n += x.shape[1] - 1
-        ppl, uni = math.exp(nll_m / n), math.exp(nll_u / n)
-        assert ppl < 0.5 * uni, f"{name} {domain}: perplexity {ppl:.1f} vs unigram {uni:.1f}"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: extra threads only add contention
+    try:
+        for domain in DOMAINS:
+            counts = np.ones(len(tok))
+            for ids in tok(_texts(workload(domain, "trace")), add_special_tokens=False)["input_ids"]:
+                counts += np.bincount(ids, minlength=len(tok))
+            logp_uni = np.log(counts / counts.sum())
+            seqs = [[eos] + ids[:255] for ids in tok(_texts(workload(domain, "eval"))[:4],
+                                                     add_special_tokens=False)["input_ids"]]
+            width = max(map(len, seqs))
+            x = torch.full((len(seqs), width), tok.pad_token_id)
+            mask = torch.zeros_like(x)
+            for i, s in enumerate(seqs):
+                x[i, : len(s)] = torch.tensor(s)
+                mask[i, : len(s)] = 1
+            logits = model(input_ids=x, attention_mask=mask, use_cache=False).logits.float()
+            lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, x[:, 1:, None]).squeeze(-1)
+            keep = mask[:, 1:].bool()
+            n = int(keep.sum())
+            ppl = math.exp(-float(lp[keep].sum()) / n)
+            uni = math.exp(-float(logp_uni[x[:, 1:][keep].numpy()].sum()) / n)
+            assert ppl < 0.5 * uni, f"{name} {domain}: perplexity {ppl:.1f} vs unigram {uni:.1f}"
+    finally:
+        torch.set_num_threads(threads)
