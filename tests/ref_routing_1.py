@@ -39,7 +39,7 @@ def _hunyuan(block, hidden):
     return _softmax_topk(block.gate.wg.weight, hidden, block.gate.top_k, True)
 
 
-@reference("granitemoe", "granitemoeshared", "granitemoehybrid")
+@reference("granitemoe", "granitemoeshared", "granitemoehybrid", "granitemoe_swa")
 def _granite(block, hidden):
     logits = hidden.double() @ block.router.weight.double().T
     top, ids = logits.topk(block.router.top_k, dim=-1)

@@ -1,5 +1,5 @@
 """Family checks beyond the generic adapter contract: Qwen2-MoE, Qwen3-Next, OLMoE, Mixtral, MiniMax, Phi-MoE,
-Jamba, Hunyuan-MoE-V1, Granite-MoE (plain, shared, hybrid)."""
+Jamba, Hunyuan-MoE-V1, Granite-MoE (plain, shared, hybrid, sliding-window)."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ LAYOUT = {
     "granitemoe": ((0, 1, 2), 0),
     "granitemoeshared": ((0, 1, 2), 1),
     "granitemoehybrid": ((0, 1, 2), 1),
+    "granitemoe_swa": ((0, 1, 2), 1),
 }
 FAMILIES = sorted(LAYOUT)
 

@@ -1,5 +1,5 @@
 """Tiny random configs: Qwen2-MoE, Qwen3-Next, OLMoE, Mixtral, MiniMax, Phi-MoE, Jamba, Hunyuan-MoE-V1,
-Granite-MoE (plain, shared, hybrid). Same scale as the Qwen3-MoE one in tiny.py: hidden 32, 8 experts, top-2,
+Granite-MoE (plain, shared, hybrid, sliding-window). Same scale as the Qwen3-MoE one in tiny.py: hidden 32, 8 experts, top-2,
 a dense layer where the family has them."""
 
 from __future__ import annotations
@@ -110,4 +110,14 @@ def _granitemoehybrid():
     return GraniteMoeHybridConfig(
         **GRANITE, shared_intermediate_size=24, layer_types=["mamba", "attention", "mamba"],
         mamba_n_heads=4, mamba_n_groups=1, mamba_d_state=8, mamba_d_head=16, mamba_d_conv=2, mamba_chunk_size=8,
+    )
+
+
+@tiny("granitemoe_swa")
+def _granitemoe_swa():
+    from transformers import GraniteMoeSWAConfig
+
+    return GraniteMoeSWAConfig(
+        **GRANITE, shared_intermediate_size=24, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
     )

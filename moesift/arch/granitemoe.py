@@ -1,4 +1,5 @@
-"""Granite-MoE (3.0 / 3.1), Granite-MoE-Shared and Granite-4 hybrid (mamba + attention): router
+"""Granite-MoE (3.0 / 3.1), Granite-MoE-Shared, Granite-4 hybrid (mamba + attention) and
+Granite-MoE-SWA (sliding-window attention): router
 `block_sparse_moe.router` (top-k of the logits, softmax over the k, which equals renormalised softmax top-k),
 every decoder layer is a MoE layer. On disk: router `block_sparse_moe.router.layer.weight`, fused experts
 `block_sparse_moe.input_linear.weight [E, 2I, H]` / `output_linear.weight [E, H, I]`; shared variants add a
@@ -14,7 +15,7 @@ L = rf"{P}\.block_sparse_moe"
 
 @register
 class GraniteMoe(StandardAdapter):
-    model_types = ("granitemoe", "granitemoeshared", "granitemoehybrid")
+    model_types = ("granitemoe", "granitemoeshared", "granitemoehybrid", "granitemoe_swa")
     block_attr = "block_sparse_moe"
     router_attr = "router"
     n_experts_keys = ("num_local_experts", "num_experts")
