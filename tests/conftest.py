@@ -10,6 +10,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tiny models gain nothing from intra-op threads; on a busy 2-core machine the thread barriers cost 2-3x.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # 15 real routing traces (5 public models x 3 workloads) in the WCER `expert-trace/1` JSON format.
 WCER_DIR = Path(os.environ.get("MOESIFT_WCER_DIR", Path(__file__).parent / "data" / "wcer"))
