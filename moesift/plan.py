@@ -55,9 +55,15 @@ class Plan:
 
     # ---- views -------------------------------------------------------------------------------------
     @property
+    def positions_only(self) -> bool:
+        """True when the plan knows MoE positions but not decoder layer ids (plans from WCER traces or
+        manifests made without --model: their `layer` is the MoE position, `model.layer_index` says so)."""
+        return self.model.get("layer_index") == "moe_position" or any(e.get("layer") is None for e in self.layers)
+
+    @property
     def resident(self) -> dict[int, list[int]]:
         """{decoder layer: sorted resident ids}. Plans that know only MoE positions need `resolve(spec)`."""
-        if any(e.get("layer") is None for e in self.layers):
+        if self.positions_only:
             raise MoesiftError(
                 f"plan {self.source or ''!s} names MoE positions only; resolve it against the model "
                 "(moesift does this when a model is given)"
@@ -91,9 +97,10 @@ class Plan:
                 f"{where} was made for MoE layers {list(m['moe_layers'])}; this model has {list(spec.moe_layers)}"
             )
         out: dict[int, list[int]] = {}
+        positions = self.positions_only
         for e in self.layers:
             layer = e.get("layer")
-            if layer is None:
+            if positions:
                 i = int(e["moe_index"])
                 if len(self.layers) != len(spec.moe_layers) or i >= len(spec.moe_layers):
                     raise MoesiftError(
@@ -184,8 +191,9 @@ def _from_wcer_manifest(d: Mapping[str, Any], source: str | None) -> Plan:
     for i, ids in enumerate(per):
         if not isinstance(ids, list):
             raise MoesiftError(f"{where}: per_layer_resident[{i}] is not a list")
-        layers.append({"layer": None, "moe_index": i, "resident": sorted(int(x) for x in ids)})
+        layers.append({"layer": i, "moe_index": i, "resident": sorted(int(x) for x in ids)})
     model = {
+        "layer_index": "moe_position",
         "name": d.get("model_id"),
         "revision": d.get("model_revision"),
         "n_experts": d.get("n_experts"),
@@ -490,7 +498,7 @@ def _select(
     if uniform:
         free = [p for p in range(L) if p not in sp.hash_pos]
         if free:
-            target = max(counts[p] for p in free) if kind == "coverage" else max(counts[p] for p in free)
+            target = max(counts[p] for p in free)
             for p in free:
                 counts[p] = target
     return [_flatten(units[p], counts[p]) for p in range(L)]
@@ -674,8 +682,9 @@ def plan(
                 held_note = f"{strategy} scores are not kept per fold; held-out sets are chosen by fold counts"
         held_mean, held_std = _heldout(fold_scores, folds, [len(r) for r in resident])
     layers = []
+    positions = sp.moe_layers[0] is None
     for p in range(L):
-        e = {"layer": sp.moe_layers[p], "moe_index": p, "resident": resident[p], "n_resident": len(resident[p]),
+        e = {"layer": p if positions else sp.moe_layers[p], "moe_index": p, "resident": resident[p], "n_resident": len(resident[p]),
              "coverage": insample[p]}
         if held_mean is not None:
             e["heldout_coverage"] = None if np.isnan(held_mean[p]) else float(held_mean[p])
@@ -694,7 +703,9 @@ def plan(
         pred["heldout_note"] = held_note
     model_id = {k: v for k, v in bank.model.items() if k in ("name", "model_type", "config_hash", "n_experts",
                                                                 "top_k", "n_shared", "hash_layers")}
-    model_id["moe_layers"] = [x for x in sp.moe_layers] if sp.moe_layers[0] is not None else None
+    model_id["moe_layers"] = None if positions else list(sp.moe_layers)
+    if positions:
+        model_id["layer_index"] = "moe_position"  # decoder ids unknown: `layer` counts MoE layers in order
     if index is not None:
         res = {sp.moe_layers[p]: resident[p] for p in range(L)}
         pred["bytes"] = int(index.predicted_bytes(res))
@@ -737,8 +748,7 @@ def plan_diff(a: Any, b: Any, model: str | os.PathLike | None = None) -> dict[st
         for k in ("model_type", "n_experts"):
             if pa.model.get(k) is not None and pb.model.get(k) is not None and pa.model[k] != pb.model[k]:
                 raise MoesiftError(f"the plans are for different models ({k}: {pa.model[k]} vs {pb.model[k]})")
-        key = (lambda e: e["layer"]) if all(e.get("layer") is not None for e in pa.layers + pb.layers) else (
-            lambda e: e["moe_index"])
+        key = (lambda e: e["moe_index"]) if pa.positions_only or pb.positions_only else (lambda e: e["layer"])
         ra = {key(e): e["resident"] for e in pa.layers}
         rb = {key(e): e["resident"] for e in pb.layers}
         if set(ra) != set(rb):

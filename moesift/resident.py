@@ -30,7 +30,9 @@ def _config_obj(d: Mapping[str, Any]) -> Any:
     mt = d.get("model_type")
     if mt not in CONFIG_MAPPING:
         raise MoesiftError(f"transformers does not know model_type {mt!r}")
-    return CONFIG_MAPPING[mt].from_dict(dict(d))
+    cls = CONFIG_MAPPING[mt]
+    decode = getattr(cls, "_decode_special_floats", None)  # config.json spells inf / nan as {"__float__": ...}
+    return cls.from_dict(decode(dict(d)) if decode else dict(d))
 
 
 def _model_class(config: Any) -> Any:
