@@ -245,12 +245,14 @@ def trim_cmd(
     out: str = typer.Option(..., "--out", "-o", help="Directory of the trimmed checkpoint."),
     force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest output shard, e.g. 5GB."),
+    no_checksums: bool = typer.Option(False, "--no-checksums", help="Skip the sha256 of output files."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Write a smaller checkpoint holding only the plan's resident experts (streamed, source untouched)."""
     from .trim import read_trimmed_record, trim
 
-    d = trim(model, plan, out, force=force, max_shard_size=max_shard_size, progress=not json_out)
+    d = trim(model, plan, out, force=force, max_shard_size=max_shard_size, progress=not json_out,
+             checksums=not no_checksums)
     rec = read_trimmed_record(d) or {}
     summary = {"out": str(d), "standard": rec.get("standard"), "tensor_bytes": rec.get("tensor_bytes"),
                "predicted_bytes": rec.get("predicted_bytes"), "source_tensor_bytes": rec.get("source", {}).get("tensor_bytes"),
