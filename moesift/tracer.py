@@ -101,7 +101,8 @@ def trace(
         from .loading import resolve_model_dir
 
         mdir = resolve_model_dir(model)
-        m, tok = _load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+        m, tok = _load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                             quiet=not progress)
         if tokenizer is not None:
             tok = tokenizer
         name, chash = str(model), model_config_hash(mdir)
@@ -233,7 +234,22 @@ def trace(
 # ---- helpers --------------------------------------------------------------------------------------
 
 
-def _load_model(model: Any, device: str | None, dtype: str | None, trust_remote_code: bool) -> tuple[Any, Any]:
+def _load_model(model: Any, device: str | None, dtype: str | None, trust_remote_code: bool,
+                quiet: bool = False) -> tuple[Any, Any]:
+    """moesift.loading.load_model (without transformers' progress bars when `quiet`)."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    if quiet:
+        hf_logging.disable_progress_bar()
+    try:
+        return _load_model_inner(model, device, dtype, trust_remote_code)
+    finally:
+        if quiet and was:
+            hf_logging.enable_progress_bar()
+
+
+def _load_model_inner(model: Any, device: str | None, dtype: str | None, trust_remote_code: bool) -> tuple[Any, Any]:
     """moesift.loading.load_model; on one device without accelerate installed, load then move (a
     device_map needs accelerate)."""
     import importlib.util
