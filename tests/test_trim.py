@@ -358,3 +358,49 @@ def test_wcer_manifest_drives_trim(qwen, tmp_path):
     out = trim(src, tmp_path / "m.json", tmp_path / "o", progress=False)
     rec = json.loads((out / PLAN_FILE).read_text())
     assert rec["id_map"] == {str(layer): per[i] for i, layer in enumerate(spec.moe_layers)}
+
+
+def test_fused_companions_and_inner_expert_dims_are_sliced(qwen, tmp_path, monkeypatch):
+    """Quantized companions of fused experts (here MXFP4-style `*_blocks` in U8) are sliced as raw rows; a
+    tensor whose expert dimension is not the outermost goes through the adapter's slice_experts."""
+    import numpy as np
+    from safetensors.numpy import load_file as np_load
+    from safetensors.numpy import save_file as np_save
+
+    from moesift.arch.base import TensorRole
+    from moesift.arch.qwen3_moe import Qwen3Moe
+
+    src, spec = qwen
+    d = tmp_path / "src"
+    shutil.copytree(src, d)
+    E = spec.n_experts
+    rng = np.random.default_rng(0)
+    blocks = rng.integers(0, 255, (E, 6, 5), dtype=np.uint8)
+    inner = rng.standard_normal((3, E, 2)).astype(np.float32)
+    l0, l1 = spec.moe_layers[0], spec.moe_layers[-1]
+    np_save({f"model.layers.{l0}.mlp.experts.down_proj_blocks": blocks,
+             f"model.layers.{l1}.mlp.experts.odd_scale": inner}, str(d / "extra.safetensors"))
+    st = json.loads((d / "model.safetensors.index.json").read_text()) if (d / INDEX_FILE).exists() else None
+    if st is None:  # single-file source: turn it into an index over both files
+        wm = {k: "model.safetensors" for k in _tensors(src)}
+    else:
+        wm = st["weight_map"]
+    wm[f"model.layers.{l0}.mlp.experts.down_proj_blocks"] = "extra.safetensors"
+    wm[f"model.layers.{l1}.mlp.experts.odd_scale"] = "extra.safetensors"
+    (d / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": wm}))
+    real = Qwen3Moe.classify
+
+    def classify(self, name, config):
+        if name.endswith("odd_scale"):
+            return TensorRole("expert", layer=l1, expert_dim=1)
+        return real(self, name, config)
+
+    monkeypatch.setattr(Qwen3Moe, "classify", classify)
+    res = plan_for(spec, uniform=True, seed=4)
+    out = trim(d, res, tmp_path / "o", progress=False)
+    got = {}
+    for f in out.glob("*.safetensors"):
+        got.update(np_load(str(f)))
+    np.testing.assert_array_equal(got[f"model.layers.{l0}.mlp.experts.down_proj_blocks"], blocks[res[l0]])
+    np.testing.assert_array_equal(got[f"model.layers.{l1}.mlp.experts.odd_scale"], inner[:, res[l1]])
+    assert _tensor_bytes(out) == CheckpointIndex.build(d).predicted_bytes(res)
