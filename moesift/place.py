@@ -211,6 +211,8 @@ def affinity_milp(T: np.ndarray, G: int, time_limit: float = 30.0) -> tuple[np.n
             lo.append(0), hi.append(c)
             r += 1
     cost = np.zeros(nx + nz)
+    by_row: dict[tuple[int, int, int], list[int]] = {}  # (layer, expert, gpu) -> z columns it bounds
+    by_col: dict[tuple[int, int, int], list[int]] = {}
     for p, (li, i, j) in enumerate(pairs):
         for g in range(G):
             zc = nx + p * G + g
@@ -219,12 +221,27 @@ def affinity_milp(T: np.ndarray, G: int, time_limit: float = 30.0) -> tuple[np.n
                 rows.extend((r, r)), cols.extend((zc, xc)), vals.extend((1.0, -1.0))
                 lo.append(-np.inf), hi.append(0)
                 r += 1
+            by_row.setdefault((li, int(i), g), []).append(zc)
+            by_col.setdefault((li + 1, int(j), g), []).append(zc)
+    # valid cuts that tighten the relaxation: an expert on GPU g shares it with at most c experts of the
+    # neighbouring layer, so sum_j z[l,i,j,g] <= c x[l,i,g] (and likewise over i)
+    for groups in (by_row, by_col):
+        for (li, e, g), zcs in groups.items():
+            if len(zcs) <= c:
+                continue
+            rows.extend([r] * (len(zcs) + 1)), cols.extend([*zcs, xi(li, e, g)]), vals.extend([1.0] * len(zcs) + [-c])
+            lo.append(-np.inf), hi.append(0)
+            r += 1
     A = coo_matrix((vals, (rows, cols)), shape=(r, nx + nz)).tocsr()
     integrality = np.zeros(nx + nz)
     integrality[:nx] = 1
     lb = np.zeros(nx + nz)
     ub = np.ones(nx + nz)
-    lb[xi(0, 0, 0)] = 1  # symmetry: GPUs are interchangeable, put expert 0 of the first layer on GPU 0
+    # symmetry: GPUs are interchangeable, so number them in order of their smallest first-layer expert;
+    # then expert e of the first layer sits on a GPU numbered at most e
+    for e in range(min(E, G)):
+        for g in range(e + 1, G):
+            ub[xi(0, e, g)] = 0
     res = milp(cost, constraints=LinearConstraint(A, lo, hi), integrality=integrality, bounds=Bounds(lb, ub),
                options={"time_limit": time_limit, "disp": False})
     if res.x is None:

@@ -85,6 +85,15 @@ def test_ilp_matches_brute_force_on_tiny_cases():
     T = rng.integers(0, 6, size=(1, 6, 6)).astype(float)
     g_ilp, _ = affinity_milp(T, 3)
     assert same_gpu_hops(T, g_ilp) == pytest.approx(same_gpu_hops(T, affinity_brute(T, 3)))
+    # a case too big for brute force: the ILP proves optimality and is never below the heuristic
+    from moesift.place import affinity_heuristic
+
+    tr = synth_trace(L=3, E=8, K=2, N=300, seed=6)
+    T = _transitions_from_log(tr.get("routing_log"), 8).astype(float)
+    g_ilp, info = affinity_milp(T, 4)
+    assert info["optimal"]
+    assert same_gpu_hops(T, g_ilp) >= same_gpu_hops(T, affinity_heuristic(T, 4))
+    assert same_gpu_hops(T, g_ilp) <= affinity_bound(T, 4) + 1e-9
 
 
 def test_heuristic_reports_gap_on_larger_case():
