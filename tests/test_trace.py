@@ -266,7 +266,7 @@ def test_saliency(tiny_dir, workload):
             with torch.no_grad():
                 g, u = (ex.gate_up_proj[e] @ hid["h"][tok]).chunk(2)
                 y = ex.down_proj[e] @ (torch.nn.functional.silu(g) * u)
-            want[e] += float(w[tok, k]) * float(y.norm())
+            want[e] += float(w[tok, k].detach()) * float(y.norm())
     np.testing.assert_allclose(one.arrays["saliency_sum"][0], want, rtol=1e-4, atol=1e-6)
 
 
