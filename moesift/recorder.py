@@ -146,14 +146,16 @@ class Recorder:
         oh.zero_()
         oh.scatter_(1, ids, vf[:, None].expand(T, K))
         self.acc[m] += self._X.T @ oh
-        w = route.weights.reshape(-1, K)
-        if w.device != self.device:
-            w = w.to(self.device, non_blocking=True)
         flat = ids + m * E
-        self.weight_mass.index_add_(0, flat.reshape(-1), (w.to(torch_float64()) * vf[:, None]).reshape(-1))
+        w = route.weights
+        if w is not None:
+            w = w.reshape(-1, K)
+            if w.device != self.device:
+                w = w.to(self.device, non_blocking=True)
+            self.weight_mass.index_add_(0, flat.reshape(-1), (w.to(torch_float64()) * vf[:, None]).reshape(-1))
         if self.log_routing:
             self._fw.log[:, m, :K].copy_(ids)
-        if self.want_saliency and route.hidden is not None:
+        if self.want_saliency and route.hidden is not None and w is not None:
             self._saliency(m, route.hidden, ids, w, vf, flat)
 
     def on_logits(self, m: int, probs: Any) -> None:
