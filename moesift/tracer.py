@@ -5,7 +5,9 @@ Tracing runs the model on the workload's documents in input order, `batch_size` 
 padded to the longest document of the batch. Prompts are right-padded for a plain forward; with
 ``generate=N`` they are left-padded and decoded greedily (``model.generate(do_sample=False,
 max_new_tokens=N)``), and routing of generated tokens is recorded apart from the prompt's. Padding and
-tokens fed after a sequence has produced its end-of-sequence token are never counted. Documents are
+tokens fed after a sequence has produced its end-of-sequence token are never counted; decode tokens are
+the generated tokens fed back through the model (N - 1 per document for N new tokens, fewer once it has
+produced end-of-sequence: that token is not fed on its own either). Documents are
 dealt round-robin into ``folds`` folds (document i -> fold i % folds). Statistics stay on the device
 (moesift.recorder) and are copied to the host once at the end.
 """
