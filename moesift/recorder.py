@@ -15,8 +15,9 @@ other slot still holds layer ``l - 1``'s). A single matmul ``X^T @ onehot_l`` th
 - rows of the current slot: co-activation (diagonal = counts, dropped at the end)
 - rows of the other slot: transitions from layer ``l - 1`` (all K x K pairs of a token)
 
-and is added into a float64 accumulator ``acc[l]``. Router-weight mass is one ``index_add_`` of the
-weights (padding masked to zero); router-probability mass is ``valid @ probs``. Nothing calls
+and is accumulated into the forward's float32 sums with one fused ``addmm_``. Router-weight mass is one
+``index_add_`` of the weights (padding masked to zero); router-probability mass one ``addmv_`` (``probs^T
+@ valid``). The forward's sums are added into float64 totals once per forward. Nothing calls
 ``.item()``, ``.cpu()`` or boolean indexing per layer, so the device never waits for the host. The
 optional routing log stashes ids as int16 on the device; the caller copies it once per batch
 (``pop_log``). ``to_arrays()`` copies the statistics to the host once.
@@ -77,13 +78,20 @@ class Recorder:
         self.n_slots = 2 if self.want_transitions else 1
         self.R = 2 * self.F + self.n_slots * self.E
         f64 = dict(dtype=torch.float64, device=self.device)
+        f32 = dict(dtype=torch.float32, device=self.device)
+        # float64 totals, and float32 sums of the current forward (exact: integers < 2^24 per forward),
+        # added into the totals once per forward so each layer's update is a single fused addmm / addmv
         self.acc = torch.zeros(self.L, self.R, self.E, **f64)
-        self.weight_mass = torch.zeros(self.L * self.E, **f64)
+        self.weight_mass = torch.zeros(self.L, self.E, **f64)
         self.prob_mass = torch.zeros(self.L, self.E, **f64)
+        self._acc32 = torch.zeros(self.L, self.R, self.E, **f32)
+        self._wm32 = torch.zeros(self.L, self.E, **f32)
+        self._pm32 = torch.zeros(self.L, self.E, **f32)
+        self._dirty = False
         self.tokens = torch.zeros(2, dtype=torch.int64, device=self.device)  # real tokens by phase
         if want_saliency:
-            self.sal_sum = torch.zeros(self.L * self.E, **f64)
-            self.sal_count = torch.zeros(self.L * self.E, dtype=torch.int64, device=self.device)
+            self.sal_sum = torch.zeros(self.L, self.E, **f64)
+            self.sal_count = torch.zeros(self.L, self.E, dtype=torch.int64, device=self.device)
         self._fw: _Forward | None = None
         self._X = None
         self._valid_f = None
@@ -104,6 +112,7 @@ class Recorder:
         prefill, 1 = decode. Tensors may live anywhere; they are moved to the recorder's device."""
         import torch
 
+        self._flush()
         valid = valid.to(self.device, non_blocking=True).bool()
         B, S = valid.shape
         T = B * S
@@ -120,9 +129,20 @@ class Recorder:
             fw.log = torch.full((T, self.L, self.K), -1, dtype=torch.int16, device=self.device)
             self._forwards.append(fw)
         self._fw = fw
+        self._dirty = True
 
     def end_forward(self) -> None:
+        self._flush()
         self._fw, self._X, self._valid_f = None, None, None
+
+    def _flush(self) -> None:
+        """Add the current forward's float32 sums into the float64 totals (a few kernels per forward)."""
+        if not self._dirty:
+            return
+        for total, part in ((self.acc, self._acc32), (self.weight_mass, self._wm32), (self.prob_mass, self._pm32)):
+            total += part
+            part.zero_()
+        self._dirty = False
 
     # ---- hooks ------------------------------------------------------------------------------------
     def on_route(self, m: int, route: Any) -> None:
@@ -145,18 +165,17 @@ class Recorder:
         oh = self._X[:, F2 + s * E : F2 + (s + 1) * E]
         oh.zero_()
         oh.scatter_(1, ids, vf[:, None].expand(T, K))
-        self.acc[m] += self._X.T @ oh
-        flat = ids + m * E
+        self._acc32[m].addmm_(self._X.T, oh)
         w = route.weights
         if w is not None:
             w = w.reshape(-1, K)
             if w.device != self.device:
                 w = w.to(self.device, non_blocking=True)
-            self.weight_mass.index_add_(0, flat.reshape(-1), (w.to(torch_float64()) * vf[:, None]).reshape(-1))
+            self._wm32[m].index_add_(0, ids.reshape(-1), (w.float() * vf[:, None]).reshape(-1))
         if self.log_routing:
             self._fw.log[:, m, :K].copy_(ids)
         if self.want_saliency and route.hidden is not None and w is not None:
-            self._saliency(m, route.hidden, ids, w, vf, flat)
+            self._saliency(m, route.hidden, ids, w, vf)
 
     def on_logits(self, m: int, probs: Any) -> None:
         if self._busy or self._fw is None:
@@ -164,10 +183,10 @@ class Recorder:
         p = probs.reshape(-1, probs.shape[-1])
         if p.device != self.device:
             p = p.to(self.device, non_blocking=True)
-        self.prob_mass[m] += (self._valid_f @ p.float()).to(torch_float64())
+        self._pm32[m].addmv_(p.float().T, self._valid_f)
         self._seen_probs = True
 
-    def _saliency(self, m: int, hidden: Any, ids: Any, w: Any, vf: Any, flat: Any) -> None:
+    def _saliency(self, m: int, hidden: Any, ids: Any, w: Any, vf: Any) -> None:
         import torch
 
         layer = self.spec.moe_layers[m]
@@ -182,8 +201,9 @@ class Recorder:
         finally:
             self._busy = False
         norms = out.float().norm(dim=-1).to(self.device).reshape(-1, K)
-        self.sal_sum.index_add_(0, flat.reshape(-1), (norms * w.float() * vf[:, None]).reshape(-1).to(torch_float64()))
-        self.sal_count.index_add_(0, flat.reshape(-1), vf[:, None].expand(-1, K).reshape(-1).long())
+        flat = ids.reshape(-1)
+        self.sal_sum[m].index_add_(0, flat, (norms * w.float() * vf[:, None]).reshape(-1).to(torch_float64()))
+        self.sal_count[m].index_add_(0, flat, vf[:, None].expand(-1, K).reshape(-1).long())
 
     # ---- results ----------------------------------------------------------------------------------
     def pop_log(self) -> list[tuple[int, int, int, np.ndarray, np.ndarray]]:
@@ -205,6 +225,7 @@ class Recorder:
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """Statistics as host arrays named as in the trace file (see moesift.tracefile)."""
+        self._flush()
         L, E, F = self.L, self.E, self.F
         acc = self.acc.cpu().numpy()
         pf = np.rint(acc[:, : 2 * F, :]).astype(np.int64).reshape(L, 2, F, E)
@@ -212,7 +233,7 @@ class Recorder:
             "prefill_counts": pf[:, 0].sum(axis=1),
             "decode_counts": pf[:, 1].sum(axis=1),
             "fold_counts": np.ascontiguousarray(pf.sum(axis=1).transpose(1, 0, 2)),
-            "weight_mass": self.weight_mass.cpu().numpy().reshape(L, E),
+            "weight_mass": self.weight_mass.cpu().numpy(),
         }
         if self._seen_probs:
             out["prob_mass"] = self.prob_mass.cpu().numpy()
@@ -227,8 +248,8 @@ class Recorder:
             tr = np.stack([acc[m, base + ((m - 1) % 2) * E : base + ((m - 1) % 2 + 1) * E] for m in range(1, L)])
             out["transitions"] = np.rint(tr).astype(np.int64)
         if self.want_saliency:
-            out["saliency_sum"] = self.sal_sum.cpu().numpy().reshape(L, E)
-            out["saliency_count"] = self.sal_count.cpu().numpy().reshape(L, E)
+            out["saliency_sum"] = self.sal_sum.cpu().numpy()
+            out["saliency_count"] = self.sal_count.cpu().numpy()
         return out
 
     def token_counts(self) -> tuple[int, int]:
