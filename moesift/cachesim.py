@@ -131,8 +131,14 @@ def _lfu(rows: list[list[int]], capacity: int) -> int:
 def next_use(rows: list[list[int]]) -> list[list[int]]:
     """For each (token, expert) of ``rows``, the index of the next token that uses the expert (N if none)."""
     N = len(rows)
-    lens = np.fromiter((len(r) for r in rows), dtype=np.int64, count=N)
-    flat = np.fromiter((e for r in rows for e in r), dtype=np.int64, count=int(lens.sum()))
+    k0 = len(rows[0]) if N else 0
+    uniform = N > 0 and all(len(r) == k0 for r in rows)
+    if uniform:
+        lens = np.full(N, k0, dtype=np.int64)
+        flat = np.array(rows, dtype=np.int64).reshape(-1)
+    else:
+        lens = np.fromiter((len(r) for r in rows), dtype=np.int64, count=N)
+        flat = np.fromiter((e for r in rows for e in r), dtype=np.int64, count=int(lens.sum()))
     tok = np.repeat(np.arange(N, dtype=np.int64), lens)
     order = np.lexsort((tok, flat))
     nxt_sorted = np.full(flat.size, N, dtype=np.int64)
@@ -141,6 +147,8 @@ def next_use(rows: list[list[int]]) -> list[list[int]]:
         nxt_sorted[:-1][same] = tok[order][1:][same]
     nxt = np.empty_like(nxt_sorted)
     nxt[order] = nxt_sorted
+    if uniform:
+        return nxt.reshape(N, k0).tolist()
     out, pos = [], 0
     nl = nxt.tolist()
     for n in lens.tolist():

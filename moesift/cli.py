@@ -407,6 +407,7 @@ def place_cmd(
     hidden: int = typer.Option(None, "--hidden", help="Hidden size for all-to-all bytes (default: from the trace)."),
     dtype_bytes: int = typer.Option(2, "--dtype-bytes", help="Bytes per activation element sent (2 for bf16)."),
     time_limit: float = typer.Option(30.0, "--time-limit", help="Seconds the integer program may run."),
+    max_load_ratio: float = typer.Option(None, "--max-load-ratio", help="Affinity: cap busiest/mean GPU load."),
     force: bool = typer.Option(False, "--force", help="Overwrite --out."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
@@ -414,7 +415,8 @@ def place_cmd(
     from .place import place
 
     res = place(trace, gpus=gpus, nodes=nodes, replicas=replicas, method=method, out=out, json=json_out,
-                hidden=hidden, dtype_bytes=dtype_bytes, time_limit=time_limit, force=force)
+                hidden=hidden, dtype_bytes=dtype_bytes, time_limit=time_limit, max_load_ratio=max_load_ratio,
+                force=force)
     if json_out:
         emit_json(res)
         return

@@ -180,6 +180,48 @@ def affinity_heuristic(T: np.ndarray, G: int, sweeps: int = 8) -> np.ndarray:
     return gpu
 
 
+def _neighbour_score(T: np.ndarray, gpu: np.ndarray, li: int, G: int) -> np.ndarray:
+    """[E, G]: hops expert e of layer li would keep on GPU g given the neighbouring layers' placement."""
+    E = gpu.shape[1]
+    s = np.zeros((E, G))
+    if li > 0:
+        s += T[li - 1].T @ np.eye(G)[gpu[li - 1]]
+    if li < len(gpu) - 1:
+        s += T[li] @ np.eye(G)[gpu[li + 1]]
+    return s
+
+
+def rebalance_affinity(T: np.ndarray, gpu: np.ndarray, load: np.ndarray, G: int, max_ratio: float) -> np.ndarray:
+    """Swap experts of a layer between its busiest GPU and another until busiest/mean load <= max_ratio,
+    choosing each time the swap that lowers the busiest GPU and loses the fewest same-GPU hops."""
+    gpu = gpu.copy()
+    L, E = gpu.shape
+    for li in range(L):
+        w = load[li].astype(np.float64)
+        mean = w.sum() / G
+        if mean <= 0:
+            continue
+        for _ in range(4 * E):
+            gl = np.bincount(gpu[li], weights=w, minlength=G)
+            hot = int(np.argmax(gl))
+            if gl[hot] <= max_ratio * mean + 1e-12:
+                break
+            S = _neighbour_score(T, gpu, li, G)
+            a = np.flatnonzero(gpu[li] == hot)
+            b = np.flatnonzero(gpu[li] != hot)
+            gb = gpu[li][b]
+            d = w[a][:, None] - w[b][None, :]
+            new_max = np.maximum(gl[hot] - d, gl[gb][None, :] + d)
+            ok = (d > 0) & (new_max < gl[hot] - 1e-12)
+            if not ok.any():
+                break
+            loss = (S[a, hot][:, None] + S[b, gb][None, :] - S[a][:, gb] - S[b, hot][None, :])
+            k = np.unravel_index(np.argmin(np.where(ok, loss - 1e-9 * (gl[hot] - new_max), np.inf)), d.shape)
+            ea, eb = a[k[0]], b[k[1]]
+            gpu[li, ea], gpu[li, eb] = gpu[li, eb], hot
+    return gpu
+
+
 def affinity_milp(T: np.ndarray, G: int, time_limit: float = 30.0) -> tuple[np.ndarray, dict[str, Any]]:
     """ExFlow's integer program through HiGHS: x[l,e,g] (expert e of layer l on GPU g, one GPU each, at most
     ceil(E/G) per GPU and layer), z[l,i,j,g] <= x[l,i,g], x[l+1,j,g]; maximise sum T[l,i,j] z[l,i,j,g]."""
@@ -436,13 +478,15 @@ def _sglang_map(phy2log: np.ndarray, trace) -> list[list[int]]:
 
 def place(trace, gpus: int, nodes: int = 1, replicas: int = 0, method: str = "balance", out=None,
           json: bool = False, hidden: int | None = None, dtype_bytes: int = 2, time_limit: float = 30.0,
-          force: bool = False) -> dict[str, Any]:
+          max_load_ratio: float | None = None, force: bool = False) -> dict[str, Any]:
     """Place experts on ``gpus`` GPUs (``nodes`` nodes) from a trace; write the placement when ``out`` is given.
 
     ``method="balance"``: EPLB-style replication of hot experts (``replicas`` redundant slots per layer) and
     load-balanced packing. ``method="affinity"``: ExFlow-style placement that keeps experts chained by
     consecutive layers on one GPU (integer program for small sizes, heuristic with its optimality gap for
-    large ones). Returns the placement and its simulated figures against round-robin placement.
+    large ones); ``max_load_ratio`` then swaps experts within a layer until the busiest GPU carries at most
+    that multiple of the mean load, losing as few same-GPU hops as it can. Returns the placement and its
+    simulated figures against round-robin placement.
     """
     from .tracefile import Trace
 
@@ -486,6 +530,9 @@ def place(trace, gpus: int, nodes: int = 1, replicas: int = 0, method: str = "ba
         if L < 2:
             raise MoesiftError("--method affinity needs at least two MoE layers")
         gpu, info = affinity_place(T.astype(np.float64), G, time_limit=time_limit)
+        if max_load_ratio is not None:
+            gpu = rebalance_affinity(T.astype(np.float64), gpu, counts, G, float(max_load_ratio))
+            info["max_load_ratio"] = float(max_load_ratio)
         phy2log = _phy2log_from_gpu(gpu, G)
     else:
         raise MoesiftError(f"unknown --method {method!r}; choose balance or affinity")

@@ -214,3 +214,16 @@ def test_cli_place_and_cache(tmp_path, capsys, monkeypatch):
     assert code == 2 and se.startswith("moesift: error:") and len(se.strip().splitlines()) == 1
     code, so, se = run(["cache", tmp_path / "missing.trace", "--capacity", 4])
     assert code == 2 and "not found" in se
+
+
+def test_affinity_with_load_cap():
+    tr = synth_trace(L=4, E=16, K=1, N=3000, seed=7, chain=0.9, zipf=0.5)
+    free = place(tr, gpus=4, method="affinity")
+    capped = place(tr, gpus=4, method="affinity", max_load_ratio=1.15)
+    assert free["placement"]["load_max_over_mean_worst_layer"] > 1.15  # the cap has work to do
+    assert capped["placement"]["load_max_over_mean_worst_layer"] <= 1.15 + 1e-9
+    assert capped["placement"]["load_max_over_mean"] <= free["placement"]["load_max_over_mean"] + 1e-9
+    assert capped["placement"]["cross_gpu_hop_share"] < capped["round_robin"]["cross_gpu_hop_share"]
+    for lay in capped["layers"]:  # still E/G experts per GPU
+        gpus = [g for gs in lay["gpu_of_expert"].values() for g in gs]
+        assert np.bincount(gpus, minlength=4).tolist() == [4] * 4
