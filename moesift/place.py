@@ -501,6 +501,8 @@ def place(trace, gpus: int, nodes: int = 1, replicas: int = 0, method: str = "ba
     if G > E + replicas:
         raise MoesiftError(f"{G} GPUs need at least {G} expert slots per layer; the model has {E} experts, "
                            f"add --replicas {G - E} or more")
+    if out is not None and Path(out).exists() and not force:
+        raise MoesiftError(f"{str(out)!r} exists; pass --force to overwrite")
     hidden = hidden or tr.model.get("hidden_size")
     hidden = int(hidden) if hidden else None
     counts = tr.counts
@@ -508,7 +510,7 @@ def place(trace, gpus: int, nodes: int = 1, replicas: int = 0, method: str = "ba
     if method == "balance":
         if (E + replicas) % G:
             raise MoesiftError(f"experts + replicas ({E} + {replicas}) must be divisible by --gpus {G}; "
-                               f"try --replicas {(-E) % G + replicas - replicas % G if replicas else (-E) % G}")
+                               f"try --replicas {replicas + (-(E + replicas)) % G}")
         if (E + replicas) % nodes:
             raise MoesiftError(f"experts + replicas ({E + replicas}) must be divisible by --nodes {nodes}")
         if nodes > 1 and E % nodes:
@@ -519,6 +521,9 @@ def place(trace, gpus: int, nodes: int = 1, replicas: int = 0, method: str = "ba
     elif method == "affinity":
         if replicas:
             raise MoesiftError("--method affinity places each expert once; use --replicas 0 (or --method balance)")
+        if E % G:
+            raise MoesiftError(f"--method affinity puts E/G experts on each GPU; {E} experts do not divide over "
+                               f"{G} GPUs (use --method balance with --replicas {(-E) % G})")
         log = tr.get("routing_log")
         if log is not None and log.shape[0] > 0:
             T = _transitions_from_log(log, E)
