@@ -148,3 +148,17 @@ def test_text_data_needs_a_tokenizer(tiny_dir, tmp_path):
     p.write_text(json.dumps({"text": "hello world"}) + "\n")
     with pytest.raises(MoesiftError, match="input_ids"):
         eval_model(tiny_dir("qwen3_moe"), p, progress=False)
+
+
+def test_cli_eval_json(tiny_dir, data):
+    from typer.testing import CliRunner
+
+    from moesift.cli import app
+
+    d = tiny_dir("qwen3_moe")
+    r = CliRunner().invoke(app, ["eval", str(d), "--data", str(data), "--top-k", "1,2", "--top-p", "0.5",
+                                 "--max-length", str(MAX_LEN), "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert [x["name"] for x in out["results"]] == ["full", "top-k 1", "top-k 2", "top-p 0.5"]
+    assert out["results"][2]["ppl"] == out["results"][0]["ppl"]

@@ -98,3 +98,17 @@ def test_sweep_skips_saliency_without_saliency_trace(workload):
         sweep(model, d / "plain.trace", d / "eval.jsonl", keep=[1.5], json=True, progress=False)
     with pytest.raises(MoesiftError):
         sweep(model, d / "plain.trace", d / "eval.jsonl", strategy=["nope"], json=True, progress=False)
+
+
+def test_cli_sweep_json(workload):
+    from typer.testing import CliRunner
+
+    from moesift.cli import app
+
+    model, d = workload
+    r = CliRunner().invoke(app, ["sweep", str(model), "--trace", str(d / "plain.trace"), "--data", str(d / "eval.jsonl"),
+                                 "--keep", "0.5", "--strategy", "frequency", "--no-timing", "--max-length", "32",
+                                 "--out", str(d / "cli.html"), "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert [p["strategy"] for p in out["points"]] == ["full", "frequency"] and (d / "cli.html").is_file()
