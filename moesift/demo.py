@@ -115,7 +115,33 @@ def model_card(model_dir: Path) -> dict[str, Any]:
         for key in ("unigram_ppl", "unigram_valid_ppl", "baseline_ppl"):
             if isinstance(t.get(key), dict):
                 card["unigram_ppl"] = t[key]
+    readme = model_dir / "README.md"
+    if readme.is_file():
+        table = _card_table(readme.read_text(encoding="utf-8", errors="replace"))
+        if table:  # the model card's evaluation (validation split) wins over the training log
+            card["valid_ppl"] = {d: v[0] for d, v in table.items()}
+            card["unigram_ppl"] = {d: v[1] for d, v in table.items()}
+            card["valid_source"] = "model card (validation split)"
     return card
+
+
+def _card_table(text: str) -> dict[str, tuple[float, float]]:
+    """{domain: (model ppl, unigram ppl)} from the first 'domain docs tokens model ppl unigram ppl' table of
+    a model card's validation section; {} when there is none."""
+    lines = text.splitlines()
+    out: dict[str, tuple[float, float]] = {}
+    for i, line in enumerate(lines):
+        if line.lower().startswith("validation split"):
+            for row in lines[i + 2:]:
+                parts = row.split()
+                if len(parts) < 6:
+                    break
+                try:
+                    out[parts[0]] = (float(parts[3]), float(parts[4]))
+                except ValueError:
+                    break
+            break
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -341,10 +367,11 @@ def print_summary(res: dict[str, Any]) -> None:
     c.print(f"[bold]moesift demo[/bold] ({res['seconds']:.0f} s){' quick' if res['quick'] else ''}: report in {res['html']}")
     for name, mres in res["models"].items():
         card = mres["card"]
-        vp = card.get("valid_ppl")
+        vp, ug = card.get("valid_ppl"), card.get("unigram_ppl") or {}
         c.print(f"  {name}: {card['model_type']}, {card['moe_layers']} MoE layers x {card['n_experts']} experts, "
                 f"top-{card['top_k']}, {card['n_shared']} shared; "
-                + (f"validation ppl {', '.join(f'{d} {v:.1f}' for d, v in vp.items())}" if vp else "no validation figures"))
+                + (f"validation ppl {', '.join(f'{d} {v:.1f}' + (f' (unigram {ug[d]:.0f})' if d in ug else '') for d, v in vp.items())}"
+                   if vp else "no validation figures"))
         c.print(f"    coverage at 50% of experts: own workload {mres['self_coverage']:.3f}, other workloads "
                 f"{mres['cross_coverage_mean']:.3f}")
     p = res["plan"]
