@@ -46,7 +46,7 @@ def _settings(quick: bool) -> dict[str, Any]:
         return {"trace_docs": 4, "trace_len": 64, "eval_docs": 1, "eval_len": 64, "keep": (0.5,),
                 "strategies": ("frequency", "random"), "top_p": (0.5, 0.9), "other_top": False, "verify_docs": 1,
                 "new_tokens": 4, "timing": True}
-    return {"trace_docs": 16, "trace_len": 128, "eval_docs": 4, "eval_len": 128, "keep": (0.25, 0.5, 0.75),
+    return {"trace_docs": 64, "trace_len": 256, "eval_docs": 16, "eval_len": 256, "keep": (0.25, 0.5, 0.75),
             "strategies": ("frequency", "weighted", "saliency", "random"), "top_p": (0.5, 0.9), "other_top": True,
             "verify_docs": 2, "new_tokens": 8, "timing": True}
 
