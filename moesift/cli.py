@@ -425,6 +425,11 @@ def place_cmd(
         typer.echo(f"  {k:28s} {v['placed']:12.4f}   round-robin {v['round_robin']:12.4f}")
     if "optimality_gap" in res["solver"]:
         typer.echo(f"  optimality gap (cross hops, upper estimate) {res['solver']['optimality_gap']:.3f}")
+    unmet = res["solver"].get("cap_unmet_moe_layers")
+    if unmet:
+        typer.echo(f"  warning: --max-load-ratio not reachable in MoE layers {unmet} by swaps alone (worst "
+                   f"{res['solver']['worst_layer_load_ratio']:.3f}); hot experts need replicas (--method balance)",
+                   err=True)
     if res.get("out"):
         typer.echo(f"wrote {res['out']} and {res['sglang_init_expert_location']} (SGLang --init-expert-location)")
 
@@ -504,14 +509,28 @@ def main() -> None:
     except KeyboardInterrupt:
         sys.stderr.write("moesift: interrupted\n")
         sys.exit(130)
-    except Exception as e:  # click usage errors and the like
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
+    except Exception as e:  # usage errors (missing argument, unknown option or command)
+        if isinstance(e, _click_exception_types()):
             sys.stderr.write(f"moesift: error: {e.format_message()}\n")
+            ctx = getattr(e, "ctx", None)
+            if ctx is not None:
+                sys.stderr.write(f"(see `{ctx.command_path} --help`)\n")
             sys.exit(2)
         raise
 
+
+def _click_exception_types() -> tuple[type, ...]:
+    """Click's exception class, and typer's vendored copy of it where typer ships one."""
+    import click
+
+    types: list[type] = [click.exceptions.ClickException]
+    try:
+        from typer._click import exceptions as vendored  # typer >= 0.2x vendors click
+
+        types.append(vendored.ClickException)
+    except ImportError:
+        pass
+    return tuple(types)
 
 if __name__ == "__main__":
     main()

@@ -234,12 +234,7 @@ def prepare(model: Any, device: str = "cpu", dtype: str | None = None, tokenizer
     if isinstance(model, (str, os.PathLike)):
         from .loading import load_model
 
-        try:
-            m, tok = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-        except ValueError as e:  # a device_map needs accelerate; one device does not
-            if "accelerate" not in str(e) or device == "auto":
-                raise
-            m, tok = _load_without_device_map(model, device, dtype, trust_remote_code)
+        m, tok = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
         if tokenizer is not None:
             return m, tokenizer
         from .loading import resolve_model_dir
@@ -253,21 +248,6 @@ def prepare(model: Any, device: str = "cpu", dtype: str | None = None, tokenizer
         raise MoesiftError(f"model must be a directory, a hub id or a loaded transformers model, not {type(model).__name__}")
     model.eval()
     return model, tokenizer
-
-
-def _load_without_device_map(model: Any, device: str | None, dtype: str | None, trust_remote_code: bool) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .loading import parse_dtype, resolve_model_dir
-
-    d = resolve_model_dir(model)
-    m = AutoModelForCausalLM.from_pretrained(d, dtype=parse_dtype(dtype), trust_remote_code=trust_remote_code)
-    m = m.to(device or "cpu").eval()
-    try:
-        tok = AutoTokenizer.from_pretrained(d, trust_remote_code=trust_remote_code)
-    except Exception:  # noqa: BLE001 - models without a tokenizer still run on token ids
-        tok = None
-    return m, tok
 
 
 def perplexity_runs(

@@ -57,7 +57,7 @@ def load_model(
     d = resolve_model_dir(model)
     try:
         config = AutoConfig.from_pretrained(d, trust_remote_code=trust_remote_code)
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         raise MoesiftError(f"cannot read the config of {str(d)!r}: {str(e).splitlines()[0]}") from None
     adapter_for(config)  # clear error for unsupported / dense models before loading any weight
     from .checkpoint import shard_files
@@ -66,8 +66,12 @@ def load_model(
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     kwargs: dict[str, Any] = {"dtype": parse_dtype(dtype), "trust_remote_code": trust_remote_code}
-    kwargs["device_map"] = "auto" if device == "auto" else device
+    if device == "auto":
+        require_accelerate()
+        kwargs["device_map"] = "auto"
     m = AutoModelForCausalLM.from_pretrained(d, **kwargs)
+    if device != "auto":
+        m.to(device)
     m.eval()
     tok = None
     try:
@@ -75,3 +79,12 @@ def load_model(
     except Exception:  # noqa: BLE001 - models without a tokenizer can still be traced from token ids
         tok = None
     return m, tok
+
+
+def require_accelerate() -> None:
+    """`--device auto` (layers spread over devices) needs the accelerate package."""
+    import importlib.util
+
+    if importlib.util.find_spec("accelerate") is None:
+        raise MoesiftError('--device auto spreads the model over GPUs with accelerate; '
+                           'install it with `pip install "moesift[multigpu]"`')

@@ -92,6 +92,9 @@ def _load_kwargs(device: str | None, dtype: str | None) -> dict[str, Any]:
 
     kw: dict[str, Any] = {"dtype": parse_dtype(dtype)}
     if device == "auto":
+        from .loading import require_accelerate
+
+        require_accelerate()
         kw["device_map"] = "auto"
     return kw
 

@@ -245,43 +245,12 @@ def _load_model(model: Any, device: str | None, dtype: str | None, trust_remote_
     if quiet:
         hf_logging.disable_progress_bar()
     try:
-        return _load_model_inner(model, device, dtype, trust_remote_code)
+        from .loading import load_model
+
+        return load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     finally:
         if quiet and was:
             hf_logging.enable_progress_bar()
-
-
-def _load_model_inner(model: Any, device: str | None, dtype: str | None, trust_remote_code: bool) -> tuple[Any, Any]:
-    """moesift.loading.load_model; on one device without accelerate installed, load then move (a
-    device_map needs accelerate)."""
-    import importlib.util
-
-    from .loading import load_model
-
-    if device == "auto" or importlib.util.find_spec("accelerate") is not None:
-        return load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from .arch import adapter_for
-    from .checkpoint import shard_files
-    from .loading import parse_dtype, resolve_model_dir
-
-    d = resolve_model_dir(model)
-    try:
-        config = AutoConfig.from_pretrained(d, trust_remote_code=trust_remote_code)
-    except (ValueError, OSError) as e:
-        raise MoesiftError(f"cannot read the config of {str(d)!r}: {str(e).splitlines()[0]}") from None
-    adapter_for(config)
-    shard_files(d)
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    m = AutoModelForCausalLM.from_pretrained(d, dtype=parse_dtype(dtype), trust_remote_code=trust_remote_code)
-    m.to(dev).eval()
-    try:
-        tok = AutoTokenizer.from_pretrained(d, trust_remote_code=trust_remote_code)
-    except Exception:  # noqa: BLE001 - models without a tokenizer can still be traced from token ids
-        tok = None
-    return m, tok
 
 
 def _progress(enabled: bool):

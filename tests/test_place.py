@@ -218,8 +218,9 @@ def test_cli_place_and_cache(tmp_path, capsys, monkeypatch):
 
 def test_affinity_with_load_cap():
     tr = synth_trace(L=4, E=16, K=1, N=3000, seed=7, chain=0.9, zipf=0.5)
-    free = place(tr, gpus=4, method="affinity")
-    capped = place(tr, gpus=4, method="affinity", max_load_ratio=1.15)
+    free = place(tr, gpus=4, method="affinity", time_limit=2)
+    capped = place(tr, gpus=4, method="affinity", max_load_ratio=1.15, time_limit=2)
+    assert capped["solver"]["cap_unmet_moe_layers"] == []
     assert free["placement"]["load_max_over_mean_worst_layer"] > 1.15  # the cap has work to do
     assert capped["placement"]["load_max_over_mean_worst_layer"] <= 1.15 + 1e-9
     assert capped["placement"]["load_max_over_mean"] <= free["placement"]["load_max_over_mean"] + 1e-9
@@ -227,3 +228,12 @@ def test_affinity_with_load_cap():
     for lay in capped["layers"]:  # still E/G experts per GPU
         gpus = [g for gs in lay["gpu_of_expert"].values() for g in gs]
         assert np.bincount(gpus, minlength=4).tolist() == [4] * 4
+
+
+def test_unreachable_load_cap_is_reported():
+    # zipf 1.0 over 16 experts: the hottest expert alone carries more than 1.15 x the mean load of a GPU
+    tr = synth_trace(L=4, E=16, K=1, N=3000, seed=7, chain=0.9, zipf=1.0)
+    r = place(tr, gpus=4, method="affinity", max_load_ratio=1.15, time_limit=1)
+    assert r["solver"]["cap_unmet_moe_layers"]
+    assert r["solver"]["worst_layer_load_ratio"] > 1.15
+    assert r["placement"]["load_max_over_mean_worst_layer"] == pytest.approx(r["solver"]["worst_layer_load_ratio"])
