@@ -155,12 +155,14 @@ def report_cmd(
     out: str = typer.Option(None, "--out", help="Write a self-contained HTML report here."),
     locality_tokens: int = typer.Option(8192, "--locality-tokens", help="Logged tokens (whole documents) used for SRP/SCH."),
     cache_tokens: int = typer.Option(2048, "--cache-tokens", help="Logged tokens used for the LRU/LFU/Belady simulation."),
+    force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object with every figure."),
 ) -> None:
     """How concentrated routing is, what a resident set saves, and how far the trace can be trusted."""
     from .report import report
 
-    res = report(traces, model=model, out=out, json=json_out, locality_tokens=locality_tokens, cache_tokens=cache_tokens)
+    res = report(traces, model=model, out=out, json=json_out, locality_tokens=locality_tokens, cache_tokens=cache_tokens,
+                 force=force)
     if json_out:
         emit_json(res)
 

@@ -235,7 +235,7 @@ def compare(traces, keep: float = 0.5, json: bool = False, target: float = 0.9) 
 
 
 def report(traces, model=None, out=None, json: bool = False, locality_tokens: int | None = 8192,
-           cache_tokens: int | None = 2048, force: bool = True) -> dict[str, Any]:
+           cache_tokens: int | None = 2048, force: bool = False) -> dict[str, Any]:
     """Concentration, held-out trust, savings in bytes, locality and affinity of one or more traces of the
     same model (several traces are merged for the main figures and compared side by side)."""
     from .affinity import affinity_summary

@@ -138,7 +138,7 @@ def sweep(
     uniform: bool = False,
     timing: bool = True,
     prompt_tokens: int = 64,
-    force: bool = True,
+    force: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Plans for every strategy x keep fraction from `trace` (path(s) or Trace objects of `model`), each

@@ -243,3 +243,15 @@ def test_cli_errors(tmp_path, capsys, monkeypatch):
         assert code == 2, (args, out, err)
         assert err.startswith("moesift: error: "), (args, err)
         assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_report_html_is_not_overwritten_without_force(tmp_path):
+    t = make_trace(L=2, E=16, K=2, n_tokens=200, seed=3, label="a", log=False).save(tmp_path / "a.trace")
+    html = tmp_path / "report.html"
+    html.write_text("keep me")
+    res = _cli("report", t, "--out", html)
+    assert res.returncode == 2 and "--force" in res.stderr and "Traceback" not in res.stderr
+    assert html.read_text() == "keep me"
+    res = _cli("report", t, "--out", html, "--force")
+    assert res.returncode == 0, res.stderr
+    assert html.read_text().lstrip().lower().startswith("<!doctype html")
