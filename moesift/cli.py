@@ -228,7 +228,9 @@ def plan_cmd(
     pr = p.predictions
     held = pr.get("heldout_coverage")
     typer.echo(f"{pr['experts_resident']}/{pr['experts_total']} experts resident; coverage in-sample "
-               f"{pr['coverage']:.3f}" + (f", held-out {held:.3f}" if held is not None else " (no folds: no held-out)"))
+               f"{pr['coverage']:.3f}" + (f", held-out {held:.3f}" if held is not None else ""))
+    if held is None and pr.get("heldout_note"):
+        typer.echo(f"  held-out: {pr['heldout_note']}")
     if "bytes" in pr:
         typer.echo(f"predicted checkpoint {pr['bytes']:,} bytes ({pr['bytes_fraction']:.1%} of {pr['bytes_full']:,})")
     for e in p.layers:

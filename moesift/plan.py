@@ -571,28 +571,14 @@ def _fmt(n: int) -> str:
 def _heldout(fold_scores: np.ndarray, fold_counts: np.ndarray, n_keep: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     """Per layer mean and std over folds of the share of a left-out fold's routes covered by the n_keep
     experts chosen (by score) on the other folds."""
-    try:
-        from .analysis import heldout_coverage
-    except ImportError:
-        heldout_coverage = None
-    if heldout_coverage is not None:
-        E = fold_counts.shape[-1]
-        n = np.asarray(n_keep, dtype=np.int64)
-        mean, std = heldout_coverage(fold_scores, fold_counts, np.minimum(n, E - 1))
-        mean = np.where(n >= E, 1.0, np.asarray(mean, dtype=np.float64))  # a layer kept whole covers everything
-        std = np.where(n >= E, 0.0, np.asarray(std, dtype=np.float64))
-        return mean, std
-    F, L, E = fold_counts.shape
-    cov = np.full((F, L), np.nan)
-    for f in range(F):
-        rest = fold_scores.sum(axis=0) - fold_scores[f]
-        for p in range(L):
-            total = fold_counts[f, p].sum()
-            if total <= 0:
-                continue
-            ids = np.lexsort((np.arange(E), -rest[p]))[: int(n_keep[p])]
-            cov[f, p] = fold_counts[f, p, ids].sum() / total
-    return np.nanmean(cov, axis=0), np.nanstd(cov, axis=0)
+    from .analysis import heldout_coverage
+
+    E = fold_counts.shape[-1]
+    n = np.asarray(n_keep, dtype=np.int64)
+    mean, std = heldout_coverage(fold_scores, fold_counts, np.minimum(n, E - 1))
+    mean = np.where(n >= E, 1.0, np.asarray(mean, dtype=np.float64))  # a layer kept whole covers everything
+    std = np.where(n >= E, 0.0, np.asarray(std, dtype=np.float64))
+    return mean, std
 
 
 # ------------------------------------------------------------------------------------------------
@@ -673,14 +659,26 @@ def plan(
     folds = bank.fold_counts()
     held_mean = held_std = None
     held_note = None
+    freq_gap = None
     if folds is not None:
-        if strategy == "random":
-            fold_scores = np.broadcast_to(scores, folds.shape).copy()
+        sizes = [len(r) for r in resident]
+        if strategy in ("frequency", "random"):
+            # random sets do not depend on the data: each fold is held out for them as it stands
+            fold_scores = folds if strategy == "frequency" else np.broadcast_to(scores, folds.shape).copy()
+            held_mean, held_std = _heldout(fold_scores, folds, sizes)
         else:
-            fold_scores = folds
-            if strategy != "frequency":
-                held_note = f"{strategy} scores are not kept per fold; held-out sets are chosen by fold counts"
-        held_mean, held_std = _heldout(fold_scores, folds, [len(r) for r in resident])
+            # weighted / saliency scores are not kept per fold, so this set cannot be chosen without a fold
+            # and measured on it. Report how optimistic in-sample coverage is for count-chosen sets of the
+            # same sizes instead, and leave the held-out figure empty rather than quote another set's.
+            f_mean, _ = _heldout(folds, folds, sizes)
+            tot = share.sum(axis=1)
+            f_in = [float(np.sort(share[p])[::-1][:sizes[p]].sum() / tot[p]) if tot[p] > 0 else np.nan
+                    for p in range(len(sizes))]
+            gaps = np.asarray(f_in) - np.asarray(f_mean, dtype=np.float64)
+            freq_gap = float(np.nanmean(gaps)) if np.isfinite(gaps).any() else None
+            held_note = (f"{strategy} scores are not kept per fold, so the held-out coverage of this set cannot be "
+                         f"measured; for count-chosen sets of the same sizes in-sample coverage exceeds held-out by "
+                         f"{freq_gap if freq_gap is not None else float('nan'):.4f}")
     layers = []
     positions = sp.moe_layers[0] is None
     for p in range(L):
@@ -697,10 +695,11 @@ def plan(
         "experts_resident": int(sum(len(r) for r in resident)),
         "experts_total": int(L * sp.n_experts),
     }
-    if held_mean is None:
-        pred["heldout_note"] = "the traces have no folds; held-out coverage cannot be estimated"
-    elif held_note:
+    if held_note:
         pred["heldout_note"] = held_note
+        pred["frequency_insample_minus_heldout"] = freq_gap
+    elif held_mean is None:
+        pred["heldout_note"] = "the traces have no folds; held-out coverage cannot be estimated"
     model_id = {k: v for k, v in bank.model.items() if k in ("name", "model_type", "config_hash", "n_experts",
                                                                 "top_k", "n_shared", "hash_layers")}
     model_id["moe_layers"] = None if positions else list(sp.moe_layers)

@@ -288,3 +288,16 @@ def test_plan_from_real_wcer_trace(tmp_path):
         assert len(e["resident"]) == raw["n_experts"] // 2
         # the kept set holds the largest counts (ties may resolve either way)
         assert row[e["resident"]].sum() == np.sort(row)[::-1][: len(e["resident"])].sum()
+
+
+def test_weighted_plan_does_not_quote_another_sets_heldout_coverage():
+    counts, folds = skewed(L=2, E=8, routes=400, folds=4, seed=5)
+    wm = counts * np.random.default_rng(0).uniform(0.2, 1.0, counts.shape)  # mass ranks differ from counts
+    t = make_trace(counts, folds=folds, weight_mass=wm)
+    p = plan(t, keep_experts=3, strategy="weighted")
+    assert p.predictions["heldout_coverage"] is None
+    assert all("heldout_coverage" not in e for e in p.layers)
+    gap = p.predictions["frequency_insample_minus_heldout"]
+    f = plan(t, keep_experts=3)  # the count-chosen set of the same size: its own optimism
+    assert gap == pytest.approx(f.predictions["coverage"] - f.predictions["heldout_coverage"])
+    assert "cannot be measured" in p.predictions["heldout_note"]
