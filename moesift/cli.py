@@ -280,7 +280,8 @@ def verify_cmd(
     max_length: int = typer.Option(64, "--max-length", help="Tokens per prompt at most."),
     field: str = typer.Option(None, "--field", help="Text field of JSONL / datasets."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, ..."),
-    dtype: str = typer.Option(None, "--dtype", help="auto, float32, bfloat16, float16."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 (exact comparison), bfloat16, float16, "
+                              "auto (the checkpoint's dtype: rounding may differ between expert counts)."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Restricted full model vs trimmed model: top-1 agreement, logit differences, greedy generations.
