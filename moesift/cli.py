@@ -22,19 +22,9 @@ app = typer.Typer(
 
 def emit_json(obj: Any) -> None:
     """Print one JSON object on stdout (for --json)."""
-    sys.stdout.write(json.dumps(obj, indent=2, default=_json_default) + "\n")
+    from .io import json_default
 
-
-def _json_default(o: Any) -> Any:
-    import numpy as np
-
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+    sys.stdout.write(json.dumps(obj, indent=2, default=json_default) + "\n")
 
 
 # ---- commands: one section per area; each imports its function lazily so `--help` stays fast ----

@@ -310,7 +310,9 @@ def demo(
         from .io import write_text
 
         write_text(tmp / "index.html", render_html(res))
-        (tmp / "summary.json").write_text(_json.dumps(res, indent=2, default=_default) + "\n")
+        from .io import json_default
+
+        (tmp / "summary.json").write_text(_json.dumps(res, indent=2, default=json_default) + "\n")
         _publish(tmp, out_dir)
     finally:
         if tmp.exists():
@@ -320,20 +322,6 @@ def demo(
     if not json:
         print_summary(res)
     return res
-
-
-def _default(o: Any) -> Any:
-    import numpy as np
-
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 def _report_summary(rep: dict[str, Any]) -> dict[str, Any]:

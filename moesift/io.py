@@ -40,9 +40,24 @@ def atomic_path(path: str | os.PathLike, force: bool = True) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def json_default(o: Any) -> Any:
+    """`json.dumps(default=...)` for numpy scalars and arrays and paths."""
+    import numpy as np
+
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
 def write_json(path: str | os.PathLike, obj: Any, force: bool = True) -> Path:
     with atomic_path(path, force) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+        tmp.write_text(json.dumps(obj, indent=2, default=json_default) + "\n")
     return Path(path)
 
 
