@@ -317,7 +317,10 @@ def eval_model(
     from .workload import read_documents
 
     docs = read_documents(data if isinstance(data, (list, tuple)) else [data], field=field, max_samples=max_samples)
-    m, tok = prepare(model, device=device, dtype=dtype, tokenizer=tokenizer, trust_remote_code=trust_remote_code)
+    from .loading import hf_progress
+
+    with hf_progress(progress):
+        m, tok = prepare(model, device=device, dtype=dtype, tokenizer=tokenizer, trust_remote_code=trust_remote_code)
     adapter = adapter_for(m.config)
     spec = adapter.spec(m.config)
     settings = _settings(plans, top_k, top_p, spec)

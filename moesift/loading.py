@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -88,3 +90,18 @@ def require_accelerate() -> None:
     if importlib.util.find_spec("accelerate") is None:
         raise MoesiftError('--device auto spreads the model over GPUs with accelerate; '
                            'install it with `pip install "moesift[multigpu]"`')
+
+
+@contextlib.contextmanager
+def hf_progress(enabled: bool) -> Iterator[None]:
+    """Show transformers' own progress bars (weight loading) only when `enabled`."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    if not enabled and was:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if not enabled and was:
+            hf_logging.enable_progress_bar()

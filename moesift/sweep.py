@@ -76,6 +76,7 @@ def time_resident(model_dir: Path, plan: Any, prompt: Any, device: str, dtype: s
 
     import torch
 
+    from .loading import hf_progress
     from .resident import load_resident
 
     if plan is None:  # the full model through the same loader, for a like-for-like comparison
@@ -85,7 +86,8 @@ def time_resident(model_dir: Path, plan: Any, prompt: Any, device: str, dtype: s
         plan = {layer: list(range(spec.n_experts)) for layer in spec.moe_layers}
     gc.collect()
     t0 = time.perf_counter()
-    m = load_resident(model_dir, plan, device=device, dtype=dtype)
+    with hf_progress(False):  # one load per point: the sweep's own bar shows progress
+        m = load_resident(model_dir, plan, device=device, dtype=dtype)
     m.eval()
     t1 = time.perf_counter()
     dev = next(m.parameters()).device
@@ -146,7 +148,7 @@ def sweep(
     first token of the resident model; Pareto fronts marked. `out`: HTML page. Strategies the trace
     cannot support (saliency without a `--saliency` trace) are skipped and listed under ``skipped``."""
     from .evaluate import _progress, batches, encode_documents, perplexity_runs, prepare, windows
-    from .loading import resolve_model_dir
+    from .loading import hf_progress, resolve_model_dir
     from .plan import STRATEGIES
     from .plan import plan as make_plan
     from .workload import read_documents
@@ -184,7 +186,8 @@ def sweep(
         raise MoesiftError("no plan could be built: " + "; ".join(x["reason"] for x in skipped))
 
     docs = read_documents(data if isinstance(data, (list, tuple)) else [data], field=field, max_samples=max_samples)
-    m, tok = prepare(mdir, device=device, dtype=dtype)
+    with hf_progress(progress):
+        m, tok = prepare(mdir, device=device, dtype=dtype)
     from .arch import adapter_for
 
     adapter = adapter_for(m.config)

@@ -239,18 +239,10 @@ def trace(
 def _load_model(model: Any, device: str | None, dtype: str | None, trust_remote_code: bool,
                 quiet: bool = False) -> tuple[Any, Any]:
     """moesift.loading.load_model (without transformers' progress bars when `quiet`)."""
-    from transformers.utils import logging as hf_logging
+    from .loading import hf_progress, load_model
 
-    was = hf_logging.is_progress_bar_enabled()
-    if quiet:
-        hf_logging.disable_progress_bar()
-    try:
-        from .loading import load_model
-
+    with hf_progress(not quiet):
         return load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-    finally:
-        if quiet and was:
-            hf_logging.enable_progress_bar()
 
 
 def _progress(enabled: bool):

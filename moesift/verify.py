@@ -55,6 +55,7 @@ def verify(
     difference can flip a near-tie in top-k selection, so small disagreements there are not a trimming error."""
     import torch
 
+    from .loading import hf_progress
     from .plan import Plan, as_plan
     from .resident import load_trimmed
     from .restrict import restrict
@@ -67,8 +68,9 @@ def verify(
         p = Plan.from_dict(record["plan"], source=str(Path(trimmed) / "moesift_plan.json"))
     else:
         p = as_plan(plan)
-    full, tok = load_trimmed(model, device=device, dtype=dtype)  # any checkpoint; no accelerate needed
-    small, tok2 = load_trimmed(trimmed, device=device, dtype=dtype)
+    with hf_progress(progress):
+        full, tok = load_trimmed(model, device=device, dtype=dtype)  # any checkpoint; no accelerate needed
+        small, tok2 = load_trimmed(trimmed, device=device, dtype=dtype)
     tok = tok or tok2
     dev = next(full.parameters()).device
     vocab = int(full.config.get_text_config().vocab_size if hasattr(full.config, "get_text_config")
