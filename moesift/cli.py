@@ -219,6 +219,8 @@ def plan_cmd(
     held = pr.get("heldout_coverage")
     typer.echo(f"{pr['experts_resident']}/{pr['experts_total']} experts resident; coverage in-sample "
                f"{pr['coverage']:.3f}" + (f", held-out {held:.3f}" if held is not None else ""))
+    if pr.get("budget_note"):
+        typer.echo(f"  budget: {pr['budget_note']}")
     if held is None and pr.get("heldout_note"):
         typer.echo(f"  held-out: {pr['heldout_note']}")
     if "bytes" in pr:

@@ -413,7 +413,8 @@ def render_html(res: dict[str, Any]) -> str:
         ["model", "family", "MoE layers", "experts", "top-k", "shared", "router", "MiB", "validation perplexity"], rows))
     # routing per workload
     parts.append("<h2>Routing is workload-conditioned</h2><p>Cross-coverage: the resident set chosen for the row "
-                 "workload (50% of the experts of every MoE layer, most selected first) and the share of the column "
+                 "workload (50% of the experts of every MoE layer, most selected first, as <code>moesift plan --keep 0.5"
+                 "</code> keeps it: whole groups for the group-limited DeepSeek-V3 router) and the share of the column "
                  "workload's routes it covers, mean over layers. The diagonal is self-coverage.</p>")
     for name, mres in res["models"].items():
         cm = mres["compare"]

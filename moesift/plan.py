@@ -19,6 +19,7 @@ import json
 import math
 import os
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -568,17 +569,28 @@ def _fmt(n: int) -> str:
 # ------------------------------------------------------------------------------------------------
 
 
-def _heldout(fold_scores: np.ndarray, fold_counts: np.ndarray, n_keep: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    """Per layer mean and std over folds of the share of a left-out fold's routes covered by the n_keep
-    experts chosen (by score) on the other folds."""
-    from .analysis import heldout_coverage
-
-    E = fold_counts.shape[-1]
-    n = np.asarray(n_keep, dtype=np.int64)
-    mean, std = heldout_coverage(fold_scores, fold_counts, np.minimum(n, E - 1))
-    mean = np.where(n >= E, 1.0, np.asarray(mean, dtype=np.float64))  # a layer kept whole covers everything
-    std = np.where(n >= E, 0.0, np.asarray(std, dtype=np.float64))
-    return mean, std
+def _heldout(sp: _Spec, fold_scores: np.ndarray, fold_counts: np.ndarray,
+             resident: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Per layer mean and std over folds of the share of a left-out fold's routes covered by a set chosen
+    the way the plan chose its own (same selection units: experts, or whole groups; same number of units)
+    from the scores of the other folds."""
+    F, L, E = fold_counts.shape
+    total = fold_scores.sum(axis=0)
+    cov = np.full((F, L), np.nan)
+    for p in range(L):
+        n_units = _units_for_count(_units(sp, p, total[p]), len(resident[p]))
+        for f in range(F):
+            routes = fold_counts[f, p].sum()
+            if routes <= 0:
+                continue
+            if len(resident[p]) >= E:
+                cov[f, p] = 1.0  # a layer kept whole covers everything
+                continue
+            ids = _flatten(_units(sp, p, total[p] - fold_scores[f, p]), n_units)
+            cov[f, p] = fold_counts[f, p, ids].sum() / routes
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # layers no fold routed to stay NaN
+        return np.nanmean(cov, axis=0), np.nanstd(cov, axis=0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -655,6 +667,21 @@ def plan(
 
     # predictions
     L = len(resident)
+    budget_note = None
+    if kind in ("keep", "keep_experts"):
+        asked = int(round(float(value) * sp.n_experts)) if kind == "keep" else int(value)
+        raised = [p for p in range(L) if len(resident[p]) > asked]
+        if raised:
+            why = []
+            if any(p in sp.hash_pos for p in raised):
+                why.append("hash-routed layers are kept whole")
+            if sp.n_group and sp.n_group > 1:
+                why.append(f"the router picks {sp.topk_group or 1} of {sp.n_group} expert groups per token, so "
+                           f"whole groups are kept and at least {sp.topk_group or 1} of them")
+            if uniform:
+                why.append("--uniform gives every layer the largest count")
+            budget_note = (f"the budget asks for {asked} experts per layer; {len(raised)} of {L} MoE layers keep "
+                           f"more (up to {max(len(resident[p]) for p in raised)}): " + "; ".join(why or ["top-k"]))
     insample = [float(share[p, resident[p]].sum() / share[p].sum()) if share[p].sum() > 0 else None for p in range(L)]
     folds = bank.fold_counts()
     held_mean = held_std = None
@@ -665,15 +692,16 @@ def plan(
         if strategy in ("frequency", "random"):
             # random sets do not depend on the data: each fold is held out for them as it stands
             fold_scores = folds if strategy == "frequency" else np.broadcast_to(scores, folds.shape).copy()
-            held_mean, held_std = _heldout(fold_scores, folds, sizes)
+            held_mean, held_std = _heldout(sp, fold_scores, folds, resident)
         else:
             # weighted / saliency scores are not kept per fold, so this set cannot be chosen without a fold
             # and measured on it. Report how optimistic in-sample coverage is for count-chosen sets of the
             # same sizes instead, and leave the held-out figure empty rather than quote another set's.
-            f_mean, _ = _heldout(folds, folds, sizes)
+            f_sets = [_flatten(u, _units_for_count(u, sizes[p]))
+                      for p, u in enumerate(_units(sp, p, share[p]) for p in range(len(sizes)))]
+            f_mean, _ = _heldout(sp, folds, folds, f_sets)
             tot = share.sum(axis=1)
-            f_in = [float(np.sort(share[p])[::-1][:sizes[p]].sum() / tot[p]) if tot[p] > 0 else np.nan
-                    for p in range(len(sizes))]
+            f_in = [float(share[p, f_sets[p]].sum() / tot[p]) if tot[p] > 0 else np.nan for p in range(len(sizes))]
             gaps = np.asarray(f_in) - np.asarray(f_mean, dtype=np.float64)
             freq_gap = float(np.nanmean(gaps)) if np.isfinite(gaps).any() else None
             held_note = (f"{strategy} scores are not kept per fold, so the held-out coverage of this set cannot be "
@@ -695,6 +723,8 @@ def plan(
         "experts_resident": int(sum(len(r) for r in resident)),
         "experts_total": int(L * sp.n_experts),
     }
+    if budget_note:
+        pred["budget_note"] = budget_note
     if held_note:
         pred["heldout_note"] = held_note
         pred["frequency_insample_minus_heldout"] = freq_gap

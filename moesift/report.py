@@ -182,7 +182,13 @@ def _compare(traces, labels, keep: float, target: float) -> dict[str, Any]:
     counts = [t.counts for t in traces]
     L, E = counts[0].shape
     n = budget_n(keep, E)
-    sets = [[select_top(c[i], n) for i in range(L)] for c in counts]
+    # each workload's resident set is the one `moesift plan --keep` would serve (frequency): the n most
+    # selected experts, or whole groups for group-limited routers, hash-routed layers whole
+    from .plan import plan as make_plan
+
+    plans = [make_plan(t, keep=keep) for t in traces]
+    sets = [[np.asarray(e["resident"], dtype=np.int64) for e in p.layers] for p in plans]
+    notes = sorted({p.predictions["budget_note"] for p in plans if p.predictions.get("budget_note")})
     cross = np.zeros((W, W))
     jac = np.zeros((W, W))
     for a in range(W):
@@ -205,6 +211,8 @@ def _compare(traces, labels, keep: float, target: float) -> dict[str, Any]:
         "workloads": labels,
         "keep": keep,
         "experts_kept": n,
+        "experts_kept_per_layer": [[len(x) for x in ws] for ws in sets],
+        "budget_notes": notes,
         "cross_coverage": cross,
         "jaccard": jac,
         "target": target,
@@ -470,13 +478,16 @@ def _print_compare(c: dict[str, Any]) -> None:
     from rich.table import Table
 
     con = _console()
-    t = Table(title=f"cross-coverage (row's top {c['experts_kept']} experts per layer on column's routes)")
+    t = Table(title=f"cross-coverage (row's resident set at --keep {c['keep']:g}, as `moesift plan` keeps it, on "
+                    "column's routes)")
     t.add_column("resident set of")
     for w in c["workloads"]:
         t.add_column(w, justify="right")
     for i, w in enumerate(c["workloads"]):
         t.add_row(w, *[_fmt(x, pct=True) for x in c["cross_coverage"][i]])
     con.print(t)
+    for note in c.get("budget_notes") or []:
+        con.print(f"note: {note}")
     t = Table(title="Jaccard similarity of resident sets")
     t.add_column("")
     for w in c["workloads"]:

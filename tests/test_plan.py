@@ -301,3 +301,27 @@ def test_weighted_plan_does_not_quote_another_sets_heldout_coverage():
     f = plan(t, keep_experts=3)  # the count-chosen set of the same size: its own optimism
     assert gap == pytest.approx(f.predictions["coverage"] - f.predictions["heldout_coverage"])
     assert "cannot be measured" in p.predictions["heldout_note"]
+
+
+def test_group_limited_heldout_replays_whole_group_selection_and_raised_budget_is_said():
+    # 16 experts in 4 groups of 4, the router picks 2 groups: --keep 0.25 (4 experts) must keep 2 whole groups
+    counts, folds = skewed(L=2, E=16, routes=4000, folds=4, seed=11)
+    t = make_trace(counts, folds=folds, n_group=4, topk_group=2)
+    p = plan(t, keep=0.25)
+    assert "budget_note" in p.predictions and "groups" in p.predictions["budget_note"]
+    for e in p.layers:
+        layer = e["moe_index"]
+        assert len(e["resident"]) == 8
+        vals = []
+        for f in range(4):  # whole groups chosen on the other folds, measured on this one
+            rest = folds.sum(0)[layer] - folds[f, layer]
+            gscore = rest.reshape(4, 4).sum(1)
+            best = sorted(np.lexsort((np.arange(4), -gscore))[:2].tolist())
+            ids = [g * 4 + i for g in best for i in range(4)]
+            vals.append(folds[f, layer, ids].sum() / folds[f, layer].sum())
+        assert e["heldout_coverage"] == pytest.approx(np.mean(vals))
+        # a per-expert top-8 set would cover more than whole groups can: the prediction must not quote it
+        per_expert = np.mean([folds[f, layer, _top(folds.sum(0)[layer] - folds[f, layer], 8)].sum()
+                              / folds[f, layer].sum() for f in range(4)])
+        assert e["heldout_coverage"] <= per_expert + 1e-12
+    assert "budget_note" not in plan(make_trace(counts, folds=folds), keep=0.25).predictions
