@@ -227,6 +227,8 @@ def sweep(
               "ppl": r["ppl"], "ppl_ratio": r["ppl_ratio"], "coverage": pred.get("coverage"),
               "heldout_coverage": pred.get("heldout_coverage"), "experts_resident": pred.get("experts_resident"),
               "plan": {"layers": [{"layer": e["layer"], "resident": e["resident"]} for e in p.layers]}}
+        if pred.get("budget_note"):
+            pt["budget_note"] = pred["budget_note"]  # the planner kept more than `keep` asks (groups, hash layers)
         if timing:
             pt.update(time_resident(mdir, p, prompt, device, dtype))
         points.append(pt)
@@ -284,7 +286,7 @@ def print_sweep(r: dict[str, Any]) -> None:
         t.add_column(c, justify="left" if c == "strategy" else "right")
     for p in r["points"]:
         hc = p.get("heldout_coverage")
-        row = [p["strategy"], f"{p['keep']:g}", _mb(p["bytes"]), f"{p['ppl']:.3f}", f"{p['ppl_ratio']:.3f}",
+        row = [p["strategy"], f"{p['keep']:g}" + ("!" if p.get("budget_note") else ""), _mb(p["bytes"]), f"{p['ppl']:.3f}", f"{p['ppl_ratio']:.3f}",
                "" if hc is None else f"{hc:.3f}"]
         if r["timing"]:
             row += [f"{p['load_s']:.3f}", f"{p['ttft_s']:.4f}"]
@@ -292,6 +294,9 @@ def print_sweep(r: dict[str, Any]) -> None:
         t.add_row(*row)
     console = Console(stderr=False)
     console.print(t)
+    notes = sorted({p["budget_note"] for p in r["points"] if p.get("budget_note")})
+    for n in notes:
+        console.print(f"! {n}")
     for s in r["skipped"]:
         console.print(f"skipped {s['strategy']}: {s['reason']}")
 
@@ -354,13 +359,16 @@ def sweep_sections(r: dict[str, Any], prefix: str = "sweep") -> list[str]:
         hc = p.get("heldout_coverage")
         cls = ' class="front"' if p["pareto_quality"] else ""
         rows.append(
-            f"<tr{cls}><td>{esc(p['strategy'])}</td><td>{p['keep']:g}</td><td>{p['bytes'] / 2**20:.2f}</td>"
+            f"<tr{cls}><td>{esc(p['strategy'])}</td><td>{p['keep']:g}{'!' if p.get('budget_note') else ''}</td>"
+            f"<td>{p['bytes'] / 2**20:.2f}</td>"
             f"<td>{p['ppl']:.3f}</td><td>{p['ppl_ratio']:.3f}</td><td>{'' if hc is None else f'{hc:.3f}'}</td>"
             + (f"<td>{p['load_s']:.3f}</td><td>{p['ttft_s']:.4f}</td>" if r["timing"] else "")
             + f"<td>{'all three' if p['pareto'] else ''}{' / ' if p['pareto'] and p['pareto_quality'] else ''}"
             f"{'bytes+ppl' if p['pareto_quality'] else ''}</td></tr>"
         )
     parts.append(f"<table>{head}{''.join(rows)}</table>")
+    for n in sorted({p["budget_note"] for p in pts if p.get("budget_note")}):
+        parts.append(f"<p>! {esc(n)}</p>")
     for s in r["skipped"]:
         parts.append(f"<p>Skipped {esc(s['strategy'])}: {esc(s['reason'])}</p>")
     return parts
