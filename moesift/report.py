@@ -266,6 +266,12 @@ def report(traces, model=None, out=None, json: bool = False, locality_tokens: in
         res: dict[str, Any] = {"schema": "moesift-report/1", "tool": {"name": "moesift", "version": __version__},
                                "traces": labels}
         res.update(a)
+        n_group = main.model.get("n_group")
+        if n_group and int(n_group) > 1:
+            res["notes"] = [f"Budgets here count single experts (routing concentration). This router picks "
+                            f"{main.model.get('topk_group') or 1} of {n_group} expert groups per token, so a servable "
+                            "resident set keeps whole groups and covers less at the same size: `moesift plan` gives "
+                            "its coverage, in-sample and held-out."]
         if model is not None:
             step("checkpoint headers")
             res["savings"] = savings(main, model, a)
@@ -362,6 +368,8 @@ def _print_report(r: dict[str, Any]) -> None:
 
     con = _console()
     m, w, o = r["model"], r["workload"], r["overall"]
+    for n in r.get("notes") or []:
+        con.print(f"note: {n}")
     con.print(f"[bold]{m.get('name') or m.get('model_type')}[/] on [bold]{w.get('label')}[/]: {r['n_layers']} MoE layers x "
               f"{r['n_experts']} experts, top-{r['top_k']}, {r['tokens']} tokens routed per layer")
     t = Table(title="experts needed per layer to cover a share of routes")
@@ -621,6 +629,7 @@ def _page(r: dict[str, Any], parts: list[str], plotlyjs: str) -> str:
     if sv:
         notes.append(f"Checkpoint {esc(sv['model'])}: total {_gb(sv['total_bytes'])}, experts {_gb(sv['expert_bytes'])}, "
                      f"non-expert {_gb(sv['non_expert_bytes'])} ({esc(', '.join(sv['dtypes']))}).")
+    notes += [esc(n) for n in r.get("notes") or []]
     note_html = "".join(f"<li>{n}</li>" for n in notes)
     title = esc(f"moesift report: {m.get('name') or m.get('model_type')} on {w.get('label')}")
     return f"""<!DOCTYPE html>
