@@ -7,13 +7,14 @@ public API (``moesift.trace``, ``moesift.compare``, ``moesift.plan``, ``moesift.
 
 1. Workload conditioning. Every domain's ``trace`` split is traced (saliency recorded too), and every
    domain's ``eval`` split is traced the same way. At keep 50% per MoE layer (the most-selected half of the
-   experts of each layer, ties to the lower id: the rule of ``moesift.compare``), the coverage of the row
+   experts of each layer, ties to the lower id), the coverage of the row
    workload's resident set on the column workload's routes, mean over MoE layers:
-   - in-sample: set and routes from the trace split (``moesift.compare``; recomputed here and checked);
+   - in-sample: set and routes from the trace split;
    - held-out: set from the row's trace split, routes from the column's eval split (disjoint texts).
    Self = diagonal mean, cross = off-diagonal mean. The planner's own sets (``moesift.plan`` keep 0.5,
    frequency) are measured the same way; they differ from the top-half sets where the planner must keep
-   whole expert groups (group-limited routing), and then are printed too, with the planner's predictions
+   whole expert groups (group-limited routing), and then are printed too (``moesift.compare`` measures the
+   planner's sets; checked here), with the planner's predictions
    (in-sample coverage, held-out coverage over 8 folds of the trace) beside the coverage measured on the
    eval split.
 2. Sweep. For each domain: ``moesift.sweep`` (timing disabled) from the domain's trace split, keep 0.25 /
@@ -144,14 +145,10 @@ def conditioning(name: str, mdir: Path, trace_tr: dict[str, Any], eval_tr: dict[
     n = max(1, min(E, int(round(CONDITIONING_KEEP * E))))
     tcounts = [trace_tr[d].counts for d in doms]
     ecounts = [eval_tr[d].counts for d in doms]
-    # top half by selection count (the rule of moesift.compare)
+    # top half by selection count (routing concentration; not servable where groups must stay whole)
     top_sets = [[moesift.select_top(c[i], n) for i in range(L)] for c in tcounts]
     ins = coverage_matrix(top_sets, tcounts)
     held = coverage_matrix(top_sets, ecounts)
-    cmp_ = moesift.compare([trace_tr[d] for d in doms], keep=CONDITIONING_KEEP, json=True)
-    cmp_matrix = np.asarray(cmp_["cross_coverage"], dtype=np.float64)
-    if cmp_["experts_kept"] != n or not np.allclose(cmp_matrix, ins, atol=1e-12):
-        raise SystemExit(f"{name}: moesift.compare disagrees with the recomputed in-sample coverage")
     # the planner's sets (servable: whole groups for group-limited routing)
     plans = {d: moesift.plan(trace_tr[d], keep=CONDITIONING_KEEP, model=mdir) for d in doms}
     plan_sets = [[np.asarray(e["resident"], dtype=np.int64) for e in plans[d].layers] for d in doms]
@@ -159,6 +156,11 @@ def conditioning(name: str, mdir: Path, trace_tr: dict[str, Any], eval_tr: dict[
                for a, b in zip(ps, ts, strict=True))
     p_ins = coverage_matrix(plan_sets, tcounts)
     p_held = coverage_matrix(plan_sets, ecounts)
+    # moesift.compare measures the sets moesift.plan would serve
+    cmp_ = moesift.compare([trace_tr[d] for d in doms], keep=CONDITIONING_KEEP, json=True)
+    cmp_matrix = np.asarray(cmp_["cross_coverage"], dtype=np.float64)
+    if not np.allclose(cmp_matrix, p_ins, atol=1e-12):
+        raise SystemExit(f"{name}: moesift.compare disagrees with the recomputed in-sample coverage")
     res: dict[str, Any] = {
         "workloads": doms, "keep": CONDITIONING_KEEP, "experts_per_layer": n, "n_experts": E, "moe_layers": L,
         "top_half": {"in_sample": ins, "heldout": held},
@@ -196,15 +198,15 @@ def print_conditioning(c: dict[str, Any]) -> None:
     out("    trace-split tokens traced: " + ", ".join(f"{d} {c['trace_tokens'][d]}" for d in doms)
         + "; eval-split tokens traced: " + ", ".join(f"{d} {c['eval_trace_tokens'][d]}" for d in doms))
     th = c["top_half"]
-    print_matrix("in-sample (column routes from its trace split, = moesift.compare)", doms, th["in_sample"])
+    print_matrix("in-sample (column routes from its trace split)", doms, th["in_sample"])
     print_matrix("held-out (column routes from its eval split)", doms, th["heldout"])
     ps = c["plan_sets"]
     if c["plan_sets_equal_top_half"]:
-        out("  the planner's sets (moesift.plan keep 0.5, frequency) are the same sets: same figures")
+        out("  the planner's sets (moesift.plan keep 0.5, frequency; = moesift.compare) are the same sets: same figures")
     else:
         out("  the planner's sets (moesift.plan keep 0.5, frequency) differ from the top half; experts per layer: "
             + "; ".join(f"{d} {ps['experts_per_layer'][d]}" for d in doms))
-        print_matrix("planner sets, in-sample", doms, ps["in_sample"])
+        print_matrix("planner sets, in-sample (= moesift.compare)", doms, ps["in_sample"])
         print_matrix("planner sets, held-out (eval split)", doms, ps["heldout"])
     out("  own workload, planner sets: predicted by moesift.plan (in-sample; held-out over 8 folds of the trace) "
         "vs measured on the eval split")
