@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -100,13 +101,9 @@ def test_parquet(tmp_path):
         read_documents(p)
 
 
-def test_parquet_without_pyarrow_names_the_extra(tmp_path):
-    try:
-        import pyarrow  # noqa: F401
-
-        pytest.skip("pyarrow is installed")
-    except ImportError:
-        pass
+def test_parquet_without_pyarrow_names_the_extra(tmp_path, monkeypatch):
+    for mod in ("pyarrow", "pyarrow.parquet"):
+        monkeypatch.setitem(sys.modules, mod, None)  # `import pyarrow` raises ImportError, installed or not
     p = tmp_path / "w.parquet"
     p.write_bytes(b"PAR1")
     with pytest.raises(MoesiftError, match=r"moesift\[data\]"):
