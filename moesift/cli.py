@@ -529,5 +529,6 @@ def _click_exception_types() -> tuple[type, ...]:
         pass
     return tuple(types)
 
+
 if __name__ == "__main__":
     main()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -71,8 +72,10 @@ def load_model(
     if device == "auto":
         require_accelerate()
         kwargs["device_map"] = "auto"
+    elif device != "cpu" and importlib.util.find_spec("accelerate") is not None:
+        kwargs["device_map"] = device  # weights go straight to the device, not through host memory
     m = AutoModelForCausalLM.from_pretrained(d, **kwargs)
-    if device != "auto":
+    if "device_map" not in kwargs:
         m.to(device)
     m.eval()
     tok = None
@@ -85,8 +88,6 @@ def load_model(
 
 def require_accelerate() -> None:
     """`--device auto` (layers spread over devices) needs the accelerate package."""
-    import importlib.util
-
     if importlib.util.find_spec("accelerate") is None:
         raise MoesiftError('--device auto spreads the model over GPUs with accelerate; '
                            'install it with `pip install "moesift[multigpu]"`')

@@ -286,7 +286,8 @@ def print_sweep(r: dict[str, Any]) -> None:
         t.add_column(c, justify="left" if c == "strategy" else "right")
     for p in r["points"]:
         hc = p.get("heldout_coverage")
-        row = [p["strategy"], f"{p['keep']:g}" + ("!" if p.get("budget_note") else ""), _mb(p["bytes"]), f"{p['ppl']:.3f}", f"{p['ppl_ratio']:.3f}",
+        keep = f"{p['keep']:g}" + ("!" if p.get("budget_note") else "")  # ! = the planner kept more
+        row = [p["strategy"], keep, _mb(p["bytes"]), f"{p['ppl']:.3f}", f"{p['ppl_ratio']:.3f}",
                "" if hc is None else f"{hc:.3f}"]
         if r["timing"]:
             row += [f"{p['load_s']:.3f}", f"{p['ttft_s']:.4f}"]
