@@ -424,6 +424,7 @@ def render_html(res: dict[str, Any]) -> str:
         fig.update_layout(title=f"{name}: cross-coverage at 50% (self {mres['self_coverage']:.3f}, cross "
                                 f"{mres['cross_coverage_mean']:.3f})", xaxis_title="routes of", yaxis_title="resident set of",
                           height=420, width=560)
+        fig.update_yaxes(autorange="reversed")  # first workload on top: the diagonal runs top-left to bottom-right
         parts.append(figure_html(fig, f"cc-{name}"))
         wl = mres["report"].get("workloads") or []
         if wl:

@@ -590,8 +590,9 @@ def render_html(r: dict[str, Any]) -> str:
         w = cmp_["workloads"]
         fig = go.Figure(go.Heatmap(z=cmp_["cross_coverage"], x=w, y=w, colorscale="Blues", zmin=0, zmax=1,
                                    text=[[f"{v:.3f}" for v in row] for row in cmp_["cross_coverage"]], texttemplate="%{text}"))
-        fig.update_layout(title=f"Cross-coverage (row's top {cmp_['experts_kept']} experts on column's routes)",
-                          xaxis_title="routes of", yaxis_title="resident set of", height=420)
+        fig.update_layout(title=f"Cross-coverage (row's resident set at keep {cmp_['keep']:g}, as plan keeps it, "
+                                "on column's routes)", xaxis_title="routes of", yaxis_title="resident set of", height=420)
+        fig.update_yaxes(autorange="reversed")
         figs.append(("compare", fig))
     parts = [f.to_html(full_html=False, include_plotlyjs=False, div_id=f"fig-{name}", config={"displaylogo": False})
              for name, f in figs]
