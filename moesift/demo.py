@@ -184,6 +184,7 @@ def demo(
 
     from . import assets
     from .evaluate import eval_model, prepare
+    from .loading import hf_progress
     from .plan import plan as make_plan
     from .report import compare as compare_traces
     from .report import report as report_traces
@@ -222,7 +223,8 @@ def demo(
         traces: dict[str, dict[str, Path]] = {}
         for name, mdir in models.items():
             card = model_card(mdir)
-            m, tok = prepare(mdir, device="cpu", dtype="float32")
+            with hf_progress(False):  # the demo prints its own progress, one line per stage
+                m, tok = prepare(mdir, device="cpu", dtype="float32")
             loaded[name] = (m, tok)
             traces[name] = {}
             for d in assets.DOMAINS:
