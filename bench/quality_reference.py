@@ -57,9 +57,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from hostinfo import cpu_name, usable_cores  # bench/hostinfo.py, beside this script
 
 import moesift
 from moesift import assets
+from moesift.io import json_default
 
 KEEPS = (0.25, 0.5, 0.75)
 STRATEGIES = ("frequency", "weighted", "saliency", "random")
@@ -86,18 +88,7 @@ def environment() -> dict[str, Any]:
     import torch
     import transformers
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        usable = os.cpu_count()
+    cpu, usable = cpu_name(), usable_cores()
     commit = None
     try:
         root = Path(__file__).resolve().parent.parent
@@ -398,18 +389,6 @@ def print_model(name: str, r: dict[str, Any]) -> None:
     print_fewer(r["fewer_experts"])
 
 
-def _default(o: Any) -> Any:
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json-out", type=Path, help="write every figure to this JSON file")
@@ -463,7 +442,7 @@ def main() -> None:
     result["seconds"] = time.perf_counter() - T0
     out(f"total wall time {result['seconds']:.1f} s")
     if a.json_out is not None:
-        a.json_out.write_text(json.dumps(result, indent=1, default=_default) + "\n")
+        a.json_out.write_text(json.dumps(result, indent=1, default=json_default) + "\n")
         out(f"wrote {a.json_out}")
 
 

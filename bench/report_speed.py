@@ -22,6 +22,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from hostinfo import cpu_name, usable_cores  # noqa: E402 - bench/hostinfo.py, beside this script
+
 from moesift.tracefile import Trace  # noqa: E402
 
 
@@ -65,16 +67,8 @@ def synthetic_trace(n_tokens: int, L: int = 60, E: int = 256, K: int = 8, doc_le
 
 
 def hardware() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{cpu}; {n} CPU cores usable; Python {platform.python_version()}, numpy {np.__version__}; {platform.platform()}"
+    return (f"{cpu_name()}; {usable_cores()} CPU cores usable; Python {platform.python_version()}, numpy {np.__version__}; "
+            f"{platform.platform()}")
 
 
 def main() -> None:

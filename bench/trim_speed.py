@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from hostinfo import cpu_name  # bench/hostinfo.py, beside this script
+
 H, INTER, VOCAB = 1024, 512, 32768  # hidden, expert intermediate, vocabulary (embedding 64 MiB in bf16)
 
 
@@ -141,16 +143,6 @@ def _run(code: str, *args: str) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-gb", type=float, default=1.5, help="approximate size of the synthetic checkpoint")
@@ -192,7 +184,7 @@ def main() -> None:
         t_trim, t_plain, t_copy = statistics.median(trims), statistics.median(plain), statistics.median(copies)
         target_rss = (1 << 30) + largest
         res = {
-            "hardware": f"{_cpu()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}",
+            "hardware": f"{cpu_name()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}",
             "source_bytes": src_bytes, "source_shards": len(list(src.glob("*.safetensors"))),
             "layers": L, "experts": E, "kept_per_layer": E // 2, "written_bytes": out_bytes,
             "output_shards": len(list(out.glob("*.safetensors"))), "largest_tensor_bytes": largest,
