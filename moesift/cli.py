@@ -273,7 +273,7 @@ def verify_cmd(
     field: str = typer.Option(None, "--field", help="Text field of JSONL / datasets."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, ..."),
     dtype: str = typer.Option("float32", "--dtype", help="float32 (exact comparison), bfloat16, float16, "
-                              "auto (the checkpoint's dtype: rounding may differ between expert counts)."),
+                              "auto (the checkpoint's dtype; in bfloat16 top-k may break ties differently)."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Restricted full model vs trimmed model: top-1 agreement, logit differences, greedy generations.

@@ -50,9 +50,10 @@ def verify(
     generations of `max_new_tokens` tokens are identical. `plan` defaults to the one recorded in `trimmed`.
     Without `data`, a deterministic set of random token sequences is used (said in the result).
 
-    Both models run in float32 by default: the check is that they compute the same function. In bfloat16 the
-    router's matmul over E experts and over the resident experts alone may round differently, and a rounding
-    difference can flip a near-tie in top-k selection, so small disagreements there are not a trimming error."""
+    Both models run in float32 by default: the check is that they compute the same function. In bfloat16,
+    router probabilities tie often (8 bits of mantissa), and torch.topk may break a tie differently over E
+    experts and over the resident experts alone: the two models then pick different (equally weighted)
+    experts for that token, which is not a trimming error."""
     import torch
 
     from .loading import hf_progress
