@@ -98,7 +98,7 @@ from moesift.arch import _load_all
 _load_all()
 startup = time.perf_counter() - t0
 t = time.perf_counter()
-trim(sys.argv[1], sys.argv[2], sys.argv[3], progress=False, checksums=sys.argv[4] == "1")
+trim(sys.argv[1], sys.argv[2], sys.argv[3], progress=False, checksums=sys.argv[4] == "1", max_shard_size=sys.argv[5])
 wall = time.perf_counter() - t
 print(json.dumps({"wall": wall, "startup": startup,
                   "maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
@@ -149,6 +149,8 @@ def main() -> None:
     ap.add_argument("--dir", default=None, help="work directory (default: a new temporary directory)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument("--max-shard-size", default="5GB",
+                    help="output shard size of the trim (several shards let their sha256 run side by side)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     import numpy as np
@@ -168,15 +170,15 @@ def main() -> None:
         src_bytes = sum(f.stat().st_size for f in src.glob("*.safetensors"))
         trims, plain, copies, startups = [], [], [], []
         rss = 0
-        _run(TRIM, str(src), str(work / "plan.json"), str(out), "0")  # warm-up: page cache as in later runs
+        _run(TRIM, str(src), str(work / "plan.json"), str(out), "0", args.max_shard_size)  # warm-up: page cache as in later runs
         out_bytes = sum(f.stat().st_size for f in out.glob("*.safetensors"))
         for _ in range(args.repeat):
-            r = _run(TRIM, str(src), str(work / "plan.json"), str(out), "1")
+            r = _run(TRIM, str(src), str(work / "plan.json"), str(out), "1", args.max_shard_size)
             trims.append(r["wall"])
             startups.append(r["startup"])
             rss = max(rss, r["maxrss"])
             copies.append(_run(COPY, str(src), str(copy_dst), str(out_bytes))["wall"])
-            r = _run(TRIM, str(src), str(work / "plan.json"), str(out), "0")
+            r = _run(TRIM, str(src), str(work / "plan.json"), str(out), "0", args.max_shard_size)
             plain.append(r["wall"])
             rss = max(rss, r["maxrss"])
         sha_mb_s = _run(SHA)["mb_s"]

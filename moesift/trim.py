@@ -21,6 +21,7 @@ complete, so an interrupted trim leaves no directory that looks like a finished 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -250,7 +251,8 @@ class _Writer:
         if self.h is not None:
             self.q.put((src_fd, off, n))
 
-    def close(self) -> str | None:
+    def finish(self) -> None:
+        """Write what is pending and close the file; its hash may still be computing (close() waits)."""
         if not self.closed:
             self.closed = True
             try:
@@ -258,8 +260,13 @@ class _Writer:
             finally:
                 if self.t:
                     self.q.put(None)
-                    self.t.join()
                 os.close(self.fd)
+
+    def close(self) -> str | None:
+        """finish(), wait for the hash, and return its hex digest (None without checksums)."""
+        self.finish()
+        if self.t:
+            self.t.join()
         if self.error is not None:
             raise MoesiftError(f"could not checksum the output: {self.error}")
         return self.h.hexdigest() if self.h is not None else None
@@ -381,27 +388,39 @@ def trim(
         hashes: dict[str, str] = {}
         weight_map: dict[str, str] = {}
         fds: dict[str, int] = {}
+        # a finished shard's sha256 may still be computing while the next shard is copied (a hash runs at about
+        # 1 GB/s on one core, slower than a kernel copy); at most `lag` shards hash behind the one being written
+        lag = max(1, (os.cpu_count() or 1) - 1)
+        hashing: list[tuple[str, _Writer]] = []
         try:
             for fname, tensors in zip(names, shards, strict=True):
                 w = _Writer(tmp / fname, checksum=checksums)
-                try:
-                    w.write(_header_bytes(tensors))
-                    for t in tensors:
-                        weight_map[t.name] = fname
-                        if t.slice_keep is not None:
-                            b = _sliced_bytes(src, t, ad, cfg)
-                            w.write(b)
-                            advance(len(b))
-                            del b
-                            continue
-                        fd = fds.get(t.src_file)
-                        if fd is None:
-                            fd = fds[t.src_file] = os.open(src / t.src_file, os.O_RDONLY)
-                        for off, k in t.ranges:
-                            _copy_range(fd, w, off, k, t.src_file, advance)
-                finally:
-                    hashes[fname] = w.close()
+                hashing.append((fname, w))
+                w.write(_header_bytes(tensors))
+                for t in tensors:
+                    weight_map[t.name] = fname
+                    if t.slice_keep is not None:
+                        b = _sliced_bytes(src, t, ad, cfg)
+                        w.write(b)
+                        advance(len(b))
+                        del b
+                        continue
+                    fd = fds.get(t.src_file)
+                    if fd is None:
+                        fd = fds[t.src_file] = os.open(src / t.src_file, os.O_RDONLY)
+                    for off, k in t.ranges:
+                        _copy_range(fd, w, off, k, t.src_file, advance)
+                w.finish()
+                while len(hashing) > lag:
+                    f0, w0 = hashing.pop(0)
+                    hashes[f0] = w0.close()
+            while hashing:
+                f0, w0 = hashing.pop(0)
+                hashes[f0] = w0.close()
         finally:
+            for _, w0 in hashing:  # after an error: stop every writer before the source files close
+                with contextlib.suppress(Exception):
+                    w0.close()
             for fd in fds.values():
                 os.close(fd)
         index_obj = {"metadata": {"total_size": written_tensor_bytes, "format": "pt"}, "weight_map": weight_map}
