@@ -222,16 +222,6 @@ def rebalance_affinity(T: np.ndarray, gpu: np.ndarray, load: np.ndarray, G: int,
     return gpu
 
 
-def _layer_load_ratios(gpu: np.ndarray, load: np.ndarray, G: int) -> np.ndarray:
-    """Busiest / mean GPU load of each layer (1.0 for a layer with no load)."""
-    out = np.ones(gpu.shape[0])
-    for li in range(gpu.shape[0]):
-        gl = np.bincount(gpu[li], weights=load[li].astype(np.float64), minlength=G)
-        if gl.sum() > 0:
-            out[li] = gl.max() / (gl.sum() / G)
-    return out
-
-
 def affinity_milp(T: np.ndarray, G: int, time_limit: float = 30.0) -> tuple[np.ndarray, dict[str, Any]]:
     """ExFlow's integer program through HiGHS: x[l,e,g] (expert e of layer l on GPU g, one GPU each, at most
     ceil(E/G) per GPU and layer), z[l,i,j,g] <= x[l,i,g], x[l+1,j,g]; maximise sum T[l,i,j] z[l,i,j,g]."""
@@ -548,15 +538,15 @@ def place(trace, gpus: int, nodes: int = 1, replicas: int = 0, method: str = "ba
         if max_load_ratio is not None:
             gpu = rebalance_affinity(T.astype(np.float64), gpu, counts, G, float(max_load_ratio))
             info["max_load_ratio"] = float(max_load_ratio)
-            ratios = _layer_load_ratios(gpu, counts, G)
-            unmet = [int(li) for li in np.flatnonzero(ratios > max_load_ratio + 1e-9)]
-            info["cap_unmet_moe_layers"] = unmet  # a hot expert alone can exceed the cap: needs replicas
-            info["worst_layer_load_ratio"] = float(ratios.max()) if ratios.size else 1.0
         phy2log = _phy2log_from_gpu(gpu, G)
     else:
         raise MoesiftError(f"unknown --method {method!r}; choose balance or affinity")
 
     sim = simulate_placement(tr, phy2log, G, hidden, dtype_bytes)
+    if "max_load_ratio" in info:  # a hot expert alone can exceed the cap: it needs replicas, not swaps
+        ratios = sim["load_max_over_mean_per_layer"]
+        info["cap_unmet_moe_layers"] = [li for li, x in enumerate(ratios) if x > info["max_load_ratio"] + 1e-9]
+        info["worst_layer_load_ratio"] = max(ratios, default=1.0)
     base = simulate_placement(tr, round_robin(L, E, G), G, hidden, dtype_bytes)
     slots = phy2log.shape[1] // G
     placement = {

@@ -698,10 +698,10 @@ def plan(
             # and measured on it. Report how optimistic in-sample coverage is for count-chosen sets of the
             # same sizes instead, and leave the held-out figure empty rather than quote another set's.
             f_sets = [_flatten(u, _units_for_count(u, sizes[p]))
-                      for p, u in enumerate(_units(sp, p, share[p]) for p in range(len(sizes)))]
+                      for p, u in ((p, _units(sp, p, share[p])) for p in range(L))]
             f_mean, _ = _heldout(sp, folds, folds, f_sets)
             tot = share.sum(axis=1)
-            f_in = [float(share[p, f_sets[p]].sum() / tot[p]) if tot[p] > 0 else np.nan for p in range(len(sizes))]
+            f_in = [float(share[p, f_sets[p]].sum() / tot[p]) if tot[p] > 0 else np.nan for p in range(L)]
             gaps = np.asarray(f_in) - np.asarray(f_mean, dtype=np.float64)
             freq_gap = float(np.nanmean(gaps)) if np.isfinite(gaps).any() else None
             held_note = (f"{strategy} scores are not kept per fold, so the held-out coverage of this set cannot be "
