@@ -383,3 +383,22 @@ def test_imported_shapes_drive_place(last_dense_dir, tmp_path):
     res = place(ti, gpus=4, out=tmp_path / "d.json")
     assert res["hidden_size"] == DS_H
     assert len(json.loads((tmp_path / "d.sglang.json").read_text())["physical_to_logical_map"]) == DS_NH
+
+
+def test_wcer_round_trip_keeps_shapes(last_dense_dir, tmp_path):
+    from moesift.wcer import dump_expert_trace, from_expert_trace
+
+    a = routed(9, 3, [0, 1], 8, 2, seed=13)
+    f = tmp_path / "r.json"
+    f.write_text(json.dumps(completion([a], 6, 4)))
+    t = import_trace(f, "vllm", model=last_dense_dir)
+    d = dump_expert_trace(t)
+    back = from_expert_trace(d)
+    assert back.model["moe_layers"] == [0, 1] and back.model["num_hidden_layers"] == 3
+    assert back.model["hidden_size"] == 32
+    # files written without them (WCER's own) still read, with the shapes unknown
+    plain = {k: v for k, v in d.items() if k not in ("moe_layers", "hidden_size", "num_hidden_layers")}
+    assert from_expert_trace(plain).model["moe_layers"] is None
+    for bad in ({"moe_layers": [1, 0]}, {"moe_layers": [0, 3], "num_hidden_layers": 3}, {"hidden_size": "32"}):
+        with pytest.raises(MoesiftError):
+            from_expert_trace({**d, **bad})
