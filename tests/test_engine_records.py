@@ -362,6 +362,11 @@ def test_traced_shapes_drive_place(last_dense_dir, tmp_path):
     r_old = place(Trace.load(tmp_path / "old.trace"), gpus=2, out=tmp_path / "q.json")
     assert r_old["hidden_size"] is None and "all_to_all_bytes_per_token" not in r_old["placement"]
     assert len(json.loads((tmp_path / "q.sglang.json").read_text())["physical_to_logical_map"]) == 2
+    # a layer count that contradicts the MoE layers is an error, not a short map
+    bad = Trace(model={**t.model, "num_hidden_layers": 1}, workload=t.workload, arrays=t.arrays, tool=t.tool)
+    with pytest.raises(MoesiftError, match="decoder layers"):
+        place(bad, gpus=2, out=tmp_path / "r.json")
+    assert not (tmp_path / "r.json").exists()
 
 
 def test_imported_shapes_drive_place(last_dense_dir, tmp_path):
