@@ -307,31 +307,38 @@ def _vllm_record(r: dict, where: str) -> list[list[_Piece]]:
     prompt = _rows(r.get("prompt_routed_experts"), where + " prompt_routed_experts")
     first: list[_Piece] = [_Piece(prompt, 0, MOE, where)] if prompt is not None else []
     others: list[list[_Piece]] = []
-    n_values = sum(v is not None for _, v, _ in choices)
     for i, (w, v, c) in enumerate(choices):
         if v is None:
             continue
+        n_p = n_prompt
+        if n_p is None and isinstance(c.get("prompt_token_ids"), list):
+            n_p = len(c["prompt_token_ids"])
+        n_gen = len(c["token_ids"]) if isinstance(c.get("token_ids"), list) else None
+        if n_gen is None and len(choices) == 1:
+            n_gen = _int_or_none(usage.get("completion_tokens"))
         if isinstance(v, str):  # 0.22+: prompt and generated tokens, every decoder layer
             if prompt is not None:
                 raise MoesiftError(f"{w}: a base64 routed_experts (vLLM 0.22+) beside prompt_routed_experts "
                                    "(vLLM 0.21); one response has one layout")
             a = _b64_npy(v, w)
-            n_p = n_prompt
-            if n_p is None and isinstance(c.get("prompt_token_ids"), list):
-                n_p = len(c["prompt_token_ids"])
-            n_gen = len(c["token_ids"]) if isinstance(c.get("token_ids"), list) else None
-            if n_gen is None and n_values == 1:
-                n_gen = _int_or_none(usage.get("completion_tokens"))
+        elif isinstance(v, list):
+            a = _rows(v, w)
+            if a is None:
+                continue
+            # 0.21 lists hold generated tokens only (at most n_gen rows); a 0.22+ array saved as lists
+            # (.tolist()) holds prompt + generated - 1 rows and has no prompt_routed_experts beside it
+            if not (prompt is None and n_p is not None and n_gen is not None and n_p > 1
+                    and len(a) == n_p + n_gen - 1):
+                pieces = [_Piece(a, 1, MOE, w)]
+                a = None
+        else:
+            raise MoesiftError(f"{w}: expected a base64 .npy string (vLLM 0.22+) or nested lists (vLLM 0.21), "
+                               f"got {type(v).__name__}")
+        if a is not None:
             k = _split_rows(a, n_p, n_gen, w)
             pieces = [_Piece(a[:k], 0, DECODER, w), _Piece(a[k:], 1, DECODER, w)]
             if i:  # a further choice: its prompt rows repeat the first choice's
                 pieces = pieces[1:]
-        elif isinstance(v, list):  # 0.21: generated tokens, MoE layers
-            g = _rows(v, w)
-            pieces = [_Piece(g, 1, MOE, w)] if g is not None else []
-        else:
-            raise MoesiftError(f"{w}: expected a base64 .npy string (vLLM 0.22+) or nested lists (vLLM 0.21), "
-                               f"got {type(v).__name__}")
         pieces = [pc for pc in pieces if len(pc.rows)]
         if i == 0:
             first.extend(pieces)
@@ -357,6 +364,9 @@ def read_vllm(path: Path) -> list[list[_Piece]]:
         where = f"{str(path)!r} record {i}"
         if not isinstance(r, dict):
             raise MoesiftError(f"{where} is not a JSON object")
+        body = r.get("response", {}).get("body") if isinstance(r.get("response"), dict) else None
+        if isinstance(body, dict):  # a line of the batch API's output: {"custom_id", "response": {"body"}}
+            r = body
         docs.extend(_vllm_record(r, where))
     return docs
 

@@ -128,6 +128,16 @@ def test_vllm_022_deepseek_dense_first(tmp_path):
     f2 = tmp_path / "list.json"
     f2.write_text(json.dumps([completion([a1], 6, 4), chat(a2, 5, 3)]))
     np.testing.assert_array_equal(import_trace(f2, "vllm", model=DSV3).get("routing_log"), t.get("routing_log"))
+    # lines of the batch API's output wrap each response; an array saved with .tolist() reads as 0.22+ too
+    listed = completion([a1], 6, 4)
+    listed["choices"][0]["routed_experts"] = a1.tolist()
+    f3 = tmp_path / "batch.jsonl"
+    f3.write_text("\n".join(json.dumps({"id": f"b{i}", "custom_id": str(i), "error": None,
+                                        "response": {"status_code": 200, "request_id": "r", "body": body}})
+                            for i, body in enumerate([listed, chat(a2, 5, 3)])))
+    t3 = import_trace(f3, "vllm", model=DSV3)
+    np.testing.assert_array_equal(t3.get("routing_log"), t.get("routing_log"))
+    np.testing.assert_array_equal(t3.get("log_phase"), t.get("log_phase"))
 
 
 def test_vllm_022_all_moe_and_npy(tmp_path, tiny_dir):
