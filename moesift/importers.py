@@ -21,9 +21,11 @@ vLLM (``--enable-return-routed-experts``)
       ``[token][MoE layer][top_k]``; records saved from the offline API as ``{"prompt_routed_experts": ...,
       "outputs": [{"routed_experts": ...}]}`` are read too. This layer axis counts MoE layers but ignores
       ``first_k_dense_replace``, so a dense-first model's records end with all-zero rows: they must be zero
-      and are dropped.
+      and are dropped. A choice's list of prompt + generated - 1 rows with no ``prompt_routed_experts``
+      beside it is a 0.22+ array saved with ``.tolist()`` and is read as one.
 
-    Accepted files: one response object, a JSON list of them, JSON Lines (one per line), or ``.npy``. Each
+    Accepted files: one response object, a JSON list of them, JSON Lines (one per line; lines of the batch
+    API's output, ``{"custom_id", "response": {"body": ...}}``, are unwrapped), or ``.npy``. Each
     request is one document: its prompt tokens (prefill) then the generated tokens of its first choice
     (decode); further choices become documents of their generated tokens only (their prompt rows repeat
     the first choice's).
@@ -40,7 +42,11 @@ SGLang expert distribution recorder (``--expert-distribution-recorder-mode``)
     layer; rows of dense layers are dropped using the model's MoE layers (``model``) or, without a model,
     the layers that recorded no routing. Prefill passes are split into one document per request with
     ``extend_seq_lens``; a decode pass batches one token of many requests, so each decode token is its own
-    document (their order within a request is not recorded).
+    document (their order within a request is not recorded). ``per_token`` and ``per_pass`` dumps are
+    written once per rank: a forward pass found in several files (same ``forward_pass_id``, token count and
+    tokens, as every tensor-parallel rank records it) is counted once, and ranks whose records of one pass
+    disagree are refused (pass one rank's file); passes with other tokens under the same id (data-parallel
+    ranks) all count. ``stat`` dumps already sum over ranks: identical dumps of several ranks count once.
 """
 
 from __future__ import annotations
