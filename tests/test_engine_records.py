@@ -417,3 +417,17 @@ def test_wcer_round_trip_keeps_shapes(last_dense_dir, tmp_path):
     for bad in ({"moe_layers": [1, 0]}, {"moe_layers": [0, 3], "num_hidden_layers": 3}, {"hidden_size": "32"}):
         with pytest.raises(MoesiftError):
             from_expert_trace({**d, **bad})
+
+
+def test_vllm_022_uint16_and_moe_layers_option(tmp_path):
+    # above 256 experts vLLM sends uint16
+    a = routed(10, 3, [1, 2], 300, 2, seed=14)
+    assert a.dtype == np.uint16
+    f = tmp_path / "r.json"
+    f.write_text(json.dumps(completion([a], 7, 4)))
+    t = import_trace(f, "vllm", n_experts=300, moe_layers="1,2")
+    assert t.model["moe_layers"] == [1, 2] and t.model["num_hidden_layers"] == 3 and t.n_experts == 300
+    np.testing.assert_array_equal(t.get("prefill_counts"), recount([a[:7]], [1, 2], 300))
+    np.testing.assert_array_equal(t.get("decode_counts"), recount([a[7:]], [1, 2], 300))
+    with pytest.raises(MoesiftError, match="decoder layer 1 is dense"):
+        import_trace(f, "vllm", n_experts=300, moe_layers="2")
