@@ -401,7 +401,8 @@ def place_cmd(
     replicas: int = typer.Option(0, "--replicas", help="Redundant expert slots per layer (balance)."),
     method: str = typer.Option("balance", "--method", help="balance (EPLB-style) or affinity (ExFlow-style)."),
     out: str = typer.Option(None, "--out", help="Write the placement JSON here (and PLACEMENT.sglang.json)."),
-    hidden: int = typer.Option(None, "--hidden", help="Hidden size for all-to-all bytes (default: from the trace)."),
+    hidden: int = typer.Option(None, "--hidden", help="Hidden size for all-to-all bytes (default: the trace's "
+                               "hidden_size, recorded by `trace` and by `import --model`)."),
     dtype_bytes: int = typer.Option(2, "--dtype-bytes", help="Bytes per activation element sent (2 for bf16)."),
     time_limit: float = typer.Option(30.0, "--time-limit", help="Seconds the integer program may run."),
     max_load_ratio: float = typer.Option(None, "--max-load-ratio", help="Affinity: cap busiest/mean GPU load."),
@@ -422,6 +423,9 @@ def place_cmd(
         typer.echo(f"  {k:28s} {v['placed']:12.4f}   round-robin {v['round_robin']:12.4f}")
     if "optimality_gap" in res["solver"]:
         typer.echo(f"  optimality gap (cross hops, upper estimate) {res['solver']['optimality_gap']:.3f}")
+    if res["hidden_size"] is None:
+        typer.echo("  note: no all-to-all bytes: the trace does not record hidden_size (an older trace, or imported "
+                   "without --model); pass --hidden", err=True)
     unmet = res["solver"].get("cap_unmet_moe_layers")
     if unmet:
         typer.echo(f"  warning: --max-load-ratio not reachable in MoE layers {unmet} by swaps alone (worst "
@@ -462,10 +466,17 @@ def cache_cmd(
 
 @app.command("import")
 def import_cmd(
-    files: list[str] = typer.Argument(..., help="Engine routing records (several files are read into one trace)."),
-    format: str = typer.Option(..., "--format", help="vllm (routed experts responses) or sglang (recorder dumps)."),
+    files: list[str] = typer.Argument(..., help="Engine routing records (several files are read into one trace). "
+                                      "sglang: files of several ranks that recorded the same forward passes (same "
+                                      "forward_pass_id, token count and tokens) are counted once; ranks whose "
+                                      "records of one pass disagree are refused (pass one rank's file)."),
+    format: str = typer.Option(..., "--format", help="vllm: responses of --enable-return-routed-experts (0.22+ "
+                               "base64 .npy per choice, or 0.21 JSON lists; completion or chat-completion JSON, "
+                               "JSONL, or offline routed_experts arrays saved as .npy). sglang: expert "
+                               "distribution recorder dumps (.pt)."),
     out: str = typer.Option(..., "--out", help="Trace file to write."),
-    model: str = typer.Option(None, "--model", help="Model directory or hub id (MoE layers, experts, top-k)."),
+    model: str = typer.Option(None, "--model", help="Model directory or hub id the records were made with (MoE "
+                              "layers, experts, top-k, hidden size; maps decoder-layer rows to MoE layers)."),
     n_experts: int = typer.Option(None, "--experts", help="Experts per layer (without --model)."),
     top_k: int = typer.Option(None, "--top-k", help="Experts per token (without --model)."),
     moe_layers: str = typer.Option(None, "--moe-layers", help="Comma-separated decoder layer ids of MoE layers."),
@@ -480,12 +491,17 @@ def import_cmd(
                      label=label, force=force, json=json_out)
     log = t.get("routing_log")
     info = {"out": out, "format": format, "moe_layers": t.n_layers, "n_experts": t.n_experts, "top_k": t.top_k,
-            "tokens_logged": 0 if log is None else int(log.shape[0]), "routes": int(t.counts.sum())}
+            "tokens_logged": 0 if log is None else int(log.shape[0]), "routes": int(t.counts.sum()),
+            "moe_decoder_layers": t.model.get("moe_layers"), "num_hidden_layers": t.model.get("num_hidden_layers"),
+            "hidden_size": t.model.get("hidden_size"), "imported_from": t.tool.get("imported_from"),
+            "duplicate_rank_records": int(t.tool.get("duplicate_rank_records", 0))}
     if json_out:
         emit_json(info)
     else:
         typer.echo(f"wrote {out}: {info['moe_layers']} MoE layers x {info['n_experts']} experts, "
-                   f"{info['tokens_logged']} tokens logged, {info['routes']} routes")
+                   f"{info['tokens_logged']} tokens logged, {info['routes']} routes ({info['imported_from']})")
+        if info["duplicate_rank_records"]:
+            typer.echo(f"  {info['duplicate_rank_records']} records repeated by another rank's file were counted once")
 
 
 def main() -> None:

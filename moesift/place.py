@@ -467,6 +467,9 @@ def _sglang_map(phy2log: np.ndarray, trace) -> list[list[int]]:
     """physical_to_logical_map over every decoder layer (dense layers get the trivial map)."""
     moe_layers = [int(x) for x in (trace.model.get("moe_layers") or range(trace.n_layers))]
     n_layers = int(trace.model.get("num_hidden_layers") or (max(moe_layers) + 1))
+    if n_layers <= max(moe_layers):
+        raise MoesiftError(f"the trace says the model has {n_layers} decoder layers but MoE layer {max(moe_layers)}; "
+                           "re-import or re-trace it")
     E = trace.n_experts
     P = phy2log.shape[1]
     trivial = (np.arange(P) % E).tolist()
@@ -582,9 +585,10 @@ def place(trace, gpus: int, nodes: int = 1, replicas: int = 0, method: str = "ba
         outp = Path(out)
         if outp.exists() and not force:
             raise MoesiftError(f"{str(outp)!r} exists; pass --force to overwrite")
+        sg_map = _sglang_map(phy2log, tr)
         write_json(outp, placement)
         sg = outp.with_name(outp.stem + ".sglang.json")
-        write_json(sg, {"physical_to_logical_map": _sglang_map(phy2log, tr)})
+        write_json(sg, {"physical_to_logical_map": sg_map})
         res["out"] = str(outp)
         res["sglang_init_expert_location"] = str(sg)
     else:

@@ -71,7 +71,10 @@ class Trace:
     """Routing statistics of one model on one workload.
 
     ``model``: ``name`` (path or hub id), ``model_type``, ``config_hash``, ``moe_layers`` (decoder layer
-    ids), ``n_experts``, ``top_k``, ``n_shared``, optional ``hash_layers`` (MoE positions kept whole).
+    id of each MoE layer, in order; None when the source did not say), ``n_experts``, ``top_k``,
+    ``n_shared``, optional ``hash_layers`` (MoE positions kept whole), ``hidden_size`` and
+    ``num_hidden_layers`` (decoder layers, dense ones included; placement reads both). Traces written
+    before the last two were recorded still load: readers treat a missing key as unknown.
     ``workload``: ``label``, ``sources`` (list of {path, sha256}), ``token_sha256``, ``documents``,
     ``prefill_tokens``, ``decode_tokens``.
     """

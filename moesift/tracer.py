@@ -213,6 +213,7 @@ def trace(
             "scoring": spec.scoring,
             "n_group": spec.n_group,
             "topk_group": spec.topk_group,
+            **adapter.model_shape(m.config),
         },
         workload={
             "label": label or Path(str(paths[0])).stem,

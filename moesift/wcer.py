@@ -4,7 +4,9 @@ The format (one JSON object per model and workload) holds per-layer selection hi
 derived from them. Its token figures count token passes through MoE layers (one per token and layer:
 ``prefill_tokens`` = tokens x ``n_layers``); moesift counts tokens through the model, so the importer
 divides by ``n_layers`` and the exporter multiplies back. Its layers are MoE blocks in order (decoder
-layer ids unknown), and it names the model by hub id only (no model_type / config hash). Histograms
+layer ids unknown, unless the file carries the optional keys moesift writes: ``moe_layers`` (decoder layer
+ids), ``hidden_size``, ``num_hidden_layers``), and it names the model by hub id only (no model_type / config
+hash). Histograms
 mix prompt and generated tokens, so an imported trace holds them all under ``prefill_counts``.
 Co-activation is only present as top pairs per layer; they are kept in ``extra`` (not as a full matrix)
 and written back unchanged. ``per_layer_weight_mass`` (summed softmax probability of the selected
@@ -92,12 +94,14 @@ def from_expert_trace(d: Any, where: str = "expert-trace") -> Trace:
     pairs = d.get("coactivation_top_pairs_per_layer")
     if isinstance(pairs, list) and len(pairs) == L:
         extra["coactivation_top_pairs_per_layer"] = pairs
+    shape = _shape_keys(d, L, where)
     return Trace(
         model={
+            **shape,
             "name": d.get("model_id"),
             "model_type": d.get("model_type"),
             "config_hash": d.get("config_hash"),
-            "moe_layers": None,
+            "moe_layers": shape.get("moe_layers"),
             "n_experts": E,
             "top_k": K,
             "n_shared": None,
@@ -184,4 +188,28 @@ def dump_expert_trace(trace: Trace, top_m: int = TOP_M) -> dict[str, Any]:
         out["model_type"] = trace.model["model_type"]
     if trace.model.get("config_hash"):
         out["config_hash"] = trace.model["config_hash"]
+    for k in ("moe_layers", "hidden_size", "num_hidden_layers"):  # optional keys, read back by the importer
+        if trace.model.get(k) is not None:
+            out[k] = trace.model[k]
+    return out
+
+
+def _shape_keys(d: dict[str, Any], L: int, where: str) -> dict[str, Any]:
+    """The optional ``moe_layers`` / ``hidden_size`` / ``num_hidden_layers`` keys, checked."""
+    out: dict[str, Any] = {}
+    for k in ("hidden_size", "num_hidden_layers"):
+        v = d.get(k)
+        if v is not None:
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise MoesiftError(f"{where!r}: {k} must be a positive integer (got {v!r})")
+            out[k] = v
+    ml = d.get("moe_layers")
+    if ml is not None:
+        if (not isinstance(ml, list) or len(ml) != L or any(not isinstance(x, int) or isinstance(x, bool) for x in ml)
+                or any(b <= a for a, b in zip(ml, ml[1:], strict=False)) or (ml and ml[0] < 0)):
+            raise MoesiftError(f"{where!r}: moe_layers must list {L} increasing decoder layer ids")
+        if ml and out.get("num_hidden_layers") is not None and ml[-1] >= out["num_hidden_layers"]:
+            raise MoesiftError(f"{where!r}: moe_layers {ml[-1]} is not below num_hidden_layers "
+                               f"{out['num_hidden_layers']}")
+        out["moe_layers"] = ml
     return out

@@ -60,7 +60,8 @@ def test_vllm_round_trip(tmp_path):
                     for li in range(L)])
     assert np.array_equal(back.get("prefill_counts"), pre)
     assert back.counts.sum() == 19 * L * K
-    assert back.top_k == K and back.n_experts == E and t.model["moe_layers"] == [0, 1, 2]
+    # 0.21 records count MoE layers without saying which decoder layers they are
+    assert back.top_k == K and back.n_experts == E and t.model["moe_layers"] is None
     # transitions from the log
     tr = back.get("transitions")
     assert tr.shape == (L - 1, E, E) and tr.sum() == 19 * K * K * (L - 1)

@@ -162,6 +162,14 @@ class Adapter:
         """MoE layout from a transformers config object or a config.json dict."""
         raise NotImplementedError
 
+    def model_shape(self, config: Any) -> dict[str, int | None]:
+        """``hidden_size`` (width of a token's hidden state) and ``num_hidden_layers`` (decoder layers, dense
+        ones included) from a transformers config object or a config.json dict; None where the config does
+        not say. Placement needs them for all-to-all bytes and for per-decoder-layer expert maps."""
+        h = cfg_get(config, "hidden_size", "d_model")
+        n = cfg_get(config, "num_hidden_layers", "n_layers")
+        return {"hidden_size": int(h) if h else None, "num_hidden_layers": int(n) if n else None}
+
     def rewrite_config(self, config: dict[str, Any], resident: Mapping[int, Sequence[int]]) -> dict[str, Any]:
         """config.json of a checkpoint trimmed to `resident` ({decoder layer: kept original ids}).
 
