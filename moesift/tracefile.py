@@ -221,6 +221,9 @@ def merge(traces: list[Trace], label: str | None = None) -> Trace:
         "decode_tokens": sum(int(t.workload.get("decode_tokens", 0)) for t in traces),
         "merged_from": [t.workload.get("token_sha256") or t.label for t in traces],
     }
+    gens = [t.workload.get("generate") for t in traces if t.workload.get("generate") is not None]
+    if gens:
+        w["generate"] = max(int(g) for g in gens)  # the largest generation budget of the parts
     return Trace(model=dict(first.model), workload=w, arrays=arrays, tool=dict(first.tool))
 
 

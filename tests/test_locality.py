@@ -314,7 +314,7 @@ def test_locality_section(tmp_path):
     # SCH and the cache policies replay the same tokens on the same layers at the same capacities
     assert c["moe_layers"] == s["moe_layers"] == [0, 2] and c["tokens_used"] == s["tokens_used"] == 80
     assert c["capacities"] == s["capacities"] == [2, 4, 8] and c["cold_start_per_document"]
-    for i, li in enumerate(s["moe_layers"]):
+    for i in range(len(s["moe_layers"])):
         for m in ("4", "16"):
             for rho, cap in zip(s["rhos"], s["capacities"], strict=True):
                 assert s["layers"][i][m][str(rho)] <= c["layers"][i][str(cap)]["belady"] + 1e-12
