@@ -263,7 +263,6 @@ def _hit_rate_rows(loc: dict[str, Any]) -> list[tuple[str, list[float]]]:
     return rows
 
 
-
 def report(traces, model=None, out=None, json: bool = False, locality_tokens: int | None = 8192,
            cache_tokens: int | None = 2048, force: bool = False) -> dict[str, Any]:
     """Concentration, held-out trust, savings in bytes, locality and affinity of one or more traces of the
@@ -604,7 +603,7 @@ def render_html(r: dict[str, Any]) -> str:
             style = {"dash": "dot"} if name.startswith("SCH") else ({"width": 3} if name == "Belady" else {})
             fig.add_trace(go.Scatter(x=sc["capacities"], y=rows, mode="lines+markers", name=name, line=style))
         fig.update_layout(title=f"Per-layer cache hit rate: SCH(m) and LRU / LFU / Belady ({sc['tokens_used']} tokens, "
-                                f"MoE layers {', '.join(map(str, sc['moe_layers']))}; SCH stays under Belady)",
+                                f"MoE layers {', '.join(map(str, sc['moe_layers']))}; Belady is the optimum)",
                           xaxis_title="cache capacity (experts per layer)", xaxis_type="log", yaxis_title="hit rate",
                           height=450)
         figs.append(("cache", fig))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from html import escape as html_escape
 from pathlib import Path
 
 import numpy as np
@@ -52,11 +53,15 @@ def ref(request, tmp_path_factory):
     return name, model, ids, t, t.save(tmp / f"{name}.trace")
 
 
-def test_report_sch_never_above_belady(ref):
-    from moesift.report import report
+def test_report_sch_never_above_belady(ref, tmp_path):
+    from moesift.report import LOCALITY_DEFINITIONS, report
 
     name, _, _, t, _ = ref
-    loc = report(t, json=True)["locality"]
+    html = tmp_path / "r.html"
+    loc = report(t, json=True, out=html)["locality"]
+    page = html.read_text()
+    assert 'id="fig-locality"' in page and 'id="fig-cache"' in page  # SRP plot; SCH with LRU / LFU / Belady
+    assert all(html_escape(d) in page for d in LOCALITY_DEFINITIONS.values())  # one line each
     assert loc["sch_definition"] == "paper-v3-demand-cache"
     sc, c = loc["sch"], loc["cache"]
     assert sc["moe_layers"] == c["moe_layers"] == list(range(t.n_layers))  # every MoE layer of the model
