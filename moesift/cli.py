@@ -143,8 +143,8 @@ def report_cmd(
     traces: list[str] = typer.Argument(..., help="Trace files (moesift traces or expert-trace/1 JSON) of one model."),
     model: str = typer.Option(None, "--model", help="Model directory or hub id (local cache): bytes from its headers."),
     out: str = typer.Option(None, "--out", help="Write a self-contained HTML report here."),
-    locality_tokens: int = typer.Option(8192, "--locality-tokens", help="Logged tokens (whole documents) used for SRP/SCH."),
-    cache_tokens: int = typer.Option(2048, "--cache-tokens", help="Logged tokens used for the LRU/LFU/Belady simulation."),
+    locality_tokens: int = typer.Option(8192, "--locality-tokens", help="Logged tokens (whole documents) used for SRP."),
+    cache_tokens: int = typer.Option(2048, "--cache-tokens", help="Logged tokens (whole documents, taken from the SRP sample) replayed through SCH and the LRU/LFU/Belady caches."),
     force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object with every figure."),
 ) -> None:
@@ -184,7 +184,8 @@ def plan_cmd(
     coverage: float = typer.Option(None, "--coverage", help="Smallest set per layer covering this share of routes."),
     memory: str = typer.Option(None, "--memory", help="Target checkpoint size, e.g. 20GiB (needs --model)."),
     model: str = typer.Option(None, "--model", help="Model directory or hub id (bytes from its headers)."),
-    strategy: str = typer.Option("frequency", "--strategy", help="frequency | weighted | saliency | random."),
+    strategy: str = typer.Option("frequency", "--strategy", help="frequency | weighted | saliency | random. weighted "
+                                 "uses the routing weights the model applied (after top-k renormalisation)."),
     uniform: bool = typer.Option(False, "--uniform", help="Same number of experts in every MoE layer."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random strategy."),
     force: bool = typer.Option(False, "--force", help="Overwrite --out."),
@@ -221,6 +222,8 @@ def plan_cmd(
                f"{pr['coverage']:.3f}" + (f", held-out {held:.3f}" if held is not None else ""))
     if pr.get("budget_note"):
         typer.echo(f"  budget: {pr['budget_note']}")
+    if pr.get("strategy_note"):
+        typer.echo(f"  strategy: {pr['strategy_note']}")
     if held is None and pr.get("heldout_note"):
         typer.echo(f"  held-out: {pr['heldout_note']}")
     if "bytes" in pr:

@@ -8,10 +8,15 @@ Mixture-of-Expert Models" (arXiv 2505.16056). Windows never cross a document bou
   token of the window. Over all windows (and layers for the overall figure): matches = sum_{e in S_j} c_e,
   predictions = |S_j| m, actual = k m; F1(j) = 2 matches / (predictions + actual); SRP = max_j F1(j), one j
   for the whole aggregate (j = 0..m). ``experts_ratio`` = |S_j*| / k beside it.
-- SCH(m, rho), Segment Cache best Hit rate: a cache of rho*k experts per layer; at token t it holds the
-  rho*k experts most frequent in tokens t..t+m-1 of the same document, ties to the most recently used
-  (before t, in the document), remaining ties to the lower expert id; SCH = hits / activations.
-- LRU / LFU / Belady hit rates of a per-layer cache of C experts come from `moesift.cachesim`.
+- SCH(m, rho), Segment Cache best Hit rate (paper v3, sec. 2.3; ``SCH_DEFINITION``): a demand cache of
+  C = rho*k experts per layer, empty at the start of each document (documents are independent). At token t
+  the token's experts already cached are hits; the missing ones are loaded and, when the cache is full, the
+  same number of cached experts that token t does not use are evicted: those selected by the fewest tokens
+  among t..t+m-1 of the document, ties to the least recently used (a token's experts are used in column
+  order). SCH = hits / activations (a token's distinct experts). As a demand cache it never beats Belady at
+  the same capacity.
+- LRU / LFU / Belady hit rates of a per-layer cache of C experts come from `moesift.cachesim`; with
+  ``doc_offsets`` every document starts with an empty cache, as for SCH.
 
 All figures are exact on the tokens they are computed on. A long log is sampled by whole documents spread
 evenly over the log (``max_tokens``); the sample is reported.
@@ -27,6 +32,7 @@ from .errors import MoesiftError
 
 SEG_LENS = (4, 16, 64, 256)
 RHOS = (1, 2, 4, 8)
+SCH_DEFINITION = "paper-v3-demand-cache"
 
 
 def sample_documents(doc_offsets: np.ndarray, n_tokens: int, max_tokens: int | None) -> np.ndarray:
@@ -79,16 +85,6 @@ def _one_hot_cumsum(ids: np.ndarray, n_experts: int) -> np.ndarray:
     return x
 
 
-def _last_use(ids: np.ndarray, n_experts: int) -> np.ndarray:
-    """U [N+1, E] int32: U[t, e] = last token before t that selected e (-1 if none)."""
-    n, K = ids.shape
-    use = np.full((n + 1, n_experts), -1, dtype=np.int16 if n < 32767 else np.int32)
-    rows = np.repeat(np.arange(1, n + 1), K)
-    use[rows, ids.reshape(-1).astype(np.int64)] = rows - 1
-    np.maximum.accumulate(use, axis=0, out=use)
-    return use
-
-
 def srp_histograms(ids: np.ndarray, offs: np.ndarray, n_experts: int, seg_lens=SEG_LENS, C=None) -> dict[int, np.ndarray]:
     """For one layer: {m: H [m+1]} with H[v] = number of (window, expert) pairs whose count is v."""
     n = ids.shape[0]
@@ -129,35 +125,49 @@ def srp_from_histogram(H: np.ndarray, m: int, k: int) -> dict[str, Any]:
     return {"srp": float(f1[j]), "threshold": j, "experts_ratio": float(preds[j] / actual), "windows": int(actual // (k * m))}
 
 
-def sch_ranks(ids: np.ndarray, offs: np.ndarray, n_experts: int, m: int, stride: int = 1, chunk: int = 2048,
-              C=None, U=None) -> np.ndarray:
-    """For one layer: histogram R [E] of the cache rank of every activation of the evaluated tokens (every
-    `stride`-th token) under the SCH(m) ordering; the hit rate of a cache of C experts is
-    R[:C].sum() / R.sum()."""
-    n, K = ids.shape
-    E = n_experts
+def _rows(ids: np.ndarray) -> list[list[int]]:
+    """Rows of one layer's log as lists of distinct non-negative ids in column order."""
+    rows = ids.tolist()
+    if ids.size and (ids.min() < 0 or (ids.shape[1] > 1 and (np.diff(np.sort(ids, axis=1), axis=1) == 0).any())):
+        rows = [list(dict.fromkeys(e for e in r if e >= 0)) for r in rows]
+    return rows
+
+
+def sch_hits(ids: np.ndarray, offs: np.ndarray, n_experts: int, m: int, capacity: int, C=None,
+             rows: list[list[int]] | None = None) -> tuple[int, int]:
+    """For one layer [N, K]: (hits, activations) of the SCH(m) demand cache of `capacity` experts, reset at
+    every document start (see the module docstring)."""
     if C is None:
-        C = _one_hot_cumsum(ids, E)
-    if U is None:
-        U = _last_use(ids, E)
-    start, end = _doc_ids(offs, n)
-    hist = np.zeros(E, dtype=np.int64)
-    dmax = int(np.diff(offs).max()) + 2 if len(offs) > 1 else 2
-    dt = np.int32 if (m + 1) * dmax * E < 2**31 - 1 else np.int64
-    tie = (E - 1 - np.arange(E)).astype(dt)
-    ts = np.arange(0, n, stride)
-    for a in range(0, ts.size, chunk):
-        t = ts[a : a + chunk]
-        hi = np.minimum(t + m, end[t])
-        cnt = (C[hi] - C[t]).astype(dt)  # [T, E] uses in t..t+m-1 (inside the document)
-        st = start[t, None].astype(dt)
-        lu = U[t].astype(dt)  # last use strictly before t
-        lu = np.where(lu >= st, lu - st + 1, 0)  # position in the document + 1; 0 = not used before in it
-        key = (cnt * dt(dmax) + lu) * dt(E) + tie  # larger = kept first; all distinct within a row
-        ks = np.take_along_axis(key, ids[t].astype(np.int64), axis=1)  # [T, K]
-        rank = (key[:, None, :] > ks[:, :, None]).sum(axis=2)  # [T, K] experts ranked above
-        hist += np.bincount(rank.reshape(-1), minlength=E)[:E]
-    return hist
+        C = _one_hot_cumsum(ids, n_experts)
+    if rows is None:
+        rows = _rows(ids)
+    hits = acts = 0
+    for a, b in zip(offs[:-1].tolist(), offs[1:].tolist(), strict=True):
+        cache: set[int] = set()
+        last: dict[int, int] = {}  # expert -> time of its last use (token * K + column)
+        clock = 0
+        for t in range(a, b):
+            r = rows[t]
+            acts += len(r)
+            miss = 0
+            for e in r:
+                if e in cache:
+                    hits += 1
+                else:
+                    miss += 1
+            over = len(cache) + miss - capacity
+            if over > 0:
+                if over > len(cache) - (len(r) - miss):
+                    raise MoesiftError(f"an SCH cache of {capacity} experts cannot hold the {len(r)} experts of one token")
+                cand = [e for e in cache if e not in r]
+                cnt = (C[min(t + m, b)] - C[t]).tolist()  # uses in tokens t..t+m-1 of the document
+                cand.sort(key=lambda e: (cnt[e], last[e]))
+                cache.difference_update(cand[:over])
+            for e in r:
+                cache.add(e)
+                last[e] = clock
+                clock += 1
+    return hits, acts
 
 
 def _check_log(log: np.ndarray, n_experts: int) -> np.ndarray:
@@ -169,17 +179,22 @@ def _check_log(log: np.ndarray, n_experts: int) -> np.ndarray:
     return log
 
 
-def srp_sch(log: np.ndarray, doc_offsets, n_experts: int, seg_lens=SEG_LENS, rhos=RHOS, stride: int = 1,
-            want_srp: bool = True, want_sch: bool = True) -> dict[str, Any]:
-    """SRP and SCH in one pass over the layers (the per-layer count arrays are shared)."""
+def srp_sch(log: np.ndarray, doc_offsets, n_experts: int, seg_lens=SEG_LENS, rhos=RHOS, want_srp: bool = True,
+            want_sch: bool = True, layers=None) -> dict[str, Any]:
+    """SRP and SCH in one pass over the layers (the per-layer count arrays are shared). SRP uses every layer;
+    SCH the MoE layer positions `layers` (all by default)."""
     log = _check_log(log, n_experts)
     N, L, K = log.shape
     offs = _offsets(doc_offsets, N)
-    rhos = [r for r in rhos if r * K <= n_experts]
+    rhos = [int(r) for r in rhos if r * K <= n_experts]
+    sch_layers_ids = list(range(L)) if layers is None else [int(x) for x in layers]
     h_tot = {m: np.zeros(m + 1, dtype=np.int64) for m in seg_lens}
-    r_tot = {m: np.zeros(n_experts, dtype=np.int64) for m in seg_lens}
+    tot = {(m, r): [0, 0] for m in seg_lens for r in rhos}
     srp_layers, sch_layers = [], []
     for li in range(L):
+        do_sch = want_sch and li in sch_layers_ids
+        if not (want_srp or do_sch):
+            continue
         ids = log[:, li, :]
         C = _one_hot_cumsum(ids, n_experts)
         if want_srp:
@@ -187,20 +202,28 @@ def srp_sch(log: np.ndarray, doc_offsets, n_experts: int, seg_lens=SEG_LENS, rho
             srp_layers.append({str(m): srp_from_histogram(hs[m], m, K) for m in seg_lens})
             for m in seg_lens:
                 h_tot[m] += hs[m]
-        if want_sch:
-            U = _last_use(ids, n_experts)
-            row = {}
+        if do_sch:
+            rows = _rows(np.asarray(ids, dtype=np.int64))
+            row: dict[str, dict[str, float]] = {}
             for m in seg_lens:
-                h = sch_ranks(ids, offs, n_experts, m, stride=stride, C=C, U=U)
-                r_tot[m] += h
-                row[str(m)] = _rates(h, rhos, K)
+                row[str(m)] = {}
+                for r in rhos:
+                    h, a = sch_hits(ids, offs, n_experts, m, r * K, C=C, rows=rows)
+                    tot[(m, r)][0] += h
+                    tot[(m, r)][1] += a
+                    row[str(m)][str(r)] = h / a if a else float("nan")
             sch_layers.append(row)
     out: dict[str, Any] = {}
     if want_srp:
         out["srp"] = {"overall": {str(m): srp_from_histogram(h_tot[m], m, K) for m in seg_lens}, "layers": srp_layers}
     if want_sch:
-        out["sch"] = {"overall": {str(m): _rates(r_tot[m], rhos, K) for m in seg_lens}, "layers": sch_layers,
-                      "rhos": rhos, "stride": stride}
+        out["sch"] = {
+            "definition": SCH_DEFINITION,
+            "overall": {str(m): {str(r): (tot[(m, r)][0] / tot[(m, r)][1] if tot[(m, r)][1] else float("nan"))
+                                 for r in rhos} for m in seg_lens},
+            "layers": sch_layers, "moe_layers": sch_layers_ids, "rhos": rhos,
+            "capacities": [r * K for r in rhos],
+        }
     return out
 
 
@@ -209,28 +232,26 @@ def srp(log: np.ndarray, doc_offsets, n_experts: int, seg_lens=SEG_LENS) -> dict
     return srp_sch(log, doc_offsets, n_experts, seg_lens, want_sch=False)["srp"]
 
 
-def sch(log: np.ndarray, doc_offsets, n_experts: int, seg_lens=SEG_LENS, rhos=RHOS, stride: int = 1) -> dict[str, Any]:
-    """SCH per layer and overall for every segment length and cache size rho * top-k, evaluated at every
-    `stride`-th token (each evaluated token's cache is exact: it depends only on the log)."""
-    return srp_sch(log, doc_offsets, n_experts, seg_lens, rhos, stride=stride, want_srp=False)["sch"]
-
-
-def _rates(h: np.ndarray, rhos, K: int) -> dict[str, float]:
-    acts = h.sum()
-    cum = np.cumsum(h)
-    return {str(r): float(cum[r * K - 1] / acts) if acts else float("nan") for r in rhos}
+def sch(log: np.ndarray, doc_offsets, n_experts: int, seg_lens=SEG_LENS, rhos=RHOS, layers=None) -> dict[str, Any]:
+    """SCH (paper v3 demand cache) per layer and overall (hits / activations pooled over the layers) for every
+    segment length m and cache size rho * top-k. log: [N, L, K]."""
+    return srp_sch(log, doc_offsets, n_experts, seg_lens, rhos, want_srp=False, layers=layers)["sch"]
 
 
 def cache_hit_rates(log: np.ndarray, n_experts: int, capacities, policies=("lru", "lfu", "belady"),
-                    layers=None) -> dict[str, Any]:
+                    layers=None, doc_offsets=None) -> dict[str, Any]:
     """Hit rates of a per-layer cache of C experts for each policy, via `moesift.cachesim.simulate`, on the
-    MoE layers `layers` (all by default); overall = hits / accesses summed over those layers."""
+    MoE layers `layers` (all by default); overall = hits / accesses summed over those layers. With
+    `doc_offsets`, every document starts with an empty cache (documents independent, as SCH)."""
     from .cachesim import simulate
 
     log = _check_log(log, n_experts)
     N, L, K = log.shape
+    offs = _offsets(doc_offsets, N)
+    docs = [(a, b) for a, b in zip(offs[:-1].tolist(), offs[1:].tolist(), strict=True) if b > a]
     layers = list(range(L)) if layers is None else [int(x) for x in layers]
-    out: dict[str, Any] = {"capacities": [int(c) for c in capacities], "moe_layers": layers, "layers": [], "overall": {}}
+    out: dict[str, Any] = {"capacities": [int(c) for c in capacities], "moe_layers": layers, "layers": [], "overall": {},
+                           "cold_start_per_document": doc_offsets is not None}
     sums = {(p, c): [0, 0] for p in policies for c in capacities}
     for li in layers:
         row = {}
@@ -238,10 +259,14 @@ def cache_hit_rates(log: np.ndarray, n_experts: int, capacities, policies=("lru"
         for c in capacities:
             row[str(c)] = {}
             for p in policies:
-                r = simulate(lay, int(c), p)
-                row[str(c)][p] = float(r["hit_rate"])
-                sums[(p, c)][0] += int(r["hits"])
-                sums[(p, c)][1] += int(r["accesses"])
+                h = n = 0
+                for a, b in docs:
+                    r = simulate(lay[a:b], int(c), p)
+                    h += int(r["hits"])
+                    n += int(r["accesses"])
+                row[str(c)][p] = h / n if n else float("nan")
+                sums[(p, c)][0] += h
+                sums[(p, c)][1] += n
         out["layers"].append(row)
     for c in capacities:
         out["overall"][str(c)] = {p: (sums[(p, c)][0] / sums[(p, c)][1] if sums[(p, c)][1] else float("nan")) for p in policies}
@@ -249,13 +274,14 @@ def cache_hit_rates(log: np.ndarray, n_experts: int, capacities, policies=("lru"
 
 
 def locality(trace, seg_lens=SEG_LENS, rhos=RHOS, max_tokens: int | None = 8192, cache_tokens: int | None = 2048,
-             cache_rhos=(2,), sch_stride: int | None = None, cache_layers: int | None = 6) -> dict[str, Any] | None:
+             cache_layers: int | None = 6) -> dict[str, Any] | None:
     """Locality section of a report: SRP, SCH and cache-policy hit rates (None without a routing log).
 
-    SRP and SCH use up to `max_tokens` logged tokens (whole documents spread over the log), SCH evaluated
-    at every `sch_stride`-th of them (default: about 4096 evaluated tokens). The cache simulation replays
-    up to `cache_tokens` of those tokens on `cache_layers` MoE layers spread evenly (None: all layers), for
-    caches of rho * top-k experts per layer (`cache_rhos`; 2k is the setting of arXiv 2505.16056)."""
+    SRP uses up to `max_tokens` logged tokens (whole documents spread over the log) on every MoE layer. SCH
+    and the LRU / LFU / Belady caches replay the same `cache_tokens` of those tokens (whole documents, each
+    starting with an empty cache) on the same `cache_layers` MoE layers spread evenly (None: all layers), for
+    caches of rho * top-k experts per layer (2k is the setting of arXiv 2505.16056), so SCH and Belady are
+    compared on identical inputs."""
     log = trace.get("routing_log")
     if log is None or log.shape[0] == 0:
         return None
@@ -264,29 +290,25 @@ def locality(trace, seg_lens=SEG_LENS, rhos=RHOS, max_tokens: int | None = 8192,
     offs = _offsets(trace.get("doc_offsets"), N)
     keep = sample_documents(offs, N, max_tokens)
     sub, sub_offs = _subset(log, offs, keep)
+    ckeep = sample_documents(sub_offs, sub.shape[0], cache_tokens)
+    csub, csub_offs = _subset(sub, sub_offs, ckeep)
+    if cache_layers is None or cache_layers >= L:
+        lays = list(range(L))
+    else:
+        lays = sorted({int(round(x)) for x in np.linspace(0, L - 1, max(1, cache_layers))})
     out: dict[str, Any] = {
         "tokens_in_log": int(N),
         "tokens_used": int(sub.shape[0]),
         "documents_used": int(len(sub_offs) - 1),
         "seg_lens": list(seg_lens),
+        "sch_definition": SCH_DEFINITION,
     }
-    out.update(srp_sch(sub, sub_offs, E, seg_lens, rhos, stride=sch_stride or max(1, -(-sub.shape[0] // 4096))))
-    try:
-        import importlib
-
-        importlib.import_module(".cachesim", __package__)
-    except ModuleNotFoundError:
-        out["cache"] = None
-        out["cache_note"] = "moesift.cachesim is not available"
-        return out
-    ckeep = sample_documents(sub_offs, sub.shape[0], cache_tokens)
-    csub, _ = _subset(sub, sub_offs, ckeep)
-    caps = [r * K for r in cache_rhos if r * K <= E]
-    if cache_layers is None or cache_layers >= L:
-        lays = list(range(L))
-    else:
-        lays = sorted({int(round(x)) for x in np.linspace(0, L - 1, max(1, cache_layers))})
-    out["cache"] = cache_hit_rates(csub, E, caps, layers=lays)
+    out.update(srp_sch(sub, sub_offs, E, seg_lens, rhos, want_sch=False))
+    out.update(srp_sch(csub, csub_offs, E, seg_lens, rhos, want_srp=False, layers=lays))
+    out["sch"]["tokens_used"] = int(csub.shape[0])
+    out["sch"]["documents_used"] = int(len(csub_offs) - 1)
+    caps = out["sch"]["capacities"]
+    out["cache"] = cache_hit_rates(csub, E, caps, layers=lays, doc_offsets=csub_offs)
     out["cache"]["tokens_used"] = int(csub.shape[0])
     return out
 

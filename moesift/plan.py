@@ -239,16 +239,21 @@ def resident_for(plan: Plan | str | os.PathLike | Mapping[int, Sequence[int]], s
 def strategy_scores(trace: Any, strategy: str, seed: int = 0) -> np.ndarray:
     """Per MoE layer and expert, how much the strategy wants the expert resident: float64 [L, E].
 
-    frequency: selection counts; weighted: router-weight mass; saliency: mean gate x ||expert output||
-    over routed tokens (REAP); random: seeded uniform scores (ablation)."""
+    frequency: selection counts; weighted: the routing weights the model applied (``weight_mass``, after any
+    top-k renormalisation and scaling; not WCER's ``per_layer_weight_mass``, which moesift keeps as
+    ``selected_prob_mass``); saliency: mean gate x ||expert output|| over routed tokens (REAP); random:
+    seeded uniform scores (ablation)."""
     if strategy == "frequency":
         return trace.counts.astype(np.float64)
     if strategy == "weighted":
         wm = trace.get("weight_mass")
         if wm is None:
+            extra = (" (a WCER file's per_layer_weight_mass is the router probability before renormalisation, "
+                     "kept as selected_prob_mass, not the applied weights)" if trace.get("selected_prob_mass") is not None
+                     else "")
             raise MoesiftError(
-                f"trace {trace.label!r} has no router-weight mass; the 'weighted' strategy needs a trace that "
-                "records weight_mass (moesift trace records it by default)"
+                f"trace {trace.label!r} has no applied router-weight mass{extra}; the 'weighted' strategy needs a "
+                "trace that records weight_mass (moesift trace records it by default)"
             )
         return np.asarray(wm, dtype=np.float64)
     if strategy == "saliency":
@@ -725,6 +730,10 @@ def plan(
     }
     if budget_note:
         pred["budget_note"] = budget_note
+    if strategy == "weighted":
+        pred["strategy_note"] = ("weighted ranks experts by the routing weights the model applied (weight_mass, after "
+                                 "top-k renormalisation), not by the router probability before it (selected_prob_mass, "
+                                 "WCER's per_layer_weight_mass)")
     if held_note:
         pred["heldout_note"] = held_note
         pred["frequency_insample_minus_heldout"] = freq_gap

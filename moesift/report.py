@@ -241,6 +241,27 @@ def compare(traces, keep: float = 0.5, json: bool = False, target: float = 0.9) 
 
 # ---- report --------------------------------------------------------------------------------------------
 
+LOCALITY_DEFINITIONS = {
+    "srp": "SRP(m): best F1, over one count threshold j, of predicting every token of each m-token window "
+           "(stride 1, inside a document) by the experts selected by at least j of its tokens.",
+    "sch": "SCH(m): hit rate of a demand cache of C experts per layer, empty at each document start, that on a "
+           "miss evicts a cached expert the token does not use, the one selected least often in the next m "
+           "tokens (ties: least recently used); paper-v3-demand-cache, never above Belady.",
+    "lru": "LRU: the same demand cache evicting the least recently used expert.",
+    "lfu": "LFU: evicts the expert selected least often so far (ties: least recently used).",
+    "belady": "Belady: evicts the expert whose next use is furthest away; the most hits any cache of C experts can get.",
+}
+
+
+def _hit_rate_rows(loc: dict[str, Any]) -> list[tuple[str, list[float]]]:
+    """(name, hit rate at each capacity of the SCH grid) for SCH at each m, then LRU, LFU and Belady."""
+    sc, c = loc["sch"], loc.get("cache")
+    rows = [(f"SCH m={m}", [sc["overall"][str(m)][str(r)] for r in sc["rhos"]]) for m in loc["seg_lens"]]
+    if c:
+        for p, name in (("lru", "LRU"), ("lfu", "LFU"), ("belady", "Belady")):
+            rows.append((name, [c["overall"][str(cap)][p] for cap in sc["capacities"]]))
+    return rows
+
 
 def report(traces, model=None, out=None, json: bool = False, locality_tokens: int | None = 8192,
            cache_tokens: int | None = 2048, force: bool = False) -> dict[str, Any]:
@@ -277,6 +298,8 @@ def report(traces, model=None, out=None, json: bool = False, locality_tokens: in
             res["savings"] = savings(main, model, a)
         step("routing locality and cache policies")
         res["locality"] = locality(main, max_tokens=locality_tokens, cache_tokens=cache_tokens)
+        if res["locality"] is not None:
+            res["locality"]["definitions"] = dict(LOCALITY_DEFINITIONS)
         step("inter-layer affinity")
         res["affinity"] = affinity_summary(main)
         if len(ts) > 1:
@@ -439,27 +462,25 @@ def _print_report(r: dict[str, Any]) -> None:
         con.print(t)
     loc = r.get("locality")
     if loc:
-        t = Table(title=f"routing locality ({loc['tokens_used']} of {loc['tokens_in_log']} logged tokens)")
+        t = Table(title=f"routing locality: SRP ({loc['tokens_used']} of {loc['tokens_in_log']} logged tokens)")
         t.add_column("segment m", justify="right")
         t.add_column("SRP", justify="right")
         t.add_column("|S|/k", justify="right")
-        rhos = loc["sch"]["rhos"]
-        for rho in rhos:
-            t.add_column(f"SCH {rho}k", justify="right")
         for m in loc["seg_lens"]:
             s = loc["srp"]["overall"][str(m)]
-            t.add_row(str(m), _fmt(s["srp"]), _fmt(s["experts_ratio"]), *[_fmt(loc["sch"]["overall"][str(m)][str(x)]) for x in rhos])
+            t.add_row(str(m), _fmt(s["srp"]), _fmt(s["experts_ratio"]))
         con.print(t)
-        c = loc.get("cache")
-        if c:
-            t = Table(title=f"per-layer expert cache hit rate ({c['tokens_used']} tokens, MoE layers "
-                      f"{', '.join(map(str, c['moe_layers']))})")
-            t.add_column("capacity", justify="right")
-            for p in ("lru", "lfu", "belady"):
-                t.add_column(p, justify="right")
-            for cap in c["capacities"]:
-                t.add_row(str(cap), *[_fmt(c["overall"][str(cap)][p]) for p in ("lru", "lfu", "belady")])
-            con.print(t)
+        sc = loc["sch"]
+        t = Table(title=f"per-layer expert cache hit rate ({sc['tokens_used']} tokens, MoE layers "
+                  f"{', '.join(map(str, sc['moe_layers']))}, empty cache at each document start)")
+        t.add_column("cache (experts)", justify="left")
+        for cap in sc["capacities"]:
+            t.add_column(str(cap), justify="right")
+        for name, rows in _hit_rate_rows(loc):
+            t.add_row(name, *[_fmt(v) for v in rows])
+        con.print(t)
+        for line in LOCALITY_DEFINITIONS.values():
+            con.print(f"  {line}")
     af = r.get("affinity")
     if af:
         ao = af["overall"]
@@ -568,23 +589,24 @@ def render_html(r: dict[str, Any]) -> str:
         figs.append(("bytes", fig))
     loc = r.get("locality")
     if loc:
+        defs = "".join(f"<li>{_html.escape(v)}</li>" for v in LOCALITY_DEFINITIONS.values())
+        figs.append(("locality-definitions", f"<h2>Routing locality</h2><ul>{defs}</ul>"))
         fig = go.Figure()
         ms = loc["seg_lens"]
         fig.add_trace(go.Scatter(x=ms, y=[loc["srp"]["overall"][str(m)]["srp"] for m in ms], mode="lines+markers", name="SRP"))
-        for rho in loc["sch"]["rhos"]:
-            fig.add_trace(go.Scatter(x=ms, y=[loc["sch"]["overall"][str(m)][str(rho)] for m in ms], mode="lines+markers",
-                                     name=f"SCH, cache {rho}k"))
-        fig.update_layout(title=f"Routing locality ({loc['tokens_used']} tokens)", xaxis_title="segment length m",
-                          xaxis_type="log", yaxis_title="score", height=420)
+        fig.update_layout(title=f"SRP against segment length ({loc['tokens_used']} tokens, all MoE layers)",
+                          xaxis_title="segment length m", xaxis_type="log", yaxis_title="SRP (best F1)", height=400)
         figs.append(("locality", fig))
-        c = loc.get("cache")
-        if c:
-            fig = go.Figure()
-            for p in ("lru", "lfu", "belady"):
-                fig.add_trace(go.Bar(x=[str(cp) for cp in c["capacities"]], y=[c["overall"][str(cp)][p] for cp in c["capacities"]], name=p))
-            fig.update_layout(title="Per-layer cache hit rate", xaxis_title="cache capacity (experts)", yaxis_title="hit rate",
-                              barmode="group", height=400)
-            figs.append(("cache", fig))
+        sc = loc["sch"]
+        fig = go.Figure()
+        for name, rows in _hit_rate_rows(loc):
+            style = {"dash": "dot"} if name.startswith("SCH") else ({"width": 3} if name == "Belady" else {})
+            fig.add_trace(go.Scatter(x=sc["capacities"], y=rows, mode="lines+markers", name=name, line=style))
+        fig.update_layout(title=f"Per-layer cache hit rate: SCH(m) and LRU / LFU / Belady ({sc['tokens_used']} tokens, "
+                                f"MoE layers {', '.join(map(str, sc['moe_layers']))}; Belady is the optimum)",
+                          xaxis_title="cache capacity (experts per layer)", xaxis_type="log", yaxis_title="hit rate",
+                          height=450)
+        figs.append(("cache", fig))
     cmp_ = r.get("comparison")
     if cmp_:
         w = cmp_["workloads"]
@@ -594,7 +616,8 @@ def render_html(r: dict[str, Any]) -> str:
                                 "on column's routes)", xaxis_title="routes of", yaxis_title="resident set of", height=420)
         fig.update_yaxes(autorange="reversed")
         figs.append(("compare", fig))
-    parts = [f.to_html(full_html=False, include_plotlyjs=False, div_id=f"fig-{name}", config={"displaylogo": False})
+    parts = [f if isinstance(f, str) else
+             f.to_html(full_html=False, include_plotlyjs=False, div_id=f"fig-{name}", config={"displaylogo": False})
              for name, f in figs]
     return _page(r, parts, get_plotlyjs())
 

@@ -9,8 +9,15 @@ ids), ``hidden_size``, ``num_hidden_layers``), and it names the model by hub id 
 hash). Histograms
 mix prompt and generated tokens, so an imported trace holds them all under ``prefill_counts``.
 Co-activation is only present as top pairs per layer; they are kept in ``extra`` (not as a full matrix)
-and written back unchanged. ``per_layer_weight_mass`` (summed softmax probability of the selected
-experts) is imported as ``weight_mass``.
+and written back unchanged.
+
+``per_layer_weight_mass`` is, per layer and expert, the router probability of the selected expert before
+top-k renormalisation (full softmax over all experts), summed over routed tokens: moesift's
+``selected_prob_mass`` (for sigmoid routers, the sigmoid score as the model computes it, before the selection
+bias and renormalisation). It is imported into, and exported from, ``selected_prob_mass``, never
+``weight_mass`` (the weights the model applies, after renormalisation). A trace recorded before
+``selected_prob_mass`` existed is exported with ``per_layer_weight_mass: null`` and ``router_weights`` saying
+why. ``max_tokens_per_prompt`` is the generation budget (the trace's ``generate``; 0 for prefill-only traces).
 """
 
 from __future__ import annotations
@@ -77,7 +84,7 @@ def from_expert_trace(d: Any, where: str = "expert-trace") -> Trace:
             w = None
         if w is None or w.shape != (L, E):
             raise MoesiftError(f"{where!r}: per_layer_weight_mass must be [n_layers][n_experts] numbers")
-        arrays["weight_mass"] = w
+        arrays["selected_prob_mass"] = w
 
     def per_model(key: str) -> int:
         v = d.get(key, 0) or 0
@@ -157,13 +164,21 @@ def dump_expert_trace(trace: Trace, top_m: int = TOP_M) -> dict[str, Any]:
     w = trace.workload
     wmeta = trace.extra.get("wcer", {}) if trace.extra.get("imported_from") == SCHEMA else {}
     prefill, decode = int(w.get("prefill_tokens", 0)), int(w.get("decode_tokens", 0))
-    wm = trace.arrays.get("weight_mass")
+    spm = trace.arrays.get("selected_prob_mass")
+    if wmeta.get("router_weights"):
+        rw = wmeta["router_weights"]
+    elif spm is not None:
+        rw = ("captured (summed router probability of the selected experts before top-k renormalisation: softmax "
+              "over all experts; sigmoid routers: the sigmoid score)")
+    elif trace.arrays.get("weight_mass") is not None:
+        rw = ("not_captured (this trace predates selected_prob_mass; its weight_mass holds the applied, "
+              "renormalised weights, which are not this field; trace again to export it)")
+    else:
+        rw = "not_captured (indices-only)"
     out: dict[str, Any] = {
         "schema_version": SCHEMA,
-        "router_weights": wmeta.get("router_weights")
-        or ("captured (routing weights the model applied, summed per selected expert)" if wm is not None
-            else "not_captured (indices-only)"),
-        "per_layer_weight_mass": wm.tolist() if wm is not None else None,
+        "router_weights": rw,
+        "per_layer_weight_mass": np.asarray(spm, dtype=np.float64).tolist() if spm is not None else None,
         "n_layers": L,
         "n_experts": E,
         "top_k": trace.top_k,
@@ -181,7 +196,7 @@ def dump_expert_trace(trace: Trace, top_m: int = TOP_M) -> dict[str, Any]:
         "model_id": trace.model.get("name"),
         "workload_label": trace.label,
         "n_prompts": int(w.get("documents", 0)),
-        "max_tokens_per_prompt": wmeta.get("max_tokens_per_prompt", w.get("max_length")),
+        "max_tokens_per_prompt": int(wmeta.get("max_tokens_per_prompt", w.get("generate") or 0) or 0),
         "prefill_only": bool(wmeta.get("prefill_only", decode == 0)),
     }
     if trace.model.get("model_type"):

@@ -112,3 +112,54 @@ def test_malformed_files(tmp_path, text, match):
     p.write_text(text)
     with pytest.raises(MoesiftError, match=match):
         moesift.Trace.load(p)
+
+
+def test_wcer_weight_mass_imports_as_selected_prob_mass():
+    """WCER's per_layer_weight_mass is the router probability before renormalisation: it goes into
+    selected_prob_mass, and the 'weighted' strategy (applied weights) refuses it with the reason."""
+    path = sorted(WCER_DIR.glob("Mixtral*code*.json"))[0]
+    src = json.loads(path.read_text())
+    t = load_expert_trace(path)
+    np.testing.assert_array_equal(t.arrays["selected_prob_mass"], np.asarray(src["per_layer_weight_mass"]))
+    assert t.get("weight_mass") is None
+    with pytest.raises(MoesiftError, match="selected_prob_mass"):
+        moesift.plan(t, keep=0.5, strategy="weighted")
+
+
+def test_export_of_a_trace_without_selected_prob_mass_omits_the_field():
+    from moesift.tracefile import Trace
+
+    rng = np.random.default_rng(1)
+    t = Trace(model={"name": "m", "model_type": "x", "n_experts": 8, "top_k": 2, "moe_layers": [0, 1]},
+              workload={"label": "w", "documents": 2, "prefill_tokens": 10, "decode_tokens": 0, "generate": 0},
+              arrays={"prefill_counts": rng.integers(0, 9, size=(2, 8)), "weight_mass": rng.random((2, 8))})
+    out = dump_expert_trace(t)
+    assert out["per_layer_weight_mass"] is None  # the applied weights are never written under WCER's name
+    assert "predates selected_prob_mass" in out["router_weights"]
+    t.arrays["selected_prob_mass"] = rng.random((2, 8))
+    out = dump_expert_trace(t)
+    assert out["per_layer_weight_mass"] == t.arrays["selected_prob_mass"].tolist()
+    assert out["router_weights"].startswith("captured")
+
+
+def test_max_tokens_per_prompt_is_the_generation_budget(tiny_dir, tmp_path):
+    wl = tmp_path / "ids.jsonl"
+    wl.write_text("".join(json.dumps({"input_ids": list(range(3, 3 + n))}) + "\n" for n in (5, 9)))
+    d = tiny_dir("qwen3_moe")
+    gen = moesift.trace(str(d), wl, max_length=7, generate=3, progress=False)
+    assert dump_expert_trace(gen)["max_tokens_per_prompt"] == 3
+    pre = moesift.trace(str(d), wl, max_length=7, progress=False)
+    assert dump_expert_trace(pre)["max_tokens_per_prompt"] == 0
+    from moesift.tracefile import merge
+
+    assert dump_expert_trace(merge([pre, gen]))["max_tokens_per_prompt"] == 3
+
+
+def test_weighted_plan_says_it_uses_the_applied_weights():
+    from test_analysis import make_trace
+
+    t = make_trace(L=2, E=8, K=2, n_tokens=200, doc_len=20)
+    t.arrays["weight_mass"] = t.counts * 0.5
+    p = moesift.plan(t, keep=0.5, strategy="weighted")
+    assert "applied" in p.predictions["strategy_note"] and "selected_prob_mass" in p.predictions["strategy_note"]
+    assert "strategy_note" not in moesift.plan(t, keep=0.5).predictions
