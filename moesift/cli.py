@@ -506,6 +506,10 @@ def main() -> None:
     except KeyboardInterrupt:
         sys.stderr.write("moesift: interrupted\n")
         sys.exit(130)
+    except OSError as e:  # the system refused a read or write (disk full, I/O error, permissions)
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        sys.stderr.write(f"moesift: error: {e.strerror or e}{where}\n")
+        sys.exit(2)
     except Exception as e:  # usage errors (missing argument, unknown option or command)
         if isinstance(e, _click_exception_types()):
             sys.stderr.write(f"moesift: error: {e.format_message()}\n")
