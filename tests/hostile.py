@@ -95,3 +95,18 @@ def tree_digest(d: Path) -> dict[str, str]:
         rel = str(p.relative_to(d))
         out[rel] = "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
     return out
+
+
+def make_saved(d: Path, max_shard_size: str = "40KB") -> Path:
+    """A tiny qwen3_moe saved in several shards (with index) and a tokenizer."""
+    from tiny import build
+
+    m = build("qwen3_moe")
+    m.save_pretrained(d, max_shard_size=max_shard_size)
+    with_tokenizer(d, m.config.vocab_size)
+    return d
+
+
+def leftovers(folder: Path, name: str) -> list[str]:
+    """Hidden temporary entries a writer of `folder/name` may have left (temp files, partial folders, locks)."""
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(f".{name}."))

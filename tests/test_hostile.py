@@ -17,10 +17,10 @@ from hostile import (
     assert_one_error,
     half_plan,
     hub_cache,
+    make_saved,
     plan_file,
     run_cli,
     tree_digest,
-    with_tokenizer,
     workload,
 )
 
@@ -33,13 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory) -> Path:
-    """A tiny qwen3_moe saved in six shards (with index) and a tokenizer."""
-    from tiny import build
-
-    d = tmp_path_factory.mktemp("hostile") / "src"
-    m = build("qwen3_moe")
-    m.save_pretrained(d, max_shard_size="40KB")
-    with_tokenizer(d, m.config.vocab_size)
+    d = make_saved(tmp_path_factory.mktemp("hostile") / "src")
     assert len(list(d.glob("*.safetensors"))) > 1
     return d
 
