@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from typing import Any
@@ -491,7 +492,7 @@ def import_cmd(
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2, never a traceback."""
     try:
-        rc = app(standalone_mode=False)  # click returns the code of typer.Exit(n) here instead of exiting
+        rc = _click_command()(standalone_mode=False)  # click returns typer.Exit(n)'s code instead of exiting
         if isinstance(rc, int) and rc:
             sys.exit(rc)
     except MoesiftError as e:
@@ -518,6 +519,13 @@ def main() -> None:
                 sys.stderr.write(f"(see `{ctx.command_path} --help`)\n")
             sys.exit(2)
         raise
+
+
+@functools.cache
+def _click_command() -> Any:
+    """The click command typer builds from `app` (built once per process: in-process callers such as the
+    property tests run thousands of commands)."""
+    return typer.main.get_command(app)
 
 
 def _click_exception_types() -> tuple[type, ...]:
