@@ -491,6 +491,7 @@ def import_cmd(
 
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2, never a traceback."""
+    _exit_cleanly_on_sigterm()
     try:
         rc = _click_command()(standalone_mode=False)  # click returns typer.Exit(n)'s code instead of exiting
         if isinstance(rc, int) and rc:
@@ -519,6 +520,19 @@ def main() -> None:
                 sys.stderr.write(f"(see `{ctx.command_path} --help`)\n")
             sys.exit(2)
         raise
+
+
+def _exit_cleanly_on_sigterm() -> None:
+    """SIGTERM unwinds like an exception, so temporary outputs are removed (kill -9 cannot be caught: what it
+    leaves is removed by the next write to the same target)."""
+    import signal
+    import threading
+
+    def stop(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stop)
 
 
 @functools.cache
