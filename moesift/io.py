@@ -150,7 +150,7 @@ def _acquire(lock: Path, shown: str | os.PathLike) -> int:
         except OSError as e:
             if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 os.close(fd)
-                raise MoesiftError(f"cannot lock {_display(lock)}: {e.strerror}") from None
+                return _acquire_pidfile(lock, shown)  # a filesystem without flock (some network mounts)
             pid = _read_pid(fd)
             os.close(fd)
             who = f"pid {pid}" if pid else "pid unknown"
@@ -164,6 +164,32 @@ def _acquire(lock: Path, shown: str | os.PathLike) -> int:
             os.close(fd)
             continue
         os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return fd
+    raise MoesiftError(f"could not claim {_display(shown)} for writing (its lock file keeps changing)")
+
+
+def _acquire_pidfile(lock: Path, shown: str | os.PathLike) -> int:
+    """The claim where the filesystem has no `flock`: the lock file is created exclusively and holds the
+    writer's pid; one whose pid no longer runs is stale and taken over."""
+    for _ in range(50):
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            try:
+                fd = os.open(lock, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            pid = _read_pid(fd)
+            os.close(fd)
+            if pid is not None and pid_alive(pid):
+                raise MoesiftError(f"{_display(shown)} is being written by another moesift process (pid {pid}); "
+                                   "wait for it to finish, or stop it") from None
+            with contextlib.suppress(FileNotFoundError):
+                lock.unlink()
+            continue
+        except OSError as e:
+            raise MoesiftError(f"cannot write beside {_display(shown)}: {e.strerror}") from None
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         return fd
     raise MoesiftError(f"could not claim {_display(shown)} for writing (its lock file keeps changing)")

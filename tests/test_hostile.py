@@ -396,3 +396,27 @@ def test_trim_does_not_follow_links_out_of_the_source(saved, spec, tmp_path, mon
     assert (out / "MODEL_CARD.md").read_text() == "model card" and not (out / "MODEL_CARD.md").is_symlink()
     rec = json.loads((out / PLAN_FILE).read_text())
     assert rec["skipped_links"] == ["notes.txt", "relative_notes.md"]
+
+
+def test_claim_without_flock_uses_the_pid_in_the_lock_file(saved, spec, tmp_path, monkeypatch, capsys):
+    import errno
+    import fcntl
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    p = plan_file(tmp_path / "p.json", half_plan(spec))
+    lock = tmp_path / ".t.moesift-lock"
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(f"{writer.pid}\n")  # a running writer
+        code, _, err = run_cli(["trim", saved, "--plan", p, "--out", tmp_path / "t"], monkeypatch, capsys)
+        assert_one_error(code, err, f"being written by another moesift process (pid {writer.pid})")
+    finally:
+        writer.kill()
+        writer.wait()
+    lock.write_text(f"{_dead_pid()}\n")  # a writer that died: its claim is taken over
+    code, _, err = run_cli(["trim", saved, "--plan", p, "--out", tmp_path / "t"], monkeypatch, capsys)
+    assert code == 0, err
+    assert not lock.exists() and (tmp_path / "t" / PLAN_FILE).is_file()
