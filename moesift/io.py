@@ -414,7 +414,8 @@ def write_safetensors(
     header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
     items = []
     off = 0
-    for name in sorted(arrays):
+    # widest elements first (as the safetensors library orders them): every array starts aligned to its dtype
+    for name in sorted(arrays, key=lambda k: (-np.asarray(arrays[k]).dtype.itemsize, k)):
         a = np.ascontiguousarray(arrays[name])
         if a.dtype.byteorder == ">":
             a = a.astype(a.dtype.newbyteorder("<"))
