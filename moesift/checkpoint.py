@@ -35,55 +35,180 @@ class TensorEntry:
         return self.end - self.start
 
 
+MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
+
+
 def read_header(path: str | os.PathLike) -> tuple[dict[str, Any], int]:
-    """(header dict, size of the header block including its 8-byte length) of a safetensors file."""
+    """(header dict, size of the header block including its 8-byte length) of a safetensors file, checked
+    with `check_header` against the file's size: nothing that reads tensors afterwards can be misled."""
     p = Path(path)
     try:
         with open(p, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
             raw = f.read(8)
             if len(raw) != 8:
-                raise MoesiftError(f"{str(p)!r} is not a safetensors file (too short)")
+                raise MoesiftError(f"{str(p)!r} is not a safetensors file (shorter than 8 bytes)")
             (n,) = struct.unpack("<Q", raw)
-            if n > 100 * 1024 * 1024:
-                raise MoesiftError(f"{str(p)!r} is not a safetensors file (header length {n})")
-            header = json.loads(f.read(n))
+            if n > MAX_HEADER or 8 + n > size:
+                raise MoesiftError(f"{str(p)!r} is damaged: its header length {n} runs past the end of the "
+                                   f"{size}-byte file (truncated or not safetensors)")
+            text = f.read(n)
     except OSError as e:
-        raise MoesiftError(f"cannot read {str(p)!r}: {e.strerror}") from None
-    except json.JSONDecodeError:
-        raise MoesiftError(f"{str(p)!r} is not a safetensors file (bad header)") from None
+        raise MoesiftError(f"cannot read {str(p)!r}: {e.strerror or e}") from None
+    try:
+        header = json.loads(text.decode("utf-8"), parse_constant=_no_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise MoesiftError(f"{str(p)!r} is damaged: its header is not valid JSON") from None
+    check_header(header, size - 8 - n, p)
     return header, 8 + n
 
 
-def shard_files(model_dir: str | os.PathLike) -> list[str]:
-    """Safetensors shard names of a checkpoint directory, from its index when present. Refuses pickle-only
-    checkpoints, missing shards and index entries that point outside the directory."""
+def _no_constant(name: str) -> Any:
+    raise ValueError(name)
+
+
+def check_header(header: Any, data_size: int, path: str | os.PathLike) -> None:
+    """Refuse a safetensors header unless it is exactly what the format allows: a JSON object of tensors
+    with a known dtype, a shape of non-negative integers and `data_offsets` whose byte count is
+    shape x dtype size, covering the `data_size` bytes after the header with no hole, overlap or overrun
+    (the rules the safetensors library itself applies when it opens the file)."""
+    p = str(path)
+    if not isinstance(header, dict):
+        raise MoesiftError(f"{p!r} is damaged: its header is a JSON {type(header).__name__}, not an object")
+    spans: list[tuple[int, int, str]] = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
+                raise MoesiftError(f"{p!r} is damaged: __metadata__ must map names to strings")
+            continue
+        if not isinstance(info, dict):
+            raise MoesiftError(f"{p!r} is damaged: the entry of tensor {name!r} is not an object")
+        dtype, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
+            raise MoesiftError(f"{p!r} is damaged: tensor {name!r} has unknown dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(_is_uint(s) for s in shape):
+            raise MoesiftError(f"{p!r} is damaged: tensor {name!r} has shape {shape!r} (not a list of sizes)")
+        if not (isinstance(offs, list) and len(offs) == 2 and all(_is_uint(o) for o in offs)):
+            raise MoesiftError(f"{p!r} is damaged: tensor {name!r} has no valid data_offsets ({offs!r})")
+        start, end = offs
+        n_el = 1
+        for s in shape:
+            n_el *= s
+        if end < start or end - start != n_el * DTYPE_BYTES[dtype]:
+            raise MoesiftError(f"{p!r} is damaged: tensor {name!r} spans {end - start} bytes but its shape "
+                               f"{shape} of {dtype} needs {n_el * DTYPE_BYTES[dtype]}")
+        spans.append((start, end, name))
+    spans.sort()
+    pos = 0
+    for start, end, name in spans:
+        if start != pos:
+            what = "overlaps the previous tensor" if start < pos else "leaves a hole before it"
+            raise MoesiftError(f"{p!r} is damaged: tensor {name!r} at byte {start} {what} (ends at {pos})")
+        pos = end
+    if pos > data_size:
+        raise MoesiftError(f"{p!r} is damaged: its tensors need {pos} data bytes but the file holds {data_size} "
+                           "(truncated?)")
+    if pos < data_size:
+        raise MoesiftError(f"{p!r} is damaged: {data_size - pos} bytes after the last tensor belong to none")
+
+
+def _is_uint(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 1 << 62
+
+
+def _inside(target: Path, roots: list[Path]) -> bool:
+    return any(target == r or r in target.parents for r in roots)
+
+
+def allowed_roots(model_dir: str | os.PathLike) -> list[Path]:
+    """Folders a checkpoint's files may resolve into: the model directory, and for a Hugging Face cache
+    snapshot (`models--org--name/snapshots/<sha>`) the same repository's `blobs/` folder, where the
+    snapshot's links point."""
+    d = Path(model_dir)
+    roots = [d.resolve()]
+    lexical = Path(os.path.abspath(d))
+    if lexical.parent.name == "snapshots" and lexical.parent.parent.name.startswith("models--"):
+        blobs = lexical.parent.parent / "blobs"
+        if blobs.is_dir():
+            roots.append(blobs.resolve())
+    return roots
+
+
+def read_index(model_dir: str | os.PathLike) -> dict[str, str] | None:
+    """The `weight_map` of the directory's model.safetensors.index.json (None without one), checked: an
+    object mapping tensor names to shard files that exist inside the model directory (or, for a hub cache
+    snapshot, link into the same repository's blobs)."""
     d = Path(model_dir)
     idx = d / "model.safetensors.index.json"
-    if idx.is_file():
-        try:
-            wm = json.loads(idx.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError):
-            raise MoesiftError(f"{str(idx)!r} is not a valid safetensors index (no weight_map)") from None
+    if not idx.is_file():
+        return None
+    try:
+        obj = json.loads(idx.read_text(encoding="utf-8"), parse_constant=_no_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise MoesiftError(f"{str(idx)!r} is not valid JSON; the checkpoint index is damaged") from None
+    except OSError as e:
+        raise MoesiftError(f"cannot read {str(idx)!r}: {e.strerror or e}") from None
+    wm = obj.get("weight_map") if isinstance(obj, dict) else None
+    if not isinstance(wm, dict) or not wm:
+        raise MoesiftError(f"{str(idx)!r} is not a valid safetensors index (weight_map must be a non-empty "
+                           "object of tensor name -> shard file)")
+    for k, v in wm.items():
+        if not isinstance(v, str) or not v:
+            raise MoesiftError(f"{str(idx)!r} is damaged: tensor {k!r} maps to {v!r}, not a shard file name")
+    roots = allowed_roots(d)
+    for f in sorted(set(wm.values())):
+        if Path(f).is_absolute() or ".." in Path(f).parts or not _inside((d / f).resolve(), roots):
+            raise MoesiftError(f"{str(idx)!r} names {f!r}, which lies outside the model directory; refusing")
+        if not (d / f).is_file():
+            raise MoesiftError(f"shard {f!r} listed in {str(idx)!r} is missing")
+    return wm
+
+
+def shard_files(model_dir: str | os.PathLike) -> list[str]:
+    """Safetensors shard names of a checkpoint directory, from its index when present, every header checked
+    (`check_header`) and every index entry found in its shard. Refuses pickle-only checkpoints, missing
+    shards and files that resolve outside the directory."""
+    return list(checked_headers(model_dir))
+
+
+def checked_headers(model_dir: str | os.PathLike) -> dict[str, tuple[dict[str, Any], int]]:
+    """{shard file: (header, header block size)} of a checkpoint directory, all checked."""
+    d = Path(model_dir)
+    wm = read_index(d)
+    if wm is not None:
         files = sorted(set(wm.values()))
-        root = d.resolve()
-        for f in files:
-            target = (d / f).resolve()
-            if root not in target.parents:
-                raise MoesiftError(f"{str(idx)!r} names {f!r}, which lies outside the model directory; refusing")
-            if not target.is_file():
-                raise MoesiftError(f"shard {f!r} listed in {str(idx)!r} is missing")
-        return files
-    if (d / "model.safetensors").is_file():
-        return ["model.safetensors"]
-    found = sorted(p.name for p in d.glob("*.safetensors"))
-    if found:
-        return found
-    if list(d.glob("*.bin")) or list(d.glob("*.pt")) or list(d.glob("*.pth")):
-        raise MoesiftError(
-            f"{str(d)!r} holds only pickle weights (.bin/.pt); moesift reads safetensors only. Convert it "
-            "first (load it yourself and save_pretrained(..., safe_serialization=True))"
-        )
-    raise MoesiftError(f"no safetensors weights in {str(d)!r}")
+    elif (d / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        files = sorted(p.name for p in d.glob("*.safetensors"))
+    if not files:
+        if list(d.glob("*.bin")) or list(d.glob("*.pt")) or list(d.glob("*.pth")):
+            raise MoesiftError(
+                f"{str(d)!r} holds only pickle weights (.bin/.pt); moesift reads safetensors only. Convert it "
+                "first (load it yourself and save_pretrained(..., safe_serialization=True))"
+            )
+        raise MoesiftError(f"no safetensors weights in {str(d)!r}")
+    roots = allowed_roots(d)
+    out: dict[str, tuple[dict[str, Any], int]] = {}
+    seen: dict[str, str] = {}
+    for f in files:
+        if not _inside((d / f).resolve(), roots):
+            raise MoesiftError(f"{str(d / f)!r} links outside the model directory; refusing")
+        header, size = read_header(d / f)
+        for name in header:
+            if name == "__metadata__":
+                continue
+            if name in seen:
+                raise MoesiftError(f"tensor {name!r} is stored twice ({seen[name]!r} and {f!r}); the checkpoint "
+                                   "is damaged")
+            seen[name] = f
+        out[f] = (header, size)
+    if wm is not None:
+        for name, f in wm.items():
+            if name not in out[f][0]:
+                raise MoesiftError(f"the index of {str(d)!r} places tensor {name!r} in {f!r}, which does not "
+                                   "hold it; the checkpoint is damaged")
+    return out
 
 
 def load_config_dict(model_dir: str | os.PathLike) -> dict[str, Any]:
@@ -111,8 +236,7 @@ class CheckpointIndex:
         config = load_config_dict(d)
         adapter = adapter_for(config)
         tensors = []
-        for f in shard_files(d):
-            header, _ = read_header(d / f)
+        for f, (header, _) in checked_headers(d).items():
             for name, info in header.items():
                 if name == "__metadata__":
                     continue

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from typing import Any
@@ -509,8 +510,9 @@ def import_cmd(
 
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2, never a traceback."""
+    _exit_cleanly_on_sigterm()
     try:
-        rc = app(standalone_mode=False)  # click returns the code of typer.Exit(n) here instead of exiting
+        rc = _click_command()(standalone_mode=False)  # click returns typer.Exit(n)'s code instead of exiting
         if isinstance(rc, int) and rc:
             sys.exit(rc)
     except MoesiftError as e:
@@ -525,6 +527,10 @@ def main() -> None:
     except KeyboardInterrupt:
         sys.stderr.write("moesift: interrupted\n")
         sys.exit(130)
+    except OSError as e:  # the system refused a read or write (disk full, I/O error, permissions)
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        sys.stderr.write(f"moesift: error: {e.strerror or e}{where}\n")
+        sys.exit(2)
     except Exception as e:  # usage errors (missing argument, unknown option or command)
         if isinstance(e, _click_exception_types()):
             sys.stderr.write(f"moesift: error: {e.format_message()}\n")
@@ -533,6 +539,26 @@ def main() -> None:
                 sys.stderr.write(f"(see `{ctx.command_path} --help`)\n")
             sys.exit(2)
         raise
+
+
+def _exit_cleanly_on_sigterm() -> None:
+    """SIGTERM unwinds like an exception, so temporary outputs are removed (kill -9 cannot be caught: what it
+    leaves is removed by the next write to the same target)."""
+    import signal
+    import threading
+
+    def stop(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stop)
+
+
+@functools.cache
+def _click_command() -> Any:
+    """The click command typer builds from `app` (built once per process: in-process callers such as the
+    property tests run thousands of commands)."""
+    return typer.main.get_command(app)
 
 
 def _click_exception_types() -> tuple[type, ...]:

@@ -23,9 +23,7 @@ import html as _html
 import json as _json
 import math
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -67,18 +65,6 @@ def _check_out(out: Path) -> None:
             raise MoesiftError(
                 f"{str(out)!r} exists and is not a moesift demo output; pass another --out (or remove it yourself)"
             )
-
-
-def _publish(tmp: Path, out: Path) -> None:
-    """Move the finished demo directory into place, replacing a previous demo output."""
-    _check_out(out)  # again: nothing may have appeared meanwhile
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -211,8 +197,10 @@ def demo(
             sys.stderr.write(msg + "\n")
 
     clock = _Clock(say)
-    parent = out_dir.parent if str(out_dir.parent) else Path(".")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=parent))
+    from .io import OutputDir
+
+    dest = OutputDir(out_dir, force=True)  # replaces a previous demo output only (its marker file says so)
+    tmp = dest.begin()
     try:
         (tmp / MARKER).write_text("moesift demo output; `moesift demo` may replace this directory\n")
         (tmp / "traces").mkdir()
@@ -315,10 +303,9 @@ def demo(
         from .io import json_default
 
         (tmp / "summary.json").write_text(_json.dumps(res, indent=2, default=json_default) + "\n")
-        _publish(tmp, out_dir)
+        dest.commit()
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        dest.abort()
     res["out"] = str(out_dir)
     res["html"] = str(out_dir / "index.html")
     if not json:

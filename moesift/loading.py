@@ -33,6 +33,29 @@ def resolve_model_dir(model: str | os.PathLike) -> Path:
     raise MoesiftError(f"model directory {s!r} not found")
 
 
+def check_device(device: str | None) -> None:
+    """Refuse a device this torch cannot use, in one line (before any weight is read)."""
+    import torch
+
+    if device in (None, "auto", "cpu"):
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise MoesiftError(f"unknown device {device!r}; use cpu, cuda, cuda:N, mps or auto") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise MoesiftError(f"--device {device}: this torch ({torch.__version__}) sees no CUDA GPU; use "
+                               "--device cpu, or install a CUDA build of torch")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise MoesiftError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    elif dev.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise MoesiftError(f"--device {device}: Apple MPS is not available here; use --device cpu")
+    elif dev.type != "cpu":
+        raise MoesiftError(f"--device {device}: moesift runs on cpu, cuda[:N], mps or auto, not {dev.type}")
+
+
 def parse_dtype(dtype: str | None) -> Any:
     import torch
 
@@ -57,6 +80,7 @@ def load_model(
 
     from .arch import adapter_for
 
+    check_device(device)
     d = resolve_model_dir(model)
     try:
         config = AutoConfig.from_pretrained(d, trust_remote_code=trust_remote_code)

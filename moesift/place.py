@@ -586,9 +586,9 @@ def place(trace, gpus: int, nodes: int = 1, replicas: int = 0, method: str = "ba
         if outp.exists() and not force:
             raise MoesiftError(f"{str(outp)!r} exists; pass --force to overwrite")
         sg_map = _sglang_map(phy2log, tr)
-        write_json(outp, placement)
+        write_json(outp, placement, force=force)
         sg = outp.with_name(outp.stem + ".sglang.json")
-        write_json(sg, {"physical_to_logical_map": sg_map})
+        write_json(sg, {"physical_to_logical_map": sg_map}, force=force)
         res["out"] = str(outp)
         res["sglang_init_expert_location"] = str(sg)
     else:

@@ -313,7 +313,7 @@ def report(traces, model=None, out=None, json: bool = False, locality_tokens: in
             from .io import write_text
 
             step("HTML report")
-            write_text(out, render_html(res), force=True)
+            write_text(out, render_html(res), force=force)
             res["html"] = str(out)
     if not json:
         _print_report(res)

@@ -88,8 +88,9 @@ def variable_expert_class(source_cfg: Mapping[str, Any], resident: Mapping[int, 
 
 
 def _load_kwargs(device: str | None, dtype: str | None) -> dict[str, Any]:
-    from .loading import parse_dtype
+    from .loading import check_device, parse_dtype
 
+    check_device(device)
     kw: dict[str, Any] = {"dtype": parse_dtype(dtype)}
     if device == "auto":
         from .loading import require_accelerate

@@ -256,7 +256,7 @@ def sweep(
     if out is not None:
         from .io import write_text
 
-        write_text(out, html_page("moesift sweep", sweep_sections(result)), force=True)
+        write_text(out, html_page("moesift sweep", sweep_sections(result)), force=force)
         result["html"] = str(out)
     if not json:
         print_sweep(result)

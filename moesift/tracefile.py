@@ -38,7 +38,6 @@ from typing import Any
 import numpy as np
 
 from .errors import MoesiftError
-from .io import atomic_path
 
 SCHEMA = "moesift-trace/1"
 
@@ -124,7 +123,7 @@ class Trace:
 
     # ---- io ----------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike, force: bool = True) -> Path:
-        from safetensors.numpy import save_file
+        from .io import write_safetensors
 
         meta = {
             "schema": SCHEMA,
@@ -134,9 +133,7 @@ class Trace:
             "extra": self.extra,
         }
         tensors = {k: np.ascontiguousarray(v) for k, v in self.arrays.items() if v is not None}
-        with atomic_path(path, force) as tmp:
-            save_file(tensors, str(tmp), metadata={"moesift": json.dumps(meta)})
-        return Path(path)
+        return write_safetensors(path, tensors, {"moesift": json.dumps(meta)}, force=force)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Trace:

@@ -28,7 +28,6 @@ import os
 import queue
 import shutil
 import struct
-import tempfile
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -169,7 +168,7 @@ class _Writer:
     copying and memory stays bounded."""
 
     def __init__(self, path: Path, checksum: bool = True):
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
         self.h = hashlib.sha256() if checksum else None
         self.q: queue.Queue = queue.Queue(maxsize=64)
         self.error: BaseException | None = None
@@ -308,14 +307,31 @@ def _progress(enabled: bool, total: int):
 
 
 def _check_paths(src: Path, out: Path, force: bool) -> None:
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise MoesiftError(f"output directory {str(parent)!r} does not exist; create it first")
-    rs, ro = src.resolve(), out.resolve()
-    if rs == ro or rs in ro.parents or ro in rs.parents:
-        raise MoesiftError(f"output {str(out)!r} overlaps the source model {str(src)!r}; choose another directory")
-    if out.exists() and not force:
-        raise MoesiftError(f"{str(out)!r} already exists; pass --force to overwrite it")
+    from .io import check_output_path
+
+    check_output_path(out, force, directory=True, protect=[src])
+
+
+def _copied_files(src: Path) -> tuple[list[Path], list[str]]:
+    """Non-weight files of the source folder that go into the output (tokenizer, generation config, ...),
+    and the links that do not: a symbolic link is followed only when it resolves inside the model folder
+    (or, in a hub cache snapshot, the same repository's blobs)."""
+    from .checkpoint import allowed_roots
+
+    roots = allowed_roots(src)
+    files, skipped = [], []
+    for f in sorted(src.iterdir()):
+        if f.name in _SKIP_NAMES or f.name.endswith(_SKIP_SUFFIXES) or f.name.startswith("."):
+            continue
+        if f.is_symlink():
+            target = f.resolve()
+            if not any(target == r or r in target.parents for r in roots):
+                skipped.append(f.name)
+                continue
+        if not f.is_file() or f.stat().st_size > _MAX_COPIED_FILE:
+            continue
+        files.append(f)
+    return files, skipped
 
 
 def trim(
@@ -380,8 +396,10 @@ def trim(
             },
         }
 
-    parent = out.parent if str(out.parent) else Path(".")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=parent))
+    from .io import OutputDir, write_failed
+
+    dest = OutputDir(out, force, protect=[src])
+    tmp = dest.begin()
     bar = _progress(progress, written_tensor_bytes)
     advance = (lambda k: bar.advance(bar.task_ids[0], k)) if bar else (lambda k: None)
     try:
@@ -427,13 +445,14 @@ def trim(
         (tmp / INDEX_FILE).write_text(json.dumps(index_obj, indent=2) + "\n")
         (tmp / "config.json").write_text(json.dumps(new_cfg, indent=2) + "\n")
         copied = []
-        for f in sorted(src.iterdir()):
-            if not f.is_file() or f.name in _SKIP_NAMES or f.name.endswith(_SKIP_SUFFIXES) or f.name.startswith("."):
-                continue
-            if f.stat().st_size > _MAX_COPIED_FILE:
-                continue
-            shutil.copy2(f, tmp / f.name)
+        files, skipped_links = _copied_files(src)
+        for f in files:
+            shutil.copyfile(f, tmp / f.name)  # contents only: the new file's mode follows the umask
             copied.append(f.name)
+        for name in skipped_links:
+            import sys
+
+            sys.stderr.write(f"moesift: not copying {name!r}: it links outside the model folder {str(src)!r}\n")
         for extra in [INDEX_FILE, "config.json", *copied]:
             hashes[extra] = sha256_file(tmp / extra) if checksums else None
         id_map = {str(k): v for k, v in full.items()}
@@ -456,22 +475,14 @@ def trim(
             "files": hashes,
             "plan": p.to_dict(),
         }
+        if skipped_links:
+            record["skipped_links"] = skipped_links
         (tmp / PLAN_FILE).write_text(json.dumps(record, indent=2) + "\n")
-        if out.exists() or out.is_symlink():
-            if out.is_dir() and not out.is_symlink():
-                trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=parent))
-                os.replace(out, trash / "old")
-                os.replace(tmp, out)
-                shutil.rmtree(trash, ignore_errors=True)
-            else:
-                out.unlink()
-                os.replace(tmp, out)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        dest.commit()
+    except OSError as e:
+        raise write_failed(out, e) from None
     finally:
+        dest.abort()
         if bar:
             bar.stop()
     return out
