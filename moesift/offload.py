@@ -1,0 +1,453 @@
+"""Lossless residency: a plan's resident experts on the device, every other expert in host memory.
+
+`load_offloaded(MODEL, plan, device="cuda")` builds the model from the checkpoint headers, tensor by tensor
+(nothing else is loaded first): the non-expert weights, the routers (whole: routing is never changed) and,
+in every MoE layer, one device experts module holding the plan's resident experts followed by
+``cache_slots`` cache slots; a second experts module per layer, in host memory (pinned when the device is
+CUDA), holds every non-resident expert. The model computes what the full model computes.
+
+Per MoE layer and forward, for the (token, expert) pairs the router chose:
+
+- resident experts and experts already in a cache slot run on the device (hits);
+- the cache is updated token by token, tokens in order, exactly as `moesift.cachesim` models it (demand
+  paging: every miss is loaded into a slot, LRU or LFU victims among the slotted experts the current token
+  does not use), so the measured hit rate of a run equals `cachesim.simulate` on the same routing;
+- a missed expert is computed for this call where the rule says: **on the host** when at most
+  ``host_compute_max_tokens`` tokens of the call are routed to it (decode: one token, one small matmul
+  chain on the host; its copy into the slot does not hold the computation up), else **on the device** from
+  its slot after the copy (prefill: many tokens per expert). An expert loaded and evicted again within one
+  call (a prefill whose working set exceeds the slots) is computed on the host.
+
+Without a GPU the same code runs with ``device="cpu"``: the device modules and the host pool are separate
+host tensors, which is how the tests prove exactness on every family.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .errors import MoesiftError
+
+HOST_COMPUTE_MAX_TOKENS = 4  # a missed expert with at most this many tokens in a call runs on the host
+POLICIES = ("lru", "lfu")
+OFFLOAD_KINDS = ("cpu",)
+
+
+class ExpertCache:
+    """Online cache of one MoE layer (the cache model of `moesift.cachesim`, one token at a time).
+
+    ``occupant[s]`` is the expert whose weights slot s holds (None: empty); the cache starts empty."""
+
+    def __init__(self, capacity: int, policy: str = "lru"):
+        if policy not in POLICIES:
+            raise MoesiftError(f"unknown cache policy {policy!r}; use one of {', '.join(POLICIES)}")
+        self.capacity = int(capacity)
+        self.policy = policy
+        self.occupant: list[int | None] = [None] * self.capacity
+        self.slot_of: dict[int, int] = {}
+        self.recency: OrderedDict[int, None] = OrderedDict()
+        self.freq: dict[int, int] = {}
+        self.last: dict[int, int] = {}
+        self.clock = 0
+        self.hits = self.accesses = self.loads = 0
+
+    def token(self, row: Sequence[int]) -> None:
+        """Access the distinct non-pinned experts `row` of one token (column order)."""
+        miss = [e for e in row if e not in self.slot_of]
+        self.accesses += len(row)
+        self.hits += len(row) - len(miss)
+        self.loads += len(miss)
+        over = len(self.slot_of) + len(miss) - self.capacity
+        if over > 0:
+            cur = set(row)
+            if self.policy == "lru":
+                victims = [e for e in self.recency if e not in cur][:over]
+            else:
+                victims = sorted((e for e in self.slot_of if e not in cur),
+                                 key=lambda e: (self.freq[e], self.last[e]))[:over]
+            if len(victims) < over:
+                raise MoesiftError(f"a token needs {len(row)} non-resident experts at once; the cache has "
+                                   f"{self.capacity} slots (raise cache_slots)")
+            for v in victims:
+                self.occupant[self.slot_of.pop(v)] = None
+                del self.recency[v]
+        for e in row:
+            if e not in self.slot_of:
+                s = self.occupant.index(None)
+                self.occupant[s] = e
+                self.slot_of[e] = s
+            self.recency[e] = None
+            self.recency.move_to_end(e)
+            self.freq[e] = self.freq.get(e, 0) + 1
+            self.last[e] = self.clock
+            self.clock += 1
+
+
+class _Layer:
+    """Runtime of one MoE layer: resident experts + slots on the device, the rest in the host pool."""
+
+    def __init__(self, adapter: Any, moe_index: int, layer: int, dev_module: Any, host_module: Any,
+                 pinned: dict[int, int], slot_index: list[int], nonresident: list[int], policy: str,
+                 threshold: int):
+        """`pinned`: resident expert -> its index in `dev_module`; `slot_index[s]`: index of cache slot s in
+        `dev_module`; `nonresident`: the experts of `host_module`, in its order."""
+        self.ad, self.moe_index, self.layer = adapter, moe_index, layer
+        self.dev, self.host = dev_module, host_module
+        self.pinned, self.slot_index, self.nonresident = pinned, slot_index, nonresident
+        self.host_local = {e: i for i, e in enumerate(nonresident)}
+        self.cache = ExpertCache(len(slot_index), policy)
+        self.threshold = threshold
+        self.dev_params = adapter.expert_params(dev_module)
+        self.host_params = adapter.expert_params(host_module) if host_module is not None else []
+        self.pinned_hits = self.pinned_accesses = 0
+        self.host_pairs = self.device_pairs = self.copies = 0
+        self.copy_bytes = 0
+
+    def copy_in(self, expert: int, slot: int) -> None:
+        import torch
+
+        j = self.host_local[expert]
+        i = self.slot_index[slot]
+        with torch.no_grad():
+            for (dname, ddim, dblock), (hname, _, hblock) in zip(self.dev_params, self.host_params, strict=True):
+                dst = _param(self.dev, dname)
+                src = _param(self.host, hname)
+                d = dst.narrow(ddim, i * dblock, dblock)
+                d.copy_(src.narrow(ddim, j * hblock, hblock), non_blocking=True)
+                self.copy_bytes += d.numel() * d.element_size()
+        self.copies += 1
+
+    def run(self, hidden: Any, ids: Any, weights: Any) -> Any:
+        """Sum over the chosen (token, expert) pairs of the family's expert contribution: [T, H]."""
+        import torch
+
+        idl = ids.tolist()
+        rows: list[list[int]] = []
+        counts: dict[int, int] = {}
+        for r in idl:
+            seen: list[int] = []
+            for e in r:
+                if e >= 0 and e not in seen:
+                    seen.append(e)
+            np_row = [e for e in seen if e not in self.pinned]
+            self.pinned_accesses += len(seen)
+            self.pinned_hits += len(seen) - len(np_row)
+            for e in np_row:
+                counts[e] = counts.get(e, 0) + 1
+            rows.append(np_row)
+        if not counts:  # every expert of the call is resident: one device call, ids renumbered
+            local = [[self.pinned.get(e, -1) for e in r] for r in idl]
+            self.device_pairs += sum(len(r) for r in idl)
+            return self._apply(self.dev, hidden, local, weights)
+        start = list(self.cache.occupant)
+        for r in rows:
+            self.cache.token(r)
+        end = self.cache.occupant
+        slot_start = {e: s for s, e in enumerate(start) if e is not None}
+        slot_end = {e: s for s, e in enumerate(end) if e is not None}
+        si = self.slot_index
+        # experts already slotted whose slot changes in this call: compute them before their slot is reused
+        early = {e: si[slot_start[e]] for e in counts if e in slot_start and slot_end.get(e) != slot_start[e]}
+        kept = {e: si[slot_end[e]] for e in counts if e in slot_start and slot_end.get(e) == slot_start[e]}
+        new_dev = {e: si[slot_end[e]] for e in counts
+                   if e not in slot_start and e in slot_end and counts[e] > self.threshold}
+        on_host = [e for e in counts if e not in early and e not in kept and e not in new_dev]
+        out = None
+        if early:
+            out = self._apply(self.dev, hidden, [[early.get(e, -1) for e in r] for r in idl], weights)
+        h_rows = host_h = None
+        if on_host:
+            hs = set(on_host)
+            h_rows = [t for t, r in enumerate(rows) if any(e in hs for e in r)]
+            host_h = hidden[torch.as_tensor(h_rows, device=hidden.device)].to(_host_device(self.host))
+        for s, e in enumerate(end):  # demand paging: the cache's new occupants are copied in
+            if e is not None and start[s] != e:
+                self.copy_in(e, s)
+        dev_map = dict(self.pinned)
+        dev_map.update(kept)
+        dev_map.update(new_dev)
+        local = [[dev_map.get(e, -1) for e in r] for r in idl]
+        part = self._apply(self.dev, hidden, local, weights)
+        out = part if out is None else out + part
+        self.device_pairs += sum(1 for r in local for x in r if x >= 0) + sum(
+            1 for r in idl for e in r if e in early)
+        if on_host:
+            hs = set(on_host)
+            sub_ids = [[self.host_local[e] if e in hs else -1 for e in idl[t]] for t in h_rows]
+            sub_w = weights[torch.as_tensor(h_rows, device=weights.device)].to(host_h.device)
+            hout = self._apply(self.host, host_h, sub_ids, sub_w)
+            self.host_pairs += sum(1 for r in sub_ids for x in r if x >= 0)
+            idx = torch.as_tensor(h_rows, device=out.device)
+            out = out.index_add(0, idx, hout.to(device=out.device, dtype=out.dtype, non_blocking=True))
+        return out
+
+    def _apply(self, module: Any, hidden: Any, local: list[list[int]], weights: Any) -> Any:
+        import torch
+
+        loc = torch.as_tensor(local, dtype=torch.long, device=hidden.device).reshape(weights.shape)
+        return self.ad.experts_apply(module, hidden, loc, weights)
+
+    def stats(self) -> dict[str, Any]:
+        c = self.cache
+        hits, acc = c.hits + self.pinned_hits, self.pinned_accesses
+        return {"moe_index": self.moe_index, "layer": self.layer, "resident": len(self.pinned),
+                "slots": c.capacity, "policy": c.policy, "accesses": acc, "hits": hits, "loads": c.loads,
+                "hit_rate": hits / acc if acc else float("nan"), "device_pairs": self.device_pairs,
+                "host_pairs": self.host_pairs, "copy_bytes": self.copy_bytes}
+
+
+def _param(module: Any, name: str) -> Any:
+    obj = module
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _host_device(module: Any) -> Any:
+    return next(iter(module.parameters())).device
+
+
+class OffloadState:
+    """What `load_offloaded` attaches to the model as ``model.moesift_offload``."""
+
+    def __init__(self, layers: list[_Layer], info: dict[str, Any]):
+        self.layers = layers
+        self.info = info
+
+    def stats(self) -> dict[str, Any]:
+        per = [layer.stats() for layer in self.layers]
+        hits = sum(p["hits"] for p in per)
+        acc = sum(p["accesses"] for p in per)
+        return {**self.info, "hit_rate": hits / acc if acc else float("nan"), "accesses": acc, "hits": hits,
+                "loads": sum(p["loads"] for p in per), "copy_bytes": sum(p["copy_bytes"] for p in per),
+                "host_pairs": sum(p["host_pairs"] for p in per), "layers": per}
+
+    def set_threshold(self, host_compute_max_tokens: int) -> None:
+        for layer in self.layers:
+            layer.threshold = int(host_compute_max_tokens)
+
+    def reset(self) -> None:
+        """Empty the caches and zero the counters (a fresh run starts cold, like the simulation)."""
+        for layer in self.layers:
+            layer.cache = ExpertCache(layer.cache.capacity, layer.cache.policy)
+            layer.pinned_hits = layer.pinned_accesses = layer.host_pairs = layer.device_pairs = 0
+            layer.copies = layer.copy_bytes = 0
+
+
+# ------------------------------------------------------------------------------------------------
+# loading
+# ------------------------------------------------------------------------------------------------
+
+
+def _experts_variant_class(source_cfg: Mapping[str, Any], counts: Mapping[int, int]) -> tuple[Any, Any]:
+    """(model class, config) of the family whose MoE layer `l` has an experts module for `counts[l]`
+    experts; routers and everything else are built for the full model."""
+    from .arch import adapter_for
+    from .resident import _config_obj, _model_class
+
+    ad = adapter_for(source_cfg)
+    spec = ad.spec(source_cfg)
+    base_cfg = _config_obj(dict(source_cfg))
+    cls = _model_class(base_cfg)
+    per = {layer: n for layer, n in counts.items() if n != spec.n_experts}
+    if not per:
+        return cls, base_cfg
+
+    def __init__(self, config, *args, **kwargs):
+        cls.__init__(self, config, *args, **kwargs)
+        built: dict[int, Any] = {}
+        for layer, n in per.items():
+            if n not in built:
+                d = ad.rewrite_config(dict(source_cfg), {m: list(range(n)) for m in spec.moe_layers})
+                c = _config_obj(d)
+                for attr in ("_attn_implementation", "_experts_implementation"):
+                    v = getattr(config, attr, None)
+                    if v is not None:
+                        try:
+                            setattr(c, attr, v)
+                        except Exception:  # noqa: BLE001 - older configs may not allow it
+                            pass
+                built[n] = cls(c)
+            ad.replace_experts(self, layer, ad.experts(built[n], layer))
+        built.clear()
+
+    sub = type(cls.__name__, (cls,), {"__init__": __init__, "__module__": cls.__module__,
+                                      "__qualname__": cls.__qualname__})
+    return sub, base_cfg
+
+
+def _read_tensor(idx: Any, t: Any, files: dict[str, Any]) -> Any:
+    from pathlib import Path
+
+    import torch
+
+    from .resident import _TORCH_DTYPES
+    from .trim import _sliced_bytes
+
+    if t.slice_keep is not None:
+        raw = bytearray(_sliced_bytes(idx.directory, t, idx.adapter, idx.config))
+    else:
+        f = files.get(t.src_file)
+        if f is None:
+            f = files[t.src_file] = open(Path(idx.directory) / t.src_file, "rb")
+        raw = bytearray(t.nbytes)
+        mv, pos = memoryview(raw), 0
+        for off, n in t.ranges:
+            f.seek(off)
+            if f.readinto(mv[pos: pos + n]) != n:
+                raise MoesiftError(f"{t.src_file!r} ended early; the checkpoint is damaged")
+            pos += n
+    tdt = _TORCH_DTYPES.get(t.dtype)
+    if tdt is None or not hasattr(torch, tdt):
+        raise MoesiftError(f"tensor {t.src_name} has dtype {t.dtype}, which torch cannot hold")
+    x = torch.frombuffer(raw, dtype=getattr(torch, tdt)) if raw else torch.empty(0, dtype=getattr(torch, tdt))
+    return x.reshape(t.shape)
+
+
+def device_bytes(idx: Any, resident: Mapping[int, Sequence[int]], slots: Mapping[int, int]) -> dict[str, int]:
+    """Bytes on the device, from the checkpoint headers: every tensor that is not a routed expert (routers
+    whole) and, per MoE layer, its resident experts plus its cache slots."""
+    E = idx.spec.n_experts
+    fixed = 0
+    per_layer: dict[int, int] = {}
+    for t in idx.tensors:
+        r = t.role
+        if r.kind == "expert" and r.layer is not None:
+            per_layer[r.layer] = per_layer.get(r.layer, 0) + t.nbytes
+        else:
+            fixed += t.nbytes
+    experts = 0
+    for layer, total in per_layer.items():
+        n = len(resident.get(layer, range(E))) + int(slots.get(layer, 0))
+        experts += n * total // E
+    return {"non_expert": fixed, "experts": experts, "total": fixed + experts,
+            "expert_bytes_per_layer": {int(k): v // E for k, v in per_layer.items()}}
+
+
+def load_offloaded(
+    model: str | os.PathLike,
+    plan: Any,
+    device: str = "cuda",
+    offload: str = "cpu",
+    cache_slots: int | None = None,
+    policy: str = "lru",
+    host_compute_max_tokens: int = HOST_COMPUTE_MAX_TOKENS,
+    prefetch: bool = False,
+    dtype: str | None = None,
+    progress: bool = True,
+) -> tuple[Any, Any]:
+    """(model, tokenizer or None): `plan`'s resident experts and the non-expert weights on `device`, every
+    other expert in host memory (pinned when `device` is CUDA), `cache_slots` device slots per MoE layer
+    (default 2 x top-k, at most the layer's non-resident experts) managed by `policy` ("lru" | "lfu").
+    Outputs equal the full model's. A missed expert routed by at most `host_compute_max_tokens` tokens of a
+    call is computed on the host, else copied into its slot and computed on the device.
+    ``model.moesift_offload.stats()`` gives the measured hit rate per layer."""
+    import torch
+
+    from .checkpoint import CheckpointIndex
+    from .loading import hf_progress, parse_dtype
+    from .plan import as_plan
+
+    if offload not in OFFLOAD_KINDS:
+        raise MoesiftError(f"unknown --offload {offload!r}; use one of {', '.join(OFFLOAD_KINDS)}")
+    if policy not in POLICIES:
+        raise MoesiftError(f"unknown cache policy {policy!r}; use one of {', '.join(POLICIES)}")
+    if prefetch:
+        raise MoesiftError("prefetch is not available in this version; run without --prefetch")
+    if int(host_compute_max_tokens) < 0:
+        raise MoesiftError("host_compute_max_tokens must be >= 0")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise MoesiftError(f"--device {device}: no CUDA device is available here; use --device cpu")
+    idx = CheckpointIndex.build(model)
+    spec, ad = idx.spec, idx.adapter
+    p = as_plan(plan)
+    resident = p.resolve(spec)
+    full = {layer: sorted(resident.get(layer, range(spec.n_experts))) for layer in spec.moe_layers}
+    problems = []
+    for layer, ids in full.items():
+        problems += ad.plan_problems(spec, {layer: ids}, standard=False)
+    if problems:
+        raise MoesiftError("cannot load this plan: " + "; ".join(problems[:4]))
+    nonres = {layer: [e for e in range(spec.n_experts) if e not in set(ids)] for layer, ids in full.items()}
+    most = max(len(v) for v in nonres.values())
+    if cache_slots is None:
+        cache_slots = min(2 * spec.top_k, most)
+    cache_slots = int(cache_slots)
+    if cache_slots < 0 or cache_slots > most:
+        raise MoesiftError(f"cache_slots {cache_slots} is larger than the {most} non-resident experts of any "
+                           f"MoE layer under plan {p.source or ''}; use at most {most}")
+    slots = {layer: min(cache_slots, len(nonres[layer])) for layer in spec.moe_layers}
+    for layer in spec.moe_layers:
+        need = min(spec.top_k, len(nonres[layer]))
+        if slots[layer] < need:
+            raise MoesiftError(f"cache_slots {cache_slots} is below the {need} non-resident experts one token "
+                               f"may need at once in decoder layer {layer}; use at least {need}")
+    # device experts: resident ids, then slots (filled with non-resident experts; they start empty)
+    dev_keep = {layer: sorted(full[layer] + nonres[layer][: slots[layer]]) for layer in spec.moe_layers}
+    host_keep = {layer: nonres[layer] or full[layer][:1] for layer in spec.moe_layers}
+    from .trim import plan_layout
+
+    files: dict[str, Any] = {}
+    shared: dict[str, Any] = {}
+    try:
+        for t in plan_layout(idx, {}):
+            if t.role is None or t.role.kind != "expert":
+                shared[t.name] = _read_tensor(idx, t, files)
+
+        def experts_state(keep):
+            st: dict[str, Any] = {}
+            lay = plan_layout(idx, {layer: ids for layer, ids in keep.items()})
+            for t in lay:
+                if t.role is not None and t.role.kind == "expert":
+                    st[t.name] = _read_tensor(idx, t, files)
+            return st
+
+        dev_state = {**shared, **experts_state(dev_keep)}
+        host_state = {**shared, **experts_state(host_keep)}
+    finally:
+        for f in files.values():
+            f.close()
+    kw = {"dtype": parse_dtype(dtype)}
+    with hf_progress(progress):
+        cls, cfg = _experts_variant_class(idx.config, {layer: len(v) for layer, v in dev_keep.items()})
+        m = cls.from_pretrained(None, config=cfg, state_dict=dev_state, **kw)
+        del dev_state
+        hcls, hcfg = _experts_variant_class(idx.config, {layer: len(v) for layer, v in host_keep.items()})
+        hm = hcls.from_pretrained(None, config=hcfg, state_dict=host_state, **kw)
+        del host_state, shared
+    m.eval()
+    if dev.type != "cpu":
+        m.to(dev)
+    layers: list[_Layer] = []
+    for mi, layer in enumerate(spec.moe_layers):
+        hmod = ad.experts(hm, layer) if nonres[layer] else None
+        if hmod is not None:
+            hmod.eval()
+            if dev.type == "cuda":
+                with torch.no_grad():
+                    for prm in hmod.parameters():
+                        prm.data = prm.data.pin_memory()
+        ids = dev_keep[layer]
+        rt = _Layer(ad, mi, layer, ad.experts(m, layer), hmod,
+                    {e: ids.index(e) for e in full[layer]},
+                    [ids.index(e) for e in nonres[layer][: slots[layer]]],
+                    nonres[layer], policy, int(host_compute_max_tokens))
+        layers.append(rt)
+        ad.offload_experts(m, layer, rt.run)
+    del hm
+    info = {"model": str(model), "plan": p.source, "device": str(dev), "offload": offload, "policy": policy,
+            "cache_slots": cache_slots, "host_compute_max_tokens": int(host_compute_max_tokens),
+            "device_bytes": device_bytes(idx, full, slots)}
+    m.moesift_offload = OffloadState(layers, info)
+    m.moesift_resident = {int(k): list(v) for k, v in full.items()}
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(idx.directory)
+    except Exception:  # noqa: BLE001 - a model without tokenizer files is still usable from token ids
+        tok = None
+    return m, tok
