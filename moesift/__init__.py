@@ -47,6 +47,7 @@ _LAZY = {
     "load_trimmed": "resident",
     "load_offloaded": "offload",
     "generate": "offload",
+    "verify_offloaded": "offload",
     "verify": "verify",
     "report": "report",
     "compare": "report",

@@ -451,3 +451,199 @@ def load_offloaded(
     except Exception:  # noqa: BLE001 - a model without tokenizer files is still usable from token ids
         tok = None
     return m, tok
+
+
+# ------------------------------------------------------------------------------------------------
+# generation and proof
+# ------------------------------------------------------------------------------------------------
+
+
+class _Clock:
+    """A transformers streamer that timestamps the prompt and every generated token (optionally printing
+    the text as it comes)."""
+
+    def __init__(self, tok: Any = None, echo: Any = None):
+        self.tok, self.echo = tok, echo
+        self.times: list[float] = []
+        self.tokens: list[int] = []
+        self._printed = ""
+
+    def put(self, value: Any) -> None:
+        self.times.append(time.perf_counter())
+        if len(self.times) == 1:
+            return  # the prompt
+        self.tokens += [int(x) for x in value.reshape(-1).tolist()]
+        if self.echo is not None and self.tok is not None:
+            text = self.tok.decode(self.tokens, skip_special_tokens=True)
+            self.echo(text[len(self._printed):])
+            self._printed = text
+
+    def end(self) -> None:
+        pass
+
+
+def _plan_prediction(p: Any) -> dict[str, Any] | None:
+    pred = (p.predictions or {}).get("offload") if p is not None else None
+    return pred if isinstance(pred, dict) else None
+
+
+def generate(
+    model: str | os.PathLike,
+    plan: Any,
+    prompt: str | None = None,
+    device: str = "cuda",
+    offload: str = "cpu",
+    cache_slots: int | None = None,
+    policy: str = "lru",
+    host_compute_max_tokens: int = HOST_COMPUTE_MAX_TOKENS,
+    max_new_tokens: int = 64,
+    dtype: str | None = None,
+    echo: Any = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Greedy generation with `load_offloaded(model, plan, ...)`: the generated text, prefill and decode
+    tokens/s, the measured hit rate overall and per MoE layer and, when the plan was made with
+    `--offload`, the hit rate it predicted. `echo(text)` receives the text as it is generated."""
+    import torch
+
+    from .plan import as_plan
+
+    m, tok = load_offloaded(model, plan, device=device, offload=offload, cache_slots=cache_slots, policy=policy,
+                            host_compute_max_tokens=host_compute_max_tokens, dtype=dtype, progress=progress)
+    if tok is None:
+        raise MoesiftError(f"{str(model)!r} has no tokenizer; moesift generate needs one to read --prompt")
+    if prompt is None or not str(prompt).strip():
+        raise MoesiftError("give a non-empty --prompt")
+    dev = next(m.parameters()).device
+    ids = tok(str(prompt), return_tensors="pt")["input_ids"].to(dev)
+    clock = _Clock(tok, echo)
+    pad = getattr(m.generation_config, "pad_token_id", None)
+    if pad is None:
+        eos = getattr(m.generation_config, "eos_token_id", None)
+        pad = (eos[0] if isinstance(eos, list) else eos) if eos is not None else 0
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = m.generate(ids, max_new_tokens=int(max_new_tokens), do_sample=False, pad_token_id=pad,
+                         streamer=clock)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    t1 = time.perf_counter()
+    new = out[0, ids.shape[-1]:].tolist()
+    times = clock.times
+    prefill_s = (times[1] - t0) if len(times) > 1 else t1 - t0
+    decode_s = (times[-1] - times[1]) if len(times) > 2 else 0.0
+    stats = m.moesift_offload.stats()
+    res = {
+        "model": str(model), "plan": stats["plan"], "prompt_tokens": int(ids.shape[-1]), "new_tokens": len(new),
+        "text": tok.decode(new, skip_special_tokens=True), "token_ids": new,
+        "prefill_s": prefill_s, "prefill_tokens_per_s": ids.shape[-1] / prefill_s if prefill_s > 0 else None,
+        "decode_s": decode_s, "decode_tokens_per_s": (len(new) - 1) / decode_s if decode_s > 0 else None,
+        "tokens_per_s": len(new) / (t1 - t0) if t1 > t0 else None, "offload": stats,
+        "predicted": _plan_prediction(as_plan(plan)),
+    }
+    return res
+
+
+def verify_offloaded(
+    model: str | os.PathLike,
+    plan: Any,
+    data: str | os.PathLike | list[str] | None = None,
+    max_new_tokens: int = 16,
+    max_samples: int = 8,
+    max_length: int = 64,
+    field: str | None = None,
+    device: str = "cpu",
+    dtype: str | None = "float32",
+    cache_slots: int | None = None,
+    policy: str = "lru",
+    host_compute_max_tokens: int = HOST_COMPUTE_MAX_TOKENS,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """The offloaded model against the FULL model (not restricted): top-1 agreement over every prompt
+    position, max absolute / relative logit differences, identical greedy generations; and the measured
+    hit rate per layer against `cachesim.simulate` on the full model's routing of the same calls."""
+    import numpy as np
+    import torch
+
+    from .arch import adapter_for
+    from .cachesim import simulate
+    from .loading import hf_progress
+    from .resident import load_trimmed
+    from .verify import _read_prompts
+
+    with hf_progress(progress):
+        full, tok = load_trimmed(model, device=device, dtype=dtype)
+    off, tok2 = load_offloaded(model, plan, device=device, cache_slots=cache_slots, policy=policy,
+                               host_compute_max_tokens=host_compute_max_tokens, dtype=dtype, progress=progress)
+    tok = tok or tok2
+    dev = next(full.parameters()).device
+    vocab = int(full.config.get_text_config().vocab_size)
+    if data is not None:
+        paths = [str(data)] if isinstance(data, (str, os.PathLike)) else [str(x) for x in data]
+        prompts = _read_prompts(paths, field, max_samples, tok, max_length)
+        if not prompts:
+            raise MoesiftError(f"no prompts found in {', '.join(paths)}")
+        source = {"kind": "files", "paths": paths, "prompts": len(prompts)}
+    else:
+        g = torch.Generator().manual_seed(seed)
+        hi = max(8, min(max_length, 32))
+        lengths = torch.randint(8, hi + 1, (max_samples,), generator=g).tolist()
+        prompts = [torch.randint(0, vocab, (1, n), generator=g) for n in lengths]
+        source = {"kind": "random", "note": f"no --data given: {len(prompts)} deterministic random token sequences "
+                                            f"(seed {seed})", "prompts": len(prompts)}
+    pad = getattr(full.generation_config, "pad_token_id", None)
+    if pad is None:
+        eos = getattr(full.generation_config, "eos_token_id", None)
+        pad = (eos[0] if isinstance(eos, list) else eos) if eos is not None else 0
+    gen_kw = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": pad,
+              "min_new_tokens": max_new_tokens}
+    ad = adapter_for(full.config)
+    logs: dict[int, list[Any]] = {}
+
+    def on_route(mi: int, r: Any) -> None:
+        logs.setdefault(mi, []).append(r.ids.reshape(-1, r.ids.shape[-1]).detach().to("cpu"))
+
+    agree = total = 0
+    max_abs = max_rel = 0.0
+    mismatches = []
+    handles = ad.attach_recorder(full, on_route)
+    try:
+        with torch.no_grad():
+            for i, ids in enumerate(prompts):
+                ids = ids.to(dev)
+                lf = full(ids).logits.float()
+                gf = full.generate(ids, **gen_kw)[0, ids.shape[-1]:].tolist() if max_new_tokens > 0 else []
+                lo = off(ids).logits.float()
+                go = off.generate(ids, **gen_kw)[0, ids.shape[-1]:].tolist() if max_new_tokens > 0 else []
+                agree += int((lf.argmax(-1) == lo.argmax(-1)).sum())
+                total += lf.shape[1]
+                d = (lf - lo).abs().max().item()
+                max_abs = max(max_abs, d)
+                max_rel = max(max_rel, d / max(lf.abs().max().item(), 1e-30))
+                if gf != go:
+                    mismatches.append({"prompt": i, "full": gf, "offloaded": go})
+    finally:
+        for h in handles:
+            h.remove()
+    stats = off.moesift_offload.stats()
+    sim_layers = []
+    same = True
+    for rt, st in zip(off.moesift_offload.layers, stats["layers"], strict=True):
+        log = torch.cat(logs.get(rt.moe_index, [torch.empty(0, 1, dtype=torch.long)])).numpy().astype(np.int64)
+        s = simulate(log, rt.cache.capacity, policy, pinned=list(rt.pinned))
+        same &= s["hits"] == st["hits"] and s["accesses"] == st["accesses"]
+        sim_layers.append({"layer": rt.layer, "measured": st["hit_rate"], "simulated": s["hit_rate"],
+                           "measured_hits": st["hits"], "simulated_hits": s["hits"], "accesses": st["accesses"]})
+    result = {
+        "model": str(model), "plan": stats["plan"], "data": source, "prompts": len(prompts), "tokens": total,
+        "top1_agreement": agree / total if total else 1.0, "max_abs_logit_diff": max_abs,
+        "max_rel_logit_diff": max_rel, "generations_identical": not mismatches, "max_new_tokens": max_new_tokens,
+        "generation_mismatches": mismatches[:4], "dtype": dtype, "cache_slots": stats["cache_slots"],
+        "policy": policy, "hit_rate": stats["hit_rate"], "hit_rate_equals_simulation": same,
+        "hit_rate_layers": sim_layers, "host_pairs": stats["host_pairs"], "loads": stats["loads"],
+        "device_bytes": stats["device_bytes"],
+    }
+    result["ok"] = (result["top1_agreement"] >= 1.0 and result["generations_identical"] and same
+                    and (dtype not in ("float32", "fp32") or max_rel <= 1e-6))
+    return result
