@@ -25,6 +25,7 @@ host tensors, which is how the tests prove exactness on every family.
 from __future__ import annotations
 
 import os
+import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -341,7 +342,8 @@ def load_offloaded(
 ) -> tuple[Any, Any]:
     """(model, tokenizer or None): `plan`'s resident experts and the non-expert weights on `device`, every
     other expert in host memory (pinned when `device` is CUDA), `cache_slots` device slots per MoE layer
-    (default 2 x top-k, at most the layer's non-resident experts) managed by `policy` ("lru" | "lfu").
+    (default: the plan's own when made with `--offload`, else 2 x top-k; at most the layer's non-resident
+    experts) managed by `policy` ("lru" | "lfu").
     Outputs equal the full model's. A missed expert routed by at most `host_compute_max_tokens` tokens of a
     call is computed on the host, else copied into its slot and computed on the device.
     ``model.moesift_offload.stats()`` gives the measured hit rate per layer."""
@@ -375,7 +377,8 @@ def load_offloaded(
     nonres = {layer: [e for e in range(spec.n_experts) if e not in set(ids)] for layer, ids in full.items()}
     most = max(len(v) for v in nonres.values())
     if cache_slots is None:
-        cache_slots = min(2 * spec.top_k, most)
+        planned = (_plan_prediction(p) or {}).get("cache_slots")
+        cache_slots = min(int(planned) if planned is not None else 2 * spec.top_k, most)
     cache_slots = int(cache_slots)
     if cache_slots < 0 or cache_slots > most:
         raise MoesiftError(f"cache_slots {cache_slots} is larger than the {most} non-resident experts of any "
@@ -647,3 +650,110 @@ def verify_offloaded(
     result["ok"] = (result["top1_agreement"] >= 1.0 and result["generations_identical"] and same
                     and (dtype not in ("float32", "fp32") or max_rel <= 1e-6))
     return result
+
+
+# ------------------------------------------------------------------------------------------------
+# planning for this runtime (moesift plan --offload)
+# ------------------------------------------------------------------------------------------------
+
+
+def offload_budget(index: Any, memory: int, cache_slots: int | None) -> tuple[int, int]:
+    """(bytes left for the plan's checkpoint-size budget, cache slots per layer) when `memory` device bytes
+    must hold the non-expert weights (routers whole), the resident experts and the cache slots. The plan
+    budget counts the trimmed checkpoint (routers sliced), so the whole routers are set aside as well."""
+    from .plan import _fmt
+
+    spec = index.spec
+    if cache_slots is None:
+        cache_slots = 2 * spec.top_k
+    cache_slots = int(cache_slots)
+    if cache_slots < 0:
+        raise MoesiftError("--cache-slots must be >= 0")
+    if cache_slots > spec.n_experts:
+        raise MoesiftError(f"--cache-slots {cache_slots} is larger than the {spec.n_experts} experts of a layer")
+    fixed = device_bytes(index, {}, {})
+    fixed_bytes = fixed["non_expert"]
+    if memory < fixed_bytes:
+        raise MoesiftError(f"--memory {_fmt(memory)} is below the {_fmt(fixed_bytes)} of "
+                           f"non-expert weights of {str(index.directory)!r} (embeddings, attention, routers, "
+                           "shared experts); raise --memory")
+    per = fixed["expert_bytes_per_layer"]
+    slot_bytes = sum(cache_slots * b for b in per.values())
+    router = sum(t.nbytes for t in index.tensors if t.role.kind in ("router", "router_bias"))
+    left = memory - slot_bytes - router
+    if left < fixed_bytes:
+        raise MoesiftError(f"--memory {_fmt(memory)} holds the non-expert weights "
+                           f"({_fmt(fixed_bytes)}) but not {cache_slots} cache slots per layer "
+                           f"({_fmt(slot_bytes)}) and any resident expert; raise --memory or lower "
+                           "--cache-slots")
+    return left, cache_slots
+
+
+def _fold_logs(trace: Any) -> list[Any] | None:
+    """Routing log rows of each fold (documents dealt round-robin, document i -> fold i % F), or None."""
+    import numpy as np
+
+    log, offs, fc = trace.get("routing_log"), trace.get("doc_offsets"), trace.get("fold_counts")
+    if log is None or offs is None or fc is None or fc.shape[0] < 2:
+        return None
+    F = fc.shape[0]
+    parts: list[list[Any]] = [[] for _ in range(F)]
+    for i in range(len(offs) - 1):
+        parts[i % F].append(np.arange(int(offs[i]), int(offs[i + 1])))
+    return [np.concatenate(p) if p else np.zeros(0, dtype=np.int64) for p in parts]
+
+
+def offload_prediction(traces: Sequence[Any], resident: Sequence[Sequence[int]], slots: int, policy: str = "lru",
+                       index: Any = None, moe_layers: Sequence[Any] | None = None) -> dict[str, Any]:
+    """Hit rate `cachesim` predicts for this runtime: resident experts pinned, `slots` cache slots per
+    layer. In-sample on the traces' routing logs; held-out per fold (the resident set of each layer chosen
+    as the same number of most-routed experts of the other folds, simulated on the fold's documents)."""
+    import numpy as np
+
+    from .cachesim import simulate
+
+    logs = [t for t in traces if t.get("routing_log") is not None and t.get("routing_log").shape[0]]
+    out: dict[str, Any] = {"cache_slots": int(slots), "policy": policy}
+    if index is not None and moe_layers is not None and None not in moe_layers:
+        res = {int(layer): list(r) for layer, r in zip(moe_layers, resident, strict=True)}
+        E = index.spec.n_experts
+        sl = {layer: min(slots, E - len(r)) for layer, r in res.items()}
+        out["device_bytes"] = device_bytes(index, res, sl)["total"]
+    if not logs:
+        out["note"] = "the traces have no routing log (trace with --log-routing); no hit rate can be predicted"
+        return out
+    E = int(logs[0].n_experts)
+    hits = acc = 0
+    per_layer = []
+    for p, r in enumerate(resident):
+        cap = min(int(slots), E - len(r))
+        h = a = 0
+        for t in logs:
+            s = simulate(np.asarray(t.get("routing_log")[:, p, :], dtype=np.int64), cap, policy, pinned=r)
+            h, a = h + s["hits"], a + s["accesses"]
+        per_layer.append(h / a if a else None)
+        hits, acc = hits + h, acc + a
+    out["hit_rate"] = hits / acc if acc else None
+    out["hit_rate_layers"] = per_layer
+    folds = [(t, _fold_logs(t)) for t in logs]
+    if any(f is None for _, f in folds):
+        out["heldout_note"] = "the traces have no folds; the held-out hit rate cannot be estimated"
+        return out
+    hh = ha = 0
+    for t, parts in folds:
+        fc = t.get("fold_counts")
+        log = t.get("routing_log")
+        for f, rows in enumerate(parts):
+            if rows.size == 0:
+                continue
+            other = fc.sum(axis=0) - fc[f]
+            for p, r in enumerate(resident):
+                n = len(r)
+                pick = sorted(np.argsort(-other[p], kind="stable")[:n].tolist())
+                cap = min(int(slots), E - n)
+                s = simulate(np.asarray(log[rows, p, :], dtype=np.int64), cap, policy, pinned=pick)
+                hh, ha = hh + s["hits"], ha + s["accesses"]
+    out["heldout_hit_rate"] = hh / ha if ha else None
+    out["heldout_note"] = ("each fold's resident sets: the same number of most-routed experts of the other folds "
+                           "per layer; simulated on the fold's documents, cache cold at each fold")
+    return out

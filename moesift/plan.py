@@ -610,11 +610,16 @@ def plan(
     uniform: bool = False,
     seed: int = 0,
     force: bool = False,
+    offload: bool = False,
+    cache_slots: int | None = None,
+    policy: str = "lru",
 ) -> Plan:
     """Choose the resident experts of every MoE layer from one or more traces (a bank) under one budget.
 
     `traces`: paths (``"path:0.7"`` sets a weight), Trace objects, or (trace, weight) pairs.
-    Exactly one of `keep`, `keep_experts`, `coverage`, `memory` (needs `model`)."""
+    Exactly one of `keep`, `keep_experts`, `coverage`, `memory` (needs `model`).
+    `offload`: plan for `moesift.load_offloaded` (`memory` is device memory for the non-expert weights, the
+    resident experts and `cache_slots` slots per layer; the predicted cache hit rate is added)."""
     from . import __version__
 
     given = {k: v for k, v in (("keep", keep), ("keep_experts", keep_experts), ("coverage", coverage),
@@ -642,6 +647,12 @@ def plan(
     budget = {"kind": kind, "value": parse_bytes(value) if kind == "memory" else float(value)}
     if kind == "keep_experts":
         budget["value"] = int(value)
+    if offload:
+        from .offload import offload_budget
+
+        if kind != "memory" or index is None:
+            raise MoesiftError("--offload plans for a device budget: give --memory GiB and --model")
+        budget["value"], cache_slots = offload_budget(index, budget["value"], cache_slots)
     resident = _select(sp, scores, share, budget, uniform, index)
 
     # constraints from the adapter (top-k, groups, hash layers)
@@ -749,6 +760,12 @@ def plan(
         "seed": int(seed),
         "tool": {"name": "moesift", "version": __version__},
     }
+    if offload:
+        from .offload import offload_prediction
+
+        pred["offload"] = offload_prediction(bank.traces, resident, int(cache_slots or 0), policy, index,
+                                             sp.moe_layers)
+        pred["offload"]["memory_bytes"] = parse_bytes(value)
     result = Plan(model=model_id, layers=layers, provenance=prov, predictions=pred)
     if out is not None:
         result.save(out, force=force)
