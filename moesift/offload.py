@@ -575,10 +575,10 @@ def verify_offloaded(
     from .resident import load_trimmed
     from .verify import _read_prompts
 
-    with hf_progress(progress):
-        full, tok = load_trimmed(model, device=device, dtype=dtype)
     off, tok2 = load_offloaded(model, plan, device=device, cache_slots=cache_slots, policy=policy,
                                host_compute_max_tokens=host_compute_max_tokens, dtype=dtype, progress=progress)
+    with hf_progress(progress):
+        full, tok = load_trimmed(model, device=device, dtype=dtype)
     tok = tok or tok2
     dev = next(full.parameters()).device
     vocab = int(full.config.get_text_config().vocab_size)
