@@ -32,7 +32,7 @@ def _resident(spec) -> dict[int, list[int]]:
             groups.append(next(g for g in range(spec.n_group) if g not in groups))
         ids = sorted(e for g in groups for e in range(g * per, (g + 1) * per))
     else:
-        ids = list(range(1, E, 2))
+        ids = list(range(1, E, 2))[: max(K, E // 4)]
         if len(ids) < K:
             ids = sorted(set(ids) | set(range(K)))
     res = {layer: ids for layer in spec.moe_layers}
