@@ -2,8 +2,8 @@
 
 `load_offloaded(MODEL, plan, device="cuda")` builds the model from the checkpoint headers, tensor by tensor
 (nothing else is loaded first): the non-expert weights, the routers (whole: routing is never changed) and,
-in every MoE layer, one device experts module holding the plan's resident experts followed by
-``cache_slots`` cache slots; a second experts module per layer, in host memory (pinned when the device is
+in every MoE layer, one device experts module holding the plan's resident experts and ``cache_slots``
+cache slots; a second experts module per layer, in host memory (pinned when the device is
 CUDA), holds every non-resident expert. The model computes what the full model computes.
 
 Per MoE layer and forward, for the (token, expert) pairs the router chose:
@@ -60,6 +60,8 @@ class ExpertCache:
         miss = [e for e in row if e not in self.slot_of]
         self.accesses += len(row)
         self.hits += len(row) - len(miss)
+        if self.capacity == 0:  # no cache: every miss is computed on the host, nothing is loaded
+            return
         self.loads += len(miss)
         over = len(self.slot_of) + len(miss) - self.capacity
         if over > 0:
@@ -343,7 +345,8 @@ def load_offloaded(
     """(model, tokenizer or None): `plan`'s resident experts and the non-expert weights on `device`, every
     other expert in host memory (pinned when `device` is CUDA), `cache_slots` device slots per MoE layer
     (default: the plan's own when made with `--offload`, else 2 x top-k; at most the layer's non-resident
-    experts) managed by `policy` ("lru" | "lfu").
+    experts; 0: no cache, every miss is computed on the host, like llama.cpp's --cpu-moe for the layers with
+    no resident expert) managed by `policy` ("lru" | "lfu").
     Outputs equal the full model's. A missed expert routed by at most `host_compute_max_tokens` tokens of a
     call is computed on the host, else copied into its slot and computed on the device.
     ``model.moesift_offload.stats()`` gives the measured hit rate per layer."""
@@ -369,11 +372,10 @@ def load_offloaded(
     p = as_plan(plan)
     resident = p.resolve(spec)
     full = {layer: sorted(resident.get(layer, range(spec.n_experts))) for layer in spec.moe_layers}
-    problems = []
+    # routing is never changed, so any resident set can be served (no top-k or group rules)
     for layer, ids in full.items():
-        problems += ad.plan_problems(spec, {layer: ids}, standard=False)
-    if problems:
-        raise MoesiftError("cannot load this plan: " + "; ".join(problems[:4]))
+        if len(set(ids)) != len(ids):
+            raise MoesiftError(f"plan {p.source or ''}: decoder layer {layer} names an expert twice")
     nonres = {layer: [e for e in range(spec.n_experts) if e not in set(ids)] for layer, ids in full.items()}
     most = max(len(v) for v in nonres.values())
     if cache_slots is None:
@@ -386,11 +388,13 @@ def load_offloaded(
     slots = {layer: min(cache_slots, len(nonres[layer])) for layer in spec.moe_layers}
     for layer in spec.moe_layers:
         need = min(spec.top_k, len(nonres[layer]))
-        if slots[layer] < need:
+        if 0 < slots[layer] < need:
             raise MoesiftError(f"cache_slots {cache_slots} is below the {need} non-resident experts one token "
                                f"may need at once in decoder layer {layer}; use at least {need}")
     # device experts: resident ids, then slots (filled with non-resident experts; they start empty)
-    dev_keep = {layer: sorted(full[layer] + nonres[layer][: slots[layer]]) for layer in spec.moe_layers}
+    # (a layer with neither resident experts nor slots holds one unused expert: modules need one)
+    dev_keep = {layer: sorted(full[layer] + nonres[layer][: slots[layer]]) or nonres[layer][:1]
+                for layer in spec.moe_layers}
     host_keep = {layer: nonres[layer] or full[layer][:1] for layer in spec.moe_layers}
     from .trim import plan_layout
 
@@ -570,7 +574,6 @@ def verify_offloaded(
     import torch
 
     from .arch import adapter_for
-    from .cachesim import simulate
     from .loading import hf_progress
     from .resident import load_trimmed
     from .verify import _read_prompts
@@ -634,7 +637,7 @@ def verify_offloaded(
     same = True
     for rt, st in zip(off.moesift_offload.layers, stats["layers"], strict=True):
         log = torch.cat(logs.get(rt.moe_index, [torch.empty(0, 1, dtype=torch.long)])).numpy().astype(np.int64)
-        s = simulate(log, rt.cache.capacity, policy, pinned=list(rt.pinned))
+        s = simulate_layer(log, rt.cache.capacity, policy, list(rt.pinned))
         same &= s["hits"] == st["hits"] and s["accesses"] == st["accesses"]
         sim_layers.append({"layer": rt.layer, "measured": st["hit_rate"], "simulated": s["hit_rate"],
                            "measured_hits": st["hits"], "simulated_hits": s["hits"], "accesses": st["accesses"]})
@@ -655,6 +658,16 @@ def verify_offloaded(
 # ------------------------------------------------------------------------------------------------
 # planning for this runtime (moesift plan --offload)
 # ------------------------------------------------------------------------------------------------
+
+
+def simulate_layer(log: Any, capacity: int, policy: str, pinned: Sequence[int]) -> dict[str, Any]:
+    """`cachesim.simulate`, and for `capacity` 0 (no cache) the pinned hits alone."""
+    from .cachesim import _tokens, simulate
+
+    if capacity > 0:
+        return simulate(log, capacity, policy, pinned=pinned)
+    _, hits, acc = _tokens(log, pinned)
+    return {"hits": hits, "misses": acc - hits, "accesses": acc, "hit_rate": hits / acc if acc else float("nan")}
 
 
 def offload_budget(index: Any, memory: int, cache_slots: int | None) -> tuple[int, int]:
@@ -710,8 +723,6 @@ def offload_prediction(traces: Sequence[Any], resident: Sequence[Sequence[int]],
     as the same number of most-routed experts of the other folds, simulated on the fold's documents)."""
     import numpy as np
 
-    from .cachesim import simulate
-
     logs = [t for t in traces if t.get("routing_log") is not None and t.get("routing_log").shape[0]]
     out: dict[str, Any] = {"cache_slots": int(slots), "policy": policy}
     if index is not None and moe_layers is not None and None not in moe_layers:
@@ -729,7 +740,7 @@ def offload_prediction(traces: Sequence[Any], resident: Sequence[Sequence[int]],
         cap = min(int(slots), E - len(r))
         h = a = 0
         for t in logs:
-            s = simulate(np.asarray(t.get("routing_log")[:, p, :], dtype=np.int64), cap, policy, pinned=r)
+            s = simulate_layer(np.asarray(t.get("routing_log")[:, p, :], dtype=np.int64), cap, policy, r)
             h, a = h + s["hits"], a + s["accesses"]
         per_layer.append(h / a if a else None)
         hits, acc = hits + h, acc + a
@@ -751,7 +762,7 @@ def offload_prediction(traces: Sequence[Any], resident: Sequence[Sequence[int]],
                 n = len(r)
                 pick = sorted(np.argsort(-other[p], kind="stable")[:n].tolist())
                 cap = min(int(slots), E - n)
-                s = simulate(np.asarray(log[rows, p, :], dtype=np.int64), cap, policy, pinned=pick)
+                s = simulate_layer(np.asarray(log[rows, p, :], dtype=np.int64), cap, policy, pick)
                 hh, ha = hh + s["hits"], ha + s["accesses"]
     out["heldout_hit_rate"] = hh / ha if ha else None
     out["heldout_note"] = ("each fold's resident sets: the same number of most-routed experts of the other folds "

@@ -234,3 +234,18 @@ def test_generate_cli_reports_hit_rate_beside_prediction(tmp_path, monkeypatch, 
     with torch.no_grad():
         g = full.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=full.generation_config.pad_token_id)
     assert g[0, ids.shape[-1]:].tolist() == r["token_ids"]
+
+
+def test_no_cache_and_fewer_than_top_k_resident(tiny_dir):
+    """Routing is never changed, so any resident set works: whole layers on the host with no cache (like
+    llama.cpp --n-cpu-moe) and a single resident expert with slots."""
+    d = tiny_dir("qwen3_moe")
+    cfg = json.loads((d / "config.json").read_text())
+    spec = adapter_for(cfg).spec(cfg)
+    whole = {la: (list(range(spec.n_experts)) if i == 0 else []) for i, la in enumerate(spec.moe_layers)}
+    r = moesift.verify_offloaded(d, whole, cache_slots=0, max_samples=2, max_new_tokens=3, progress=False)
+    assert r["ok"] and r["loads"] == 0 and r["host_pairs"] > 0
+    assert r["hit_rate_layers"][0]["measured"] == 1.0 and r["hit_rate_layers"][1]["measured"] == 0.0
+    one = {la: [3] for la in spec.moe_layers}
+    r = moesift.verify_offloaded(d, one, cache_slots=spec.top_k, max_samples=2, max_new_tokens=3, progress=False)
+    assert r["ok"] and r["hit_rate_equals_simulation"]
