@@ -108,6 +108,8 @@ class _Layer:
         self.pinned_hits = self.pinned_accesses = 0
         self.host_pairs = self.device_pairs = self.copies = 0
         self.copy_bytes = 0
+        self.lut: Any = None
+        self.pending: list[int] = []  # accesses of fully resident layers (top-k ids of a token are distinct)
 
     def copy_in(self, expert: int, slot: int) -> None:
         import torch
@@ -127,6 +129,14 @@ class _Layer:
         """Sum over the chosen (token, expert) pairs of the family's expert contribution: [T, H]."""
         import torch
 
+        if not self.nonresident:  # every expert resident: renumber on the device, no host round trip
+            if self.lut is None or self.lut.device != ids.device:
+                lut = torch.full((max(self.pinned) + 1,), -1, dtype=torch.long)
+                for e, i in self.pinned.items():
+                    lut[e] = i
+                self.lut = lut.to(ids.device)
+            self.pending.append(ids.numel())
+            return self.ad.experts_apply(self.dev, hidden, self.lut[ids], weights)
         idl = ids.tolist()
         rows: list[list[int]] = []
         counts: dict[int, int] = {}
@@ -194,6 +204,11 @@ class _Layer:
         return self.ad.experts_apply(module, hidden, loc, weights)
 
     def stats(self) -> dict[str, Any]:
+        if self.pending:
+            n = sum(self.pending)
+            self.pinned_hits += n
+            self.pinned_accesses += n
+            self.pending.clear()
         c = self.cache
         hits, acc = c.hits + self.pinned_hits, self.pinned_accesses
         return {"moe_index": self.moe_index, "layer": self.layer, "resident": len(self.pinned),
@@ -237,6 +252,7 @@ class OffloadState:
         for layer in self.layers:
             layer.cache = ExpertCache(layer.cache.capacity, layer.cache.policy)
             layer.pinned_hits = layer.pinned_accesses = layer.host_pairs = layer.device_pairs = 0
+            layer.pending.clear()
             layer.copies = layer.copy_bytes = 0
 
 
