@@ -2,7 +2,7 @@
 
 Model: Qwen3-MoE with Qwen3-30B-A3B shapes on CUDA (hidden 2048, 128 experts, top-8, expert intermediate
 768, 32 query / 4 KV heads of 128, vocab 151936, bfloat16), as many of its 48 layers as --layers says
-(default 4, to fit ~90 s); on the CPU scaled down (hidden 256, 64 experts, top-8, expert intermediate 96,
+(default 2 on CUDA, to fit ~90 s with --time-budget 85 skipping what does not fit); on the CPU scaled down (hidden 256, 64 experts, top-8, expert intermediate 96,
 vocab 4096, float32, 4 layers). Random weights; each layer's router rows are scaled by a Zipf-like factor in
 a random order so that routing is skewed. A trace of a few thousand tokens (random token documents, routing
 logged, 4 folds) is recorded first; plans come from it.
@@ -30,6 +30,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import sys
@@ -130,14 +131,17 @@ def measure(model, args, new_tokens: int, repeats: int) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--layers", type=int, default=4, help="decoder layers (of Qwen3-30B-A3B's 48); default 4")
+    ap.add_argument("--layers", type=int, default=None, help="decoder layers (of Qwen3-30B-A3B's 48); default 4 "
+                    "on the CPU, 2 on CUDA")
+    ap.add_argument("--time-budget", type=float, default=None, help="seconds; variants not started by then are "
+                    "skipped and listed (default: 85 on CUDA, none on the CPU)")
     ap.add_argument("--hidden", type=int, default=None)
     ap.add_argument("--experts", type=int, default=None)
     ap.add_argument("--top-k", type=int, default=8)
     ap.add_argument("--moe-inter", type=int, default=None)
     ap.add_argument("--vocab", type=int, default=None)
     ap.add_argument("--dtype", default=None)
-    ap.add_argument("--budgets", default="25,50,75,100", help="percent of expert bytes on the device")
+    ap.add_argument("--budgets", default="50,25,75,100", help="percent of expert bytes on the device, in the order run")
     ap.add_argument("--new-tokens", type=int, default=None, help="decode steps timed; default 16 CPU, 32 CUDA")
     ap.add_argument("--prefill", type=int, default=None, help="prefill tokens; default 128 CPU, 1024 CUDA")
     ap.add_argument("--accelerate-tokens", type=int, default=4, help="decode steps timed for accelerate offload")
@@ -149,6 +153,9 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     cuda = args.device.startswith("cuda")
+    args.layers = args.layers or (2 if cuda else 4)
+    if args.time_budget is None and cuda:
+        args.time_budget = 85.0
     args.hidden = args.hidden or (2048 if cuda else 256)
     args.experts = args.experts or (128 if cuda else 64)
     args.moe_inter = args.moe_inter or (768 if cuda else 96)
@@ -184,8 +191,13 @@ def main() -> None:
 
     rows = []
 
+    skipped: list[str] = []
+
     def run(name, budget, loader):
         if name in skip:
+            return
+        if args.time_budget and time.perf_counter() - t_start > args.time_budget:
+            skipped.append(f"{name}@{budget}%")
             return
         t0 = time.perf_counter()
         model = loader()
@@ -195,6 +207,7 @@ def main() -> None:
         r.update(variant=name, budget=budget, load_s=t_load)
         rows.append(r)
         del model
+        gc.collect()  # the offload hooks form reference cycles; free device and pinned memory now
         if cuda:
             torch.cuda.empty_cache()
 
@@ -254,6 +267,8 @@ def main() -> None:
 
     from hostinfo import cpu_name, usable_cores
 
+    order = ["full", "moesift", "accelerate", "layers-host", "restricted"]
+    rows.sort(key=lambda r: (r["variant"] != "full", r["budget"], order.index(r["variant"])))
     ref = next(r for r in rows if r["variant"] == "full")
     for r in rows:
         for k in ("decode_b1", "decode_b8", "prefill"):
@@ -264,7 +279,7 @@ def main() -> None:
             "torch": torch.__version__, "layers": args.layers, "hidden": args.hidden, "experts": args.experts,
             "top_k": args.top_k, "moe_inter": args.moe_inter, "dtype": args.dtype,
             "trace_tokens": int(tr.get("routing_log").shape[0]), "setup_s": t_setup,
-            "total_s": time.perf_counter() - t_start, "date": time.strftime("%Y-%m-%d")}
+            "total_s": time.perf_counter() - t_start, "date": time.strftime("%Y-%m-%d"), "skipped": skipped}
     if args.json:
         print(json.dumps({"info": info, "rows": rows}, indent=1, default=float))
         return
@@ -272,6 +287,8 @@ def main() -> None:
     print(f"# Qwen3-MoE {args.layers} layers, hidden {args.hidden}, {args.experts} experts, top-{args.top_k}, "
           f"expert intermediate {args.moe_inter}, {args.dtype}; trace {info['trace_tokens']} tokens; "
           f"total {info['total_s']:.0f} s")
+    if skipped:
+        print(f"# time budget {args.time_budget:.0f} s reached; not run: {', '.join(skipped)}")
     print("| budget | variant | decode b1 tok/s | decode b8 tok/s | prefill tok/s | b1 vs full | b8 vs full | "
           "prefill vs full | hit rate (pred. held-out) |")
     print("|---|---|---|---|---|---|---|---|---|")
