@@ -653,7 +653,13 @@ def plan(
         if kind != "memory" or index is None:
             raise MoesiftError("--offload plans for a device budget: give --memory GiB and --model")
         budget["value"], cache_slots = offload_budget(index, budget["value"], cache_slots)
-    resident = _select(sp, scores, share, budget, uniform, index)
+    try:
+        resident = _select(sp, scores, share, budget, uniform, index)
+    except MoesiftError as e:
+        if not offload:
+            raise
+        raise MoesiftError(f"{e}, which is what --memory leaves after {cache_slots} cache slots per layer and the "
+                           "whole routers (--offload); raise --memory or lower --cache-slots") from None
 
     # constraints from the adapter (top-k, groups, hash layers)
     if sp.adapter_spec is not None and sp.model_type:
