@@ -249,3 +249,16 @@ def test_no_cache_and_fewer_than_top_k_resident(tiny_dir):
     one = {la: [3] for la in spec.moe_layers}
     r = moesift.verify_offloaded(d, one, cache_slots=spec.top_k, max_samples=2, max_new_tokens=3, progress=False)
     assert r["ok"] and r["hit_rate_equals_simulation"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
+def test_generate_without_cuda_is_one_line(tiny_dir, tmp_path, monkeypatch, capsys):
+    d = tiny_dir("qwen3_moe")
+    cfg = json.loads((d / "config.json").read_text())
+    spec = adapter_for(cfg).spec(cfg)
+    moesift.Plan(model={"model_type": "qwen3_moe"}, layers=[{"layer": la, "moe_index": i, "resident": [0, 1]}
+                                                            for i, la in enumerate(spec.moe_layers)]).save(
+        tmp_path / "p.json")
+    capsys.readouterr()
+    code, _, err = _run_cli(["generate", d, "--plan", tmp_path / "p.json", "--prompt", "hi"], monkeypatch, capsys)
+    assert code == 2 and "no CUDA device" in _one_error_line(err)
