@@ -415,36 +415,29 @@ def load_offloaded(
     from .trim import plan_layout
 
     files: dict[str, Any] = {}
-    shared: dict[str, Any] = {}
+    kw = {"dtype": parse_dtype(dtype)}
+
+    def experts_state(keep: Mapping[int, Sequence[int]]) -> dict[str, Any]:
+        return {t.name: _read_tensor(idx, t, files) for t in plan_layout(idx, keep)
+                if t.role is not None and t.role.kind == "expert"}
+
+    # one module set at a time: tensors without experts (read once), then the device experts, model built and
+    # moved to the device, then the host pool (built beside the same non-expert tensors, then dropped)
     try:
-        for t in plan_layout(idx, {}):
-            if t.role is None or t.role.kind != "expert":
-                shared[t.name] = _read_tensor(idx, t, files)
-
-        def experts_state(keep):
-            st: dict[str, Any] = {}
-            lay = plan_layout(idx, {layer: ids for layer, ids in keep.items()})
-            for t in lay:
-                if t.role is not None and t.role.kind == "expert":
-                    st[t.name] = _read_tensor(idx, t, files)
-            return st
-
-        dev_state = {**shared, **experts_state(dev_keep)}
-        host_state = {**shared, **experts_state(host_keep)}
+        shared = {t.name: _read_tensor(idx, t, files) for t in plan_layout(idx, {})
+                  if t.role is None or t.role.kind != "expert"}
+        with hf_progress(progress):
+            cls, cfg = _experts_variant_class(idx.config, {layer: len(v) for layer, v in dev_keep.items()})
+            m = cls.from_pretrained(None, config=cfg, state_dict={**shared, **experts_state(dev_keep)}, **kw)
+            m.eval()
+            if dev.type != "cpu":
+                m.to(dev)
+            hcls, hcfg = _experts_variant_class(idx.config, {layer: len(v) for layer, v in host_keep.items()})
+            hm = hcls.from_pretrained(None, config=hcfg, state_dict={**shared, **experts_state(host_keep)}, **kw)
+        del shared
     finally:
         for f in files.values():
             f.close()
-    kw = {"dtype": parse_dtype(dtype)}
-    with hf_progress(progress):
-        cls, cfg = _experts_variant_class(idx.config, {layer: len(v) for layer, v in dev_keep.items()})
-        m = cls.from_pretrained(None, config=cfg, state_dict=dev_state, **kw)
-        del dev_state
-        hcls, hcfg = _experts_variant_class(idx.config, {layer: len(v) for layer, v in host_keep.items()})
-        hm = hcls.from_pretrained(None, config=hcfg, state_dict=host_state, **kw)
-        del host_state, shared
-    m.eval()
-    if dev.type != "cpu":
-        m.to(dev)
     layers: list[_Layer] = []
     for mi, layer in enumerate(spec.moe_layers):
         hmod = ad.experts(hm, layer) if nonres[layer] else None
