@@ -109,6 +109,8 @@ class _Layer:
         self.host_pairs = self.device_pairs = self.copies = 0
         self.copy_bytes = 0
         self.lut: Any = None
+        self.stream: Any = None  # CUDA: side stream for slot copies the current call does not wait for
+        self.ready: Any = None
         self.pending: list[int] = []  # accesses of fully resident layers (top-k ids of a token are distinct)
 
     def copy_in(self, expert: int, slot: int) -> None:
@@ -137,6 +139,9 @@ class _Layer:
                 self.lut = lut.to(ids.device)
             self.pending.append(ids.numel())
             return self.ad.experts_apply(self.dev, hidden, self.lut[ids], weights)
+        if self.ready is not None:  # slot copies queued at this layer's previous call
+            torch.cuda.current_stream(hidden.device).wait_event(self.ready)
+            self.ready = None
         idl = ids.tolist()
         rows: list[list[int]] = []
         counts: dict[int, int] = {}
@@ -176,8 +181,12 @@ class _Layer:
             hs = set(on_host)
             h_rows = [t for t, r in enumerate(rows) if any(e in hs for e in r)]
             host_h = hidden[torch.as_tensor(h_rows, device=hidden.device)].to(_host_device(self.host))
-        for s, e in enumerate(end):  # demand paging: the cache's new occupants are copied in
-            if e is not None and start[s] != e:
+        # demand paging: the cache's new occupants are copied in; those computed from their slot in this call
+        # first, the others after the device computation is queued (on CUDA on a side stream, waited for at
+        # this layer's next call), so the host computation does not wait for their transfer
+        changed = [(s, e) for s, e in enumerate(end) if e is not None and start[s] != e]
+        for s, e in changed:
+            if e in new_dev:
                 self.copy_in(e, s)
         dev_map = dict(self.pinned)
         dev_map.update(kept)
@@ -185,6 +194,18 @@ class _Layer:
         local = [[dev_map.get(e, -1) for e in r] for r in idl]
         part = self._apply(self.dev, hidden, local, weights)
         out = part if out is None else out + part
+        later = [(s, e) for s, e in changed if e not in new_dev]
+        if later:
+            if self.stream is None:
+                for s, e in later:
+                    self.copy_in(e, s)
+            else:
+                self.stream.wait_stream(torch.cuda.current_stream(hidden.device))
+                with torch.cuda.stream(self.stream):
+                    for s, e in later:
+                        self.copy_in(e, s)
+                    self.ready = torch.cuda.Event()
+                    self.ready.record(self.stream)
         self.device_pairs += sum(1 for r in local for x in r if x >= 0) + sum(
             1 for r in idl for e in r if e in early)
         if on_host:
@@ -439,6 +460,7 @@ def load_offloaded(
         for f in files.values():
             f.close()
     layers: list[_Layer] = []
+    copy_stream: Any = None
     for mi, layer in enumerate(spec.moe_layers):
         hmod = ad.experts(hm, layer) if nonres[layer] else None
         if hmod is not None:
@@ -452,6 +474,9 @@ def load_offloaded(
                     {e: ids.index(e) for e in full[layer]},
                     [ids.index(e) for e in nonres[layer][: slots[layer]]],
                     nonres[layer], policy, int(host_compute_max_tokens))
+        if dev.type == "cuda":
+            copy_stream = copy_stream if mi else torch.cuda.Stream(device=dev)
+            rt.stream = copy_stream
         layers.append(rt)
         ad.offload_experts(m, layer, rt.run)
     del hm
