@@ -373,7 +373,8 @@ def generate_cmd(
     ph = pred.get("heldout_hit_rate")
     typer.echo(f"hit rate {o['hit_rate']:.4f} measured ({o['cache_slots']} {o['policy']} slots per layer, "
                f"{o['loads']} expert loads, {o['host_pairs']} token-expert pairs computed on the host)"
-               + (f"; plan predicted {ph:.4f} held-out" if ph is not None else ""))
+               + (f"; the plan predicted {ph:.4f} held out ({pred.get('cache_slots')} {pred.get('policy')} slots, "
+                  f"over its whole trace, so with fewer cold misses)" if ph is not None else ""))
     for e in o["layers"]:
         typer.echo(f"  layer {e['layer']:>3}: hit rate {e['hit_rate']:.4f}  ({e['hits']}/{e['accesses']}, "
                    f"{e['loads']} loads)")
