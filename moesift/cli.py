@@ -318,6 +318,10 @@ def verify_cmd(
             typer.echo(f"cache: {r['cache_slots']} {r['policy']} slots per layer, measured hit rate "
                        f"{r['hit_rate']:.4f}; equal to the cache simulation on the same routing: "
                        f"{'yes' if r['hit_rate_equals_simulation'] else 'NO'}")
+            pr = r.get("predicted") or {}
+            if pr.get("heldout_hit_rate") is not None:
+                typer.echo(f"the plan predicted {pr['heldout_hit_rate']:.4f} held out ({pr['cache_slots']} "
+                           f"{pr['policy']} slots)")
             typer.echo("OK: the offloaded model matches the full model" if r["ok"] else
                        "MISMATCH: the offloaded model does not match the full model")
         else:

@@ -684,6 +684,11 @@ def verify_offloaded(
         "hit_rate_layers": sim_layers, "host_pairs": stats["host_pairs"], "loads": stats["loads"],
         "device_bytes": stats["device_bytes"],
     }
+    from .plan import as_plan
+
+    pred = _plan_prediction(as_plan(plan))
+    if pred is not None:  # the plan was made with --offload: its prediction beside the measured figure
+        result["predicted"] = {k: pred.get(k) for k in ("hit_rate", "heldout_hit_rate", "cache_slots", "policy")}
     result["ok"] = (result["top1_agreement"] >= 1.0 and result["generations_identical"] and same
                     and (dtype not in ("float32", "fp32") or max_rel <= 1e-6))
     return result
