@@ -173,27 +173,37 @@ class _Layer:
         new_dev = {e: si[slot_end[e]] for e in counts
                    if e not in slot_start and e in slot_end and counts[e] > self.threshold}
         on_host = [e for e in counts if e not in early and e not in kept and e not in new_dev]
-        out = None
-        if early:
-            out = self._apply(self.dev, hidden, [[early.get(e, -1) for e in r] for r in idl], weights)
-        h_rows = host_h = None
-        if on_host:
-            hs = set(on_host)
-            h_rows = [t for t, r in enumerate(rows) if any(e in hs for e in r)]
-            host_h = hidden[torch.as_tensor(h_rows, device=hidden.device)].to(_host_device(self.host))
         # demand paging: the cache's new occupants are copied in; those computed from their slot in this call
         # first, the others after the device computation is queued (on CUDA on a side stream, waited for at
         # this layer's next call), so the host computation does not wait for their transfer
         changed = [(s, e) for s, e in enumerate(end) if e is not None and start[s] != e]
-        for s, e in changed:
-            if e in new_dev:
-                self.copy_in(e, s)
         dev_map = dict(self.pinned)
         dev_map.update(kept)
         dev_map.update(new_dev)
-        local = [[dev_map.get(e, -1) for e in r] for r in idl]
-        part = self._apply(self.dev, hidden, local, weights)
-        out = part if out is None else out + part
+        if not early and not on_host:  # everything on the device: one call, as the full model runs it
+            for s, e in changed:
+                self.copy_in(e, s)
+            local = [[dev_map.get(e, -1) for e in r] for r in idl]
+            self.device_pairs += sum(1 for r in local for x in r if x >= 0)
+            return self._apply(self.dev, hidden, local, weights)
+        # otherwise one contribution per expert, summed in expert-id order as the full model sums them
+        pos: dict[int, tuple[list[int], list[int]]] = {}
+        for t, r in enumerate(idl):
+            for k, e in enumerate(r):
+                if e >= 0:
+                    tk = pos.setdefault(e, ([], []))
+                    tk[0].append(t)
+                    tk[1].append(k)
+        contrib: dict[int, Any] = {}
+        for e, i in early.items():  # before their slots are reused
+            contrib[e] = self._one(self.dev, hidden, weights, i, *pos[e])
+        for s, e in changed:
+            if e in new_dev:
+                self.copy_in(e, s)
+        for e, i in dev_map.items():
+            if e in pos and e not in contrib:
+                contrib[e] = self._one(self.dev, hidden, weights, i, *pos[e])
+        self.device_pairs += sum(len(pos[e][0]) for e in contrib)
         later = [(s, e) for s, e in changed if e not in new_dev]
         if later:
             if self.stream is None:
@@ -206,17 +216,39 @@ class _Layer:
                         self.copy_in(e, s)
                     self.ready = torch.cuda.Event()
                     self.ready.record(self.stream)
-        self.device_pairs += sum(1 for r in local for x in r if x >= 0) + sum(
-            1 for r in idl for e in r if e in early)
         if on_host:
-            hs = set(on_host)
-            sub_ids = [[self.host_local[e] if e in hs else -1 for e in idl[t]] for t in h_rows]
-            sub_w = weights[torch.as_tensor(h_rows, device=weights.device)].to(host_h.device)
-            hout = self._apply(self.host, host_h, sub_ids, sub_w)
-            self.host_pairs += sum(1 for r in sub_ids for x in r if x >= 0)
-            idx = torch.as_tensor(h_rows, device=out.device)
-            out = out.index_add(0, idx, hout.to(device=out.device, dtype=out.dtype, non_blocking=True))
+            hdev = _host_device(self.host)
+            h_rows = sorted({t for e in on_host for t in pos[e][0]})
+            at = {t: i for i, t in enumerate(h_rows)}
+            sel = torch.as_tensor(h_rows, device=hidden.device)
+            host_h, host_w = hidden[sel].to(hdev), weights[sel].to(hdev)
+            for e in on_host:
+                ts, ks = pos[e]
+                c = self._one(self.host, host_h, host_w, self.host_local[e], [at[t] for t in ts], ks)
+                contrib[e] = c.to(device=hidden.device, non_blocking=True)
+                self.host_pairs += len(ts)
+        if self.ad.pair_reduction(self.dev) == "k_sum":  # [T, K, H] summed over K, as grouped / batched mm do
+            pairs = torch.zeros((hidden.shape[0], weights.shape[1], hidden.shape[1]), dtype=hidden.dtype,
+                                device=hidden.device)
+            for e, c in contrib.items():
+                ts, ks = pos[e]
+                pairs[torch.as_tensor(ts, device=hidden.device), torch.as_tensor(ks, device=hidden.device)] = \
+                    c.to(pairs.dtype)
+            return pairs.sum(dim=1).to(hidden.dtype)
+        out = torch.zeros_like(hidden)  # an expert loop from zeros, in expert-id order
+        for e in sorted(contrib):
+            out.index_add_(0, torch.as_tensor(pos[e][0], device=hidden.device), contrib[e].to(out.dtype))
         return out
+
+    def _one(self, module: Any, hidden: Any, weights: Any, local: int, ts: list[int], ks: list[int]) -> Any:
+        """Contribution [n, H] of one expert (index `local` of `module`) to tokens `ts` (its k-th choice
+        `ks`): the computation the full model makes for that expert on the same tokens."""
+        import torch
+
+        t = torch.as_tensor(ts, device=hidden.device)
+        k = torch.as_tensor(ks, device=hidden.device)
+        ids = torch.full((len(ts), 1), local, dtype=torch.long, device=hidden.device)
+        return self.ad.experts_apply(module, hidden[t], ids, weights[t, k][:, None])
 
     def _apply(self, module: Any, hidden: Any, local: list[list[int]], weights: Any) -> Any:
         import torch

@@ -250,6 +250,11 @@ class Adapter:
         id contribute nothing."""
         raise NotImplementedError
 
+    def pair_reduction(self, module: Any) -> str:
+        """How the experts module sums the contributions of a token's experts: "k_sum" (one row per (token,
+        slot k), summed over k) or "expert_order" (from zeros, expert by expert in id order)."""
+        raise NotImplementedError
+
     def offload_experts(self, model: Any, layer: int, run: Callable[[Any, Any, Any], Any]) -> None:
         """Make decoder layer `layer`'s MoE block obtain its routed-experts output from
         `run(hidden [T, H], ids [T, K], weights [T, K]) -> [T, H]` (original expert ids, the router's own
@@ -600,6 +605,10 @@ class StandardAdapter(Adapter):
         if whole:
             return res
         return torch.zeros_like(hidden).index_copy(0, rows, res)
+
+    def pair_reduction(self, module):
+        impl = getattr(getattr(module, "config", None), "_experts_implementation", None)
+        return "k_sum" if impl in ("grouped_mm", "batched_mm") else "expert_order"
 
     def experts_result(self, hidden: Any, out: Any) -> Any:
         """The experts module's output for input `hidden` given the flat result [T, H]."""
