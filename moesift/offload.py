@@ -186,7 +186,8 @@ class _Layer:
             local = [[dev_map.get(e, -1) for e in r] for r in idl]
             self.device_pairs += sum(1 for r in local for x in r if x >= 0)
             return self._apply(self.dev, hidden, local, weights)
-        # otherwise one contribution per expert, summed in expert-id order as the full model sums them
+        # otherwise each (token, expert) pair's contribution is computed where its expert is (one call per
+        # place, every pair its own row) and the pairs are summed as the experts module sums them
         pos: dict[int, tuple[list[int], list[int]]] = {}
         for t, r in enumerate(idl):
             for k, e in enumerate(r):
@@ -194,16 +195,16 @@ class _Layer:
                     tk = pos.setdefault(e, ([], []))
                     tk[0].append(t)
                     tk[1].append(k)
-        contrib: dict[int, Any] = {}
-        for e, i in early.items():  # before their slots are reused
-            contrib[e] = self._one(self.dev, hidden, weights, i, *pos[e])
+        parts: list[tuple[list[int], list[int], Any]] = []
+        if early:  # before their slots are reused
+            parts.append(self._pairs(self.dev, hidden, weights, {e: early[e] for e in early if e in pos}, pos))
         for s, e in changed:
             if e in new_dev:
                 self.copy_in(e, s)
-        for e, i in dev_map.items():
-            if e in pos and e not in contrib:
-                contrib[e] = self._one(self.dev, hidden, weights, i, *pos[e])
-        self.device_pairs += sum(len(pos[e][0]) for e in contrib)
+        dev_now = {e: i for e, i in dev_map.items() if e in pos and e not in early}
+        if dev_now:
+            parts.append(self._pairs(self.dev, hidden, weights, dev_now, pos))
+        self.device_pairs += sum(len(p[0]) for p in parts)
         later = [(s, e) for s, e in changed if e not in new_dev]
         if later:
             if self.stream is None:
@@ -218,37 +219,42 @@ class _Layer:
                     self.ready.record(self.stream)
         if on_host:
             hdev = _host_device(self.host)
-            h_rows = sorted({t for e in on_host for t in pos[e][0]})
-            at = {t: i for i, t in enumerate(h_rows)}
-            sel = torch.as_tensor(h_rows, device=hidden.device)
-            host_h, host_w = hidden[sel].to(hdev), weights[sel].to(hdev)
-            for e in on_host:
-                ts, ks = pos[e]
-                c = self._one(self.host, host_h, host_w, self.host_local[e], [at[t] for t in ts], ks)
-                contrib[e] = c.to(device=hidden.device, non_blocking=True)
-                self.host_pairs += len(ts)
-        if self.ad.pair_reduction(self.dev) == "k_sum":  # [T, K, H] summed over K, as grouped / batched mm do
-            pairs = torch.zeros((hidden.shape[0], weights.shape[1], hidden.shape[1]), dtype=hidden.dtype,
-                                device=hidden.device)
-            for e, c in contrib.items():
-                ts, ks = pos[e]
-                pairs[torch.as_tensor(ts, device=hidden.device), torch.as_tensor(ks, device=hidden.device)] = \
-                    c.to(pairs.dtype)
+            ts, ks, c = self._pairs(self.host, hidden.to(hdev), weights.to(hdev),
+                                    {e: self.host_local[e] for e in on_host}, pos)
+            parts.append((ts, ks, c.to(device=hidden.device, non_blocking=True)))
+            self.host_pairs += len(ts)
+        T, K, H = hidden.shape[0], weights.shape[1], hidden.shape[1]
+        pairs = torch.zeros((T, K, H), dtype=hidden.dtype, device=hidden.device)
+        for ts, ks, c in parts:
+            pairs[torch.as_tensor(ts, device=hidden.device), torch.as_tensor(ks, device=hidden.device)] = \
+                c.to(pairs.dtype)
+        if self.ad.pair_reduction(self.dev) == "k_sum":  # grouped / batched mm: rows summed over k
             return pairs.sum(dim=1).to(hidden.dtype)
         out = torch.zeros_like(hidden)  # an expert loop from zeros, in expert-id order
-        for e in sorted(contrib):
-            out.index_add_(0, torch.as_tensor(pos[e][0], device=hidden.device), contrib[e].to(out.dtype))
+        for e in sorted(pos):
+            ts, ks = pos[e]
+            t = torch.as_tensor(ts, device=hidden.device)
+            out.index_add_(0, t, pairs[t, torch.as_tensor(ks, device=hidden.device)])
         return out
 
-    def _one(self, module: Any, hidden: Any, weights: Any, local: int, ts: list[int], ks: list[int]) -> Any:
-        """Contribution [n, H] of one expert (index `local` of `module`) to tokens `ts` (its k-th choice
-        `ks`): the computation the full model makes for that expert on the same tokens."""
+    def _pairs(self, module: Any, hidden: Any, weights: Any, local: Mapping[int, int],
+               pos: Mapping[int, tuple[list[int], list[int]]]) -> tuple[list[int], list[int], Any]:
+        """(tokens, slots k, contributions [P, H]) of the pairs of the experts `local` ({expert: index in
+        `module`}), in one call of `module`: each pair is a row with one expert, so each expert computes
+        exactly the tokens the full model gives it, and the rows come back unsummed."""
         import torch
 
+        ts: list[int] = []
+        ks: list[int] = []
+        ids: list[int] = []
+        for e, i in local.items():
+            ts += pos[e][0]
+            ks += pos[e][1]
+            ids += [i] * len(pos[e][0])
         t = torch.as_tensor(ts, device=hidden.device)
         k = torch.as_tensor(ks, device=hidden.device)
-        ids = torch.full((len(ts), 1), local, dtype=torch.long, device=hidden.device)
-        return self.ad.experts_apply(module, hidden[t], ids, weights[t, k][:, None])
+        loc = torch.as_tensor(ids, dtype=torch.long, device=hidden.device)[:, None]
+        return ts, ks, self.ad.experts_apply(module, hidden[t], loc, weights[t, k][:, None])
 
     def _apply(self, module: Any, hidden: Any, local: list[list[int]], weights: Any) -> Any:
         import torch
