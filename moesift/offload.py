@@ -18,6 +18,11 @@ Per MoE layer and forward, for the (token, expert) pairs the router chose:
   its slot after the copy (prefill: many tokens per expert). An expert loaded and evicted again within one
   call (a prefill whose working set exceeds the slots) is computed on the host.
 
+When a call runs experts in more than one place, each (token, expert) pair is computed as its own row (so
+every expert computes exactly the tokens the full model gives it) and the pairs are summed the way the
+family's experts module sums them (adapter `pair_reduction`), which keeps the logits equal to the full
+model's, bit for bit where both run on the same kind of processor.
+
 Without a GPU the same code runs with ``device="cpu"``: the device modules and the host pool are separate
 host tensors, which is how the tests prove exactness on every family.
 """
