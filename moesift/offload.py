@@ -390,6 +390,22 @@ def _read_tensor(idx: Any, t: Any, files: dict[str, Any]) -> Any:
     return x.reshape(t.shape)
 
 
+def _bar(enabled: bool, total: int) -> Any:
+    """A rich progress bar over checkpoint bytes read (stderr, only on a terminal)."""
+    import sys
+
+    if not enabled or not sys.stderr.isatty():
+        return None
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    p = Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                 console=Console(stderr=True), transient=True)
+    p.start()
+    p.add_task("reading experts", total=total)
+    return p
+
+
 def device_bytes(idx: Any, resident: Mapping[int, Sequence[int]], slots: Mapping[int, int]) -> dict[str, int]:
     """Bytes on the device, from the checkpoint headers: every tensor that is not a routed expert (routers
     whole) and, per MoE layer, its resident experts plus its cache slots."""
@@ -480,16 +496,21 @@ def load_offloaded(
 
     files: dict[str, Any] = {}
     kw = {"dtype": parse_dtype(dtype)}
+    bar = _bar(progress, idx.total_bytes())  # every byte once (the slots' first contents a second time)
+
+    def read(t: Any) -> Any:
+        x = _read_tensor(idx, t, files)
+        if bar is not None:
+            bar.advance(bar.task_ids[0], t.nbytes)
+        return x
 
     def experts_state(keep: Mapping[int, Sequence[int]]) -> dict[str, Any]:
-        return {t.name: _read_tensor(idx, t, files) for t in plan_layout(idx, keep)
-                if t.role is not None and t.role.kind == "expert"}
+        return {t.name: read(t) for t in plan_layout(idx, keep) if t.role is not None and t.role.kind == "expert"}
 
     # one module set at a time: tensors without experts (read once), then the device experts, model built and
     # moved to the device, then the host pool (built beside the same non-expert tensors, then dropped)
     try:
-        shared = {t.name: _read_tensor(idx, t, files) for t in plan_layout(idx, {})
-                  if t.role is None or t.role.kind != "expert"}
+        shared = {t.name: read(t) for t in plan_layout(idx, {}) if t.role is None or t.role.kind != "expert"}
         with hf_progress(progress):
             cls, cfg = _experts_variant_class(idx.config, {layer: len(v) for layer, v in dev_keep.items()})
             m = cls.from_pretrained(None, config=cfg, state_dict={**shared, **experts_state(dev_keep)}, **kw)
@@ -502,6 +523,8 @@ def load_offloaded(
     finally:
         for f in files.values():
             f.close()
+        if bar is not None:
+            bar.stop()
     layers: list[_Layer] = []
     copy_stream: Any = None
     for mi, layer in enumerate(spec.moe_layers):
