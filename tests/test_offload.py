@@ -262,3 +262,15 @@ def test_generate_without_cuda_is_one_line(tiny_dir, tmp_path, monkeypatch, caps
     capsys.readouterr()
     code, _, err = _run_cli(["generate", d, "--plan", tmp_path / "p.json", "--prompt", "hi"], monkeypatch, capsys)
     assert code == 2 and "no CUDA device" in _one_error_line(err)
+
+
+def test_plan_offload_without_routing_log_says_so(tiny_dir, tmp_path):
+    d = tiny_dir("qwen3_moe")
+    p = tmp_path / "ids.jsonl"
+    p.write_text("".join(json.dumps({"input_ids": list(range(1 + i, 13 + i))}) + "\n" for i in range(8)))
+    t = moesift.trace(str(d), str(p), batch_size=4, folds=4, progress=False)
+    t.save(tmp_path / "t.trace")
+    idx = moesift.checkpoint_index(d)
+    pl = moesift.plan([str(tmp_path / "t.trace")], memory=idx.total_bytes() * 2, model=d, offload=True, cache_slots=2)
+    o = pl.predictions["offload"]
+    assert o["cache_slots"] == 2 and "hit_rate" not in o and "routing log" in o["note"]
