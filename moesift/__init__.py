@@ -5,6 +5,7 @@ Public API (each CLI command is one of these functions, with the same arguments)
     trace, show, merge_traces, export_trace      # record and inspect routing
     report, compare                              # analyse traces
     plan, trim, restrict, load_resident, verify  # choose resident experts, shrink, prove
+    load_offloaded, generate                     # full-model outputs, non-resident experts in host memory
     eval_model, sweep, demo                      # quality across budgets
     place, cache                                 # expert parallelism and offloading
 """
@@ -44,6 +45,9 @@ _LAZY = {
     "trim": "trim",
     "load_resident": "resident",
     "load_trimmed": "resident",
+    "load_offloaded": "offload",
+    "generate": "offload",
+    "verify_offloaded": "offload",
     "verify": "verify",
     "report": "report",
     "compare": "report",

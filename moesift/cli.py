@@ -190,6 +190,12 @@ def plan_cmd(
     uniform: bool = typer.Option(False, "--uniform", help="Same number of experts in every MoE layer."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random strategy."),
     force: bool = typer.Option(False, "--force", help="Overwrite --out."),
+    offload: bool = typer.Option(False, "--offload", help="Plan for `moesift generate` / load_offloaded: --memory "
+                                 "is device memory for non-expert weights + resident experts + cache slots; "
+                                 "prints the cache hit rate the simulation predicts."),
+    cache_slots: int = typer.Option(None, "--cache-slots", help="With --offload: cache slots per MoE layer "
+                                    "(default 2 x top-k)."),
+    policy: str = typer.Option("lru", "--policy", help="With --offload: cache policy, lru | lfu."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Choose resident experts per MoE layer from traces under one budget; `plan diff A B` compares banks."""
@@ -213,7 +219,8 @@ def plan_cmd(
     from .plan import plan
 
     p = plan(traces, out=out, keep=keep, keep_experts=keep_experts, coverage=coverage, memory=memory, model=model,
-             strategy=strategy, uniform=uniform, seed=seed, force=force)
+             strategy=strategy, uniform=uniform, seed=seed, force=force,
+             **({"offload": True, "cache_slots": cache_slots, "policy": policy} if offload else {}))
     if json_out:
         emit_json(p.to_dict())
         return
@@ -229,6 +236,15 @@ def plan_cmd(
         typer.echo(f"  held-out: {pr['heldout_note']}")
     if "bytes" in pr:
         typer.echo(f"predicted checkpoint {pr['bytes']:,} bytes ({pr['bytes_fraction']:.1%} of {pr['bytes_full']:,})")
+    if "offload" in pr:
+        o = pr["offload"]
+        hr, hh = o.get("hit_rate"), o.get("heldout_hit_rate")
+        typer.echo(f"offload: {o['cache_slots']} {o['policy']} cache slots per layer, "
+                   f"{o.get('device_bytes', 0):,} device bytes; predicted hit rate "
+                   + (f"in-sample {hr:.3f}" if hr is not None else "unknown")
+                   + (f", held-out {hh:.3f}" if hh is not None else ""))
+        if o.get("note") or (hh is None and o.get("heldout_note")):
+            typer.echo(f"  {o.get('note') or o.get('heldout_note')}")
     for e in p.layers:
         h = e.get("heldout_coverage")
         typer.echo(f"  layer {e['layer'] if e['layer'] is not None else e['moe_index']:>3}: {len(e['resident']):>4} "
@@ -268,8 +284,14 @@ def trim_cmd(
 @app.command("verify")
 def verify_cmd(
     model: str = typer.Argument(..., help="Full model directory or hub id."),
-    trimmed: str = typer.Argument(..., help="Trimmed checkpoint directory."),
+    trimmed: str = typer.Argument(None, help="Trimmed checkpoint directory (not with --offloaded)."),
     plan: str = typer.Option(None, "--plan", help="Plan (default: the one recorded in TRIMMED)."),
+    offloaded: str = typer.Option(None, "--offloaded", help="Plan: compare the full model with itself loaded by "
+                                  "load_offloaded (resident experts on --device, the rest in host memory)."),
+    cache_slots: int = typer.Option(None, "--cache-slots", help="With --offloaded: cache slots per MoE layer."),
+    policy: str = typer.Option("lru", "--policy", help="With --offloaded: cache policy, lru | lfu."),
+    host_compute_max_tokens: int = typer.Option(4, "--host-compute-max-tokens", help="With --offloaded: a missed "
+                                                "expert with at most this many tokens in a call runs on the host."),
     data: list[str] = typer.Option(None, "--data", help="Held-out prompts (JSONL / text); default: random tokens."),
     max_new_tokens: int = typer.Option(16, "--max-new-tokens", help="Greedy tokens generated per prompt."),
     max_samples: int = typer.Option(8, "--max-samples", help="Prompts used."),
@@ -280,12 +302,14 @@ def verify_cmd(
                               "auto (the checkpoint's dtype; in bfloat16 top-k may break ties differently)."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Restricted full model vs trimmed model: top-1 agreement, logit differences, greedy generations.
-    Exit code 1 when they disagree."""
+    """Restricted full model vs trimmed model (or, with --offloaded, full model vs offloaded model): top-1
+    agreement, logit differences, greedy generations. Exit code 1 when they disagree."""
     from .verify import verify
 
     r = verify(model, trimmed, plan=plan, data=data or None, max_new_tokens=max_new_tokens, max_samples=max_samples,
-               max_length=max_length, field=field, device=device, dtype=dtype, progress=not json_out)
+               max_length=max_length, field=field, device=device, dtype=dtype, progress=not json_out,
+               offloaded=offloaded, cache_slots=cache_slots, policy=policy,
+               host_compute_max_tokens=host_compute_max_tokens)
     if json_out:
         emit_json(r)
     else:
@@ -294,10 +318,75 @@ def verify_cmd(
         typer.echo(f"{r['prompts']} prompts, {r['tokens']} positions: top-1 agreement {r['top1_agreement']:.4f}, "
                    f"max |logit diff| {r['max_abs_logit_diff']:.3g} (relative {r['max_rel_logit_diff']:.3g}), "
                    f"greedy generations {'identical' if r['generations_identical'] else 'DIFFER'}")
-        typer.echo("OK: the trimmed model matches the restricted full model" if r["ok"] else
-                   "MISMATCH: the trimmed model does not match the restricted full model")
+        if offloaded:
+            typer.echo(f"cache: {r['cache_slots']} {r['policy']} slots per layer, measured hit rate "
+                       f"{r['hit_rate']:.4f}; equal to the cache simulation on the same routing: "
+                       f"{'yes' if r['hit_rate_equals_simulation'] else 'NO'}")
+            pr = r.get("predicted") or {}
+            if pr.get("heldout_hit_rate") is not None:
+                typer.echo(f"the plan predicted {pr['heldout_hit_rate']:.4f} held out ({pr['cache_slots']} "
+                           f"{pr['policy']} slots)")
+            typer.echo("OK: the offloaded model matches the full model" if r["ok"] else
+                       "MISMATCH: the offloaded model does not match the full model")
+        else:
+            typer.echo("OK: the trimmed model matches the restricted full model" if r["ok"] else
+                       "MISMATCH: the trimmed model does not match the restricted full model")
     if not r["ok"]:
         raise typer.Exit(1)
+
+
+@app.command("generate")
+def generate_cmd(
+    model: str = typer.Argument(..., help="Full model directory or hub id."),
+    plan: str = typer.Option(..., "--plan", help="Plan whose resident experts stay on the device."),
+    prompt: str = typer.Option(..., "--prompt", help="Prompt text."),
+    device: str = typer.Option("cuda", "--device", help="Device for non-expert weights, resident experts and "
+                               "cache slots (cpu runs the same code with host memory as the device)."),
+    offload: str = typer.Option("cpu", "--offload", help="Where the other experts live: cpu (host memory, "
+                                "pinned for CUDA)."),
+    cache_slots: int = typer.Option(None, "--cache-slots", help="Device cache slots per MoE layer (default: the "
+                                    "plan's when made with --offload, else 2 x top-k)."),
+    policy: str = typer.Option("lru", "--policy", help="Cache policy: lru | lfu."),
+    host_compute_max_tokens: int = typer.Option(4, "--host-compute-max-tokens", help="A missed expert with at most "
+                                                "this many tokens in a call runs on the host; more: copied to a "
+                                                "slot and run on the device."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Tokens generated (greedy)."),
+    dtype: str = typer.Option(None, "--dtype", help="auto (checkpoint dtype), float32, bfloat16, float16."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON (no streaming)."),
+) -> None:
+    """Generate with the full model's outputs: resident experts on the device, the others in host memory.
+    Streams the text, then prints tokens/s and the measured cache hit rate per MoE layer."""
+    import sys
+
+    from .offload import generate
+
+    def echo(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    r = generate(model, plan, prompt=prompt, device=device, offload=offload, cache_slots=cache_slots, policy=policy,
+                 host_compute_max_tokens=host_compute_max_tokens, max_new_tokens=max_new_tokens, dtype=dtype,
+                 echo=None if json_out else echo, progress=not json_out)
+    if json_out:
+        emit_json(r)
+        return
+    o = r["offload"]
+    typer.echo("")
+    dec = r["decode_tokens_per_s"]
+    pre = r["prefill_tokens_per_s"]
+    typer.echo(f"{r['new_tokens']} tokens: decode {dec:.2f} tokens/s" if dec else f"{r['new_tokens']} tokens",
+               nl=False)
+    typer.echo(f", prefill {pre:.1f} tokens/s ({r['prompt_tokens']} prompt tokens)" if pre else "")
+    pred = r.get("predicted") or {}
+    ph = pred.get("heldout_hit_rate")
+    typer.echo(f"hit rate {o['hit_rate']:.4f} measured ({o['cache_slots']} {o['policy']} slots per layer, "
+               f"{o['loads']} expert loads, {o['host_pairs']} token-expert pairs computed on the host)"
+               + (f"; the plan predicted {ph:.4f} held out ({pred.get('cache_slots')} {pred.get('policy')} slots, "
+                  f"over its whole trace, so with fewer cold misses)" if ph is not None else ""))
+    for e in o["layers"]:
+        typer.echo(f"  layer {e['layer']:>3}: hit rate {e['hit_rate']:.4f}  ({e['hits']}/{e['accesses']}, "
+                   f"{e['loads']} loads)")
+
 
 # [quality: eval, sweep, demo]
 

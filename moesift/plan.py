@@ -615,11 +615,16 @@ def plan(
     uniform: bool = False,
     seed: int = 0,
     force: bool = False,
+    offload: bool = False,
+    cache_slots: int | None = None,
+    policy: str = "lru",
 ) -> Plan:
     """Choose the resident experts of every MoE layer from one or more traces (a bank) under one budget.
 
     `traces`: paths (``"path:0.7"`` sets a weight), Trace objects, or (trace, weight) pairs.
-    Exactly one of `keep`, `keep_experts`, `coverage`, `memory` (needs `model`)."""
+    Exactly one of `keep`, `keep_experts`, `coverage`, `memory` (needs `model`).
+    `offload`: plan for `moesift.load_offloaded` (`memory` is device memory for the non-expert weights, the
+    resident experts and `cache_slots` slots per layer; the predicted cache hit rate is added)."""
     from . import __version__
 
     given = {k: v for k, v in (("keep", keep), ("keep_experts", keep_experts), ("coverage", coverage),
@@ -647,7 +652,19 @@ def plan(
     budget = {"kind": kind, "value": parse_bytes(value) if kind == "memory" else float(value)}
     if kind == "keep_experts":
         budget["value"] = int(value)
-    resident = _select(sp, scores, share, budget, uniform, index)
+    if offload:
+        from .offload import offload_budget
+
+        if kind != "memory" or index is None:
+            raise MoesiftError("--offload plans for a device budget: give --memory GiB and --model")
+        budget["value"], cache_slots = offload_budget(index, budget["value"], cache_slots)
+    try:
+        resident = _select(sp, scores, share, budget, uniform, index)
+    except MoesiftError as e:
+        if not offload:
+            raise
+        raise MoesiftError(f"{e}, which is what --memory leaves after {cache_slots} cache slots per layer and the "
+                           "whole routers (--offload); raise --memory or lower --cache-slots") from None
 
     # constraints from the adapter (top-k, groups, hash layers)
     if sp.adapter_spec is not None and sp.model_type:
@@ -758,6 +775,12 @@ def plan(
         "seed": int(seed),
         "tool": {"name": "moesift", "version": __version__},
     }
+    if offload:
+        from .offload import offload_prediction
+
+        pred["offload"] = offload_prediction(bank.traces, resident, int(cache_slots or 0), policy, index,
+                                             sp.moe_layers)
+        pred["offload"]["memory_bytes"] = parse_bytes(value)
     result = Plan(model=model_id, layers=layers, provenance=prov, predictions=pred)
     if out is not None:
         result.save(out, force=force)

@@ -33,7 +33,7 @@ def _read_prompts(paths: list[str], field: str | None, max_samples: int, tok: An
 
 def verify(
     model: str | os.PathLike,
-    trimmed: str | os.PathLike,
+    trimmed: str | os.PathLike | None = None,
     plan: Any = None,
     data: str | os.PathLike | list[str] | None = None,
     max_new_tokens: int = 16,
@@ -44,6 +44,10 @@ def verify(
     dtype: str | None = "float32",
     seed: int = 0,
     progress: bool = True,
+    offloaded: Any = None,
+    cache_slots: int | None = None,
+    policy: str = "lru",
+    host_compute_max_tokens: int | None = None,
 ) -> dict[str, Any]:
     """Run the full model restricted to `plan` and the trimmed model on held-out prompts; report top-1
     agreement over every prompt position, max absolute and relative logit differences, and whether greedy
@@ -53,8 +57,24 @@ def verify(
     Both models run in float32 by default: the check is that they compute the same function. In bfloat16,
     router probabilities tie often (8 bits of mantissa), and torch.topk may break a tie differently over E
     experts and over the resident experts alone: the two models then pick different (equally weighted)
-    experts for that token, which is not a trimming error."""
+    experts for that token, which is not a trimming error.
+
+    With `offloaded` (a plan) and no `trimmed`: the full model against `moesift.load_offloaded(model,
+    offloaded, ...)` instead (`moesift.offload.verify_offloaded`)."""
     import torch
+
+    if offloaded is not None:
+        if trimmed is not None:
+            raise MoesiftError("give either a TRIMMED checkpoint or --offloaded PLAN, not both")
+        from .offload import HOST_COMPUTE_MAX_TOKENS, verify_offloaded
+
+        return verify_offloaded(model, offloaded, data=data, max_new_tokens=max_new_tokens, max_samples=max_samples,
+                                max_length=max_length, field=field, device=device, dtype=dtype,
+                                cache_slots=cache_slots, policy=policy, seed=seed, progress=progress,
+                                host_compute_max_tokens=HOST_COMPUTE_MAX_TOKENS if host_compute_max_tokens is None
+                                else host_compute_max_tokens)
+    if trimmed is None:
+        raise MoesiftError("give the TRIMMED checkpoint to compare with (or --offloaded PLAN)")
 
     from .loading import hf_progress
     from .plan import Plan, as_plan

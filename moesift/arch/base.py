@@ -241,6 +241,34 @@ class Adapter:
         and scaling), inactive slots get weight 0."""
         raise NotImplementedError
 
+    # ---- offloading (moesift.offload) -------------------------------------------------------------
+    def replace_experts(self, model: Any, layer: int, module: Any) -> None:
+        """Put the experts module `module` (built for another expert count) in decoder layer `layer`'s MoE
+        block, keeping its router."""
+        raise NotImplementedError
+
+    def expert_params(self, module: Any) -> list[tuple[str, int, int]]:
+        """(parameter name, expert dimension, rows per expert) of every tensor of an experts module: what
+        moving one expert between two experts modules copies."""
+        raise NotImplementedError
+
+    def experts_apply(self, module: Any, hidden: Any, ids: Any, weights: Any) -> Any:
+        """Sum over k of the family's contribution of expert ids[t, k] of `module` (its own numbering) to
+        token t, weighted by weights[t, k] as the family weights it: Tensor [T, H]. Pairs with a negative
+        id contribute nothing."""
+        raise NotImplementedError
+
+    def pair_reduction(self, module: Any) -> str:
+        """How the experts module sums the contributions of a token's experts: "k_sum" (one row per (token,
+        slot k), summed over k) or "expert_order" (from zeros, expert by expert in id order)."""
+        raise NotImplementedError
+
+    def offload_experts(self, model: Any, layer: int, run: Callable[[Any, Any, Any], Any]) -> None:
+        """Make decoder layer `layer`'s MoE block obtain its routed-experts output from
+        `run(hidden [T, H], ids [T, K], weights [T, K]) -> [T, H]` (original expert ids, the router's own
+        choice and weights) instead of its experts module; hooks on the experts module still fire."""
+        raise NotImplementedError
+
     # ---- checkpoint ---------------------------------------------------------------------------------
     def classify(self, name: str, config: Mapping[str, Any]) -> TensorRole:
         """Role of the on-disk tensor `name` in a checkpoint with config.json `config`."""
@@ -552,6 +580,58 @@ class StandardAdapter(Adapter):
         finally:
             for h in handles:
                 h.remove()
+
+    # ---- offloading ---------------------------------------------------------------------------------
+    def replace_experts(self, model, layer, module):
+        setattr(self.moe_block(model, layer), self.experts_attr, module)
+
+    def expert_params(self, module):
+        n = int(module.num_experts)
+        out = []
+        for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+            if t.dim() == 0 or t.shape[0] != n:
+                raise MoesiftError(f"{type(module).__name__}.{name} has no leading expert dimension of {n}; "
+                                   "this family's adapter must say how its experts are stored")
+            out.append((name, 0, 1))
+        return out
+
+    def experts_apply(self, module, hidden, ids, weights):
+        import torch
+
+        valid = ids >= 0
+        rows = valid.any(dim=1).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            return torch.zeros_like(hidden)
+        whole = rows.numel() == hidden.shape[0]
+        h, i, w, v = (hidden, ids, weights, valid) if whole else (hidden[rows], ids[rows], weights[rows], valid[rows])
+        # a pair that is not this module's gets the token's first valid expert with weight 0: the module
+        # then computes nothing it would not compute anyway, and adds exact zeros
+        first = i.gather(1, v.to(torch.long).argmax(dim=1, keepdim=True))
+        i = torch.where(v, i, first)
+        w = torch.where(v, w, torch.zeros_like(w))
+        res = type(module).forward(module, h, i, w).reshape(h.shape)
+        if whole:
+            return res
+        return torch.zeros_like(hidden).index_copy(0, rows, res)
+
+    def pair_reduction(self, module):
+        impl = getattr(getattr(module, "config", None), "_experts_implementation", None)
+        return "k_sum" if impl in ("grouped_mm", "batched_mm") else "expert_order"
+
+    def experts_result(self, hidden: Any, out: Any) -> Any:
+        """The experts module's output for input `hidden` given the flat result [T, H]."""
+        return out.reshape(hidden.shape)
+
+    def offload_experts(self, model, layer, run):
+        experts = self.experts(model, layer)
+
+        def forward(*args, **kwargs):
+            hidden, ids, weights = _expert_args(args, kwargs)
+            H = hidden.shape[-1]
+            out = run(hidden.reshape(-1, H), ids.reshape(-1, ids.shape[-1]), weights.reshape(-1, weights.shape[-1]))
+            return self.experts_result(hidden, out)
+
+        experts.forward = forward
 
     # ---- checkpoint ---------------------------------------------------------------------------------
     def classify(self, name: str, config: Mapping[str, Any]) -> TensorRole:

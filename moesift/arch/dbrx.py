@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 
+from ..errors import MoesiftError
 from .base import MoESpec, Patterns, StandardAdapter, cfg_get, register
 
 L = r"transformer\.blocks\.(?P<layer>\d+)\.ffn"
@@ -50,6 +51,18 @@ class Dbrx(StandardAdapter):
 
     def expert_output(self, model, layer, hidden, ids):
         return super().expert_output(model, layer, hidden, ids).reshape(hidden.shape)
+
+    def expert_params(self, module):
+        n, rows = int(module.num_experts), int(module.ffn_hidden_size)
+        out = []
+        for name, t in module.named_parameters():
+            if t.dim() == 0 or t.shape[0] != n * rows:
+                raise MoesiftError(f"{type(module).__name__}.{name}: expected {n} x {rows} rows")
+            out.append((name, 0, rows))
+        return out
+
+    def experts_result(self, hidden, out):
+        return out.view(hidden.shape[0], -1, hidden.shape[-1])  # what DbrxExperts returns
 
     @contextlib.contextmanager
     def set_top_k(self, model, k):

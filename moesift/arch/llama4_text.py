@@ -69,6 +69,41 @@ class Llama4Text(StandardAdapter):
             out[rows] = (up * ex.act_fn(gate)) @ ex.down_proj[e]
         return out
 
+    def experts_apply(self, module, hidden, ids, weights):
+        """Llama-4 scales each expert's input by its score (the block feeds h * score to every expert)."""
+        import torch
+
+        out = torch.zeros_like(hidden)
+        for e in ids[ids >= 0].unique().tolist():
+            t, k = (ids == e).nonzero(as_tuple=True)
+            x = hidden[t] * weights[t, k, None].to(hidden.dtype)
+            gate, up = (x @ module.gate_up_proj[e]).chunk(2, dim=-1)
+            out.index_add_(0, t, (up * module.act_fn(gate)) @ module.down_proj[e])
+        return out
+
+    def offload_experts(self, model, layer, run):
+        """The experts see only h * score for every expert; read h, the scores and the router's top-k from
+        the router (as the recorder does) and return the sum in the first expert's rows."""
+        import torch
+
+        router, experts, box = self.router(model, layer), self.experts(model, layer), {}
+
+        def post(mod, args, output):
+            box["hidden"], box["out"] = args[0].reshape(-1, args[0].shape[-1]), output
+
+        router.register_forward_hook(post)
+
+        def forward(routed_in):
+            scores, logits = box.pop("out")
+            hidden = box.pop("hidden")
+            ids = logits.topk(router.top_k, dim=-1).indices
+            res = run(hidden, ids, scores.gather(1, ids))
+            full = torch.zeros_like(routed_in)
+            full[: res.shape[0]] = res
+            return full
+
+        experts.forward = forward
+
     @contextlib.contextmanager
     def reroute(self, model, choose):
         """The experts read per-expert scores [T, E] from the router: replace them by the chosen selection."""
