@@ -285,6 +285,8 @@ def _eos_ids(m: Any) -> list[int]:
 
 def _tokenize(doc: dict[str, Any], tok: Any, max_length: int, vocab: int, chat_prompt: bool,
               paths: list) -> list[int]:
+    from .workload import encode_prefix
+
     if "input_ids" in doc:
         ids = doc["input_ids"][:max_length]
         bad = [i for i in ids if i < 0 or (vocab and i >= vocab)]
@@ -306,8 +308,8 @@ def _tokenize(doc: dict[str, Any], tok: Any, max_length: int, vocab: int, chat_p
                 "no chat template; use a 'text' field"
             )
         text = tok.apply_chat_template(doc["messages"], tokenize=False, add_generation_prompt=chat_prompt)
-        return list(tok(text, add_special_tokens=False, truncation=True, max_length=max_length)["input_ids"])
-    return list(tok(doc["text"], truncation=True, max_length=max_length)["input_ids"])
+        return encode_prefix(tok, text, max_length, add_special_tokens=False)
+    return encode_prefix(tok, doc["text"], max_length)
 
 
 def _split_log(fws: list, n_rows: int) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -13,7 +13,7 @@ def _read_prompts(paths: list[str], field: str | None, max_samples: int, tok: An
     """Token id tensors [1, T] of the first `max_samples` documents of the workload files."""
     import torch
 
-    from .workload import read_documents
+    from .workload import encode_prefix, read_documents
 
     out = []
     for d in read_documents(paths, field=field, max_samples=max_samples):
@@ -25,7 +25,7 @@ def _read_prompts(paths: list[str], field: str | None, max_samples: int, tok: An
             ids = tok.apply_chat_template(d["messages"], tokenize=True, return_tensors="pt")
             ids = (ids["input_ids"] if hasattr(ids, "keys") else ids)[:, :max_length]
         else:
-            ids = tok(str(d.get("text", "")), return_tensors="pt", truncation=True, max_length=max_length)["input_ids"]
+            ids = torch.as_tensor([encode_prefix(tok, str(d.get("text", "")), max_length)], dtype=torch.long)
         if ids.shape[-1]:
             out.append(ids)
     return out
