@@ -188,6 +188,8 @@ def plan_cmd(
     uniform: bool = typer.Option(False, "--uniform", help="Same number of experts in every MoE layer."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random strategy."),
     force: bool = typer.Option(False, "--force", help="Overwrite --out."),
+    force_plan: bool = typer.Option(False, "--force-plan", help="With --model: use traces (or, in `plan diff`, "
+                                    "plans) made for another config of the family anyway."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Choose resident experts per MoE layer from traces under one budget; `plan diff A B` compares banks."""
@@ -196,7 +198,7 @@ def plan_cmd(
 
         if len(traces) != 3:
             raise MoesiftError("usage: moesift plan diff PLAN_A PLAN_B [--model MODEL] [--json]")
-        d = plan_diff(traces[1], traces[2], model=model)
+        d = plan_diff(traces[1], traces[2], model=model, force_plan=force_plan)
         if json_out:
             emit_json(d)
             return
@@ -211,7 +213,7 @@ def plan_cmd(
     from .plan import plan
 
     p = plan(traces, out=out, keep=keep, keep_experts=keep_experts, coverage=coverage, memory=memory, model=model,
-             strategy=strategy, uniform=uniform, seed=seed, force=force)
+             strategy=strategy, uniform=uniform, seed=seed, force=force, force_plan=force_plan)
     if json_out:
         emit_json(p.to_dict())
         return
@@ -242,13 +244,15 @@ def trim_cmd(
     force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest output shard, e.g. 5GB."),
     no_checksums: bool = typer.Option(False, "--no-checksums", help="Skip the sha256 of output files."),
+    force_plan: bool = typer.Option(False, "--force-plan", help="Use a plan made for another config of the "
+                                    "family (its config_hash differs) anyway."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Write a smaller checkpoint holding only the plan's resident experts (streamed, source untouched)."""
     from .trim import read_trimmed_record, trim
 
     d = trim(model, plan, out, force=force, max_shard_size=max_shard_size, progress=not json_out,
-             checksums=not no_checksums)
+             checksums=not no_checksums, force_plan=force_plan)
     rec = read_trimmed_record(d) or {}
     summary = {"out": str(d), "standard": rec.get("standard"), "tensor_bytes": rec.get("tensor_bytes"),
                "predicted_bytes": rec.get("predicted_bytes"), "source_tensor_bytes": rec.get("source", {}).get("tensor_bytes"),
@@ -274,6 +278,8 @@ def verify_cmd(
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, ..."),
     dtype: str = typer.Option("float32", "--dtype", help="float32 (exact comparison), bfloat16, float16, "
                               "auto (the checkpoint's dtype; in bfloat16 top-k may break ties differently)."),
+    force_plan: bool = typer.Option(False, "--force-plan", help="Use a plan made for another config of the "
+                                    "family (its config_hash differs) anyway."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Restricted full model vs trimmed model: top-1 agreement, logit differences, greedy generations.
@@ -281,7 +287,8 @@ def verify_cmd(
     from .verify import verify
 
     r = verify(model, trimmed, plan=plan, data=data or None, max_new_tokens=max_new_tokens, max_samples=max_samples,
-               max_length=max_length, field=field, device=device, dtype=dtype, progress=not json_out)
+               max_length=max_length, field=field, device=device, dtype=dtype, progress=not json_out,
+               force_plan=force_plan)
     if json_out:
         emit_json(r)
     else:
@@ -325,6 +332,8 @@ def eval_cmd(
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N, or auto."),
     dtype: str = typer.Option(None, "--dtype", help="auto, float32, bfloat16, float16."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own Python code."),
+    force_plan: bool = typer.Option(False, "--force-plan", help="Use a plan made for another config of the "
+                                    "family (its config_hash differs) anyway."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Perplexity of the full model, restricted to plans, with fewer experts per token and with dynamic top-p
@@ -334,7 +343,7 @@ def eval_cmd(
     res = eval_model(model, data, plans=plan or (), top_k=_split_values(top_k, int, "--top-k"),
                      top_p=_split_values(top_p, float, "--top-p"), max_length=max_length, batch_size=batch_size,
                      device=device, dtype=dtype, json=json_out, progress=not json_out, max_samples=max_samples,
-                     field=field, trust_remote_code=trust_remote_code)
+                     field=field, trust_remote_code=trust_remote_code, force_plan=force_plan)
     if json_out:
         emit_json(res)
     else:

@@ -312,6 +312,8 @@ def validate_metadata(where: str, model: Any, workload: Any, tool: Any = None, e
             raise MoesiftError(f"{where}: metadata {key!r} must be a string (got {type(m[key]).__name__})")
     if m.get("moe_layers") is not None:
         _int_list(where, m["moe_layers"], "moe_layers", 0, 1 << 20)
+    if m.get("config") is not None and not isinstance(m["config"], dict):
+        raise MoesiftError(f"{where}: metadata 'config' must be a JSON object (got {type(m['config']).__name__})")
     w = workload
     for key in ("documents", "prefill_tokens", "decode_tokens"):
         _meta_int(where, w, key, 0)

@@ -42,6 +42,20 @@ def model_config_hash(model_dir: str | os.PathLike) -> str:
         raise MoesiftError(f"cannot read {str(p)!r}: {e}") from None
 
 
+def loaded_config_dict(model: Any) -> dict[str, Any]:
+    """The config of a loaded model as a dict: its directory's config.json when it was loaded from one
+    (so the hash equals `model_config_hash` of that directory), else `model.config.to_dict()`."""
+    src = Path(str(getattr(model, "name_or_path", "") or ""))
+    if str(src) and (src / "config.json").is_file():
+        try:
+            d = json.loads((src / "config.json").read_text())
+            if isinstance(d, dict):
+                return d
+        except (OSError, json.JSONDecodeError):
+            pass
+    return model.config.to_dict()
+
+
 def token_stream_hash(docs_ids: list[list[int]]) -> str:
     """sha256 over the documents' token ids: per document its length then its ids, all int64 little-endian."""
     h = hashlib.sha256()
@@ -108,11 +122,12 @@ def trace(
         if tokenizer is not None:
             tok = tokenizer
         name, chash = str(model), model_config_hash(mdir)
+        cfg_dict = json.loads((Path(mdir) / "config.json").read_text())
     else:
         m, tok = model, tokenizer
-        src = Path(str(getattr(m, "name_or_path", "") or ""))
         name = str(getattr(m, "name_or_path", "") or type(m).__name__)
-        chash = model_config_hash(src) if (src / "config.json").is_file() else config_hash(m.config.to_dict())
+        cfg_dict = loaded_config_dict(m)
+        chash = config_hash(cfg_dict)
     adapter = adapter_for(m.config)
     spec = adapter.spec(m.config)
     vocab = int(getattr(m.config, "vocab_size", 0) or getattr(m.get_input_embeddings(), "num_embeddings", 0))
@@ -205,6 +220,7 @@ def trace(
             "name": name,
             "model_type": spec.model_type,
             "config_hash": chash,
+            "config": cfg_dict,
             "moe_layers": moe,
             "n_experts": spec.n_experts,
             "top_k": spec.top_k,

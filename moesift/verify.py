@@ -44,10 +44,12 @@ def verify(
     dtype: str | None = "float32",
     seed: int = 0,
     progress: bool = True,
+    force_plan: bool = False,
 ) -> dict[str, Any]:
     """Run the full model restricted to `plan` and the trimmed model on held-out prompts; report top-1
     agreement over every prompt position, max absolute and relative logit differences, and whether greedy
-    generations of `max_new_tokens` tokens are identical. `plan` defaults to the one recorded in `trimmed`.
+    generations of `max_new_tokens` tokens are identical. `plan` defaults to the one recorded in `trimmed`;
+    a plan made for another config than `model`'s is refused unless `force_plan`.
     Without `data`, a deterministic set of random token sequences is used (said in the result).
 
     Both models run in float32 by default: the check is that they compute the same function. In bfloat16,
@@ -101,7 +103,7 @@ def verify(
     with torch.no_grad():
         for i, ids in enumerate(prompts):
             ids = ids.to(dev)
-            with restrict(full, p):
+            with restrict(full, p, force_plan=force_plan):
                 lf = full(ids).logits.float()
                 gf = full.generate(ids, **gen_kw)[0, ids.shape[-1]:].tolist() if max_new_tokens > 0 else []
             ls = small(ids.to(next(small.parameters()).device)).logits.float().to(lf.device)

@@ -105,9 +105,11 @@ def cli(args: list[str]) -> tuple[int, str, str]:
 
 
 def assert_clean_error(code: int, out: str, err: str, what: str = "") -> None:
-    """Exit 2 with exactly one `moesift: error:` line and no traceback."""
+    """Exit 2 with exactly one `moesift: error:` line (the last, after any progress output; a usage error
+    adds its `--help` hint) and no traceback."""
     assert "Traceback" not in err and "Traceback" not in out, f"{what}: traceback\n{err[-3000:]}"
     assert code == 2, f"{what}: exit {code}, stderr {err[-2000:]!r}"
     lines = [x for x in err.splitlines() if x.strip()]
-    assert sum(x.startswith("moesift: error: ") for x in lines) == 1 and lines[0].startswith("moesift: error: "), \
-        f"{what}: stderr {err[-2000:]!r}"
+    errs = [x for x in lines if "moesift: error:" in x]
+    assert len(errs) == 1 and errs[0].startswith("moesift: error: "), f"{what}: stderr {err[-2000:]!r}"
+    assert lines[-1] == errs[0] or lines[-1].startswith("(see `"), f"{what}: stderr {err[-2000:]!r}"
