@@ -316,7 +316,8 @@ def validate_metadata(where: str, model: Any, workload: Any, tool: Any = None, e
         raise MoesiftError(f"{where}: metadata 'config' must be a JSON object (got {type(m['config']).__name__})")
     w = workload
     for key in ("documents", "prefill_tokens", "decode_tokens"):
-        _meta_int(where, w, key, 0)
+        if key in w:
+            _meta_int(where, w, key, 0, required=True)
     if w.get("label") is not None and not isinstance(w["label"], str):
         raise MoesiftError(f"{where}: workload 'label' must be a string (got {type(w['label']).__name__})")
     if w.get("sources") is not None and not (
