@@ -320,7 +320,7 @@ def validate_metadata(where: str, model: Any, workload: Any, tool: Any = None, e
             _meta_int(where, w, key, 0, required=True)
     if w.get("label") is not None and not isinstance(w["label"], str):
         raise MoesiftError(f"{where}: workload 'label' must be a string (got {type(w['label']).__name__})")
-    if w.get("sources") is not None and not (
+    if "sources" in w and not (
         isinstance(w["sources"], list) and all(isinstance(s, dict) for s in w["sources"])
     ):
         raise MoesiftError(f"{where}: workload 'sources' must be a list of objects")

@@ -5,6 +5,7 @@ never a traceback, never exit 0 with a broken output. Cases per kind: MOESIFT_FU
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -50,7 +51,7 @@ def _mutate_json(obj: Any, draw: Any) -> Any:
     """One structural change: replace a value with an odd one, drop a key or item, or cut a list."""
     paths = [p for p in _paths(obj) if p]
     if not paths:
-        return draw(st.sampled_from(ODD_VALUES))
+        return copy.deepcopy(draw(st.sampled_from(ODD_VALUES)))
     path = draw(st.sampled_from(paths))
     parent = obj
     for k in path[:-1]:
@@ -64,7 +65,7 @@ def _mutate_json(obj: Any, draw: Any) -> Any:
     elif op == "scale" and isinstance(parent[key], (int, float)) and not isinstance(parent[key], bool):
         parent[key] = parent[key] * draw(st.sampled_from([-1, 2, 10**20, 0.5]))
     else:
-        parent[key] = draw(st.sampled_from(ODD_VALUES))
+        parent[key] = copy.deepcopy(draw(st.sampled_from(ODD_VALUES)))  # never share one list between places
     return obj
 
 
