@@ -227,33 +227,43 @@ def _doc_from_record(rec: Any, field: str | None, where: str) -> dict[str, Any] 
     )
 
 
-def _read_jsonl(p: Path, field: str | None) -> list[dict[str, Any]]:
-    raw = p.read_text(encoding="utf-8")
-    stripped = raw.lstrip()
-    records: list[tuple[str, Any]] = []
-    if p.suffix.lower() == ".json" and stripped.startswith("["):
-        try:
-            arr = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise MoesiftError(f"{str(p)!r} is not valid JSON ({e.msg} at line {e.lineno})") from None
-        records = [(f"{str(p)!r} item {i}", r) for i, r in enumerate(arr)]
-    elif p.suffix.lower() == ".json" and stripped.startswith("{") and _whole_json(raw) is not None:
-        records = [(repr(str(p)), _whole_json(raw))]  # one (possibly multi-line) object
-    else:
-        for n, line in enumerate(raw.splitlines(), 1):
+def _read_jsonl(p: Path, field: str | None) -> Iterator[dict[str, Any]]:
+    """Documents of a JSON-lines file, read line by line (a `.json` holding one object or a list is read
+    whole)."""
+    if p.suffix.lower() == ".json":
+        raw = p.read_text(encoding="utf-8")
+        stripped = raw.lstrip()
+        if stripped.startswith("["):
+            try:
+                arr = json.loads(raw)
+            except json.JSONDecodeError as e:
+                raise MoesiftError(f"{str(p)!r} is not valid JSON ({e.msg} at line {e.lineno})") from None
+            yield from _docs_of(((f"{str(p)!r} item {i}", r) for i, r in enumerate(arr)), field)
+            return
+        if stripped.startswith("{") and _whole_json(raw) is not None:
+            yield from _docs_of([(repr(str(p)), _whole_json(raw))], field)  # one (possibly multi-line) object
+            return
+        del raw, stripped
+    yield from _docs_of(_json_lines(p), field)
+
+
+def _json_lines(p: Path) -> Iterator[tuple[str, Any]]:
+    with open(p, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             where = f"{str(p)!r} line {n}"
             try:
-                records.append((where, json.loads(line)))
+                yield where, json.loads(line)
             except json.JSONDecodeError as e:
                 raise MoesiftError(f"{where} is not valid JSON ({e.msg}); write one JSON object per line") from None
-    docs = []
+
+
+def _docs_of(records: Any, field: str | None) -> Iterator[dict[str, Any]]:
     for where, rec in records:
         d = _doc_from_record(rec, field, where)
         if d is not None:
-            docs.append(d)
-    return docs
+            yield d
 
 
 def _whole_json(raw: str) -> Any:
