@@ -219,12 +219,17 @@ def merge(traces: list[Trace], label: str | None = None) -> Trace:
     w = {
         "label": label or "+".join(dict.fromkeys(t.label for t in traces)),
         "sources": [s for t in traces for s in t.workload.get("sources", [])],
-        "documents": sum(int(t.workload.get("documents", 0)) for t in traces),
-        "prefill_tokens": sum(int(t.workload.get("prefill_tokens", 0)) for t in traces),
-        "decode_tokens": sum(int(t.workload.get("decode_tokens", 0)) for t in traces),
+        "documents": _total([t.workload.get("documents", 0) for t in traces]),
+        "prefill_tokens": _total([t.workload.get("prefill_tokens", 0) for t in traces]),
+        "decode_tokens": _total([t.workload.get("decode_tokens", 0) for t in traces]),
         "merged_from": [t.workload.get("token_sha256") or t.label for t in traces],
     }
     return Trace(model=dict(first.model), workload=w, arrays=arrays, tool=dict(first.tool))
+
+
+def _total(values: list[Any]) -> int | None:
+    """Sum of workload counts; None (unknown) when one trace does not know its count."""
+    return None if any(v is None for v in values) else sum(int(v) for v in values)
 
 
 def _one_line(e: BaseException) -> str:
@@ -315,9 +320,8 @@ def validate_metadata(where: str, model: Any, workload: Any, tool: Any = None, e
     if m.get("config") is not None and not isinstance(m["config"], dict):
         raise MoesiftError(f"{where}: metadata 'config' must be a JSON object (got {type(m['config']).__name__})")
     w = workload
-    for key in ("documents", "prefill_tokens", "decode_tokens"):
-        if key in w:
-            _meta_int(where, w, key, 0, required=True)
+    for key in ("documents", "prefill_tokens", "decode_tokens"):  # None: not known (engine statistics)
+        _meta_int(where, w, key, 0)
     if w.get("label") is not None and not isinstance(w["label"], str):
         raise MoesiftError(f"{where}: workload 'label' must be a string (got {type(w['label']).__name__})")
     if "sources" in w and not (

@@ -42,6 +42,11 @@ def model_config_hash(model_dir: str | os.PathLike) -> str:
         raise MoesiftError(f"cannot read {str(p)!r}: {e}") from None
 
 
+def _count_or_none(v: Any) -> int | None:
+    """A workload count of a trace: None where the trace does not know it (engine statistics)."""
+    return None if v is None else int(v)
+
+
 def loaded_config_dict(model: Any) -> dict[str, Any]:
     """The config of a loaded model as a dict: its directory's config.json when it was loaded from one
     (so the hash equals `model_config_hash` of that directory), else `model.config.to_dict()`."""
@@ -370,9 +375,9 @@ def show(trace_path: str | os.PathLike, json: bool = False) -> dict[str, Any]:
         },
         "workload": {
             "label": t.label,
-            "documents": int(t.workload.get("documents", 0)),
-            "prefill_tokens": int(t.workload.get("prefill_tokens", 0)),
-            "decode_tokens": int(t.workload.get("decode_tokens", 0)),
+            "documents": _count_or_none(t.workload.get("documents", 0)),
+            "prefill_tokens": _count_or_none(t.workload.get("prefill_tokens", 0)),
+            "decode_tokens": _count_or_none(t.workload.get("decode_tokens", 0)),
             "token_sha256": t.workload.get("token_sha256"),
             "sources": t.workload.get("sources", []),
         },

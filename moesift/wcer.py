@@ -185,7 +185,7 @@ def dump_expert_trace(trace: Trace, top_m: int = TOP_M) -> dict[str, Any]:
             coact_top.append([])
     w = trace.workload
     wmeta = trace.extra.get("wcer", {}) if trace.extra.get("imported_from") == SCHEMA else {}
-    prefill, decode = int(w.get("prefill_tokens", 0)), int(w.get("decode_tokens", 0))
+    prefill, decode = int(w.get("prefill_tokens") or 0), int(w.get("decode_tokens") or 0)
     wm = trace.arrays.get("weight_mass")
     out: dict[str, Any] = {
         "schema_version": SCHEMA,
@@ -196,7 +196,7 @@ def dump_expert_trace(trace: Trace, top_m: int = TOP_M) -> dict[str, Any]:
         "n_layers": L,
         "n_experts": E,
         "top_k": trace.top_k,
-        "n_forward_calls": int(wmeta.get("n_forward_calls", (int(w.get("documents", 0)) + decode) * L)),
+        "n_forward_calls": int(wmeta.get("n_forward_calls", (int(w.get("documents") or 0) + decode) * L)),
         "hash_layers": [int(h) for h in (trace.model.get("hash_layers") or [])],
         "prefill_tokens": int(wmeta.get("prefill_tokens", prefill * L)),
         "decode_tokens": int(wmeta.get("decode_tokens", decode * L)),
@@ -209,7 +209,7 @@ def dump_expert_trace(trace: Trace, top_m: int = TOP_M) -> dict[str, Any]:
         "coactivation_top_pairs_per_layer": coact_top,
         "model_id": trace.model.get("name"),
         "workload_label": trace.label,
-        "n_prompts": int(w.get("documents", 0)),
+        "n_prompts": int(w.get("documents") or 0),
         "max_tokens_per_prompt": wmeta.get("max_tokens_per_prompt", w.get("max_length")),
         "prefill_only": bool(wmeta.get("prefill_only", decode == 0)),
     }

@@ -188,3 +188,21 @@ def test_cache_resident_plan_with_expert_999(tmp_path):
     pf.write_text(json.dumps(plan_dict()))
     code, out, err = cli(["cache", t, "--capacity", "4", "--resident", pf, "--json"])
     assert code == 0, err
+
+
+def test_unknown_workload_counts_and_bad_sources(tmp_path):
+    """Found by fuzzing: `documents: null` (engine statistics do not know it) crashed show / merge / export;
+    `sources: null` crashed merge."""
+    meta, arrays = trace_parts()
+    meta["workload"].update(documents=None, prefill_tokens=None)
+    p = write_trace(tmp_path / "unknown.trace", meta, arrays)
+    for args in (["show", p], ["show", p, "--json"], ["merge", p, p, "--out", tmp_path / "m.trace"],
+                 ["export", p, "--out", tmp_path / "e.json"], ["report", p, "--json"]):
+        code, out, err = cli(args)
+        assert code == 0, (args, err[-2000:])
+    from moesift.tracefile import Trace
+
+    assert Trace.load(tmp_path / "m.trace").workload["documents"] is None
+    meta["workload"]["sources"] = None
+    q = write_trace(tmp_path / "bad.trace", meta, arrays)
+    assert_clean_error(*cli(["merge", q, q, "--out", tmp_path / "m2.trace"]))
