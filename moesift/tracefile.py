@@ -281,7 +281,8 @@ def _meta_int(where: str, d: dict[str, Any], key: str, lo: int, required: bool =
             raise MoesiftError(f"{where}: metadata has no {key!r}; the file is damaged or not a moesift trace")
         return None
     if not _is_int(v) or not lo <= int(v) <= hi:
-        raise MoesiftError(f"{where}: metadata {key!r} must be an integer in {lo}..{hi} (got {v!r}); the file is damaged")
+        raise MoesiftError(f"{where}: metadata {key!r} must be an integer in {lo}..{hi} (got {str(v)[:40]}); "
+                           "the file is damaged")
     return int(v)
 
 
