@@ -58,7 +58,7 @@ def loaded_config_dict(model: Any) -> dict[str, Any]:
                 return d
         except (OSError, json.JSONDecodeError):
             pass
-    return model.config.to_dict()
+    return json.loads(json.dumps(model.config.to_dict(), default=str))  # plain JSON types, as a file holds
 
 
 def token_stream_hash(docs_ids: list[list[int]]) -> str:
