@@ -293,16 +293,11 @@ def _flat_config(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def config_differences(recorded: Mapping[str, Any], actual: Mapping[str, Any]) -> list[str]:
-    """`key: recorded vs actual` for every config field the plan's model has and this model has with
-    another value or not at all (fields only this model names are library defaults and ignored)."""
+    """`key: recorded vs actual` for every config field both configs name with different values. A field
+    only one of them names is not compared: a config saved by `save_pretrained` leaves out library
+    defaults that `config.to_dict()` spells out, so absence means "the default", not "different"."""
     a, b = _flat_config(recorded), _flat_config(actual)
-    diffs = []
-    for k in sorted(a):
-        if k not in b:
-            diffs.append(f"{k}: {_short(a[k])} vs (absent)")
-        elif a[k] != b[k] and not (isinstance(a[k], list) and list(a[k]) == list(b[k] or [])):
-            diffs.append(f"{k}: {_short(a[k])} vs {_short(b[k])}")
-    return diffs
+    return [f"{k}: {_short(a[k])} vs {_short(b[k])}" for k in sorted(a.keys() & b.keys()) if a[k] != b[k]]
 
 
 def _short(v: Any) -> str:

@@ -110,3 +110,20 @@ def test_damaged_plans_are_refused_on_load(setup, edit, match):
     code, out, err = cli(["trim", src, "--plan", bad, "--out", d / "never"])
     assert_clean_error(code, out, err)
     assert not (d / "never").exists()
+
+
+def test_plan_from_an_in_memory_model_fits_its_saved_copy(setup):
+    """A trace of a model object (config from `to_dict`, library defaults spelled out) gives plans that the
+    same model's directory (config.json without the defaults) accepts: absent fields are not differences."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    src, other, resaved, tr, plan, data, d = setup
+    m = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    m.name_or_path = ""  # as if built in memory
+    t = moesift.trace(m, data, max_length=16, progress=False)
+    assert t.model["config_hash"] != json.loads(plan.read_text())["model"]["config_hash"]
+    p = moesift.plan([t], keep=0.5)
+    moesift.trim(src, p, d / "from-memory", progress=False)
+    with pytest.raises(MoesiftError, match="max_position_embeddings"):
+        moesift.trim(other, p, d / "from-memory-other", progress=False)
