@@ -449,13 +449,15 @@ def cache_cmd(
     resident: str = typer.Option(None, "--resident", help="Plan file whose resident experts stay pinned."),
     target: float = typer.Option(0.9, "--target", help="Hit rate for the cache size per layer."),
     max_tokens: int = typer.Option(None, "--max-tokens", help="Simulate only the first N logged tokens."),
+    force_plan: bool = typer.Option(False, "--force-plan", help="With --model: use a --resident plan made for "
+                                    "another config of the family anyway."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Expert offloading per layer: LRU, LFU and Belady hit rates, loads and bytes per token."""
     from .cachesim import cache
 
     res = cache(trace, capacity=capacity, memory=memory, model=model, resident=resident, json=json_out,
-                target=target, max_tokens=max_tokens, progress=not json_out)
+                target=target, max_tokens=max_tokens, progress=not json_out, force_plan=force_plan)
     if json_out:
         emit_json(res)
         return

@@ -127,3 +127,17 @@ def test_plan_from_an_in_memory_model_fits_its_saved_copy(setup):
     moesift.trim(src, p, d / "from-memory", progress=False)
     with pytest.raises(MoesiftError, match="max_position_embeddings"):
         moesift.trim(other, p, d / "from-memory-other", progress=False)
+
+
+def test_cache_with_model_checks_the_resident_plan(setup):
+    src, other, resaved, tr, plan, data, d = setup
+    logged = d / "logged.trace"
+    if not logged.exists():
+        moesift.trace(src, data, out=logged, max_length=16, log_routing=True, progress=False)
+    k = json.loads(plan.read_text())["model"]["top_k"]
+    args = ["cache", logged, "--capacity", str(k), "--resident", plan, "--json"]
+    assert cli([*args, "--model", src])[0] == 0
+    code, out, err = cli([*args, "--model", other])
+    assert_clean_error(code, out, err)
+    assert "max_position_embeddings" in err
+    assert cli([*args, "--model", other, "--force-plan"])[0] == 0
