@@ -272,13 +272,14 @@ def _pinned_per_layer(resident, trace) -> list[list[int]]:
 
 def cache(trace, capacity: int | None = None, memory: float | None = None, model=None, resident=None,
           json: bool = False, policies=POLICIES, target: float = 0.9, max_tokens: int | None = None,
-          progress: bool = True) -> dict[str, Any]:
+          progress: bool = True, force_plan: bool = False) -> dict[str, Any]:
     """Expert offloading simulated per MoE layer from a trace's routing log.
 
     A cache of ``capacity`` experts per layer (or ``memory`` GiB of expert weights with ``model``, split
     evenly over layers after the pinned experts), optionally beside a pinned ``resident`` set (a plan).
     Reports hit rates per policy, expert loads and bytes moved per token, and the cache size per layer
     that reaches ``target`` hit rate. With a resident set, also the cache-only figures at equal memory.
+    A resident plan made for another config than `model`'s is refused unless `force_plan`.
     """
     from .tracefile import Trace
 
@@ -303,6 +304,10 @@ def cache(trace, capacity: int | None = None, memory: float | None = None, model
         if spec.n_experts != E or len(spec.moe_layers) != L:
             raise MoesiftError(f"model {str(model)!r} has {len(spec.moe_layers)} MoE layers x {spec.n_experts} "
                                f"experts; the trace has {L} x {E}; use the model the trace was made with")
+        if resident is not None and not isinstance(resident, dict):
+            from .plan import as_plan, check_plan_config
+
+            check_plan_config(as_plan(resident), idx.config, str(model), force_plan)
         eb = idx.expert_bytes()
         expert_bytes = [float(max(eb[dl].values())) if dl in eb else 0.0 for dl in spec.moe_layers]
     if (capacity is None) == (memory is None):

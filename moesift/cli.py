@@ -196,6 +196,8 @@ def plan_cmd(
     cache_slots: int = typer.Option(None, "--cache-slots", help="With --offload: cache slots per MoE layer "
                                     "(default 2 x top-k)."),
     policy: str = typer.Option("lru", "--policy", help="With --offload: cache policy, lru | lfu."),
+    force_plan: bool = typer.Option(False, "--force-plan", help="With --model: use traces (or, in `plan diff`, "
+                                    "plans) made for another config of the family anyway."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Choose resident experts per MoE layer from traces under one budget; `plan diff A B` compares banks."""
@@ -204,7 +206,7 @@ def plan_cmd(
 
         if len(traces) != 3:
             raise MoesiftError("usage: moesift plan diff PLAN_A PLAN_B [--model MODEL] [--json]")
-        d = plan_diff(traces[1], traces[2], model=model)
+        d = plan_diff(traces[1], traces[2], model=model, force_plan=force_plan)
         if json_out:
             emit_json(d)
             return
@@ -219,7 +221,7 @@ def plan_cmd(
     from .plan import plan
 
     p = plan(traces, out=out, keep=keep, keep_experts=keep_experts, coverage=coverage, memory=memory, model=model,
-             strategy=strategy, uniform=uniform, seed=seed, force=force,
+             strategy=strategy, uniform=uniform, seed=seed, force=force, force_plan=force_plan,
              **({"offload": True, "cache_slots": cache_slots, "policy": policy} if offload else {}))
     if json_out:
         emit_json(p.to_dict())
@@ -262,13 +264,15 @@ def trim_cmd(
     force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest output shard, e.g. 5GB."),
     no_checksums: bool = typer.Option(False, "--no-checksums", help="Skip the sha256 of output files."),
+    force_plan: bool = typer.Option(False, "--force-plan", help="Use a plan made for another config of the "
+                                    "family (its config_hash differs) anyway."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Write a smaller checkpoint holding only the plan's resident experts (streamed, source untouched)."""
     from .trim import read_trimmed_record, trim
 
     d = trim(model, plan, out, force=force, max_shard_size=max_shard_size, progress=not json_out,
-             checksums=not no_checksums)
+             checksums=not no_checksums, force_plan=force_plan)
     rec = read_trimmed_record(d) or {}
     summary = {"out": str(d), "standard": rec.get("standard"), "tensor_bytes": rec.get("tensor_bytes"),
                "predicted_bytes": rec.get("predicted_bytes"), "source_tensor_bytes": rec.get("source", {}).get("tensor_bytes"),
@@ -300,6 +304,8 @@ def verify_cmd(
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, ..."),
     dtype: str = typer.Option("float32", "--dtype", help="float32 (exact comparison), bfloat16, float16, "
                               "auto (the checkpoint's dtype; in bfloat16 top-k may break ties differently)."),
+    force_plan: bool = typer.Option(False, "--force-plan", help="Use a plan made for another config of the "
+                                    "family (its config_hash differs) anyway."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Restricted full model vs trimmed model (or, with --offloaded, full model vs offloaded model): top-1
@@ -309,7 +315,7 @@ def verify_cmd(
     r = verify(model, trimmed, plan=plan, data=data or None, max_new_tokens=max_new_tokens, max_samples=max_samples,
                max_length=max_length, field=field, device=device, dtype=dtype, progress=not json_out,
                offloaded=offloaded, cache_slots=cache_slots, policy=policy,
-               host_compute_max_tokens=host_compute_max_tokens)
+               host_compute_max_tokens=host_compute_max_tokens, force_plan=force_plan)
     if json_out:
         emit_json(r)
     else:
@@ -418,6 +424,8 @@ def eval_cmd(
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N, or auto."),
     dtype: str = typer.Option(None, "--dtype", help="auto, float32, bfloat16, float16."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own Python code."),
+    force_plan: bool = typer.Option(False, "--force-plan", help="Use a plan made for another config of the "
+                                    "family (its config_hash differs) anyway."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Perplexity of the full model, restricted to plans, with fewer experts per token and with dynamic top-p
@@ -427,7 +435,7 @@ def eval_cmd(
     res = eval_model(model, data, plans=plan or (), top_k=_split_values(top_k, int, "--top-k"),
                      top_p=_split_values(top_p, float, "--top-p"), max_length=max_length, batch_size=batch_size,
                      device=device, dtype=dtype, json=json_out, progress=not json_out, max_samples=max_samples,
-                     field=field, trust_remote_code=trust_remote_code)
+                     field=field, trust_remote_code=trust_remote_code, force_plan=force_plan)
     if json_out:
         emit_json(res)
     else:
@@ -537,13 +545,15 @@ def cache_cmd(
     resident: str = typer.Option(None, "--resident", help="Plan file whose resident experts stay pinned."),
     target: float = typer.Option(0.9, "--target", help="Hit rate for the cache size per layer."),
     max_tokens: int = typer.Option(None, "--max-tokens", help="Simulate only the first N logged tokens."),
+    force_plan: bool = typer.Option(False, "--force-plan", help="With --model: use a --resident plan made for "
+                                    "another config of the family anyway."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Expert offloading per layer: LRU, LFU and Belady hit rates, loads and bytes per token."""
     from .cachesim import cache
 
     res = cache(trace, capacity=capacity, memory=memory, model=model, resident=resident, json=json_out,
-                target=target, max_tokens=max_tokens, progress=not json_out)
+                target=target, max_tokens=max_tokens, progress=not json_out, force_plan=force_plan)
     if json_out:
         emit_json(res)
         return

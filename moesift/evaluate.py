@@ -159,7 +159,7 @@ def _apply(model: Any, adapter: Any, setting: dict[str, Any]):
     elif kind == "plan":
         from .restrict import restrict
 
-        with restrict(model, setting["plan"]):
+        with restrict(model, setting["plan"], force_plan=setting.get("force_plan", False)):
             yield
     elif kind == "top_k":
         with adapter.set_top_k(model, setting["k"]):
@@ -306,13 +306,15 @@ def eval_model(
     field: str | None = None,
     tokenizer: Any = None,
     trust_remote_code: bool = False,
+    force_plan: bool = False,
 ) -> dict[str, Any]:
     """Token-weighted perplexity of `model` on `data` for the full model, each plan in `plans` (routing
     restricted to its resident experts), each k in `top_k` (experts per token) and each p in `top_p`
     (dynamic top-p routing), with the mean number of routed experts active per token beside each.
 
     `model`: a directory / hub id, or a loaded transformers model (then pass `tokenizer=` for text data).
-    `data`: workload file(s) (text, JSONL with `text` / `messages` / `input_ids`, parquet)."""
+    `data`: workload file(s) (text, JSONL with `text` / `messages` / `input_ids`, parquet). A plan made for
+    another config of the family is refused unless `force_plan`."""
     from .arch import adapter_for
     from .workload import read_documents
 
@@ -324,6 +326,15 @@ def eval_model(
     adapter = adapter_for(m.config)
     spec = adapter.spec(m.config)
     settings = _settings(plans, top_k, top_p, spec)
+    from .plan import as_plan, resident_for
+    from .tracer import loaded_config_dict
+
+    for st in settings:
+        if st["kind"] == "plan":  # checked before any scoring: a wrong plan fails fast
+            st["plan"] = as_plan(st["plan"])
+            st["force_plan"] = force_plan
+            resident_for(st["plan"], spec, loaded_config_dict(m), str(getattr(m, "name_or_path", "") or "") or None,
+                         force_plan)
     token_lists = encode_documents(docs, tok)
     vocab = int(getattr(m.config, "vocab_size", 0) or 0)
     for i, ids in enumerate(token_lists):

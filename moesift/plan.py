@@ -78,10 +78,14 @@ class Plan:
     def counts(self) -> list[int]:
         return [len(e["resident"]) for e in self.layers]
 
-    def resolve(self, spec: Any) -> dict[int, list[int]]:
+    def resolve(self, spec: Any, config: Mapping[str, Any] | None = None, model_name: str | None = None,
+                force_plan: bool = False) -> dict[int, list[int]]:
         """{decoder layer: ids} for the model described by `spec` (MoESpec); refuses a plan made for
-        another model."""
+        another model. With `config` (the model's config.json as a dict), also refuses a plan whose
+        `config_hash` names another config (a same-family model of other shapes) unless `force_plan`."""
         where = f"plan {self.source!r}" if self.source else "the plan"
+        if config is not None:
+            check_plan_config(self, config, model_name, force_plan)
         m = self.model
         mt = m.get("model_type")
         if mt and spec.model_type and mt != spec.model_type:
@@ -143,20 +147,47 @@ class Plan:
         layers = d.get("layers")
         if not isinstance(layers, list) or not layers:
             raise MoesiftError(f"{where} has no 'layers' list; it is not a valid {SCHEMA} file")
-        clean = []
+        model = d.get("model") or {}
+        if not isinstance(model, Mapping):
+            raise MoesiftError(f"{where}: 'model' must be a JSON object")
+        for k in ("provenance", "predictions"):
+            if d.get(k) is not None and not isinstance(d[k], Mapping):
+                raise MoesiftError(f"{where}: {k!r} must be a JSON object")
+        E = _plan_int(where, model, "n_experts", 1)
+        _plan_int(where, model, "top_k", 1, E)
+        moe = model.get("moe_layers")
+        if moe is not None and (not isinstance(moe, list) or not all(_is_int(x) and x >= 0 for x in moe)
+                                or len(set(moe)) != len(moe)):
+            raise MoesiftError(f"{where}: model 'moe_layers' must be a list of distinct decoder layer ids")
+        for k in ("config_hash", "model_type", "name"):
+            if model.get(k) is not None and not isinstance(model[k], str):
+                raise MoesiftError(f"{where}: model {k!r} must be a string")
+        if model.get("config") is not None and not isinstance(model["config"], Mapping):
+            raise MoesiftError(f"{where}: model 'config' must be a JSON object")
+        clean, seen_layers, seen_pos = [], set(), set()
         for i, e in enumerate(layers):
             if not isinstance(e, Mapping) or not isinstance(e.get("resident"), list):
                 raise MoesiftError(f"{where}: layers[{i}] has no 'resident' list")
-            try:
-                ids = sorted(int(x) for x in e["resident"])
-            except (TypeError, ValueError):
-                raise MoesiftError(f"{where}: layers[{i}].resident must hold integer expert ids") from None
+            ids = _resident_ids(f"{where}: layers[{i}].resident", e["resident"], E)
             entry = dict(e)
             entry["resident"] = ids
             entry.setdefault("moe_index", i)
+            layer, pos = entry.get("layer"), entry["moe_index"]
+            if layer is not None and (not _is_int(layer) or layer < 0):
+                raise MoesiftError(f"{where}: layers[{i}].layer must be a decoder layer id (got {str(layer)[:40]})")
+            if not _is_int(pos) or pos < 0:
+                raise MoesiftError(f"{where}: layers[{i}].moe_index must be a non-negative integer")
+            if moe is not None and layer is not None and model.get("layer_index") != "moe_position" \
+                    and layer not in moe:
+                raise MoesiftError(f"{where}: layers[{i}] names decoder layer {layer}, not one of the plan's "
+                                   f"MoE layers {moe}")
+            if (layer is not None and layer in seen_layers) or pos in seen_pos:
+                raise MoesiftError(f"{where}: layers[{i}] repeats a layer")
+            seen_layers.add(layer)
+            seen_pos.add(pos)
             clean.append(entry)
         return cls(
-            model=dict(d.get("model") or {}),
+            model=dict(model),
             layers=clean,
             provenance=dict(d.get("provenance") or {}),
             predictions=dict(d.get("predictions") or {}),
@@ -183,16 +214,45 @@ class Plan:
         return cls.from_dict(d, source=str(p))
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _plan_int(where: str, d: Mapping[str, Any], key: str, lo: int, hi: int | None = None) -> int | None:
+    v = d.get(key)
+    if v is None:
+        return None
+    if not _is_int(v) or v < lo or (hi is not None and v > hi) or v > 1 << 20:
+        raise MoesiftError(f"{where}: {key!r} must be an integer in {lo}..{hi or 1 << 20} (got {str(v)[:40]})")
+    return int(v)
+
+
+def _resident_ids(where: str, ids: list[Any], n_experts: int | None) -> list[int]:
+    """Sorted resident ids: integers, no repeats, in 0..n_experts-1 when the plan states the expert count."""
+    if not all(_is_int(x) for x in ids):
+        raise MoesiftError(f"{where} must hold integer expert ids")
+    out = sorted(int(x) for x in ids)
+    if len(set(out)) != len(out):
+        raise MoesiftError(f"{where} repeats an expert id")
+    if out and (out[0] < 0 or (n_experts is not None and out[-1] >= n_experts)):
+        hi = f"{n_experts - 1}" if n_experts is not None else "..."
+        raise MoesiftError(f"{where} holds expert ids outside 0..{hi}")
+    return out
+
+
 def _from_wcer_manifest(d: Mapping[str, Any], source: str | None) -> Plan:
     where = repr(source) if source else "manifest"
     per = d.get("per_layer_resident")
     if not isinstance(per, list) or not per:
         raise MoesiftError(f"{where} is a resident-manifest/1 without 'per_layer_resident'")
+    E = _plan_int(where, d, "n_experts", 1)
+    _plan_int(where, d, "top_k", 1, E)
     layers = []
     for i, ids in enumerate(per):
         if not isinstance(ids, list):
             raise MoesiftError(f"{where}: per_layer_resident[{i}] is not a list")
-        layers.append({"layer": i, "moe_index": i, "resident": sorted(int(x) for x in ids)})
+        layers.append({"layer": i, "moe_index": i,
+                       "resident": _resident_ids(f"{where}: per_layer_resident[{i}]", ids, E)})
     model = {
         "layer_index": "moe_position",
         "name": d.get("model_id"),
@@ -211,6 +271,65 @@ def _from_wcer_manifest(d: Mapping[str, Any], source: str | None) -> Plan:
     return Plan(model=model, layers=layers, provenance=prov, predictions={}, source=source)
 
 
+# Config keys that say how a file was written, not what the model computes: a plan made on a copy of the
+# model saved by another transformers version, or in another dtype, still fits.
+CONFIG_KEYS_IGNORED = frozenset({
+    "transformers_version", "_name_or_path", "architectures", "torch_dtype", "dtype", "use_cache",
+    "output_attentions", "output_hidden_states", "return_dict", "_attn_implementation",
+    "_attn_implementation_autoset", "_commit_hash", "auto_map", "pad_token_id", "bos_token_id", "eos_token_id",
+})
+
+
+def _flat_config(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in cfg.items():
+        if k in CONFIG_KEYS_IGNORED:
+            continue
+        if isinstance(v, Mapping):
+            out.update(_flat_config(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_differences(recorded: Mapping[str, Any], actual: Mapping[str, Any]) -> list[str]:
+    """`key: recorded vs actual` for every config field both configs name with different values. A field
+    only one of them names is not compared: a config saved by `save_pretrained` leaves out library
+    defaults that `config.to_dict()` spells out, so absence means "the default", not "different"."""
+    a, b = _flat_config(recorded), _flat_config(actual)
+    return [f"{k}: {_short(a[k])} vs {_short(b[k])}" for k in sorted(a.keys() & b.keys()) if a[k] != b[k]]
+
+
+def _short(v: Any) -> str:
+    s = json.dumps(v, default=str)
+    return s if len(s) <= 40 else s[:37] + "..."
+
+
+def check_plan_config(plan: Plan, config: Mapping[str, Any], model_name: str | None = None,
+                      force_plan: bool = False, what: str = "plan") -> None:
+    """Refuse (unless `force_plan`) a plan whose model `config_hash` is not that of `config`, naming the
+    config fields that differ when the plan records its model's config. Plans without a config hash
+    (hand-written maps, WCER manifests) are checked by shape only, in `Plan.resolve`."""
+    from .tracer import config_hash
+
+    want = plan.model.get("config_hash")
+    if not want or force_plan or config_hash(dict(config)) == want:
+        return
+    where = f"{what} {plan.source!r}" if plan.source else f"the {what}"
+    model = f"model {model_name!r}" if model_name else "this model"
+    recorded = plan.model.get("config")
+    fix = f"{what} again on this model, or pass --force-plan (force_plan=True) to use it anyway"
+    if isinstance(recorded, Mapping):
+        diffs = config_differences(recorded, config)
+        if not diffs:
+            return  # the configs differ only in how they were saved
+        more = f" (and {len(diffs) - 5} more)" if len(diffs) > 5 else ""
+        raise MoesiftError(f"{where} was made for another config than {model}: "
+                           f"{'; '.join(diffs[:5])}{more} ({what} vs model); {fix}")
+    raise MoesiftError(f"{where} was made for config {str(want)[:12]}, {model} has config "
+                       f"{config_hash(dict(config))[:12]} (the {what} does not record which fields differ); {fix}")
+
+
 def as_plan(plan: Plan | str | os.PathLike | Mapping[int, Sequence[int]]) -> Plan:
     """A Plan from a Plan, a plan file, or a {decoder layer: ids} mapping."""
     if isinstance(plan, Plan):
@@ -226,9 +345,12 @@ def as_plan(plan: Plan | str | os.PathLike | Mapping[int, Sequence[int]]) -> Pla
     raise MoesiftError(f"not a plan: {type(plan).__name__}")
 
 
-def resident_for(plan: Plan | str | os.PathLike | Mapping[int, Sequence[int]], spec: Any) -> dict[int, list[int]]:
-    """{decoder layer: resident ids} of `plan` for the model described by `spec` (checks identity)."""
-    return as_plan(plan).resolve(spec)
+def resident_for(plan: Plan | str | os.PathLike | Mapping[int, Sequence[int]], spec: Any,
+                 config: Mapping[str, Any] | None = None, model_name: str | None = None,
+                 force_plan: bool = False) -> dict[int, list[int]]:
+    """{decoder layer: resident ids} of `plan` for the model described by `spec` (checks identity; with
+    `config`, also the plan's config hash unless `force_plan`)."""
+    return as_plan(plan).resolve(spec, config=config, model_name=model_name, force_plan=force_plan)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -618,13 +740,15 @@ def plan(
     offload: bool = False,
     cache_slots: int | None = None,
     policy: str = "lru",
+    force_plan: bool = False,
 ) -> Plan:
     """Choose the resident experts of every MoE layer from one or more traces (a bank) under one budget.
 
     `traces`: paths (``"path:0.7"`` sets a weight), Trace objects, or (trace, weight) pairs.
     Exactly one of `keep`, `keep_experts`, `coverage`, `memory` (needs `model`).
     `offload`: plan for `moesift.load_offloaded` (`memory` is device memory for the non-expert weights, the
-    resident experts and `cache_slots` slots per layer; the predicted cache hit rate is added)."""
+    resident experts and `cache_slots` slots per layer; the predicted cache hit rate is added).
+    With `model`, traces of another config (same family, other shapes) are refused unless `force_plan`."""
     from . import __version__
 
     given = {k: v for k, v in (("keep", keep), ("keep_experts", keep_experts), ("coverage", coverage),
@@ -646,6 +770,8 @@ def plan(
         from .checkpoint import CheckpointIndex
 
         index = CheckpointIndex.build(model)
+        probe = Plan(model=bank.model, layers=[], source=bank.sources[0].get("path", bank.sources[0]["label"]))
+        check_plan_config(probe, index.config, str(model), force_plan, what="trace")
     sp = _spec_from(bank, index)
     share = bank.counts()
     scores = bank.scores(strategy, seed)
@@ -756,8 +882,8 @@ def plan(
         pred["frequency_insample_minus_heldout"] = freq_gap
     elif held_mean is None:
         pred["heldout_note"] = "the traces have no folds; held-out coverage cannot be estimated"
-    model_id = {k: v for k, v in bank.model.items() if k in ("name", "model_type", "config_hash", "n_experts",
-                                                                "top_k", "n_shared", "hash_layers")}
+    model_id = {k: v for k, v in bank.model.items() if k in ("name", "model_type", "config_hash", "config",
+                                                                "n_experts", "top_k", "n_shared", "hash_layers")}
     model_id["moe_layers"] = None if positions else list(sp.moe_layers)
     if positions:
         model_id["layer_index"] = "moe_position"  # decoder ids unknown: `layer` counts MoE layers in order
@@ -793,7 +919,7 @@ def plan(
 # ------------------------------------------------------------------------------------------------
 
 
-def plan_diff(a: Any, b: Any, model: str | os.PathLike | None = None) -> dict[str, Any]:
+def plan_diff(a: Any, b: Any, model: str | os.PathLike | None = None, force_plan: bool = False) -> dict[str, Any]:
     """Per MoE layer Jaccard of the resident sets of plans `a` and `b`, and (with `model`) the bytes to
     load when switching from bank `a` to bank `b` (experts resident in b but not in a)."""
     pa, pb = as_plan(a), as_plan(b)
@@ -802,7 +928,8 @@ def plan_diff(a: Any, b: Any, model: str | os.PathLike | None = None) -> dict[st
         from .checkpoint import CheckpointIndex
 
         index = CheckpointIndex.build(model)
-        ra, rb = pa.resolve(index.spec), pb.resolve(index.spec)
+        ra = pa.resolve(index.spec, index.config, str(model), force_plan)
+        rb = pb.resolve(index.spec, index.config, str(model), force_plan)
     else:
         if len(pa.layers) != len(pb.layers):
             raise MoesiftError(f"the plans cover {len(pa.layers)} and {len(pb.layers)} MoE layers; not the same model")

@@ -151,11 +151,12 @@ def load_trimmed(
 
 
 def load_resident(
-    model: str | os.PathLike, plan: Any, device: str = "cpu", dtype: str | None = None
+    model: str | os.PathLike, plan: Any, device: str = "cpu", dtype: str | None = None, force_plan: bool = False
 ) -> Any:
     """Load `model` with only `plan`'s resident experts in memory (router rows and selection biases sliced
     with them), read tensor by tensor from the full checkpoint; nothing is written. Routing is thereby
-    restricted to the resident experts; the result computes what `restrict(full_model, plan)` computes."""
+    restricted to the resident experts; the result computes what `restrict(full_model, plan)` computes.
+    A plan made for another config of the family is refused unless `force_plan`."""
     import torch
 
     from .checkpoint import CheckpointIndex
@@ -164,7 +165,7 @@ def load_resident(
 
     idx = CheckpointIndex.build(model)
     spec, ad = idx.spec, idx.adapter
-    resident = as_plan(plan).resolve(spec)
+    resident = as_plan(plan).resolve(spec, idx.config, str(model), force_plan)
     full = {layer: sorted(resident.get(layer, range(spec.n_experts))) for layer in spec.moe_layers}
     problems = []
     for layer, ids in full.items():

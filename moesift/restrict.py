@@ -10,17 +10,20 @@ from .errors import MoesiftError
 
 
 @contextlib.contextmanager
-def restrict(model: Any, plan: Any) -> Iterator[Any]:
+def restrict(model: Any, plan: Any, force_plan: bool = False) -> Iterator[Any]:
     """Within the block, every MoE layer named by `plan` routes as if experts outside its resident set did
     not exist (non-resident router logits -inf before the softmax; selection biases masked with them).
     `plan`: a Plan, a plan file (moesift-plan/1 or resident-manifest/1), or {decoder layer: ids}.
+    A plan made for another config of the family is refused unless `force_plan`.
     Leaving the block restores the model exactly."""
     from .arch import adapter_for
     from .plan import resident_for
+    from .tracer import loaded_config_dict
 
     ad = adapter_for(model.config)
     spec = ad.spec(model.config)
-    resident = resident_for(plan, spec)
+    name = str(getattr(model, "name_or_path", "") or "") or None
+    resident = resident_for(plan, spec, config=loaded_config_dict(model), model_name=name, force_plan=force_plan)
     problems = ad.plan_problems(spec, resident, standard=False)
     if problems:
         raise MoesiftError("cannot restrict to this plan: " + "; ".join(problems[:4]))

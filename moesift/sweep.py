@@ -67,14 +67,55 @@ def pareto_front(points: Sequence[Sequence[float]]) -> list[bool]:
 # ------------------------------------------------------------------------------------------------
 
 
-def time_resident(model_dir: Path, plan: Any, prompt: Any, device: str, dtype: str | None,
-                  repeats: int = 3) -> dict[str, float]:
-    """Seconds to load the resident-only model (`plan` None: the full model), and to its first token: one
-    prefill forward of `prompt` and the greedy choice of the next token (median of `repeats` runs right
-    after loading; ``ttft_first_s``: the first run alone, which includes one-off warm-up costs)."""
+TTFT_WARMUP = 2
+TTFT_REPEATS = 7
+TTFT_METHOD = ("time to first token: one prefill forward of the prompt (no KV cache) and the greedy choice of the "
+               "next token, synchronised on the device; {warmup} untimed warm-up runs after loading (first touch of "
+               "the weights, allocator growth), then the median of {repeats} timed runs (garbage collection off)")
+
+
+def measure_ttft(model: Any, prompt: Any, warmup: int = TTFT_WARMUP, repeats: int = TTFT_REPEATS) -> dict[str, Any]:
+    """Time to first token of a loaded model on `prompt` ([1, T] token ids), measured the one way the sweep and
+    the demo both use (`TTFT_METHOD`): `warmup` untimed runs, then the median of `repeats` timed runs.
+    Returns ``ttft_s`` (median), ``ttft_min_s``, ``ttft_max_s``, ``ttft_first_s`` (the first warm-up run:
+    one-off costs included), ``ttft_runs`` and ``ttft_warmup``."""
     import gc
 
     import torch
+
+    dev = next(model.parameters()).device
+    x = prompt.to(dev)
+
+    def once() -> float:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t = time.perf_counter()
+        logits = model(input_ids=x, use_cache=False).logits
+        int(logits[0, -1].argmax())  # the greedy next token, on the host
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        return time.perf_counter() - t
+
+    warmup, repeats = max(0, int(warmup)), max(1, int(repeats))
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        with torch.no_grad():
+            warm = [once() for _ in range(warmup)]
+            runs = [once() for _ in range(repeats)]
+    finally:
+        if was_enabled:
+            gc.enable()
+    return {"ttft_s": statistics.median(runs), "ttft_min_s": min(runs), "ttft_max_s": max(runs),
+            "ttft_first_s": (warm or runs)[0], "ttft_runs": repeats, "ttft_warmup": warmup}
+
+
+def time_resident(model_dir: Path, plan: Any, prompt: Any, device: str, dtype: str | None,
+                  warmup: int = TTFT_WARMUP, repeats: int = TTFT_REPEATS) -> dict[str, Any]:
+    """Seconds to load the resident-only model (`plan` None: the full model), and its time to first token
+    (`measure_ttft`: warm-up runs, then the median of timed runs)."""
+    import gc
 
     from .loading import hf_progress
     from .resident import load_resident
@@ -90,20 +131,12 @@ def time_resident(model_dir: Path, plan: Any, prompt: Any, device: str, dtype: s
         m = load_resident(model_dir, plan, device=device, dtype=dtype)
     m.eval()
     t1 = time.perf_counter()
-    dev = next(m.parameters()).device
-    ttft = []
-    with torch.no_grad():
-        for _ in range(max(1, repeats)):
-            t2 = time.perf_counter()
-            logits = m(input_ids=prompt.to(dev), use_cache=False).logits
-            int(logits[0, -1].argmax())
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            ttft.append(time.perf_counter() - t2)
-    n_params = sum(p.numel() for p in m.parameters())
-    del m, logits
+    res: dict[str, Any] = {"load_s": t1 - t0}
+    res.update(measure_ttft(m, prompt, warmup, repeats))
+    res["params"] = int(sum(p.numel() for p in m.parameters()))
+    del m
     gc.collect()
-    return {"load_s": t1 - t0, "ttft_s": statistics.median(ttft), "ttft_first_s": ttft[0], "params": int(n_params)}
+    return res
 
 
 # ------------------------------------------------------------------------------------------------
@@ -253,6 +286,8 @@ def sweep(
         "prompt_tokens": int(prompt.shape[1]),
         "points": points,
     }
+    if timing:
+        result["ttft_method"] = TTFT_METHOD.format(warmup=TTFT_WARMUP, repeats=TTFT_REPEATS)
     if out is not None:
         from .io import write_text
 
@@ -295,6 +330,8 @@ def print_sweep(r: dict[str, Any]) -> None:
         t.add_row(*row)
     console = Console(stderr=False)
     console.print(t)
+    if r.get("ttft_method"):
+        console.print(f"ttft: {r['ttft_method']}", highlight=False)
     notes = sorted({p["budget_note"] for p in r["points"] if p.get("budget_note")})
     for n in notes:
         console.print(f"! {n}")
@@ -353,6 +390,10 @@ def sweep_sections(r: dict[str, Any], prefix: str = "sweep") -> list[str]:
         fig2.update_layout(title=f"Load time and time to first token ({r['prompt_tokens']}-token prompt) of the "
                                  "resident-only model", xaxis_title="MiB", yaxis_title="ms", height=420)
         parts.append(figure_html(fig2, f"{prefix}-latency"))
+        if r.get("ttft_method"):
+            parts.append(f"<p>How timings were measured: load = reading the resident experts from the checkpoint "
+                         f"into a model; {esc(r['ttft_method'])}, on a {r['prompt_tokens']}-token prompt, device "
+                         f"{esc(str(r.get('device')))}. The Pareto marks use these medians.</p>")
     head = "<tr><th>strategy</th><th>keep</th><th>MiB</th><th>ppl</th><th>x full</th><th>held-out coverage</th>" + (
         "<th>load s</th><th>ttft s</th>" if r["timing"] else "") + "<th>Pareto</th></tr>"
     rows = []

@@ -146,27 +146,35 @@ class Trace:
         if head in (b"{", b"[") or p.suffix == ".json":
             from .wcer import load_expert_trace
 
-            return load_expert_trace(p)
+            return load_expert_trace(p)  # validated there
         from safetensors import safe_open
 
+        where = repr(str(p))
         try:
             with safe_open(str(p), framework="numpy") as f:
                 meta_s = (f.metadata() or {}).get("moesift")
                 arrays = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as e:  # noqa: BLE001 - any parse failure is a bad file for the user
-            raise MoesiftError(f"{str(p)!r} is not a moesift trace ({e})") from None
+            raise MoesiftError(f"{where} is not a moesift trace ({_one_line(e)})") from None
         if not meta_s:
-            raise MoesiftError(f"{str(p)!r} is a safetensors file but not a moesift trace (no metadata)")
-        meta = json.loads(meta_s)
+            raise MoesiftError(f"{where} is a safetensors file but not a moesift trace (no metadata)")
+        try:
+            meta = json.loads(meta_s)
+        except (json.JSONDecodeError, RecursionError):
+            raise MoesiftError(f"{where}: the trace metadata is not valid JSON; the file is damaged") from None
+        if not isinstance(meta, dict):
+            raise MoesiftError(f"{where}: the trace metadata is not a JSON object; the file is damaged")
         if meta.get("schema") != SCHEMA:
-            raise MoesiftError(f"{str(p)!r} has schema {meta.get('schema')!r}; this moesift reads {SCHEMA}")
-        return cls(
+            raise MoesiftError(f"{where} has schema {str(meta.get('schema'))[:80]!r}; this moesift reads {SCHEMA}")
+        validate_metadata(where, meta.get("model"), meta.get("workload"), meta.get("tool"), meta.get("extra"))
+        t = cls(
             model=meta["model"],
             workload=meta["workload"],
             arrays=arrays,
-            tool=meta.get("tool", {}),
-            extra=meta.get("extra", {}),
+            tool=meta.get("tool") or {},
+            extra=meta.get("extra") or {},
         )
+        return validate_trace(t, where)
 
     # ---- identity ----------------------------------------------------------------------------------
     def model_key(self) -> tuple:
@@ -216,9 +224,9 @@ def merge(traces: list[Trace], label: str | None = None) -> Trace:
     w = {
         "label": label or "+".join(dict.fromkeys(t.label for t in traces)),
         "sources": [s for t in traces for s in t.workload.get("sources", [])],
-        "documents": sum(int(t.workload.get("documents", 0)) for t in traces),
-        "prefill_tokens": sum(int(t.workload.get("prefill_tokens", 0)) for t in traces),
-        "decode_tokens": sum(int(t.workload.get("decode_tokens", 0)) for t in traces),
+        "documents": _total([t.workload.get("documents", 0) for t in traces]),
+        "prefill_tokens": _total([t.workload.get("prefill_tokens", 0) for t in traces]),
+        "decode_tokens": _total([t.workload.get("decode_tokens", 0) for t in traces]),
         "merged_from": [t.workload.get("token_sha256") or t.label for t in traces],
     }
     gens = [t.workload.get("generate") for t in traces if t.workload.get("generate") is not None]
@@ -227,5 +235,196 @@ def merge(traces: list[Trace], label: str | None = None) -> Trace:
     return Trace(model=dict(first.model), workload=w, arrays=arrays, tool=dict(first.tool))
 
 
+def _total(values: list[Any]) -> int | None:
+    """Sum of workload counts; None (unknown) when one trace does not know its count."""
+    return None if any(v is None for v in values) else sum(int(v) for v in values)
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:200]
+
+
 def load_trace(path: str | os.PathLike) -> Trace:
     return Trace.load(path)
+
+
+# ---- validation ------------------------------------------------------------------------------------
+
+# Largest count an array may hold: more selections than any workload can make (2**53, where float64
+# still counts exactly), so a bigger value is damage, not data.
+MAX_COUNT = 2**53
+# Largest router-weight / probability / saliency mass per expert (masses are sums of per-token values of
+# order one, times at most MAX_COUNT tokens).
+MAX_MASS = 1e18
+
+# name -> (shape in symbols, kind). Symbols: L MoE layers, E experts, F folds, N logged tokens, K top-k,
+# D documents; "L-1" is one less than L. Arrays named here are checked when present; any other array is
+# kept as it is (a newer moesift may add some).
+ARRAY_SPECS: dict[str, tuple[tuple[str, ...], str]] = {
+    "prefill_counts": (("L", "E"), "count"),
+    "decode_counts": (("L", "E"), "count"),
+    "fold_counts": (("F", "L", "E"), "count"),
+    "weight_mass": (("L", "E"), "mass"),
+    "prob_mass": (("L", "E"), "mass"),
+    "selected_prob_mass": (("L", "E"), "mass"),
+    "coactivation": (("L", "E", "E"), "count"),
+    "transitions": (("L-1", "E", "E"), "count"),
+    "saliency_sum": (("L", "E"), "mass"),
+    "saliency_count": (("L", "E"), "count"),
+    "routing_log": (("N", "L", "K"), "ids"),
+    "doc_offsets": (("D+1",), "offsets"),
+    "log_phase": (("N",), "phase"),
+}
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _meta_int(where: str, d: dict[str, Any], key: str, lo: int, required: bool = False,
+              hi: int = MAX_COUNT) -> int | None:
+    v = d.get(key)
+    if v is None:
+        if required:
+            raise MoesiftError(f"{where}: metadata has no {key!r}; the file is damaged or not a moesift trace")
+        return None
+    if not _is_int(v) or not lo <= int(v) <= hi:
+        raise MoesiftError(f"{where}: metadata {key!r} must be an integer in {lo}..{hi} (got {str(v)[:40]}); "
+                           "the file is damaged")
+    return int(v)
+
+
+def _int_list(where: str, v: Any, key: str, lo: int, hi: int) -> list[int]:
+    if not isinstance(v, list) or any(not _is_int(x) or not lo <= int(x) < hi for x in v):
+        raise MoesiftError(f"{where}: metadata {key!r} must be a list of integers in {lo}..{hi - 1} (got {v!r})"[:300])
+    if len(set(v)) != len(v):
+        raise MoesiftError(f"{where}: metadata {key!r} repeats a value ({v!r})"[:300])
+    return [int(x) for x in v]
+
+
+def validate_metadata(where: str, model: Any, workload: Any, tool: Any = None, extra: Any = None) -> None:
+    """Check the JSON sections of a trace: types and ranges of the fields moesift reads (unknown keys are
+    allowed and kept)."""
+    for name, sec in (("model", model), ("workload", workload)):
+        if not isinstance(sec, dict):
+            raise MoesiftError(f"{where}: metadata {name!r} must be a JSON object (got {type(sec).__name__})")
+    for name, sec in (("tool", tool), ("extra", extra)):
+        if sec is not None and not isinstance(sec, dict):
+            raise MoesiftError(f"{where}: metadata {name!r} must be a JSON object (got {type(sec).__name__})")
+    m = model
+    E = _meta_int(where, m, "n_experts", 1, required=True, hi=1 << 20)
+    assert E is not None
+    _meta_int(where, m, "top_k", 1, required=True, hi=E)
+    _meta_int(where, m, "n_shared", 0, hi=1 << 20)
+    for key in ("hidden_size", "num_hidden_layers", "n_group", "topk_group"):
+        _meta_int(where, m, key, 1, hi=1 << 24)
+    g = m.get("n_group")
+    if g is not None and E % int(g):
+        raise MoesiftError(f"{where}: metadata n_group {g} does not divide n_experts {E}")
+    for key in ("name", "model_type", "config_hash", "scoring"):
+        if m.get(key) is not None and not isinstance(m[key], str):
+            raise MoesiftError(f"{where}: metadata {key!r} must be a string (got {type(m[key]).__name__})")
+    if m.get("moe_layers") is not None:
+        _int_list(where, m["moe_layers"], "moe_layers", 0, 1 << 20)
+    if m.get("config") is not None and not isinstance(m["config"], dict):
+        raise MoesiftError(f"{where}: metadata 'config' must be a JSON object (got {type(m['config']).__name__})")
+    w = workload
+    for key in ("documents", "prefill_tokens", "decode_tokens"):  # None: not known (engine statistics)
+        _meta_int(where, w, key, 0)
+    if w.get("label") is not None and not isinstance(w["label"], str):
+        raise MoesiftError(f"{where}: workload 'label' must be a string (got {type(w['label']).__name__})")
+    if "sources" in w and not (
+        isinstance(w["sources"], list) and all(isinstance(s, dict) for s in w["sources"])
+    ):
+        raise MoesiftError(f"{where}: workload 'sources' must be a list of objects")
+    for key in ("token_sha256",):
+        if w.get(key) is not None and not isinstance(w[key], str):
+            raise MoesiftError(f"{where}: workload {key!r} must be a string")
+
+
+def _check_array(where: str, name: str, a: np.ndarray, shape: tuple[int, ...], kind: str, E: int) -> None:
+    if a.shape != shape:
+        raise MoesiftError(
+            f"{where}: array {name!r} has shape {list(a.shape)}; the model section says {list(shape)}; "
+            "the file is damaged or was edited"
+        )
+    if kind == "mass":
+        if a.dtype.kind not in "fiu":
+            raise MoesiftError(f"{where}: array {name!r} must hold numbers (dtype {a.dtype})")
+        if a.size:
+            x = a.astype(np.float64, copy=False)
+            if not np.isfinite(x).all():
+                raise MoesiftError(f"{where}: array {name!r} holds NaN or infinite values; the trace is damaged")
+            if x.min() < 0 or x.max() > MAX_MASS:
+                raise MoesiftError(f"{where}: array {name!r} holds values outside 0..{MAX_MASS:g}; the trace is damaged")
+        return
+    if a.dtype.kind not in "iu":
+        raise MoesiftError(f"{where}: array {name!r} must hold integers (dtype {a.dtype})")
+    if not a.size:
+        return
+    lo, hi = int(a.min()), int(a.max())
+    if kind == "count":
+        if lo < 0 or hi > MAX_COUNT:
+            raise MoesiftError(f"{where}: array {name!r} holds counts outside 0..2**53 (min {lo}, max {hi}); "
+                               "the trace is damaged")
+    elif kind == "ids":
+        if lo < -1 or hi >= E:
+            raise MoesiftError(f"{where}: array {name!r} holds expert ids outside 0..{E - 1} (min {lo}, max {hi}); "
+                               "the trace is damaged or of another model")
+    elif kind == "phase":
+        if lo < 0 or hi > 1:
+            raise MoesiftError(f"{where}: array {name!r} must hold 0 (prefill) or 1 (decode)")
+
+
+def validate_trace(trace: Trace, where: str) -> Trace:
+    """Check a trace read from a file: metadata types, every known array's shape against the model section
+    (layers x experts, folds, co-activation, transitions, routing log), finite non-negative counts and
+    masses of sane magnitude, logged expert ids below the expert count. Raises MoesiftError (one line)."""
+    validate_metadata(where, trace.model, trace.workload, trace.tool, trace.extra)
+    arrays = trace.arrays
+    pc = arrays.get("prefill_counts")
+    if pc is None:
+        raise MoesiftError(f"{where}: no 'prefill_counts' array; the file is damaged or not a moesift trace")
+    if pc.ndim != 2 or pc.shape[0] < 1:
+        raise MoesiftError(f"{where}: 'prefill_counts' must be [MoE layers, experts] (shape {list(pc.shape)})")
+    m = trace.model
+    L, E, K = int(pc.shape[0]), int(m["n_experts"]), int(m["top_k"])
+    moe = m.get("moe_layers")
+    if moe is not None and len(moe) != L:
+        raise MoesiftError(f"{where}: metadata names {len(moe)} MoE layers; the arrays have {L}")
+    hl = m.get("hash_layers")
+    if hl is not None:
+        _int_list(where, hl, "hash_layers", 0, L)
+    f = arrays.get("fold_counts")
+    sym = {"L": L, "E": E, "K": K, "L-1": max(L - 1, 0), "F": 0 if f is None else int(f.shape[0]) if f.ndim else -1}
+    log = arrays.get("routing_log")
+    if log is not None:
+        sym["N"] = int(log.shape[0]) if log.ndim else -1
+        if log.ndim == 3:
+            sym["K"] = int(log.shape[2])  # a log may keep fewer or more slots than top-k; ids are checked
+    off = arrays.get("doc_offsets")
+    if off is not None:
+        sym["D+1"] = int(off.shape[0]) if off.ndim == 1 else -1
+    for name, (dims, kind) in ARRAY_SPECS.items():
+        a = arrays.get(name)
+        if a is None:
+            continue
+        if name in ("log_phase", "doc_offsets") and log is None:
+            raise MoesiftError(f"{where}: array {name!r} without a 'routing_log'; the file is damaged")
+        if name == "fold_counts" and (a.ndim != 3 or a.shape[0] < 1):
+            raise MoesiftError(f"{where}: array 'fold_counts' must be [folds, MoE layers, experts] "
+                               f"(shape {list(a.shape)})")
+        _check_array(where, name, a, tuple(sym[d] for d in dims), kind, E)
+    if log is not None:
+        if off is None:
+            raise MoesiftError(f"{where}: a 'routing_log' without 'doc_offsets'; the file is damaged")
+        if off.shape[0] < 1 or int(off[0]) != 0 or int(off[-1]) != log.shape[0] or (np.diff(off) < 0).any():
+            raise MoesiftError(f"{where}: 'doc_offsets' must rise from 0 to the {log.shape[0]} logged tokens")
+    if pc.size and float(pc.astype(np.float64).sum()) + (
+        float(arrays["decode_counts"].astype(np.float64).sum()) if "decode_counts" in arrays else 0.0
+    ) <= 0:
+        raise MoesiftError(f"{where}: the trace records no routes (every count is zero); trace a workload first")
+    total = float(pc.astype(np.float64).sum())
+    if total > MAX_COUNT * 64:
+        raise MoesiftError(f"{where}: the counts add up to {total:.3g} routes; the trace is damaged")
+    return trace

@@ -42,6 +42,25 @@ def model_config_hash(model_dir: str | os.PathLike) -> str:
         raise MoesiftError(f"cannot read {str(p)!r}: {e}") from None
 
 
+def _count_or_none(v: Any) -> int | None:
+    """A workload count of a trace: None where the trace does not know it (engine statistics)."""
+    return None if v is None else int(v)
+
+
+def loaded_config_dict(model: Any) -> dict[str, Any]:
+    """The config of a loaded model as a dict: its directory's config.json when it was loaded from one
+    (so the hash equals `model_config_hash` of that directory), else `model.config.to_dict()`."""
+    src = Path(str(getattr(model, "name_or_path", "") or ""))
+    if str(src) and (src / "config.json").is_file():
+        try:
+            d = json.loads((src / "config.json").read_text())
+            if isinstance(d, dict):
+                return d
+        except (OSError, json.JSONDecodeError):
+            pass
+    return json.loads(json.dumps(model.config.to_dict(), default=str))  # plain JSON types, as a file holds
+
+
 def token_stream_hash(docs_ids: list[list[int]]) -> str:
     """sha256 over the documents' token ids: per document its length then its ids, all int64 little-endian."""
     h = hashlib.sha256()
@@ -108,11 +127,12 @@ def trace(
         if tokenizer is not None:
             tok = tokenizer
         name, chash = str(model), model_config_hash(mdir)
+        cfg_dict = json.loads((Path(mdir) / "config.json").read_text())
     else:
         m, tok = model, tokenizer
-        src = Path(str(getattr(m, "name_or_path", "") or ""))
         name = str(getattr(m, "name_or_path", "") or type(m).__name__)
-        chash = model_config_hash(src) if (src / "config.json").is_file() else config_hash(m.config.to_dict())
+        cfg_dict = loaded_config_dict(m)
+        chash = config_hash(cfg_dict)
     adapter = adapter_for(m.config)
     spec = adapter.spec(m.config)
     vocab = int(getattr(m.config, "vocab_size", 0) or getattr(m.get_input_embeddings(), "num_embeddings", 0))
@@ -205,6 +225,7 @@ def trace(
             "name": name,
             "model_type": spec.model_type,
             "config_hash": chash,
+            "config": cfg_dict,
             "moe_layers": moe,
             "n_experts": spec.n_experts,
             "top_k": spec.top_k,
@@ -286,6 +307,8 @@ def _eos_ids(m: Any) -> list[int]:
 
 def _tokenize(doc: dict[str, Any], tok: Any, max_length: int, vocab: int, chat_prompt: bool,
               paths: list) -> list[int]:
+    from .workload import encode_prefix
+
     if "input_ids" in doc:
         ids = doc["input_ids"][:max_length]
         bad = [i for i in ids if i < 0 or (vocab and i >= vocab)]
@@ -307,8 +330,8 @@ def _tokenize(doc: dict[str, Any], tok: Any, max_length: int, vocab: int, chat_p
                 "no chat template; use a 'text' field"
             )
         text = tok.apply_chat_template(doc["messages"], tokenize=False, add_generation_prompt=chat_prompt)
-        return list(tok(text, add_special_tokens=False, truncation=True, max_length=max_length)["input_ids"])
-    return list(tok(doc["text"], truncation=True, max_length=max_length)["input_ids"])
+        return encode_prefix(tok, text, max_length, add_special_tokens=False)
+    return encode_prefix(tok, doc["text"], max_length)
 
 
 def _split_log(fws: list, n_rows: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -353,9 +376,9 @@ def show(trace_path: str | os.PathLike, json: bool = False) -> dict[str, Any]:
         },
         "workload": {
             "label": t.label,
-            "documents": int(t.workload.get("documents", 0)),
-            "prefill_tokens": int(t.workload.get("prefill_tokens", 0)),
-            "decode_tokens": int(t.workload.get("decode_tokens", 0)),
+            "documents": _count_or_none(t.workload.get("documents", 0)),
+            "prefill_tokens": _count_or_none(t.workload.get("prefill_tokens", 0)),
+            "decode_tokens": _count_or_none(t.workload.get("decode_tokens", 0)),
             "token_sha256": t.workload.get("token_sha256"),
             "sources": t.workload.get("sources", []),
         },

@@ -342,11 +342,13 @@ def trim(
     max_shard_size: str | int = DEFAULT_SHARD_SIZE,
     progress: bool = True,
     checksums: bool = True,
+    force_plan: bool = False,
 ) -> Path:
     """Write the checkpoint of `model` trimmed to `plan`'s resident experts into directory `out`.
 
     The source is only read. `checksums`: record the sha256 of every output file in moesift_plan.json
-    (computed alongside the copy; turn off only where hashing is slower than the disk). Returns `out`."""
+    (computed alongside the copy; turn off only where hashing is slower than the disk). A plan made for
+    another config of the family (its `config_hash`) is refused unless `force_plan`. Returns `out`."""
     from . import __version__
     from .checkpoint import CheckpointIndex
     from .io import sha256_file
@@ -358,7 +360,7 @@ def trim(
     _check_paths(src, out, force)
     p = as_plan(plan)
     spec = idx.spec
-    resident = p.resolve(spec)
+    resident = p.resolve(spec, idx.config, str(model), force_plan)
     ad, cfg = idx.adapter, idx.config
     full = {layer: sorted(resident.get(layer, range(spec.n_experts))) for layer in spec.moe_layers}
     standard = len({len(v) for v in full.values()}) == 1

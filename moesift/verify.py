@@ -13,7 +13,7 @@ def _read_prompts(paths: list[str], field: str | None, max_samples: int, tok: An
     """Token id tensors [1, T] of the first `max_samples` documents of the workload files."""
     import torch
 
-    from .workload import read_documents
+    from .workload import encode_prefix, read_documents
 
     out = []
     for d in read_documents(paths, field=field, max_samples=max_samples):
@@ -25,7 +25,7 @@ def _read_prompts(paths: list[str], field: str | None, max_samples: int, tok: An
             ids = tok.apply_chat_template(d["messages"], tokenize=True, return_tensors="pt")
             ids = (ids["input_ids"] if hasattr(ids, "keys") else ids)[:, :max_length]
         else:
-            ids = tok(str(d.get("text", "")), return_tensors="pt", truncation=True, max_length=max_length)["input_ids"]
+            ids = torch.as_tensor([encode_prefix(tok, str(d.get("text", "")), max_length)], dtype=torch.long)
         if ids.shape[-1]:
             out.append(ids)
     return out
@@ -48,10 +48,12 @@ def verify(
     cache_slots: int | None = None,
     policy: str = "lru",
     host_compute_max_tokens: int | None = None,
+    force_plan: bool = False,
 ) -> dict[str, Any]:
     """Run the full model restricted to `plan` and the trimmed model on held-out prompts; report top-1
     agreement over every prompt position, max absolute and relative logit differences, and whether greedy
-    generations of `max_new_tokens` tokens are identical. `plan` defaults to the one recorded in `trimmed`.
+    generations of `max_new_tokens` tokens are identical. `plan` defaults to the one recorded in `trimmed`;
+    a plan made for another config than `model`'s is refused unless `force_plan`.
     Without `data`, a deterministic set of random token sequences is used (said in the result).
 
     Both models run in float32 by default: the check is that they compute the same function. In bfloat16,
@@ -121,7 +123,7 @@ def verify(
     with torch.no_grad():
         for i, ids in enumerate(prompts):
             ids = ids.to(dev)
-            with restrict(full, p):
+            with restrict(full, p, force_plan=force_plan):
                 lf = full(ids).logits.float()
                 gf = full.generate(ids, **gen_kw)[0, ids.shape[-1]:].tolist() if max_new_tokens > 0 else []
             ls = small(ids.to(next(small.parameters()).device)).logits.float().to(lf.device)

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from .errors import MoesiftError
-from .tracefile import Trace
+from .tracefile import MAX_COUNT, MAX_MASS, Trace, validate_trace
 
 SCHEMA = "expert-trace/1"
 COVERAGE_PCTS = (50, 80, 90, 95, 99)
@@ -64,34 +64,25 @@ def from_expert_trace(d: Any, where: str = "expert-trace") -> Trace:
     for k in ("n_layers", "n_experts", "top_k", "per_layer_histogram"):
         if k not in d:
             raise MoesiftError(f"{where!r} is missing {k!r}; not a complete {SCHEMA} file")
-    try:
-        L, E, K = int(d["n_layers"]), int(d["n_experts"]), int(d["top_k"])
-        hist = np.asarray(d["per_layer_histogram"], dtype=np.int64)
-    except (TypeError, ValueError) as e:
-        raise MoesiftError(f"{where!r}: malformed n_layers / n_experts / top_k / per_layer_histogram ({e})") from None
+    L, E, K = (_meta_count(where, d, k) for k in ("n_layers", "n_experts", "top_k"))
+    hist = _number_array(where, d["per_layer_histogram"], "per_layer_histogram", integer=True)
     if hist.shape != (L, E) or L < 1 or E < 1 or not 1 <= K <= E:
         raise MoesiftError(
             f"{where!r}: per_layer_histogram has shape {list(hist.shape)}; n_layers={L}, n_experts={E}, top_k={K}"
         )
-    if (hist < 0).any():
-        raise MoesiftError(f"{where!r}: per_layer_histogram holds negative counts")
     arrays: dict[str, np.ndarray] = {"prefill_counts": hist}
     wm = d.get("per_layer_weight_mass")
     if wm is not None:
-        try:
-            w = np.asarray(wm, dtype=np.float64)
-        except (TypeError, ValueError):
-            w = None
-        if w is None or w.shape != (L, E):
+        w = _number_array(where, wm, "per_layer_weight_mass", integer=False)
+        if w.shape != (L, E):
             raise MoesiftError(f"{where!r}: per_layer_weight_mass must be [n_layers][n_experts] numbers")
         arrays["selected_prob_mass"] = w
 
     def per_model(key: str) -> int:
         v = d.get(key, 0) or 0
-        try:
-            return int(round(int(v) / L))
-        except (TypeError, ValueError):
-            raise MoesiftError(f"{where!r}: {key} must be an integer") from None
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= MAX_COUNT:
+            raise MoesiftError(f"{where!r}: {key} must be a non-negative integer (got {str(v)[:40]})")
+        return int(round(v / L))
 
     hash_layers = d.get("hash_layers") or []
     if not isinstance(hash_layers, list) or any(not isinstance(h, int) or not 0 <= h < L for h in hash_layers):
@@ -101,8 +92,14 @@ def from_expert_trace(d: Any, where: str = "expert-trace") -> Trace:
     pairs = d.get("coactivation_top_pairs_per_layer")
     if isinstance(pairs, list) and len(pairs) == L:
         extra["coactivation_top_pairs_per_layer"] = pairs
+    for key in ("model_id", "model_type", "config_hash", "workload_label"):
+        if d.get(key) is not None and not isinstance(d[key], str):
+            raise MoesiftError(f"{where!r}: {key} must be a string (got {type(d[key]).__name__})")
+    if d.get("n_prompts") is not None and (not isinstance(d["n_prompts"], int) or isinstance(d["n_prompts"], bool)
+                                           or not 0 <= d["n_prompts"] <= MAX_COUNT):
+        raise MoesiftError(f"{where!r}: n_prompts must be a non-negative integer")
     shape = _shape_keys(d, L, where)
-    return Trace(
+    t = Trace(
         model={
             **shape,
             "name": d.get("model_id"),
@@ -126,6 +123,42 @@ def from_expert_trace(d: Any, where: str = "expert-trace") -> Trace:
         tool={"name": d.get("tool", "wcer expert_trace"), "schema_version": SCHEMA},
         extra=extra,
     )
+    return validate_trace(t, repr(where))
+
+
+def _meta_count(where: str, d: dict[str, Any], key: str) -> int:
+    v = d[key]
+    if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= 1 << 20:
+        raise MoesiftError(f"{where!r}: {key} must be a positive integer (got {str(v)[:40]})")
+    return v
+
+
+def _number_array(where: str, v: Any, key: str, integer: bool) -> np.ndarray:
+    """A rectangular array of JSON numbers: finite, non-negative, below the trace's magnitude limits;
+    counts must be whole numbers."""
+    bad = f"{where!r}: {key} must be a rectangular list of lists of non-negative {'integers' if integer else 'numbers'}"
+    if not isinstance(v, list) or not all(
+        isinstance(row, list) and all(type(x) in (int, float) for x in row) for row in v
+    ):
+        raise MoesiftError(bad)
+    try:
+        a = np.asarray(v, dtype=np.float64)
+    except (TypeError, ValueError, OverflowError):
+        raise MoesiftError(bad) from None
+    if a.ndim != 2:
+        raise MoesiftError(bad)
+    if not np.isfinite(a).all():
+        raise MoesiftError(f"{where!r}: {key} holds NaN or infinite values")
+    if a.size and a.min() < 0:
+        raise MoesiftError(f"{where!r}: {key} holds negative values")
+    limit = MAX_COUNT if integer else MAX_MASS
+    if a.size and a.max() > limit:
+        raise MoesiftError(f"{where!r}: {key} holds values above {limit:.3g}; the file is damaged")
+    if integer:
+        if (a != np.floor(a)).any():
+            raise MoesiftError(f"{where!r}: {key} holds fractional counts")
+        return a.astype(np.int64)
+    return a
 
 
 def dump_expert_trace(trace: Trace, top_m: int = TOP_M) -> dict[str, Any]:
@@ -163,7 +196,7 @@ def dump_expert_trace(trace: Trace, top_m: int = TOP_M) -> dict[str, Any]:
             coact_top.append([])
     w = trace.workload
     wmeta = trace.extra.get("wcer", {}) if trace.extra.get("imported_from") == SCHEMA else {}
-    prefill, decode = int(w.get("prefill_tokens", 0)), int(w.get("decode_tokens", 0))
+    prefill, decode = int(w.get("prefill_tokens") or 0), int(w.get("decode_tokens") or 0)
     spm = trace.arrays.get("selected_prob_mass")
     if wmeta.get("router_weights"):
         rw = wmeta["router_weights"]
@@ -182,7 +215,7 @@ def dump_expert_trace(trace: Trace, top_m: int = TOP_M) -> dict[str, Any]:
         "n_layers": L,
         "n_experts": E,
         "top_k": trace.top_k,
-        "n_forward_calls": int(wmeta.get("n_forward_calls", (int(w.get("documents", 0)) + decode) * L)),
+        "n_forward_calls": int(wmeta.get("n_forward_calls", (int(w.get("documents") or 0) + decode) * L)),
         "hash_layers": [int(h) for h in (trace.model.get("hash_layers") or [])],
         "prefill_tokens": int(wmeta.get("prefill_tokens", prefill * L)),
         "decode_tokens": int(wmeta.get("decode_tokens", decode * L)),
@@ -195,7 +228,7 @@ def dump_expert_trace(trace: Trace, top_m: int = TOP_M) -> dict[str, Any]:
         "coactivation_top_pairs_per_layer": coact_top,
         "model_id": trace.model.get("name"),
         "workload_label": trace.label,
-        "n_prompts": int(w.get("documents", 0)),
+        "n_prompts": int(w.get("documents") or 0),
         "max_tokens_per_prompt": int(wmeta.get("max_tokens_per_prompt", w.get("generate") or 0) or 0),
         "prefill_only": bool(wmeta.get("prefill_only", decode == 0)),
     }

@@ -4,8 +4,9 @@ Accepted inputs (``read_documents(paths, field=None, max_samples=None)``):
 
 - **Text files** (``.txt``, ``.md``, ``.text``, ``.rst``): one document per file. A file larger than
   ``LARGE_TEXT_BYTES`` (64 KiB) is split at blank lines into documents of about ``TEXT_CHUNK_CHARS``
-  (16 KiB) each, paragraphs never cut, so a long book is traced as many prompts rather than truncated
-  to its first ``max_length`` tokens.
+  (16 KiB) each, read 1 MiB at a time; paragraphs are kept whole unless one alone is longer than a
+  document (then it is cut at a line break or space), so a long book is traced as many prompts rather
+  than truncated to its first ``max_length`` tokens, and a huge file never sits in memory whole.
 - **JSONL** (``.jsonl``, ``.ndjson``; ``.json`` holding one object, a list of objects or one object per line): one
   document per object, from the first present of: ``text``; ``messages`` (a chat, rendered later with
   the tokenizer's chat template); ``prompt`` (+ ``completion`` when present, concatenated);
@@ -25,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -82,47 +84,108 @@ def source_info(paths: list[str | os.PathLike]) -> list[dict[str, str]]:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _read_one(p: Path, field: str | None) -> list[dict[str, Any]]:
+def _read_one(p: Path, field: str | None) -> Iterator[dict[str, Any]]:
+    """Documents of one workload file, read lazily (a large text file is never held whole)."""
     if not p.exists():
         raise MoesiftError(f"workload file {str(p)!r} not found")
     if p.is_dir():
-        return _read_saved_dataset(p, field)
+        yield from _read_saved_dataset(p, field)
+        return
     ext = p.suffix.lower()
+    if ext not in TEXT_EXT + JSONL_EXT + PARQUET_EXT:
+        raise MoesiftError(
+            f"workload file {str(p)!r} has an unknown extension {ext or '(none)'!r}; use .txt/.md (text), "
+            ".jsonl/.json (JSON lines), .parquet, or a directory saved with datasets' save_to_disk"
+        )
     try:
         if ext in TEXT_EXT:
-            return _read_text(p)
-        if ext in JSONL_EXT:
-            return _read_jsonl(p, field)
-        if ext in PARQUET_EXT:
-            return _read_parquet(p, field)
+            yield from _read_text(p)
+        elif ext in JSONL_EXT:
+            yield from _read_jsonl(p, field)
+        else:
+            yield from _read_parquet(p, field)
     except OSError as e:
         raise MoesiftError(f"cannot read workload file {str(p)!r}: {e.strerror or e}") from None
     except UnicodeDecodeError:
         raise MoesiftError(f"workload file {str(p)!r} is not UTF-8 text") from None
-    raise MoesiftError(
-        f"workload file {str(p)!r} has an unknown extension {ext or '(none)'!r}; use .txt/.md (text), "
-        ".jsonl/.json (JSON lines), .parquet, or a directory saved with datasets' save_to_disk"
-    )
 
 
-def _read_text(p: Path) -> list[dict[str, Any]]:
-    text = p.read_text(encoding="utf-8")
-    if not text.strip():
-        return []
-    if len(text.encode("utf-8")) <= LARGE_TEXT_BYTES:
-        return [{"text": text}]
-    docs, cur, size = [], [], 0
-    for para in text.split("\n\n"):
+READ_CHUNK_BYTES = 1 << 20
+
+
+def _paragraphs(p: Path) -> Iterator[str]:
+    """Paragraphs (text between blank lines) of a text file, read 1 MiB at a time. A paragraph longer than
+    ``TEXT_CHUNK_CHARS`` is cut into pieces of at most that many characters, at the last line break or
+    space before the limit when there is one, so no piece of the file is ever held whole."""
+    import codecs
+
+    dec = codecs.getincrementaldecoder("utf-8")()
+    buf = ""
+    with open(p, "rb") as f:
+        while True:
+            raw = f.read(READ_CHUNK_BYTES)
+            buf += dec.decode(raw, final=not raw)
+            parts = buf.split("\n\n")
+            buf = parts.pop()
+            yield from (q for part in parts for q in _cut_long(part))
+            while len(buf) > TEXT_CHUNK_CHARS:  # a paragraph longer than a document: cut it
+                piece, buf = _cut_once(buf)
+                yield piece
+            if not raw:
+                break
+    if buf:
+        yield buf
+
+
+def _cut_once(text: str) -> tuple[str, str]:
+    """(head of at most TEXT_CHUNK_CHARS characters, ending at a line break or space when possible, rest)."""
+    lim = TEXT_CHUNK_CHARS
+    cut = max(text.rfind("\n", lim // 2, lim), text.rfind(" ", lim // 2, lim))
+    cut = cut + 1 if cut > 0 else lim
+    return text[:cut], text[cut:]
+
+
+def _cut_long(text: str) -> Iterator[str]:
+    while len(text) > TEXT_CHUNK_CHARS:
+        head, text = _cut_once(text)
+        yield head
+    yield text
+
+
+def _read_text(p: Path) -> Iterator[dict[str, Any]]:
+    if p.stat().st_size <= LARGE_TEXT_BYTES:
+        text = p.read_text(encoding="utf-8")
+        if text.strip():
+            yield {"text": text}
+        return
+    cur: list[str] = []
+    size = 0
+    for para in _paragraphs(p):
         if not para.strip():
             continue
         if cur and size + len(para) > TEXT_CHUNK_CHARS:
-            docs.append({"text": "\n\n".join(cur)})
+            yield {"text": "\n\n".join(cur)}
             cur, size = [], 0
         cur.append(para)
         size += len(para) + 2
     if cur:
-        docs.append({"text": "\n\n".join(cur)})
-    return docs
+        yield {"text": "\n\n".join(cur)}
+
+
+def encode_prefix(tok: Any, text: str, max_tokens: int, add_special_tokens: bool = True) -> list[int]:
+    """``tok(text, truncation=True, max_length=max_tokens)["input_ids"]`` without tokenizing the whole text:
+    growing prefixes (cut at a space) are tokenized until one yields comfortably more than `max_tokens`
+    tokens; the tokens before the cut do not depend on what follows it."""
+    n = max(1024, 8 * max_tokens)
+    while n < len(text):
+        cut = text.rfind(" ", n // 2, n)
+        head = text[: cut if cut > 0 else n]
+        got = len(tok(head, add_special_tokens=False)["input_ids"])
+        if got > max_tokens + 16:
+            return list(tok(head, add_special_tokens=add_special_tokens, truncation=True,
+                            max_length=max_tokens)["input_ids"])
+        n *= 4
+    return list(tok(text, add_special_tokens=add_special_tokens, truncation=True, max_length=max_tokens)["input_ids"])
 
 
 def _doc_from_value(v: Any, where: str, key: str) -> dict[str, Any] | None:
@@ -164,33 +227,43 @@ def _doc_from_record(rec: Any, field: str | None, where: str) -> dict[str, Any] 
     )
 
 
-def _read_jsonl(p: Path, field: str | None) -> list[dict[str, Any]]:
-    raw = p.read_text(encoding="utf-8")
-    stripped = raw.lstrip()
-    records: list[tuple[str, Any]] = []
-    if p.suffix.lower() == ".json" and stripped.startswith("["):
-        try:
-            arr = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise MoesiftError(f"{str(p)!r} is not valid JSON ({e.msg} at line {e.lineno})") from None
-        records = [(f"{str(p)!r} item {i}", r) for i, r in enumerate(arr)]
-    elif p.suffix.lower() == ".json" and stripped.startswith("{") and _whole_json(raw) is not None:
-        records = [(repr(str(p)), _whole_json(raw))]  # one (possibly multi-line) object
-    else:
-        for n, line in enumerate(raw.splitlines(), 1):
+def _read_jsonl(p: Path, field: str | None) -> Iterator[dict[str, Any]]:
+    """Documents of a JSON-lines file, read line by line (a `.json` holding one object or a list is read
+    whole)."""
+    if p.suffix.lower() == ".json":
+        raw = p.read_text(encoding="utf-8")
+        stripped = raw.lstrip()
+        if stripped.startswith("["):
+            try:
+                arr = json.loads(raw)
+            except json.JSONDecodeError as e:
+                raise MoesiftError(f"{str(p)!r} is not valid JSON ({e.msg} at line {e.lineno})") from None
+            yield from _docs_of(((f"{str(p)!r} item {i}", r) for i, r in enumerate(arr)), field)
+            return
+        if stripped.startswith("{") and _whole_json(raw) is not None:
+            yield from _docs_of([(repr(str(p)), _whole_json(raw))], field)  # one (possibly multi-line) object
+            return
+        del raw, stripped
+    yield from _docs_of(_json_lines(p), field)
+
+
+def _json_lines(p: Path) -> Iterator[tuple[str, Any]]:
+    with open(p, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             where = f"{str(p)!r} line {n}"
             try:
-                records.append((where, json.loads(line)))
+                yield where, json.loads(line)
             except json.JSONDecodeError as e:
                 raise MoesiftError(f"{where} is not valid JSON ({e.msg}); write one JSON object per line") from None
-    docs = []
+
+
+def _docs_of(records: Any, field: str | None) -> Iterator[dict[str, Any]]:
     for where, rec in records:
         d = _doc_from_record(rec, field, where)
         if d is not None:
-            docs.append(d)
-    return docs
+            yield d
 
 
 def _whole_json(raw: str) -> Any:

@@ -28,7 +28,7 @@ def make_trace(counts, moe_layers=None, model_type=None, weight_mass=None, salie
         arrays["saliency_count"] = np.asarray(c, dtype=np.int64)
     if folds is not None:
         arrays["fold_counts"] = np.asarray(folds, dtype=np.int64)
-    m = {"name": "synthetic", "model_type": model_type, "config_hash": "x", "n_experts": E, "top_k": top_k,
+    m = {"name": "synthetic", "model_type": model_type, "config_hash": None, "n_experts": E, "top_k": top_k,
          "n_shared": 0, "moe_layers": list(moe_layers if moe_layers is not None else range(L)), "hash_layers": []}
     m.update(model)
     return Trace(model=m, workload={"label": label, "documents": 1, "prefill_tokens": int(counts.sum() // top_k),

@@ -158,3 +158,89 @@ def test_text_and_chat_are_tokenized(tiny_dir, tmp_path):
     bad = _jsonl(tmp_path / "ids.jsonl", [{"input_ids": [1, 2, 500]}])
     with pytest.raises(MoesiftError, match="outside the model's vocabulary"):
         moesift.trace(model, bad, progress=False)
+
+
+# ---- bounded memory on huge inputs -------------------------------------------------------------------
+
+
+def test_one_line_text_file_is_cut_into_bounded_documents(tmp_path):
+    """A text file of one enormous line (no blank lines) is split into documents of at most 16 KiB, cut
+    at spaces, losing nothing; asking for one document reads only the start of the file."""
+    import tracemalloc
+
+    from moesift.workload import TEXT_CHUNK_CHARS
+
+    words = " ".join(f"w{i % 997}é" for i in range(120_000))  # ~900 KB, multi-byte characters
+    p = tmp_path / "line.txt"
+    p.write_text(words, encoding="utf-8")
+    docs = read_documents(p)
+    assert len(docs) > 40 and max(len(d["text"]) for d in docs) <= TEXT_CHUNK_CHARS
+    assert "".join(d["text"] for d in docs) == words
+    assert all(d["text"].endswith(" ") for d in docs[:-1])  # cut at a space, never inside a word
+    nospace = tmp_path / "nospace.txt"
+    nospace.write_text("x" * 200_000)
+    docs = read_documents(nospace)
+    assert [len(d["text"]) for d in docs] == [TEXT_CHUNK_CHARS] * 12 + [200_000 - 12 * TEXT_CHUNK_CHARS]
+    big = tmp_path / "big.txt"
+    with open(big, "w") as f:
+        for _ in range(24):
+            f.write("word " * 200_000)  # 24 MB, one line
+    tracemalloc.start()
+    docs = read_documents(big, max_samples=2)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert len(docs) == 2 and peak < 16 * 2**20, peak
+
+
+def test_blank_line_splitting_is_unchanged_for_ordinary_books(tmp_path):
+    """Streaming gives the same documents as splitting the whole text at blank lines."""
+    import random
+
+    from moesift.workload import TEXT_CHUNK_CHARS
+
+    rng = random.Random(0)
+    paras = [" ".join(f"w{rng.randrange(50)}" for _ in range(rng.randrange(1, 900))) for _ in range(900)]
+    text = "\n\n".join(paras) + "\n\n\n" + "tail"
+    p = tmp_path / "book.md"
+    p.write_text(text)
+    expect, cur, size = [], [], 0
+    for para in text.split("\n\n"):
+        if not para.strip():
+            continue
+        if cur and size + len(para) > TEXT_CHUNK_CHARS:
+            expect.append("\n\n".join(cur))
+            cur, size = [], 0
+        cur.append(para)
+        size += len(para) + 2
+    expect.append("\n\n".join(cur))
+    assert [d["text"] for d in read_documents(p)] == expect
+
+
+def test_encode_prefix_matches_tokenizing_everything():
+    """A long document is cut to max_length tokens without tokenizing the rest, with the same ids."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from moesift.assets import ROOT
+    from moesift.workload import encode_prefix
+
+    tok = AutoTokenizer.from_pretrained(ROOT / "models" / "qwen3moe-ref")
+    rng = random.Random(1)
+    vocab = ["the", "cat", "déjà", "vu", "ß", "12345", "\n", "  ", "tokenisation", "!", "日本語", "x" * 40]
+    seen: list[int] = []
+
+    def spy(text, **k):  # records how much text reaches the tokenizer
+        seen.append(len(text))
+        return tok(text, **k)
+
+    for n in (1, 7, 32, 300, 2000):
+        for _ in range(3):
+            text = "".join(rng.choice(vocab) + rng.choice([" ", "", " "]) for _ in range(30_000))
+            want = tok(text, truncation=True, max_length=n)["input_ids"]
+            seen.clear()
+            assert encode_prefix(spy, text, n) == want
+            if n <= 300:
+                assert max(seen) < len(text) // 4, (n, seen)
+    nospace = "abcdefgh" * 50_000
+    assert encode_prefix(tok, nospace, 64) == tok(nospace, truncation=True, max_length=64)["input_ids"]
