@@ -42,6 +42,7 @@ def trace_parts(seed: int = 0) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         "fold_counts": folds,
         "weight_mass": counts * 0.5,
         "prob_mass": counts * 0.4 + 0.01,
+        "selected_prob_mass": counts * 0.3,
         "coactivation": co,
         "transitions": tr,
         "saliency_sum": counts * 1.5,
