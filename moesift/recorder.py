@@ -17,7 +17,9 @@ other slot still holds layer ``l - 1``'s). A single matmul ``X^T @ onehot_l`` th
 
 and is accumulated into the forward's float32 sums with one fused ``addmm_``. Router-weight mass is one
 ``index_add_`` of the weights (padding masked to zero); router-probability mass one ``addmv_`` (``probs^T
-@ valid``). The forward's sums are added into float64 totals once per forward. Nothing calls
+@ valid``); selected-probability mass one ``gather`` of the router probabilities at the selected ids and
+one ``index_add_`` (the probabilities and the ids of a layer arrive in either order; the first is held
+until the second). The forward's sums are added into float64 totals once per forward. Nothing calls
 ``.item()``, ``.cpu()`` or boolean indexing per layer, so the device never waits for the host. The
 optional routing log stashes ids as int16 on the device; the caller copies it once per batch
 (``pop_log``). ``to_arrays()`` copies the statistics to the host once.
@@ -84,9 +86,12 @@ class Recorder:
         self.acc = torch.zeros(self.L, self.R, self.E, **f64)
         self.weight_mass = torch.zeros(self.L, self.E, **f64)
         self.prob_mass = torch.zeros(self.L, self.E, **f64)
+        self.selected_prob_mass = torch.zeros(self.L, self.E, **f64)
         self._acc32 = torch.zeros(self.L, self.R, self.E, **f32)
         self._wm32 = torch.zeros(self.L, self.E, **f32)
         self._pm32 = torch.zeros(self.L, self.E, **f32)
+        self._spm32 = torch.zeros(self.L, self.E, **f32)
+        self._held: dict[int, tuple[str, Any]] = {}  # MoE layer -> ("probs" | "ids", tensor) of this forward
         self._dirty = False
         self.tokens = torch.zeros(2, dtype=torch.int64, device=self.device)  # real tokens by phase
         if want_saliency:
@@ -129,17 +134,20 @@ class Recorder:
             fw.log = torch.full((T, self.L, self.K), -1, dtype=torch.int16, device=self.device)
             self._forwards.append(fw)
         self._fw = fw
+        self._held = {}
         self._dirty = True
 
     def end_forward(self) -> None:
         self._flush()
         self._fw, self._X, self._valid_f = None, None, None
+        self._held = {}
 
     def _flush(self) -> None:
         """Add the current forward's float32 sums into the float64 totals (a few kernels per forward)."""
         if not self._dirty:
             return
-        for total, part in ((self.acc, self._acc32), (self.weight_mass, self._wm32), (self.prob_mass, self._pm32)):
+        for total, part in ((self.acc, self._acc32), (self.weight_mass, self._wm32), (self.prob_mass, self._pm32),
+                            (self.selected_prob_mass, self._spm32)):
             total += part
             part.zero_()
         self._dirty = False
@@ -174,6 +182,7 @@ class Recorder:
             self._wm32[m].index_add_(0, ids.reshape(-1), (w.float() * vf[:, None]).reshape(-1))
         if self.log_routing:
             self._fw.log[:, m, :K].copy_(ids)
+        self._pair(m, "ids", ids)
         if self.want_saliency and route.hidden is not None and w is not None:
             self._saliency(m, route.hidden, ids, w, vf)
 
@@ -183,8 +192,22 @@ class Recorder:
         p = probs.reshape(-1, probs.shape[-1])
         if p.device != self.device:
             p = p.to(self.device, non_blocking=True)
-        self._pm32[m].addmv_(p.float().T, self._valid_f)
+        p = p.float()
+        self._pm32[m].addmv_(p.T, self._valid_f)
         self._seen_probs = True
+        self._pair(m, "probs", p)
+
+    def _pair(self, m: int, kind: str, t: Any) -> None:
+        """Selected-probability mass of layer `m` once both its probabilities and its ids are in."""
+        other = self._held.pop(m, None)
+        if other is None or other[0] == kind:
+            self._held[m] = (kind, t)
+            return
+        probs, ids = (t, other[1]) if kind == "probs" else (other[1], t)
+        if probs.shape[0] != ids.shape[0]:
+            return
+        sel = probs.gather(1, ids) * self._valid_f[:, None]
+        self._spm32[m].index_add_(0, ids.reshape(-1), sel.reshape(-1))
 
     def _saliency(self, m: int, hidden: Any, ids: Any, w: Any, vf: Any) -> None:
         import torch
@@ -237,6 +260,7 @@ class Recorder:
         }
         if self._seen_probs:
             out["prob_mass"] = self.prob_mass.cpu().numpy()
+            out["selected_prob_mass"] = self.selected_prob_mass.cpu().numpy()
         base = 2 * F
         if self.want_coact:
             co = np.stack([acc[m, base + (m % self.n_slots) * E : base + (m % self.n_slots + 1) * E] for m in range(L)])

@@ -14,6 +14,9 @@ decode_counts             [L, E] int64       ... on generated tokens (``--genera
 fold_counts               [F, L, E] int64    prefill + decode counts of the documents dealt to fold f
 weight_mass               [L, E] float64     sum of the routing weights the model applied to each expert
 prob_mass                 [L, E] float64     sum over tokens of the router probability of each expert
+selected_prob_mass        [L, E] float64     sum over the tokens that selected an expert of its router
+                                             probability before top-k renormalisation (softmax over all
+                                             experts; sigmoid routers: the sigmoid score)
 coactivation              [L, E, E] int64    tokens on which experts i and j were both selected (i != j)
 transitions               [L-1, E, E] int64  tokens routed to i at MoE layer l and to j at MoE layer l+1
 saliency_sum              [L, E] float64     sum over routed tokens of gate weight x ||expert output||_2
@@ -45,6 +48,7 @@ ARRAY_NAMES = (
     "fold_counts",
     "weight_mass",
     "prob_mass",
+    "selected_prob_mass",
     "coactivation",
     "transitions",
     "saliency_sum",
@@ -59,6 +63,7 @@ ADDITIVE = (
     "decode_counts",
     "weight_mass",
     "prob_mass",
+    "selected_prob_mass",
     "coactivation",
     "transitions",
     "saliency_sum",
