@@ -7,7 +7,8 @@ input flattened row-major as ``[batch * seq, H]``, so token ``t = b * seq + s``;
 same way.
 
 Per MoE layer the hooks (``on_route``, ``on_logits``) launch nothing: they keep references to the router's
-selected ids, its routing weights and the router probabilities the adapter computed. Holding a reference is
+selected ids, its routing weights and its logits (probabilities, softmax or sigmoid per the spec's
+scoring, are computed for all layers at once in the pass). Holding a reference is
 safe with PyTorch's caching allocator (a block is reused only once no tensor refers to it) and the
 recorder never writes to these tensors. ``end_forward`` (or the next ``begin_forward`` once
 ``flush_tokens`` tokens are pending, so a run of decode steps shares one pass) then computes, for a chunk
@@ -33,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from .arch.base import MoESpec
+from .arch.base import MoESpec, scores_from_logits
 
 
 @dataclass
@@ -45,7 +46,7 @@ class _Forward:
     pf: Any  # long [T] on the device: phase * F + fold of each token
     ids: list = field(default_factory=list)  # per MoE layer: [T, K] (a reference to the router's tensor)
     weights: list = field(default_factory=list)
-    probs: list = field(default_factory=list)  # per MoE layer: [T, E] float
+    probs: list = field(default_factory=list)  # per MoE layer: router logits [T, E] (probabilities: at the pass)
     valid_f: Any = None  # float32 [T], saliency only
 
 
@@ -161,12 +162,15 @@ class Recorder:
         if self.want_saliency and route.hidden is not None and w is not None:
             self._saliency(m, route.hidden, ids, w, fw.valid_f)
 
-    def on_logits(self, m: int, probs: Any) -> None:
+    def on_logits(self, m: int, logits: Any) -> None:
+        """Router logits [T, E] of MoE layer `m` (probabilities are computed in the batched pass)."""
         fw = self._fw
         if self._busy or fw is None:
             return
-        fw.probs[m] = probs.reshape(-1, probs.shape[-1])
+        fw.probs[m] = logits.reshape(-1, logits.shape[-1])
         self._seen_probs = True
+
+    on_logits.wants_logits = True  # type: ignore[attr-defined]  # the adapter passes raw logits
 
     def _saliency(self, m: int, hidden: Any, ids: Any, w: Any, vf: Any) -> None:
         import torch
@@ -208,7 +212,7 @@ class Recorder:
                     if x.shape[1] < K:  # fewer selections at this layer: pad with the sentinel E
                         x = torch.cat([x, x.new_full((x.shape[0], K - x.shape[1]), self.E)], 1)
                 else:
-                    x = x.float()
+                    x = scores_from_logits(x, self.spec.scoring) if name == "probs" else x.float()
                     if x.shape[1] < K:
                         x = torch.cat([x, x.new_zeros((x.shape[0], K - x.shape[1]))], 1)
             parts.append(x)
@@ -224,6 +228,8 @@ class Recorder:
             if all(x is not None for x in xs) and len({(x.device, x.dtype, x.shape[1]) for x in xs}) == 1 \
                     and xs[0].device == self.device and xs[0].shape[1] == K:
                 out = torch.stack(xs)
+                if name == "probs":
+                    return scores_from_logits(out, self.spec.scoring)
                 return out.long() if name == "ids" else out.float()
         return torch.stack([self._gather(fws, name, m, T, K, fill) for m in layers])
 
