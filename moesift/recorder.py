@@ -58,7 +58,9 @@ class Recorder:
     ``want_saliency``: REAP-style gate weight x ||expert output||_2 per routed pair (needs the model's
     adapter, see ``attach``). ``log_routing``: keep every token's selected ids (int16).
     ``flush_tokens``: pending real-or-padding tokens after which ``begin_forward`` runs the batched pass
-    (decode steps are batched until then); ``chunk_elements``: largest one-hot block of one pass.
+    (decode steps are batched until then); ``chunk_elements``: largest one-hot block of one pass;
+    ``batched``: all layers per kernel (default on accelerators) or layer by layer (default on the CPU,
+    where kernel launches cost nothing and stacking layers costs copies); both give the same statistics.
     """
 
     def __init__(
@@ -72,6 +74,7 @@ class Recorder:
         log_routing: bool = False,
         flush_tokens: int = 4096,
         chunk_elements: int = 1 << 25,
+        batched: bool | None = None,
     ) -> None:
         import torch
 
@@ -89,6 +92,7 @@ class Recorder:
         self.log_routing = log_routing
         self.flush_tokens = int(flush_tokens)
         self.chunk_elements = int(chunk_elements)
+        self.batched = self.device.type != "cpu" if batched is None else bool(batched)
         L, E, F = self.L, self.E, self.F
         i64 = dict(dtype=torch.int64, device=self.device)
         f64 = dict(dtype=torch.float64, device=self.device)
@@ -257,6 +261,18 @@ class Recorder:
         has_w = any(f.weights[m] is not None for f in fws for m in range(L))
         has_p = any(f.probs[m] is not None for f in fws for m in range(L))
         log = torch.full((T, L, K), -1, dtype=torch.int16, device=self.device) if self.log_routing else None
+        if self.batched:
+            self._pass_batched(fws, T, K, width, pad, vf, M, has_w, has_p, log)
+        else:
+            self._pass_per_layer(fws, T, K, width, pad, vf, M, has_w, has_p, log)
+        if log is not None:
+            self._logs.append((fws, log))
+
+    def _pass_batched(self, fws, T, K, width, pad, vf, M, has_w, has_p, log) -> None:
+        """All layers at once, a chunk of layers per batched kernel (accelerators: few launches)."""
+        import torch
+
+        L, E = self.L, self.E
         per = max(1, self.chunk_elements // max(1, T * width))
         prev = None  # one-hot of the layer before the chunk (transitions)
         for a in range(0, L, per):
@@ -289,8 +305,55 @@ class Recorder:
             if log is not None:
                 lg = ids.to(torch.int16).permute(1, 0, 2)
                 log[:, a : a + nl] = lg.masked_fill(lg == E, -1) if pad else lg
-        if log is not None:
-            self._logs.append((fws, log))
+
+    def _pass_per_layer(self, fws, T, K, width, pad, vf, M, has_w, has_p, log) -> None:
+        """Layer by layer, one fused matmul each (the CPU: launches are free, stacking copies are not):
+        ``X = [M | slot_0 | slot_1]`` holds the phase/fold one-hot and the one-hots of the current and the
+        previous layer, and ``X^T @ one-hot`` gives counts, co-activation and transitions in one product."""
+        import torch
+
+        L, E, F2 = self.L, self.E, 2 * self.F
+        n_slots = 2 if self.want_transitions else 1
+        f32 = dict(dtype=torch.float32, device=self.device)
+        X = torch.zeros(T, F2 + n_slots * width, **f32)
+        X[:, :F2] = M
+        acc = torch.zeros(L, F2 + n_slots * width, E, **f32)  # exact: integers < 2^24 per pass
+        wm = torch.zeros(L, width, **f32)
+        pm = torch.zeros(L, E, **f32)
+        spm = torch.zeros(L, width, **f32)
+        vk = vf[:, None]
+        for m in range(L):
+            ids = self._gather(fws, "ids", m, T, K, E)
+            s = m % n_slots
+            oh = X[:, F2 + s * width : F2 + (s + 1) * width]
+            oh.zero_()
+            oh.scatter_(1, ids, vk.expand(T, K))
+            acc[m].addmm_(X.T, oh[:, :E])
+            flat = ids.reshape(-1)
+            if has_w:
+                w = self._gather(fws, "weights", m, T, K, 0.0)
+                wm[m].index_add_(0, flat, (w * vk).reshape(-1))
+            if has_p:
+                p = self._gather(fws, "probs", m, T, E, 0.0)
+                pm[m].addmv_(p.T, vf)
+                spm[m].index_add_(0, flat, (p.gather(1, ids.clamp(max=E - 1) if pad else ids) * vk).reshape(-1))
+            if log is not None:
+                lg = ids.to(torch.int16)
+                log[:, m] = lg.masked_fill(lg == E, -1) if pad else lg
+        counts = acc.to(torch.int64)
+        self.counts += counts[:, :F2]
+        for m in range(L):
+            s = m % n_slots
+            if self.want_coact:
+                self.coact[m] += counts[m, F2 + s * width : F2 + s * width + E]
+            if self.want_transitions and m > 0:
+                o = F2 + (1 - s) * width
+                self.trans[m - 1] += counts[m, o : o + E]
+        if has_w:
+            self.weight_mass += wm[:, :E]
+        if has_p:
+            self.prob_mass += pm
+            self.selected_prob_mass += spm[:, :E]
 
     def _index_add(self, total: Any, a: int, nl: int, width: int, flat: Any, vals: Any) -> None:
         """total[a : a + nl] += per-(layer, expert) sums of `vals` at the flat indices layer * width + id."""

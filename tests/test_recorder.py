@@ -51,17 +51,24 @@ def _same(new, ref):
             np.testing.assert_array_equal(n, r, err_msg=k)
 
 
-@pytest.mark.parametrize("model_type", sorted(TINY))
-def test_batched_recorder_equals_reference(model_type, tiny_dir, workload, monkeypatch):
+# the per-layer pass (the CPU default) on a few families of each kind of hook; the batched pass (the
+# accelerator default) on every family
+PER_LAYER_FAMILIES = ("qwen3_moe", "llama4_text", "deepseek_v3", "gpt_oss")
+CASES = [(mt, True) for mt in sorted(TINY)] + [(mt, False) for mt in PER_LAYER_FAMILIES]
+
+
+@pytest.mark.parametrize(("model_type", "batched"), CASES)
+def test_recorder_equals_reference(model_type, batched, tiny_dir, workload, monkeypatch):
     if model_type not in supported_model_types():
         pytest.skip(f"{model_type}: no adapter")
     model = AutoModelForCausalLM.from_pretrained(tiny_dir(model_type), dtype=torch.float32).eval()
+    cls = functools.partial(NewRecorder, batched=batched)
     for generate in (0, 3):
         for flags in (False, True):
             kw = dict(generate=generate, log_routing=flags, saliency=flags)
             torch.manual_seed(0)
             ref = _trace(monkeypatch, ref_recorder.Recorder, model, workload, **kw)
-            new = _trace(monkeypatch, NewRecorder, model, workload, **kw)
+            new = _trace(monkeypatch, cls, model, workload, **kw)
             _same(new, ref)
             assert ref.arrays["prefill_counts"].sum() > 0
             if generate:
@@ -71,7 +78,8 @@ def test_batched_recorder_equals_reference(model_type, tiny_dir, workload, monke
 
 
 @pytest.mark.parametrize("sizes", [dict(flush_tokens=10**9), dict(flush_tokens=1, chunk_elements=1),
-                                   dict(chunk_elements=200)])
+                                   dict(chunk_elements=200), dict(flush_tokens=10**9, batched=False),
+                                   dict(flush_tokens=1, batched=False)])
 def test_flush_and_chunk_sizes_do_not_change_the_trace(sizes, tiny_dir, workload, monkeypatch):
     model = AutoModelForCausalLM.from_pretrained(tiny_dir("qwen3_moe"), dtype=torch.float32).eval()
     kw = dict(generate=4, log_routing=True, saliency=True)
