@@ -3,10 +3,10 @@
 cold and a warm page cache, with peak host RSS and peak device memory.
 
 Checkpoint: Qwen3-30B-A3B-shaped layers (bench/synth_checkpoint.py; default 4 layers, 4.9 GB) of random
-bf16 weights; on the CPU a smaller one (2 layers, hidden 1024, 64 experts of 512: 0.4 GB). Every load runs in
-a fresh process; its wall time covers the call alone (imports excluded). Cold: the checkpoint's files are
+bf16 weights; on the CPU a smaller one (2 layers, hidden 1024, 64 experts of 512: 0.4 GB). Loads run one after
+the other in this process (transformers' lazy imports done before); a wall time covers the call alone. Cold: the checkpoint's files are
 dropped from the page cache first (`posix_fadvise(DONTNEED)` after `sync`; with --drop-caches the whole
-cache via /proc/sys/vm/drop_caches when writable). Peak host RSS is the process's peak minus its RSS just before the call. Target (per load of
+cache via /proc/sys/vm/drop_caches when writable). Peak host RSS: sampled every 2 ms during the call, minus the RSS just before it. Target (per load of
 resident experts): the full model's load time x the resident byte fraction + 0.5 s, same cache state.
 
     python bench/load_speed.py                      # CPU, small
@@ -20,9 +20,9 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -30,42 +30,67 @@ sys.path.insert(0, str(Path(__file__).parent))
 from hostinfo import cpu_name  # noqa: E402
 from synth_checkpoint import qwen3_moe_config, write_qwen3_moe  # noqa: E402
 
-LOAD = r"""
-import json, os, resource, sys, time
-import torch
-import moesift
-from moesift.loading import load_model
-from moesift.resident import load_resident, load_trimmed
-kind, path, plan, device = sys.argv[1:5]
-# transformers imports a model's modules lazily: import them before the clock starts, for every kind alike
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
-try:
-    MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(path))]
-except Exception:
-    pass
-def rss():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-cuda = device.startswith("cuda")
-if cuda:
-    torch.zeros(1, device=device); torch.cuda.reset_peak_memory_stats()
-before = rss()
-t = time.perf_counter()
-if kind == "full":
-    m = load_model(path, device=device, dtype="bfloat16")[0]
-elif kind == "resident":
-    m = load_resident(path, plan, device=device, dtype="bfloat16")
-else:
-    m = load_trimmed(path, device=device, dtype="bfloat16")[0]
-if cuda:
-    torch.cuda.synchronize()
-wall = time.perf_counter() - t
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-n = sum(p.numel() * p.element_size() for p in m.parameters())
-print(json.dumps({"wall": wall, "rss_peak_delta": max(0, peak - before), "param_bytes": n,
-                  "device_peak": torch.cuda.max_memory_allocated() if cuda else None}))
-"""
+
+class PeakRSS:
+    """Peak resident set size of this process during a block, sampled every 2 ms by a thread, minus the
+    RSS at its start."""
+
+    def __enter__(self):
+        self.page = os.sysconf("SC_PAGE_SIZE")
+        self.before = self.peak = self._rss()
+        self.stop = threading.Event()
+        self.t = threading.Thread(target=self._run, daemon=True)
+        self.t.start()
+        return self
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self.page
+
+    def _run(self) -> None:
+        while not self.stop.wait(0.002):
+            self.peak = max(self.peak, self._rss())
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.t.join()
+        self.peak = max(self.peak, self._rss())
+        self.delta = self.peak - self.before
+
+
+def load_once(kind: str, path: Path, plan: str, device: str) -> dict:
+    import gc
+
+    import torch
+
+    from moesift.loading import hf_progress, load_model
+    from moesift.resident import load_resident, load_trimmed
+
+    cuda = device.startswith("cuda")
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    try:
+        with hf_progress(False), PeakRSS() as rss:
+            t = time.perf_counter()
+            if kind == "full":
+                m = load_model(str(path), device=device, dtype="bfloat16")[0]
+            elif kind == "resident":
+                m = load_resident(str(path), plan, device=device, dtype="bfloat16")
+            else:
+                m = load_trimmed(str(path), device=device, dtype="bfloat16")[0]
+            if cuda:
+                torch.cuda.synchronize()
+            wall = time.perf_counter() - t
+    except Exception as e:  # noqa: BLE001 - a failed load is a row of the table, not the end of the run
+        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+    n = sum(p.numel() * p.element_size() for p in m.parameters())
+    out = {"wall": wall, "rss_peak_delta": rss.delta, "param_bytes": n,
+           "device_peak": (torch.cuda.max_memory_allocated() - base) if cuda else None}
+    del m
+    return out
 
 
 def drop_cache(d: Path, system: bool) -> str:
@@ -93,13 +118,9 @@ def warm_cache(d: Path) -> None:
                 pass
 
 
-def run(kind: str, path: Path, plan: str, device: str, cold: bool, env: dict, system: bool) -> dict:
+def run(kind: str, path: Path, plan: str, device: str, cold: bool, system: bool) -> dict:
     how = drop_cache(path, system) if cold else (warm_cache(path) or "warm")
-    r = subprocess.run([sys.executable, "-c", LOAD, kind, str(path), plan, device], capture_output=True,
-                       text=True, env=env, check=False)
-    if r.returncode:
-        return {"error": (r.stderr.strip().splitlines() or ["failed"])[-1], "cache": how}
-    out = json.loads(r.stdout.strip().splitlines()[-1])
+    out = load_once(kind, path, plan, device)
     out["cache"] = how
     return out
 
@@ -126,9 +147,8 @@ def main() -> None:
     inter = args.moe_inter or (768 if cuda else 512)
     work = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="moesift-load-"))
     work.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH", "")])
-    env.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     rows = []
     try:
         import numpy as np
@@ -142,9 +162,13 @@ def main() -> None:
             write_qwen3_moe(src, cfg)
         full_bytes = sum(p.stat().st_size for p in src.glob("*.safetensors"))
         t_build = time.perf_counter() - t0
+        from transformers import AutoConfig
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+        MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(src))]  # lazy imports before any clock
         res = {}
         for cold in (True, False):
-            res[("full", cold)] = run("full", src, "", args.device, cold, env, args.drop_caches)
+            res[("full", cold)] = run("full", src, "", args.device, cold, args.drop_caches)
         rng = np.random.default_rng(0)
         fracs = [float(x) for x in args.fractions.split(",")]
         for f in fracs:
@@ -159,8 +183,8 @@ def main() -> None:
                 trim(str(src), str(pp), str(tdir), progress=False)
             tbytes = sum(p.stat().st_size for p in tdir.glob("*.safetensors"))
             for cold in (True, False):
-                res[("resident", f, cold)] = run("resident", src, str(pp), args.device, cold, env, args.drop_caches)
-                res[("trimmed", f, cold)] = run("trimmed", tdir, "", args.device, cold, env, args.drop_caches)
+                res[("resident", f, cold)] = run("resident", src, str(pp), args.device, cold, args.drop_caches)
+                res[("trimmed", f, cold)] = run("trimmed", tdir, "", args.device, cold, args.drop_caches)
             res[("bytes", f)] = tbytes
         hw = cpu_name()
         if cuda:
