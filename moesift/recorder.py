@@ -20,6 +20,11 @@ of layers at a time (at most ``chunk_elements`` one-hot entries):
 - router-weight mass and selected-probability mass: one ``index_add_`` each over all layers; the
   router-probability mass: one batched matrix-vector product (``valid @ probs``)
 
+That is the accelerator pass (``batched``). On the CPU, where launches cost nothing and stacking layers
+costs copies, the pass goes layer by layer with one fused matmul each: ``X = [M | slot_0 | slot_1]``
+holds the phase/fold one-hot and the current and previous layer's one-hots, and ``X^T @ one-hot`` gives
+counts, co-activation and transitions at once. Both passes give the same statistics.
+
 Counts are exact: float32 sums of 0/1 products are exact below 2^24 per pass, and they are added into
 int64 totals. Nothing calls ``.item()`` or ``.cpu()`` before ``to_arrays``, so the device never waits
 for the host. The optional routing log is built in the same pass (int16 on the device) and copied to the
@@ -268,7 +273,8 @@ class Recorder:
         if log is not None:
             self._logs.append((fws, log))
 
-    def _pass_batched(self, fws, T, K, width, pad, vf, M, has_w, has_p, log) -> None:
+    def _pass_batched(self, fws: list[_Forward], T: int, K: int, width: int, pad: bool, vf: Any, M: Any,
+                      has_w: bool, has_p: bool, log: Any) -> None:
         """All layers at once, a chunk of layers per batched kernel (accelerators: few launches)."""
         import torch
 
@@ -306,7 +312,8 @@ class Recorder:
                 lg = ids.to(torch.int16).permute(1, 0, 2)
                 log[:, a : a + nl] = lg.masked_fill(lg == E, -1) if pad else lg
 
-    def _pass_per_layer(self, fws, T, K, width, pad, vf, M, has_w, has_p, log) -> None:
+    def _pass_per_layer(self, fws: list[_Forward], T: int, K: int, width: int, pad: bool, vf: Any, M: Any,
+                        has_w: bool, has_p: bool, log: Any) -> None:
         """Layer by layer, one fused matmul each (the CPU: launches are free, stacking copies are not):
         ``X = [M | slot_0 | slot_1]`` holds the phase/fold one-hot and the one-hots of the current and the
         previous layer, and ``X^T @ one-hot`` gives counts, co-activation and transitions in one product."""
