@@ -158,14 +158,14 @@ def _pread_into(fd: int, mv: memoryview, offset: int, path: str) -> None:
 
 
 def read_tensors(directory: Path, tensors: list[tuple[str, str, list[int], list[tuple[str, int, int]]]],
-                 device: Any) -> dict[str, Any]:
+                 device: Any, staged: bool | None = None) -> dict[str, Any]:
     """Tensors read from safetensors shards straight into preallocated tensors on `device`.
 
     `tensors`: (name, safetensors dtype, shape, [(file, absolute offset, bytes)]) with the pieces in order.
     Reads are large (`_CHUNK`) and sequential per file, several in flight on a thread pool. On the CPU
     they land in the destination tensors directly (scatter reads, no copy); on an accelerator each read
     lands in one of a few pinned staging buffers and is copied to the device asynchronously, the buffer
-    being reused once its copies are done. No other copy of the data is made."""
+    being reused once its copies are done (`staged` forces either way). No other copy of the data is made."""
     import concurrent.futures as cf
     from collections import deque
 
@@ -196,7 +196,7 @@ def read_tensors(directory: Path, tensors: list[tuple[str, str, list[int], list[
             with contextlib.suppress(AttributeError, OSError):
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         with cf.ThreadPoolExecutor(_IN_FLIGHT) as pool:
-            if dev.type == "cpu":
+            if not (dev.type != "cpu" if staged is None else staged):
                 host = {k: memoryview(v.numpy()) for k, v in dst.items()}
 
                 def read_cpu(ext):
@@ -231,7 +231,7 @@ def read_tensors(directory: Path, tensors: list[tuple[str, str, list[int], list[
                     if dev.type == "cuda":
                         events[s] = torch.cuda.Event()
                         events[s].record()
-                    else:  # other accelerators: wait for the copies before the buffer is refilled
+                    elif dev.type != "cpu":  # other accelerators: wait for the copies before the buffer is refilled
                         torch.accelerator.synchronize()
 
                 for i, ext in enumerate(extents):
