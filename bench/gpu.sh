@@ -4,16 +4,17 @@
 #   PYTHONPATH=. bash bench/gpu.sh          # one CUDA GPU (H100/H200): Qwen3-30B-A3B shapes, a few minutes
 #   PYTHONPATH=. bash bench/gpu.sh --cpu    # the same benchmarks at small shapes on the CPU (a check of the script)
 #
-# Builds the random-weight checkpoints it needs under $MOESIFT_BENCH_DIR (default /tmp/moesift-gpu-bench,
-# removed at the end unless MOESIFT_BENCH_KEEP=1). Each benchmark logs to <dir>/<name>.log and writes
+# Builds the random-weight checkpoints it needs in $MOESIFT_BENCH_DIR/moesift-gpu-bench (default under /tmp;
+# about 20 GB on the GPU run; removed at the end unless MOESIFT_BENCH_KEEP=1). Each benchmark logs to <dir>/<name>.log and writes
 # <dir>/<name>.json; a failing one becomes a row saying so and the others still run. The table is printed and,
-# when $OUT is set, written to $OUT/gpu-table.md (with the logs and JSON files beside it).
+# when $OUT is set, written to $OUT/gpu-table.md, with every JSON result in $OUT/gpu-results.json and every log
+# in $OUT/gpu-logs.txt (three files, whatever the number of benchmarks).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MODE=gpu
 [[ "${1:-}" == "--cpu" ]] && MODE=cpu
 PY=${PYTHON:-python3}
-WORK=${MOESIFT_BENCH_DIR:-/tmp/moesift-gpu-bench}
+WORK=${MOESIFT_BENCH_DIR:-/tmp}/moesift-gpu-bench
 rm -rf "$WORK" && mkdir -p "$WORK"
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 T0=$(date +%s)
@@ -51,6 +52,18 @@ fi
 echo "== moesift bench/gpu.sh ($MODE) $(date -u +%Y-%m-%dT%H:%MZ), $(( $(date +%s) - T0 )) s in all =="
 $PY bench/gpu_table.py "$WORK" --out "$WORK/gpu-table.md"
 if [[ -n "${OUT:-}" ]]; then
-  mkdir -p "$OUT" && cp "$WORK"/gpu-table.md "$WORK"/*.json "$WORK"/*.log "$OUT"/ 2>/dev/null
+  mkdir -p "$OUT" && cp "$WORK/gpu-table.md" "$OUT/"
+  $PY - "$WORK" "$OUT/gpu-results.json" <<'PYEOF'
+import json, sys
+from pathlib import Path
+out = {}
+for p in sorted(Path(sys.argv[1]).glob("*.json")):
+    try:
+        out[p.stem] = json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        out[p.stem] = {"unreadable": str(e)}
+Path(sys.argv[2]).write_text(json.dumps(out, indent=2))
+PYEOF
+  for f in "$WORK"/*.log; do echo "===== $(basename "$f")"; cat "$f"; done > "$OUT/gpu-logs.txt"
 fi
 [[ "${MOESIFT_BENCH_KEEP:-0}" == 1 ]] || rm -rf "$WORK"

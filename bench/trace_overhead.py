@@ -171,7 +171,6 @@ def _recorder_alone(args, clock, model, ad, x, mask, fold, rec, ref):
         model(input_ids=x, use_cache=False)
     for h in hs:
         h.remove()
-    probs = {it[1]: ad.probs_from_router_output(None, it[2]) for it in cap if it[0] == "p"}
     out = {}
     for name, r in (("moesift", rec), ("per-layer", ref)):
         if r is None:
@@ -185,7 +184,8 @@ def _recorder_alone(args, clock, model, ad, x, mask, fold, rec, ref):
                 if it[0] == "r":
                     r.on_route(it[1], Route(ids=it[2], weights=it[3]))
                 else:
-                    r.on_logits(it[1], it[2] if r is rec else probs[it[1]])
+                    # the per-layer recorder is handed probabilities, computed here as its hooks computed them
+                    r.on_logits(it[1], it[2] if r is rec else ad.probs_from_router_output(None, it[2]))
             r.end_forward()
             sync(args.device)
             ts.append(clock() - t0)
