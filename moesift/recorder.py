@@ -156,17 +156,17 @@ class Recorder:
         if self._busy or fw is None:
             return
         ids = route.ids
-        K = ids.shape[-1]
-        ids = ids.reshape(-1, K)
-        T = fw.batch * fw.seq
-        if ids.shape[0] != T:
+        if ids.dim() != 2:  # (a view; routers mostly return [T, K] already, and a reshape costs a call)
+            ids = ids.reshape(-1, ids.shape[-1])
+        if ids.shape[0] != fw.batch * fw.seq:
             raise RuntimeError(
-                f"MoE layer {m}: router saw {ids.shape[0]} tokens, expected {T} (batch x sequence)"
+                f"MoE layer {m}: router saw {ids.shape[0]} tokens, expected {fw.batch * fw.seq} (batch x sequence)"
             )
         fw.ids[m] = ids
         w = route.weights
         if w is not None:
-            w = w.reshape(-1, K)
+            if w.dim() != 2:
+                w = w.reshape(-1, ids.shape[1])
             fw.weights[m] = w
         if self.want_saliency and route.hidden is not None and w is not None:
             self._saliency(m, route.hidden, ids, w, fw.valid_f)
@@ -176,7 +176,7 @@ class Recorder:
         fw = self._fw
         if self._busy or fw is None:
             return
-        fw.probs[m] = logits.reshape(-1, logits.shape[-1])
+        fw.probs[m] = logits if logits.dim() == 2 else logits.reshape(-1, logits.shape[-1])
         self._seen_probs = True
 
     on_logits.wants_logits = True  # type: ignore[attr-defined]  # the adapter passes raw logits

@@ -405,7 +405,7 @@ class StandardAdapter(Adapter):
     def router_logits(self, router: Any, output: Any) -> Any:
         """Router logits over all experts [T, E] (the router's dtype) from the router's forward output."""
         logits = output[0] if isinstance(output, tuple) else output
-        return logits.reshape(-1, logits.shape[-1])
+        return logits if logits.dim() == 2 else logits.reshape(-1, logits.shape[-1])
 
     def probs_from_router_output(self, router: Any, output: Any) -> Any:
         """Router probabilities over all experts [T, E] from the router's forward output."""
