@@ -20,10 +20,10 @@ of layers at a time (at most ``chunk_elements`` one-hot entries):
 - router-weight mass and selected-probability mass: one ``index_add_`` each over all layers; the
   router-probability mass: one batched matrix-vector product (``valid @ probs``)
 
-That is the accelerator pass (``batched``). On the CPU, where launches cost nothing and stacking layers
-costs copies, the pass goes layer by layer with one fused matmul each: ``X = [M | slot_0 | slot_1]``
-holds the phase/fold one-hot and the current and previous layer's one-hots, and ``X^T @ one-hot`` gives
-counts, co-activation and transitions at once. Both passes give the same statistics.
+That is the accelerator pass (``batched``). On the CPU, where launches cost nothing but dense one-hot
+products cost E x (2F + 2E) multiply-adds per token and layer, the pass goes layer by layer and counts
+sparsely: integer bincounts of the (phase/fold, id), (id, id) and (previous id, id) pairs of the real
+tokens, K^2 increments per token. Both passes give the same statistics.
 
 Counts are exact: float32 sums of 0/1 products are exact below 2^24 per pass, and they are added into
 int64 totals. Nothing calls ``.item()`` or ``.cpu()`` before ``to_arrays``, so the device never waits
@@ -204,13 +204,16 @@ class Recorder:
 
     # ---- the batched pass -----------------------------------------------------------------------------
     def _gather(self, fws: list[_Forward], name: str, m: int, T: int, K: int, fill: float) -> Any:
-        """Layer `m`'s per-token tensor `name` of the pending forwards, on the recorder's device, [T, K];
-        a forward that did not report it contributes `fill`."""
+        """Layer `m`'s per-token tensor `name` of the pending forwards, on the recorder's device, [T, K]
+        (probabilities for "probs"); a forward that did not report it contributes `fill`."""
         import torch
 
+        xs = [getattr(f, name)[m] for f in fws]
+        if name == "probs" and all(x is not None for x in xs):  # one softmax for all the forwards
+            x = xs[0] if len(xs) == 1 else torch.cat([x.to(self.device, non_blocking=True) for x in xs])
+            return scores_from_logits(x.to(self.device, non_blocking=True), self.spec.scoring)
         parts = []
-        for f in fws:
-            x = getattr(f, name)[m]
+        for f, x in zip(fws, xs, strict=True):
             if x is None:
                 dt = torch.int64 if name == "ids" else torch.float32
                 x = torch.full((f.batch * f.seq, K), fill, dtype=dt, device=self.device)
@@ -269,7 +272,7 @@ class Recorder:
         if self.batched:
             self._pass_batched(fws, T, K, width, pad, vf, M, has_w, has_p, log)
         else:
-            self._pass_per_layer(fws, T, K, width, pad, vf, M, has_w, has_p, log)
+            self._pass_per_layer(fws, T, K, width, pad, vf, M, has_w, has_p, log, pf)
         if log is not None:
             self._logs.append((fws, log))
 
@@ -313,29 +316,34 @@ class Recorder:
                 log[:, a : a + nl] = lg.masked_fill(lg == E, -1) if pad else lg
 
     def _pass_per_layer(self, fws: list[_Forward], T: int, K: int, width: int, pad: bool, vf: Any, M: Any,
-                        has_w: bool, has_p: bool, log: Any) -> None:
-        """Layer by layer, one fused matmul each (the CPU: launches are free, stacking copies are not):
-        ``X = [M | slot_0 | slot_1]`` holds the phase/fold one-hot and the one-hots of the current and the
-        previous layer, and ``X^T @ one-hot`` gives counts, co-activation and transitions in one product."""
+                        has_w: bool, has_p: bool, log: Any, pf: Any) -> None:
+        """Layer by layer with sparse counting (the CPU: launches are free, dense one-hot products are not):
+        counts, co-activation and transitions are integer bincounts of (phase/fold, id), (id, id) within a
+        token and (previous id, id) pairs of the real tokens: K^2 increments per token instead of a
+        [T, E] x [E, E] product. Router top-k ids are distinct within a token, as the one-hot assumes."""
         import torch
 
         L, E, F2 = self.L, self.E, 2 * self.F
-        n_slots = 2 if self.want_transitions else 1
         f32 = dict(dtype=torch.float32, device=self.device)
-        X = torch.zeros(T, F2 + n_slots * width, **f32)
-        X[:, :F2] = M
-        acc = torch.zeros(L, F2 + n_slots * width, E, **f32)  # exact: integers < 2^24 per pass
         wm = torch.zeros(L, width, **f32)
         pm = torch.zeros(L, E, **f32)
         spm = torch.zeros(L, width, **f32)
         vk = vf[:, None]
+        real = vf > 0
+        pfr = pf[real][:, None] * width
+        prev = None
         for m in range(L):
             ids = self._gather(fws, "ids", m, T, K, E)
-            s = m % n_slots
-            oh = X[:, F2 + s * width : F2 + (s + 1) * width]
-            oh.zero_()
-            oh.scatter_(1, ids, vk.expand(T, K))
-            acc[m].addmm_(X.T, oh[:, :E])
+            r = ids[real]  # [Tr, K]
+            c = torch.bincount((pfr + r).reshape(-1), minlength=F2 * width)
+            self.counts[m] += c[: F2 * width].view(F2, width)[:, :E]
+            if self.want_coact:
+                c = torch.bincount((r[:, :, None] * width + r[:, None, :]).reshape(-1), minlength=width * width)
+                self.coact[m] += c[: width * width].view(width, width)[:E, :E]
+            if self.want_transitions and prev is not None:
+                c = torch.bincount((prev[:, :, None] * width + r[:, None, :]).reshape(-1), minlength=width * width)
+                self.trans[m - 1] += c[: width * width].view(width, width)[:E, :E]
+            prev = r
             flat = ids.reshape(-1)
             if has_w:
                 w = self._gather(fws, "weights", m, T, K, 0.0)
@@ -347,15 +355,6 @@ class Recorder:
             if log is not None:
                 lg = ids.to(torch.int16)
                 log[:, m] = lg.masked_fill(lg == E, -1) if pad else lg
-        counts = acc.to(torch.int64)
-        self.counts += counts[:, :F2]
-        for m in range(L):
-            s = m % n_slots
-            if self.want_coact:
-                self.coact[m] += counts[m, F2 + s * width : F2 + s * width + E]
-            if self.want_transitions and m > 0:
-                o = F2 + (1 - s) * width
-                self.trans[m - 1] += counts[m, o : o + E]
         if has_w:
             self.weight_mass += wm[:, :E]
         if has_p:
