@@ -9,9 +9,11 @@ transformers' own loader fills the weights, with its per-family conversions of o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +89,9 @@ def variable_expert_class(source_cfg: Mapping[str, Any], resident: Mapping[int, 
     return sub, base_cfg
 
 
-def _load_kwargs(device: str | None, dtype: str | None) -> dict[str, Any]:
+def _load_kwargs(device: str | None, dtype: str | None, read_device: str = "cpu") -> dict[str, Any]:
+    import importlib.util
+
     from .loading import check_device, parse_dtype
 
     check_device(device)
@@ -97,6 +101,8 @@ def _load_kwargs(device: str | None, dtype: str | None) -> dict[str, Any]:
 
         require_accelerate()
         kw["device_map"] = "auto"
+    elif read_device != "cpu" and importlib.util.find_spec("accelerate") is not None:
+        kw["device_map"] = {"": read_device}  # the tensors are already there: no trip through the host
     return kw
 
 
@@ -112,22 +118,160 @@ def _finish(model: Any, resident: Mapping[int, Sequence[int]]) -> Any:
     return model
 
 
+_GAP = 1 << 20  # bytes of unneeded data read through rather than starting a new read
+_CHUNK = 64 << 20  # one read; also the size of a pinned staging buffer
+_IN_FLIGHT = 4  # reads in flight (staging buffers)
+
+
+@dataclass
+class _Piece:
+    name: str
+    file: str
+    offset: int  # absolute offset in the file
+    nbytes: int
+    dst_offset: int  # offset inside the destination tensor
+
+
+def _extents(pieces: list[_Piece]) -> list[tuple[str, int, int, list[_Piece]]]:
+    """Pieces grouped into large sequential reads: (file, start, length, pieces) of at most _CHUNK bytes
+    (a larger piece is split), neighbours joined across gaps of up to _GAP bytes."""
+    out: list[tuple[str, int, int, list[_Piece]]] = []
+    for p in sorted(pieces, key=lambda p: (p.file, p.offset)):
+        for o in range(0, p.nbytes, _CHUNK):
+            q = _Piece(p.name, p.file, p.offset + o, min(_CHUNK, p.nbytes - o), p.dst_offset + o)
+            if out:
+                f, start, n, ps = out[-1]
+                end = q.offset + q.nbytes
+                if f == q.file and start + n <= q.offset <= start + n + _GAP and end - start <= _CHUNK:
+                    out[-1] = (f, start, end - start, ps + [q])
+                    continue
+            out.append((q.file, q.offset, q.nbytes, [q]))
+    return out
+
+
+def _pread_into(fd: int, mv: memoryview, offset: int, path: str) -> None:
+    got = 0
+    while got < len(mv):
+        k = os.preadv(fd, [mv[got:]], offset + got)
+        if k <= 0:
+            raise MoesiftError(f"{path!r} ended early; the checkpoint is damaged")
+        got += k
+
+
+def read_tensors(directory: Path, tensors: list[tuple[str, str, list[int], list[tuple[str, int, int]]]],
+                 device: Any, staged: bool | None = None) -> dict[str, Any]:
+    """Tensors read from safetensors shards straight into preallocated tensors on `device`.
+
+    `tensors`: (name, safetensors dtype, shape, [(file, absolute offset, bytes)]) with the pieces in order.
+    Reads are large (`_CHUNK`) and sequential per file, several in flight on a thread pool. On the CPU
+    they land in the destination tensors directly (scatter reads, no copy); on an accelerator each read
+    lands in one of a few pinned staging buffers and is copied to the device asynchronously, the buffer
+    being reused once its copies are done (`staged` forces either way). No other copy of the data is made."""
+    import concurrent.futures as cf
+    from collections import deque
+
+    import torch
+
+    dev = torch.device(device)
+    dst: dict[str, Any] = {}
+    pieces: list[_Piece] = []
+    out: dict[str, Any] = {}
+    for name, dt, shape, parts in tensors:
+        tdt = _TORCH_DTYPES.get(dt)
+        if tdt is None or not hasattr(torch, tdt):
+            raise MoesiftError(f"tensor {name} has dtype {dt}, which torch cannot hold")
+        nbytes = sum(n for _, _, n in parts)
+        buf = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+        dst[name] = buf
+        o = 0
+        for f, off, n in parts:
+            if n:
+                pieces.append(_Piece(name, f, off, n, o))
+            o += n
+        out[name] = buf.view(getattr(torch, tdt)).reshape(shape) if nbytes else torch.empty(
+            shape, dtype=getattr(torch, tdt), device=dev)
+    extents = _extents(pieces)
+    fds = {f: os.open(directory / f, os.O_RDONLY) for f in {e[0] for e in extents}}
+    try:
+        for fd in fds.values():
+            with contextlib.suppress(AttributeError, OSError):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        with cf.ThreadPoolExecutor(_IN_FLIGHT) as pool:
+            if not (dev.type != "cpu" if staged is None else staged):
+                host = {k: memoryview(v.numpy()) for k, v in dst.items()}
+
+                def read_cpu(ext):
+                    f = ext[0]
+                    for p in ext[3]:  # each piece read in place; gaps between them are skipped
+                        _pread_into(fds[f], host[p.name][p.dst_offset : p.dst_offset + p.nbytes], p.offset, f)
+
+                for fut in [pool.submit(read_cpu, e) for e in extents]:
+                    fut.result()
+            else:
+                n_slots = max(1, min(_IN_FLIGHT, len(extents)))
+                slots = [torch.empty(_CHUNK, dtype=torch.uint8, pin_memory=dev.type == "cuda") for _ in range(n_slots)]
+                views = [memoryview(s.numpy()) for s in slots]
+                events: list[Any] = [None] * len(slots)
+
+                def read_dev(ext, s):
+                    if events[s] is not None:
+                        events[s].synchronize()
+                    f, start, n, _ = ext
+                    _pread_into(fds[f], views[s][:n], start, f)
+
+                pending: deque = deque()
+
+                def drain():
+                    i, ext, fut = pending.popleft()
+                    fut.result()
+                    s = i % len(slots)
+                    for p in ext[3]:
+                        a = p.offset - ext[1]
+                        dst[p.name][p.dst_offset : p.dst_offset + p.nbytes].copy_(slots[s][a : a + p.nbytes],
+                                                                                  non_blocking=True)
+                    if dev.type == "cuda":
+                        events[s] = torch.cuda.Event()
+                        events[s].record()
+                    elif dev.type != "cpu":  # other accelerators: wait for the copies before the buffer is refilled
+                        torch.accelerator.synchronize()
+
+                for i, ext in enumerate(extents):
+                    if len(pending) == len(slots):
+                        drain()
+                    pending.append((i, ext, pool.submit(read_dev, ext, i % len(slots))))
+                while pending:
+                    drain()
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    return out
+
+
 def load_trimmed(
     path: str | os.PathLike, device: str = "cpu", dtype: str | None = None
 ) -> tuple[Any, Any]:
     """(model, tokenizer or None) of a checkpoint written by `moesift.trim`, uniform or not (also any
-    standard checkpoint). The model carries `moesift_resident` {layer: original ids} when known."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    standard checkpoint). The model carries `moesift_resident` {layer: original ids} when known. Tensors
+    are read in large sequential reads straight into tensors on `device` (see `read_tensors`)."""
+    from transformers import AutoTokenizer, GenerationConfig
 
-    from .checkpoint import load_config_dict, shard_files
+    from .checkpoint import load_config_dict, read_header, shard_files
     from .loading import resolve_model_dir
     from .trim import NONSTANDARD_MODEL_TYPE, read_trimmed_record
 
     d = resolve_model_dir(path)
     cfg = load_config_dict(d)
-    shard_files(d)
+    files = shard_files(d)
     record = read_trimmed_record(d)
-    kw = _load_kwargs(device, dtype)
+    tensors = []
+    for f in files:
+        header, hsize = read_header(d / f)
+        for name, info in header.items():
+            if name != "__metadata__":
+                s0, e0 = info["data_offsets"]
+                tensors.append((name, info["dtype"], list(info["shape"]), [(f, hsize + s0, e0 - s0)]))
     if cfg.get("model_type") == NONSTANDARD_MODEL_TYPE:
         inner = cfg.get("moesift") or {}
         try:
@@ -136,13 +280,19 @@ def load_trimmed(
         except (KeyError, AttributeError):
             raise MoesiftError(f"{str(d / 'config.json')!r} is a damaged moesift-trimmed config (no resident map)") from None
         cls, base_cfg = variable_expert_class(src_cfg, resident)
-        model = cls.from_pretrained(d, config=base_cfg, **kw)
     else:
-        try:
-            model = AutoModelForCausalLM.from_pretrained(d, **kw)
-        except ValueError as e:
-            raise MoesiftError(f"cannot load {str(d)!r}: {str(e).splitlines()[0]}") from None
+        base_cfg = _config_obj(cfg)
+        cls = _model_class(base_cfg)
         resident = {int(k): v for k, v in (record or {}).get("id_map", {}).items()}
+    dev = _read_device(device)
+    state = read_tensors(d, tensors, dev)
+    try:
+        model = cls.from_pretrained(None, config=base_cfg, state_dict=state, **_load_kwargs(device, dtype, dev))
+    except ValueError as e:
+        raise MoesiftError(f"cannot load {str(d)!r}: {str(e).splitlines()[0]}") from None
+    del state
+    with contextlib.suppress(Exception):  # generation defaults (end-of-sequence ids) of the checkpoint
+        model.generation_config = GenerationConfig.from_pretrained(d)
     try:
         tok = AutoTokenizer.from_pretrained(d)
     except Exception:  # noqa: BLE001 - a model without tokenizer files is still usable from token ids
@@ -154,7 +304,8 @@ def load_resident(
     model: str | os.PathLike, plan: Any, device: str = "cpu", dtype: str | None = None, force_plan: bool = False
 ) -> Any:
     """Load `model` with only `plan`'s resident experts in memory (router rows and selection biases sliced
-    with them), read tensor by tensor from the full checkpoint; nothing is written. Routing is thereby
+    with them), read from the full checkpoint's byte ranges of those experts alone, in large sequential
+    reads straight into tensors on `device` (see `read_tensors`); nothing is written. Routing is thereby
     restricted to the resident experts; the result computes what `restrict(full_model, plan)` computes.
     A plan made for another config of the family is refused unless `force_plan`."""
     import torch
@@ -173,33 +324,22 @@ def load_resident(
     if problems:
         raise MoesiftError("cannot load this plan: " + "; ".join(problems[:4]))
     layout = plan_layout(idx, resident)
-    state: dict[str, Any] = {}
-    files: dict[str, Any] = {}
-    try:
-        for t in layout:
-            if t.slice_keep is not None:
-                raw = bytearray(_sliced_bytes(idx.directory, t, ad, idx.config))
-            else:
-                f = files.get(t.src_file)
-                if f is None:
-                    f = files[t.src_file] = open(Path(idx.directory) / t.src_file, "rb")
-                raw = bytearray(t.nbytes)
-                mv, pos = memoryview(raw), 0
-                for off, n in t.ranges:
-                    f.seek(off)
-                    got = f.readinto(mv[pos: pos + n])
-                    if got != n:
-                        raise MoesiftError(f"{t.src_file!r} ended early; the checkpoint is damaged")
-                    pos += n
-            tdt = _TORCH_DTYPES.get(t.dtype)
-            if tdt is None or not hasattr(torch, tdt):
+    dev = _read_device(device)
+    state = read_tensors(idx.directory, [(t.name, t.dtype, t.shape, [(t.src_file, o, n) for o, n in t.ranges])
+                                         for t in layout if t.slice_keep is None], dev)
+    for t in layout:
+        if t.slice_keep is not None:  # the adapter slices this tensor: read whole, sliced, then moved
+            tdt = getattr(torch, _TORCH_DTYPES.get(t.dtype, ""), None)
+            if tdt is None:
                 raise MoesiftError(f"tensor {t.src_name} has dtype {t.dtype}, which torch cannot hold")
-            x = torch.frombuffer(raw, dtype=getattr(torch, tdt)) if raw else torch.empty(0, dtype=getattr(torch, tdt))
-            state[t.name] = x.reshape(t.shape)
-    finally:
-        for f in files.values():
-            f.close()
+            raw = bytearray(_sliced_bytes(idx.directory, t, ad, idx.config))
+            state[t.name] = torch.frombuffer(raw, dtype=tdt).reshape(t.shape).to(dev)
     cls, base_cfg = variable_expert_class(idx.config, full)
-    m = cls.from_pretrained(None, config=base_cfg, state_dict=state, **_load_kwargs(device, dtype))
+    m = cls.from_pretrained(None, config=base_cfg, state_dict=state, **_load_kwargs(device, dtype, dev))
     del state
     return _finish(_to(m, device), full)
+
+
+def _read_device(device: str | None) -> str:
+    """Where the reader puts tensors: the target device, or the host for "auto" (accelerate places them)."""
+    return "cpu" if device in (None, "auto") else str(device)

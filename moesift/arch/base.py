@@ -210,7 +210,9 @@ class Adapter:
         want_hidden: bool = False,
     ) -> list[Any]:
         """Install hooks that call `on_route(moe_index, Route)` once per MoE layer and forward, and
-        `on_logits(moe_index, probs [T, E])` with the router probabilities over all experts.
+        `on_logits(moe_index, probs [T, E])` with the router probabilities over all experts (or, when
+        `on_logits` has a true attribute ``wants_logits``, with the router logits [T, E] as the router
+        returned them: probabilities are then the spec's scoring of their float32 value).
         Returns hook handles (call `.remove()` on each). Hooks must not copy to the host."""
         raise NotImplementedError
 
@@ -436,13 +438,14 @@ class StandardAdapter(Adapter):
     def experts(self, model: Any, layer: int) -> Any:
         return getattr(self.moe_block(model, layer), self.experts_attr)
 
+    def router_logits(self, router: Any, output: Any) -> Any:
+        """Router logits over all experts [T, E] (the router's dtype) from the router's forward output."""
+        logits = output[0] if isinstance(output, tuple) else output
+        return logits if logits.dim() == 2 else logits.reshape(-1, logits.shape[-1])
+
     def probs_from_router_output(self, router: Any, output: Any) -> Any:
         """Router probabilities over all experts [T, E] from the router's forward output."""
-        import torch
-
-        logits = output[0] if isinstance(output, tuple) else output
-        logits = logits.reshape(-1, logits.shape[-1]).float()
-        return torch.sigmoid(logits) if self.scoring == "sigmoid" else torch.softmax(logits, dim=-1)
+        return scores_from_logits(self.router_logits(router, output), self.scoring)
 
     def attach_recorder(self, model, on_route, on_logits=None, want_hidden=False):
         handles = []
@@ -459,8 +462,10 @@ class StandardAdapter(Adapter):
             if on_logits is not None:
                 router = self.router(model, layer)
 
-                def post(mod, args, output, _m=m):
-                    on_logits(_m, self.probs_from_router_output(mod, output))
+                raw = bool(getattr(on_logits, "wants_logits", False))
+
+                def post(mod, args, output, _m=m, _raw=raw):
+                    on_logits(_m, self.router_logits(mod, output) if _raw else self.probs_from_router_output(mod, output))
 
                 handles.append(router.register_forward_hook(post))
         return handles
@@ -681,3 +686,11 @@ def _expert_args(args: tuple, kwargs: dict) -> tuple[Any, Any, Any]:
         alt = [v for k, v in kwargs.items() if k not in names]
         vals = [v if v is not None else alt.pop(0) for v in vals]
     return vals[0], vals[1], vals[2]
+
+
+def scores_from_logits(logits: Any, scoring: str) -> Any:
+    """Router probabilities from logits [..., E]: softmax over the experts, or the sigmoid score, in float32."""
+    import torch
+
+    x = logits.float()
+    return torch.sigmoid(x) if scoring == "sigmoid" else torch.softmax(x, dim=-1)

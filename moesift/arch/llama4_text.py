@@ -37,10 +37,8 @@ class Llama4Text(StandardAdapter):
             layers = range(step - 1, self.n_layers(config), step)
         return i in set(layers)
 
-    def probs_from_router_output(self, router, output):
-        import torch
-
-        return torch.sigmoid(output[1].reshape(-1, output[1].shape[-1]).float())
+    def router_logits(self, router, output):
+        return output[1].reshape(-1, output[1].shape[-1])
 
     def attach_recorder(self, model, on_route, on_logits=None, want_hidden=False):
         handles = []
@@ -52,7 +50,8 @@ class Llama4Text(StandardAdapter):
                 hidden = args[0].reshape(-1, args[0].shape[-1]) if want_hidden else None
                 on_route(_m, Route(ids=ids, weights=scores.gather(1, ids), hidden=hidden))
                 if on_logits is not None:
-                    on_logits(_m, self.probs_from_router_output(mod, output))
+                    raw = getattr(on_logits, "wants_logits", False)
+                    on_logits(_m, self.router_logits(mod, output) if raw else self.probs_from_router_output(mod, output))
 
             handles.append(self.router(model, layer).register_forward_hook(post))
         return handles
