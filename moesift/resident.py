@@ -341,5 +341,9 @@ def load_resident(
 
 
 def _read_device(device: str | None) -> str:
-    """Where the reader puts tensors: the target device, or the host for "auto" (accelerate places them)."""
+    """Where the reader puts tensors: the target device, or the host for "auto" (accelerate places them).
+    An unusable device is one error line before anything is read."""
+    from .loading import check_device
+
+    check_device(device)
     return "cpu" if device in (None, "auto") else str(device)
