@@ -274,6 +274,9 @@ def verify_cmd(
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, ..."),
     dtype: str = typer.Option("float32", "--dtype", help="float32 (exact comparison), bfloat16, float16, "
                               "auto (the checkpoint's dtype; in bfloat16 top-k may break ties differently)."),
+    engine: str = typer.Option("transformers", "--engine", help="What runs TRIMMED: transformers, mlx (mlx-lm, "
+                               "needs moesift[mlx]) or llama.cpp (F32 GGUF made by llama.cpp's converter, needs "
+                               "moesift[gguf]); engines need a uniform trim and compare in float32 on the CPU."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Restricted full model vs trimmed model: top-1 agreement, logit differences, greedy generations.
@@ -281,12 +284,15 @@ def verify_cmd(
     from .verify import verify
 
     r = verify(model, trimmed, plan=plan, data=data or None, max_new_tokens=max_new_tokens, max_samples=max_samples,
-               max_length=max_length, field=field, device=device, dtype=dtype, progress=not json_out)
+               max_length=max_length, field=field, device=device, dtype=dtype, progress=not json_out,
+               engine=engine)
     if json_out:
         emit_json(r)
     else:
         if r["data"]["kind"] == "random":
             typer.echo(r["data"]["note"])
+        if r.get("engine", "transformers") != "transformers":
+            typer.echo(f"trimmed model run by {r['engine']}")
         typer.echo(f"{r['prompts']} prompts, {r['tokens']} positions: top-1 agreement {r['top1_agreement']:.4f}, "
                    f"max |logit diff| {r['max_abs_logit_diff']:.3g} (relative {r['max_rel_logit_diff']:.3g}), "
                    f"greedy generations {'identical' if r['generations_identical'] else 'DIFFER'}")

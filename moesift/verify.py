@@ -44,6 +44,7 @@ def verify(
     dtype: str | None = "float32",
     seed: int = 0,
     progress: bool = True,
+    engine: str = "transformers",
 ) -> dict[str, Any]:
     """Run the full model restricted to `plan` and the trimmed model on held-out prompts; report top-1
     agreement over every prompt position, max absolute and relative logit differences, and whether greedy
@@ -53,7 +54,15 @@ def verify(
     Both models run in float32 by default: the check is that they compute the same function. In bfloat16,
     router probabilities tie often (8 bits of mantissa), and torch.topk may break a tie differently over E
     experts and over the resident experts alone: the two models then pick different (equally weighted)
-    experts for that token, which is not a trimming error."""
+    experts for that token, which is not a trimming error.
+
+    `engine`: what runs the trimmed checkpoint. "transformers" (default) loads it like the full model;
+    "mlx" loads it with mlx-lm and "llama.cpp" converts it to an F32 GGUF file with llama.cpp's own converter
+    and runs it with llama-cpp-python, both in float32 on the CPU (extras `moesift[mlx]`, `moesift[gguf]`).
+    Engines need a standard (uniform) trim. With an engine, greedy generations on both sides are plain
+    argmax decoding of `max_new_tokens` tokens (end-of-sequence not special), each with its own KV cache."""
+    import tempfile
+
     import torch
 
     from .loading import hf_progress
@@ -69,10 +78,29 @@ def verify(
         p = Plan.from_dict(record["plan"], source=str(Path(trimmed) / "moesift_plan.json"))
     else:
         p = as_plan(plan)
+    runner = None
+    work = None
+    if engine != "transformers":
+        from .engines import open_engine, require
+
+        require(engine)
+        if dtype not in (None, "float32"):
+            raise MoesiftError(f"--engine {engine} compares in float32; drop --dtype {dtype}")
+        dtype = "float32"
+        if not Path(trimmed).is_dir():
+            raise MoesiftError(f"{str(trimmed)!r} is not a directory; --engine {engine} reads a trimmed checkpoint directory")
     with hf_progress(progress):
         full, tok = load_trimmed(model, device=device, dtype=dtype)  # any checkpoint; no accelerate needed
-        small, tok2 = load_trimmed(trimmed, device=device, dtype=dtype)
-    tok = tok or tok2
+        if engine == "transformers":
+            small, tok2 = load_trimmed(trimmed, device=device, dtype=dtype)
+            tok = tok or tok2
+        else:
+            work = tempfile.TemporaryDirectory(prefix="moesift-verify-")
+            try:
+                runner = open_engine(engine, trimmed, read_trimmed_record(trimmed), Path(work.name))
+            except BaseException:
+                work.cleanup()
+                raise
     dev = next(full.parameters()).device
     vocab = int(full.config.get_text_config().vocab_size if hasattr(full.config, "get_text_config")
                 else full.config.vocab_size)
@@ -98,26 +126,45 @@ def verify(
     agree = total = 0
     max_abs = max_rel = 0.0
     mismatches = []
-    with torch.no_grad():
-        for i, ids in enumerate(prompts):
-            ids = ids.to(dev)
-            with restrict(full, p):
-                lf = full(ids).logits.float()
-                gf = full.generate(ids, **gen_kw)[0, ids.shape[-1]:].tolist() if max_new_tokens > 0 else []
-            ls = small(ids.to(next(small.parameters()).device)).logits.float().to(lf.device)
-            gs = small.generate(ids, **gen_kw)[0, ids.shape[-1]:].tolist() if max_new_tokens > 0 else []
-            agree += int((lf.argmax(-1) == ls.argmax(-1)).sum())
-            total += lf.shape[1]
-            d = (lf - ls).abs().max().item()
-            max_abs = max(max_abs, d)
-            max_rel = max(max_rel, d / max(lf.abs().max().item(), 1e-30))
-            if gf != gs:
-                mismatches.append({"prompt": i, "full": gf, "trimmed": gs})
+    try:
+        with torch.no_grad():
+            for i, ids in enumerate(prompts):
+                ids = ids.to(dev)
+                with restrict(full, p):
+                    lf = full(ids).logits.float()
+                    if runner is not None:
+                        gf = _greedy(full, ids, max_new_tokens)
+                    else:
+                        gf = full.generate(ids, **gen_kw)[0, ids.shape[-1]:].tolist() if max_new_tokens > 0 else []
+                if runner is not None:
+                    seq = ids[0].tolist()
+                    ls = torch.from_numpy(runner.logits(seq)).float().unsqueeze(0).to(lf.device)
+                    gs = runner.greedy(seq, max_new_tokens) if max_new_tokens > 0 else []
+                    if ls.shape != lf.shape:
+                        raise MoesiftError(f"{runner.name} gave logits of shape {tuple(ls.shape[1:])}, the full model "
+                                           f"{tuple(lf.shape[1:])}; the trimmed checkpoint does not match the model")
+                else:
+                    ls = small(ids.to(next(small.parameters()).device)).logits.float().to(lf.device)
+                    gs = small.generate(ids, **gen_kw)[0, ids.shape[-1]:].tolist() if max_new_tokens > 0 else []
+                agree += int((lf.argmax(-1) == ls.argmax(-1)).sum())
+                total += lf.shape[1]
+                d = (lf - ls).abs().max().item()
+                max_abs = max(max_abs, d)
+                max_rel = max(max_rel, d / max(lf.abs().max().item(), 1e-30))
+                if gf != gs:
+                    mismatches.append({"prompt": i, "full": gf, "trimmed": gs})
+    finally:
+        if runner is not None:
+            engine_name = runner.name
+            runner.close()
+        if work is not None:
+            work.cleanup()
     n_full = sum(x.numel() for x in full.parameters())
-    n_small = sum(x.numel() for x in small.parameters())
+    n_small = (sum(x.numel() for x in small.parameters()) if runner is None else _header_params(Path(trimmed)))
     result = {
         "model": str(model),
         "trimmed": str(trimmed),
+        "engine": "transformers" if runner is None else engine_name,
         "plan": p.source,
         "data": source,
         "prompts": len(prompts),
@@ -133,3 +180,39 @@ def verify(
     }
     result["ok"] = result["top1_agreement"] >= 1.0 and result["generations_identical"]
     return result
+
+
+def _greedy(model: Any, ids: Any, n: int) -> list[int]:
+    """Plain greedy decoding with the model's KV cache: n argmax tokens, end-of-sequence not special."""
+    import inspect
+
+    import torch
+
+    # the KV cache argument is `cache` from transformers 5.24 on, `past_key_values` before
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    out: list[int] = []
+    past = None
+    x = ids
+    for _ in range(n):
+        o = model(x, **{key: past}, use_cache=True)
+        past = o.get(key)
+        tok = int(o.logits[0, -1].argmax())
+        out.append(tok)
+        x = torch.tensor([[tok]], dtype=ids.dtype, device=ids.device)
+    return out
+
+
+def _header_params(directory: Path) -> int:
+    """Number of weights in a checkpoint's safetensors files, from their headers."""
+    from .checkpoint import read_header
+
+    n = 0
+    for f in sorted(directory.glob("*.safetensors")):
+        header = read_header(f)[0]
+        for name, t in header.items():
+            if name != "__metadata__":
+                k = 1
+                for s in t["shape"]:
+                    k *= int(s)
+                n += k
+    return n

@@ -40,6 +40,12 @@ class DeepseekV2(StandardAdapter):
             return None, None
         return _int(cfg_get(config, "n_group")), _int(cfg_get(config, "topk_group"))
 
+    def engine_problems(self, engine, config):
+        if engine == "mlx" and type(self) is DeepseekV2 and not isinstance(config.get("rope_scaling"), dict):
+            return ["mlx-lm's deepseek_v2 needs the YaRN `rope_scaling` of hub DeepSeek-V2 configs; this "
+                    "config.json has none"]
+        return []
+
     def plan_problems(self, spec, resident, standard):
         if not (spec.n_group and spec.n_group > 1):
             return super().plan_problems(spec, resident, standard)

@@ -10,6 +10,7 @@ L = r"model\.layers\.(?P<layer>\d+)\.mlp"
 @register
 class Qwen3Moe(StandardAdapter):
     model_types = ("qwen3_moe",)
+    hub_renames = {"num_local_experts": "num_experts"}  # transformers 5 saves num_local_experts
     patterns = Patterns(
         router=(rf"{L}\.gate\.weight",),
         expert=(rf"{L}\.experts\.(?P<expert>\d+)\.(gate|up|down)_proj\.[\w.]+",),
