@@ -71,6 +71,10 @@ def verify(
     from .restrict import restrict
     from .trim import read_trimmed_record
 
+    if engine != "transformers":
+        from .engines import require
+
+        require(engine)  # a missing extra is said before anything is read
     if plan is None:
         record = read_trimmed_record(trimmed) if Path(trimmed).is_dir() else None
         if record is None:
@@ -81,14 +85,14 @@ def verify(
     runner = None
     work = None
     if engine != "transformers":
-        from .engines import open_engine, require
+        from .engines import check_engine, open_engine
 
-        require(engine)
         if dtype not in (None, "float32"):
             raise MoesiftError(f"--engine {engine} compares in float32; drop --dtype {dtype}")
         dtype = "float32"
         if not Path(trimmed).is_dir():
             raise MoesiftError(f"{str(trimmed)!r} is not a directory; --engine {engine} reads a trimmed checkpoint directory")
+        check_engine(engine, trimmed, read_trimmed_record(trimmed))
     with hf_progress(progress):
         full, tok = load_trimmed(model, device=device, dtype=dtype)  # any checkpoint; no accelerate needed
         if engine == "transformers":

@@ -51,6 +51,12 @@ def require(engine: str) -> Any:
     return importlib.import_module(f".{module}", __name__)
 
 
+def check_engine(engine: str, trimmed: str | Path, record: dict[str, Any] | None) -> None:
+    """Everything that can be said against running `trimmed` in `engine` without loading a model: the
+    package is installed, the checkpoint is a standard trim of a family the engine implements."""
+    require(engine).check(Path(trimmed), record)
+
+
 def open_engine(engine: str, trimmed: str | Path, record: dict[str, Any] | None, work_dir: Path) -> Runner:
     """Load `trimmed` in `engine` (float32, CPU). `record`: its moesift_plan.json (None when absent).
     `work_dir`: a private temporary directory the engine may write converted files into."""

@@ -83,7 +83,8 @@ class MlxRunner:
         self.model = None
 
 
-def open(trimmed: Path, record: dict[str, Any] | None, work_dir: Path) -> MlxRunner:  # noqa: A001 - engine protocol
+def check(trimmed: Path, record: dict[str, Any] | None) -> dict[str, Any]:
+    """config.json of `trimmed` when mlx-lm implements its family and the trim is uniform; else one error line."""
     cfg = standard_config(trimmed, record, "mlx")
     mt = str(cfg.get("model_type"))
     if _module_for(mt) is None:
@@ -91,4 +92,8 @@ def open(trimmed: Path, record: dict[str, Any] | None, work_dir: Path) -> MlxRun
             f"mlx-lm {_version()} has no implementation of model_type {mt!r} (mlx_lm.models has none); "
             "verify this checkpoint with --engine transformers"
         )
-    return MlxRunner(trimmed, cfg)
+    return cfg
+
+
+def open(trimmed: Path, record: dict[str, Any] | None, work_dir: Path) -> MlxRunner:  # noqa: A001 - engine protocol
+    return MlxRunner(trimmed, check(trimmed, record))
