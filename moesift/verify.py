@@ -142,8 +142,8 @@ def verify(
                         gf = full.generate(ids, **gen_kw)[0, ids.shape[-1]:].tolist() if max_new_tokens > 0 else []
                 if runner is not None:
                     seq = ids[0].tolist()
-                    ls = torch.from_numpy(runner.logits(seq)).float().unsqueeze(0).to(lf.device)
-                    gs = runner.greedy(seq, max_new_tokens) if max_new_tokens > 0 else []
+                    logits, gs = runner.run(seq, max(0, max_new_tokens))
+                    ls = torch.from_numpy(logits).float().unsqueeze(0).to(lf.device)
                     if ls.shape != lf.shape:
                         raise MoesiftError(f"{runner.name} gave logits of shape {tuple(ls.shape[1:])}, the full model "
                                            f"{tuple(lf.shape[1:])}; the trimmed checkpoint does not match the model")

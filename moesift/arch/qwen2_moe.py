@@ -19,14 +19,8 @@ QWEN2_PATTERNS = Patterns(
 class Qwen2Moe(Qwen3Moe):
     model_types = ("qwen2_moe",)
     patterns = QWEN2_PATTERNS
+    dense_layers_unsupported = ("mlx",)  # mlx-lm's qwen2_moe builds a MoE block in every layer
 
     def n_shared(self, config):
         return 1 if int(cfg_get(config, "shared_expert_intermediate_size", default=0) or 0) > 0 else 0
 
-    def engine_problems(self, engine, config):
-        dense = cfg_get(config, "mlp_only_layers", default=[]) or []
-        step = int(cfg_get(config, "decoder_sparse_step", default=1) or 1)
-        if engine == "mlx" and type(self) is Qwen2Moe and (dense or step != 1):
-            return ["mlx-lm builds every qwen2_moe decoder layer as a MoE layer, and this model has dense layers "
-                    f"(mlp_only_layers {list(dense)}, decoder_sparse_step {step})"]
-        return []

@@ -1,6 +1,6 @@
 """Serving engines that run a trimmed checkpoint for `verify --engine`: each one loads the checkpoint as
 the engine's own loader does (no moesift code in between) and answers two questions about a token
-sequence: the logits at every position, and the greedy continuation of N tokens.
+sequence: the logits at every position, and the greedy continuation of N tokens (`Runner.run`).
 
 An engine lives in its own module and imports its package lazily; a missing package is one error line that
 names the extra to install."""
@@ -26,11 +26,9 @@ class Runner(Protocol):
 
     name: str  # engine and version, e.g. "mlx-lm 0.32.2"
 
-    def logits(self, ids: list[int]) -> Any:
-        """float32 numpy array [len(ids), vocab]: next-token logits at every position."""
-
-    def greedy(self, ids: list[int], n: int) -> list[int]:
-        """The n tokens greedy decoding appends to `ids` (argmax every step; end-of-sequence not special)."""
+    def run(self, ids: list[int], n: int) -> tuple[Any, list[int]]:
+        """(logits, greedy): float32 numpy array [len(ids), vocab] of next-token logits at every position, and
+        the n tokens greedy decoding appends to `ids` (argmax every step; end-of-sequence not special)."""
 
     def close(self) -> None: ...
 

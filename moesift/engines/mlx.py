@@ -59,6 +59,9 @@ class MlxRunner:
         mx.eval(model.parameters())
         self.model = model
 
+    def run(self, ids: list[int], n: int) -> tuple[Any, list[int]]:
+        return self.logits(ids), self.greedy(ids, n)
+
     def logits(self, ids: list[int]) -> Any:
         import numpy as np
 
