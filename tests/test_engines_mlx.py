@@ -8,6 +8,7 @@ import json
 import sys
 
 import pytest
+from engine_models import ENGINE_FAMILIES, engine_model
 from test_trim import plan_for
 
 from moesift.checkpoint import CheckpointIndex
@@ -17,11 +18,7 @@ from moesift.verify import verify
 
 pytest.importorskip("mlx_lm", reason="needs moesift[mlx]")
 
-# family -> config overrides of its tiny model that mlx-lm needs (Qwen2-MoE hub checkpoints have no dense layer)
-FAMILIES = {
-    "qwen3_moe": {}, "qwen2_moe": {"mlp_only_layers": []}, "olmoe": {}, "mixtral": {}, "deepseek_v2": {},
-    "deepseek_v3": {}, "glm4_moe": {}, "granitemoe": {}, "dots1": {}, "dbrx": {},
-}
+FAMILIES = ENGINE_FAMILIES["mlx"]  # family -> config overrides its tiny model needs in mlx-lm
 
 
 def run_cli(args, monkeypatch, capsys):
@@ -44,14 +41,11 @@ def _uniform_trim(src, out):
 
 @pytest.mark.parametrize("model_type", sorted(FAMILIES))
 def test_uniform_trim_runs_in_mlx_like_restricted_model(model_type, tiny_dir, tmp_path):
-    from tiny import save
-
     from moesift.engines.mlx import implemented_model_types
 
     assert model_type in implemented_model_types()
     if FAMILIES[model_type]:
-        src = tmp_path / "src"
-        save(model_type, src, **FAMILIES[model_type])
+        src = engine_model("mlx", model_type, tmp_path / "src")
     else:
         src = tiny_dir(model_type)
     out = _uniform_trim(src, tmp_path / "t")
