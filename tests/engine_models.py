@@ -29,7 +29,8 @@ def add_bpe_tokenizer(directory: Path, vocab_size: int) -> None:
 
     tk = Tokenizer(models.BPE(unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<eos>"])
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<eos>"],
+                                  show_progress=False)
     tk.train_from_iterator(["the quick brown fox jumps over the lazy dog", "def f(x): return x + 1"] * 20, trainer)
     PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", eos_token="<eos>").save_pretrained(directory)
 
