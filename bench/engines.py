@@ -81,6 +81,7 @@ def check(engine: str, model_type: str | None, ref: str | None, work: Path) -> d
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--engine", action="append", choices=["mlx", "llama.cpp"], help="default: both")
+    ap.add_argument("--family", action="append", help="only these model_types / bundled models (default: all)")
     ap.add_argument("--tests", action="store_true", help="also run tests/test_engines_llamacpp.py")
     ap.add_argument("--sdist", type=Path, help="llama-cpp-python sdist holding llama.cpp's converter")
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "moesift")
@@ -105,6 +106,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="moesift-engines-") as tmp:
         for engine in engines:
             jobs = [(mt, None) for mt in sorted(ENGINE_FAMILIES[engine])] + [(None, r) for r in refs[engine]]
+            jobs = [j for j in jobs if not args.family or (j[0] or j[1]) in args.family]
             for mt, ref in jobs:
                 try:
                     r = check(engine, mt, ref, Path(tmp))

@@ -16,7 +16,7 @@ ENGINE_FAMILIES: dict[str, dict[str, dict]] = {
         # llama.cpp: qwen3moe has no dense layers; OLMoE's q/k norms span all heads (hub OLMoE has no GQA);
         # deepseek2 reads q_lora_rank (every hub DeepSeek-V2/V3 but the Lite ones has it)
         "qwen3_moe": {"mlp_only_layers": []}, "qwen2_moe": {"mlp_only_layers": []},
-        "olmoe": {"num_key_value_heads": 4}, "mixtral": {}, "granitemoe": {},
+        "olmoe": {"num_key_value_heads": 4}, "mixtral": {}, "granitemoe": {}, "dbrx": {},
         "deepseek_v2": {"q_lora_rank": 16}, "deepseek_v3": {"q_lora_rank": 16},
     },
 }

@@ -45,7 +45,8 @@ class DeepseekV2(StandardAdapter):
             return ["mlx-lm's deepseek_v2 needs the YaRN `rope_scaling` of hub DeepSeek-V2 configs; this "
                     "config.json has none"]
         n_layers = int(cfg_get(config, "num_hidden_layers", default=0) or 0)
-        if engine == "llama.cpp" and config.get("q_lora_rank") is None and n_layers not in (26, 27):
+        mla = config.get("kv_lora_rank") is not None  # DeepSeek attention (not GLM-4-MoE's or dots1's)
+        if engine == "llama.cpp" and mla and config.get("q_lora_rank") is None and n_layers not in (26, 27):
             return ["llama.cpp's deepseek2 needs q_lora_rank (queries without a low-rank projection are read "
                     "only for the layer counts of DeepSeek-V2-Lite-like models); this config.json has none"]
         return []
