@@ -98,35 +98,37 @@ def verify(
         if engine == "transformers":
             small, tok2 = load_trimmed(trimmed, device=device, dtype=dtype)
             tok = tok or tok2
+    try:
+        dev = next(full.parameters()).device
+        vocab = int(full.config.get_text_config().vocab_size if hasattr(full.config, "get_text_config")
+                    else full.config.vocab_size)
+        if data is not None:
+            paths = [str(data)] if isinstance(data, (str, os.PathLike)) else [str(x) for x in data]
+            prompts = _read_prompts(paths, field, max_samples, tok, max_length)
+            if not prompts:
+                raise MoesiftError(f"no prompts found in {', '.join(paths)}")
+            source = {"kind": "files", "paths": paths, "prompts": len(prompts)}
         else:
+            g = torch.Generator().manual_seed(seed)
+            hi = max(8, min(max_length, 32))
+            lengths = torch.randint(8, hi + 1, (max_samples,), generator=g).tolist()
+            prompts = [torch.randint(0, vocab, (1, n), generator=g) for n in lengths]
+            source = {"kind": "random", "note": f"no --data given: {len(prompts)} deterministic random token sequences "
+                                                f"(seed {seed})", "prompts": len(prompts)}
+        pad = getattr(full.generation_config, "pad_token_id", None)
+        if pad is None:
+            eos = getattr(full.generation_config, "eos_token_id", None)
+            pad = (eos[0] if isinstance(eos, list) else eos) if eos is not None else 0
+        gen_kw = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": pad,
+                  "min_new_tokens": max_new_tokens}
+        if engine != "transformers":
             work = tempfile.TemporaryDirectory(prefix="moesift-verify-")
-            try:
-                runner = open_engine(engine, trimmed, read_trimmed_record(trimmed), Path(work.name))
-            except BaseException:
-                work.cleanup()
-                raise
-    dev = next(full.parameters()).device
-    vocab = int(full.config.get_text_config().vocab_size if hasattr(full.config, "get_text_config")
-                else full.config.vocab_size)
-    if data is not None:
-        paths = [str(data)] if isinstance(data, (str, os.PathLike)) else [str(x) for x in data]
-        prompts = _read_prompts(paths, field, max_samples, tok, max_length)
-        if not prompts:
-            raise MoesiftError(f"no prompts found in {', '.join(paths)}")
-        source = {"kind": "files", "paths": paths, "prompts": len(prompts)}
-    else:
-        g = torch.Generator().manual_seed(seed)
-        hi = max(8, min(max_length, 32))
-        lengths = torch.randint(8, hi + 1, (max_samples,), generator=g).tolist()
-        prompts = [torch.randint(0, vocab, (1, n), generator=g) for n in lengths]
-        source = {"kind": "random", "note": f"no --data given: {len(prompts)} deterministic random token sequences "
-                                            f"(seed {seed})", "prompts": len(prompts)}
-    pad = getattr(full.generation_config, "pad_token_id", None)
-    if pad is None:
-        eos = getattr(full.generation_config, "eos_token_id", None)
-        pad = (eos[0] if isinstance(eos, list) else eos) if eos is not None else 0
-    gen_kw = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": pad,
-              "min_new_tokens": max_new_tokens}
+            longest = max(x.shape[-1] for x in prompts) + max(0, max_new_tokens)
+            with hf_progress(progress):
+                runner = open_engine(engine, trimmed, read_trimmed_record(trimmed), Path(work.name), longest)
+    except BaseException:
+        _close(runner, work)
+        raise
     agree = total = 0
     max_abs = max_rel = 0.0
     mismatches = []
@@ -158,17 +160,14 @@ def verify(
                 if gf != gs:
                     mismatches.append({"prompt": i, "full": gf, "trimmed": gs})
     finally:
-        if runner is not None:
-            engine_name = runner.name
-            runner.close()
-        if work is not None:
-            work.cleanup()
+        engine_name = runner.name if runner is not None else "transformers"
+        _close(runner, work)
     n_full = sum(x.numel() for x in full.parameters())
     n_small = (sum(x.numel() for x in small.parameters()) if runner is None else _header_params(Path(trimmed)))
     result = {
         "model": str(model),
         "trimmed": str(trimmed),
-        "engine": "transformers" if runner is None else engine_name,
+        "engine": engine_name,
         "plan": p.source,
         "data": source,
         "prompts": len(prompts),
@@ -220,3 +219,11 @@ def _header_params(directory: Path) -> int:
                     k *= int(s)
                 n += k
     return n
+
+
+def _close(runner: Any, work: Any) -> None:
+    """Stop an engine runner and remove its temporary directory."""
+    if runner is not None:
+        runner.close()
+    if work is not None:
+        work.cleanup()

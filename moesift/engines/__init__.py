@@ -55,11 +55,13 @@ def check_engine(engine: str, trimmed: str | Path, record: dict[str, Any] | None
     require(engine).check(Path(trimmed), record)
 
 
-def open_engine(engine: str, trimmed: str | Path, record: dict[str, Any] | None, work_dir: Path) -> Runner:
+def open_engine(engine: str, trimmed: str | Path, record: dict[str, Any] | None, work_dir: Path,
+                max_tokens: int = 512) -> Runner:
     """Load `trimmed` in `engine` (float32, CPU). `record`: its moesift_plan.json (None when absent).
-    `work_dir`: a private temporary directory the engine may write converted files into."""
+    `work_dir`: a private temporary directory the engine may write converted files into. `max_tokens`: the
+    longest sequence (prompt and generated tokens) it will be asked to run."""
     mod = require(engine)
-    return mod.open(Path(trimmed), record, work_dir)
+    return mod.open(Path(trimmed), record, work_dir, max_tokens)
 
 
 def standard_config(trimmed: Path, record: dict[str, Any] | None, engine: str) -> dict[str, Any]:

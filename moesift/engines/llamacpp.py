@@ -198,11 +198,11 @@ class LlamaCppRunner:
             self.err.close()
 
 
-def open(trimmed: Path, record: dict[str, Any] | None, work_dir: Path) -> LlamaCppRunner:  # noqa: A001 - engine protocol
-    cfg = check(trimmed, record)
+def open(trimmed: Path, record: dict[str, Any] | None, work_dir: Path, max_tokens: int) -> LlamaCppRunner:  # noqa: A001
+    check(trimmed, record)
     out = work_dir / "model-f32.gguf"
     notes = convert(trimmed, out)
-    n_ctx = min(512, int(cfg.get("max_position_embeddings") or 512))
+    n_ctx = max(64, max_tokens + 8)
     runner = LlamaCppRunner(out, work_dir, n_ctx=n_ctx)
     runner.notes = notes
     return runner

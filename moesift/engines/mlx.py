@@ -98,5 +98,5 @@ def check(trimmed: Path, record: dict[str, Any] | None) -> dict[str, Any]:
     return cfg
 
 
-def open(trimmed: Path, record: dict[str, Any] | None, work_dir: Path) -> MlxRunner:  # noqa: A001 - engine protocol
+def open(trimmed: Path, record: dict[str, Any] | None, work_dir: Path, max_tokens: int) -> MlxRunner:  # noqa: A001 - engine protocol
     return MlxRunner(trimmed, check(trimmed, record))
