@@ -161,6 +161,7 @@ def verify(
                     mismatches.append({"prompt": i, "full": gf, "trimmed": gs})
     finally:
         engine_name = runner.name if runner is not None else "transformers"
+        engine_notes = list(getattr(runner, "notes", []) or [])
         _close(runner, work)
     n_full = sum(x.numel() for x in full.parameters())
     n_small = (sum(x.numel() for x in small.parameters()) if runner is None else _header_params(Path(trimmed)))
@@ -168,6 +169,7 @@ def verify(
         "model": str(model),
         "trimmed": str(trimmed),
         "engine": engine_name,
+        "engine_notes": engine_notes,  # e.g. how llama.cpp's converter wrote the tokenizer
         "plan": p.source,
         "data": source,
         "prompts": len(prompts),

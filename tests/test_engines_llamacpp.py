@@ -85,6 +85,8 @@ def test_bundled_qwen3_trim_runs_in_llamacpp(llama, tmp_path, monkeypatch, capsy
     assert code == 0, err
     r = json.loads(stdout)
     assert r["ok"] and r["max_rel_logit_diff"] <= 1e-5
+    # the bundled tokenizer is moesift's own byte-level BPE, whose pre-tokenizer llama.cpp does not know
+    assert any("pre-tokenizer" in n for n in r["engine_notes"]), r["engine_notes"]
 
 
 @needs_llama

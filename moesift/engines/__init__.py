@@ -1,5 +1,5 @@
-"""Serving engines that run a trimmed checkpoint for `verify --engine`: each one loads the checkpoint as
-the engine's own loader does (no moesift code in between) and answers two questions about a token
+"""Serving engines that run a trimmed checkpoint for `verify --engine`: each one loads the checkpoint with
+the engine's own loader (for llama.cpp: after its own converter) and answers two questions about a token
 sequence: the logits at every position, and the greedy continuation of N tokens (`Runner.run`).
 
 An engine lives in its own module and imports its package lazily; a missing package is one error line that
@@ -25,6 +25,7 @@ class Runner(Protocol):
     """A trimmed checkpoint loaded in an engine."""
 
     name: str  # engine and version, e.g. "mlx-lm 0.32.2"
+    notes: list[str]  # what the conversion changed that the comparison does not look at (may be empty)
 
     def run(self, ids: list[int], n: int) -> tuple[Any, list[int]]:
         """(logits, greedy): float32 numpy array [len(ids), vocab] of next-token logits at every position, and

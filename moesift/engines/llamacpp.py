@@ -141,6 +141,7 @@ class LlamaCppRunner:
         import json
 
         self.name = f"llama.cpp (llama-cpp-python {_version()}, F32 GGUF)"
+        self.notes: list[str] = []
         self.work = work_dir
         self.n = 0
         self.err_path = work_dir / "llama.stderr"

@@ -46,6 +46,7 @@ class MlxRunner:
 
         self.mx = mx
         self.name = f"mlx-lm {_version()}"
+        self.notes: list[str] = []
         try:
             model, _ = load_model(trimmed, lazy=False, strict=True)
         except Exception as e:  # mlx-lm raises TypeError / ValueError / KeyError for configs and weights it cannot read
