@@ -275,8 +275,8 @@ def verify_cmd(
     dtype: str = typer.Option("float32", "--dtype", help="float32 (exact comparison), bfloat16, float16, "
                               "auto (the checkpoint's dtype; in bfloat16 top-k may break ties differently)."),
     engine: str = typer.Option("transformers", "--engine", help="What runs TRIMMED: transformers, mlx (mlx-lm, "
-                               "needs moesift[mlx]) or llama.cpp (F32 GGUF made by llama.cpp's converter, needs "
-                               "moesift[gguf] and MOESIFT_LLAMA_CPP naming a llama.cpp tree with "
+                               "needs moesift\\[mlx]) or llama.cpp (F32 GGUF made by llama.cpp's converter, needs "
+                               "moesift\\[gguf] and MOESIFT_LLAMA_CPP naming a llama.cpp tree with "
                                "convert_hf_to_gguf.py); engines need a uniform trim and compare in float32 on the CPU."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
