@@ -88,3 +88,34 @@ def test_trim_keeps_every_key_of_bundled_configs(name, tmp_path):
     out = trim(src, plan_for(CheckpointIndex.build(src).spec, uniform=True), tmp_path / "t", progress=False,
                checksums=False)
     _check_keys_kept(src, out)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_bundled_models_compute_what_their_transformers5_form_computes(name, tmp_path):
+    """The hub-style bundled configs (and DeepSeek-V3's stored lm_head) change nothing transformers computes:
+    logits are bit-identical to those of the model as transformers 5 saved it (its key names, tied output)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    src = reference_model(name)
+    old = tmp_path / "t5"
+    shutil.copytree(src, old)
+    cfg = json.loads((src / "config.json").read_text())
+    for k in ("rope_theta", "rope_scaling", *adapter_for(cfg).hub_defaults):
+        cfg.pop(k, None)
+    if "num_experts" in cfg:
+        cfg["num_local_experts"] = cfg.pop("num_experts")
+    tensors = load_file(old / "model.safetensors")
+    if "lm_head.weight" in tensors:
+        assert torch.equal(tensors.pop("lm_head.weight"), tensors["model.embed_tokens.weight"])
+        save_file(tensors, old / "model.safetensors", metadata={"format": "pt"})
+        cfg["tie_word_embeddings"] = True
+    (old / "config.json").write_text(json.dumps(cfg))
+    x = torch.arange(3, 40).unsqueeze(0)
+    with torch.no_grad():
+        a = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)(x).logits
+        b = AutoModelForCausalLM.from_pretrained(old, dtype=torch.float32)(x).logits
+    assert torch.equal(a, b)
