@@ -306,6 +306,10 @@ def verify_cmd(
                               "auto (the checkpoint's dtype; in bfloat16 top-k may break ties differently)."),
     force_plan: bool = typer.Option(False, "--force-plan", help="Use a plan made for another config of the "
                                     "family (its config_hash differs) anyway."),
+    engine: str = typer.Option("transformers", "--engine", help="What runs TRIMMED: transformers, mlx (mlx-lm, "
+                               "needs moesift\\[mlx]) or llama.cpp (F32 GGUF made by llama.cpp's converter, needs "
+                               "moesift\\[gguf] and MOESIFT_LLAMA_CPP naming a llama.cpp tree with "
+                               "convert_hf_to_gguf.py); engines need a uniform trim and compare in float32 on the CPU."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Restricted full model vs trimmed model (or, with --offloaded, full model vs offloaded model): top-1
@@ -315,12 +319,14 @@ def verify_cmd(
     r = verify(model, trimmed, plan=plan, data=data or None, max_new_tokens=max_new_tokens, max_samples=max_samples,
                max_length=max_length, field=field, device=device, dtype=dtype, progress=not json_out,
                offloaded=offloaded, cache_slots=cache_slots, policy=policy,
-               host_compute_max_tokens=host_compute_max_tokens, force_plan=force_plan)
+               host_compute_max_tokens=host_compute_max_tokens, force_plan=force_plan, engine=engine)
     if json_out:
         emit_json(r)
     else:
         if r["data"]["kind"] == "random":
             typer.echo(r["data"]["note"])
+        if r.get("engine", "transformers") != "transformers":
+            typer.echo(f"trimmed model run by {r['engine']}")
         typer.echo(f"{r['prompts']} prompts, {r['tokens']} positions: top-1 agreement {r['top1_agreement']:.4f}, "
                    f"max |logit diff| {r['max_abs_logit_diff']:.3g} (relative {r['max_rel_logit_diff']:.3g}), "
                    f"greedy generations {'identical' if r['generations_identical'] else 'DIFFER'}")

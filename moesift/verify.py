@@ -49,6 +49,7 @@ def verify(
     policy: str = "lru",
     host_compute_max_tokens: int | None = None,
     force_plan: bool = False,
+    engine: str = "transformers",
 ) -> dict[str, Any]:
     """Run the full model restricted to `plan` and the trimmed model on held-out prompts; report top-1
     agreement over every prompt position, max absolute and relative logit differences, and whether greedy
@@ -62,7 +63,14 @@ def verify(
     experts for that token, which is not a trimming error.
 
     With `offloaded` (a plan) and no `trimmed`: the full model against `moesift.load_offloaded(model,
-    offloaded, ...)` instead (`moesift.offload.verify_offloaded`)."""
+    offloaded, ...)` instead (`moesift.offload.verify_offloaded`).
+    `engine`: what runs the trimmed checkpoint. "transformers" (default) loads it like the full model;
+    "mlx" loads it with mlx-lm and "llama.cpp" converts it to an F32 GGUF file with llama.cpp's own converter
+    and runs it with llama-cpp-python, both in float32 on the CPU (extras `moesift[mlx]`, `moesift[gguf]`).
+    Engines need a standard (uniform) trim. With an engine, greedy generations on both sides are plain
+    argmax decoding of `max_new_tokens` tokens (end-of-sequence not special), each with its own KV cache."""
+    import tempfile
+
     import torch
 
     if offloaded is not None:
@@ -84,6 +92,10 @@ def verify(
     from .restrict import restrict
     from .trim import read_trimmed_record
 
+    if engine != "transformers":
+        from .engines import require
+
+        require(engine)  # a missing extra is said before anything is read
     if plan is None:
         record = read_trimmed_record(trimmed) if Path(trimmed).is_dir() else None
         if record is None:
@@ -91,55 +103,94 @@ def verify(
         p = Plan.from_dict(record["plan"], source=str(Path(trimmed) / "moesift_plan.json"))
     else:
         p = as_plan(plan)
+    runner = None
+    work = None
+    if engine != "transformers":
+        from .engines import check_engine, open_engine
+
+        if dtype not in (None, "float32"):
+            raise MoesiftError(f"--engine {engine} compares in float32; drop --dtype {dtype}")
+        dtype = "float32"
+        if not Path(trimmed).is_dir():
+            raise MoesiftError(f"{str(trimmed)!r} is not a directory; --engine {engine} reads a trimmed checkpoint directory")
+        check_engine(engine, trimmed, read_trimmed_record(trimmed))
     with hf_progress(progress):
         full, tok = load_trimmed(model, device=device, dtype=dtype)  # any checkpoint; no accelerate needed
-        small, tok2 = load_trimmed(trimmed, device=device, dtype=dtype)
-    tok = tok or tok2
-    dev = next(full.parameters()).device
-    vocab = int(full.config.get_text_config().vocab_size if hasattr(full.config, "get_text_config")
-                else full.config.vocab_size)
-    if data is not None:
-        paths = [str(data)] if isinstance(data, (str, os.PathLike)) else [str(x) for x in data]
-        prompts = _read_prompts(paths, field, max_samples, tok, max_length)
-        if not prompts:
-            raise MoesiftError(f"no prompts found in {', '.join(paths)}")
-        source = {"kind": "files", "paths": paths, "prompts": len(prompts)}
-    else:
-        g = torch.Generator().manual_seed(seed)
-        hi = max(8, min(max_length, 32))
-        lengths = torch.randint(8, hi + 1, (max_samples,), generator=g).tolist()
-        prompts = [torch.randint(0, vocab, (1, n), generator=g) for n in lengths]
-        source = {"kind": "random", "note": f"no --data given: {len(prompts)} deterministic random token sequences "
-                                            f"(seed {seed})", "prompts": len(prompts)}
-    pad = getattr(full.generation_config, "pad_token_id", None)
-    if pad is None:
-        eos = getattr(full.generation_config, "eos_token_id", None)
-        pad = (eos[0] if isinstance(eos, list) else eos) if eos is not None else 0
-    gen_kw = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": pad,
-              "min_new_tokens": max_new_tokens}
+        if engine == "transformers":
+            small, tok2 = load_trimmed(trimmed, device=device, dtype=dtype)
+            tok = tok or tok2
+    try:
+        dev = next(full.parameters()).device
+        vocab = int(full.config.get_text_config().vocab_size if hasattr(full.config, "get_text_config")
+                    else full.config.vocab_size)
+        if data is not None:
+            paths = [str(data)] if isinstance(data, (str, os.PathLike)) else [str(x) for x in data]
+            prompts = _read_prompts(paths, field, max_samples, tok, max_length)
+            if not prompts:
+                raise MoesiftError(f"no prompts found in {', '.join(paths)}")
+            source = {"kind": "files", "paths": paths, "prompts": len(prompts)}
+        else:
+            g = torch.Generator().manual_seed(seed)
+            hi = max(8, min(max_length, 32))
+            lengths = torch.randint(8, hi + 1, (max_samples,), generator=g).tolist()
+            prompts = [torch.randint(0, vocab, (1, n), generator=g) for n in lengths]
+            source = {"kind": "random", "note": f"no --data given: {len(prompts)} deterministic random token sequences "
+                                                f"(seed {seed})", "prompts": len(prompts)}
+        pad = getattr(full.generation_config, "pad_token_id", None)
+        if pad is None:
+            eos = getattr(full.generation_config, "eos_token_id", None)
+            pad = (eos[0] if isinstance(eos, list) else eos) if eos is not None else 0
+        gen_kw = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": pad,
+                  "min_new_tokens": max_new_tokens}
+        if engine != "transformers":
+            work = tempfile.TemporaryDirectory(prefix="moesift-verify-")
+            longest = max(x.shape[-1] for x in prompts) + max(0, max_new_tokens)
+            with hf_progress(progress):
+                runner = open_engine(engine, trimmed, read_trimmed_record(trimmed), Path(work.name), longest)
+    except BaseException:
+        _close(runner, work)
+        raise
     agree = total = 0
     max_abs = max_rel = 0.0
     mismatches = []
-    with torch.no_grad():
-        for i, ids in enumerate(prompts):
-            ids = ids.to(dev)
-            with restrict(full, p, force_plan=force_plan):
-                lf = full(ids).logits.float()
-                gf = full.generate(ids, **gen_kw)[0, ids.shape[-1]:].tolist() if max_new_tokens > 0 else []
-            ls = small(ids.to(next(small.parameters()).device)).logits.float().to(lf.device)
-            gs = small.generate(ids, **gen_kw)[0, ids.shape[-1]:].tolist() if max_new_tokens > 0 else []
-            agree += int((lf.argmax(-1) == ls.argmax(-1)).sum())
-            total += lf.shape[1]
-            d = (lf - ls).abs().max().item()
-            max_abs = max(max_abs, d)
-            max_rel = max(max_rel, d / max(lf.abs().max().item(), 1e-30))
-            if gf != gs:
-                mismatches.append({"prompt": i, "full": gf, "trimmed": gs})
+    try:
+        with torch.no_grad():
+            for i, ids in enumerate(prompts):
+                ids = ids.to(dev)
+                with restrict(full, p, force_plan=force_plan):
+                    lf = full(ids).logits.float()
+                    if runner is not None:
+                        gf = _greedy(full, ids, max_new_tokens)
+                    else:
+                        gf = full.generate(ids, **gen_kw)[0, ids.shape[-1]:].tolist() if max_new_tokens > 0 else []
+                if runner is not None:
+                    seq = ids[0].tolist()
+                    logits, gs = runner.run(seq, max(0, max_new_tokens))
+                    ls = torch.from_numpy(logits).float().unsqueeze(0).to(lf.device)
+                    if ls.shape != lf.shape:
+                        raise MoesiftError(f"{runner.name} gave logits of shape {tuple(ls.shape[1:])}, the full model "
+                                           f"{tuple(lf.shape[1:])}; the trimmed checkpoint does not match the model")
+                else:
+                    ls = small(ids.to(next(small.parameters()).device)).logits.float().to(lf.device)
+                    gs = small.generate(ids, **gen_kw)[0, ids.shape[-1]:].tolist() if max_new_tokens > 0 else []
+                agree += int((lf.argmax(-1) == ls.argmax(-1)).sum())
+                total += lf.shape[1]
+                d = (lf - ls).abs().max().item()
+                max_abs = max(max_abs, d)
+                max_rel = max(max_rel, d / max(lf.abs().max().item(), 1e-30))
+                if gf != gs:
+                    mismatches.append({"prompt": i, "full": gf, "trimmed": gs})
+    finally:
+        engine_name = runner.name if runner is not None else "transformers"
+        engine_notes = list(getattr(runner, "notes", []) or [])
+        _close(runner, work)
     n_full = sum(x.numel() for x in full.parameters())
-    n_small = sum(x.numel() for x in small.parameters())
+    n_small = (sum(x.numel() for x in small.parameters()) if runner is None else _header_params(Path(trimmed)))
     result = {
         "model": str(model),
         "trimmed": str(trimmed),
+        "engine": engine_name,
+        "engine_notes": engine_notes,  # e.g. how llama.cpp's converter wrote the tokenizer
         "plan": p.source,
         "data": source,
         "prompts": len(prompts),
@@ -155,3 +206,47 @@ def verify(
     }
     result["ok"] = result["top1_agreement"] >= 1.0 and result["generations_identical"]
     return result
+
+
+def _greedy(model: Any, ids: Any, n: int) -> list[int]:
+    """Plain greedy decoding with the model's KV cache: n argmax tokens, end-of-sequence not special."""
+    import inspect
+
+    import torch
+
+    # the KV cache argument is `cache` from transformers 5.24 on, `past_key_values` before
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    out: list[int] = []
+    past = None
+    x = ids
+    for _ in range(n):
+        o = model(x, **{key: past}, use_cache=True)
+        past = o.get(key)
+        tok = int(o.logits[0, -1].argmax())
+        out.append(tok)
+        x = torch.tensor([[tok]], dtype=ids.dtype, device=ids.device)
+    return out
+
+
+def _header_params(directory: Path) -> int:
+    """Number of weights in a checkpoint's safetensors files, from their headers."""
+    from .checkpoint import read_header
+
+    n = 0
+    for f in sorted(directory.glob("*.safetensors")):
+        header = read_header(f)[0]
+        for name, t in header.items():
+            if name != "__metadata__":
+                k = 1
+                for s in t["shape"]:
+                    k *= int(s)
+                n += k
+    return n
+
+
+def _close(runner: Any, work: Any) -> None:
+    """Stop an engine runner and remove its temporary directory."""
+    if runner is not None:
+        runner.close()
+    if work is not None:
+        work.cleanup()

@@ -19,8 +19,9 @@ WCER_DIR = Path(os.environ.get("MOESIFT_WCER_DIR", Path(__file__).parent / "data
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
-    """tiny_dir(model_type) -> directory of a saved tiny random model (built once per session)."""
-    from tiny import build
+    """tiny_dir(model_type) -> directory of a saved tiny random model (built once per session), its
+    config.json with the key names of the family's hub checkpoints."""
+    from tiny import save
 
     root = tmp_path_factory.mktemp("tiny_models")
     cache: dict[str, Path] = {}
@@ -28,7 +29,7 @@ def tiny_dir(tmp_path_factory):
     def get(model_type: str) -> Path:
         if model_type not in cache:
             d = root / model_type
-            build(model_type).save_pretrained(d)
+            save(model_type, d)
             cache[model_type] = d
         return cache[model_type]
 

@@ -111,7 +111,10 @@ def test_rewrite_config_groups():
     cfg, _ = _v3_spec()
     ad = adapter_for(cfg)
     two = ad.rewrite_config(cfg, {1: list(range(4, 12)), 2: list(range(8))})
-    assert (two["n_routed_experts"], two["n_group"], two["topk_group"]) == (8, 2, 2)
+    # two whole groups kept, both selectable (topk_group 2): written as one group, the same routing
+    assert (two["n_routed_experts"], two["n_group"], two["topk_group"]) == (8, 1, 1)
+    three = ad.rewrite_config(cfg, {1: list(range(12)), 2: list(range(4, 16))})
+    assert (three["n_routed_experts"], three["n_group"], three["topk_group"]) == (12, 3, 2)
     one = ad.rewrite_config(cfg, {1: list(range(4)), 2: list(range(8, 12))})
     assert (one["n_group"], one["topk_group"]) == (1, 1)
     equal = ad.rewrite_config(cfg, {1: [0, 1, 4, 5, 8, 9, 12, 13], 2: [2, 3, 6, 7, 10, 11, 14, 15]})

@@ -34,14 +34,16 @@ def _qwen3_moe():
     )
 
 
-def build(model_type: str, seed: int = 0):
+def build(model_type: str, seed: int = 0, **overrides: Any):
     """A float32 model of `model_type` with random weights (router weights scaled up so that routing is
-    decisive and ties are impossible)."""
+    decisive and ties are impossible). `overrides`: config attributes to change (variants)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     cfg = TINY[model_type]()
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     with torch.no_grad():
         for p in model.parameters():
@@ -49,6 +51,25 @@ def build(model_type: str, seed: int = 0):
         if model_type in AFTER_BUILD:
             AFTER_BUILD[model_type](model)
     return model.eval()
+
+
+def hub_style(directory) -> None:
+    """Rewrite a saved model's config.json with the key names hub checkpoints of its family use (what
+    serving engines read; transformers 5 `save_pretrained` spells some of them its own way)."""
+    import json
+    from pathlib import Path
+
+    from moesift.arch import adapter_for
+
+    p = Path(directory) / "config.json"
+    cfg = json.loads(p.read_text())
+    p.write_text(json.dumps(adapter_for(cfg).hub_config(cfg), indent=2, sort_keys=True) + "\n")
+
+
+def save(model_type: str, directory, seed: int = 0, **overrides: Any) -> None:
+    """Build a tiny `model_type` model and save it with a hub-style config.json."""
+    build(model_type, seed=seed, **overrides).save_pretrained(directory)
+    hub_style(directory)
 
 
 def _load_families() -> None:

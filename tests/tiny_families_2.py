@@ -6,6 +6,9 @@ from __future__ import annotations
 from tiny import AFTER_BUILD, COMMON, tiny
 
 MLA = dict(num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=None, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8)
+# DeepSeek-V2 hub checkpoints use YaRN rope (with the attention-scale correction mscale_all_dim)
+YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32,
+        "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 0.707, "mscale_all_dim": 0.707}
 MOE = dict(intermediate_size=48, moe_intermediate_size=16, num_experts_per_tok=2)
 
 
@@ -16,7 +19,7 @@ def _deepseek_v2():
     return DeepseekV2Config(
         **{**COMMON, **MLA}, **MOE, num_hidden_layers=4, n_routed_experts=8, n_shared_experts=1,
         first_k_dense_replace=1, topk_method="group_limited_greedy", n_group=4, topk_group=2,
-        routed_scaling_factor=1.5,
+        routed_scaling_factor=1.5, rope_parameters=YARN,
     )
 
 

@@ -206,6 +206,11 @@ def save_checkpoint(model, tok, out: Path, info: dict) -> None:
     m.config.output_router_logits = False
     m.save_pretrained(tmp)
     tok.save_pretrained(tmp)
+    # config keys as hub checkpoints of the family spell them (engines read those); DeepSeek-V3 hub checkpoints
+    # store an untied output layer, which mlx-lm's deepseek_v3 expects
+    from hub_config import hub_style
+
+    hub_style(tmp, untie=m.config.model_type == "deepseek_v3")
     (tmp / "training.json").write_text(json.dumps(info, indent=1) + "\n")
     card = out / "README.md"
     if card.is_file():

@@ -178,6 +178,40 @@ class Adapter:
         """
         raise NotImplementedError
 
+    # config keys that transformers 5 saves under another name than hub checkpoints of the family use:
+    # {transformers-5 name: hub name}
+    hub_renames: ClassVar[dict[str, str]] = {}
+    # keys hub checkpoints of the family carry (and engines read) with the meaning these weights need,
+    # added when absent: {key: value}
+    hub_defaults: ClassVar[dict[str, Any]] = {}
+
+    def hub_config(self, config: Mapping[str, Any]) -> dict[str, Any]:
+        """`config` (a config.json dict) with the key names hub checkpoints of this family use, which is what
+        serving engines (vLLM, SGLang, mlx-lm, llama.cpp's converter) read: transformers-5 renames undone,
+        a single `rope_parameters` also written as `rope_theta` / `rope_scaling` / `partial_rotary_factor`
+        (it stays: transformers 5 reads it first, and some families default to another rope without it),
+        and the family's routing keys (`hub_defaults`) added where absent. Every other key is kept."""
+        out = dict(config)
+        for new, old in self.hub_renames.items():
+            if new in out and old not in out:
+                out[old] = out.pop(new)
+        rope = out.get("rope_parameters")
+        if isinstance(rope, Mapping) and "rope_theta" in rope:  # one rope for every layer (not per layer type)
+            out.setdefault("rope_theta", rope["rope_theta"])
+            if "partial_rotary_factor" in rope:
+                out.setdefault("partial_rotary_factor", rope["partial_rotary_factor"])
+            rest = {k: v for k, v in rope.items() if k not in ("rope_theta", "partial_rotary_factor")}
+            kind = rest.get("rope_type", rest.get("type", "default"))
+            out.setdefault("rope_scaling", None if kind == "default" else {**rest, "type": kind, "rope_type": kind})
+        for k, v in self.hub_defaults.items():
+            out.setdefault(k, v)
+        return out
+
+    def engine_problems(self, engine: str, config: Mapping[str, Any]) -> list[str]:
+        """Why serving engine `engine` ("mlx", "llama.cpp") cannot run a checkpoint of this family with
+        `config` (its config.json) although it implements the model_type; empty when it can."""
+        return []
+
     def plan_problems(self, spec: MoESpec, resident: Mapping[int, Sequence[int]], standard: bool) -> list[str]:
         """Why `resident` cannot be served (empty list when it can). `standard`: must load in stock
         transformers (equal counts per layer, group rules). Generic rules are checked here."""

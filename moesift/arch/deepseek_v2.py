@@ -40,6 +40,17 @@ class DeepseekV2(StandardAdapter):
             return None, None
         return _int(cfg_get(config, "n_group")), _int(cfg_get(config, "topk_group"))
 
+    def engine_problems(self, engine, config):
+        if engine == "mlx" and type(self) is DeepseekV2 and not isinstance(config.get("rope_scaling"), dict):
+            return ["mlx-lm's deepseek_v2 needs the YaRN `rope_scaling` of hub DeepSeek-V2 configs; this "
+                    "config.json has none"]
+        n_layers = int(cfg_get(config, "num_hidden_layers", default=0) or 0)
+        mla = config.get("kv_lora_rank") is not None  # DeepSeek attention (not GLM-4-MoE's or dots1's)
+        if engine == "llama.cpp" and mla and config.get("q_lora_rank") is None and n_layers not in (26, 27):
+            return ["llama.cpp's deepseek2 needs q_lora_rank (queries without a low-rank projection are read "
+                    "only for the layer counts of DeepSeek-V2-Lite-like models); this config.json has none"]
+        return []
+
     def plan_problems(self, spec, resident, standard):
         if not (spec.n_group and spec.n_group > 1):
             return super().plan_problems(spec, resident, standard)
@@ -79,8 +90,11 @@ class DeepseekV2(StandardAdapter):
             n = int(cfg_get(config, *self.n_experts_keys))
             ids = max(resident.values(), key=len)
             kept = _kept_groups(_group_sizes(ids, n, n_group), n // n_group)
+            top = min(int(topk_group or kept), kept)
+            if top >= kept:  # every kept group is selectable: group limiting is a no-op, say so as one group
+                kept = top = 1  # (llama.cpp refuses topk_group == n_group; transformers, vLLM, SGLang agree)
             out["n_group"] = kept
-            out["topk_group"] = min(int(topk_group or kept), kept)
+            out["topk_group"] = top
         return out
 
 

@@ -22,6 +22,9 @@ class DeepseekV3(DeepseekV2):
     bias_attrs = ("e_score_correction_bias",)
     normalise_selection = True
     group_score_top = 2
+    # what hub DeepSeek-V3 / Kimi-K2 configs say about this router; vLLM creates the selection bias only for
+    # noaux_tc and SGLang reads topk_method directly, so a checkpoint without them misloads there
+    hub_defaults = {"topk_method": "noaux_tc", "scoring_func": "sigmoid", "moe_layer_freq": 1}
 
     def groups(self, config):
         return _int(cfg_get(config, "n_group", default=1)), _int(cfg_get(config, "topk_group", default=1))

@@ -4,7 +4,7 @@ checkpoints: `*_blocks`, `*_scales`, sliced the same way). Every layer is MoE; n
 
 from __future__ import annotations
 
-from .base import Patterns, StandardAdapter, register
+from .base import Patterns, StandardAdapter, cfg_get, register
 
 L = r"model\.layers\.(?P<layer>\d+)\.mlp"
 
@@ -20,3 +20,10 @@ class GptOss(StandardAdapter):
         router_bias=(rf"{L}\.router\.bias",),
         fused=((rf"{L}\.experts\.(gate_up_proj|down_proj)[\w.]*", 0),),
     )
+
+    def engine_problems(self, engine, config):
+        q = cfg_get(config, "quantization_config", default={}) or {}
+        if engine == "mlx" and not (isinstance(q, dict) and q.get("quant_method") == "mxfp4"):
+            return ["mlx-lm reads gpt-oss experts only in the MXFP4 layout of the released checkpoints "
+                    "(quantization_config mxfp4, *_blocks / *_scales tensors); these experts are unquantized"]
+        return []

@@ -10,3 +10,4 @@ from .qwen2_moe import Qwen2Moe
 @register
 class Qwen3Next(Qwen2Moe):
     model_types = ("qwen3_next",)
+    dense_layers_unsupported = ()

@@ -1,0 +1,47 @@
+"""Tiny models for the serving-engine checks (tests/test_engines_*.py, bench/engines.py): per engine, the
+families it runs and the config changes its implementation needs (what hub checkpoints of the family have
+anyway), and a small byte-pair tokenizer, since llama.cpp's converter writes the vocabulary into the GGUF."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# engine -> {family: config overrides of the tiny model}
+ENGINE_FAMILIES: dict[str, dict[str, dict]] = {
+    "mlx": {
+        "qwen3_moe": {}, "qwen2_moe": {"mlp_only_layers": []}, "olmoe": {}, "mixtral": {}, "deepseek_v2": {},
+        "deepseek_v3": {}, "glm4_moe": {}, "granitemoe": {}, "dots1": {}, "dbrx": {},
+    },
+    "llama.cpp": {
+        # llama.cpp: qwen3moe has no dense layers; OLMoE's q/k norms span all heads (hub OLMoE has no GQA);
+        # deepseek2 reads q_lora_rank (every hub DeepSeek-V2/V3 but the Lite ones has it)
+        "qwen3_moe": {"mlp_only_layers": []}, "qwen2_moe": {"mlp_only_layers": []},
+        "olmoe": {"num_key_value_heads": 4}, "mixtral": {}, "granitemoe": {}, "dbrx": {},
+        "deepseek_v2": {"q_lora_rank": 16}, "deepseek_v3": {"q_lora_rank": 16},
+    },
+}
+
+
+def add_bpe_tokenizer(directory: Path, vocab_size: int) -> None:
+    """A byte-pair tokenizer of at most `vocab_size` tokens trained on a few lines, saved into `directory`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<eos>"],
+                                  show_progress=False)
+    tk.train_from_iterator(["the quick brown fox jumps over the lazy dog", "def f(x): return x + 1"] * 20, trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", eos_token="<eos>").save_pretrained(directory)
+
+
+def engine_model(engine: str, model_type: str, directory: Path, tokenizer: bool = False) -> Path:
+    """Save the tiny `model_type` model as `engine` needs it (hub-style config) into `directory`."""
+    import json
+
+    from tiny import save
+
+    save(model_type, directory, **ENGINE_FAMILIES[engine][model_type])
+    if tokenizer:
+        add_bpe_tokenizer(directory, json.loads((directory / "config.json").read_text())["vocab_size"])
+    return directory
