@@ -57,6 +57,8 @@ _LAZY = {
     "affinity_summary": "affinity",
     "eval_model": "evaluate",
     "sweep": "sweep",
+    "calibrate": "calibrate",
+    "Calibration": "calibrate",
     "demo": "demo",
     "place": "place",
     "cache": "cachesim",
@@ -67,7 +69,7 @@ _LAZY = {
 
 # Public functions that share their module's name (moesift.plan is the function in moesift/plan.py): when
 # Python imports such a submodule it sets the package attribute to the module; keep the function there.
-_SAME_NAME = {"plan", "trim", "restrict", "verify", "sweep", "demo", "place"}
+_SAME_NAME = {"plan", "trim", "restrict", "verify", "sweep", "demo", "place", "calibrate"}
 
 
 class _Package(types.ModuleType):
