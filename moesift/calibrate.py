@@ -16,6 +16,10 @@ whole group for group-limited routers) whose removal raises the layer's output e
 top-k floor is left. The order of removal ranks the units (removed last = most needed) and the error
 after each removal gives the marginal loss of each unit, which ``plan --allocate`` spends a total budget by.
 
+The greedy is lazy (as in CELF): every candidate is measured on the first step, so the first removal is
+exact; afterwards a candidate is re-measured only when the tokens it serves changed and it reaches the top
+of the queue (a removal that gets cheaper as others go is the exception it can miss).
+
 Only the tokens an expert currently serves change when it is removed, for routers whose weights are
 renormalised over the selection (or do not depend on the other experts); for those, a candidate's error is
 measured on its tokens alone, which is exact. Whether a router is such is measured, not assumed: on the
@@ -26,6 +30,7 @@ evaluated on every token.
 
 from __future__ import annotations
 
+import heapq
 import json
 import math
 import os
@@ -303,27 +308,38 @@ def greedy_layer(blk: _Block, x: Any, units: list[list[int]], n_floor: int,
         others = ~(cur_ids == probe).any(dim=1)
         if others.any() and not torch.allclose(out[others], full[others], rtol=1e-4, atol=1e-5 * float(full.abs().max())):
             local = False
-    delta: dict[int, float] = {}
-    dirty = set(remaining)
+    def measure(u: int) -> float:
+        nonlocal forwards
+        R = sorted(resident - set(units[u]))
+        forwards += 1
+        if local:
+            sel = (cur_ids.unsqueeze(-1) == torch.as_tensor(units[u], device=cur_ids.device)).any(-1).any(-1)
+            idx = sel.nonzero().reshape(-1)
+            if idx.numel() == 0:
+                forwards -= 1
+                return 0.0
+            out, _ = blk.run(x[idx.to(x.device)], R)
+            return float(((full[idx] - out).double() ** 2).sum() - err_tok[idx].sum())
+        out, _ = blk.run(x, R)
+        return float(((full - out).double() ** 2).sum()) - total
+
+    def key(u: int, d: float) -> tuple[float, int, int]:
+        return (d, int(sum(used[e] for e in units[u])), u)
+
+    # lazy greedy: every candidate is measured on the first step; afterwards only candidates whose tokens
+    # changed are stale, and a stale candidate is re-measured only when it reaches the top of the heap
     order, errors = [], [0.0]
     total = 0.0
+    heap = [key(u, measure(u)) for u in remaining]
+    heapq.heapify(heap)
+    stale: set[int] = set()
     while len(remaining) > n_floor:
-        for u in dirty:
-            gone = set(units[u])
-            R = sorted(resident - gone)
-            if local:
-                sel = (cur_ids.unsqueeze(-1) == torch.as_tensor(units[u], device=cur_ids.device)).any(-1).any(-1)
-                idx = sel.nonzero().reshape(-1)
-                if idx.numel() == 0:
-                    delta[u] = 0.0
-                    continue
-                out, _ = blk.run(x[idx.to(x.device)], R)
-                delta[u] = float(((full[idx] - out).double() ** 2).sum() - err_tok[idx].sum())
-            else:
-                out, _ = blk.run(x, R)
-                delta[u] = float(((full - out).double() ** 2).sum()) - total
-            forwards += 1
-        best = min(remaining, key=lambda u: (delta[u], int(sum(used[e] for e in units[u])), u))
+        while True:
+            d, _, best = heapq.heappop(heap)
+            if best not in stale:
+                break
+            stale.discard(best)
+            heapq.heappush(heap, key(best, measure(best)))
         gone = set(units[best])
         resident -= gone
         remaining.remove(best)
@@ -338,13 +354,11 @@ def greedy_layer(blk: _Block, x: Any, units: list[list[int]], n_floor: int,
                 cur_ids[idx] = new_ids.to(cur_ids.dtype)
                 err_tok[idx] = ((full[idx] - out).double() ** 2).sum(dim=1)
                 touched = set(torch.unique(torch.cat([old.reshape(-1), new_ids.reshape(-1).to(old.dtype)])).tolist())
-                dirty = {u for u in remaining if any(e in touched for e in units[u])}
-            else:
-                dirty = set()
+                stale |= {u for u in remaining if any(e in touched for e in units[u])}
             total = float(err_tok.sum())
         else:
-            total += delta[best]
-            dirty = set(remaining)
+            total += d
+            stale = set(remaining)
         errors.append(total / norm2)
         if tick:
             tick()
