@@ -430,4 +430,9 @@ def sweep_sections(r: dict[str, Any], prefix: str = "sweep") -> list[str]:
         parts.append(f"<p>! {esc(n)}</p>")
     for s in r["skipped"]:
         parts.append(f"<p>Skipped {esc(s['strategy'])}: {esc(s['reason'])}</p>")
+    if r.get("winners"):
+        parts.append("<h2>Best strategy per budget (held-out perplexity)</h2><ul>" + "".join(
+            f"<li>keep {w['keep']:g}: {esc(w['strategy'])} x{w['ppl_ratio']:.3f}"
+            + (f" (runner-up {esc(w['runner_up'])} x{w['runner_up_ppl_ratio']:.3f})" if "runner_up" in w else "")
+            + "</li>" for w in r["winners"]) + "</ul>")
     return parts
