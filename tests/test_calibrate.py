@@ -221,3 +221,15 @@ def test_sweep_winners():
     w = winners(pts)
     assert [(x["keep"], x["strategy"], x["runner_up"]) for x in w] == [(0.25, "calibrated", "frequency"),
                                                                        (0.5, "frequency", "calibrated")]
+
+
+def test_report_compares_trace_scored_strategies(ref_trace):
+    from moesift.report import strategy_coverage
+
+    _, _, _, tr = ref_trace
+    rows = {r["strategy"]: r for r in strategy_coverage(tr)}
+    assert set(rows) == {"frequency", "weighted", "contribution", "saliency"}
+    assert rows["frequency"]["spearman_with_counts"] == pytest.approx(1.0)
+    for r in rows.values():  # frequency keeps the most-routed experts: nothing covers more in-sample
+        assert r["coverage_0.25"] <= rows["frequency"]["coverage_0.25"] + 1e-12
+        assert r["coverage_0.25"] == pytest.approx(plan(tr, keep=0.25, strategy=r["strategy"]).predictions["coverage"])
