@@ -395,7 +395,7 @@ def print_model(name: str, r: dict[str, Any]) -> None:
     print_fewer(r["fewer_experts"])
 
 
-SEL_STRATEGIES = ("frequency", "weighted", "contribution", "saliency", "random", "calibrated", "calibrated+allocate")
+SEL_STRATEGIES = ["frequency", "weighted", "contribution", "saliency", "random", "calibrated", "calibrated+allocate"]
 
 
 def selection(name: str, st: dict[str, Any]) -> dict[str, Any]:
@@ -491,8 +491,10 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=list(assets.MODELS), choices=list(assets.MODELS))
     ap.add_argument("--selection", action="store_true", help="only section 5: selection strategies side by side")
     ap.add_argument("--calib-docs", type=int, default=32, help="calibration prompts per domain in --selection (32)")
+    ap.add_argument("--strategies", default=",".join(SEL_STRATEGIES), help="strategies compared in --selection")
     a = ap.parse_args()
     if a.selection:
+        SEL_STRATEGIES[:] = a.strategies.split(",")
         main_selection(a)
         return
     st = {"trace_docs": 8, "eval_docs": 2, "max_length": 64} if a.quick else \
