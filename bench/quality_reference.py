@@ -34,8 +34,11 @@ public API (``moesift.trace``, ``moesift.compare``, ``moesift.plan``, ``moesift.
    domain's trace split (``--calib-docs`` documents of ``--max-length`` tokens); the eval split, disjoint
    from both, is scored. Prints the perplexity-ratio table, the winner per budget, and the target check:
    calibrated+allocate at or below min(frequency, weighted) at every point, and at keep 0.25 how much
-   closer to 1.0 than that minimum it is on average over domains. About 10 minutes on a loaded 2-core
-   machine: ``OMP_NUM_THREADS=2 python bench/quality_reference.py --selection``.
+   closer to 1.0 than that minimum it is on average over domains. The README's tables: one process per
+   model, about 12 minutes each on a loaded 2-core machine:
+   ``OMP_NUM_THREADS=1 python bench/quality_reference.py --selection --models qwen3moe-ref --strategies
+   frequency,weighted,contribution,saliency,random,calibrated,calibrated+allocate --trace-docs 64
+   --eval-docs 16 --calib-docs 64`` (and the same with ``--models deepseekv3-ref``).
 
 Perplexity is moesift's: token-weighted over windows of ``--max-length`` tokens (documents longer than that
 are cut into consecutive windows); routing restricted to the plan's resident experts computes what the
