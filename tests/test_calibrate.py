@@ -191,10 +191,10 @@ def test_allocate_respects_groups_and_hash_layers():
         plan(t, keep=0.5, allocate=True, uniform=True)
 
 
-def test_allocate_group_limited_reference_model_loads_resident():
+def test_allocate_group_limited_reference_model_loads_resident(tmp_path):
     mdir = assets.reference_model("deepseekv3-ref")
     m, tok = moesift.load_model(mdir, device="cpu", dtype="float32")
-    tr = moesift.trace(m, assets.workload("math", "trace"), max_samples=6, max_length=48, progress=False,
+    tr = moesift.trace(m, assets.workload("prose", "trace"), max_samples=6, max_length=48, progress=False,
                        tokenizer=tok)
     a = plan(tr, keep=0.75, allocate=True, model=mdir)
     spec = CheckpointIndex.build(mdir).spec
@@ -209,6 +209,11 @@ def test_allocate_group_limited_reference_model_loads_resident():
         want = m(input_ids=ids).logits
     with torch.no_grad():
         assert torch.allclose(r(input_ids=ids).logits, want, atol=1e-4)
+    assert len(set(a.counts())) > 1  # a non-uniform plan: it trims to a checkpoint moesift loads
+    out = moesift.trim(mdir, a, tmp_path / "trimmed", progress=False)
+    t, _ = moesift.load_trimmed(out, dtype="float32")
+    with torch.no_grad():
+        assert torch.allclose(t(input_ids=ids).logits, want, atol=1e-4)
 
 
 def test_sweep_winners():
