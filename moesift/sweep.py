@@ -127,7 +127,7 @@ def sweep(
     trace: Any,
     data: Any,
     keep: Sequence[float] | str = (0.25, 0.5, 0.75),
-    strategy: Sequence[str] | str = ("frequency", "weighted", "saliency", "random"),
+    strategy: Sequence[str] | str = ("frequency", "weighted", "contribution", "saliency", "random"),
     json: bool = False,
     out: str | os.PathLike | None = None,
     max_length: int = 512,
