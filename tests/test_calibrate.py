@@ -238,3 +238,15 @@ def test_report_compares_trace_scored_strategies(ref_trace):
     for r in rows.values():  # frequency keeps the most-routed experts: nothing covers more in-sample
         assert r["coverage_0.25"] <= rows["frequency"]["coverage_0.25"] + 1e-12
         assert r["coverage_0.25"] == pytest.approx(plan(tr, keep=0.25, strategy=r["strategy"]).predictions["coverage"])
+
+
+def test_sweep_refuses_calibrating_on_the_evaluation_data(tiny_dir, tmp_path):
+    src = tiny_dir("qwen3_moe")
+    spec = CheckpointIndex.build(src).spec
+    counts, _ = skewed(L=len(spec.moe_layers), E=spec.n_experts)
+    t = make_trace(counts, moe_layers=spec.moe_layers, model_type="qwen3_moe")
+    data = _calib_file(tmp_path, 96)
+    with pytest.raises(MoesiftError, match="evaluation data"):
+        moesift.sweep(src, t, data, keep=[0.5], strategy="calibrated", calib=data, timing=False, progress=False)
+    with pytest.raises(MoesiftError, match="unknown strategy"):
+        moesift.sweep(src, t, data, keep=[0.5], strategy="calibrated+everything", timing=False, progress=False)
