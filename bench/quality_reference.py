@@ -27,6 +27,19 @@ public API (``moesift.trace``, ``moesift.compare``, ``moesift.plan``, ``moesift.
 4. Fewer experts: ``moesift.eval_model`` on the code eval split with top-k = the model's top-k, then halved
    down to 1, and dynamic top-p 0.5 and 0.9, with the mean number of routed experts active per token.
 
+5. ``--selection`` (this section alone): the selection strategies side by side. For each model and domain,
+   ``moesift.sweep`` (timing off) from the domain's trace split (traced with saliency) at keep 0.25 / 0.5 /
+   0.75: frequency, weighted, contribution, saliency, random (seed 0), calibrated (uniform counts) and
+   calibrated+allocate (one total spread over layers by calibrated error). Calibration prompts are the
+   domain's trace split (``--calib-docs`` documents of ``--max-length`` tokens); the eval split, disjoint
+   from both, is scored. Prints the perplexity-ratio table, the winner per budget, and the target check:
+   calibrated+allocate at or below min(frequency, weighted) at every point, and at keep 0.25 how much
+   closer to 1.0 than that minimum it is on average over domains. The README's tables: one process per
+   model, about 12 minutes each on a loaded 2-core machine:
+   ``OMP_NUM_THREADS=1 python bench/quality_reference.py --selection --models qwen3moe-ref --strategies
+   frequency,weighted,contribution,saliency,random,calibrated,calibrated+allocate --trace-docs 64
+   --eval-docs 16 --calib-docs 64`` (and the same with ``--models deepseekv3-ref``).
+
 Perplexity is moesift's: token-weighted over windows of ``--max-length`` tokens (documents longer than that
 are cut into consecutive windows); routing restricted to the plan's resident experts computes what the
 trimmed checkpoint computes. Traces truncate each document to ``--max-length`` tokens. Everything runs in
@@ -385,6 +398,91 @@ def print_model(name: str, r: dict[str, Any]) -> None:
     print_fewer(r["fewer_experts"])
 
 
+SEL_STRATEGIES = ["frequency", "weighted", "contribution", "saliency", "random", "calibrated", "calibrated+allocate"]
+
+
+def selection(name: str, st: dict[str, Any]) -> dict[str, Any]:
+    mdir = assets.reference_model(name)
+    m, tok = moesift.load_model(mdir, device="cpu", dtype="float32")
+    res: dict[str, Any] = {"domains": {}}
+    for d in assets.DOMAINS:
+        t0 = time.perf_counter()
+        tr = moesift.trace(m, assets.workload(d, "trace"), label=d, max_samples=st["trace_docs"],
+                           max_length=st["max_length"], saliency=True, progress=False, tokenizer=tok)
+        cal = moesift.calibrate(mdir, assets.workload(d, "trace"), max_samples=st["calib_docs"],
+                                max_length=st["max_length"], progress=False, loaded=(m, tok))
+        sw = moesift.sweep(mdir, tr, assets.workload(d, "eval"), keep=list(KEEPS), strategy=list(SEL_STRATEGIES),
+                           calibration=cal, json=True, timing=False, dtype="float32", max_length=st["max_length"],
+                           max_samples=st["eval_docs"], seed=0, progress=False)
+        pts = {(p["strategy"], p["keep"]): p for p in sw["points"] if p["strategy"] != "full"}
+        res["domains"][d] = {
+            "ratios": {f"{s} {k:g}": pts[(s, k)]["ppl_ratio"] for (s, k) in pts},
+            "experts_per_layer": {f"{s} {k:g}": [len(e["resident"]) for e in pts[(s, k)]["plan"]["layers"]]
+                                  for (s, k) in pts},
+            "winners": sw["winners"], "skipped": sw["skipped"], "tokens": sw["tokens"],
+            "calibration_s": cal.timing["total_s"], "calibration_layer_s": cal.timing["per_layer_s"],
+            "calibration_tokens": cal.settings["tokens"], "seconds": time.perf_counter() - t0}
+        say(f"{name}: {d} done ({time.perf_counter() - t0:.0f} s)")
+    # target: calibrated+allocate vs the best of frequency and weighted
+    below, closer = True, []
+    for r in res["domains"].values():
+        for k in KEEPS:
+            best = min(r["ratios"][f"frequency {k:g}"], r["ratios"][f"weighted {k:g}"])
+            cal = r["ratios"][f"calibrated+allocate {k:g}"]
+            below = below and cal <= best + 1e-12
+            if k == KEEPS[0]:
+                closer.append((best - cal) / (best - 1.0) if best > 1.0 else 0.0)
+    res["target"] = {"at_or_below_everywhere": below, "closer_at_25_mean": float(np.mean(closer)),
+                     "closer_at_25": dict(zip(res["domains"], closer, strict=True))}
+    return res
+
+
+def print_selection(name: str, r: dict[str, Any]) -> None:
+    out(f"=== {name}: perplexity on the eval split / full model; plans from the trace split (calibration on the "
+        "trace split too); [n/m] = experts per MoE layer when not uniform")
+    out("    " + "domain".ljust(12) + "strategy".ljust(22) + "".join(f"{'keep ' + format(k, 'g'):>22}" for k in KEEPS))
+    for d, x in r["domains"].items():
+        for i, s in enumerate(SEL_STRATEGIES):
+            cells = []
+            for k in KEEPS:
+                key = f"{s} {k:g}"
+                if key not in x["ratios"]:
+                    cells.append("skipped")
+                    continue
+                n = x["experts_per_layer"][key]
+                cells.append(f"{x['ratios'][key]:.3f}" + ("" if len(set(n)) == 1 else "[" + "/".join(map(str, n)) + "]"))
+            out("    " + (d if i == 0 else "").ljust(12) + s.ljust(22) + "".join(f"{c:>22}" for c in cells))
+        out("    " + " " * 12 + "winner: " + ", ".join(f"{w['keep']:g} {w['strategy']}" for w in x["winners"])
+            + f"; calibration {x['calibration_s']:.1f} s on {x['calibration_tokens']} tokens "
+            f"({np.mean(x['calibration_layer_s']):.2f} s per MoE layer)")
+    t = r["target"]
+    out(f"  target: calibrated+allocate <= min(frequency, weighted) at every point: {t['at_or_below_everywhere']}; "
+        f"at keep 0.25 closer to 1.0 by {t['closer_at_25_mean']:.1%} on average ("
+        + ", ".join(f"{d} {v:.1%}" for d, v in t["closer_at_25"].items()) + ")")
+
+
+def main_selection(a: argparse.Namespace) -> None:
+    st = {"trace_docs": a.trace_docs, "eval_docs": a.eval_docs, "max_length": a.max_length or 256,
+          "calib_docs": a.calib_docs}
+    if a.quick:
+        st.update(trace_docs=8, eval_docs=2, max_length=64, calib_docs=8)
+    env = environment()
+    out(f"moesift selection strategies on the bundled reference models{' (--quick)' if a.quick else ''}")
+    out(f"hardware: {env['cpu']}, {env['cpu_count']} CPUs ({env['cpus_usable']} usable), torch threads "
+        f"{env['torch_threads']}; moesift {env['moesift']} (git {env['git_commit']})")
+    out(f"settings: trace prompts per domain {st['trace_docs'] or 'all'}, calibration prompts {st['calib_docs']} "
+        f"(trace split), eval texts {st['eval_docs'] or 'all'}, {st['max_length']} tokens, float32, CPU")
+    result: dict[str, Any] = {"schema": "moesift-bench-selection/1", "environment": env, "settings": st, "models": {}}
+    for name in a.models:
+        result["models"][name] = selection(name, st)
+        print_selection(name, result["models"][name])
+    result["seconds"] = time.perf_counter() - T0
+    out(f"total wall time {result['seconds']:.1f} s")
+    if a.json_out is not None:
+        a.json_out.write_text(json.dumps(result, indent=1, default=json_default) + "\n")
+        out(f"wrote {a.json_out}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json-out", type=Path, help="write every figure to this JSON file")
@@ -394,7 +492,14 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=None, help="tokens per traced document / eval window (256)")
     ap.add_argument("--seeds", type=int, default=10, help="random resident sets in section 3 (10)")
     ap.add_argument("--models", nargs="+", default=list(assets.MODELS), choices=list(assets.MODELS))
+    ap.add_argument("--selection", action="store_true", help="only section 5: selection strategies side by side")
+    ap.add_argument("--calib-docs", type=int, default=32, help="calibration prompts per domain in --selection (32)")
+    ap.add_argument("--strategies", default=",".join(SEL_STRATEGIES), help="strategies compared in --selection")
     a = ap.parse_args()
+    if a.selection:
+        SEL_STRATEGIES[:] = a.strategies.split(",")
+        main_selection(a)
+        return
     st = {"trace_docs": 8, "eval_docs": 2, "max_length": 64} if a.quick else \
         {"trace_docs": None, "eval_docs": None, "max_length": 256}
     for k in ("trace_docs", "eval_docs", "max_length"):

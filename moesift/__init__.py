@@ -64,6 +64,8 @@ _LAZY = {
     "eval_model": "evaluate",
     "sweep": "sweep",
     "measure_ttft": "sweep",
+    "calibrate": "calibrate",
+    "Calibration": "calibrate",
     "demo": "demo",
     "place": "place",
     "cache": "cachesim",
@@ -74,7 +76,7 @@ _LAZY = {
 
 # Public functions that share their module's name (moesift.plan is the function in moesift/plan.py): when
 # Python imports such a submodule it sets the package attribute to the module; keep the function there.
-_SAME_NAME = {"plan", "trim", "restrict", "verify", "sweep", "demo", "place"}
+_SAME_NAME = {"plan", "trim", "restrict", "verify", "sweep", "demo", "place", "calibrate"}
 
 
 class _Package(types.ModuleType):

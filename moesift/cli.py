@@ -185,9 +185,26 @@ def plan_cmd(
     coverage: float = typer.Option(None, "--coverage", help="Smallest set per layer covering this share of routes."),
     memory: str = typer.Option(None, "--memory", help="Target checkpoint size, e.g. 20GiB (needs --model)."),
     model: str = typer.Option(None, "--model", help="Model directory or hub id (bytes from its headers)."),
-    strategy: str = typer.Option("frequency", "--strategy", help="frequency | weighted | saliency | random. weighted "
-                                 "uses the routing weights the model applied (after top-k renormalisation)."),
+    strategy: str = typer.Option(
+        "frequency", "--strategy",
+        help="frequency (selection counts) | weighted (router-weight mass) | contribution (summed gate x expert "
+        "output norm over this workload's routed tokens; needs a --saliency trace: the score for a workload's "
+        "resident set) | saliency (REAP's mean of gate x output norm per routed token: pruning for all traffic, "
+        "blind to how often an expert is used) | calibrated (greedy removal by measured layer-output error on "
+        "calibration prompts: --calibration or --calib with --model) | random (ablation). weighted uses the routing weights the model applied (after top-k renormalisation)."),
     uniform: bool = typer.Option(False, "--uniform", help="Same number of experts in every MoE layer."),
+    allocate: bool = typer.Option(
+        False, "--allocate", help="Spread the --keep / --keep-experts / --memory total over layers by measured "
+        "marginal loss (calibrated error, or the strategy's score share: coverage for frequency) per byte, "
+        "instead of the same count in every layer."),
+    calibration: str = typer.Option(None, "--calibration", help="Calibration file from `moesift calibrate` "
+                                    "(for --strategy calibrated)."),
+    calib: list[str] = typer.Option(None, "--calib", help="Calibration prompts (workload file, repeatable) to "
+                                    "calibrate --model on for --strategy calibrated; never the evaluation data."),
+    calib_samples: int = typer.Option(64, "--calib-samples", help="Calibration documents used."),
+    calib_length: int = typer.Option(256, "--calib-length", help="Tokens per calibration document."),
+    device: str = typer.Option("cpu", "--device", help="Calibration device: cpu, cuda, cuda:N, auto."),
+    dtype: str = typer.Option(None, "--dtype", help="Calibration dtype: auto, float32, bfloat16, float16."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random strategy."),
     force: bool = typer.Option(False, "--force", help="Overwrite --out."),
     offload: bool = typer.Option(False, "--offload", help="Plan for `moesift generate` / load_offloaded: --memory "
@@ -222,6 +239,8 @@ def plan_cmd(
 
     p = plan(traces, out=out, keep=keep, keep_experts=keep_experts, coverage=coverage, memory=memory, model=model,
              strategy=strategy, uniform=uniform, seed=seed, force=force, force_plan=force_plan,
+             allocate=allocate, calibration=calibration, calib=calib or None, calib_samples=calib_samples,
+             calib_length=calib_length, device=device, dtype=dtype, progress=not json_out,
              **({"offload": True, "cache_slots": cache_slots, "policy": policy} if offload else {}))
     if json_out:
         emit_json(p.to_dict())
@@ -450,13 +469,49 @@ def eval_cmd(
         Console().print(format_table(res))
 
 
+@app.command("calibrate")
+def calibrate_cmd(
+    model: str = typer.Argument(..., help="Model directory, or a hub id in the local Hugging Face cache."),
+    data: list[str] = typer.Option(..., "--data", help="Calibration prompts (workload file); repeatable. Never "
+                                   "the evaluation data."),
+    out: str = typer.Option(..., "--out", "-o", help="Calibration file to write (moesift-calibration/1 JSON)."),
+    max_samples: int = typer.Option(64, "--max-samples", help="Calibration documents used."),
+    max_length: int = typer.Option(256, "--max-length", help="Tokens per document."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Documents per forward while capturing."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N, or auto (capture offloaded by "
+                               "accelerate; blocks evaluated on the GPU when there is one)."),
+    dtype: str = typer.Option(None, "--dtype", help="auto, float32, bfloat16, float16."),
+    field: str = typer.Option(None, "--field", help="JSONL key / parquet column holding the documents."),
+    force: bool = typer.Option(False, "--force", help="Overwrite --out."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Measure per MoE layer what removing experts does to the layer's output on calibration prompts (greedy,
+    least damage first), one MoE block at a time from the checkpoint; `plan --strategy calibrated
+    --calibration FILE` ranks by it and `--allocate` spends budgets by it."""
+    from .calibrate import calibrate
+
+    c = calibrate(model, data, out=out, max_samples=max_samples, max_length=max_length, batch_size=batch_size,
+                  device=device, dtype=dtype, field=field, force=force, progress=not json_out)
+    if json_out:
+        emit_json(c.to_dict())
+        return
+    t = c.timing
+    typer.echo(f"wrote {out}: {len(c.layers)} MoE layers, {c.settings['tokens']} calibration tokens; capture "
+               f"{t['capture_s']:.1f} s, {t['mean_layer_s'] or 0:.2f} s per layer, {t['total_s']:.1f} s in all")
+
+
 @app.command("sweep")
 def sweep_cmd(
     model: str = typer.Argument(..., help="Model directory, or a hub id in the local Hugging Face cache."),
     trace: list[str] = typer.Option(..., "--trace", help="Trace(s) to plan from (PATH or PATH:WEIGHT); repeatable."),
     data: list[str] = typer.Option(..., "--data", help="Held-out text for perplexity; repeatable."),
     keep: str = typer.Option("0.25,0.5,0.75", "--keep", help="Fractions of experts kept per MoE layer."),
-    strategy: str = typer.Option("frequency,weighted,saliency,random", "--strategy", help="Selection strategies."),
+    strategy: str = typer.Option("frequency,weighted,contribution,saliency,random", "--strategy",
+                                 help="Selection strategies (see `plan --help`); NAME+allocate spreads each budget "
+                                 "over layers, e.g. calibrated+allocate."),
+    calib: list[str] = typer.Option(None, "--calib", help="Calibration prompts for the calibrated strategy "
+                                    "(default: the trace's own workload files; never --data)."),
+    calibration: str = typer.Option(None, "--calibration", help="Calibration file from `moesift calibrate`."),
     out: str = typer.Option(None, "--out", help="Write a self-contained HTML page here."),
     max_length: int = typer.Option(512, "--max-length", help="Window length in tokens."),
     batch_size: int = typer.Option(8, "--batch-size", help="Windows per forward."),
@@ -476,7 +531,8 @@ def sweep_cmd(
 
     res = sweep(model, trace, data, keep=keep, strategy=strategy, json=json_out, out=out, max_length=max_length,
                 batch_size=batch_size, max_samples=max_samples, field=field, device=device, dtype=dtype, seed=seed,
-                uniform=uniform, timing=not no_timing, force=force, progress=not json_out)
+                uniform=uniform, timing=not no_timing, force=force, progress=not json_out, calib=calib or None,
+                calibration=calibration)
     if json_out:
         emit_json(res)
     elif out:

@@ -31,7 +31,7 @@ from .errors import MoesiftError
 
 SCHEMA = "moesift-plan/1"
 WCER_MANIFEST = "resident-manifest/1"
-STRATEGIES = ("frequency", "weighted", "saliency", "random")
+STRATEGIES = ("frequency", "weighted", "saliency", "contribution", "calibrated", "random")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -363,8 +363,11 @@ def strategy_scores(trace: Any, strategy: str, seed: int = 0) -> np.ndarray:
 
     frequency: selection counts; weighted: the routing weights the model applied (``weight_mass``, after any
     top-k renormalisation and scaling; not WCER's ``per_layer_weight_mass``, which moesift keeps as
-    ``selected_prob_mass``); saliency: mean gate x ||expert output|| over routed tokens (REAP); random:
-    seeded uniform scores (ablation)."""
+    ``selected_prob_mass``); saliency: mean gate x ||expert output|| over routed tokens (REAP: pruning for
+    all traffic, blind to how often an expert is used); contribution: the sum of gate x ||expert output||
+    over routed tokens (the expert's total contribution to this workload's outputs: the resident-set
+    score); random: seeded uniform scores (ablation). `calibrated` scores come from a calibration
+    (`moesift.calibrate`), not from the trace."""
     if strategy == "frequency":
         return trace.counts.astype(np.float64)
     if strategy == "weighted":
@@ -387,6 +390,16 @@ def strategy_scores(trace: Any, strategy: str, seed: int = 0) -> np.ndarray:
         s = np.asarray(s, dtype=np.float64)
         c = np.asarray(c, dtype=np.float64)
         return np.divide(s, c, out=np.zeros_like(s), where=c > 0)
+    if strategy == "contribution":
+        s = trace.get("saliency_sum")
+        if s is None:
+            raise MoesiftError(
+                f"trace {trace.label!r} has no saliency; record one with `moesift trace --saliency`"
+            )
+        return np.asarray(s, dtype=np.float64)
+    if strategy == "calibrated":
+        raise MoesiftError("the calibrated strategy ranks from a calibration, not a trace; pass --calibration "
+                           "FILE (moesift calibrate) or --calib DATA with --model")
     if strategy == "random":
         rng = np.random.default_rng(seed)
         return rng.random((trace.n_layers, trace.n_experts))
@@ -591,8 +604,10 @@ def _flatten(units: list[list[int]], n: int) -> list[int]:
 
 def _select(
     sp: _Spec, scores: np.ndarray, share: np.ndarray, budget: dict[str, Any], uniform: bool, index: Any,
+    gain: Any = None,
 ) -> list[list[int]]:
-    """Resident ids per MoE position under the budget."""
+    """Resident ids per MoE position under the budget. `gain(p, n)`: with --allocate, what the n-th unit of
+    layer p (in score order) is worth; a --keep / --keep-experts total is then spread over layers by it."""
     L, E = scores.shape
     units = [_units(sp, p, scores[p]) for p in range(L)]
     mins = [_min_units(sp, p, units[p]) for p in range(L)]
@@ -608,6 +623,8 @@ def _select(
                 "resident experts per layer (raise the budget)"
             )
         counts = [len(units[p]) if p in sp.hash_pos else max(_units_for_count(units[p], n), mins[p]) for p in range(L)]
+        if gain is not None:
+            counts = _allocate_count(sp, units, mins, n, gain)
     elif kind == "coverage":
         if not 0 < value <= 1:
             raise MoesiftError(f"--coverage must be in (0, 1]; got {value}")
@@ -620,7 +637,7 @@ def _select(
                 n += 1
             counts.append(max(n, mins[p]))
     elif kind == "memory":
-        counts = _allocate_memory(sp, units, mins, share, int(value), uniform, index)
+        counts = _allocate_memory(sp, units, mins, share, int(value), uniform, index, gain)
     else:
         raise MoesiftError(f"unknown budget {kind!r}")
     if uniform:
@@ -632,7 +649,7 @@ def _select(
     return [_flatten(units[p], counts[p]) for p in range(L)]
 
 
-def _allocate_memory(sp, units, mins, share, memory: int, uniform: bool, index: Any) -> list[int]:
+def _allocate_memory(sp, units, mins, share, memory: int, uniform: bool, index: Any, gain: Any = None) -> list[int]:
     """Units per layer so the whole checkpoint fits `memory` bytes, greedily by coverage gained per byte."""
     if index is None:
         raise MoesiftError("--memory needs --model (the checkpoint whose headers give the bytes per expert)")
@@ -670,7 +687,8 @@ def _allocate_memory(sp, units, mins, share, memory: int, uniform: bool, index: 
     for p in range(L):
         if counts[p] < len(units[p]):
             u = units[p][counts[p]]
-            heapq.heappush(heap, (-float(share[p, u].sum()) / max(ub[p][counts[p]], 1), p))
+            g = float(share[p, u].sum()) if gain is None else gain(p, counts[p])
+            heapq.heappush(heap, (-g / max(ub[p][counts[p]], 1), p))
     while heap:
         _, p = heapq.heappop(heap)
         b = ub[p][counts[p]]
@@ -680,8 +698,108 @@ def _allocate_memory(sp, units, mins, share, memory: int, uniform: bool, index: 
         counts[p] += 1
         if counts[p] < len(units[p]):
             u = units[p][counts[p]]
-            heapq.heappush(heap, (-float(share[p, u].sum()) / max(ub[p][counts[p]], 1), p))
+            g = float(share[p, u].sum()) if gain is None else gain(p, counts[p])
+            heapq.heappush(heap, (-g / max(ub[p][counts[p]], 1), p))
     return counts
+
+
+def _allocate_count(sp: _Spec, units: list[list[list[int]]], mins: list[int], n: int, gain: Any) -> list[int]:
+    """Units per layer under one total: as many experts as `n` per layer would keep in all the layers that
+    are not hash-routed (hash-routed layers stay whole, every layer keeps its floor), spent greedily on
+    the unit worth most per expert, `gain(p, i)` being what the i-th unit of layer p is worth."""
+    L = len(units)
+    free = [p for p in range(L) if p not in sp.hash_pos]
+    counts = [len(units[p]) if p in sp.hash_pos else mins[p] for p in range(L)]
+    size = [[len(u) for u in units[p]] for p in range(L)]
+    total = sum(sum(size[p][: max(_units_for_count(units[p], n), mins[p])]) for p in free)
+    used = sum(sum(size[p][: counts[p]]) for p in free)
+    heap = []
+    for p in free:
+        if counts[p] < len(units[p]):
+            heapq.heappush(heap, (-gain(p, counts[p]) / size[p][counts[p]], p))
+    while heap:
+        _, p = heapq.heappop(heap)
+        c = size[p][counts[p]]
+        if used + c > total:
+            continue
+        used += c
+        counts[p] += 1
+        if counts[p] < len(units[p]):
+            heapq.heappush(heap, (-gain(p, counts[p]) / size[p][counts[p]], p))
+    return counts
+
+
+def _gain_function(sp: _Spec, scores: np.ndarray, calibration: Any = None) -> Any:
+    """gain(p, i) for --allocate: the calibrated error the i-th unit of layer p saves when kept (from the
+    calibration's greedy removal), or else the unit's share of the layer's scores (for frequency: its
+    share of the routes, i.e. coverage)."""
+    L = scores.shape[0]
+    units = [_units(sp, p, scores[p]) for p in range(L)]
+    if calibration is not None:
+        gains = calibration.unit_gains()
+        floors = [len(e["floor"]) if e.get("floor") is not None else 0 for e in calibration.layers]
+
+        def cal_gain(p: int, i: int) -> float:
+            g = gains[p]
+            j = i - floors[p]
+            return float(g[j]) if g is not None and 0 <= j < len(g) else 0.0
+
+        return cal_gain
+    tot = scores.sum(axis=1)
+
+    def score_gain(p: int, i: int) -> float:
+        return float(scores[p, units[p][i]].sum() / tot[p]) if tot[p] > 0 else 0.0
+
+    return score_gain
+
+
+_CALIBRATIONS: dict[tuple, Any] = {}
+
+
+def _calibration_for(sp: _Spec, calibration: Any, calib: Any, model: Any, calib_samples: int | None,
+                     calib_length: int, device: str, dtype: str | None, progress: bool) -> Any:
+    """The Calibration the calibrated strategy ranks by: given (object or file), or measured on `calib`
+    (workload files) with the checkpoint `model` (kept for the process: sweeps plan many budgets)."""
+    from .calibrate import Calibration, calibrate
+
+    if calibration is not None:
+        cal = calibration if isinstance(calibration, Calibration) else Calibration.load(calibration)
+    elif calib is not None:
+        if model is None:
+            raise MoesiftError("--strategy calibrated with --calib needs --model (the checkpoint to calibrate)")
+        files = tuple(str(x) for x in ([calib] if isinstance(calib, (str, os.PathLike)) else calib))
+        key = (str(Path(str(model)).resolve()), files, calib_samples, calib_length, device, dtype)
+        cal = _CALIBRATIONS.get(key)
+        if cal is None:
+            cal = _CALIBRATIONS[key] = calibrate(model, list(files), max_samples=calib_samples,
+                                                 max_length=calib_length, device=device, dtype=dtype,
+                                                 progress=progress)
+    else:
+        raise MoesiftError("--strategy calibrated needs --calibration FILE (from `moesift calibrate`) or --calib "
+                           "DATA with --model (calibration prompts: never the evaluation data)")
+    m = cal.model
+    layers = [e.get("layer") for e in cal.layers]
+    if (m.get("n_experts") is not None and int(m["n_experts"]) != sp.n_experts) or len(layers) != len(sp.moe_layers) \
+            or (sp.moe_layers[0] is not None and list(layers) != list(sp.moe_layers)):
+        raise MoesiftError(f"the calibration ({m.get('checkpoint')}) is of another model than the traces: "
+                           f"{len(layers)} MoE layers x {m.get('n_experts')} experts; calibrate this model")
+    return cal
+
+
+def _calibrated_error(cal: Any, resident: Sequence[Sequence[int]]) -> list[float | None]:
+    """Per layer, the calibrated relative output error of a resident set that drops a prefix of the
+    calibration's removal order (None for other sets: the calibration did not measure them)."""
+    out: list[float | None] = []
+    for e, r in zip(cal.layers, resident, strict=True):
+        if e.get("order") is None:
+            out.append(0.0)
+            continue
+        keep = set(r)
+        dropped = [not (set(u) & keep) for u in e["order"]]
+        n = dropped.index(False) if False in dropped else len(dropped)
+        prefix = all(not d for d in dropped[n:]) and all(set(u) <= keep for u in e["order"][n:])
+        out.append(float(e["error"][n]) if prefix else None)
+    return out
 
 
 def _fmt(n: int) -> str:
@@ -741,6 +859,14 @@ def plan(
     cache_slots: int | None = None,
     policy: str = "lru",
     force_plan: bool = False,
+    allocate: bool = False,
+    calibration: Any = None,
+    calib: Any = None,
+    calib_samples: int | None = 64,
+    calib_length: int = 256,
+    device: str = "cpu",
+    dtype: str | None = None,
+    progress: bool = True,
 ) -> Plan:
     """Choose the resident experts of every MoE layer from one or more traces (a bank) under one budget.
 
@@ -748,7 +874,12 @@ def plan(
     Exactly one of `keep`, `keep_experts`, `coverage`, `memory` (needs `model`).
     `offload`: plan for `moesift.load_offloaded` (`memory` is device memory for the non-expert weights, the
     resident experts and `cache_slots` slots per layer; the predicted cache hit rate is added).
-    With `model`, traces of another config (same family, other shapes) are refused unless `force_plan`."""
+    With `model`, traces of another config (same family, other shapes) are refused unless `force_plan`.
+    `allocate`: spread the --keep / --keep-experts / --memory total over layers by measured marginal loss
+    (calibrated error, or the strategy's score share: coverage for frequency) instead of the same count
+    everywhere. `strategy="calibrated"` ranks by `calibration` (a `moesift.calibrate` result or file), or
+    calibrates `model` on `calib` (workload files, never the evaluation data; `calib_samples` documents of
+    `calib_length` tokens, on `device` in `dtype`)."""
     from . import __version__
 
     given = {k: v for k, v in (("keep", keep), ("keep_experts", keep_experts), ("coverage", coverage),
@@ -760,6 +891,10 @@ def plan(
         raise MoesiftError(f"--keep is a fraction of experts in (0, 1]; got {value}")
     if strategy not in STRATEGIES:
         raise MoesiftError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
+    if allocate and kind == "coverage":
+        raise MoesiftError("--allocate spreads a total (--keep, --keep-experts or --memory); --coverage is per layer")
+    if allocate and uniform:
+        raise MoesiftError("--allocate gives layers different counts; it cannot be combined with --uniform")
     if out is not None:
         from .io import check_output_path
 
@@ -774,7 +909,13 @@ def plan(
         check_plan_config(probe, index.config, str(model), force_plan, what="trace")
     sp = _spec_from(bank, index)
     share = bank.counts()
-    scores = bank.scores(strategy, seed)
+    cal = None
+    if strategy == "calibrated":
+        cal = _calibration_for(sp, calibration, calib, model, calib_samples, calib_length, device, dtype, progress)
+        scores = cal.scores(sp.n_experts)
+    else:
+        scores = bank.scores(strategy, seed)
+    gain = _gain_function(sp, scores, cal) if allocate else None
     budget = {"kind": kind, "value": parse_bytes(value) if kind == "memory" else float(value)}
     if kind == "keep_experts":
         budget["value"] = int(value)
@@ -785,7 +926,7 @@ def plan(
             raise MoesiftError("--offload plans for a device budget: give --memory GiB and --model")
         budget["value"], cache_slots = offload_budget(index, budget["value"], cache_slots)
     try:
-        resident = _select(sp, scores, share, budget, uniform, index)
+        resident = _select(sp, scores, share, budget, uniform, index, gain)
     except MoesiftError as e:
         if not offload:
             raise
@@ -828,6 +969,8 @@ def plan(
                            f"whole groups are kept and at least {sp.topk_group or 1} of them")
             if uniform:
                 why.append("--uniform gives every layer the largest count")
+            if allocate:
+                why.append("--allocate moves experts between layers under the same total")
             budget_note = (f"the budget asks for {asked} experts per layer; {len(raised)} of {L} MoE layers keep "
                            f"more (up to {max(len(resident[p]) for p in raised)}): " + "; ".join(why or ["top-k"]))
     insample = [float(share[p, resident[p]].sum() / share[p].sum()) if share[p].sum() > 0 else None for p in range(L)]
@@ -877,6 +1020,12 @@ def plan(
         pred["strategy_note"] = ("weighted ranks experts by the routing weights the model applied (weight_mass, after "
                                  "top-k renormalisation), not by the router probability before it (selected_prob_mass, "
                                  "WCER's per_layer_weight_mass)")
+    if cal is not None:
+        ce = _calibrated_error(cal, resident)
+        for e, c in zip(layers, ce, strict=True):
+            e["calibrated_error"] = c
+        known = [c for c in ce if c is not None]
+        pred["calibrated_error"] = float(np.mean(known)) if known else None
     if held_note:
         pred["heldout_note"] = held_note
         pred["frequency_insample_minus_heldout"] = freq_gap
@@ -898,6 +1047,7 @@ def plan(
         "strategy": strategy,
         "budget": {kind: value if kind != "memory" else str(value), **({"bytes": budget["value"]} if kind == "memory" else {})},
         "uniform": bool(uniform),
+        "allocate": bool(allocate),
         "seed": int(seed),
         "tool": {"name": "moesift", "version": __version__},
     }
@@ -907,6 +1057,9 @@ def plan(
         pred["offload"] = offload_prediction(bank.traces, resident, int(cache_slots or 0), policy, index,
                                              sp.moe_layers)
         pred["offload"]["memory_bytes"] = parse_bytes(value)
+    if cal is not None:
+        prov["calibration"] = {"settings": cal.settings, "timing": cal.timing,
+                               "local": [e.get("local") for e in cal.layers]}
     result = Plan(model=model_id, layers=layers, provenance=prov, predictions=pred)
     if out is not None:
         result.save(out, force=force)

@@ -293,6 +293,8 @@ def report(traces, model=None, out=None, json: bool = False, locality_tokens: in
                             f"{main.model.get('topk_group') or 1} of {n_group} expert groups per token, so a servable "
                             "resident set keeps whole groups and covers less at the same size: `moesift plan` gives "
                             "its coverage, in-sample and held-out."]
+        step("selection strategies")
+        res["strategies"] = strategy_coverage(main)
         if model is not None:
             step("checkpoint headers")
             res["savings"] = savings(main, model, a)
@@ -386,6 +388,36 @@ def _console():
     return Console()
 
 
+def strategy_coverage(trace: Any, keeps: tuple[float, ...] = (0.25, 0.5)) -> list[dict[str, Any]]:
+    """For each trace-scored strategy the trace supports: the in-sample coverage of the set `moesift plan`
+    keeps at each budget (mean over MoE layers), and the mean per-layer Spearman correlation of its scores
+    with the selection counts. Frequency is the in-sample optimum; contribution (summed gate x output norm)
+    tracks it, REAP's mean saliency need not (it does not see how often an expert is used)."""
+    from .plan import plan as make_plan
+    from .plan import strategy_scores
+
+    out = []
+    counts = trace.counts.astype(np.float64)
+    for s in ("frequency", "weighted", "contribution", "saliency"):
+        try:
+            sc = strategy_scores(trace, s)
+        except MoesiftError:
+            continue
+        rho = []
+        for a, b in zip(sc, counts, strict=True):
+            ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+            if ra.std() > 0 and rb.std() > 0:
+                rho.append(float(np.corrcoef(ra, rb)[0, 1]))
+        row: dict[str, Any] = {"strategy": s, "spearman_with_counts": float(np.mean(rho)) if rho else None}
+        for k in keeps:
+            try:
+                row[f"coverage_{k:g}"] = make_plan(trace, keep=k, strategy=s).predictions["coverage"]
+            except MoesiftError:
+                row[f"coverage_{k:g}"] = None
+        out.append(row)
+    return out
+
+
 def _print_report(r: dict[str, Any]) -> None:
     from rich.table import Table
 
@@ -415,6 +447,11 @@ def _print_report(r: dict[str, Any]) -> None:
               _fmt(o["mean_entropy"]), _fmt(o["mean_gini"]), str(o["never_selected"]), style="bold")
     con.print(t)
     con.print(f"mean fraction of experts for 90% coverage: [bold]{100 * o['mean_fraction_for_90']:.1f}%[/]")
+    for row in r.get("strategies") or []:
+        rho = row.get("spearman_with_counts")
+        con.print(f"strategy {row['strategy']:<12} in-sample coverage at keep 25% "
+                  f"{_fmt(row.get('coverage_0.25'))}, 50% {_fmt(row.get('coverage_0.5'))}; rank correlation with "
+                  f"selection counts {_fmt(rho)}")
     t = Table(title="coverage at each budget (fraction of experts kept), mean over layers")
     t.add_column("budget", justify="right")
     t.add_column("in-sample", justify="right")

@@ -160,7 +160,7 @@ def sweep(
     trace: Any,
     data: Any,
     keep: Sequence[float] | str = (0.25, 0.5, 0.75),
-    strategy: Sequence[str] | str = ("frequency", "weighted", "saliency", "random"),
+    strategy: Sequence[str] | str = ("frequency", "weighted", "contribution", "saliency", "random"),
     json: bool = False,
     out: str | os.PathLike | None = None,
     max_length: int = 512,
@@ -175,11 +175,19 @@ def sweep(
     prompt_tokens: int = 64,
     force: bool = False,
     progress: bool = True,
+    calib: Any = None,
+    calibration: Any = None,
+    calib_samples: int | None = 64,
+    calib_length: int = 256,
 ) -> dict[str, Any]:
     """Plans for every strategy x keep fraction from `trace` (path(s) or Trace objects of `model`), each
     measured for bytes, perplexity on `data` (and its ratio to the full model), load time and time to
     first token of the resident model; Pareto fronts marked. `out`: HTML page. Strategies the trace
-    cannot support (saliency without a `--saliency` trace) are skipped and listed under ``skipped``."""
+    cannot support (saliency without a `--saliency` trace) are skipped and listed under ``skipped``.
+    A strategy written ``NAME+allocate`` (e.g. ``calibrated+allocate``) spreads each budget over layers by
+    measured marginal loss (`plan --allocate`). ``calibrated`` ranks by `calibration`, or calibrates on
+    `calib` (default: the trace's own workload files, when they are on disk; never `data`). ``winners``
+    names, per budget, the strategy with the lowest perplexity on `data`."""
     from .evaluate import _progress, batches, encode_documents, perplexity_runs, prepare, windows
     from .loading import hf_progress, resolve_model_dir
     from .plan import STRATEGIES
@@ -194,24 +202,38 @@ def sweep(
         if not 0 < k <= 1:
             raise MoesiftError(f"--keep fractions must be in (0, 1]; got {k}")
     for s in strategies:
-        if s not in STRATEGIES:
-            raise MoesiftError(f"unknown strategy {s!r}; use one of {', '.join(STRATEGIES)}")
+        if s.removesuffix("+allocate") not in STRATEGIES:
+            raise MoesiftError(f"unknown strategy {s!r}; use one of {', '.join(STRATEGIES)} (NAME+allocate spreads "
+                               "the budget over layers)")
     if out is not None:
         from .io import check_output_path
 
         check_output_path(out, force)
     mdir = resolve_model_dir(model)
     traces = list(trace) if isinstance(trace, (list, tuple)) else [trace]
+    if any(s.startswith("calibrated") for s in strategies) and calibration is None and calib is None:
+        calib = _trace_sources(traces)
+    data_paths = {str(Path(d).resolve()) for d in (data if isinstance(data, (list, tuple)) else [data])}
+    if calib is not None and any(str(Path(c).resolve()) in data_paths
+                                 for c in ([calib] if isinstance(calib, (str, os.PathLike)) else calib)):
+        raise MoesiftError("the calibration prompts are the evaluation data (--data); calibrate on other text "
+                           "(--calib), or the held-out figures would be measured on what chose the set")
 
     # plans first (cheap, and errors surface before any model is loaded)
     plans: list[tuple[str, float, Any]] = []
     skipped: list[dict[str, str]] = []
     for s in strategies:
+        base, alloc = s.removesuffix("+allocate"), s.endswith("+allocate")
         for k in keeps:
             try:
-                plans.append((s, k, make_plan(traces, keep=k, strategy=s, model=mdir, seed=seed, uniform=uniform)))
+                plans.append((s, k, make_plan(traces, keep=k, strategy=base, model=mdir, seed=seed,
+                                              uniform=uniform and not alloc, allocate=alloc, calib=calib,
+                                              calibration=calibration, calib_samples=calib_samples,
+                                              calib_length=calib_length, device=device, dtype=dtype,
+                                              progress=progress and not json)))
             except MoesiftError as e:
-                if s == "saliency" and "saliency" in str(e):
+                if (base in ("saliency", "contribution") and "saliency" in str(e)) or \
+                        (base == "calibrated" and "calibrat" in str(e) and calib is None and calibration is None):
                     skipped.append({"strategy": s, "reason": str(e)})
                     break
                 raise
@@ -285,6 +307,7 @@ def sweep(
         "timing": bool(timing),
         "prompt_tokens": int(prompt.shape[1]),
         "points": points,
+        "winners": winners(points),
     }
     if timing:
         result["ttft_method"] = TTFT_METHOD.format(warmup=TTFT_WARMUP, repeats=TTFT_REPEATS)
@@ -301,6 +324,38 @@ def sweep(
 # ------------------------------------------------------------------------------------------------
 # Output
 # ------------------------------------------------------------------------------------------------
+
+
+def _trace_sources(traces: list[Any]) -> list[str] | None:
+    """The workload files the traces were recorded on, when all are still on disk (calibration default)."""
+    from .tracefile import Trace
+
+    files: list[str] = []
+    for t in traces:
+        ref = t[0] if isinstance(t, tuple) else t
+        if isinstance(ref, (str, os.PathLike)):
+            s = str(ref)
+            ref = Trace.load(s if Path(s).exists() else s.rsplit(":", 1)[0])
+        for src in (getattr(ref, "workload", None) or {}).get("sources", []):
+            if not Path(src.get("path", "")).is_file():
+                return None
+            files.append(src["path"])
+    return files or None
+
+
+def winners(points: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per keep fraction, the strategy with the lowest perplexity on the held-out data (and the runner-up)."""
+    out = []
+    for k in sorted({p["keep"] for p in points if p["strategy"] != "full"}):
+        pts = sorted((p for p in points if p["strategy"] != "full" and p["keep"] == k), key=lambda p: p["ppl"])
+        if not pts:
+            continue
+        w = {"keep": k, "strategy": pts[0]["strategy"], "ppl_ratio": pts[0]["ppl_ratio"]}
+        if len(pts) > 1:
+            w["runner_up"] = pts[1]["strategy"]
+            w["runner_up_ppl_ratio"] = pts[1]["ppl_ratio"]
+        out.append(w)
+    return out
 
 
 def _mb(b: float) -> str:
@@ -337,6 +392,9 @@ def print_sweep(r: dict[str, Any]) -> None:
         console.print(f"! {n}")
     for s in r["skipped"]:
         console.print(f"skipped {s['strategy']}: {s['reason']}")
+    for w in r.get("winners", []):
+        ru = f" (runner-up {w['runner_up']} x{w['runner_up_ppl_ratio']:.3f})" if "runner_up" in w else ""
+        console.print(f"keep {w['keep']:g}: best on the held-out data {w['strategy']} x{w['ppl_ratio']:.3f}{ru}")
 
 
 def figure_html(fig: Any, name: str) -> str:
@@ -413,4 +471,9 @@ def sweep_sections(r: dict[str, Any], prefix: str = "sweep") -> list[str]:
         parts.append(f"<p>! {esc(n)}</p>")
     for s in r["skipped"]:
         parts.append(f"<p>Skipped {esc(s['strategy'])}: {esc(s['reason'])}</p>")
+    if r.get("winners"):
+        parts.append("<h2>Best strategy per budget (held-out perplexity)</h2><ul>" + "".join(
+            f"<li>keep {w['keep']:g}: {esc(w['strategy'])} x{w['ppl_ratio']:.3f}"
+            + (f" (runner-up {esc(w['runner_up'])} x{w['runner_up_ppl_ratio']:.3f})" if "runner_up" in w else "")
+            + "</li>" for w in r["winners"]) + "</ul>")
     return parts

@@ -1,0 +1,485 @@
+"""Calibrated selection: measure what restriction does to each MoE layer's output on calibration prompts.
+
+Two phases, so that a model that does not fit in memory can be calibrated:
+
+1. Capture. The model runs the calibration prompts once (``device="auto"`` lets accelerate spread or
+   offload it); a hook on every MoE block stores the block's input hidden states (the tokens of the
+   prompts, padding left out) on the host.
+2. Layer by layer. Each MoE block alone is built on the meta device and filled from the checkpoint (only
+   the tensors of that decoder layer are read, through transformers' own name conversions), evaluated on
+   its captured inputs, and freed before the next one.
+
+Per layer, greedy removal: starting from every expert resident, remove the selection unit (an expert, or a
+whole group for group-limited routers) whose removal raises the layer's output error
+``sum_t ||y_full(x_t) - y_R(x_t)||^2`` least, where ``y_R`` is the block restricted to the resident set R
+(the family's own restriction: the token is re-routed to its next-best resident experts), until only the
+top-k floor is left. The order of removal ranks the units (removed last = most needed) and the error
+after each removal gives the marginal loss of each unit, which ``plan --allocate`` spends a total budget by.
+
+The greedy is lazy (as in CELF): every candidate is measured on the first step, so the first removal is
+exact; afterwards a candidate is re-measured only when the tokens it serves changed and it reaches the top
+of the queue (a removal that gets cheaper as others go is the exception it can miss).
+
+Only the tokens an expert currently serves change when it is removed, for routers whose weights are
+renormalised over the selection (or do not depend on the other experts); for those, a candidate's error is
+measured on its tokens alone, which is exact. Whether a router is such is measured, not assumed: on the
+first step one removal is evaluated on every token, and when another token's output moved the layer is
+calibrated on every token for every candidate. Group-limited layers (a handful of groups) are always
+evaluated on every token.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import MoesiftError
+
+SCHEMA = "moesift-calibration/1"
+
+
+# ------------------------------------------------------------------------------------------------
+# Result
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Calibration:
+    """Per MoE layer: the selection units (expert id lists) in removal order, and the layer's relative
+    output error after each removal (``error[0]`` = 0: nothing removed). Units never removed (the top-k
+    floor) follow in ``floor``. Hash-routed layers have ``order`` None (kept whole)."""
+
+    model: dict[str, Any]
+    layers: list[dict[str, Any]]
+    settings: dict[str, Any] = field(default_factory=dict)
+    timing: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema": SCHEMA, "model": self.model, "layers": self.layers, "settings": self.settings,
+                "timing": self.timing}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "calibration") -> Calibration:
+        if d.get("schema") != SCHEMA or not isinstance(d.get("layers"), list):
+            raise MoesiftError(f"{source!r} is not a {SCHEMA} file; make one with `moesift calibrate`")
+        return cls(model=dict(d.get("model") or {}), layers=list(d["layers"]), settings=dict(d.get("settings") or {}),
+                   timing=dict(d.get("timing") or {}))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Calibration:
+        p = Path(path)
+        if not p.is_file():
+            raise MoesiftError(f"calibration file {str(p)!r} not found")
+        try:
+            d = json.loads(p.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise MoesiftError(f"{str(p)!r} is not a JSON calibration file ({SCHEMA})") from None
+        if not isinstance(d, dict):
+            raise MoesiftError(f"{str(p)!r} is not a JSON calibration file ({SCHEMA})")
+        return cls.from_dict(d, str(p))
+
+    def save(self, path: str | os.PathLike, force: bool = True) -> Path:
+        from .io import write_json
+
+        return write_json(path, self.to_dict(), force=force)
+
+    def scores(self, n_experts: int) -> np.ndarray:
+        """[L, E] float64: higher = removed later (more needed). Experts of the floor score highest; within a
+        unit every expert gets the unit's score divided by the unit size (group sums order the groups)."""
+        L = len(self.layers)
+        out = np.zeros((L, n_experts))
+        for p, e in enumerate(self.layers):
+            if e.get("order") is None:
+                out[p] = 1.0
+                continue
+            units = list(e["order"]) + list(e["floor"])
+            for r, u in enumerate(units):
+                for x in u:
+                    out[p, int(x)] = (r + 1) / len(u)
+        return out
+
+    def unit_gains(self) -> list[list[float] | None]:
+        """Per layer, in keep order (best unit first): the relative error each unit saves when kept, for the
+        units beyond the floor (None for hash-routed layers)."""
+        out: list[list[float] | None] = []
+        for e in self.layers:
+            if e.get("order") is None:
+                out.append(None)
+                continue
+            err = [float(x) for x in e["error"]]  # err[s] after s removals
+            gains = [max(err[s + 1] - err[s], 0.0) for s in range(len(err) - 1)]  # unit removed at step s
+            out.append(list(reversed(gains)))  # the last removed is kept first
+        return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Phase 1: capture each MoE block's inputs
+# ------------------------------------------------------------------------------------------------
+
+
+def capture_inputs(model: Any, adapter: Any, spec: Any, token_lists: list[list[int]], batch_size: int = 8,
+                   dtype: Any = None, progress: Any = None) -> dict[int, Any]:
+    """{decoder layer: hidden [N, H] on the host}: the inputs of every MoE block on the tokens (no padding)."""
+    import torch
+
+    from .evaluate import batches
+
+    store: dict[int, list[Any]] = {layer: [] for layer in spec.moe_layers}
+    state: dict[str, Any] = {}
+    handles = []
+    for layer in spec.moe_layers:
+        block = adapter.moe_block(model, layer)
+
+        def pre(mod, args, kwargs, _layer=layer):
+            h = args[0] if args else kwargs.get("hidden_states")
+            flat = h.reshape(-1, h.shape[-1])
+            keep = state["mask"].to(flat.device)
+            store[_layer].append(flat[keep].to("cpu", dtype=dtype or flat.dtype))
+
+        handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
+    device = next(p for p in model.parameters() if p.device.type != "meta").device
+    bl = batches(token_lists, batch_size)
+    task = progress.add_task("capturing MoE inputs", total=len(bl)) if progress else None
+    try:
+        with torch.no_grad():
+            for ids, mask in bl:
+                state["mask"] = mask.reshape(-1).bool()
+                model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+                if progress:
+                    progress.update(task, advance=1)
+    finally:
+        for h in handles:
+            h.remove()
+    return {layer: torch.cat(v) for layer, v in store.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# Phase 2: one MoE block at a time from the checkpoint
+# ------------------------------------------------------------------------------------------------
+
+
+def skeleton(config_dict: dict[str, Any]) -> Any:
+    """The family's causal-LM model on the meta device (no memory): a frame to load single blocks into."""
+    import torch
+
+    from .resident import _config_obj, _model_class
+
+    cfg = _config_obj(config_dict)
+    with torch.device("meta"):
+        return _model_class(cfg)(cfg)
+
+
+def load_block(index: Any, frame: Any, layer: int, device: str = "cpu", dtype: Any = None) -> Any:
+    """Fill decoder layer `layer`'s MoE block of the meta `frame` from the checkpoint (only that layer's
+    tensors are read) on `device`; returns the block. `unload_block` gives the memory back."""
+    import torch
+    from safetensors import safe_open
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import convert_and_load_state_dict_in_model
+    from transformers.modeling_utils import LoadStateDictConfig
+
+    from .loading import hf_progress
+
+    ad = index.adapter
+    block = ad.moe_block(frame, layer)
+    block.to_empty(device=device)
+    names: dict[str, list[str]] = {}
+    for t in index.tensors:
+        if t.role.layer == layer and t.role.kind != "other":
+            names.setdefault(t.file, []).append(t.name)
+    state: dict[str, Any] = {}
+    for f, ns in names.items():
+        with safe_open(str(Path(index.directory) / f), "pt", device="cpu") as fh:
+            for n in ns:
+                x = fh.get_tensor(n)
+                state[n] = x.to(dtype) if dtype is not None and x.is_floating_point() else x
+    prefix = next(n for n, m in frame.named_modules() if m is block) + "."
+    cfg = LoadStateDictConfig(dtype=dtype, weight_mapping=get_model_conversion_mapping(frame))
+    with hf_progress(False):
+        info = convert_and_load_state_dict_in_model(frame, state, cfg)
+    info = info[0] if isinstance(info, tuple) else info
+    missing = [k for k in getattr(info, "missing_keys", ()) if k.startswith(prefix)]
+    if missing:
+        raise MoesiftError(
+            f"{str(index.directory)!r}: the checkpoint has no tensor for {missing[0]} (MoE block of layer {layer}); "
+            "the checkpoint is incomplete"
+        )
+    # buffers that the checkpoint does not hold (none in the supported families) would be uninitialised
+    for n, b in block.named_buffers():
+        if not torch.isfinite(b).all() and b.is_floating_point() and (prefix + n) not in state:
+            raise MoesiftError(f"{str(index.directory)!r}: buffer {prefix + n} of layer {layer} is not in the checkpoint")
+    return block.to(device=device, dtype=dtype) if dtype is not None else block.to(device)
+
+
+def unload_block(frame: Any, adapter: Any, layer: int) -> None:
+    adapter.moe_block(frame, layer).to("meta")
+
+
+class _Block:
+    """Runs one MoE block, restricted or not, and reports the experts each token was routed to."""
+
+    def __init__(self, frame: Any, adapter: Any, spec: Any, layer: int):
+        self.frame, self.ad, self.layer = frame, adapter, layer
+        self.block = adapter.moe_block(frame, layer)
+        self.m = spec.moe_layers.index(layer)
+        self.E = spec.n_experts
+        self.ids = None
+        self.probs = None
+
+    def run(self, x: Any, resident: Sequence[int] | None, chunk: int = 8192) -> tuple[Any, Any]:
+        """(output [n, H] float32, routed ids [n, K]) of the block on x [n, H] restricted to `resident`."""
+        import contextlib
+
+        import torch
+
+        outs, ids = [], []
+        experts = self.ad.experts(self.frame, self.layer)
+
+        def pre(mod, args, kwargs):
+            from .arch.base import _expert_args
+
+            _, i, _w = _expert_args(args, kwargs)
+            ids.append(i.reshape(-1, i.shape[-1]))
+
+        h = experts.register_forward_pre_hook(pre, with_kwargs=True)
+        ctx = self.ad.restrict(self.frame, {self.layer: list(resident)}) if resident is not None \
+            and len(resident) < self.E else contextlib.nullcontext()
+        try:
+            with ctx, torch.no_grad():
+                for s in range(0, x.shape[0], chunk):
+                    y = self.block(x[s: s + chunk].unsqueeze(0))
+                    y = y[0] if isinstance(y, tuple) else y
+                    outs.append(y.reshape(-1, y.shape[-1]).float())
+        finally:
+            h.remove()
+        return torch.cat(outs), torch.cat(ids)
+
+
+def units_of(spec: Any) -> list[list[int]]:
+    """Selection units: experts, or whole groups for group-limited routers (as the planner keeps them)."""
+    if spec.n_group and spec.n_group > 1:
+        per = spec.n_experts // spec.n_group
+        return [list(range(g * per, (g + 1) * per)) for g in range(spec.n_group)]
+    return [[e] for e in range(spec.n_experts)]
+
+
+def floor_units(spec: Any, units: list[list[int]]) -> int:
+    """Fewest units a layer can keep: enough for top-k experts (and top-k groups)."""
+    per = len(units[0])
+    n = math.ceil(spec.top_k / per)
+    if spec.n_group and spec.n_group > 1 and spec.topk_group:
+        n = max(n, int(spec.topk_group))
+    return min(n, len(units))
+
+
+def greedy_layer(blk: _Block, x: Any, units: list[list[int]], n_floor: int,
+                 tick: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Greedy removal on one layer (see the module docstring). Returns order (units removed, first first),
+    floor (units left), error (relative error after each removal, error[0] = 0), local (candidates measured
+    on their own tokens) and forwards (block calls)."""
+    import torch
+
+    full, ids_full = blk.run(x, None)
+    norm2 = float((full.double() ** 2).sum()) or 1.0
+    N = x.shape[0]
+    remaining = list(range(len(units)))
+    resident = set(range(blk.E))
+    cur_ids = ids_full.clone()
+    err_tok = torch.zeros(N, dtype=torch.float64, device=full.device)
+    # tie-break (unused experts): lower routed count first
+    used = torch.bincount(ids_full.reshape(-1).long(), minlength=blk.E).cpu().numpy()
+    grouped = len(units[0]) > 1
+    forwards = 1
+    local = not grouped
+    if local and len(units) > n_floor:
+        # does removing one expert move the outputs of tokens it does not serve? (then measure on all tokens)
+        probe = int(np.argmax(used))
+        out, _ = blk.run(x, sorted(resident - {probe}))
+        forwards += 1
+        served = (cur_ids == probe).any(dim=1)
+        change = ((out - full).double() ** 2).sum(dim=1)
+        # renormalising routers leave the other tokens as they were up to rounding (bf16: ~1e-5 of the served
+        # tokens' change); routers that do not renormalise move them by the removed expert's probability share
+        if (~served).any() and served.any() and float(change[~served].mean()) > 1e-4 * float(change[served].mean()):
+            local = False
+    def measure(u: int) -> float:
+        nonlocal forwards
+        R = sorted(resident - set(units[u]))
+        forwards += 1
+        if local:
+            sel = (cur_ids.unsqueeze(-1) == torch.as_tensor(units[u], device=cur_ids.device)).any(-1).any(-1)
+            idx = sel.nonzero().reshape(-1)
+            if idx.numel() == 0:
+                forwards -= 1
+                return 0.0
+            out, _ = blk.run(x[idx.to(x.device)], R)
+            return float(((full[idx] - out).double() ** 2).sum() - err_tok[idx].sum())
+        out, _ = blk.run(x, R)
+        return float(((full - out).double() ** 2).sum()) - total
+
+    def key(u: int, d: float) -> tuple[float, int, int]:
+        return (d, int(sum(used[e] for e in units[u])), u)
+
+    # lazy greedy: every candidate is measured on the first step; afterwards only candidates whose tokens
+    # changed are stale, and a stale candidate is re-measured only when it reaches the top of the heap
+    order, errors = [], [0.0]
+    total = 0.0
+    heap = [key(u, measure(u)) for u in remaining]
+    heapq.heapify(heap)
+    stale: set[int] = set()
+    while len(remaining) > n_floor:
+        while True:
+            d, _, best = heapq.heappop(heap)
+            if best not in stale:
+                break
+            stale.discard(best)
+            heapq.heappush(heap, key(best, measure(best)))
+        gone = set(units[best])
+        resident -= gone
+        remaining.remove(best)
+        order.append(units[best])
+        if local:
+            sel = (cur_ids.unsqueeze(-1) == torch.as_tensor(units[best], device=cur_ids.device)).any(-1).any(-1)
+            idx = sel.nonzero().reshape(-1)
+            if idx.numel():
+                out, new_ids = blk.run(x[idx.to(x.device)], sorted(resident))
+                forwards += 1
+                old = cur_ids[idx]
+                cur_ids[idx] = new_ids.to(cur_ids.dtype)
+                err_tok[idx] = ((full[idx] - out).double() ** 2).sum(dim=1)
+                touched = set(torch.unique(torch.cat([old.reshape(-1), new_ids.reshape(-1).to(old.dtype)])).tolist())
+                stale |= {u for u in remaining if any(e in touched for e in units[u])}
+            total = float(err_tok.sum())
+        else:
+            total += d
+            stale = set(remaining)
+        errors.append(total / norm2)
+        if tick:
+            tick()
+    floor = [units[u] for u in remaining]
+    return {"order": order, "floor": floor, "error": errors, "local": local, "forwards": forwards,
+            "output_norm2": norm2, "tokens": int(N)}
+
+
+# ------------------------------------------------------------------------------------------------
+# The public function
+# ------------------------------------------------------------------------------------------------
+
+
+def _progress(enabled: bool):
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    console = Console(stderr=True)
+    return Progress(
+        TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True,
+        disable=not (enabled and console.is_terminal),
+    )
+
+
+def calibrate(
+    model: str | os.PathLike,
+    data: str | os.PathLike | list[str | os.PathLike],
+    out: str | os.PathLike | None = None,
+    max_samples: int | None = 64,
+    max_length: int = 256,
+    batch_size: int = 8,
+    device: str = "cpu",
+    dtype: str | None = None,
+    field: str | None = None,
+    force: bool = False,
+    progress: bool = True,
+    loaded: Any = None,
+) -> Calibration:
+    """Measure, layer by layer, how much each MoE layer's output moves when its experts are removed one
+    unit at a time (greedy, least damage first) on the calibration prompts `data` (a workload file; never
+    the evaluation data). `model` is the checkpoint directory; `loaded=(model, tokenizer)` reuses an
+    already loaded model for the capture phase. Saved to `out` when given."""
+    import torch
+
+    from .checkpoint import CheckpointIndex
+    from .evaluate import encode_documents
+    from .io import check_output_path, sha256_file
+    from .loading import hf_progress, load_model, parse_dtype
+    from .workload import read_documents
+
+    if max_length < 2:
+        raise MoesiftError(f"--calib-length must be at least 2 (got {max_length})")
+    if out is not None:
+        check_output_path(out, force)
+    index = CheckpointIndex.build(model)
+    spec, ad = index.spec, index.adapter
+    paths = [data] if isinstance(data, (str, os.PathLike)) else list(data)
+    docs = read_documents(paths, field=field, max_samples=max_samples)
+    t0 = time.perf_counter()
+    with _progress(progress) as bar:
+        if loaded is not None:
+            m, tok = loaded
+        else:
+            with hf_progress(False):
+                m, tok = load_model(model, device=device, dtype=dtype)
+        toks = [ids[:max_length] for ids in encode_documents(docs, tok)]
+        toks = [t for t in toks if t]
+        if not toks:
+            raise MoesiftError(f"calibration data {paths[0]!s} tokenized to nothing; give a file with text")
+        work_dtype = next(m.parameters()).dtype
+        inputs = capture_inputs(m, ad, spec, toks, batch_size=batch_size, progress=bar)
+        if loaded is None:
+            del m
+        t_capture = time.perf_counter() - t0
+        frame = skeleton(index.config)
+        units = units_of(spec)
+        n_floor = floor_units(spec, units)
+        run_dev = device if device not in (None, "auto") else ("cuda" if torch.cuda.is_available() else "cpu")
+        layers_out: list[dict[str, Any]] = []
+        steps = sum(0 if layer in spec.hash_layers else len(units) - n_floor for layer in spec.moe_layers)
+        task = bar.add_task("calibrating", total=steps)
+        per_layer_s = []
+        for p, layer in enumerate(spec.moe_layers):
+            if layer in spec.hash_layers:
+                layers_out.append({"layer": layer, "moe_index": p, "order": None, "floor": None, "error": None,
+                                   "note": "hash-routed: kept whole"})
+                continue
+            bar.update(task, description=f"calibrating layer {layer} ({p + 1}/{len(spec.moe_layers)})")
+            ts = time.perf_counter()
+            load_block(index, frame, layer, device=run_dev, dtype=work_dtype)
+            blk = _Block(frame, ad, spec, layer)
+            x = inputs.pop(layer).to(run_dev, dtype=work_dtype)
+            r = greedy_layer(blk, x, units, n_floor, tick=lambda: bar.update(task, advance=1))
+            unload_block(frame, ad, layer)
+            del x
+            if run_dev.startswith("cuda"):
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - ts
+            per_layer_s.append(dt)
+            layers_out.append({"layer": layer, "moe_index": p, **r, "seconds": dt})
+    info = {k: v for k, v in spec.to_dict().items()} if hasattr(spec, "to_dict") else {}
+    info["checkpoint"] = str(index.directory)
+    settings = {"data": [{"path": str(q), "sha256": sha256_file(q) if Path(q).is_file() else None} for q in paths],
+                "max_samples": max_samples, "max_length": max_length, "documents": len(toks),
+                "tokens": int(sum(len(t) for t in toks)), "device": run_dev,
+                "dtype": str(parse_dtype(dtype)).replace("torch.", "") if dtype else str(work_dtype).replace("torch.", "")}
+    timing = {"capture_s": t_capture, "per_layer_s": per_layer_s,
+              "mean_layer_s": float(np.mean(per_layer_s)) if per_layer_s else None,
+              "total_s": time.perf_counter() - t0}
+    cal = Calibration(model=info, layers=layers_out, settings=settings, timing=timing)
+    if out is not None:
+        cal.save(out, force=force)
+    return cal

@@ -1,0 +1,252 @@
+"""Selection strategies contribution and calibrated, per-layer budgets under one total (--allocate)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import moesift
+from moesift import assets
+from moesift.checkpoint import CheckpointIndex
+from moesift.errors import MoesiftError
+from moesift.plan import plan
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+from test_plan import make_trace, run_cli, skewed  # noqa: E402
+
+
+def _order(row: np.ndarray) -> list[int]:
+    """Experts by score, best first, ties to the lower id (as the planner breaks them)."""
+    return sorted(range(len(row)), key=lambda e: (-float(row[e]), e))
+
+
+@pytest.fixture(scope="module")
+def ref_trace():
+    mdir = assets.reference_model("qwen3moe-ref")
+    m, tok = moesift.load_model(mdir, device="cpu", dtype="float32")
+    tr = moesift.trace(m, assets.workload("code", "trace"), max_samples=6, max_length=48, saliency=True,
+                       progress=False, tokenizer=tok)
+    return mdir, m, tok, tr
+
+
+def test_contribution_ranks_by_summed_gate_times_output_norm(ref_trace):
+    mdir, _, _, tr = ref_trace
+    s = np.asarray(tr.get("saliency_sum"), dtype=np.float64)
+    c = np.asarray(tr.get("saliency_count"), dtype=np.float64)
+    E = tr.n_experts
+    for n in (4, 8, 16):
+        p = plan(tr, keep_experts=n, strategy="contribution")
+        assert [e["resident"] for e in p.layers] == [sorted(_order(s[i])[:n]) for i in range(tr.n_layers)]
+        # the summed score is the mean (REAP's saliency) times the routed count
+        mean = np.divide(s, c, out=np.zeros_like(s), where=c > 0)
+        q = plan(tr, keep_experts=n, strategy="saliency")
+        assert [e["resident"] for e in q.layers] == [sorted(_order(mean[i])[:n]) for i in range(tr.n_layers)]
+    assert np.allclose(moesift.strategy_scores(tr, "contribution"), mean * c)
+    assert E == 32
+    no_sal = make_trace(np.ones((2, 8), np.int64))
+    with pytest.raises(MoesiftError, match="--saliency"):
+        plan(no_sal, keep=0.5, strategy="contribution")
+
+
+def _calib_file(tmp_path, vocab: int, n_docs: int = 12, length: int = 24, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    f = tmp_path / "calib.jsonl"
+    f.write_text("".join(json.dumps({"input_ids": rng.integers(2, vocab, length).tolist()}) + "\n"
+                         for _ in range(n_docs)))
+    return f
+
+
+def _block_inputs(model, ad, spec, ids):
+    """Inputs of every MoE block of the loaded full model (captured here, independently of moesift)."""
+    got = {}
+    hs = []
+    for layer in spec.moe_layers:
+        def pre(mod, args, kwargs, _l=layer):
+            h = args[0] if args else kwargs["hidden_states"]
+            got.setdefault(_l, []).append(h.reshape(-1, h.shape[-1]).detach().clone())
+        hs.append(ad.moe_block(model, layer).register_forward_pre_hook(pre, with_kwargs=True))
+    with torch.no_grad():
+        for row in ids:
+            model(input_ids=torch.tensor([row]), use_cache=False)
+    for h in hs:
+        h.remove()
+    return {k: torch.cat(v) for k, v in got.items()}
+
+
+def _out(block, x):
+    y = block(x.unsqueeze(0))
+    y = y[0] if isinstance(y, tuple) else y
+    return y.reshape(-1, y.shape[-1]).double()
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "olmoe", "deepseek_v3"])
+def test_calibrated_first_removal_equals_brute_force(tiny_dir, tmp_path, model_type):
+    src = tiny_dir(model_type)
+    idx = CheckpointIndex.build(src)
+    spec, ad = idx.spec, idx.adapter
+    data = _calib_file(tmp_path, int(idx.config["vocab_size"]))
+    cal = moesift.calibrate(src, data, max_samples=12, max_length=24, dtype="float32", progress=False)
+    model, _ = moesift.load_model(src, device="cpu", dtype="float32")
+    ids = [json.loads(line)["input_ids"] for line in data.read_text().splitlines()]
+    inputs = _block_inputs(model, ad, spec, ids)
+    grouped = bool(spec.n_group and spec.n_group > 1)
+    per = spec.n_experts // spec.n_group if grouped else 1
+    units = [list(range(g * per, (g + 1) * per)) for g in range(spec.n_experts // per)]
+    for p, layer in enumerate(spec.moe_layers):
+        block = ad.moe_block(model, layer)
+        x = inputs[layer]
+        with torch.no_grad():
+            full = _out(block, x)
+            errs = []
+            for u in units:
+                keep = sorted(set(range(spec.n_experts)) - set(u))
+                with moesift.restrict(model, {layer: keep}):
+                    errs.append(float(((full - _out(block, x)) ** 2).sum()))
+        first = cal.layers[p]["order"][0]
+        best = min(errs)
+        winners = [u for u, e in zip(units, errs, strict=True) if e <= best * (1 + 1e-4) + 1e-9]
+        assert first in winners, (layer, first, errs)
+        assert cal.layers[p]["error"][1] * cal.layers[p]["output_norm2"] == pytest.approx(best, rel=1e-3, abs=1e-7)
+        # the removal order and the floor together name every unit once
+        seen = [tuple(u) for u in cal.layers[p]["order"] + cal.layers[p]["floor"]]
+        assert sorted(seen) == sorted(tuple(u) for u in units)
+        assert len(cal.layers[p]["floor"]) == max(-(-spec.top_k // per), spec.topk_group or 0 if grouped else 0)
+    if model_type == "olmoe":  # softmax without renormalisation: every token moves, so measured on all
+        assert not any(e["local"] for e in cal.layers)
+    if model_type == "qwen3_moe":  # renormalised top-k: only an expert's own tokens move
+        assert all(e["local"] for e in cal.layers)
+
+
+def test_calibrated_plan_allocate_and_cli(tiny_dir, tmp_path, monkeypatch, capsys):
+    src = tiny_dir("qwen3_moe")
+    idx = CheckpointIndex.build(src)
+    spec = idx.spec
+    data = _calib_file(tmp_path, int(idx.config["vocab_size"]), seed=1)
+    counts, folds = skewed(L=len(spec.moe_layers), E=spec.n_experts)
+    t = make_trace(counts, moe_layers=spec.moe_layers, model_type="qwen3_moe", folds=folds)
+    tp = t.save(tmp_path / "t.trace")
+    calf = tmp_path / "cal.json"
+    code, out, err = run_cli(["calibrate", str(src), "--data", str(data), "--out", str(calf), "--max-length", "24"],
+                             monkeypatch, capsys)
+    assert code == 0, err
+    cal = moesift.Calibration.load(calf)
+    p = plan(t, keep=0.5, strategy="calibrated", calibration=cal)
+    for e, c in zip(p.layers, cal.layers, strict=True):  # keeps the units removed last
+        assert e["resident"] == sorted(x for u in (c["order"][len(c["order"]) - 2:] + c["floor"]) for x in u)
+        assert e["calibrated_error"] == pytest.approx(c["error"][len(c["order"]) - 2])
+    a = plan(t, keep=0.5, strategy="calibrated", calibration=cal, allocate=True)
+    assert sum(a.counts()) == sum(p.counts())
+    assert a.predictions["calibrated_error"] <= p.predictions["calibrated_error"] + 1e-12
+    # greedy spending is optimal here (errors in the removal order): check against every split of the total
+    errs = [c["error"] for c in cal.layers]
+    n_min = [len(c["floor"]) for c in cal.layers]
+    total = sum(p.counts())
+    E = spec.n_experts
+    splits = [(k0, total - k0) for k0 in range(n_min[0], E + 1) if n_min[1] <= total - k0 <= E]
+    best = min(np.mean([errs[i][E - k[i]] for i in range(2)]) for k in splits)
+    if all(np.all(np.diff(np.diff(e)) >= -1e-12) for e in errs):  # convex curves: greedy is exact
+        assert a.predictions["calibrated_error"] == pytest.approx(best)
+    # the same plan from the CLI, with --calib (calibrates inline)
+    code, out, err = run_cli(["plan", str(tp), "--keep", "0.5", "--strategy", "calibrated", "--calib", str(data),
+                              "--calib-length", "24", "--model", str(src), "--allocate", "--json"], monkeypatch, capsys)
+    assert code == 0, err
+    assert [e["resident"] for e in json.loads(out)["layers"]] == [e["resident"] for e in a.layers]
+    code, out, err = run_cli(["plan", str(tp), "--keep", "0.5", "--strategy", "calibrated"], monkeypatch, capsys)
+    assert code == 2 and err.startswith("moesift: error: ") and "--calibration" in err and len(err.splitlines()) == 1
+    code, out, err = run_cli(["plan", str(tp), "--coverage", "0.9", "--allocate"], monkeypatch, capsys)
+    assert code == 2 and "--allocate" in err
+    # loading only the resident experts of a non-uniform allocated plan computes what restriction computes
+    m = moesift.load_resident(src, a, dtype="float32")
+    full, _ = moesift.load_model(src, device="cpu", dtype="float32")
+    ids = torch.tensor([[3, 5, 7, 9, 11, 13]])
+    with torch.no_grad(), moesift.restrict(full, a):
+        want = full(input_ids=ids).logits
+    with torch.no_grad():
+        assert torch.allclose(m(input_ids=ids).logits, want, atol=1e-5)
+
+
+def test_allocate_respects_groups_and_hash_layers():
+    counts, _ = skewed(L=4, E=8)
+    t = make_trace(counts, n_group=4, topk_group=2, hash_layers=[1])
+    uni = plan(t, keep=0.5)
+    for keep in (0.5, 0.75):
+        base = plan(t, keep=keep)
+        a = plan(t, keep=keep, allocate=True)
+        assert a.layers[1]["resident"] == list(range(8))  # hash-routed: whole
+        free = [0, 2, 3]
+        assert sum(a.counts()[i] for i in free) == sum(base.counts()[i] for i in free)
+        for i in free:
+            r = a.layers[i]["resident"]
+            groups = {x // 2 for x in r}
+            assert len(r) == 2 * len(groups) and len(groups) >= 2  # whole groups, at least topk_group
+        assert a.predictions["coverage"] >= base.predictions["coverage"] - 1e-12
+    assert uni.counts()[1] == 8
+    a = plan(t, keep=0.75, allocate=True)
+    assert len({a.counts()[i] for i in (0, 2, 3)}) > 1  # skewed layers get different counts
+    with pytest.raises(MoesiftError, match="--uniform"):
+        plan(t, keep=0.5, allocate=True, uniform=True)
+
+
+def test_allocate_group_limited_reference_model_loads_resident(tmp_path):
+    mdir = assets.reference_model("deepseekv3-ref")
+    m, tok = moesift.load_model(mdir, device="cpu", dtype="float32")
+    tr = moesift.trace(m, assets.workload("prose", "trace"), max_samples=6, max_length=48, progress=False,
+                       tokenizer=tok)
+    a = plan(tr, keep=0.75, allocate=True, model=mdir)
+    spec = CheckpointIndex.build(mdir).spec
+    per = spec.n_experts // spec.n_group
+    for e in a.layers:
+        groups = {x // per for x in e["resident"]}
+        assert len(e["resident"]) == per * len(groups) and len(groups) >= spec.topk_group
+    assert sum(a.counts()) == sum(plan(tr, keep=0.75, model=mdir).counts())
+    r = moesift.load_resident(mdir, a, dtype="float32")
+    ids = torch.tensor([[5, 17, 99, 300, 41, 8, 77]])
+    with torch.no_grad(), moesift.restrict(m, a):
+        want = m(input_ids=ids).logits
+    with torch.no_grad():
+        assert torch.allclose(r(input_ids=ids).logits, want, atol=1e-4)
+    assert len(set(a.counts())) > 1  # a non-uniform plan: it trims to a checkpoint moesift loads
+    out = moesift.trim(mdir, a, tmp_path / "trimmed", progress=False)
+    t, _ = moesift.load_trimmed(out, dtype="float32")
+    with torch.no_grad():
+        assert torch.allclose(t(input_ids=ids).logits, want, atol=1e-4)
+
+
+def test_sweep_winners():
+    from moesift.sweep import winners
+
+    pts = [{"strategy": "full", "keep": 1.0, "ppl": 10.0, "ppl_ratio": 1.0}]
+    for s, k, r in [("frequency", 0.25, 2.0), ("calibrated", 0.25, 1.5), ("frequency", 0.5, 1.1),
+                    ("calibrated", 0.5, 1.2)]:
+        pts.append({"strategy": s, "keep": k, "ppl": 10 * r, "ppl_ratio": r})
+    w = winners(pts)
+    assert [(x["keep"], x["strategy"], x["runner_up"]) for x in w] == [(0.25, "calibrated", "frequency"),
+                                                                       (0.5, "frequency", "calibrated")]
+
+
+def test_report_compares_trace_scored_strategies(ref_trace):
+    from moesift.report import strategy_coverage
+
+    _, _, _, tr = ref_trace
+    rows = {r["strategy"]: r for r in strategy_coverage(tr)}
+    assert set(rows) == {"frequency", "weighted", "contribution", "saliency"}
+    assert rows["frequency"]["spearman_with_counts"] == pytest.approx(1.0)
+    for r in rows.values():  # frequency keeps the most-routed experts: nothing covers more in-sample
+        assert r["coverage_0.25"] <= rows["frequency"]["coverage_0.25"] + 1e-12
+        assert r["coverage_0.25"] == pytest.approx(plan(tr, keep=0.25, strategy=r["strategy"]).predictions["coverage"])
+
+
+def test_sweep_refuses_calibrating_on_the_evaluation_data(tiny_dir, tmp_path):
+    src = tiny_dir("qwen3_moe")
+    spec = CheckpointIndex.build(src).spec
+    counts, _ = skewed(L=len(spec.moe_layers), E=spec.n_experts)
+    t = make_trace(counts, moe_layers=spec.moe_layers, model_type="qwen3_moe")
+    data = _calib_file(tmp_path, 96)
+    with pytest.raises(MoesiftError, match="evaluation data"):
+        moesift.sweep(src, t, data, keep=[0.5], strategy="calibrated", calib=data, timing=False, progress=False)
+    with pytest.raises(MoesiftError, match="unknown strategy"):
+        moesift.sweep(src, t, data, keep=[0.5], strategy="calibrated+everything", timing=False, progress=False)
