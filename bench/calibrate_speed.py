@@ -20,8 +20,10 @@ calibration prompts, not measured here; it costs what one pass of `moesift trace
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
+from pathlib import Path
 
 from hostinfo import cpu_name, usable_cores  # bench/hostinfo.py, beside this script
 
@@ -40,6 +42,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=48, help="MoE layers of the model the estimate is for (48)")
     ap.add_argument("--flat-router", action="store_true", help="random router rows as they come (near-uniform routing)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
     a = ap.parse_args()
 
     import torch
@@ -96,6 +99,11 @@ def main() -> None:
           f"= {a.layers * layer_s / 60:.1f} min of greedy, plus loading each block from disk and one forward "
           "of the model over the calibration prompts (capture)")
     sys.stdout.flush()
+    if a.json:
+        Path(a.json).write_text(json.dumps({
+            "device": dev, "torch": torch.__version__, "dtype": a.dtype, "experts": a.experts, "tokens": a.tokens,
+            "kept": len(r["floor"]), "block_forward_ms": one * 1000, "layer_s": layer_s, "forwards": r["forwards"],
+            "layers": a.layers, "estimate_s": a.layers * layer_s}, indent=1))
 
 
 def _cuda() -> bool:

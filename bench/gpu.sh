@@ -40,13 +40,18 @@ else
   step trim sh -c "$PY bench/trim_speed.py --src '$WORK/ckpt/full' --keep-fraction 0.5 --repeat 1 --dir '$WORK/trim' --json > '$WORK/trim.json'"
 fi
 
-# ---- further benchmarks ------------------------------------------------------------------------------
-# Add one `step` per benchmark here. For its figures to join the table, have it write
-# "$WORK/extra-<name>.json" = {"rows": [{"what": ..., "measured": ..., "target": ..., "ok": "yes"|"no"|""}]}.
-# It may reuse the checkpoints above: "$WORK/ckpt/full" (full), "$WORK/ckpt/plan{25,50,75}.json" (uniform
-# plans) and "$WORK/ckpt/trim{25,50,75}" (their trimmed checkpoints).
-#   step offload $PY bench/offload_speed.py ... --json "$WORK/extra-offload.json"
-#   step calibration $PY bench/calibration_cost.py ... --json "$WORK/extra-calibration.json"
+# ---- residency and selection --------------------------------------------------------------------------
+if [[ $MODE == gpu ]]; then
+  step offload_verify $PY bench/offload_verify.py --device cuda
+  step offload sh -c "$PY bench/offload_speed.py --device cuda --time-budget 85 --json > '$WORK/offload.json'"
+  step calibrate $PY bench/calibrate_speed.py --device cuda --tokens 4096 --json "$WORK/calibrate.json"
+else
+  step offload_verify $PY bench/offload_verify.py --device cpu --samples 2
+  step offload sh -c "$PY bench/offload_speed.py --device cpu --budgets 50 --time-budget 30 --json > '$WORK/offload.json'"
+  step calibrate $PY bench/calibrate_speed.py --device cpu --tokens 256 --experts 32 --json "$WORK/calibrate.json"
+fi
+# Further benchmarks: one `step` each; "$WORK/extra-<name>.json" = {"rows": [{"what", "measured", "target", "ok"}]}
+# joins the table. They may reuse "$WORK/ckpt/full", "$WORK/ckpt/plan{25,50,75}.json", "$WORK/ckpt/trim{25,50,75}".
 # -------------------------------------------------------------------------------------------------------
 
 echo "== moesift bench/gpu.sh ($MODE) $(date -u +%Y-%m-%dT%H:%MZ), $(( $(date +%s) - T0 )) s in all =="

@@ -70,6 +70,36 @@ def rows(work: Path) -> tuple[list[tuple[str, str, str, str]], list[str]]:
                     "<= 1.25x cp", "yes" if tm["ratio_trim_to_cp"] <= 1.25 else "no"))
         out.append(("trim, sha256 off", f"{tm['trim_no_checksums_median_s']:.2f} s = {tm['trim_no_checksums_mb_s']:.0f} MB/s",
                     "(reference)", ""))
+    of = _load(work / "offload.json")
+    if of is not None:  # bench/offload_speed.py --json
+        i = of["info"]
+        notes.append(f"offload: {i['machine']}, torch {i['torch']}, {i['layers']} layers of hidden {i['hidden']}, "
+                     f"{i['experts']} experts top-{i['top_k']}, {i['dtype']}; skipped: {', '.join(i['skipped']) or 'none'}")
+        full = next((r for r in of["rows"] if r["variant"] == "full"), None)
+        for r in of["rows"]:
+            if r["variant"] == "full":
+                out.append(("offload: whole model on the device", f"decode b1 {r['decode_b1']:.1f} / b8 "
+                            f"{r['decode_b8']:.1f} tok/s, prefill {r['prefill']:.0f} tok/s", "(reference)", ""))
+                continue
+            hit = f", hit {r['hit_rate']:.3f}" if r.get("hit_rate") is not None else ""
+            pred = (f" (predicted held-out {r['predicted_heldout_hit_rate']:.3f})"
+                    if r.get("predicted_heldout_hit_rate") is not None else "")
+            meas = (f"decode b1 {r.get('decode_b1', 0):.1f} tok/s = {r.get('decode_b1_vs_full', 0):.2f}x full, "
+                    f"b8 {r.get('decode_b8_vs_full', 0):.2f}x, prefill {r.get('prefill_vs_full', 0):.2f}x{hit}{pred}")
+            tgt, ok = "", ""
+            if r["variant"] == "moesift" and r["budget"] == 50 and full is not None:
+                acc = next((a for a in of["rows"] if a["variant"] == "accelerate" and a["budget"] == 50), None)
+                vs = r["decode_b1"] / acc["decode_b1"] if acc and acc.get("decode_b1") else None
+                meas += f"; {vs:.1f}x accelerate offload" if vs else "; accelerate offload not measured"
+                tgt = ">= 0.6x full, >= 3x accelerate"
+                ok = "yes" if r.get("decode_b1_vs_full", 0) >= 0.6 and (vs or 0) >= 3 else "no"
+            out.append((f"offload: {r['variant']} at {r['budget']}% of expert bytes", meas, tgt, ok))
+    cal = _load(work / "calibrate.json")
+    if cal is not None:  # bench/calibrate_speed.py --json
+        out.append((f"calibrated selection: one layer, {cal['experts']} experts -> {cal['kept']}, {cal['tokens']} tokens, "
+                    f"{cal['dtype']}", f"{cal['layer_s']:.2f} s ({cal['forwards']} block forwards of "
+                    f"{cal['block_forward_ms']:.1f} ms); {cal['layers']} layers: {cal['estimate_s']:.0f} s",
+                    "minutes for 30B-A3B", "yes" if cal["estimate_s"] <= 600 else "no"))
     for p in sorted(work.glob("extra-*.json")):
         x = _load(p)
         if x is None:
