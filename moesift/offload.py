@@ -329,7 +329,7 @@ def _experts_variant_class(source_cfg: Mapping[str, Any], counts: Mapping[int, i
     """(model class, config) of the family whose MoE layer `l` has an experts module for `counts[l]`
     experts; routers and everything else are built for the full model."""
     from .arch import adapter_for
-    from .resident import _config_obj, _model_class
+    from .resident import _config_like, _config_obj, _model_class
 
     ad = adapter_for(source_cfg)
     spec = ad.spec(source_cfg)
@@ -345,15 +345,7 @@ def _experts_variant_class(source_cfg: Mapping[str, Any], counts: Mapping[int, i
         for layer, n in per.items():
             if n not in built:
                 d = ad.rewrite_config(dict(source_cfg), {m: list(range(n)) for m in spec.moe_layers})
-                c = _config_obj(d)
-                for attr in ("_attn_implementation", "_experts_implementation"):
-                    v = getattr(config, attr, None)
-                    if v is not None:
-                        try:
-                            setattr(c, attr, v)
-                        except Exception:  # noqa: BLE001 - older configs may not allow it
-                            pass
-                built[n] = cls(c)
+                built[n] = cls(_config_like(d, config))
             ad.replace_experts(self, layer, ad.experts(built[n], layer))
         built.clear()
 
@@ -676,7 +668,7 @@ def verify_offloaded(
     from .arch import adapter_for
     from .loading import hf_progress
     from .resident import load_trimmed
-    from .verify import _read_prompts
+    from .verify import comparison_inputs
 
     off, tok2 = load_offloaded(model, plan, device=device, cache_slots=cache_slots, policy=policy,
                                host_compute_max_tokens=host_compute_max_tokens, dtype=dtype, progress=progress)
@@ -684,26 +676,7 @@ def verify_offloaded(
         full, tok = load_trimmed(model, device=device, dtype=dtype)
     tok = tok or tok2
     dev = next(full.parameters()).device
-    vocab = int(full.config.get_text_config().vocab_size)
-    if data is not None:
-        paths = [str(data)] if isinstance(data, (str, os.PathLike)) else [str(x) for x in data]
-        prompts = _read_prompts(paths, field, max_samples, tok, max_length)
-        if not prompts:
-            raise MoesiftError(f"no prompts found in {', '.join(paths)}")
-        source = {"kind": "files", "paths": paths, "prompts": len(prompts)}
-    else:
-        g = torch.Generator().manual_seed(seed)
-        hi = max(8, min(max_length, 32))
-        lengths = torch.randint(8, hi + 1, (max_samples,), generator=g).tolist()
-        prompts = [torch.randint(0, vocab, (1, n), generator=g) for n in lengths]
-        source = {"kind": "random", "note": f"no --data given: {len(prompts)} deterministic random token sequences "
-                                            f"(seed {seed})", "prompts": len(prompts)}
-    pad = getattr(full.generation_config, "pad_token_id", None)
-    if pad is None:
-        eos = getattr(full.generation_config, "eos_token_id", None)
-        pad = (eos[0] if isinstance(eos, list) else eos) if eos is not None else 0
-    gen_kw = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": pad,
-              "min_new_tokens": max_new_tokens}
+    prompts, source, gen_kw = comparison_inputs(full, tok, data, field, max_samples, max_length, seed, max_new_tokens)
     ad = adapter_for(full.config)
     logs: dict[int, list[Any]] = {}
 

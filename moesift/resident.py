@@ -37,6 +37,18 @@ def _config_obj(d: Mapping[str, Any]) -> Any:
     return cls.from_dict(decode(dict(d)) if decode else dict(d))
 
 
+def _config_like(d: Mapping[str, Any], config: Any) -> Any:
+    """The config of dict `d`, with the attention and experts implementations `config` was loaded with."""
+    c = _config_obj(d)
+    for attr in ("_attn_implementation", "_experts_implementation"):
+        v = getattr(config, attr, None)
+        if v is not None:
+            try:
+                setattr(c, attr, v)
+            except Exception:  # noqa: BLE001 - older configs may not allow it
+                pass
+    return c
+
 def _model_class(config: Any) -> Any:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
@@ -72,15 +84,7 @@ def variable_expert_class(source_cfg: Mapping[str, Any], resident: Mapping[int, 
         for layer, d in per_layer.items():
             k = json.dumps(d, sort_keys=True, default=str)
             if k not in built:
-                c = _config_obj(d)
-                for attr in ("_attn_implementation", "_experts_implementation"):
-                    v = getattr(config, attr, None)
-                    if v is not None:
-                        try:
-                            setattr(c, attr, v)
-                        except Exception:  # noqa: BLE001 - older configs may not allow it
-                            pass
-                built[k] = cls(c)
+                built[k] = cls(_config_like(d, config))
             ad.replace_moe_block(self, layer, ad.moe_block(built[k], layer))
         built.clear()
 

@@ -31,6 +31,36 @@ def _read_prompts(paths: list[str], field: str | None, max_samples: int, tok: An
     return out
 
 
+
+def comparison_inputs(full: Any, tok: Any, data: Any, field: str | None, max_samples: int, max_length: int,
+                      seed: int, max_new_tokens: int) -> tuple[list[Any], dict[str, Any], dict[str, Any]]:
+    """The prompts two models are compared on (from `data`, or deterministic random token sequences), what
+    they are (for the result), and the greedy-generation arguments for `full.generate`."""
+    import torch
+
+    if data is not None:
+        paths = [str(data)] if isinstance(data, (str, os.PathLike)) else [str(x) for x in data]
+        prompts = _read_prompts(paths, field, max_samples, tok, max_length)
+        if not prompts:
+            raise MoesiftError(f"no prompts found in {', '.join(paths)}")
+        source = {"kind": "files", "paths": paths, "prompts": len(prompts)}
+    else:
+        vocab = int(full.config.get_text_config().vocab_size if hasattr(full.config, "get_text_config")
+                    else full.config.vocab_size)
+        g = torch.Generator().manual_seed(seed)
+        hi = max(8, min(max_length, 32))
+        lengths = torch.randint(8, hi + 1, (max_samples,), generator=g).tolist()
+        prompts = [torch.randint(0, vocab, (1, n), generator=g) for n in lengths]
+        source = {"kind": "random", "note": f"no --data given: {len(prompts)} deterministic random token sequences "
+                                            f"(seed {seed})", "prompts": len(prompts)}
+    pad = getattr(full.generation_config, "pad_token_id", None)
+    if pad is None:
+        eos = getattr(full.generation_config, "eos_token_id", None)
+        pad = (eos[0] if isinstance(eos, list) else eos) if eos is not None else 0
+    gen_kw = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": pad,
+              "min_new_tokens": max_new_tokens}
+    return prompts, source, gen_kw
+
 def verify(
     model: str | os.PathLike,
     trimmed: str | os.PathLike | None = None,
@@ -121,27 +151,8 @@ def verify(
             tok = tok or tok2
     try:
         dev = next(full.parameters()).device
-        vocab = int(full.config.get_text_config().vocab_size if hasattr(full.config, "get_text_config")
-                    else full.config.vocab_size)
-        if data is not None:
-            paths = [str(data)] if isinstance(data, (str, os.PathLike)) else [str(x) for x in data]
-            prompts = _read_prompts(paths, field, max_samples, tok, max_length)
-            if not prompts:
-                raise MoesiftError(f"no prompts found in {', '.join(paths)}")
-            source = {"kind": "files", "paths": paths, "prompts": len(prompts)}
-        else:
-            g = torch.Generator().manual_seed(seed)
-            hi = max(8, min(max_length, 32))
-            lengths = torch.randint(8, hi + 1, (max_samples,), generator=g).tolist()
-            prompts = [torch.randint(0, vocab, (1, n), generator=g) for n in lengths]
-            source = {"kind": "random", "note": f"no --data given: {len(prompts)} deterministic random token sequences "
-                                                f"(seed {seed})", "prompts": len(prompts)}
-        pad = getattr(full.generation_config, "pad_token_id", None)
-        if pad is None:
-            eos = getattr(full.generation_config, "eos_token_id", None)
-            pad = (eos[0] if isinstance(eos, list) else eos) if eos is not None else 0
-        gen_kw = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": pad,
-                  "min_new_tokens": max_new_tokens}
+        prompts, source, gen_kw = comparison_inputs(full, tok, data, field, max_samples, max_length, seed,
+                                                    max_new_tokens)
         if engine != "transformers":
             work = tempfile.TemporaryDirectory(prefix="moesift-verify-")
             longest = max(x.shape[-1] for x in prompts) + max(0, max_new_tokens)

@@ -13,10 +13,11 @@ ERR = "moesift: error:"
 
 
 def run_cli(args: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
-    """`moesift ARGS` in this process: (exit code, stdout, stderr)."""
+    """`moesift ARGS` in this process: (exit code, stdout, stderr of the command alone)."""
     from moesift.cli import main
 
     monkeypatch.setattr(sys, "argv", ["moesift", *[str(a) for a in args]])
+    capsys.readouterr()  # drop what building the fixtures printed
     code = 0
     try:
         main()

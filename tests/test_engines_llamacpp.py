@@ -10,26 +10,13 @@ import sys
 
 import pytest
 from engine_models import ENGINE_FAMILIES, engine_model
+from hostile import run_cli
 from test_trim import plan_for
 
 from moesift.checkpoint import CheckpointIndex
 from moesift.errors import MoesiftError
 from moesift.trim import trim
 from moesift.verify import verify
-
-
-def run_cli(args, monkeypatch, capsys):
-    from moesift.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["moesift", *args])
-    capsys.readouterr()
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = int(e.code or 0)
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
 
 
 def _one_error_line(args, monkeypatch, capsys, *needles):

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 from engine_models import ENGINE_FAMILIES, engine_model
+from hostile import run_cli
 from test_trim import plan_for
 
 from moesift.checkpoint import CheckpointIndex
@@ -19,20 +20,6 @@ from moesift.verify import verify
 pytest.importorskip("mlx_lm", reason="needs moesift[mlx]")
 
 FAMILIES = ENGINE_FAMILIES["mlx"]  # family -> config overrides its tiny model needs in mlx-lm
-
-
-def run_cli(args, monkeypatch, capsys):
-    from moesift.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["moesift", *args])
-    capsys.readouterr()  # drop what building the fixtures printed
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = int(e.code or 0)
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
 
 
 def _uniform_trim(src, out):

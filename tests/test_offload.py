@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 import random
-import sys
 
 import numpy as np
 import pytest
 import torch
+from hostile import run_cli as _run_cli
 from tiny import TINY
 
 import moesift
@@ -118,19 +118,6 @@ def test_offloaded_holds_only_what_it_should(tiny_dir):
         assert rt.nonresident == [e for e in range(spec.n_experts) if e not in (1, 2, 6)]
     info = m.moesift_offload.stats()
     assert info["device_bytes"]["total"] < moesift.checkpoint_index(d).total_bytes()
-
-
-def _run_cli(args, monkeypatch, capsys):
-    from moesift.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["moesift", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = int(e.code or 0)
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
 
 
 def _one_error_line(err: str) -> str:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 
 import numpy as np
 import pytest
+from hostile import run_cli
 
 from moesift.checkpoint import CheckpointIndex
 from moesift.errors import MoesiftError
@@ -201,19 +201,6 @@ def test_memory_budget_allocates_by_coverage_per_byte(tiny_dir):
     wrong = make_trace(np.ones((L, E + 8), np.int64), moe_layers=spec.moe_layers, model_type="qwen3_moe")
     with pytest.raises(MoesiftError, match="use the model the traces were recorded on"):
         plan(wrong, keep=0.5, model=src)
-
-
-def run_cli(args, monkeypatch, capsys):
-    from moesift.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["moesift", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = int(e.code or 0)
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
 
 
 def test_cli_plan_contract_and_diff(tiny_dir, tmp_path, monkeypatch, capsys):

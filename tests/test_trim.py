@@ -10,11 +10,11 @@ import importlib
 import json
 import random
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from hostile import run_cli
 from naive_trim import naive_trim
 from tiny import TINY
 from transformers import AutoModelForCausalLM
@@ -169,19 +169,6 @@ def test_nonuniform_trim_and_load_resident_equal_restricted(model_type, tiny_dir
 
 
 # ---- refusals -----------------------------------------------------------------------------------------
-
-
-def run_cli(args: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
-    from moesift.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["moesift", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = int(e.code or 0)
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
 
 
 def _plan_file(path: Path, resident: dict[int, list[int]], **model) -> Path:

@@ -4,27 +4,14 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 
 import pytest
+from hostile import run_cli
 from test_trim import plan_for
 
 from moesift.checkpoint import CheckpointIndex
 from moesift.trim import trim
 from moesift.verify import verify
-
-
-def run_cli(args, monkeypatch, capsys):
-    from moesift.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["moesift", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = int(e.code or 0)
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
 
 
 def _with_tokenizer(src, dst):
