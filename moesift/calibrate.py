@@ -26,6 +26,15 @@ measured on its tokens alone, which is exact. Whether a router is such is measur
 first step one removal is evaluated on every token, and when another token's output moved the layer is
 calibrated on every token for every candidate. Group-limited layers (a handful of groups) are always
 evaluated on every token.
+
+3. End to end, where the layer error misleads. A group-limited router (DeepSeek-V3: 2 of 4 groups per
+   token) leaves each layer a choice among a handful of group sets per kept count (C(4, 2) = 6), and the set
+   with the least layer-output error is not always the one that costs the model least. For such layers each
+   set is scored by the whole model's KL to the full model's next-token distributions on the calibration
+   tokens, layer by layer with the other layers' sets fixed (coordinate descent until a sweep changes
+   nothing), per kept count; ``plan`` takes those sets and ``--allocate`` spends by the KL each layer's set
+   costs alone. This needs the whole model (held, or offloaded with ``device="auto"``) for the run, one
+   forward per candidate; routers with one expert per unit (too many sets) keep the layer error.
 """
 
 from __future__ import annotations
@@ -396,12 +405,13 @@ class _EndToEnd:
     over every real token. The full model's distributions are stored as their `top` most likely tokens plus
     one bucket for the rest (the KL of these coarsened distributions; exact when `top` >= the vocabulary)."""
 
-    def __init__(self, model: Any, token_lists: list[list[int]], batch_size: int, top: int):
+    def __init__(self, model: Any, token_lists: list[list[int]], batch_size: int, top: int, loss: str = "kl"):
         import torch
 
         from .evaluate import batches
 
         self.model = model
+        self.loss = loss
         self.device = next(p for p in model.parameters() if p.device.type != "meta").device
         self.batches = batches(token_lists, batch_size)
         self.ref: list[tuple[Any, Any, Any, Any]] = []
@@ -442,6 +452,13 @@ class _EndToEnd:
         with torch.no_grad(), restrict(self.model, resident):
             for (ids, mask), (ti, tp, rest, p) in zip(self.batches, self.ref, strict=True):
                 lq = self._logp(ids, mask)
+                if self.loss == "nll":  # cross-entropy of the next calibration token
+                    nxt = torch.zeros_like(mask)
+                    nxt[:, :-1] = mask[:, 1:]
+                    tgt = torch.roll(ids, -1, dims=1).reshape(-1)[mask.reshape(-1).bool()]
+                    ok = nxt.reshape(-1)[mask.reshape(-1).bool()].bool()
+                    total += float(-lq[ok.to(lq.device)].gather(-1, tgt[ok].to(lq.device).unsqueeze(-1)).double().sum())
+                    continue
                 qt = lq.gather(-1, ti.to(lq.device))
                 qrest = self._rest(qt)
                 kl = (p * (tp - qt)).sum(-1) + rest.exp() * (rest - qrest)
@@ -452,7 +469,7 @@ class _EndToEnd:
 def choose_end_to_end(
     model: Any, spec: Any, layers_out: list[dict[str, Any]], units: list[list[int]], n_floor: int,
     token_lists: list[list[int]], batch_size: int = 8, top: int = 64, max_candidates: int = 70,
-    sweeps: int = 3, tick: Callable[[], None] | None = None,
+    sweeps: int = 3, tick: Callable[[], None] | None = None, loss: str = "kl",
 ) -> dict[str, Any] | None:
     """For layers whose choice is among few sets (group-limited routers: C(groups, kept) per count), choose
     the set per kept count by the model's own KL on the calibration tokens instead of the layer-output
@@ -471,7 +488,7 @@ def choose_end_to_end(
     if not live:
         return None
     t0 = time.perf_counter()
-    ev = _EndToEnd(model, token_lists, batch_size, top)
+    ev = _EndToEnd(model, token_lists, batch_size, top, loss)
     uid = {tuple(u): i for i, u in enumerate(units)}
     cache: dict[tuple, float] = {}
 
@@ -560,7 +577,8 @@ def calibrate(
     loaded: Any = None,
     end_to_end: bool = True,
     kl_top: int = 64,
-    end_to_end_samples: int | None = 16,
+    end_to_end_samples: int | None = None,
+    end_to_end_loss: str = "kl",
 ) -> Calibration:
     """Measure, layer by layer, how much each MoE layer's output moves when its experts are removed one
     unit at a time (greedy, least damage first) on the calibration prompts `data` (a workload file; never
@@ -581,6 +599,10 @@ def calibrate(
     from .loading import hf_progress, load_model, parse_dtype
     from .workload import read_documents
 
+    if kl_top < 1:
+        raise MoesiftError(f"--kl-top must be at least 1 (got {kl_top})")
+    if end_to_end_loss not in ("kl", "nll"):
+        raise MoesiftError(f"unknown end-to-end loss {end_to_end_loss!r}: kl or nll")
     if max_length < 2:
         raise MoesiftError(f"--calib-length must be at least 2 (got {max_length})")
     if out is not None:
@@ -638,7 +660,7 @@ def calibrate(
             t2 = bar.add_task("end-to-end choice", total=live * (len(units) - n_floor) * 2)
             e2e_toks = toks[:end_to_end_samples] if end_to_end_samples else toks
             e2e = choose_end_to_end(m, spec, layers_out, units, n_floor, e2e_toks, batch_size=batch_size, top=kl_top,
-                             tick=lambda: bar.update(t2, advance=1))
+                                     loss=end_to_end_loss, tick=lambda: bar.update(t2, advance=1))
             if e2e is not None:  # spread its cost over the layers it served
                 for e in layers_out:
                     if "e2e" in e:
