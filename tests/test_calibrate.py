@@ -317,3 +317,13 @@ def test_end_to_end_choice_equals_brute_force_on_group_limited_model(tiny_dir, t
     off = moesift.calibrate(src, data, max_samples=6, max_length=16, dtype="float32", progress=False,
                             end_to_end=False)
     assert off.settings["end_to_end"] is None and not any("e2e" in e for e in off.layers)
+
+
+def test_calibrate_refuses_bad_end_to_end_settings(tiny_dir, tmp_path, monkeypatch, capsys):
+    src = tiny_dir("deepseek_v3")
+    data = _calib_file(tmp_path, 96)
+    code, out, err = run_cli(["calibrate", str(src), "--data", str(data), "--out", str(tmp_path / "c.json"),
+                              "--kl-top", "0"], monkeypatch, capsys)
+    assert code == 2 and err.startswith("moesift: error: ") and "--kl-top" in err and len(err.splitlines()) == 1
+    with pytest.raises(MoesiftError, match="end-to-end loss"):
+        moesift.calibrate(src, data, end_to_end_loss="mse", progress=False)
