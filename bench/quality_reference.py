@@ -30,7 +30,8 @@ public API (``moesift.trace``, ``moesift.compare``, ``moesift.plan``, ``moesift.
 5. ``--selection`` (this section alone): the selection strategies side by side. For each model and domain,
    ``moesift.sweep`` (timing off) from the domain's trace split (traced with saliency) at keep 0.25 / 0.5 /
    0.75: frequency, weighted, contribution, saliency, random (seed 0), calibrated (uniform counts) and
-   calibrated+allocate (one total spread over layers by calibrated error). Calibration prompts are the
+   calibrated+allocate (one total spread over layers by calibrated error; for group-limited routers the
+   sets and the spending are chosen by the model's end-to-end KL on the calibration prompts). Calibration prompts are the
    domain's trace split (``--calib-docs`` documents of ``--max-length`` tokens); the eval split, disjoint
    from both, is scored. Prints the perplexity-ratio table, the winner per budget, and the target check:
    calibrated+allocate at or below min(frequency, weighted) at every point, and at keep 0.25 how much
@@ -421,7 +422,8 @@ def selection(name: str, st: dict[str, Any]) -> dict[str, Any]:
                                   for (s, k) in pts},
             "winners": sw["winners"], "skipped": sw["skipped"], "tokens": sw["tokens"],
             "calibration_s": cal.timing["total_s"], "calibration_layer_s": cal.timing["per_layer_s"],
-            "calibration_tokens": cal.settings["tokens"], "seconds": time.perf_counter() - t0}
+            "calibration_tokens": cal.settings["tokens"], "calibration_end_to_end_s": cal.timing.get("end_to_end_s"),
+            "seconds": time.perf_counter() - t0}
         say(f"{name}: {d} done ({time.perf_counter() - t0:.0f} s)")
     # target: calibrated+allocate vs the best of frequency and weighted
     below, closer = True, []
@@ -454,7 +456,9 @@ def print_selection(name: str, r: dict[str, Any]) -> None:
             out("    " + (d if i == 0 else "").ljust(12) + s.ljust(22) + "".join(f"{c:>22}" for c in cells))
         out("    " + " " * 12 + "winner: " + ", ".join(f"{w['keep']:g} {w['strategy']}" for w in x["winners"])
             + f"; calibration {x['calibration_s']:.1f} s on {x['calibration_tokens']} tokens "
-            f"({np.mean(x['calibration_layer_s']):.2f} s per MoE layer)")
+            f"({np.mean(x['calibration_layer_s']):.2f} s per MoE layer"
+            + (f", of which end-to-end choice {x['calibration_end_to_end_s'] / len(x['calibration_layer_s']):.2f} s)"
+               if x.get("calibration_end_to_end_s") else ")"))
     t = r["target"]
     out(f"  target: calibrated+allocate <= min(frequency, weighted) at every point: {t['at_or_below_everywhere']}; "
         f"at keep 0.25 closer to 1.0 by {t['closer_at_25_mean']:.1%} on average ("

@@ -26,6 +26,15 @@ measured on its tokens alone, which is exact. Whether a router is such is measur
 first step one removal is evaluated on every token, and when another token's output moved the layer is
 calibrated on every token for every candidate. Group-limited layers (a handful of groups) are always
 evaluated on every token.
+
+3. End to end, where the layer error misleads. A group-limited router (DeepSeek-V3: 2 of 4 groups per
+   token) leaves each layer a choice among a handful of group sets per kept count (C(4, 2) = 6), and the set
+   with the least layer-output error is not always the one that costs the model least. For such layers each
+   set is scored by the whole model's KL to the full model's next-token distributions on the calibration
+   tokens, layer by layer with the other layers' sets fixed (coordinate descent until a sweep changes
+   nothing), per kept count; ``plan`` takes those sets and ``--allocate`` spends by the KL each layer's set
+   costs alone. This needs the whole model (held, or offloaded with ``device="auto"``) for the run, one
+   forward per candidate; routers with one expert per unit (too many sets) keep the layer error.
 """
 
 from __future__ import annotations
@@ -107,6 +116,17 @@ class Calibration:
                     out[p, int(x)] = (r + 1) / len(u)
         return out
 
+    def end_to_end_set(self, p: int, n_experts: int) -> list[int] | None:
+        """The resident ids of MoE layer `p` chosen end to end for a set of `n_experts` experts (None where
+        the calibration did not choose one: layer-error order applies)."""
+        e2e = self.layers[p].get("e2e")
+        if not e2e:
+            return None
+        for ids in e2e["sets"].values():
+            if len(ids) == n_experts:
+                return [int(x) for x in ids]
+        return None
+
     def unit_gains(self) -> list[list[float] | None]:
         """Per layer, in keep order (best unit first): the relative error each unit saves when kept, for the
         units beyond the floor (None for hash-routed layers)."""
@@ -114,6 +134,11 @@ class Calibration:
         for e in self.layers:
             if e.get("order") is None:
                 out.append(None)
+                continue
+            if e.get("e2e"):  # KL of the layer alone restricted to its end-to-end set of k units
+                a = {int(k): float(v) for k, v in e["e2e"]["alone"].items()}
+                ks = sorted(a)
+                out.append([max(a[k] - a[k + 1], 0.0) for k in ks[:-1]])  # the unit that takes k to k + 1
                 continue
             err = [float(x) for x in e["error"]]  # err[s] after s removals
             gains = [max(err[s + 1] - err[s], 0.0) for s in range(len(err) - 1)]  # unit removed at step s
@@ -371,6 +396,149 @@ def greedy_layer(blk: _Block, x: Any, units: list[list[int]], n_floor: int,
 
 
 # ------------------------------------------------------------------------------------------------
+# Phase 3: end-to-end scoring where the layer-local error misleads (small candidate sets)
+# ------------------------------------------------------------------------------------------------
+
+
+class _EndToEnd:
+    """KL(full model || restricted model) of the next-token distributions on the calibration tokens, mean
+    over every real token. The full model's distributions are stored as their `top` most likely tokens plus
+    one bucket for the rest (the KL of these coarsened distributions; exact when `top` >= the vocabulary)."""
+
+    def __init__(self, model: Any, token_lists: list[list[int]], batch_size: int, top: int, loss: str = "kl"):
+        import torch
+
+        from .evaluate import batches
+
+        self.model = model
+        self.loss = loss
+        self.device = next(p for p in model.parameters() if p.device.type != "meta").device
+        self.batches = batches(token_lists, batch_size)
+        self.ref: list[tuple[Any, Any, Any, Any]] = []
+        self.tokens = 0
+        self.forwards = 0
+        with torch.no_grad():
+            for ids, mask in self.batches:
+                lp = self._logp(ids, mask)
+                k = min(top, lp.shape[-1])
+                tp, ti = lp.topk(k, dim=-1)
+                rest = self._rest(tp)
+                self.ref.append((ti, tp, rest, tp.exp()))
+                self.tokens += lp.shape[0]
+
+    def _logp(self, ids: Any, mask: Any) -> Any:
+        import torch
+
+        out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), use_cache=False)
+        keep = mask.reshape(-1).bool().to(out.logits.device)
+        return torch.log_softmax(out.logits.float().reshape(-1, out.logits.shape[-1])[keep], dim=-1)
+
+    @staticmethod
+    def _rest(top_logp: Any) -> Any:
+        import torch
+
+        # log of the probability mass outside the top tokens (log1p(-sum p) is accurate near 0 and 1)
+        s = top_logp.exp().sum(-1).clamp(max=1.0)
+        return torch.log1p(-s).clamp(min=math.log(1e-30)) if s.numel() else s
+
+    def kl(self, resident: dict[int, list[int]]) -> float:
+        """Mean KL per token of the model restricted to `resident` ({decoder layer: ids})."""
+        import torch
+
+        from .restrict import restrict
+
+        total = 0.0
+        self.forwards += 1
+        with torch.no_grad(), restrict(self.model, resident):
+            for (ids, mask), (ti, tp, rest, p) in zip(self.batches, self.ref, strict=True):
+                lq = self._logp(ids, mask)
+                if self.loss == "nll":  # cross-entropy of the next calibration token
+                    nxt = torch.zeros_like(mask)
+                    nxt[:, :-1] = mask[:, 1:]
+                    tgt = torch.roll(ids, -1, dims=1).reshape(-1)[mask.reshape(-1).bool()]
+                    ok = nxt.reshape(-1)[mask.reshape(-1).bool()].bool()
+                    total += float(-lq[ok.to(lq.device)].gather(-1, tgt[ok].to(lq.device).unsqueeze(-1)).double().sum())
+                    continue
+                qt = lq.gather(-1, ti.to(lq.device))
+                qrest = self._rest(qt)
+                kl = (p * (tp - qt)).sum(-1) + rest.exp() * (rest - qrest)
+                total += float(kl.double().sum())
+        return total / max(self.tokens, 1)
+
+
+def choose_end_to_end(
+    model: Any, spec: Any, layers_out: list[dict[str, Any]], units: list[list[int]], n_floor: int,
+    token_lists: list[list[int]], batch_size: int = 8, top: int = 64, max_candidates: int = 70,
+    sweeps: int = 3, tick: Callable[[], None] | None = None, loss: str = "kl",
+) -> dict[str, Any] | None:
+    """For layers whose choice is among few sets (group-limited routers: C(groups, kept) per count), choose
+    the set per kept count by the model's own KL on the calibration tokens instead of the layer-output
+    error. Per count k: every layer starts from the greedy's best k units; then coordinate descent, layer by
+    layer with the other layers' sets fixed, each layer takes the k-unit set that restricted in the model
+    gives the least KL, until a sweep changes nothing (at most `sweeps`). Then per layer and count, the KL of
+    that layer alone restricted to its set (the others whole): ``plan --allocate`` spends by its drops.
+    Adds ``e2e`` to the entries of `layers_out` in place; returns a summary (None when no layer qualifies)."""
+    from itertools import combinations
+
+    n = len(units)
+    cands = {k: [list(c) for c in combinations(range(n), k)] for k in range(n_floor, n)}
+    if len(units[0]) == 1 or not cands or max(len(c) for c in cands.values()) > max_candidates:
+        return None
+    live = [e for e in layers_out if e.get("order") is not None]
+    if not live:
+        return None
+    t0 = time.perf_counter()
+    ev = _EndToEnd(model, token_lists, batch_size, top, loss)
+    uid = {tuple(u): i for i, u in enumerate(units)}
+    cache: dict[tuple, float] = {}
+
+    def flat(us: Sequence[int]) -> list[int]:
+        return sorted(x for u in us for x in units[u])
+
+    def kl(sets: dict[int, tuple[int, ...]]) -> float:
+        key = tuple(sorted(sets.items()))
+        if key not in cache:
+            cache[key] = ev.kl({layer: flat(s) for layer, s in sets.items()})
+        return cache[key]
+
+    converged = True
+    for e in live:
+        e["e2e"] = {"sets": {}, "kl": {}, "alone": {str(n): 0.0}}
+    for k in range(n_floor, n):
+        cur: dict[int, tuple[int, ...]] = {}
+        for e in live:  # the greedy's k units: the floor and the last removed
+            last = e["order"][len(e["order"]) - (k - n_floor):] if k > n_floor else []
+            keep = [uid[tuple(u)] for u in e["floor"] + last]
+            cur[e["layer"]] = tuple(sorted(keep))
+        done = False
+        for _ in range(sweeps):
+            changed = False
+            for e in live:
+                layer = e["layer"]
+                best, best_kl = cur[layer], kl(cur)
+                for c in cands[k]:
+                    v = kl({**cur, layer: tuple(c)})
+                    if v < best_kl - 1e-12:
+                        best, best_kl = tuple(c), v
+                if best != cur[layer]:
+                    cur[layer], changed = best, True
+                if tick:
+                    tick()
+            if not changed:
+                done = True
+                break
+        converged = converged and done
+        final = kl(cur)
+        for e in live:
+            s = cur[e["layer"]]
+            e["e2e"]["sets"][str(k)] = flat(s)
+            e["e2e"]["kl"][str(k)] = final
+            e["e2e"]["alone"][str(k)] = kl({e["layer"]: s})
+    return {"kl_top": top, "converged": converged, "forwards": ev.forwards, "tokens": ev.tokens,
+            "seconds": time.perf_counter() - t0, "sweeps": sweeps}
+
+
+# ------------------------------------------------------------------------------------------------
 # The public function
 # ------------------------------------------------------------------------------------------------
 
@@ -407,11 +575,22 @@ def calibrate(
     force: bool = False,
     progress: bool = True,
     loaded: Any = None,
+    end_to_end: bool = True,
+    kl_top: int = 64,
+    end_to_end_samples: int | None = None,
+    end_to_end_loss: str = "kl",
 ) -> Calibration:
     """Measure, layer by layer, how much each MoE layer's output moves when its experts are removed one
     unit at a time (greedy, least damage first) on the calibration prompts `data` (a workload file; never
     the evaluation data). `model` is the checkpoint directory; `loaded=(model, tokenizer)` reuses an
-    already loaded model for the capture phase. Saved to `out` when given."""
+    already loaded model for the capture phase. Saved to `out` when given.
+
+    `end_to_end`: where a layer chooses among few sets (group-limited routers), choose them by the model's
+    own KL to the full model on the calibration tokens (see `choose_end_to_end`; `kl_top` most likely tokens kept
+    per position; the first `end_to_end_samples` calibration documents, each candidate costing a forward of
+    the model on them). That needs the whole model through the calibration (offloaded with device="auto" when it
+    does not fit); with `end_to_end=False`, or for routers with one expert per unit, the layer error alone
+    decides."""
     import torch
 
     from .checkpoint import CheckpointIndex
@@ -420,6 +599,10 @@ def calibrate(
     from .loading import hf_progress, load_model, parse_dtype
     from .workload import read_documents
 
+    if kl_top < 1:
+        raise MoesiftError(f"--kl-top must be at least 1 (got {kl_top})")
+    if end_to_end_loss not in ("kl", "nll"):
+        raise MoesiftError(f"unknown end-to-end loss {end_to_end_loss!r}: kl or nll")
     if max_length < 2:
         raise MoesiftError(f"--calib-length must be at least 2 (got {max_length})")
     if out is not None:
@@ -441,12 +624,13 @@ def calibrate(
             raise MoesiftError(f"calibration data {paths[0]!s} tokenized to nothing; give a file with text")
         work_dtype = next(m.parameters()).dtype
         inputs = capture_inputs(m, ad, spec, toks, batch_size=batch_size, progress=bar)
-        if loaded is None:
-            del m
         t_capture = time.perf_counter() - t0
         frame = skeleton(index.config)
         units = units_of(spec)
         n_floor = floor_units(spec, units)
+        e2e_wanted = end_to_end and len(units[0]) > 1 and len(units) > n_floor
+        if loaded is None and not e2e_wanted:
+            del m
         run_dev = device if device not in (None, "auto") else ("cuda" if torch.cuda.is_available() else "cpu")
         layers_out: list[dict[str, Any]] = []
         steps = sum(0 if layer in spec.hash_layers else len(units) - n_floor for layer in spec.moe_layers)
@@ -470,13 +654,28 @@ def calibrate(
             dt = time.perf_counter() - ts
             per_layer_s.append(dt)
             layers_out.append({"layer": layer, "moe_index": p, **r, "seconds": dt})
+        e2e = None
+        if e2e_wanted:
+            live = sum(1 for layer in spec.moe_layers if layer not in spec.hash_layers)
+            t2 = bar.add_task("end-to-end choice", total=live * (len(units) - n_floor) * 2)
+            e2e_toks = toks[:end_to_end_samples] if end_to_end_samples else toks
+            e2e = choose_end_to_end(m, spec, layers_out, units, n_floor, e2e_toks, batch_size=batch_size, top=kl_top,
+                                     loss=end_to_end_loss, tick=lambda: bar.update(t2, advance=1))
+            if e2e is not None:  # spread its cost over the layers it served
+                for e in layers_out:
+                    if "e2e" in e:
+                        e["seconds"] += e2e["seconds"] / max(live, 1)
+                per_layer_s = [e["seconds"] for e in layers_out if e.get("order") is not None]
+            if loaded is None:
+                del m
     info = {k: v for k, v in spec.to_dict().items()} if hasattr(spec, "to_dict") else {}
     info["checkpoint"] = str(index.directory)
     settings = {"data": [{"path": str(q), "sha256": sha256_file(q) if Path(q).is_file() else None} for q in paths],
                 "max_samples": max_samples, "max_length": max_length, "documents": len(toks),
-                "tokens": int(sum(len(t) for t in toks)), "device": run_dev,
+                "tokens": int(sum(len(t) for t in toks)), "device": run_dev, "end_to_end": e2e,
                 "dtype": str(parse_dtype(dtype)).replace("torch.", "") if dtype else str(work_dtype).replace("torch.", "")}
     timing = {"capture_s": t_capture, "per_layer_s": per_layer_s,
+              "end_to_end_s": e2e["seconds"] if e2e else None,
               "mean_layer_s": float(np.mean(per_layer_s)) if per_layer_s else None,
               "total_s": time.perf_counter() - t0}
     cal = Calibration(model=info, layers=layers_out, settings=settings, timing=timing)

@@ -483,6 +483,15 @@ def calibrate_cmd(
     dtype: str = typer.Option(None, "--dtype", help="auto, float32, bfloat16, float16."),
     field: str = typer.Option(None, "--field", help="JSONL key / parquet column holding the documents."),
     force: bool = typer.Option(False, "--force", help="Overwrite --out."),
+    end_to_end: bool = typer.Option(True, "--end-to-end/--layer-only", help="Group-limited routers (a layer "
+                                    "chooses among few group sets): choose each layer's set per kept count by the "
+                                    "whole model's KL to the full model on the calibration tokens, layer by layer "
+                                    "with the others fixed (needs the model through the run; offloaded with "
+                                    "--device auto). --layer-only: the layer output error alone."),
+    kl_top: int = typer.Option(64, "--kl-top", help="Most likely tokens of the full model kept per position for "
+                               "the end-to-end KL (the rest is one bucket)."),
+    end_to_end_samples: int = typer.Option(None, "--end-to-end-samples", help="Calibration documents the "
+                                           "end-to-end choice runs on (default: all of them)."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Measure per MoE layer what removing experts does to the layer's output on calibration prompts (greedy,
@@ -491,7 +500,8 @@ def calibrate_cmd(
     from .calibrate import calibrate
 
     c = calibrate(model, data, out=out, max_samples=max_samples, max_length=max_length, batch_size=batch_size,
-                  device=device, dtype=dtype, field=field, force=force, progress=not json_out)
+                  device=device, dtype=dtype, field=field, force=force, progress=not json_out,
+                  end_to_end=end_to_end, kl_top=kl_top, end_to_end_samples=end_to_end_samples)
     if json_out:
         emit_json(c.to_dict())
         return

@@ -932,6 +932,8 @@ def plan(
             raise
         raise MoesiftError(f"{e}, which is what --memory leaves after {cache_slots} cache slots per layer and the "
                            "whole routers (--offload); raise --memory or lower --cache-slots") from None
+    if cal is not None:  # sets the calibration chose end to end for these counts replace the ranked prefix
+        resident = [cal.end_to_end_set(p, len(r)) or r for p, r in enumerate(resident)]
 
     # constraints from the adapter (top-k, groups, hash layers)
     if sp.adapter_spec is not None and sp.model_type:

@@ -250,3 +250,80 @@ def test_sweep_refuses_calibrating_on_the_evaluation_data(tiny_dir, tmp_path):
         moesift.sweep(src, t, data, keep=[0.5], strategy="calibrated", calib=data, timing=False, progress=False)
     with pytest.raises(MoesiftError, match="unknown strategy"):
         moesift.sweep(src, t, data, keep=[0.5], strategy="calibrated+everything", timing=False, progress=False)
+
+
+def _kl_full(model, ids, resident):
+    """Mean per-token KL(full || restricted) of the next-token distributions, the whole vocabulary."""
+    import torch.nn.functional as F
+
+    tot, n = 0.0, 0
+    with torch.no_grad():
+        for row in ids:
+            x = torch.tensor([row])
+            lp = F.log_softmax(model(input_ids=x, use_cache=False).logits.double()[0], -1)
+            with moesift.restrict(model, resident):
+                lq = F.log_softmax(model(input_ids=x, use_cache=False).logits.double()[0], -1)
+            tot += float((lp.exp() * (lp - lq)).sum())
+            n += lp.shape[0]
+    return tot / n
+
+
+def test_end_to_end_choice_equals_brute_force_on_group_limited_model(tiny_dir, tmp_path):
+    from itertools import combinations
+
+    src = tiny_dir("deepseek_v3")
+    idx = CheckpointIndex.build(src)
+    spec = idx.spec
+    assert spec.n_group and spec.n_group > 2
+    vocab = int(idx.config["vocab_size"])
+    data = _calib_file(tmp_path, vocab, n_docs=6, length=16, seed=3)
+    # kl_top >= the vocabulary: the stored distributions are exact, so the KL here is the full one
+    cal = moesift.calibrate(src, data, max_samples=6, max_length=16, dtype="float32", progress=False,
+                            kl_top=vocab, end_to_end_samples=None)
+    assert cal.settings["end_to_end"]["converged"]
+    model, _ = moesift.load_model(src, device="cpu", dtype="float32")
+    ids = [json.loads(line)["input_ids"] for line in data.read_text().splitlines()]
+    per = spec.n_experts // spec.n_group
+    groups = [list(range(g * per, (g + 1) * per)) for g in range(spec.n_group)]
+    live = [e for e in cal.layers if e.get("order") is not None]
+    levels = sorted(int(k) for k in live[0]["e2e"]["sets"])
+    assert levels == list(range(len(live[0]["floor"]), spec.n_group))
+    for k in levels:
+        chosen = {e["layer"]: e["e2e"]["sets"][str(k)] for e in live}
+        # converged coordinate descent: each layer's set is the best k groups with the others' sets fixed
+        for e in live:
+            kls = {}
+            for c in combinations(range(spec.n_group), k):
+                s = sorted(x for g in c for x in groups[g])
+                kls[tuple(s)] = _kl_full(model, ids, {**chosen, e["layer"]: s})
+            best = min(kls.values())
+            assert kls[tuple(chosen[e["layer"]])] <= best * (1 + 1e-4) + 1e-9, (k, e["layer"], kls)
+            assert e["e2e"]["kl"][str(k)] == pytest.approx(kls[tuple(chosen[e["layer"]])], rel=2e-2, abs=1e-7)  # float32 vs float64
+            alone = _kl_full(model, ids, {e["layer"]: chosen[e["layer"]]})
+            assert e["e2e"]["alone"][str(k)] == pytest.approx(alone, rel=2e-2, abs=1e-7)
+    # a plan keeping k groups per layer takes the end-to-end sets, and --allocate spends by their KL drops
+    counts, _ = skewed(L=len(spec.moe_layers), E=spec.n_experts)
+    t = make_trace(counts, moe_layers=spec.moe_layers, model_type="deepseek_v3", n_group=spec.n_group,
+                   topk_group=spec.topk_group)
+    k = levels[-1]
+    p = plan(t, keep_experts=k * per, strategy="calibrated", calibration=cal)
+    assert [e["resident"] for e in p.layers] == [e["e2e"]["sets"][str(k)] for e in live]
+    a = plan(t, keep_experts=k * per, strategy="calibrated", calibration=cal, allocate=True)
+    assert sum(a.counts()) == sum(p.counts())
+    for e, c in zip(a.layers, live, strict=True):
+        n = len(e["resident"]) // per
+        assert n == spec.n_group or e["resident"] == c["e2e"]["sets"][str(n)]
+    # without end-to-end scoring the layer error alone decides (no sets recorded)
+    off = moesift.calibrate(src, data, max_samples=6, max_length=16, dtype="float32", progress=False,
+                            end_to_end=False)
+    assert off.settings["end_to_end"] is None and not any("e2e" in e for e in off.layers)
+
+
+def test_calibrate_refuses_bad_end_to_end_settings(tiny_dir, tmp_path, monkeypatch, capsys):
+    src = tiny_dir("deepseek_v3")
+    data = _calib_file(tmp_path, 96)
+    code, out, err = run_cli(["calibrate", str(src), "--data", str(data), "--out", str(tmp_path / "c.json"),
+                              "--kl-top", "0"], monkeypatch, capsys)
+    assert code == 2 and err.startswith("moesift: error: ") and "--kl-top" in err and len(err.splitlines()) == 1
+    with pytest.raises(MoesiftError, match="end-to-end loss"):
+        moesift.calibrate(src, data, end_to_end_loss="mse", progress=False)
