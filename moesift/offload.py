@@ -668,7 +668,7 @@ def verify_offloaded(
     from .arch import adapter_for
     from .loading import hf_progress
     from .resident import load_trimmed
-    from .verify import comparison_inputs
+    from .verify import Agreement, comparison_inputs
 
     off, tok2 = load_offloaded(model, plan, device=device, cache_slots=cache_slots, policy=policy,
                                host_compute_max_tokens=host_compute_max_tokens, dtype=dtype, progress=progress)
@@ -683,9 +683,7 @@ def verify_offloaded(
     def on_route(mi: int, r: Any) -> None:
         logs.setdefault(mi, []).append(r.ids.reshape(-1, r.ids.shape[-1]).detach().to("cpu"))
 
-    agree = total = 0
-    max_abs = max_rel = 0.0
-    mismatches = []
+    cmp = Agreement("offloaded")
     handles = ad.attach_recorder(full, on_route)
     try:
         with torch.no_grad():
@@ -695,13 +693,7 @@ def verify_offloaded(
                 gf = full.generate(ids, **gen_kw)[0, ids.shape[-1]:].tolist() if max_new_tokens > 0 else []
                 lo = off(ids).logits.float()
                 go = off.generate(ids, **gen_kw)[0, ids.shape[-1]:].tolist() if max_new_tokens > 0 else []
-                agree += int((lf.argmax(-1) == lo.argmax(-1)).sum())
-                total += lf.shape[1]
-                d = (lf - lo).abs().max().item()
-                max_abs = max(max_abs, d)
-                max_rel = max(max_rel, d / max(lf.abs().max().item(), 1e-30))
-                if gf != go:
-                    mismatches.append({"prompt": i, "full": gf, "offloaded": go})
+                cmp.add(i, lf, lo, gf, go)
     finally:
         for h in handles:
             h.remove()
@@ -715,10 +707,8 @@ def verify_offloaded(
         sim_layers.append({"layer": rt.layer, "measured": st["hit_rate"], "simulated": s["hit_rate"],
                            "measured_hits": st["hits"], "simulated_hits": s["hits"], "accesses": st["accesses"]})
     result = {
-        "model": str(model), "plan": stats["plan"], "data": source, "prompts": len(prompts), "tokens": total,
-        "top1_agreement": agree / total if total else 1.0, "max_abs_logit_diff": max_abs,
-        "max_rel_logit_diff": max_rel, "generations_identical": not mismatches, "max_new_tokens": max_new_tokens,
-        "generation_mismatches": mismatches[:4], "dtype": dtype, "cache_slots": stats["cache_slots"],
+        "model": str(model), "plan": stats["plan"], "data": source, "prompts": len(prompts), **cmp.result(),
+        "max_new_tokens": max_new_tokens, "dtype": dtype, "cache_slots": stats["cache_slots"],
         "policy": policy, "hit_rate": stats["hit_rate"], "hit_rate_equals_simulation": same,
         "hit_rate_layers": sim_layers, "host_pairs": stats["host_pairs"], "loads": stats["loads"],
         "device_bytes": stats["device_bytes"],
@@ -729,7 +719,7 @@ def verify_offloaded(
     if pred is not None:  # the plan was made with --offload: its prediction beside the measured figure
         result["predicted"] = {k: pred.get(k) for k in ("hit_rate", "heldout_hit_rate", "cache_slots", "policy")}
     result["ok"] = (result["top1_agreement"] >= 1.0 and result["generations_identical"] and same
-                    and (dtype not in ("float32", "fp32") or max_rel <= 1e-6))
+                    and (dtype not in ("float32", "fp32") or cmp.max_rel <= 1e-6))
     return result
 
 

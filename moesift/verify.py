@@ -32,6 +32,30 @@ def _read_prompts(paths: list[str], field: str | None, max_samples: int, tok: An
 
 
 
+
+class Agreement:
+    """Running comparison of a reference model's logits and greedy generations with another model's."""
+
+    def __init__(self, other: str) -> None:
+        self.other = other  # the name the other side has in a mismatch record
+        self.agree = self.total = 0
+        self.max_abs = self.max_rel = 0.0
+        self.mismatches: list[dict[str, Any]] = []
+
+    def add(self, i: int, ref_logits: Any, logits: Any, ref_tokens: list[int], tokens: list[int]) -> None:
+        self.agree += int((ref_logits.argmax(-1) == logits.argmax(-1)).sum())
+        self.total += ref_logits.shape[1]
+        d = (ref_logits - logits).abs().max().item()
+        self.max_abs = max(self.max_abs, d)
+        self.max_rel = max(self.max_rel, d / max(ref_logits.abs().max().item(), 1e-30))
+        if ref_tokens != tokens:
+            self.mismatches.append({"prompt": i, "full": ref_tokens, self.other: tokens})
+
+    def result(self) -> dict[str, Any]:
+        return {"tokens": self.total, "top1_agreement": self.agree / self.total if self.total else 1.0,
+                "max_abs_logit_diff": self.max_abs, "max_rel_logit_diff": self.max_rel,
+                "generations_identical": not self.mismatches, "generation_mismatches": self.mismatches[:4]}
+
 def comparison_inputs(full: Any, tok: Any, data: Any, field: str | None, max_samples: int, max_length: int,
                       seed: int, max_new_tokens: int) -> tuple[list[Any], dict[str, Any], dict[str, Any]]:
     """The prompts two models are compared on (from `data`, or deterministic random token sequences), what
@@ -161,9 +185,7 @@ def verify(
     except BaseException:
         _close(runner, work)
         raise
-    agree = total = 0
-    max_abs = max_rel = 0.0
-    mismatches = []
+    cmp = Agreement("trimmed")
     try:
         with torch.no_grad():
             for i, ids in enumerate(prompts):
@@ -184,13 +206,7 @@ def verify(
                 else:
                     ls = small(ids.to(next(small.parameters()).device)).logits.float().to(lf.device)
                     gs = small.generate(ids, **gen_kw)[0, ids.shape[-1]:].tolist() if max_new_tokens > 0 else []
-                agree += int((lf.argmax(-1) == ls.argmax(-1)).sum())
-                total += lf.shape[1]
-                d = (lf - ls).abs().max().item()
-                max_abs = max(max_abs, d)
-                max_rel = max(max_rel, d / max(lf.abs().max().item(), 1e-30))
-                if gf != gs:
-                    mismatches.append({"prompt": i, "full": gf, "trimmed": gs})
+                cmp.add(i, lf, ls, gf, gs)
     finally:
         engine_name = runner.name if runner is not None else "transformers"
         engine_notes = list(getattr(runner, "notes", []) or [])
@@ -205,13 +221,8 @@ def verify(
         "plan": p.source,
         "data": source,
         "prompts": len(prompts),
-        "tokens": total,
-        "top1_agreement": agree / total if total else 1.0,
-        "max_abs_logit_diff": max_abs,
-        "max_rel_logit_diff": max_rel,
-        "generations_identical": not mismatches,
+        **cmp.result(),
         "max_new_tokens": max_new_tokens,
-        "generation_mismatches": mismatches[:4],
         "params_full": n_full,
         "params_trimmed": n_small,
     }
