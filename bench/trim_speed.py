@@ -22,7 +22,6 @@ import os
 import platform
 import shutil
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
@@ -30,65 +29,18 @@ import time
 from pathlib import Path
 
 from hostinfo import cpu_name  # bench/hostinfo.py, beside this script
+from synth_checkpoint import qwen3_moe_config, write_qwen3_moe  # beside this script
 
 H, INTER, VOCAB = 1024, 512, 32768  # hidden, expert intermediate, vocabulary (embedding 64 MiB in bf16)
 
 
 def write_synthetic(d: Path, size_gb: float, shard_bytes: int = 400 << 20) -> tuple[int, int, int]:
     """A qwen3_moe-style checkpoint of random bf16 bytes. Returns (layers, experts, largest tensor bytes)."""
-    import numpy as np
-
     E = 64
     per_expert = 3 * H * INTER * 2
     L = max(2, round(size_gb * (1 << 30) / (E * per_expert)))
-    cfg = {
-        "model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"], "hidden_size": H, "vocab_size": VOCAB,
-        "num_hidden_layers": L, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 128,
-        "intermediate_size": 4 * H, "moe_intermediate_size": INTER, "num_experts": E, "num_experts_per_tok": 8,
-        "decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": True, "max_position_embeddings": 4096,
-        "torch_dtype": "bfloat16",
-    }
-    d.mkdir(parents=True, exist_ok=True)
-    (d / "config.json").write_text(json.dumps(cfg, indent=2))
-    (d / "generation_config.json").write_text(json.dumps({"do_sample": False}))
-    tensors: list[tuple[str, list[int]]] = [("model.embed_tokens.weight", [VOCAB, H])]
-    for layer in range(L):
-        p = f"model.layers.{layer}"
-        tensors += [(f"{p}.input_layernorm.weight", [H]), (f"{p}.post_attention_layernorm.weight", [H]),
-                    (f"{p}.self_attn.q_proj.weight", [1024, H]), (f"{p}.self_attn.k_proj.weight", [512, H]),
-                    (f"{p}.self_attn.v_proj.weight", [512, H]), (f"{p}.self_attn.o_proj.weight", [H, 1024]),
-                    (f"{p}.mlp.gate.weight", [E, H])]
-        for e in range(E):
-            q = f"{p}.mlp.experts.{e}"
-            tensors += [(f"{q}.gate_proj.weight", [INTER, H]), (f"{q}.up_proj.weight", [INTER, H]),
-                        (f"{q}.down_proj.weight", [H, INTER])]
-    tensors += [("model.norm.weight", [H]), ("lm_head.weight", [VOCAB, H])]
-    shards: list[list[tuple[str, list[int]]]] = [[]]
-    size = 0
-    for name, shape in tensors:
-        n = 2 * int(np.prod(shape))
-        if shards[-1] and size + n > shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append((name, shape))
-        size += n
-    rng = np.random.default_rng(0)
-    weight_map = {}
-    for i, part in enumerate(shards):
-        fn = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        header, off = {"__metadata__": {"format": "pt"}}, 0
-        for name, shape in part:
-            n = 2 * int(np.prod(shape))
-            header[name] = {"dtype": "BF16", "shape": shape, "data_offsets": [off, off + n]}
-            off += n
-            weight_map[name] = fn
-        hb = json.dumps(header).encode()
-        hb += b" " * ((-len(hb)) % 8)
-        with open(d / fn, "wb") as f:
-            f.write(struct.pack("<Q", len(hb)) + hb)
-            for _name, shape in part:
-                f.write(rng.bytes(2 * int(np.prod(shape))))
-    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    write_qwen3_moe(d, qwen3_moe_config(L, hidden=H, experts=E, moe_inter=INTER, vocab=VOCAB, heads=8, kv_heads=4),
+                    shard_bytes=shard_bytes)
     return L, E, 2 * VOCAB * H
 
 

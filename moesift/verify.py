@@ -85,6 +85,7 @@ def comparison_inputs(full: Any, tok: Any, data: Any, field: str | None, max_sam
               "min_new_tokens": max_new_tokens}
     return prompts, source, gen_kw
 
+
 def verify(
     model: str | os.PathLike,
     trimmed: str | os.PathLike | None = None,

@@ -9,17 +9,16 @@ from __future__ import annotations
 import base64
 import io
 import json
-import sys
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from hostile import run_cli
 
 import moesift
 from moesift.arch import adapter_for
-from moesift.cli import main
 from moesift.errors import MoesiftError
 from moesift.importers import import_trace
 from moesift.place import place
@@ -88,17 +87,6 @@ def recount(arrays: list[np.ndarray], moe: list[int], E: int) -> np.ndarray:
         for e, n in c.items():
             out[j, e] = n
     return out
-
-
-def run(args, capsys, monkeypatch):
-    capsys.readouterr()
-    monkeypatch.setattr(sys, "argv", ["moesift", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    return (code, *capsys.readouterr())
 
 
 # ---- vLLM 0.22+ ----------------------------------------------------------------------------------------
@@ -253,7 +241,7 @@ def test_vllm_bad_records(case, tmp_path, capsys, monkeypatch):
         args = []
         want = "top-1"
     out = tmp_path / "o.trace"
-    code, so, se = run(["import", f, "--format", "vllm", "--out", out, *args], capsys, monkeypatch)
+    code, so, se = run_cli(["import", f, "--format", "vllm", "--out", out, *args], monkeypatch, capsys)
     assert code == 2, se
     assert se.startswith("moesift: error:") and len(se.strip().splitlines()) == 1 and want in se, se
     assert not out.exists()
@@ -300,9 +288,9 @@ def test_sglang_tensor_parallel_ranks_counted_once(tmp_path, capsys, monkeypatch
                 for e in t[j + 1]:
                     want[j, e] += 1
     np.testing.assert_array_equal(both.counts, want)
-    code, so, se = run(["import", r0, r1, "--format", "sglang", "--out", tmp_path / "o.trace"], capsys, monkeypatch)
+    code, so, se = run_cli(["import", r0, r1, "--format", "sglang", "--out", tmp_path / "o.trace"], monkeypatch, capsys)
     assert code == 0 and "counted once" in so
-    code, so, se = run(["import", "--help"], capsys, monkeypatch)
+    code, so, se = run_cli(["import", "--help"], monkeypatch, capsys)
     assert "counted once" in " ".join(so.split())
 
 
