@@ -414,12 +414,13 @@ def selection(name: str, st: dict[str, Any]) -> dict[str, Any]:
                                 max_length=st["max_length"], progress=False, loaded=(m, tok))
         sw = moesift.sweep(mdir, tr, assets.workload(d, "eval"), keep=list(KEEPS), strategy=list(SEL_STRATEGIES),
                            calibration=cal, json=True, timing=False, dtype="float32", max_length=st["max_length"],
-                           max_samples=st["eval_docs"], seed=0, progress=False)
+                           max_samples=st["eval_docs"], seed=0, progress=False, groups=st.get("groups", "auto"))
         pts = {(p["strategy"], p["keep"]): p for p in sw["points"] if p["strategy"] != "full"}
         res["domains"][d] = {
             "ratios": {f"{s} {k:g}": pts[(s, k)]["ppl_ratio"] for (s, k) in pts},
             "experts_per_layer": {f"{s} {k:g}": [len(e["resident"]) for e in pts[(s, k)]["plan"]["layers"]]
                                   for (s, k) in pts},
+            "groups": {f"{s} {k:g}": pts[(s, k)].get("groups") for (s, k) in pts},
             "winners": sw["winners"], "skipped": sw["skipped"], "tokens": sw["tokens"],
             "calibration_s": cal.timing["total_s"], "calibration_layer_s": cal.timing["per_layer_s"],
             "calibration_tokens": cal.settings["tokens"], "calibration_end_to_end_s": cal.timing.get("end_to_end_s"),
@@ -467,7 +468,7 @@ def print_selection(name: str, r: dict[str, Any]) -> None:
 
 def main_selection(a: argparse.Namespace) -> None:
     st = {"trace_docs": a.trace_docs, "eval_docs": a.eval_docs, "max_length": a.max_length or 256,
-          "calib_docs": a.calib_docs}
+          "calib_docs": a.calib_docs, "groups": a.groups}
     if a.quick:
         st.update(trace_docs=8, eval_docs=2, max_length=64, calib_docs=8)
     env = environment()
@@ -475,7 +476,8 @@ def main_selection(a: argparse.Namespace) -> None:
     out(f"hardware: {env['cpu']}, {env['cpu_count']} CPUs ({env['cpus_usable']} usable), torch threads "
         f"{env['torch_threads']}; moesift {env['moesift']} (git {env['git_commit']})")
     out(f"settings: trace prompts per domain {st['trace_docs'] or 'all'}, calibration prompts {st['calib_docs']} "
-        f"(trace split), eval texts {st['eval_docs'] or 'all'}, {st['max_length']} tokens, float32, CPU")
+        f"(trace split), eval texts {st['eval_docs'] or 'all'}, {st['max_length']} tokens, float32, CPU"
+        + ("" if st["groups"] == "auto" else f", --groups {st['groups']}"))
     result: dict[str, Any] = {"schema": "moesift-bench-selection/1", "environment": env, "settings": st, "models": {}}
     for name in a.models:
         result["models"][name] = selection(name, st)
@@ -498,6 +500,8 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=list(assets.MODELS), choices=list(assets.MODELS))
     ap.add_argument("--selection", action="store_true", help="only section 5: selection strategies side by side")
     ap.add_argument("--calib-docs", type=int, default=32, help="calibration prompts per domain in --selection (32)")
+    ap.add_argument("--groups", default="auto", choices=["auto", "whole", "equal"],
+                    help="how group-limited routers keep experts in --selection (moesift plan --groups; auto)")
     ap.add_argument("--strategies", default=",".join(SEL_STRATEGIES), help="strategies compared in --selection")
     a = ap.parse_args()
     if a.selection:

@@ -27,6 +27,12 @@ first step one removal is evaluated on every token, and when another token's out
 calibrated on every token for every candidate. Group-limited layers (a handful of groups) are always
 evaluated on every token.
 
+Group-limited layers get a second order, for plans that keep the same number of experts in every group
+(``plan --groups equal``: the budgets below the whole-group floor): single experts removed in rounds that
+take one expert from every group (the cheapest first within a round), down to the fewest per group the
+router can use (the group score's terms, and top-k within the selectable groups). It is stored as the
+layer's ``equal`` entry; the set left after any whole number of rounds has the same count in every group.
+
 3. End to end, where the layer error misleads. A group-limited router (DeepSeek-V3: 2 of 4 groups per
    token) leaves each layer a choice among a handful of group sets per kept count (C(4, 2) = 6), and the set
    with the least layer-output error is not always the one that costs the model least. For such layers each
@@ -101,15 +107,28 @@ class Calibration:
 
         return write_json(path, self.to_dict(), force=force)
 
-    def scores(self, n_experts: int) -> np.ndarray:
+    @staticmethod
+    def entry(e: dict[str, Any], mode: str = "whole") -> dict[str, Any]:
+        """The removal order of layer entry `e` for a group mode: "whole" (whole groups, or single experts
+        for routers without groups) or "equal" (single experts, the same number from every group)."""
+        if mode != "equal":
+            return e
+        if not e.get("equal"):
+            raise MoesiftError(f"the calibration has no equal-count order for MoE layer {e.get('layer')} (its "
+                               "router has no groups, or moesift calibrate predates --groups equal); calibrate again")
+        return e["equal"]
+
+    def scores(self, n_experts: int, mode: str = "whole") -> np.ndarray:
         """[L, E] float64: higher = removed later (more needed). Experts of the floor score highest; within a
-        unit every expert gets the unit's score divided by the unit size (group sums order the groups)."""
+        unit every expert gets the unit's score divided by the unit size (group sums order the groups).
+        `mode="equal"`: from the order that removes one expert of every group per round."""
         L = len(self.layers)
         out = np.zeros((L, n_experts))
         for p, e in enumerate(self.layers):
             if e.get("order") is None:
                 out[p] = 1.0
                 continue
+            e = self.entry(e, mode)
             units = list(e["order"]) + list(e["floor"])
             for r, u in enumerate(units):
                 for x in u:
@@ -127,13 +146,35 @@ class Calibration:
                 return [int(x) for x in ids]
         return None
 
-    def unit_gains(self) -> list[list[float] | None]:
+    def floor_units(self, mode: str = "whole") -> list[int]:
+        """Per layer, the plan units the calibration never removed (for "equal": rounds of one expert per
+        group)."""
+        out = []
+        for e in self.layers:
+            if e.get("order") is None:
+                out.append(0)
+            elif mode == "equal":
+                q = self.entry(e, mode)
+                out.append(len(q["floor"]) // int(q["groups"]))
+            else:
+                out.append(len(e["floor"]))
+        return out
+
+    def unit_gains(self, mode: str = "whole") -> list[list[float] | None]:
         """Per layer, in keep order (best unit first): the relative error each unit saves when kept, for the
-        units beyond the floor (None for hash-routed layers)."""
+        units beyond the floor (None for hash-routed layers). For "equal" a unit is a round that removes one
+        expert of every group."""
         out: list[list[float] | None] = []
         for e in self.layers:
             if e.get("order") is None:
                 out.append(None)
+                continue
+            if mode == "equal":
+                q = self.entry(e, mode)
+                G, err = int(q["groups"]), [float(x) for x in q["error"]]
+                rounds = (len(err) - 1) // G
+                gains = [max(err[G * (j + 1)] - err[G * j], 0.0) for j in range(rounds)]
+                out.append(list(reversed(gains)))
                 continue
             if e.get("e2e"):  # KL of the layer alone restricted to its end-to-end set of k units
                 a = {int(k): float(v) for k, v in e["e2e"]["alone"].items()}
@@ -307,10 +348,14 @@ def floor_units(spec: Any, units: list[list[int]]) -> int:
 
 
 def greedy_layer(blk: _Block, x: Any, units: list[list[int]], n_floor: int,
-                 tick: Callable[[], None] | None = None) -> dict[str, Any]:
+                 tick: Callable[[], None] | None = None, balance: Sequence[int] | None = None) -> dict[str, Any]:
     """Greedy removal on one layer (see the module docstring). Returns order (units removed, first first),
     floor (units left), error (relative error after each removal, error[0] = 0), local (candidates measured
-    on their own tokens) and forwards (block calls)."""
+    on their own tokens) and forwards (block calls).
+
+    `balance` (group of each unit): removal goes in rounds that take one unit from every group, so after
+    every round each group holds the same number (the "equal" group mode; measured on every token, since
+    a group's score depends on all of its experts)."""
     import torch
 
     full, ids_full = blk.run(x, None)
@@ -322,7 +367,7 @@ def greedy_layer(blk: _Block, x: Any, units: list[list[int]], n_floor: int,
     err_tok = torch.zeros(N, dtype=torch.float64, device=full.device)
     # tie-break (unused experts): lower routed count first
     used = torch.bincount(ids_full.reshape(-1).long(), minlength=blk.E).cpu().numpy()
-    grouped = len(units[0]) > 1
+    grouped = len(units[0]) > 1 or balance is not None
     forwards = 1
     local = not grouped
     if local and len(units) > n_floor:
@@ -361,13 +406,25 @@ def greedy_layer(blk: _Block, x: Any, units: list[list[int]], n_floor: int,
     heap = [key(u, measure(u)) for u in remaining]
     heapq.heapify(heap)
     stale: set[int] = set()
+    n_groups = len(set(balance)) if balance is not None else 0
+    taken: set[int] = set()  # groups that gave a unit in this round
     while len(remaining) > n_floor:
+        held = []
         while True:
             d, _, best = heapq.heappop(heap)
+            if balance is not None and balance[best] in taken:
+                held.append((d, _, best))  # its group already gave one this round
+                continue
             if best not in stale:
                 break
             stale.discard(best)
             heapq.heappush(heap, key(best, measure(best)))
+        for h in held:
+            heapq.heappush(heap, h)
+        if balance is not None:
+            taken.add(balance[best])
+            if len(taken) == n_groups:
+                taken = set()
         gone = set(units[best])
         resident -= gone
         remaining.remove(best)
@@ -629,11 +686,22 @@ def calibrate(
         units = units_of(spec)
         n_floor = floor_units(spec, units)
         e2e_wanted = end_to_end and len(units[0]) > 1 and len(units) > n_floor
+        # group-limited routers: also the order for plans that keep the same number in every group
+        eq_floor = 0
+        if spec.n_group and spec.n_group > 1:
+            from .arch.base import equal_group_floor
+
+            eq_floor = spec.n_group * equal_group_floor(spec.n_experts, spec.n_group, spec.topk_group, spec.top_k,
+                                                        ad.group_score_top)
+            per = spec.n_experts // spec.n_group
+            eq_units = [[e] for e in range(spec.n_experts)]
+            eq_balance = [e // per for e in range(spec.n_experts)]
         if loaded is None and not e2e_wanted:
             del m
         run_dev = device if device not in (None, "auto") else ("cuda" if torch.cuda.is_available() else "cpu")
         layers_out: list[dict[str, Any]] = []
-        steps = sum(0 if layer in spec.hash_layers else len(units) - n_floor for layer in spec.moe_layers)
+        steps = sum(0 if layer in spec.hash_layers else len(units) - n_floor + (spec.n_experts - eq_floor if eq_floor
+                    else 0) for layer in spec.moe_layers)
         task = bar.add_task("calibrating", total=steps)
         per_layer_s = []
         for p, layer in enumerate(spec.moe_layers):
@@ -647,6 +715,10 @@ def calibrate(
             blk = _Block(frame, ad, spec, layer)
             x = inputs.pop(layer).to(run_dev, dtype=work_dtype)
             r = greedy_layer(blk, x, units, n_floor, tick=lambda: bar.update(task, advance=1))
+            if eq_floor:
+                q = greedy_layer(blk, x, eq_units, eq_floor, tick=lambda: bar.update(task, advance=1),
+                                 balance=eq_balance)
+                r["equal"] = {**{k: q[k] for k in ("order", "floor", "error", "forwards")}, "groups": spec.n_group}
             unload_block(frame, ad, layer)
             del x
             if run_dev.startswith("cuda"):

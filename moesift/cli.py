@@ -205,6 +205,10 @@ def plan_cmd(
     calib_length: int = typer.Option(256, "--calib-length", help="Tokens per calibration document."),
     device: str = typer.Option("cpu", "--device", help="Calibration device: cpu, cuda, cuda:N, auto."),
     dtype: str = typer.Option(None, "--dtype", help="Calibration dtype: auto, float32, bfloat16, float16."),
+    groups: str = typer.Option(
+        "auto", "--groups", help="Group-limited routers (DeepSeek-V3, GLM-4.5, ...): whole (keep whole expert "
+        "groups) | equal (the same number of experts in every group) | auto (whole groups unless the budget "
+        "is below the whole-group floor, or only equal counts fit --memory). Both give standard checkpoints."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random strategy."),
     force: bool = typer.Option(False, "--force", help="Overwrite --out."),
     offload: bool = typer.Option(False, "--offload", help="Plan for `moesift generate` / load_offloaded: --memory "
@@ -240,7 +244,7 @@ def plan_cmd(
     p = plan(traces, out=out, keep=keep, keep_experts=keep_experts, coverage=coverage, memory=memory, model=model,
              strategy=strategy, uniform=uniform, seed=seed, force=force, force_plan=force_plan,
              allocate=allocate, calibration=calibration, calib=calib or None, calib_samples=calib_samples,
-             calib_length=calib_length, device=device, dtype=dtype, progress=not json_out,
+             calib_length=calib_length, device=device, dtype=dtype, progress=not json_out, groups=groups,
              **({"offload": True, "cache_slots": cache_slots, "policy": policy} if offload else {}))
     if json_out:
         emit_json(p.to_dict())
@@ -531,6 +535,8 @@ def sweep_cmd(
     dtype: str = typer.Option(None, "--dtype", help="auto, float32, bfloat16, float16."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random strategy."),
     uniform: bool = typer.Option(False, "--uniform", help="Equal expert counts in every layer."),
+    groups: str = typer.Option("auto", "--groups", help="Group-limited routers: whole | equal | auto (see "
+                               "`plan --help`)."),
     no_timing: bool = typer.Option(False, "--no-timing", help="Skip loading each resident model for timings."),
     force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
@@ -542,7 +548,7 @@ def sweep_cmd(
     res = sweep(model, trace, data, keep=keep, strategy=strategy, json=json_out, out=out, max_length=max_length,
                 batch_size=batch_size, max_samples=max_samples, field=field, device=device, dtype=dtype, seed=seed,
                 uniform=uniform, timing=not no_timing, force=force, progress=not json_out, calib=calib or None,
-                calibration=calibration)
+                calibration=calibration, groups=groups)
     if json_out:
         emit_json(res)
     elif out:

@@ -9,11 +9,13 @@ Budgets (exactly one): ``keep`` (fraction of experts per MoE layer), ``keep_expe
 ``coverage`` (smallest set per layer whose routes reach the share; counts differ by layer) and ``memory``
 (size of the whole checkpoint; experts allocated across layers by marginal coverage per byte, from the
 checkpoint headers). Constraints come from the family adapter (`plan_problems`): at least top-k experts
-per layer, hash-routed layers whole, groups of group-limited routers whole (so the plan can be served).
+per layer, hash-routed layers whole, and for group-limited routers whole groups or the same number of experts in
+every group (`groups`), so the plan can be served.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import json
 import math
@@ -524,6 +526,20 @@ class _Spec:
     topk_group: int | None
     hash_pos: set[int]  # MoE positions kept whole
     adapter_spec: Any = None  # MoESpec when known
+    # group-limited routers: "whole" keeps whole groups, "equal" the same number of experts in every group
+    group_mode: str = "whole"
+    group_score_top: int = 2  # a kept group needs at least this many resident experts (its score's terms)
+
+    @property
+    def grouped(self) -> bool:
+        return bool(self.n_group and self.n_group > 1)
+
+    def equal_floor(self) -> int:
+        """Fewest experts per group when every group keeps the same number."""
+        from .arch.base import equal_group_floor
+
+        return equal_group_floor(self.n_experts, int(self.n_group), self.topk_group, self.top_k,
+                                 self.group_score_top)
 
 
 def _spec_from(bank: Bank, index: Any) -> _Spec:
@@ -549,7 +565,7 @@ def _spec_from(bank: Bank, index: Any) -> _Spec:
             )
         hash_pos = {spec.moe_layers.index(h) for h in spec.hash_layers if h in spec.moe_layers}
         return _Spec(spec.model_type, list(spec.moe_layers), E, spec.top_k, spec.n_group, spec.topk_group,
-                     hash_pos, spec)
+                     hash_pos, spec, group_score_top=_group_score_top(spec.model_type))
     moe = m.get("moe_layers")
     layers = [int(x) for x in moe] if moe is not None and len(moe) == L else [None] * L
     hash_pos = {int(h) for h in (m.get("hash_layers") or [])}
@@ -561,15 +577,33 @@ def _spec_from(bank: Bank, index: Any) -> _Spec:
         hash_dec = tuple(layers[h] for h in sorted(hash_pos) if h < L)
         spec = MoESpec(mt, tuple(layers), E, int(m["top_k"]), int(m.get("n_shared") or 0),
                        m.get("scoring", "softmax"), m.get("n_group"), m.get("topk_group"), hash_dec)
-    return _Spec(mt, layers, E, int(m["top_k"]), m.get("n_group"), m.get("topk_group"), hash_pos, spec)
+    return _Spec(mt, layers, E, int(m["top_k"]), m.get("n_group"), m.get("topk_group"), hash_pos, spec,
+                 group_score_top=_group_score_top(mt))
+
+
+def _group_score_top(model_type: str | None) -> int:
+    from .arch import adapter_for
+
+    try:
+        return int(adapter_for({"model_type": model_type}).group_score_top) if model_type else 2
+    except MoesiftError:
+        return 2
+
+
+GROUP_MODES = ("auto", "whole", "equal")
 
 
 def _units(sp: _Spec, pos: int, scores_row: np.ndarray) -> list[list[int]]:
-    """Selection units of one MoE layer, best first: experts, or whole groups for group-limited routers
-    (a group with one resident expert can never win, and standard exports keep whole groups)."""
-    if sp.n_group and sp.n_group > 1:
+    """Selection units of one MoE layer, best first: experts; for group-limited routers whole groups
+    (``group_mode="whole"``), or rounds of one expert from every group (``"equal"``: the i-th unit holds
+    each group's i-th best expert, so any number of units keeps the same count in every group). Either
+    way the plan is a standard checkpoint, and no group is left with too few experts to be selected."""
+    if sp.grouped:
         per = sp.n_experts // sp.n_group
         groups = [list(range(g * per, (g + 1) * per)) for g in range(sp.n_group)]
+        if sp.group_mode == "equal":
+            ranked = [sorted(g, key=lambda e: (-float(scores_row[e]), e)) for g in groups]
+            return [[r[i] for r in ranked] for i in range(per)]
         gscore = [float(scores_row[g].sum()) for g in groups]
         order = sorted(range(sp.n_group), key=lambda g: (-gscore[g], g))
         return [groups[g] for g in order]
@@ -581,6 +615,8 @@ def _min_units(sp: _Spec, pos: int, units: list[list[int]]) -> int:
     """Fewest units a layer may keep: all for hash-routed layers, else enough for top-k (and top-k groups)."""
     if pos in sp.hash_pos:
         return len(units)
+    if sp.grouped and sp.group_mode == "equal":
+        return min(sp.equal_floor(), len(units))
     n, got = 0, 0
     while got < sp.top_k and n < len(units):
         got += len(units[n])
@@ -600,6 +636,24 @@ def _units_for_count(units: list[list[int]], n_experts: int) -> int:
 
 def _flatten(units: list[list[int]], n: int) -> list[int]:
     return sorted(e for u in units[:n] for e in u)
+
+
+def _auto_group_modes(sp: _Spec, budget: dict[str, Any]) -> list[str]:
+    """The group modes `groups="auto"` tries, in order: whole groups, unless keeping the same number in
+    every group comes closer to a --keep / --keep-experts budget (one below the whole-group floor); for
+    --memory whole groups first, then the same count when whole groups do not fit."""
+    if budget["kind"] == "memory":
+        return ["whole", "equal"]
+    if budget["kind"] not in ("keep", "keep_experts"):
+        return ["whole"]
+    n = int(round(budget["value"] * sp.n_experts)) if budget["kind"] == "keep" else int(budget["value"])
+    row = np.zeros(sp.n_experts)
+    kept = {}
+    for mode in ("whole", "equal"):
+        s = dataclasses.replace(sp, group_mode=mode)
+        units = _units(s, 0, row)
+        kept[mode] = len(_flatten(units, max(_units_for_count(units, n), _min_units(s, -1, units))))
+    return ["equal"] if kept["equal"] < kept["whole"] else ["whole"]
 
 
 def _select(
@@ -736,8 +790,8 @@ def _gain_function(sp: _Spec, scores: np.ndarray, calibration: Any = None) -> An
     L = scores.shape[0]
     units = [_units(sp, p, scores[p]) for p in range(L)]
     if calibration is not None:
-        gains = calibration.unit_gains()
-        floors = [len(e["floor"]) if e.get("floor") is not None else 0 for e in calibration.layers]
+        gains = calibration.unit_gains(sp.group_mode)
+        floors = calibration.floor_units(sp.group_mode)
 
         def cal_gain(p: int, i: int) -> float:
             g = gains[p]
@@ -786,7 +840,7 @@ def _calibration_for(sp: _Spec, calibration: Any, calib: Any, model: Any, calib_
     return cal
 
 
-def _calibrated_error(cal: Any, resident: Sequence[Sequence[int]]) -> list[float | None]:
+def _calibrated_error(cal: Any, resident: Sequence[Sequence[int]], mode: str = "whole") -> list[float | None]:
     """Per layer, the calibrated relative output error of a resident set that drops a prefix of the
     calibration's removal order (None for other sets: the calibration did not measure them)."""
     out: list[float | None] = []
@@ -794,6 +848,7 @@ def _calibrated_error(cal: Any, resident: Sequence[Sequence[int]]) -> list[float
         if e.get("order") is None:
             out.append(0.0)
             continue
+        e = cal.entry(e, mode)
         keep = set(r)
         dropped = [not (set(u) & keep) for u in e["order"]]
         n = dropped.index(False) if False in dropped else len(dropped)
@@ -867,6 +922,7 @@ def plan(
     device: str = "cpu",
     dtype: str | None = None,
     progress: bool = True,
+    groups: str = "auto",
 ) -> Plan:
     """Choose the resident experts of every MoE layer from one or more traces (a bank) under one budget.
 
@@ -879,7 +935,10 @@ def plan(
     (calibrated error, or the strategy's score share: coverage for frequency) instead of the same count
     everywhere. `strategy="calibrated"` ranks by `calibration` (a `moesift.calibrate` result or file), or
     calibrates `model` on `calib` (workload files, never the evaluation data; `calib_samples` documents of
-    `calib_length` tokens, on `device` in `dtype`)."""
+    `calib_length` tokens, on `device` in `dtype`).
+    `groups` (group-limited routers): "whole" keeps whole groups, "equal" the same number of experts in
+    every group; "auto" keeps whole groups unless the same count in every group comes closer to a --keep /
+    --keep-experts budget (below the whole-group floor) or only it fits --memory."""
     from . import __version__
 
     given = {k: v for k, v in (("keep", keep), ("keep_experts", keep_experts), ("coverage", coverage),
@@ -895,6 +954,8 @@ def plan(
         raise MoesiftError("--allocate spreads a total (--keep, --keep-experts or --memory); --coverage is per layer")
     if allocate and uniform:
         raise MoesiftError("--allocate gives layers different counts; it cannot be combined with --uniform")
+    if groups not in GROUP_MODES:
+        raise MoesiftError(f"unknown --groups {groups!r}; use one of {', '.join(GROUP_MODES)}")
     if out is not None:
         from .io import check_output_path
 
@@ -908,14 +969,10 @@ def plan(
         probe = Plan(model=bank.model, layers=[], source=bank.sources[0].get("path", bank.sources[0]["label"]))
         check_plan_config(probe, index.config, str(model), force_plan, what="trace")
     sp = _spec_from(bank, index)
+    if not sp.grouped and groups != "auto":
+        raise MoesiftError(f"--groups {groups} is for group-limited routers (DeepSeek-V3-style expert groups); "
+                           "this model's router has no groups")
     share = bank.counts()
-    cal = None
-    if strategy == "calibrated":
-        cal = _calibration_for(sp, calibration, calib, model, calib_samples, calib_length, device, dtype, progress)
-        scores = cal.scores(sp.n_experts)
-    else:
-        scores = bank.scores(strategy, seed)
-    gain = _gain_function(sp, scores, cal) if allocate else None
     budget = {"kind": kind, "value": parse_bytes(value) if kind == "memory" else float(value)}
     if kind == "keep_experts":
         budget["value"] = int(value)
@@ -925,14 +982,28 @@ def plan(
         if kind != "memory" or index is None:
             raise MoesiftError("--offload plans for a device budget: give --memory GiB and --model")
         budget["value"], cache_slots = offload_budget(index, budget["value"], cache_slots)
-    try:
-        resident = _select(sp, scores, share, budget, uniform, index, gain)
-    except MoesiftError as e:
-        if not offload:
-            raise
-        raise MoesiftError(f"{e}, which is what --memory leaves after {cache_slots} cache slots per layer and the "
-                           "whole routers (--offload); raise --memory or lower --cache-slots") from None
-    if cal is not None:  # sets the calibration chose end to end for these counts replace the ranked prefix
+    cal = None
+    if strategy == "calibrated":
+        cal = _calibration_for(sp, calibration, calib, model, calib_samples, calib_length, device, dtype, progress)
+    modes = [groups] if groups != "auto" or not sp.grouped else _auto_group_modes(sp, budget)
+    resident = None
+    for i, mode in enumerate(modes):
+        sp = dataclasses.replace(sp, group_mode=mode)
+        scores = cal.scores(sp.n_experts, mode) if cal is not None else bank.scores(strategy, seed)
+        gain = _gain_function(sp, scores, cal) if allocate else None
+        try:
+            resident = _select(sp, scores, share, budget, uniform, index, gain)
+            break
+        except MoesiftError as e:
+            if i + 1 < len(modes):
+                continue  # auto: whole groups do not fit; the same count in every group may
+            if not offload:
+                raise
+            raise MoesiftError(f"{e}, which is what --memory leaves after {cache_slots} cache slots per layer and "
+                               "the whole routers (--offload); raise --memory or lower --cache-slots") from None
+    assert resident is not None
+    if cal is not None and sp.group_mode == "whole":
+        # group sets the calibration chose end to end for these counts replace the ranked prefix
         resident = [cal.end_to_end_set(p, len(r)) or r for p, r in enumerate(resident)]
 
     # constraints from the adapter (top-k, groups, hash layers)
@@ -966,9 +1037,14 @@ def plan(
             why = []
             if any(p in sp.hash_pos for p in raised):
                 why.append("hash-routed layers are kept whole")
-            if sp.n_group and sp.n_group > 1:
+            if sp.grouped and sp.group_mode == "whole":
                 why.append(f"the router picks {sp.topk_group or 1} of {sp.n_group} expert groups per token, so "
-                           f"whole groups are kept and at least {sp.topk_group or 1} of them")
+                           f"whole groups are kept and at least {sp.topk_group or 1} of them (--groups equal keeps "
+                           "the same number in every group instead)")
+            elif sp.grouped:
+                why.append(f"the same number of experts is kept in every one of the {sp.n_group} groups, at least "
+                           f"{sp.equal_floor()} (a group's score needs {sp.group_score_top} and the "
+                           f"{sp.topk_group or sp.n_group} selectable groups top-k {sp.top_k})")
             if uniform:
                 why.append("--uniform gives every layer the largest count")
             if allocate:
@@ -1023,7 +1099,7 @@ def plan(
                                  "top-k renormalisation), not by the router probability before it (selected_prob_mass, "
                                  "WCER's per_layer_weight_mass)")
     if cal is not None:
-        ce = _calibrated_error(cal, resident)
+        ce = _calibrated_error(cal, resident, sp.group_mode)
         for e, c in zip(layers, ce, strict=True):
             e["calibrated_error"] = c
         known = [c for c in ce if c is not None]
@@ -1050,6 +1126,7 @@ def plan(
         "budget": {kind: value if kind != "memory" else str(value), **({"bytes": budget["value"]} if kind == "memory" else {})},
         "uniform": bool(uniform),
         "allocate": bool(allocate),
+        **({"groups": sp.group_mode} if sp.grouped else {}),
         "seed": int(seed),
         "tool": {"name": "moesift", "version": __version__},
     }

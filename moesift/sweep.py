@@ -179,6 +179,7 @@ def sweep(
     calibration: Any = None,
     calib_samples: int | None = 64,
     calib_length: int = 256,
+    groups: str = "auto",
 ) -> dict[str, Any]:
     """Plans for every strategy x keep fraction from `trace` (path(s) or Trace objects of `model`), each
     measured for bytes, perplexity on `data` (and its ratio to the full model), load time and time to
@@ -187,7 +188,8 @@ def sweep(
     A strategy written ``NAME+allocate`` (e.g. ``calibrated+allocate``) spreads each budget over layers by
     measured marginal loss (`plan --allocate`). ``calibrated`` ranks by `calibration`, or calibrates on
     `calib` (default: the trace's own workload files, when they are on disk; never `data`). ``winners``
-    names, per budget, the strategy with the lowest perplexity on `data`."""
+    names, per budget, the strategy with the lowest perplexity on `data`. `groups`: how group-limited
+    routers keep experts (`plan`'s whole / equal / auto)."""
     from .evaluate import _progress, batches, encode_documents, perplexity_runs, prepare, windows
     from .loading import hf_progress, resolve_model_dir
     from .plan import STRATEGIES
@@ -230,7 +232,7 @@ def sweep(
                                               uniform=uniform and not alloc, allocate=alloc, calib=calib,
                                               calibration=calibration, calib_samples=calib_samples,
                                               calib_length=calib_length, device=device, dtype=dtype,
-                                              progress=progress and not json)))
+                                              progress=progress and not json, groups=groups)))
             except MoesiftError as e:
                 if (base in ("saliency", "contribution") and "saliency" in str(e)) or \
                         (base == "calibrated" and "calibrat" in str(e) and calib is None and calibration is None):
@@ -284,6 +286,8 @@ def sweep(
               "plan": {"layers": [{"layer": e["layer"], "resident": e["resident"]} for e in p.layers]}}
         if pred.get("budget_note"):
             pt["budget_note"] = pred["budget_note"]  # the planner kept more than `keep` asks (groups, hash layers)
+        if p.provenance.get("groups"):
+            pt["groups"] = p.provenance["groups"]  # group-limited routers: whole groups or equal counts
         if timing:
             pt.update(time_resident(mdir, p, prompt, device, dtype))
         points.append(pt)

@@ -327,3 +327,100 @@ def test_calibrate_refuses_bad_end_to_end_settings(tiny_dir, tmp_path, monkeypat
     assert code == 2 and err.startswith("moesift: error: ") and "--kl-top" in err and len(err.splitlines()) == 1
     with pytest.raises(MoesiftError, match="end-to-end loss"):
         moesift.calibrate(src, data, end_to_end_loss="mse", progress=False)
+
+
+@pytest.fixture(scope="module")
+def ds_equal(tmp_path_factory):
+    """A tiny DeepSeek-V3 with 32 routed experts in 4 groups (top-2 groups, top-4): room to keep the same
+    number in every group below the whole-group floor (2 groups = 16 experts)."""
+    from tiny import save
+
+    d = tmp_path_factory.mktemp("ds_equal") / "m"
+    save("deepseek_v3", d, seed=4, n_routed_experts=32, num_experts_per_tok=4)
+    return d
+
+
+def test_equal_group_mode_calibrates_plans_and_serves(ds_equal, tmp_path, monkeypatch, capsys):
+    src = ds_equal
+    idx = CheckpointIndex.build(src)
+    spec, ad = idx.spec, idx.adapter
+    assert (spec.n_experts, spec.n_group, spec.topk_group, spec.top_k) == (32, 4, 2, 4)
+    per, G = 8, 4
+    data = _calib_file(tmp_path, int(idx.config["vocab_size"]), seed=5)
+    cal = moesift.calibrate(src, data, max_samples=12, max_length=24, dtype="float32", progress=False,
+                            end_to_end=False)
+    model, _ = moesift.load_model(src, device="cpu", dtype="float32")
+    ids = [json.loads(line)["input_ids"] for line in data.read_text().splitlines()]
+    inputs = _block_inputs(model, ad, spec, ids)
+    for p, layer in enumerate(spec.moe_layers):
+        q = cal.layers[p]["equal"]
+        order = [u[0] for u in q["order"]]
+        # rounds of one expert from every group; the floor keeps 2 per group (a group's score sums its top 2)
+        assert len(order) == 32 - 8 and sorted(order + [u[0] for u in q["floor"]]) == list(range(32))
+        for r in range(0, len(order), G):
+            assert sorted(x // per for x in order[r: r + G]) == list(range(G))
+        # the first removal is the single expert whose removal moves the layer output least (brute force)
+        block, x = ad.moe_block(model, layer), inputs[layer]
+        with torch.no_grad():
+            full = _out(block, x)
+            errs = []
+            for e in range(32):
+                with moesift.restrict(model, {layer: [i for i in range(32) if i != e]}):
+                    errs.append(float(((full - _out(block, x)) ** 2).sum()))
+        assert errs[order[0]] <= min(errs) * (1 + 1e-4) + 1e-9, (layer, order[0], errs)
+        assert q["error"][1] * cal.layers[p]["output_norm2"] == pytest.approx(min(errs), rel=1e-3, abs=1e-7)
+    counts, folds = skewed(L=len(spec.moe_layers), E=32)
+    t = make_trace(counts, moe_layers=spec.moe_layers, model_type="deepseek_v3", n_group=4, topk_group=2,
+                   folds=folds, top_k=4)
+
+    def sizes(r):
+        return [sum(1 for i in r if i // per == g) for g in range(G)]
+
+    # auto: 25% (8 experts) is below the whole-group floor (2 groups = 16): the same count in every group
+    p25 = plan(t, keep=0.25, model=src)
+    assert p25.provenance["groups"] == "equal" and "budget_note" not in p25.predictions
+    for e, row in zip(p25.layers, counts, strict=True):
+        assert sizes(e["resident"]) == [2, 2, 2, 2]
+        assert e["resident"] == sorted(g * per + i for g in range(G) for i in _order(row[g * per: (g + 1) * per])[:2])
+    assert plan(t, keep=0.5, model=src).provenance["groups"] == "whole"
+    assert all(sizes(e["resident"]) == [4] * 4 for e in plan(t, keep=0.5, model=src, groups="equal").layers)
+    # whole groups at 25% are raised to the whole-group floor, and the note says what else there is
+    w = plan(t, keep=0.25, model=src, groups="whole")
+    assert w.counts() == [16] * len(spec.moe_layers) and "--groups equal" in w.predictions["budget_note"]
+    # calibrated, equal counts: the floor, then the rounds removed last
+    c25 = plan(t, keep=0.25, strategy="calibrated", calibration=cal, model=src)
+    c50 = plan(t, keep=0.5, strategy="calibrated", calibration=cal, model=src, groups="equal")
+    for e25, e50, c in zip(c25.layers, c50.layers, cal.layers, strict=True):
+        q = c["equal"]
+        assert e25["resident"] == sorted(u[0] for u in q["floor"])
+        assert e50["resident"] == sorted(u[0] for u in q["floor"] + q["order"][-8:])
+        assert e50["calibrated_error"] == pytest.approx(q["error"][len(q["order"]) - 8])
+    a = plan(t, keep=0.5, strategy="calibrated", calibration=cal, model=src, groups="equal", allocate=True)
+    assert sum(a.counts()) == sum(c50.counts())
+    assert all(len(set(sizes(e["resident"]))) == 1 for e in a.layers)
+    assert a.predictions["calibrated_error"] <= c50.predictions["calibrated_error"] + 1e-12
+    # served: trimmed (a standard checkpoint keeping n_group) and resident loads compute what restriction does
+    x = torch.tensor([[3, 5, 7, 9, 11, 13, 17]])
+    for pl in (c25, a):
+        with torch.no_grad(), moesift.restrict(model, pl):
+            want = model(input_ids=x).logits
+        r = moesift.load_resident(src, pl, dtype="float32")
+        with torch.no_grad():
+            assert torch.allclose(r(input_ids=x).logits, want, atol=1e-5)
+        out = moesift.trim(src, pl, tmp_path / f"trim{len(set(pl.counts()))}", progress=False)
+        tm, _ = moesift.load_trimmed(out, dtype="float32")
+        with torch.no_grad():
+            assert torch.allclose(tm(input_ids=x).logits, want, atol=1e-5)
+    cfg = json.loads((tmp_path / "trim1" / "config.json").read_text())
+    assert (cfg["n_routed_experts"], cfg["n_group"], cfg["topk_group"]) == (8, 4, 2)
+    # errors: one line
+    tp = t.save(tmp_path / "t.trace")
+    code, _, err = run_cli(["plan", str(tp), "--keep", "0.25", "--groups", "halves"], monkeypatch, capsys)
+    assert code == 2 and err.startswith("moesift: error: ") and "--groups" in err and len(err.splitlines()) == 1
+    q3 = make_trace(counts, moe_layers=spec.moe_layers, model_type="qwen3_moe").save(tmp_path / "q.trace")
+    code, _, err = run_cli(["plan", str(q3), "--keep", "0.25", "--groups", "equal"], monkeypatch, capsys)
+    assert code == 2 and "no groups" in err and len(err.splitlines()) == 1
+    old = moesift.Calibration.from_dict({**cal.to_dict(), "layers": [{k: v for k, v in e.items() if k != "equal"}
+                                                                     for e in cal.layers]})
+    with pytest.raises(MoesiftError, match="calibrate again"):
+        plan(t, keep=0.25, strategy="calibrated", calibration=old, model=src)

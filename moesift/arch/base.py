@@ -156,6 +156,9 @@ class Adapter:
     """Family knowledge. Subclass, set `model_types`, implement or inherit the methods below."""
 
     model_types: ClassVar[tuple[str, ...]] = ()
+    # group-limited routers: a group's score is the sum of its best `group_score_top` experts, so a group
+    # kept with fewer resident experts can never be selected (0 or at least this many per group)
+    group_score_top: ClassVar[int] = 2
 
     # ---- config ---------------------------------------------------------------------------------
     def spec(self, config: Any) -> MoESpec:
@@ -328,6 +331,13 @@ class Adapter:
             out = v.index_select(dim, idx)
             return out.reshape(shape[:dim] + [len(keep) * n] + shape[dim + 1 :]).contiguous()
         return tensor.index_select(dim, idx).contiguous()
+
+
+def equal_group_floor(n_experts: int, n_group: int, topk_group: int | None, top_k: int, score_top: int) -> int:
+    """Fewest experts per group when every group of a group-limited router keeps the same number: the
+    group score's terms (`score_top`), and enough in the `topk_group` selectable groups for top-k."""
+    per = n_experts // n_group
+    return min(max(score_top, -(-top_k // int(topk_group or n_group))), per)
 
 
 def group_problems(spec: MoESpec, resident: Mapping[int, Sequence[int]], standard: bool) -> list[str]:
