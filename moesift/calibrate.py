@@ -146,6 +146,26 @@ class Calibration:
                 return [int(x) for x in ids]
         return None
 
+    def uniform_kl(self, mode: str, n_experts: int, experts: int) -> float | None:
+        """The calibration KL of the model with every MoE layer keeping `n_experts` of `experts` the way
+        `mode` keeps them (the end-to-end sets for "whole", the greedy rounds for "equal"); None when the
+        calibration did not measure it (no end-to-end phase, or a count the mode cannot keep)."""
+        live = [e for e in self.layers if e.get("order") is not None]
+        if not live:
+            return None
+        if n_experts >= experts:
+            return 0.0
+        if mode == "equal":
+            q = live[0].get("equal") or {}
+            G = int(q.get("groups") or 0)
+            kl = q.get("kl") or {}
+            return float(kl[str(n_experts // G)]) if G and n_experts % G == 0 and str(n_experts // G) in kl else None
+        e2e = live[0].get("e2e") or {}
+        for k, ids in (e2e.get("sets") or {}).items():
+            if len(ids) == n_experts:
+                return float(e2e["kl"][k])
+        return None
+
     def floor_units(self, mode: str = "whole") -> list[int]:
         """Per layer, the plan units the calibration never removed (for "equal": rounds of one expert per
         group)."""
@@ -168,6 +188,11 @@ class Calibration:
         for e in self.layers:
             if e.get("order") is None:
                 out.append(None)
+                continue
+            if mode == "equal" and self.entry(e, mode).get("alone"):  # KL of the layer alone at r rounds
+                a = {int(k): float(v) for k, v in self.entry(e, mode)["alone"].items()}
+                ks = sorted(a)
+                out.append([max(a[k] - a[k + 1], 0.0) for k in ks[:-1]])  # the round that takes r to r + 1
                 continue
             if mode == "equal":
                 q = self.entry(e, mode)
@@ -534,7 +559,12 @@ def choose_end_to_end(
     layer with the other layers' sets fixed, each layer takes the k-unit set that restricted in the model
     gives the least KL, until a sweep changes nothing (at most `sweeps`). Then per layer and count, the KL of
     that layer alone restricted to its set (the others whole): ``plan --allocate`` spends by its drops.
-    Adds ``e2e`` to the entries of `layers_out` in place; returns a summary (None when no layer qualifies)."""
+    Adds ``e2e`` to the entries of `layers_out` in place; returns a summary (None when no layer qualifies).
+
+    Layers with an ``equal`` order (same count in every group) get, per kept number of rounds r, the KL with
+    every layer at its greedy r rounds (``equal["kl"]``, what ``plan --groups auto`` compares with the
+    whole-group sets of the same size) and with that layer alone restricted (``equal["alone"]``, what
+    ``--allocate`` spends by): one forward per count, plus one per layer and count."""
     from itertools import combinations
 
     n = len(units)
@@ -591,6 +621,26 @@ def choose_end_to_end(
             e["e2e"]["sets"][str(k)] = flat(s)
             e["e2e"]["kl"][str(k)] = final
             e["e2e"]["alone"][str(k)] = kl({e["layer"]: s})
+    eq = [e for e in live if e.get("equal")]
+    if eq:
+        G = int(eq[0]["equal"]["groups"])
+        per = len(units[0])
+        r_min = len(eq[0]["equal"]["floor"]) // G
+
+        def kept(q: dict[str, Any], r: int) -> list[int]:  # the floor and the last (r - r_min) rounds removed
+            order = [u[0] for u in q["order"]]
+            return sorted([u[0] for u in q["floor"]] + (order[len(order) - G * (r - r_min):] if r > r_min else []))
+
+        for e in eq:
+            e["equal"]["kl"], e["equal"]["alone"] = {str(per): 0.0}, {str(per): 0.0}
+        for r in range(r_min, per):
+            sets = {e["layer"]: kept(e["equal"], r) for e in eq}
+            every = ev.kl(sets)
+            for e in eq:
+                e["equal"]["kl"][str(r)] = every
+                e["equal"]["alone"][str(r)] = ev.kl({e["layer"]: sets[e["layer"]]})
+                if tick:
+                    tick()
     return {"kl_top": top, "converged": converged, "forwards": ev.forwards, "tokens": ev.tokens,
             "seconds": time.perf_counter() - t0, "sweeps": sweeps}
 
@@ -729,7 +779,9 @@ def calibrate(
         e2e = None
         if e2e_wanted:
             live = sum(1 for layer in spec.moe_layers if layer not in spec.hash_layers)
-            t2 = bar.add_task("end-to-end choice", total=live * (len(units) - n_floor) * 2)
+            per_g = len(units[0])
+            t2 = bar.add_task("end-to-end choice", total=live * (len(units) - n_floor) * 2
+                              + (live * (per_g - eq_floor // spec.n_group) if eq_floor else 0))
             e2e_toks = toks[:end_to_end_samples] if end_to_end_samples else toks
             e2e = choose_end_to_end(m, spec, layers_out, units, n_floor, e2e_toks, batch_size=batch_size, top=kl_top,
                                      loss=end_to_end_loss, tick=lambda: bar.update(t2, advance=1))

@@ -638,10 +638,12 @@ def _flatten(units: list[list[int]], n: int) -> list[int]:
     return sorted(e for u in units[:n] for e in u)
 
 
-def _auto_group_modes(sp: _Spec, budget: dict[str, Any]) -> list[str]:
+def _auto_group_modes(sp: _Spec, budget: dict[str, Any], cal: Any = None) -> list[str]:
     """The group modes `groups="auto"` tries, in order: whole groups, unless keeping the same number in
-    every group comes closer to a --keep / --keep-experts budget (one below the whole-group floor); for
-    --memory whole groups first, then the same count when whole groups do not fit."""
+    every group comes closer to a --keep / --keep-experts budget (one below the whole-group floor), or, for
+    the calibrated strategy where both keep the same count, the calibration measured a lower end-to-end KL
+    for the equal-count sets; for --memory whole groups first, then the same count when whole groups do
+    not fit."""
     if budget["kind"] == "memory":
         return ["whole", "equal"]
     if budget["kind"] not in ("keep", "keep_experts"):
@@ -653,7 +655,13 @@ def _auto_group_modes(sp: _Spec, budget: dict[str, Any]) -> list[str]:
         s = dataclasses.replace(sp, group_mode=mode)
         units = _units(s, 0, row)
         kept[mode] = len(_flatten(units, max(_units_for_count(units, n), _min_units(s, -1, units))))
-    return ["equal"] if kept["equal"] < kept["whole"] else ["whole"]
+    if kept["equal"] != kept["whole"]:
+        return ["equal"] if kept["equal"] < kept["whole"] else ["whole"]
+    if cal is not None:
+        kl = {mode: cal.uniform_kl(mode, kept[mode], sp.n_experts) for mode in ("whole", "equal")}
+        if kl["whole"] is not None and kl["equal"] is not None and kl["equal"] < kl["whole"]:
+            return ["equal"]
+    return ["whole"]
 
 
 def _select(
@@ -985,7 +993,7 @@ def plan(
     cal = None
     if strategy == "calibrated":
         cal = _calibration_for(sp, calibration, calib, model, calib_samples, calib_length, device, dtype, progress)
-    modes = [groups] if groups != "auto" or not sp.grouped else _auto_group_modes(sp, budget)
+    modes = [groups] if groups != "auto" or not sp.grouped else _auto_group_modes(sp, budget, cal)
     resident = None
     for i, mode in enumerate(modes):
         sp = dataclasses.replace(sp, group_mode=mode)

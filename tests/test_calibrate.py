@@ -424,3 +424,47 @@ def test_equal_group_mode_calibrates_plans_and_serves(ds_equal, tmp_path, monkey
                                                                      for e in cal.layers]})
     with pytest.raises(MoesiftError, match="calibrate again"):
         plan(t, keep=0.25, strategy="calibrated", calibration=old, model=src)
+
+
+def test_equal_group_end_to_end_kl_chooses_mode_and_spends(ds_equal, tmp_path):
+    src = ds_equal
+    idx = CheckpointIndex.build(src)
+    spec = idx.spec
+    vocab = int(idx.config["vocab_size"])
+    data = _calib_file(tmp_path, vocab, n_docs=6, length=16, seed=6)
+    cal = moesift.calibrate(src, data, max_samples=6, max_length=16, dtype="float32", progress=False, kl_top=vocab)
+    model, _ = moesift.load_model(src, device="cpu", dtype="float32")
+    ids = [json.loads(line)["input_ids"] for line in data.read_text().splitlines()]
+    live = [e for e in cal.layers if e.get("order") is not None]
+    G, per = 4, 8
+
+    def rounds(q, r):  # the floor and the last rounds removed
+        order = [u[0] for u in q["order"]]
+        return sorted([u[0] for u in q["floor"]] + (order[len(order) - G * (r - 2):] if r > 2 else []))
+
+    # the stored KLs are the model's (checked independently, whole vocabulary; float32 batched vs float64
+    # one row at a time differ by ~1e-6 absolute, small against the KLs compared)
+    assert live[0]["equal"]["kl"]["2"] > 5e-5
+    for r in (2, 5, 7):
+        sets = {e["layer"]: rounds(e["equal"], r) for e in live}
+        assert live[0]["equal"]["kl"][str(r)] == pytest.approx(_kl_full(model, ids, sets), rel=2e-2, abs=3e-6)
+        e = live[1]
+        alone = _kl_full(model, ids, {e["layer"]: sets[e["layer"]]})
+        assert e["equal"]["alone"][str(r)] == pytest.approx(alone, rel=2e-2, abs=3e-6)
+    counts, _ = skewed(L=len(spec.moe_layers), E=32)
+    t = make_trace(counts, moe_layers=spec.moe_layers, model_type="deepseek_v3", n_group=4, topk_group=2, top_k=4)
+    # auto, calibrated, where both modes keep 16 experts: the mode with the lower calibration KL
+    kl = {m: cal.uniform_kl(m, 16, 32) for m in ("whole", "equal")}
+    assert None not in kl.values()
+    p = plan(t, keep=0.5, strategy="calibrated", calibration=cal, model=src)
+    assert p.provenance["groups"] == min(kl, key=lambda m: (kl[m], m != "whole"))
+    # --allocate spends the rounds by the layers' KL alone: the greedy over those drops, checked by brute force
+    a = plan(t, keep=0.5, strategy="calibrated", calibration=cal, model=src, groups="equal", allocate=True)
+    got = [n // G for n in a.counts()]
+    alone = [{int(k): v for k, v in e["equal"]["alone"].items()} for e in live]
+    from itertools import product
+
+    best = min(sum(alone[i][c[i]] for i in range(3)) for c in product(range(2, 9), repeat=3) if sum(c) == 12)
+    if all(np.all(np.diff([a_[r] for r in range(2, 9)], 2) >= -1e-12) for a_ in alone):  # convex: greedy is exact
+        assert sum(alone[i][got[i]] for i in range(3)) == pytest.approx(best)
+    assert sum(got) == 12
