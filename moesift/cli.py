@@ -255,6 +255,9 @@ def plan_cmd(
                f"{pr['coverage']:.3f}" + (f", held-out {held:.3f}" if held is not None else ""))
     if pr.get("budget_note"):
         typer.echo(f"  budget: {pr['budget_note']}")
+    if p.provenance.get("groups"):
+        typer.echo("  groups: " + ("whole expert groups kept" if p.provenance["groups"] == "whole" else
+                                   "the same number of experts kept in every group"))
     if pr.get("strategy_note"):
         typer.echo(f"  strategy: {pr['strategy_note']}")
     if held is None and pr.get("heldout_note"):

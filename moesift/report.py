@@ -183,7 +183,8 @@ def _compare(traces, labels, keep: float, target: float) -> dict[str, Any]:
     L, E = counts[0].shape
     n = budget_n(keep, E)
     # each workload's resident set is the one `moesift plan --keep` would serve (frequency): the n most
-    # selected experts, or whole groups for group-limited routers, hash-routed layers whole
+    # selected experts (for group-limited routers: whole groups, or the same count in every group, as
+    # `plan --groups auto` chooses), hash-routed layers whole
     from .plan import plan as make_plan
 
     plans = [make_plan(t, keep=keep) for t in traces]
@@ -291,8 +292,8 @@ def report(traces, model=None, out=None, json: bool = False, locality_tokens: in
         if n_group and int(n_group) > 1:
             res["notes"] = [f"Budgets here count single experts (routing concentration). This router picks "
                             f"{main.model.get('topk_group') or 1} of {n_group} expert groups per token, so a servable "
-                            "resident set keeps whole groups and covers less at the same size: `moesift plan` gives "
-                            "its coverage, in-sample and held-out."]
+                            "resident set keeps whole groups or the same number in every group and covers less at "
+                            "the same size: `moesift plan` gives its coverage, in-sample and held-out."]
         step("selection strategies")
         res["strategies"] = strategy_coverage(main)
         if model is not None:

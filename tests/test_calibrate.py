@@ -415,6 +415,8 @@ def test_equal_group_mode_calibrates_plans_and_serves(ds_equal, tmp_path, monkey
     assert (cfg["n_routed_experts"], cfg["n_group"], cfg["topk_group"]) == (8, 4, 2)
     # errors: one line
     tp = t.save(tmp_path / "t.trace")
+    code, out, err = run_cli(["plan", str(tp), "--keep", "0.25", "--model", str(src)], monkeypatch, capsys)
+    assert code == 0 and "groups: the same number of experts kept in every group" in out, err
     code, _, err = run_cli(["plan", str(tp), "--keep", "0.25", "--groups", "halves"], monkeypatch, capsys)
     assert code == 2 and err.startswith("moesift: error: ") and "--groups" in err and len(err.splitlines()) == 1
     q3 = make_trace(counts, moe_layers=spec.moe_layers, model_type="qwen3_moe").save(tmp_path / "q.trace")
