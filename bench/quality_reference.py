@@ -31,7 +31,9 @@ public API (``moesift.trace``, ``moesift.compare``, ``moesift.plan``, ``moesift.
    ``moesift.sweep`` (timing off) from the domain's trace split (traced with saliency) at keep 0.25 / 0.5 /
    0.75: frequency, weighted, contribution, saliency, random (seed 0), calibrated (uniform counts) and
    calibrated+allocate (one total spread over layers by calibrated error; for group-limited routers the
-   sets and the spending are chosen by the model's end-to-end KL on the calibration prompts). Calibration prompts are the
+   sets, the group layout (whole groups or the same count in every group: ``moesift plan --groups``, auto
+   unless ``--groups``) and the spending are chosen by the model's end-to-end KL on the calibration
+   prompts). Calibration prompts are the
    domain's trace split (``--calib-docs`` documents of ``--max-length`` tokens); the eval split, disjoint
    from both, is scored. Prints the perplexity-ratio table, the winner per budget, and the target check:
    calibrated+allocate at or below min(frequency, weighted) at every point, and at keep 0.25 how much

@@ -697,7 +697,8 @@ def calibrate(
     per position; the first `end_to_end_samples` calibration documents, each candidate costing a forward of
     the model on them). That needs the whole model through the calibration (offloaded with device="auto" when it
     does not fit); with `end_to_end=False`, or for routers with one expert per unit, the layer error alone
-    decides."""
+    decides. Group-limited layers also get the order for plans keeping the same number of experts in every
+    group (``equal``), and in the end-to-end phase its KL per kept number of rounds."""
     import torch
 
     from .checkpoint import CheckpointIndex

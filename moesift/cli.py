@@ -493,8 +493,10 @@ def calibrate_cmd(
     end_to_end: bool = typer.Option(True, "--end-to-end/--layer-only", help="Group-limited routers (a layer "
                                     "chooses among few group sets): choose each layer's set per kept count by the "
                                     "whole model's KL to the full model on the calibration tokens, layer by layer "
-                                    "with the others fixed (needs the model through the run; offloaded with "
-                                    "--device auto). --layer-only: the layer output error alone."),
+                                    "with the others fixed, and measure the KL of the sets that keep the same "
+                                    "number in every group (what `plan --groups auto` and --allocate use); needs "
+                                    "the model through the run (offloaded with --device auto). --layer-only: the "
+                                    "layer output error alone."),
     kl_top: int = typer.Option(64, "--kl-top", help="Most likely tokens of the full model kept per position for "
                                "the end-to-end KL (the rest is one bucket)."),
     end_to_end_samples: int = typer.Option(None, "--end-to-end-samples", help="Calibration documents the "
