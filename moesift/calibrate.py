@@ -71,7 +71,9 @@ SCHEMA = "moesift-calibration/1"
 class Calibration:
     """Per MoE layer: the selection units (expert id lists) in removal order, and the layer's relative
     output error after each removal (``error[0]`` = 0: nothing removed). Units never removed (the top-k
-    floor) follow in ``floor``. Hash-routed layers have ``order`` None (kept whole)."""
+    floor) follow in ``floor``. Hash-routed layers have ``order`` None (kept whole). Group-limited layers
+    also hold ``equal``: the same for single experts removed in rounds of one per group (``groups``: the
+    group count), with ``kl`` / ``alone`` per kept number of rounds from the end-to-end phase."""
 
     model: dict[str, Any]
     layers: list[dict[str, Any]]
@@ -84,9 +86,18 @@ class Calibration:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "calibration") -> Calibration:
-        if d.get("schema") != SCHEMA or not isinstance(d.get("layers"), list):
+        if not isinstance(d, dict) or d.get("schema") != SCHEMA or not isinstance(d.get("layers"), list):
             raise MoesiftError(f"{source!r} is not a {SCHEMA} file; make one with `moesift calibrate`")
-        return cls(model=dict(d.get("model") or {}), layers=list(d["layers"]), settings=dict(d.get("settings") or {}),
+        for key in ("model", "settings", "timing"):
+            if d.get(key) is not None and not isinstance(d[key], dict):
+                raise MoesiftError(f"{source!r}: {key!r} must be an object")
+        model = dict(d.get("model") or {})
+        n = model.get("n_experts")
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+            raise MoesiftError(f"{source!r}: model.n_experts must be a positive integer")
+        for i, e in enumerate(d["layers"]):
+            _check_layer(e, n, f"{source!r}: layers[{i}]")
+        return cls(model=model, layers=list(d["layers"]), settings=dict(d.get("settings") or {}),
                    timing=dict(d.get("timing") or {}))
 
     @classmethod
@@ -115,7 +126,8 @@ class Calibration:
             return e
         if not e.get("equal"):
             raise MoesiftError(f"the calibration has no equal-count order for MoE layer {e.get('layer')} (its "
-                               "router has no groups, or moesift calibrate predates --groups equal); calibrate again")
+                               "router has no groups, or moesift calibrate predates --groups equal); calibrate again, or plan "
+                               "with --groups whole")
         return e["equal"]
 
     def scores(self, n_experts: int, mode: str = "whole") -> np.ndarray:
@@ -192,7 +204,7 @@ class Calibration:
             if mode == "equal" and self.entry(e, mode).get("alone"):  # KL of the layer alone at r rounds
                 a = {int(k): float(v) for k, v in self.entry(e, mode)["alone"].items()}
                 ks = sorted(a)
-                out.append([max(a[k] - a[k + 1], 0.0) for k in ks[:-1]])  # the round that takes r to r + 1
+                out.append([max(a[k] - a[j], 0.0) for k, j in zip(ks, ks[1:], strict=False)])  # the round that takes r to r + 1
                 continue
             if mode == "equal":
                 q = self.entry(e, mode)
@@ -204,12 +216,71 @@ class Calibration:
             if e.get("e2e"):  # KL of the layer alone restricted to its end-to-end set of k units
                 a = {int(k): float(v) for k, v in e["e2e"]["alone"].items()}
                 ks = sorted(a)
-                out.append([max(a[k] - a[k + 1], 0.0) for k in ks[:-1]])  # the unit that takes k to k + 1
+                out.append([max(a[k] - a[j], 0.0) for k, j in zip(ks, ks[1:], strict=False)])  # the unit that takes k to k + 1
                 continue
             err = [float(x) for x in e["error"]]  # err[s] after s removals
             gains = [max(err[s + 1] - err[s], 0.0) for s in range(len(err) - 1)]  # unit removed at step s
             out.append(list(reversed(gains)))  # the last removed is kept first
         return out
+
+
+def _check_layer(e: Any, n_experts: int | None, where: str) -> None:
+    """One layer entry of a calibration file: refuse what would break a plan later (a file is user input)."""
+    if not isinstance(e, dict):
+        raise MoesiftError(f"{where} must be an object")
+    if e.get("layer") is not None and (not isinstance(e["layer"], int) or isinstance(e["layer"], bool) or e["layer"] < 0):
+        raise MoesiftError(f"{where}.layer must be a decoder layer index")
+    if e.get("order") is None:
+        return
+    _check_order(e, n_experts, where)
+    if e.get("equal") is not None:
+        q = e["equal"]
+        if not isinstance(q, dict):
+            raise MoesiftError(f"{where}.equal must be an object")
+        _check_order(q, n_experts, f"{where}.equal")
+        g = q.get("groups")
+        if not isinstance(g, int) or isinstance(g, bool) or g < 1 or len(q["floor"]) % g or (len(q["error"]) - 1) % g:
+            raise MoesiftError(f"{where}.equal.groups must divide the floor and the removals")
+        for key in ("kl", "alone"):
+            _check_levels(q.get(key), f"{where}.equal.{key}")
+    if e.get("e2e") is not None:
+        x = e["e2e"]
+        if not isinstance(x, dict) or not isinstance(x.get("sets"), dict):
+            raise MoesiftError(f"{where}.e2e must be an object with sets")
+        for k, ids in x["sets"].items():
+            if not str(k).isdigit() or not _id_list(ids, n_experts):
+                raise MoesiftError(f"{where}.e2e.sets[{k!r}] must be a list of expert ids")
+        for key in ("kl", "alone"):
+            _check_levels(x.get(key), f"{where}.e2e.{key}")
+
+
+def _id_list(ids: Any, n_experts: int | None) -> bool:
+    return isinstance(ids, list) and all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x
+                                         and (n_experts is None or x < n_experts) for x in ids)
+
+
+def _check_order(e: dict[str, Any], n_experts: int | None, where: str) -> None:
+    order, floor, err = e.get("order"), e.get("floor"), e.get("error")
+    if not isinstance(order, list) or not isinstance(floor, list) or not isinstance(err, list):
+        raise MoesiftError(f"{where} needs order, floor and error lists")
+    units = order + floor
+    if not all(_id_list(u, n_experts) and u for u in units):
+        raise MoesiftError(f"{where}: order and floor must be lists of expert-id lists"
+                           + (f" below {n_experts}" if n_experts else ""))
+    flat = [x for u in units for x in u]
+    if len(set(flat)) != len(flat):
+        raise MoesiftError(f"{where}: an expert appears twice in order and floor")
+    if len(err) != len(order) + 1 or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                               and math.isfinite(v) and v >= 0 for v in err):
+        raise MoesiftError(f"{where}: error must hold len(order) + 1 finite non-negative numbers")
+
+
+def _check_levels(v: Any, where: str) -> None:
+    if v is None:
+        return
+    if not isinstance(v, dict) or not all(str(k).isdigit() and isinstance(x, (int, float)) and not isinstance(x, bool)
+                                          and math.isfinite(x) for k, x in v.items()):
+        raise MoesiftError(f"{where} must map kept counts to finite numbers")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -839,6 +839,11 @@ def _calibration_for(sp: _Spec, calibration: Any, calib: Any, model: Any, calib_
     else:
         raise MoesiftError("--strategy calibrated needs --calibration FILE (from `moesift calibrate`) or --calib "
                            "DATA with --model (calibration prompts: never the evaluation data)")
+    from .calibrate import _check_layer
+
+    where = str(calibration) if isinstance(calibration, (str, os.PathLike)) else "the calibration"
+    for i, e in enumerate(cal.layers):
+        _check_layer(e, sp.n_experts, f"{where!r}: layers[{i}]")
     m = cal.model
     layers = [e.get("layer") for e in cal.layers]
     if (m.get("n_experts") is not None and int(m["n_experts"]) != sp.n_experts) or len(layers) != len(sp.moe_layers) \

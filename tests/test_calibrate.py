@@ -438,7 +438,7 @@ def test_equal_group_end_to_end_kl_chooses_mode_and_spends(ds_equal, tmp_path):
     model, _ = moesift.load_model(src, device="cpu", dtype="float32")
     ids = [json.loads(line)["input_ids"] for line in data.read_text().splitlines()]
     live = [e for e in cal.layers if e.get("order") is not None]
-    G, per = 4, 8
+    G = 4
 
     def rounds(q, r):  # the floor and the last rounds removed
         order = [u[0] for u in q["order"]]
@@ -470,3 +470,58 @@ def test_equal_group_end_to_end_kl_chooses_mode_and_spends(ds_equal, tmp_path):
     if all(np.all(np.diff([a_[r] for r in range(2, 9)], 2) >= -1e-12) for a_ in alone):  # convex: greedy is exact
         assert sum(alone[i][got[i]] for i in range(3)) == pytest.approx(best)
     assert sum(got) == 12
+
+
+def test_hostile_calibration_files_give_one_line_errors(ds_equal, tmp_path, monkeypatch, capsys):
+    src = ds_equal
+    spec = CheckpointIndex.build(src).spec
+    data = _calib_file(tmp_path, 96, n_docs=4, length=12, seed=7)
+    good = moesift.calibrate(src, data, max_samples=4, max_length=12, dtype="float32", progress=False,
+                             end_to_end=False).to_dict()
+    counts, _ = skewed(L=len(spec.moe_layers), E=32)
+    tp = make_trace(counts, moe_layers=spec.moe_layers, model_type="deepseek_v3", n_group=4, topk_group=2,
+                    top_k=4).save(tmp_path / "t.trace")
+
+    def layer0(**kw):
+        d = json.loads(json.dumps(good))
+        d["layers"][0].update(kw)
+        return d
+
+    def equal0(**kw):
+        d = json.loads(json.dumps(good))
+        d["layers"][0]["equal"].update(kw)
+        return d
+
+    bad = {
+        "not an object": [1, 2],
+        "layers not a list": {**good, "layers": {"0": 1}},
+        "layer entry a string": {**good, "layers": ["x"]},
+        "model a list": {**good, "model": [1]},
+        "n_experts zero": {**good, "model": {**good["model"], "n_experts": 0}},
+        "order not a list": layer0(order=5),
+        "id out of range": layer0(floor=[[99]] + good["layers"][0]["floor"][1:]),
+        "id negative": layer0(order=[[-1]] + good["layers"][0]["order"][1:]),
+        "id a bool": layer0(order=[[True]] + good["layers"][0]["order"][1:]),
+        "duplicate expert": layer0(floor=good["layers"][0]["floor"] + [good["layers"][0]["order"][0]]),
+        "error too short": layer0(error=[0.0]),
+        "error NaN": layer0(error=[float("nan")] * len(good["layers"][0]["error"])),
+        "error negative": layer0(error=[-1.0] * len(good["layers"][0]["error"])),
+        "equal a list": layer0(equal=[1]),
+        "equal groups zero": equal0(groups=0),
+        "equal groups not dividing": equal0(groups=3),
+        "equal kl key not a count": equal0(kl={"two": 0.1}),
+        "equal alone infinite": equal0(alone={"2": float("inf")}),
+        "e2e without sets": layer0(e2e={"kl": {}}),
+        "e2e set with a string": layer0(e2e={"sets": {"2": ["a"]}}),
+    }
+    for name, d in bad.items():
+        f = tmp_path / "bad.json"
+        f.write_text(json.dumps(d))
+        code, out, err = run_cli(["plan", str(tp), "--keep", "0.25", "--strategy", "calibrated", "--calibration",
+                                  str(f), "--model", str(src)], monkeypatch, capsys)
+        assert code == 2 and err.startswith("moesift: error: ") and len(err.splitlines()) == 1, (name, err)
+    f = tmp_path / "good.json"
+    f.write_text(json.dumps(good))
+    code, out, err = run_cli(["plan", str(tp), "--keep", "0.25", "--strategy", "calibrated", "--calibration",
+                              str(f), "--model", str(src)], monkeypatch, capsys)
+    assert code == 0, err
