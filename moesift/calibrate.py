@@ -32,6 +32,8 @@ Group-limited layers get a second order, for plans that keep the same number of 
 take one expert from every group (the cheapest first within a round), down to the fewest per group the
 router can use (the group score's terms, and top-k within the selectable groups). It is stored as the
 layer's ``equal`` entry; the set left after any whole number of rounds has the same count in every group.
+The end-to-end phase (3.) then picks, per kept number of rounds, between the greedy's set and each group's
+most routed experts, by the model's KL.
 
 3. End to end, where the layer error misleads. A group-limited router (DeepSeek-V3: 2 of 4 groups per
    token) leaves each layer a choice among a handful of group sets per kept count (C(4, 2) = 6), and the set
@@ -147,11 +149,12 @@ class Calibration:
                     out[p, int(x)] = (r + 1) / len(u)
         return out
 
-    def end_to_end_set(self, p: int, n_experts: int) -> list[int] | None:
+    def end_to_end_set(self, p: int, n_experts: int, mode: str = "whole") -> list[int] | None:
         """The resident ids of MoE layer `p` chosen end to end for a set of `n_experts` experts (None where
-        the calibration did not choose one: layer-error order applies)."""
-        e2e = self.layers[p].get("e2e")
-        if not e2e:
+        the calibration did not choose one: layer-error order applies). `mode`: whole groups, or the same
+        count in every group ("equal")."""
+        e2e = self.layers[p].get("e2e") if mode != "equal" else self.layers[p].get("equal")
+        if not e2e or not e2e.get("sets"):
             return None
         for ids in e2e["sets"].values():
             if len(ids) == n_experts:
@@ -243,15 +246,24 @@ def _check_layer(e: Any, n_experts: int | None, where: str) -> None:
             raise MoesiftError(f"{where}.equal.groups must divide the floor and the removals")
         for key in ("kl", "alone"):
             _check_levels(q.get(key), f"{where}.equal.{key}")
+        _check_sets(q.get("sets"), n_experts, f"{where}.equal.sets")
     if e.get("e2e") is not None:
         x = e["e2e"]
         if not isinstance(x, dict) or not isinstance(x.get("sets"), dict):
             raise MoesiftError(f"{where}.e2e must be an object with sets")
-        for k, ids in x["sets"].items():
-            if not str(k).isdigit() or not _id_list(ids, n_experts):
-                raise MoesiftError(f"{where}.e2e.sets[{k!r}] must be a list of expert ids")
+        _check_sets(x["sets"], n_experts, f"{where}.e2e.sets")
         for key in ("kl", "alone"):
             _check_levels(x.get(key), f"{where}.e2e.{key}")
+
+
+def _check_sets(sets: Any, n_experts: int | None, where: str) -> None:
+    if sets is None:
+        return
+    if not isinstance(sets, dict):
+        raise MoesiftError(f"{where} must map kept counts to expert-id lists")
+    for k, ids in sets.items():
+        if not str(k).isdigit() or not _id_list(ids, n_experts) or len(set(ids)) != len(ids):
+            raise MoesiftError(f"{where}[{k!r}] must be a list of distinct expert ids")
 
 
 def _id_list(ids: Any, n_experts: int | None) -> bool:
@@ -545,7 +557,7 @@ def greedy_layer(blk: _Block, x: Any, units: list[list[int]], n_floor: int,
             tick()
     floor = [units[u] for u in remaining]
     return {"order": order, "floor": floor, "error": errors, "local": local, "forwards": forwards,
-            "output_norm2": norm2, "tokens": int(N)}
+            "output_norm2": norm2, "tokens": int(N), "routed": [int(v) for v in used]}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -632,10 +644,12 @@ def choose_end_to_end(
     that layer alone restricted to its set (the others whole): ``plan --allocate`` spends by its drops.
     Adds ``e2e`` to the entries of `layers_out` in place; returns a summary (None when no layer qualifies).
 
-    Layers with an ``equal`` order (same count in every group) get, per kept number of rounds r, the KL with
-    every layer at its greedy r rounds (``equal["kl"]``, what ``plan --groups auto`` compares with the
-    whole-group sets of the same size) and with that layer alone restricted (``equal["alone"]``, what
-    ``--allocate`` spends by): one forward per count, plus one per layer and count."""
+    Layers with an ``equal`` order (same count in every group) get, per kept number of rounds r, a set
+    chosen the same way between two candidates, the greedy's r rounds and each group's r most routed experts
+    on the calibration tokens (``equal["sets"]``), the KL with every layer at its set (``equal["kl"]``,
+    what ``plan --groups auto`` compares with the whole-group sets of the same size) and with that layer
+    alone restricted (``equal["alone"]``, what ``--allocate`` spends by): per count, one forward per
+    layer and sweep, plus one per layer."""
     from itertools import combinations
 
     n = len(units)
@@ -702,14 +716,40 @@ def choose_end_to_end(
             order = [u[0] for u in q["order"]]
             return sorted([u[0] for u in q["floor"]] + (order[len(order) - G * (r - r_min):] if r > r_min else []))
 
+        def most_routed(e: dict[str, Any], r: int) -> list[int]:  # each group's r most routed on these tokens
+            used = e.get("routed") or [0] * (G * per)
+            return sorted(x for g in range(G) for x in sorted(range(g * per, (g + 1) * per),
+                                                               key=lambda i: (-used[i], i))[:r])
+
+        ecache: dict[tuple, float] = {}
+
+        def ekl(sets: dict[int, list[int]]) -> float:
+            key = tuple(sorted((k, tuple(v)) for k, v in sets.items()))
+            if key not in ecache:
+                ecache[key] = ev.kl(sets)
+            return ecache[key]
+
         for e in eq:
-            e["equal"]["kl"], e["equal"]["alone"] = {str(per): 0.0}, {str(per): 0.0}
+            e["equal"]["kl"], e["equal"]["alone"], e["equal"]["sets"] = {str(per): 0.0}, {str(per): 0.0}, {}
         for r in range(r_min, per):
-            sets = {e["layer"]: kept(e["equal"], r) for e in eq}
-            every = ev.kl(sets)
+            # per layer two candidates: the greedy's r rounds (layer error) and the r most routed per group
+            # (the counts see every token; the layer error of a rarely used expert rests on few); coordinate
+            # descent over the layers by the model's KL, as for the group sets
+            cands = {e["layer"]: [kept(e["equal"], r), most_routed(e, r)] for e in eq}
+            cur = {layer: c[0] for layer, c in cands.items()}
+            for _ in range(sweeps):
+                changed = False
+                for layer, c in cands.items():
+                    for alt in c[1:]:
+                        if alt != cur[layer] and ekl({**cur, layer: alt}) < ekl(cur) - 1e-12:
+                            cur[layer], changed = alt, True
+                if not changed:
+                    break
+            every = ekl(cur)
             for e in eq:
                 e["equal"]["kl"][str(r)] = every
-                e["equal"]["alone"][str(r)] = ev.kl({e["layer"]: sets[e["layer"]]})
+                e["equal"]["sets"][str(r)] = cur[e["layer"]]
+                e["equal"]["alone"][str(r)] = ekl({e["layer"]: cur[e["layer"]]})
                 if tick:
                     tick()
     return {"kl_top": top, "converged": converged, "forwards": ev.forwards, "tokens": ev.tokens,

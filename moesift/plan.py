@@ -1015,9 +1015,10 @@ def plan(
             raise MoesiftError(f"{e}, which is what --memory leaves after {cache_slots} cache slots per layer and "
                                "the whole routers (--offload); raise --memory or lower --cache-slots") from None
     assert resident is not None
-    if cal is not None and sp.group_mode == "whole":
-        # group sets the calibration chose end to end for these counts replace the ranked prefix
-        resident = [cal.end_to_end_set(p, len(r)) or r for p, r in enumerate(resident)]
+    if cal is not None:
+        # sets the calibration chose end to end for these counts replace the ranked prefix
+        resident = [cal.end_to_end_set(p, len(r), sp.group_mode if sp.grouped else "whole") or r
+                    for p, r in enumerate(resident)]
 
     # constraints from the adapter (top-k, groups, hash layers)
     if sp.adapter_spec is not None and sp.model_type:

@@ -444,12 +444,23 @@ def test_equal_group_end_to_end_kl_chooses_mode_and_spends(ds_equal, tmp_path):
         order = [u[0] for u in q["order"]]
         return sorted([u[0] for u in q["floor"]] + (order[len(order) - G * (r - 2):] if r > 2 else []))
 
+    def most_routed(e, r):  # each group's r most routed experts on the calibration tokens
+        return sorted(x for g in range(G) for x in sorted(range(g * 8, g * 8 + 8), key=lambda i: (-e["routed"][i], i))[:r])
+
     # the stored KLs are the model's (checked independently, whole vocabulary; float32 batched vs float64
     # one row at a time differ by ~1e-6 absolute, small against the KLs compared)
     assert live[0]["equal"]["kl"]["2"] > 5e-5
     for r in (2, 5, 7):
-        sets = {e["layer"]: rounds(e["equal"], r) for e in live}
+        sets = {e["layer"]: e["equal"]["sets"][str(r)] for e in live}
         assert live[0]["equal"]["kl"][str(r)] == pytest.approx(_kl_full(model, ids, sets), rel=2e-2, abs=3e-6)
+        for e in live:
+            cands = [rounds(e["equal"], r), most_routed(e, r)]
+            assert sets[e["layer"]] in cands
+            # converged: the other candidate would not lower the KL with the other layers fixed
+            other = [c for c in cands if c != sets[e["layer"]]]
+            if other:
+                assert _kl_full(model, ids, {**sets, e["layer"]: other[0]}) >= \
+                    _kl_full(model, ids, sets) * (1 - 2e-2) - 3e-6
         e = live[1]
         alone = _kl_full(model, ids, {e["layer"]: sets[e["layer"]]})
         assert e["equal"]["alone"][str(r)] == pytest.approx(alone, rel=2e-2, abs=3e-6)
@@ -460,6 +471,9 @@ def test_equal_group_end_to_end_kl_chooses_mode_and_spends(ds_equal, tmp_path):
     assert None not in kl.values()
     p = plan(t, keep=0.5, strategy="calibrated", calibration=cal, model=src)
     assert p.provenance["groups"] == min(kl, key=lambda m: (kl[m], m != "whole"))
+    # a plan keeping r rounds takes the chosen sets
+    q = plan(t, keep_experts=20, strategy="calibrated", calibration=cal, model=src, groups="equal")
+    assert [e["resident"] for e in q.layers] == [e["equal"]["sets"]["5"] for e in live]
     # --allocate spends the rounds by the layers' KL alone: the greedy over those drops, checked by brute force
     a = plan(t, keep=0.5, strategy="calibrated", calibration=cal, model=src, groups="equal", allocate=True)
     got = [n // G for n in a.counts()]
