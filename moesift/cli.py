@@ -206,9 +206,11 @@ def plan_cmd(
     device: str = typer.Option("cpu", "--device", help="Calibration device: cpu, cuda, cuda:N, auto."),
     dtype: str = typer.Option(None, "--dtype", help="Calibration dtype: auto, float32, bfloat16, float16."),
     groups: str = typer.Option(
-        "auto", "--groups", help="Group-limited routers (DeepSeek-V3, GLM-4.5, ...): whole (keep whole expert "
+        "auto", "--groups", help="Group-limited routers (DeepSeek-V2 and V3 style): whole (keep whole expert "
         "groups) | equal (the same number of experts in every group) | auto (whole groups unless the budget "
-        "is below the whole-group floor, or only equal counts fit --memory). Both give standard checkpoints."),
+        "is below the whole-group floor, or only equal counts fit --memory; for --strategy calibrated, where "
+        "both keep the same count, the layout the calibration measured at the lower KL). Both give standard "
+        "checkpoints."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random strategy."),
     force: bool = typer.Option(False, "--force", help="Overwrite --out."),
     offload: bool = typer.Option(False, "--offload", help="Plan for `moesift generate` / load_offloaded: --memory "

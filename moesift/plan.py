@@ -951,7 +951,9 @@ def plan(
     `calib_length` tokens, on `device` in `dtype`).
     `groups` (group-limited routers): "whole" keeps whole groups, "equal" the same number of experts in
     every group; "auto" keeps whole groups unless the same count in every group comes closer to a --keep /
-    --keep-experts budget (below the whole-group floor) or only it fits --memory."""
+    --keep-experts budget (below the whole-group floor) or only it fits --memory, and for the calibrated
+    strategy, where both keep the same count, takes the layout whose sets the calibration measured at the
+    lower KL."""
     from . import __version__
 
     given = {k: v for k, v in (("keep", keep), ("keep_experts", keep_experts), ("coverage", coverage),
@@ -998,7 +1000,10 @@ def plan(
     cal = None
     if strategy == "calibrated":
         cal = _calibration_for(sp, calibration, calib, model, calib_samples, calib_length, device, dtype, progress)
-    modes = [groups] if groups != "auto" or not sp.grouped else _auto_group_modes(sp, budget, cal)
+    if not sp.grouped:
+        modes = ["whole"]  # no groups: one layout
+    else:
+        modes = [groups] if groups != "auto" else _auto_group_modes(sp, budget, cal)
     resident = None
     for i, mode in enumerate(modes):
         sp = dataclasses.replace(sp, group_mode=mode)
