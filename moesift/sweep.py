@@ -362,6 +362,15 @@ def winners(points: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+EQUAL_NOTE = ("(equal groups): the plan keeps the same number of experts in every expert group of the router "
+              "(`plan --groups equal`); the others keep whole groups")
+
+
+def _label(p: dict[str, Any]) -> str:
+    """A point's strategy, marked when a group-limited router keeps the same count in every group."""
+    return p["strategy"] + (" (equal groups)" if p.get("groups") == "equal" else "")
+
+
 def _mb(b: float) -> str:
     return f"{b / 2**20:.2f} MiB"
 
@@ -381,7 +390,7 @@ def print_sweep(r: dict[str, Any]) -> None:
     for p in r["points"]:
         hc = p.get("heldout_coverage")
         keep = f"{p['keep']:g}" + ("!" if p.get("budget_note") else "")  # ! = the planner kept more
-        row = [p["strategy"], keep, _mb(p["bytes"]), f"{p['ppl']:.3f}", f"{p['ppl_ratio']:.3f}",
+        row = [_label(p), keep, _mb(p["bytes"]), f"{p['ppl']:.3f}", f"{p['ppl_ratio']:.3f}",
                "" if hc is None else f"{hc:.3f}"]
         if r["timing"]:
             row += [f"{p['load_s']:.3f}", f"{p['ttft_s']:.4f}"]
@@ -394,6 +403,8 @@ def print_sweep(r: dict[str, Any]) -> None:
     notes = sorted({p["budget_note"] for p in r["points"] if p.get("budget_note")})
     for n in notes:
         console.print(f"! {n}")
+    if any(p.get("groups") == "equal" for p in r["points"]):
+        console.print(EQUAL_NOTE, highlight=False)
     for s in r["skipped"]:
         console.print(f"skipped {s['strategy']}: {s['reason']}")
     for w in r.get("winners", []):
@@ -463,7 +474,7 @@ def sweep_sections(r: dict[str, Any], prefix: str = "sweep") -> list[str]:
         hc = p.get("heldout_coverage")
         cls = ' class="front"' if p["pareto_quality"] else ""
         rows.append(
-            f"<tr{cls}><td>{esc(p['strategy'])}</td><td>{p['keep']:g}{'!' if p.get('budget_note') else ''}</td>"
+            f"<tr{cls}><td>{esc(_label(p))}</td><td>{p['keep']:g}{'!' if p.get('budget_note') else ''}</td>"
             f"<td>{p['bytes'] / 2**20:.2f}</td>"
             f"<td>{p['ppl']:.3f}</td><td>{p['ppl_ratio']:.3f}</td><td>{'' if hc is None else f'{hc:.3f}'}</td>"
             + (f"<td>{p['load_s']:.3f}</td><td>{p['ttft_s']:.4f}</td>" if r["timing"] else "")
@@ -473,6 +484,8 @@ def sweep_sections(r: dict[str, Any], prefix: str = "sweep") -> list[str]:
     parts.append(f"<table>{head}{''.join(rows)}</table>")
     for n in sorted({p["budget_note"] for p in pts if p.get("budget_note")}):
         parts.append(f"<p>! {esc(n)}</p>")
+    if any(p.get("groups") == "equal" for p in pts):
+        parts.append(f"<p>{esc(EQUAL_NOTE)}</p>")
     for s in r["skipped"]:
         parts.append(f"<p>Skipped {esc(s['strategy'])}: {esc(s['reason'])}</p>")
     if r.get("winners"):

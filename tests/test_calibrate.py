@@ -422,6 +422,12 @@ def test_equal_group_mode_calibrates_plans_and_serves(ds_equal, tmp_path, monkey
     q3 = make_trace(counts, moe_layers=spec.moe_layers, model_type="qwen3_moe").save(tmp_path / "q.trace")
     code, _, err = run_cli(["plan", str(q3), "--keep", "0.25", "--groups", "equal"], monkeypatch, capsys)
     assert code == 2 and "no groups" in err and len(err.splitlines()) == 1
+    # sweep marks the layout of each point, in its table too
+    sw = moesift.sweep(src, t, data, keep=[0.25, 0.5], strategy="frequency", timing=False, progress=False,
+                       max_length=24)
+    assert [(x["keep"], x.get("groups")) for x in sw["points"][1:]] == [(0.25, "equal"), (0.5, "whole")]
+    out = capsys.readouterr().out
+    assert "(equal groups): the plan keeps" in out and "(equal" in out.split("(equal groups): the plan")[0]
     old = moesift.Calibration.from_dict({**cal.to_dict(), "layers": [{k: v for k, v in e.items() if k != "equal"}
                                                                      for e in cal.layers]})
     with pytest.raises(MoesiftError, match="calibrate again"):
