@@ -163,7 +163,7 @@ class Calibration:
 
     def uniform_kl(self, mode: str, n_experts: int, experts: int) -> float | None:
         """The calibration KL of the model with every MoE layer keeping `n_experts` of `experts` the way
-        `mode` keeps them (the end-to-end sets for "whole", the greedy rounds for "equal"); None when the
+        `mode` keeps them (the sets picked end to end, for either layout); None when the
         calibration did not measure it (no end-to-end phase, or a count the mode cannot keep)."""
         live = [e for e in self.layers if e.get("order") is not None]
         if not live:
@@ -740,7 +740,7 @@ def choose_end_to_end(
             for _ in range(sweeps):
                 changed = False
                 for layer, c in cands.items():
-                    for alt in c[1:]:
+                    for alt in c:
                         if alt != cur[layer] and ekl({**cur, layer: alt}) < ekl(cur) - 1e-12:
                             cur[layer], changed = alt, True
                 if not changed:
