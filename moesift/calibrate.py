@@ -60,6 +60,7 @@ from typing import Any
 import numpy as np
 
 from .errors import MoesiftError
+from .plan import _is_int, _resident_ids
 
 SCHEMA = "moesift-calibration/1"
 
@@ -95,7 +96,7 @@ class Calibration:
                 raise MoesiftError(f"{source!r}: {key!r} must be an object")
         model = dict(d.get("model") or {})
         n = model.get("n_experts")
-        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+        if n is not None and (not _is_int(n) or n < 1):
             raise MoesiftError(f"{source!r}: model.n_experts must be a positive integer")
         for i, e in enumerate(d["layers"]):
             _check_layer(e, n, f"{source!r}: layers[{i}]")
@@ -205,9 +206,7 @@ class Calibration:
                 out.append(None)
                 continue
             if mode == "equal" and self.entry(e, mode).get("alone"):  # KL of the layer alone at r rounds
-                a = {int(k): float(v) for k, v in self.entry(e, mode)["alone"].items()}
-                ks = sorted(a)
-                out.append([max(a[k] - a[j], 0.0) for k, j in zip(ks, ks[1:], strict=False)])  # the round that takes r to r + 1
+                out.append(_drops(self.entry(e, mode)["alone"]))  # the round that takes r to r + 1
                 continue
             if mode == "equal":
                 q = self.entry(e, mode)
@@ -217,9 +216,7 @@ class Calibration:
                 out.append(list(reversed(gains)))
                 continue
             if e.get("e2e"):  # KL of the layer alone restricted to its end-to-end set of k units
-                a = {int(k): float(v) for k, v in e["e2e"]["alone"].items()}
-                ks = sorted(a)
-                out.append([max(a[k] - a[j], 0.0) for k, j in zip(ks, ks[1:], strict=False)])  # the unit that takes k to k + 1
+                out.append(_drops(e["e2e"]["alone"]))  # the unit that takes k to k + 1
                 continue
             err = [float(x) for x in e["error"]]  # err[s] after s removals
             gains = [max(err[s + 1] - err[s], 0.0) for s in range(len(err) - 1)]  # unit removed at step s
@@ -227,11 +224,19 @@ class Calibration:
         return out
 
 
+def _drops(alone: dict[str, float]) -> list[float]:
+    """{kept count: KL of the layer alone} -> what each step from one kept count to the next saves, in
+    increasing count order."""
+    a = {int(k): float(v) for k, v in alone.items()}
+    ks = sorted(a)
+    return [max(a[k] - a[j], 0.0) for k, j in zip(ks, ks[1:], strict=False)]
+
+
 def _check_layer(e: Any, n_experts: int | None, where: str) -> None:
     """One layer entry of a calibration file: refuse what would break a plan later (a file is user input)."""
     if not isinstance(e, dict):
         raise MoesiftError(f"{where} must be an object")
-    if e.get("layer") is not None and (not isinstance(e["layer"], int) or isinstance(e["layer"], bool) or e["layer"] < 0):
+    if e.get("layer") is not None and (not _is_int(e["layer"]) or e["layer"] < 0):
         raise MoesiftError(f"{where}.layer must be a decoder layer index")
     if e.get("order") is None:
         return
@@ -242,7 +247,7 @@ def _check_layer(e: Any, n_experts: int | None, where: str) -> None:
             raise MoesiftError(f"{where}.equal must be an object")
         _check_order(q, n_experts, f"{where}.equal")
         g = q.get("groups")
-        if not isinstance(g, int) or isinstance(g, bool) or g < 1 or len(q["floor"]) % g or (len(q["error"]) - 1) % g:
+        if not _is_int(g) or g < 1 or len(q["floor"]) % g or (len(q["error"]) - 1) % g:
             raise MoesiftError(f"{where}.equal.groups must divide the floor and the removals")
         for key in ("kl", "alone"):
             _check_levels(q.get(key), f"{where}.equal.{key}")
@@ -262,13 +267,9 @@ def _check_sets(sets: Any, n_experts: int | None, where: str) -> None:
     if not isinstance(sets, dict):
         raise MoesiftError(f"{where} must map kept counts to expert-id lists")
     for k, ids in sets.items():
-        if not str(k).isdigit() or not _id_list(ids, n_experts) or len(set(ids)) != len(ids):
+        if not str(k).isdigit() or not isinstance(ids, list):
             raise MoesiftError(f"{where}[{k!r}] must be a list of distinct expert ids")
-
-
-def _id_list(ids: Any, n_experts: int | None) -> bool:
-    return isinstance(ids, list) and all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x
-                                         and (n_experts is None or x < n_experts) for x in ids)
+        _resident_ids(f"{where}[{k!r}]", ids, n_experts)
 
 
 def _check_order(e: dict[str, Any], n_experts: int | None, where: str) -> None:
@@ -276,9 +277,10 @@ def _check_order(e: dict[str, Any], n_experts: int | None, where: str) -> None:
     if not isinstance(order, list) or not isinstance(floor, list) or not isinstance(err, list):
         raise MoesiftError(f"{where} needs order, floor and error lists")
     units = order + floor
-    if not all(_id_list(u, n_experts) and u for u in units):
-        raise MoesiftError(f"{where}: order and floor must be lists of expert-id lists"
-                           + (f" below {n_experts}" if n_experts else ""))
+    for i, u in enumerate(units):
+        if not isinstance(u, list) or not u:
+            raise MoesiftError(f"{where}: order and floor must be lists of expert-id lists")
+        _resident_ids(f"{where}: unit {i}", u, n_experts)
     flat = [x for u in units for x in u]
     if len(set(flat)) != len(flat):
         raise MoesiftError(f"{where}: an expert appears twice in order and floor")
