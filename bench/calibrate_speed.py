@@ -48,7 +48,7 @@ def main() -> None:
     import torch
 
     from moesift.arch import adapter_for
-    from moesift.calibrate import _Block, floor_units, greedy_layer, skeleton, units_of
+    from moesift.selection.calibrate import _Block, floor_units, greedy_layer, skeleton, units_of
 
     torch.manual_seed(a.seed)
     dtype = getattr(torch, a.dtype)

@@ -62,10 +62,10 @@ def check(engine: str, model_type: str | None, ref: str | None, work: Path) -> d
     from engine_models import engine_model
     from test_trim import plan_for
 
+    from moesift.apply.trim import trim
     from moesift.assets import reference_model
-    from moesift.checkpoint import CheckpointIndex
-    from moesift.trim import trim
-    from moesift.verify import verify
+    from moesift.evaluation.verify import verify
+    from moesift.formats.checkpoint import CheckpointIndex
 
     name = ref or model_type
     d = work / f"{engine}-{name}"
@@ -94,7 +94,7 @@ def main() -> None:
     print(f"host: {cpu_name()}, {usable_cores()} usable cores, Python {sys.version.split()[0]}")
     from engine_models import ENGINE_FAMILIES
 
-    from moesift.errors import MoesiftError
+    from moesift.core.errors import MoesiftError
 
     if "llama.cpp" in engines:
         args.cache.mkdir(parents=True, exist_ok=True)

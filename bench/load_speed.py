@@ -63,8 +63,8 @@ def load_once(kind: str, path: Path, plan: str, device: str) -> dict:
 
     import torch
 
-    from moesift.loading import hf_progress, load_model
-    from moesift.resident import load_resident, load_trimmed
+    from moesift.apply.resident import load_resident, load_trimmed
+    from moesift.engines.hf import hf_progress, load_model
 
     cuda = device.startswith("cuda")
     gc.collect()
@@ -153,7 +153,7 @@ def main() -> None:
     try:
         import numpy as np
 
-        from moesift.trim import trim
+        from moesift.apply.trim import trim
 
         src = work / "full"
         t0 = time.perf_counter()

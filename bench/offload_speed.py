@@ -172,7 +172,7 @@ def main() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)  # past_key_values renamed in later transformers
 
     import moesift
-    from moesift.offload import device_bytes
+    from moesift.selection.offload_budget import device_bytes
 
     t_start = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="moesift-offload-bench-"))

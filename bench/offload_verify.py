@@ -27,7 +27,7 @@ def main() -> None:
     args = ap.parse_args()
 
     import moesift
-    from moesift.offload import device_bytes
+    from moesift.selection.offload_budget import device_bytes
 
     root = Path(moesift.__file__).parent / "assets"
     tmp = Path(tempfile.mkdtemp(prefix="moesift-offload-verify-"))

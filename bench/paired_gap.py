@@ -29,8 +29,8 @@ import torch
 
 import moesift
 from moesift import assets
-from moesift.evaluate import batch_nll, encode_documents, windows
-from moesift.workload import read_documents
+from moesift.evaluation.evaluate import batch_nll
+from moesift.formats.workload import encode_documents, read_documents, windows
 
 
 def build_plan(mdir, tr, cal, strategy: str, keep: float, groups: str):

@@ -77,7 +77,7 @@ from hostinfo import cpu_name, usable_cores  # bench/hostinfo.py, beside this sc
 
 import moesift
 from moesift import assets
-from moesift.io import json_default
+from moesift.core.io import json_default
 
 KEEPS = (0.25, 0.5, 0.75)
 STRATEGIES = ("frequency", "weighted", "saliency", "random")

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hostinfo import cpu_name, usable_cores  # noqa: E402 - bench/hostinfo.py, beside this script
 
-from moesift.tracefile import Trace  # noqa: E402
+from moesift.formats.trace import Trace
 
 
 def synthetic_trace(n_tokens: int, L: int = 60, E: int = 256, K: int = 8, doc_len: int = 512, folds: int = 8,
@@ -76,7 +76,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=1_000_000)
     ap.add_argument("--keep-trace", action="store_true")
     args = ap.parse_args()
-    from moesift.report import report
+    from moesift.surfaces.report import report
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "synthetic.trace"

@@ -15,7 +15,7 @@ Phases (``--phase``; default prefill on the CPU, both on CUDA):
 Variants, timed interleaved (one run of each per round, best of N rounds):
 
 - plain:        the model alone
-- moesift:      moesift.recorder with all default statistics (counts by phase and fold (8 folds),
+- moesift:      moesift.record.recorder with all default statistics (counts by phase and fold (8 folds),
                 router-weight mass, router-probability mass, selected-probability mass, co-activation,
                 layer-to-layer transitions); decode steps share one batched pass, which is timed
 - hooks-only:   the adapter's hooks calling functions that do nothing (the floor of any hook-based recorder)
@@ -101,7 +101,7 @@ def _hooks(name, model, ad, rec, ref, naive):
 
 def run_prefill(args, clock, RefRec):
     from moesift.arch import adapter_for
-    from moesift.recorder import Recorder
+    from moesift.record.recorder import Recorder
 
     model = build(args, args.layers)
     ad = adapter_for(model.config)
@@ -158,7 +158,7 @@ def run_prefill(args, clock, RefRec):
 
 def _recorder_alone(args, clock, model, ad, x, mask, fold, rec, ref):
     """The recorders' own work on one forward's captured routing (all layers), replayed without the model."""
-    from moesift.arch.base import Route
+    from moesift.arch.spec import Route
 
     cap = []
 
@@ -197,7 +197,7 @@ def run_decode(args, clock, RefRec):
     from transformers import DynamicCache
 
     from moesift.arch import adapter_for
-    from moesift.recorder import Recorder
+    from moesift.record.recorder import Recorder
 
     model = build(args, args.decode_layers)
     ad = adapter_for(model.config)

@@ -46,12 +46,10 @@ def write_synthetic(d: Path, size_gb: float, shard_bytes: int = 400 << 20) -> tu
 
 TRIM = """
 import json, resource, shutil, sys, time
-from moesift.trim import trim
+from moesift.apply.trim import trim
 shutil.rmtree(sys.argv[3], ignore_errors=True)
 t0 = time.perf_counter()
-import moesift.plan, moesift.checkpoint, moesift.io  # noqa: E401,F401 - module imports are start-up, not trimming
-from moesift.arch import _load_all
-_load_all()
+import moesift.formats.plan, moesift.formats.checkpoint, moesift.core.io, moesift.arch  # noqa: E401,F401 - start-up, not trimming
 startup = time.perf_counter() - t0
 t = time.perf_counter()
 trim(sys.argv[1], sys.argv[2], sys.argv[3], progress=False, checksums=sys.argv[4] == "1", max_shard_size=sys.argv[5])
@@ -61,7 +59,7 @@ print(json.dumps({"wall": wall, "startup": startup,
 """
 IMPORT_ONLY = """
 import json, resource
-import moesift.trim, moesift.checkpoint, moesift.plan  # noqa: F401
+import moesift.apply.trim, moesift.formats.checkpoint, moesift.formats.plan  # noqa: E401,F401
 print(json.dumps({"maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 """
 SHA = """

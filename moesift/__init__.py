@@ -13,80 +13,65 @@ Public API (each CLI command is one of these functions, with the same arguments)
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import Any
 
-__version__ = "0.1.0"
+from .core.version import __version__ as __version__
 
-# name -> module that defines it; imported on first use so `import moesift` stays light.
+# name -> module that defines it; imported on first use so `import moesift` stays light. Stage packages
+# (core, arch, formats, analysis, engines, record, selection, apply, evaluation, surfaces) never share a
+# name with a public function, so `moesift.plan` is always the function.
 _LAZY = {
-    "MoesiftError": "errors",
-    "Trace": "tracefile",
-    "load_trace": "tracefile",
-    "merge": "tracefile",
-    "adapter_for": "arch",
-    "supported_model_types": "arch",
-    "checkpoint_index": "checkpoint",
-    "CheckpointIndex": "checkpoint",
-    "load_model": "loading",
-    "trace": "tracer",
-    "show": "tracer",
-    "merge_traces": "tracer",
-    "export_trace": "tracer",
-    "read_documents": "workload",
-    "encode_prefix": "workload",
-    "load_expert_trace": "wcer",
-    "dump_expert_trace": "wcer",
-    "plan": "plan",
-    "Plan": "plan",
-    "plan_diff": "plan",
-    "check_plan_config": "plan",
-    "strategy_scores": "plan",
-    "restrict": "restrict",
-    "trim": "trim",
-    "load_resident": "resident",
-    "load_trimmed": "resident",
-    "load_offloaded": "offload",
-    "generate": "offload",
-    "verify_offloaded": "offload",
-    "verify": "verify",
-    "report": "report",
-    "compare": "report",
-    "analyse": "analysis",
-    "experts_for_coverage": "analysis",
-    "coverage_of": "analysis",
-    "select_top": "analysis",
-    "heldout_coverage": "analysis",
-    "srp": "locality",
-    "sch": "locality",
-    "affinity_summary": "affinity",
-    "eval_model": "evaluate",
-    "sweep": "sweep",
-    "measure_ttft": "sweep",
-    "calibrate": "calibrate",
-    "Calibration": "calibrate",
-    "demo": "demo",
-    "place": "place",
-    "cache": "cachesim",
-    "simulate_cache": "cachesim",
-    "import_trace": "importers",
+    "MoesiftError": "core.errors",
+    "Trace": "formats.trace",
+    "load_trace": "formats.trace",
+    "merge": "formats.trace",
+    "adapter_for": "arch.registry",
+    "supported_model_types": "arch.registry",
+    "checkpoint_index": "formats.checkpoint",
+    "CheckpointIndex": "formats.checkpoint",
+    "load_model": "engines.hf",
+    "trace": "record.tracer",
+    "show": "record.tracer",
+    "merge_traces": "record.tracer",
+    "export_trace": "record.tracer",
+    "read_documents": "formats.workload",
+    "encode_prefix": "formats.workload",
+    "load_expert_trace": "formats.trace",
+    "dump_expert_trace": "formats.wcer",
+    "plan": "selection.planner",
+    "Plan": "formats.plan",
+    "plan_diff": "formats.plan",
+    "check_plan_config": "formats.plan",
+    "strategy_scores": "selection.planner",
+    "restrict": "engines.restrict",
+    "trim": "apply.trim",
+    "load_resident": "apply.resident",
+    "load_trimmed": "apply.resident",
+    "load_offloaded": "apply.offload",
+    "generate": "apply.offload",
+    "verify_offloaded": "evaluation.verify",
+    "verify": "evaluation.verify",
+    "report": "surfaces.report",
+    "compare": "surfaces.report",
+    "analyse": "analysis.stats",
+    "experts_for_coverage": "analysis.stats",
+    "coverage_of": "analysis.stats",
+    "select_top": "analysis.stats",
+    "heldout_coverage": "analysis.stats",
+    "srp": "analysis.locality",
+    "sch": "analysis.locality",
+    "affinity_summary": "analysis.affinity",
+    "eval_model": "evaluation.evaluate",
+    "sweep": "evaluation.sweep",
+    "measure_ttft": "evaluation.sweep",
+    "calibrate": "selection.calibrate",
+    "Calibration": "formats.calibration",
+    "demo": "surfaces.demo",
+    "place": "selection.place",
+    "cache": "analysis.cachesim",
+    "simulate_cache": "analysis.cachesim",
+    "import_trace": "record.importers",
 }
-
-
-# Public functions that share their module's name (moesift.plan is the function in moesift/plan.py): when
-# Python imports such a submodule it sets the package attribute to the module; keep the function there.
-_SAME_NAME = {"plan", "trim", "restrict", "verify", "sweep", "demo", "place", "calibrate"}
-
-
-class _Package(types.ModuleType):
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _SAME_NAME and isinstance(value, types.ModuleType) and hasattr(value, name):
-            value = getattr(value, name)
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str) -> Any:
@@ -100,4 +85,4 @@ def __dir__() -> list[str]:
     return sorted(list(globals()) + list(_LAZY))
 
 
-__all__ = sorted(_LAZY)
+__all__ = sorted([*_LAZY, "__version__"])

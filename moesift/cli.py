@@ -9,7 +9,24 @@ from typing import Any
 
 import typer
 
-from .errors import MoesiftError
+from .analysis.cachesim import cache
+from .apply.offload import generate
+from .apply.trim import trim
+from .arch import supported_model_types
+from .core.errors import MoesiftError
+from .core.io import json_default
+from .evaluation.evaluate import eval_model, format_table
+from .evaluation.sweep import sweep
+from .evaluation.verify import verify
+from .formats.plan import plan_diff
+from .formats.trimmed import read_trimmed_record
+from .record.importers import import_trace
+from .record.tracer import export_trace, merge_traces, show, trace
+from .selection.calibrate import calibrate
+from .selection.place import place
+from .selection.planner import plan
+from .surfaces.demo import demo
+from .surfaces.report import compare, report
 
 app = typer.Typer(
     name="moesift",
@@ -23,7 +40,6 @@ app = typer.Typer(
 
 def emit_json(obj: Any) -> None:
     """Print one JSON object on stdout (for --json)."""
-    from .io import json_default
 
     sys.stdout.write(json.dumps(obj, indent=2, default=json_default) + "\n")
 
@@ -54,7 +70,6 @@ def trace_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print the trace summary as JSON."),
 ) -> None:
     """Record which experts a workload selects, per MoE layer, with statistics kept on the device."""
-    from .tracer import trace
 
     t = trace(model, data, out=out, label=label, max_samples=max_samples, max_length=max_length,
               batch_size=batch_size, generate=generate, folds=folds, saliency=saliency, log_routing=log_routing,
@@ -79,7 +94,6 @@ def show_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Summarise a trace: model, workload, and per-layer routing concentration."""
-    from .tracer import show
 
     info = show(trace, json=json_out)
     if json_out:
@@ -95,7 +109,6 @@ def merge_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print a JSON summary."),
 ) -> None:
     """Add traces of the same model (counts add, folds add, routing logs concatenate)."""
-    from .tracer import merge_traces
 
     t = merge_traces(traces, out, label=label, force=force)
     res = {"out": out, "label": t.label, "documents": t.workload["documents"],
@@ -115,7 +128,6 @@ def export_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print a JSON summary."),
 ) -> None:
     """Write a trace in another format."""
-    from .tracer import export_trace
 
     p = export_trace(trace, out, format=format, force=force)
     if json_out:
@@ -127,7 +139,6 @@ def export_cmd(
 @app.command("families")
 def families_cmd(json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """List the supported MoE families (transformers model_type values)."""
-    from .arch import supported_model_types
 
     names = supported_model_types()
     if json_out:
@@ -150,7 +161,6 @@ def report_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object with every figure."),
 ) -> None:
     """How concentrated routing is, what a resident set saves, and how far the trace can be trusted."""
-    from .report import report
 
     res = report(traces, model=model, out=out, json=json_out, locality_tokens=locality_tokens, cache_tokens=cache_tokens,
                  force=force)
@@ -166,7 +176,6 @@ def compare_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Cross-coverage, Jaccard of resident sets, and the smallest union that serves every workload."""
-    from .report import compare
 
     res = compare(traces, keep=keep, json=json_out, target=target)
     if json_out:
@@ -225,7 +234,6 @@ def plan_cmd(
 ) -> None:
     """Choose resident experts per MoE layer from traces under one budget; `plan diff A B` compares banks."""
     if traces and traces[0] == "diff":
-        from .plan import plan_diff
 
         if len(traces) != 3:
             raise MoesiftError("usage: moesift plan diff PLAN_A PLAN_B [--model MODEL] [--json]")
@@ -241,7 +249,6 @@ def plan_cmd(
             extra = f"  load {e['bytes_to_load']:,} B" if "bytes_to_load" in e else ""
             typer.echo(f"  layer {e['layer']:>3}: Jaccard {e['jaccard']:.3f}  +{len(e['load'])} -{len(e['evict'])}{extra}")
         return
-    from .plan import plan
 
     p = plan(traces, out=out, keep=keep, keep_experts=keep_experts, coverage=coverage, memory=memory, model=model,
              strategy=strategy, uniform=uniform, seed=seed, force=force, force_plan=force_plan,
@@ -297,7 +304,6 @@ def trim_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Write a smaller checkpoint holding only the plan's resident experts (streamed, source untouched)."""
-    from .trim import read_trimmed_record, trim
 
     d = trim(model, plan, out, force=force, max_shard_size=max_shard_size, progress=not json_out,
              checksums=not no_checksums, force_plan=force_plan)
@@ -342,7 +348,6 @@ def verify_cmd(
 ) -> None:
     """Restricted full model vs trimmed model (or, with --offloaded, full model vs offloaded model): top-1
     agreement, logit differences, greedy generations. Exit code 1 when they disagree."""
-    from .verify import verify
 
     r = verify(model, trimmed, plan=plan, data=data or None, max_new_tokens=max_new_tokens, max_samples=max_samples,
                max_length=max_length, field=field, device=device, dtype=dtype, progress=not json_out,
@@ -398,7 +403,6 @@ def generate_cmd(
     Streams the text, then prints tokens/s and the measured cache hit rate per MoE layer."""
     import sys
 
-    from .offload import generate
 
     def echo(text: str) -> None:
         sys.stdout.write(text)
@@ -464,7 +468,6 @@ def eval_cmd(
 ) -> None:
     """Perplexity of the full model, restricted to plans, with fewer experts per token and with dynamic top-p
     routing, each with the mean number of experts active per token."""
-    from .evaluate import eval_model, format_table
 
     res = eval_model(model, data, plans=plan or (), top_k=_split_values(top_k, int, "--top-k"),
                      top_p=_split_values(top_p, float, "--top-p"), max_length=max_length, batch_size=batch_size,
@@ -508,7 +511,6 @@ def calibrate_cmd(
     """Measure per MoE layer what removing experts does to the layer's output on calibration prompts (greedy,
     least damage first), one MoE block at a time from the checkpoint; `plan --strategy calibrated
     --calibration FILE` ranks by it and `--allocate` spends budgets by it."""
-    from .calibrate import calibrate
 
     c = calibrate(model, data, out=out, max_samples=max_samples, max_length=max_length, batch_size=batch_size,
                   device=device, dtype=dtype, field=field, force=force, progress=not json_out,
@@ -550,7 +552,6 @@ def sweep_cmd(
 ) -> None:
     """Quality against memory and latency: for each strategy and budget, bytes, perplexity (x full), load time
     and time to first token of the resident model, with the Pareto front marked."""
-    from .sweep import sweep
 
     res = sweep(model, trace, data, keep=keep, strategy=strategy, json=json_out, out=out, max_length=max_length,
                 batch_size=batch_size, max_samples=max_samples, field=field, device=device, dtype=dtype, seed=seed,
@@ -570,7 +571,6 @@ def demo_cmd(
 ) -> None:
     """The whole pipeline on the bundled reference models and workloads: trace, report, compare, plan, trim,
     verify, evaluate and sweep; writes one HTML report."""
-    from .demo import demo
 
     res = demo(out=out, json=json_out, quick=quick, progress=not json_out)
     if json_out:
@@ -596,7 +596,6 @@ def place_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Place experts on GPUs from a trace and simulate load, cross-GPU hops and all-to-all bytes."""
-    from .place import place
 
     res = place(trace, gpus=gpus, nodes=nodes, replicas=replicas, method=method, out=out, json=json_out,
                 hidden=hidden, dtype_bytes=dtype_bytes, time_limit=time_limit, max_load_ratio=max_load_ratio,
@@ -635,7 +634,6 @@ def cache_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Expert offloading per layer: LRU, LFU and Belady hit rates, loads and bytes per token."""
-    from .cachesim import cache
 
     res = cache(trace, capacity=capacity, memory=memory, model=model, resident=resident, json=json_out,
                 target=target, max_tokens=max_tokens, progress=not json_out, force_plan=force_plan)
@@ -673,7 +671,6 @@ def import_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Import vLLM or SGLang routing records into a moesift trace (merge several with `moesift merge`)."""
-    from .importers import import_trace
 
     t = import_trace(files, format, model=model, out=out, n_experts=n_experts, top_k=top_k, moe_layers=moe_layers,
                      label=label, force=force, json=json_out)

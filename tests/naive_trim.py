@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 from moesift.arch import adapter_for
-from moesift.checkpoint import shard_files
+from moesift.formats.checkpoint import shard_files
 
 
 def naive_trim(src: Path, dst: Path, resident: dict[int, list[int]]) -> Path:

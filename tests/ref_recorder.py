@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from moesift.arch.base import MoESpec
+from moesift.arch.spec import MoESpec
 
 
 @dataclass
@@ -248,7 +248,7 @@ class Recorder:
         return out
 
     def to_arrays(self) -> dict[str, np.ndarray]:
-        """Statistics as host arrays named as in the trace file (see moesift.tracefile)."""
+        """Statistics as host arrays named as in the trace file (see moesift.formats.trace)."""
         self._flush()
         L, E, F = self.L, self.E, self.F
         acc = self.acc.cpu().numpy()

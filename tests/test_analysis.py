@@ -3,6 +3,7 @@ distribution, unseen mass, learning curve, affinity and workload comparison agai
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import json
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import WCER_DIR
 
-from moesift.analysis import (
+from moesift.analysis.stats import (
     PCTS,
     analyse,
     budget_n,
@@ -26,7 +27,7 @@ from moesift.analysis import (
     normalised_entropy,
     select_top,
 )
-from moesift.tracefile import Trace
+from moesift.formats.trace import Trace
 
 WCER_FILES = sorted(WCER_DIR.glob("*.json"))
 
@@ -97,8 +98,8 @@ def test_experts_for_coverage_equals_wcer(path):
 
 @pytest.mark.parametrize("path", WCER_FILES, ids=lambda p: p.stem)
 def test_wcer_through_trace_load(path):
-    pytest.importorskip("moesift.wcer", reason="WCER importer moesift/wcer.py not present")
-    from moesift.report import report
+    importlib.import_module("moesift.formats.wcer")
+    from moesift.surfaces.report import report
 
     d = json.loads(path.read_text())
     a = report(path, json=True)  # the --json object, through Trace.load and the WCER importer
@@ -260,7 +261,7 @@ def test_analyse_prefill_decode_apart():
 
 
 def test_affinity_independent_vs_deterministic():
-    from moesift.affinity import affinity_summary, chains, conditional, layer_strength
+    from moesift.analysis.affinity import affinity_summary, chains, conditional, layer_strength
 
     p = np.array([0.4, 0.3, 0.2, 0.1])
     indep = np.round(np.outer(p, p) * 1e6).astype(np.int64)
@@ -283,7 +284,7 @@ def test_affinity_independent_vs_deterministic():
 
 
 def test_compare_smallest_union_is_minimal():
-    from moesift.report import _smallest_union, compare
+    from moesift.surfaces.report import _smallest_union, compare
 
     rng = np.random.default_rng(11)
     for _ in range(5):

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from moesift.arch import adapter_for
-from moesift.errors import MoesiftError
+from moesift.core.errors import MoesiftError
 
 # model_type -> (MoE decoder layers, shared experts per MoE layer) of the tiny configs in tiny_families_1.py
 LAYOUT = {

@@ -13,8 +13,8 @@ from test_arch_contract import _inputs, _load, resident_for
 from transformers import AutoModelForCausalLM
 
 from moesift.arch import adapter_for
-from moesift.arch.base import MoESpec
-from moesift.checkpoint import CheckpointIndex
+from moesift.arch.spec import MoESpec
+from moesift.formats.checkpoint import CheckpointIndex
 
 MINE = ["deepseek_v2", "deepseek_v3", "kimi_k2", "glm4_moe", "dots1", "ernie4_5_moe", "gpt_oss", "llama4_text", "dbrx"]
 
@@ -258,8 +258,8 @@ def test_reroute_with_the_models_own_choice_is_the_full_model(model_type, tiny_d
 def test_different_group_counts_per_layer_load_and_trim(tiny_dir, tmp_path):
     """Whole groups, a different number per layer (3, 2, 2 of 4): each layer gets its own n_group, and both the
     trimmed checkpoint and the resident-only load compute what the restricted full model computes."""
-    from moesift.resident import load_resident, load_trimmed
-    from moesift.trim import trim
+    from moesift.apply.resident import load_resident, load_trimmed
+    from moesift.apply.trim import trim
 
     d = tiny_dir("deepseek_v3")
     model = _load(d)

@@ -18,8 +18,8 @@ from tiny import TINY
 from transformers import AutoModelForCausalLM
 
 from moesift.arch import adapter_for, supported_model_types
-from moesift.checkpoint import CheckpointIndex
-from moesift.errors import MoesiftError
+from moesift.core.errors import MoesiftError
+from moesift.formats.checkpoint import CheckpointIndex
 
 FAMILIES = sorted(TINY)
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from moesift.assets import DOMAINS, MODELS, SPLITS, reference_model, workload
-from moesift.errors import MoesiftError
+from moesift.core.errors import MoesiftError
 
 EXPECTED = {
     # name: (model_type, n_shared, scoring, grouped)

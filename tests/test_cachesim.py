@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from moesift.cachesim import capacity_for_hit_rate, next_use, simulate
+from moesift.analysis.cachesim import capacity_for_hit_rate, next_use, simulate
 
 
 def rand_log(N, K, E, seed, sticky=0.0):
@@ -185,7 +185,7 @@ def test_next_use():
 
 
 def _trace(L=3, E=12, K=2, N=400, seed=0, moe_layers=None):
-    from moesift.tracefile import Trace
+    from moesift.formats.trace import Trace
 
     log = np.stack([rand_log(N, K, E, seed + li, sticky=0.6) for li in range(L)], axis=1).astype(np.int16)
     counts = np.stack([np.bincount(log[:, li].ravel(), minlength=E) for li in range(L)]).astype(np.int64)
@@ -196,7 +196,7 @@ def _trace(L=3, E=12, K=2, N=400, seed=0, moe_layers=None):
 
 
 def test_cache_report_matches_simulator(tmp_path):
-    from moesift.cachesim import cache
+    from moesift.analysis.cachesim import cache
 
     t = _trace()
     r = cache(t, capacity=4, json=True)
@@ -224,9 +224,9 @@ def test_cache_report_matches_simulator(tmp_path):
 
 
 def test_cache_errors(tmp_path):
-    from moesift.cachesim import cache
-    from moesift.errors import MoesiftError
-    from moesift.tracefile import Trace
+    from moesift.analysis.cachesim import cache
+    from moesift.core.errors import MoesiftError
+    from moesift.formats.trace import Trace
 
     t = _trace()
     with pytest.raises(MoesiftError, match="cannot hold"):
@@ -241,8 +241,8 @@ def test_cache_errors(tmp_path):
 
 
 def test_cache_memory_from_model_headers(tiny_dir):
-    from moesift.cachesim import cache
-    from moesift.checkpoint import CheckpointIndex
+    from moesift.analysis.cachesim import cache
+    from moesift.formats.checkpoint import CheckpointIndex
 
     d = tiny_dir("qwen3_moe")
     idx = CheckpointIndex.build(d)

@@ -11,9 +11,9 @@ import torch
 
 import moesift
 from moesift import assets
-from moesift.checkpoint import CheckpointIndex
-from moesift.errors import MoesiftError
-from moesift.plan import plan
+from moesift.core.errors import MoesiftError
+from moesift.formats.checkpoint import CheckpointIndex
+from moesift.selection.planner import plan
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
 from test_plan import make_trace, run_cli, skewed  # noqa: E402
@@ -217,7 +217,7 @@ def test_allocate_group_limited_reference_model_loads_resident(tmp_path):
 
 
 def test_sweep_winners():
-    from moesift.sweep import winners
+    from moesift.evaluation.sweep import winners
 
     pts = [{"strategy": "full", "keep": 1.0, "ppl": 10.0, "ppl_ratio": 1.0}]
     for s, k, r in [("frequency", 0.25, 2.0), ("calibrated", 0.25, 1.5), ("frequency", 0.5, 1.1),
@@ -229,7 +229,7 @@ def test_sweep_winners():
 
 
 def test_report_compares_trace_scored_strategies(ref_trace):
-    from moesift.report import strategy_coverage
+    from moesift.surfaces.report import strategy_coverage
 
     _, _, _, tr = ref_trace
     rows = {r["strategy"]: r for r in strategy_coverage(tr)}

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from moesift.errors import MoesiftError
+from moesift.core.errors import MoesiftError
 
 
 def _assets_or_skip():
@@ -24,7 +24,7 @@ def _assets_or_skip():
 
 def test_demo_quick_runs_end_to_end(tmp_path):
     _assets_or_skip()
-    from moesift.demo import MARKER, _check_out, demo
+    from moesift.surfaces.demo import MARKER, _check_out, demo
 
     out = tmp_path / "demo"
     res = demo(out=out, json=True, quick=True, progress=False)
@@ -53,7 +53,7 @@ def test_demo_quick_runs_end_to_end(tmp_path):
 
 
 def test_demo_refuses_a_foreign_directory(tmp_path):
-    from moesift.demo import demo
+    from moesift.surfaces.demo import demo
 
     d = tmp_path / "mine"
     d.mkdir()

@@ -19,10 +19,10 @@ from hostile import run_cli
 
 import moesift
 from moesift.arch import adapter_for
-from moesift.errors import MoesiftError
-from moesift.importers import import_trace
-from moesift.place import place
-from moesift.tracefile import Trace
+from moesift.core.errors import MoesiftError
+from moesift.formats.trace import Trace
+from moesift.record.importers import import_trace
+from moesift.selection.place import place
 
 DSV3 = Path(moesift.__file__).parent / "assets" / "models" / "deepseekv3-ref"
 # deepseekv3-ref: 4 decoder layers, layer 0 dense (first_k_dense_replace=1), 32 experts, top-4, hidden 128
@@ -389,7 +389,8 @@ def test_imported_shapes_drive_place(last_dense_dir, tmp_path):
 
 
 def test_wcer_round_trip_keeps_shapes(last_dense_dir, tmp_path):
-    from moesift.wcer import dump_expert_trace, from_expert_trace
+    from moesift.formats.trace import from_expert_trace
+    from moesift.formats.wcer import dump_expert_trace
 
     a = routed(9, 3, [0, 1], 8, 2, seed=13)
     f = tmp_path / "r.json"

@@ -13,10 +13,10 @@ from engine_models import ENGINE_FAMILIES, engine_model
 from hostile import run_cli
 from test_trim import plan_for
 
-from moesift.checkpoint import CheckpointIndex
-from moesift.errors import MoesiftError
-from moesift.trim import trim
-from moesift.verify import verify
+from moesift.apply.trim import trim
+from moesift.core.errors import MoesiftError
+from moesift.evaluation.verify import verify
+from moesift.formats.checkpoint import CheckpointIndex
 
 
 def _one_error_line(args, monkeypatch, capsys, *needles):

@@ -11,8 +11,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from moesift.arch import adapter_for
-from moesift.errors import MoesiftError
-from moesift.evaluate import eval_model, top_p_chooser
+from moesift.core.errors import MoesiftError
+from moesift.evaluation.evaluate import eval_model, top_p_chooser
 
 MAX_LEN = 16
 
@@ -66,7 +66,7 @@ def test_perplexity_equals_independent_computation(tiny_dir, data):
 
 
 def test_restricted_eval_equals_eval_of_trimmed_model(tiny_dir, data, tmp_path):
-    from moesift.trim import trim
+    from moesift.apply.trim import trim
 
     d = tiny_dir("qwen3_moe")
     cfg = json.loads((d / "config.json").read_text())

@@ -25,7 +25,7 @@ from hostile import (
     workload,
 )
 
-from moesift.checkpoint import CheckpointIndex
+from moesift.formats.checkpoint import CheckpointIndex
 
 
 class Faults:
@@ -119,8 +119,8 @@ def inject(faults: Faults, monkeypatch):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from moesift.plan import plan
-    from moesift.tracer import trace
+    from moesift.record.tracer import trace
+    from moesift.selection.planner import plan
 
     d = tmp_path_factory.mktemp("faults")
     src = make_saved(d / "src")

@@ -146,7 +146,7 @@ def _json_out(out: str) -> None:
 
 def _trace_out(path: Path):
     def v(out: str) -> None:
-        from moesift.tracefile import Trace
+        from moesift.formats.trace import Trace
 
         Trace.load(path)  # validates: a written trace must read back
     return v
@@ -154,7 +154,7 @@ def _trace_out(path: Path):
 
 def _plan_out(path: Path | None, top_k: int, n_experts: int):
     def v(out: str) -> None:
-        from moesift.plan import Plan
+        from moesift.formats.plan import Plan
 
         p = Plan.load(path) if path is not None else Plan.from_dict(json.loads(out))
         for e in p.layers:
@@ -174,8 +174,8 @@ def work():
     ok = write_trace(d / "ok.trace", meta, arrays)
     (d / "ok_plan.json").write_text(json.dumps(plan_dict()))
     from moesift.assets import ROOT
-    from moesift.checkpoint import CheckpointIndex
-    from moesift.tracer import model_config_hash
+    from moesift.core.identity import model_config_hash
+    from moesift.formats.checkpoint import CheckpointIndex
 
     ref = ROOT / "models" / "qwen3moe-ref"
     spec = CheckpointIndex.build(ref).spec
@@ -309,7 +309,7 @@ def test_fuzz_plan_json(work, data):
             def trimmed_ok(_: str) -> None:
                 from safetensors import safe_open
 
-                from moesift.trim import read_trimmed_record
+                from moesift.formats.trimmed import read_trimmed_record
 
                 rec = read_trimmed_record(out)
                 assert rec is not None and set(rec["id_map"]) == {str(x) for x in spec.moe_layers}

@@ -24,8 +24,8 @@ from hostile import ERR, half_plan, make_saved, plan_file, workload
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from moesift.checkpoint import CheckpointIndex
-from moesift.trim import PLAN_FILE
+from moesift.formats.checkpoint import CheckpointIndex
+from moesift.formats.trimmed import PLAN_FILE
 
 CASES = int(os.environ.get("MOESIFT_FUZZ_CASES", "2000"))
 INDEX = "model.safetensors.index.json"
@@ -35,7 +35,7 @@ SETTINGS = settings(max_examples=CASES, deadline=None, database=None, derandomiz
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    from moesift.tracer import trace
+    from moesift.record.tracer import trace
 
     shm = Path("/dev/shm")
     root = Path(tempfile.mkdtemp(prefix="moesift-fuzz-", dir=shm)) if shm.is_dir() and os.access(shm, os.W_OK) \

@@ -24,9 +24,9 @@ from hostile import (
     workload,
 )
 
-from moesift.checkpoint import CheckpointIndex
-from moesift.io import claim
-from moesift.trim import PLAN_FILE
+from moesift.core.io import claim
+from moesift.formats.checkpoint import CheckpointIndex
+from moesift.formats.trimmed import PLAN_FILE
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,7 +45,7 @@ def spec(saved):
 
 @pytest.fixture(scope="module")
 def traced(saved, tmp_path_factory) -> Path:
-    from moesift.tracer import trace
+    from moesift.record.tracer import trace
 
     d = tmp_path_factory.mktemp("traced")
     out = d / "w.trace"
@@ -332,7 +332,7 @@ DAMAGE = {
 
 @pytest.fixture(scope="module")
 def trimmed(saved, spec, tmp_path_factory) -> tuple[Path, Path]:
-    from moesift.trim import trim
+    from moesift.apply.trim import trim
 
     d = tmp_path_factory.mktemp("trimmed")
     p = plan_file(d / "p.json", half_plan(spec))

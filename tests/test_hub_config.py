@@ -9,10 +9,10 @@ import pytest
 from test_trim import plan_for
 from tiny import TINY
 
+from moesift.apply.trim import trim
 from moesift.arch import adapter_for
 from moesift.assets import MODELS, reference_model
-from moesift.checkpoint import CheckpointIndex
-from moesift.trim import trim
+from moesift.formats.checkpoint import CheckpointIndex
 
 
 @pytest.mark.parametrize("model_type", sorted(TINY))

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from moesift.cli import main
-from moesift.errors import MoesiftError
-from moesift.importers import import_trace
-from moesift.tracefile import Trace, merge
+from moesift.core.errors import MoesiftError
+from moesift.formats.trace import Trace, merge
+from moesift.record.importers import import_trace
 
 L, E, K = 3, 8, 2
 
@@ -77,7 +77,7 @@ def test_vllm_round_trip(tmp_path):
 
 def test_vllm_with_model_maps_layers(tmp_path, tiny_dir):
     d = tiny_dir("qwen3_moe")
-    from moesift.checkpoint import CheckpointIndex
+    from moesift.formats.checkpoint import CheckpointIndex
 
     spec = CheckpointIndex.build(d).spec
     nl, ne, k = len(spec.moe_layers), spec.n_experts, spec.top_k

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from hostile import ERR, assert_one_error, half_plan, leftovers, plan_file, run_cli
 
-from moesift.checkpoint import CheckpointIndex
-from moesift.io import sha256_file
-from moesift.trim import PLAN_FILE
+from moesift.core.io import sha256_file
+from moesift.formats.checkpoint import CheckpointIndex
+from moesift.formats.trimmed import PLAN_FILE
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moesift.locality import locality, sample_documents, sch, srp
+from moesift.analysis.locality import locality, sample_documents, sch, srp
 
 
 def random_log(N=60, L=2, K=2, E=6, seed=0, sticky=0.5):
@@ -129,7 +130,7 @@ def test_sch_matches_brute_force(seed):
 
 
 def belady_per_document(lay, offs, cap):
-    from moesift.cachesim import simulate
+    from moesift.analysis.cachesim import simulate
 
     h = n = 0
     for a, b in docs_of(offs):
@@ -289,7 +290,7 @@ def brute_cache(log, cap, policy):
 
 
 def test_cache_policies_match_brute_force_and_belady_is_best():
-    cachesim = pytest.importorskip("moesift.cachesim", reason="moesift/cachesim.py not present")
+    cachesim = importlib.import_module("moesift.analysis.cachesim")
     for seed in range(4):
         log = random_log(N=80, L=1, K=2, E=10, seed=seed, sticky=0.3)[:, 0, :].astype(np.int64)
         for cap in (2, 4, 6):

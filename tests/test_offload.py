@@ -1,4 +1,4 @@
-"""Lossless residency (moesift.offload): the offloaded model equals the FULL model on every family, its
+"""Lossless residency (moesift.apply.offload): the offloaded model equals the FULL model on every family, its
 measured hit rate equals the cache simulation on the same routing, and bad input fails in one line."""
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from hostile import run_cli as _run_cli
 from tiny import TINY
 
 import moesift
+from moesift.analysis.cachesim import simulate
+from moesift.apply.offload import ExpertCache
 from moesift.arch import adapter_for
-from moesift.cachesim import simulate
-from moesift.errors import MoesiftError
-from moesift.offload import ExpertCache
+from moesift.core.errors import MoesiftError
 
 FAMILIES = sorted(TINY)
 
@@ -169,7 +169,7 @@ def routed_trace(tiny_dir, tmp_path_factory):
 def test_plan_offload_budget_and_prediction(routed_trace, tmp_path, monkeypatch, capsys):
     d, tr = routed_trace
     idx = moesift.checkpoint_index(d)
-    from moesift.offload import device_bytes
+    from moesift.selection.offload_budget import device_bytes
 
     fixed = device_bytes(idx, {}, {})["non_expert"]
     per = max(device_bytes(idx, {}, {})["expert_bytes_per_layer"].values())

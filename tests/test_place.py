@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from moesift.place import (
+from moesift.formats.trace import Trace
+from moesift.selection.place import (
     _transitions_from_log,
     affinity_bound,
     affinity_brute,
@@ -16,7 +17,6 @@ from moesift.place import (
     place,
     same_gpu_hops,
 )
-from moesift.tracefile import Trace
 
 
 def synth_trace(L=4, E=16, K=2, N=3000, seed=0, chain=0.9, zipf=None, hidden=64):
@@ -86,7 +86,7 @@ def test_ilp_matches_brute_force_on_tiny_cases():
     g_ilp, _ = affinity_milp(T, 3)
     assert same_gpu_hops(T, g_ilp) == pytest.approx(same_gpu_hops(T, affinity_brute(T, 3)))
     # a case too big for brute force: the ILP proves optimality and is never below the heuristic
-    from moesift.place import affinity_heuristic
+    from moesift.selection.place import affinity_heuristic
 
     tr = synth_trace(L=3, E=8, K=2, N=300, seed=6)
     T = _transitions_from_log(tr.get("routing_log"), 8).astype(float)
@@ -145,7 +145,7 @@ def test_outputs_and_sglang_map(tmp_path):
     assert m[0].tolist() == [i % 8 for i in range(12)]
     assert m[1].tolist() == d["layers"][0]["physical_to_logical"]
     assert res["sglang_init_expert_location"].endswith("place.sglang.json")
-    from moesift.errors import MoesiftError
+    from moesift.core.errors import MoesiftError
 
     with pytest.raises(MoesiftError, match="exists"):
         place(tr, gpus=4, replicas=4, out=out)
@@ -156,7 +156,7 @@ def test_outputs_and_sglang_map(tmp_path):
 
 
 def test_hops_from_transitions_equal_hops_from_log():
-    from moesift.place import round_robin, simulate_placement
+    from moesift.selection.place import round_robin, simulate_placement
 
     tr = synth_trace(L=3, E=8, K=2, N=400, seed=5)
     a = simulate_placement(tr, round_robin(3, 8, 4), 4)

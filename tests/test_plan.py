@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from hostile import run_cli
 
-from moesift.checkpoint import CheckpointIndex
-from moesift.errors import MoesiftError
-from moesift.plan import Plan, plan, plan_diff, strategy_scores
-from moesift.tracefile import Trace
+from moesift.core.errors import MoesiftError
+from moesift.formats.checkpoint import CheckpointIndex
+from moesift.formats.plan import Plan, plan_diff
+from moesift.formats.trace import Trace
+from moesift.selection.planner import plan, strategy_scores
 
 
 def make_trace(counts, moe_layers=None, model_type=None, weight_mass=None, saliency=None, folds=None, top_k=2,

@@ -10,7 +10,7 @@ import pytest
 from validcases import assert_clean_error, cli
 
 import moesift
-from moesift.errors import MoesiftError
+from moesift.core.errors import MoesiftError
 
 
 @pytest.fixture(scope="module")

@@ -17,9 +17,9 @@ from tiny import TINY
 from transformers import AutoModelForCausalLM
 
 import moesift
-import moesift.recorder
+import moesift.record.tracer
 from moesift.arch import supported_model_types
-from moesift.recorder import Recorder as NewRecorder
+from moesift.record.recorder import Recorder as NewRecorder
 
 LENGTHS = [5, 9, 3, 7, 4]  # 2 per batch: padding in every batch but the last
 BATCH = 2
@@ -35,7 +35,7 @@ def workload(tmp_path_factory):
 
 
 def _trace(monkeypatch, cls, model, workload, **kw):
-    monkeypatch.setattr(moesift.recorder, "Recorder", cls)
+    monkeypatch.setattr(moesift.record.tracer, "Recorder", cls)
     return moesift.trace(model, workload, batch_size=BATCH, folds=3, progress=False, **kw)
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import moesift
-from moesift.errors import MoesiftError
+from moesift.core.errors import MoesiftError
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS, LENGTH = 12, 160
@@ -54,7 +54,7 @@ def ref(request, tmp_path_factory):
 
 
 def test_report_sch_never_above_belady(ref, tmp_path):
-    from moesift.report import LOCALITY_DEFINITIONS, report
+    from moesift.surfaces.report import LOCALITY_DEFINITIONS, report
 
     name, _, _, t, _ = ref
     html = tmp_path / "r.html"

@@ -3,6 +3,7 @@ Chromium, and the CLI's JSON contract and errors."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -15,9 +16,9 @@ import pytest
 from test_analysis import make_trace
 from tiny import TINY
 
-from moesift.analysis import PCTS, budget_n, select_top
-from moesift.checkpoint import CheckpointIndex, read_header, shard_files
-from moesift.report import report, savings
+from moesift.analysis.stats import PCTS, budget_n, select_top
+from moesift.formats.checkpoint import CheckpointIndex, read_header, shard_files
+from moesift.surfaces.report import report, savings
 
 FAMILIES = sorted(TINY)
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,7 +106,7 @@ def test_quantized_checkpoint_counts_stored_bytes(tiny_dir, tmp_path):
 
 
 def test_savings_refuses_a_different_model(tiny_dir):
-    from moesift.errors import MoesiftError
+    from moesift.core.errors import MoesiftError
 
     t = make_trace(L=5, E=16, K=2, n_tokens=50, log=False)
     with pytest.raises(MoesiftError, match="MoE layers"):
@@ -193,7 +194,7 @@ def test_cli_report_json_contract(tmp_path):
 
 
 def test_cli_report_with_wcer_file():
-    pytest.importorskip("moesift.wcer", reason="WCER importer moesift/wcer.py not present")
+    importlib.import_module("moesift.formats.wcer")
     from conftest import WCER_DIR
 
     f = sorted(WCER_DIR.glob("OLMoE*code*.json"))[0]

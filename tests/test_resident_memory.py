@@ -26,7 +26,7 @@ import json, os, resource, sys
 import torch
 from transformers import AutoConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
-from moesift.resident import load_resident
+from moesift.apply.resident import load_resident
 MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(sys.argv[1]))]
 def rss():
     with open("/proc/self/statm") as f:
@@ -98,8 +98,8 @@ def test_read_tensors_direct_and_staged_equal_safetensors(tmp_path, monkeypatch)
     import torch
     from safetensors.torch import load_file, save_file
 
-    import moesift.resident as res
-    from moesift.checkpoint import read_header
+    import moesift.apply.resident as res
+    from moesift.formats.checkpoint import read_header
 
     g = torch.Generator().manual_seed(0)
     shapes = [(2, 3), (1, 3), (2, 4), (1, 2), (7, 13), (1, 3), (3, 3), (2, 2), (9, 5)]  # odd ones: small gaps

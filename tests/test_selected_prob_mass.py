@@ -81,5 +81,5 @@ def test_selected_prob_mass_saved_and_merged(tiny_dir, workload, tmp_path):
     t = moesift.trace(str(tiny_dir("qwen3_moe")), workload, out=tmp_path / "a.trace", progress=False)
     back = moesift.Trace.load(tmp_path / "a.trace")
     np.testing.assert_array_equal(back.arrays["selected_prob_mass"], t.arrays["selected_prob_mass"])
-    m = moesift.tracefile.merge([back, back])
+    m = moesift.merge([back, back])
     np.testing.assert_allclose(m.arrays["selected_prob_mass"], 2 * t.arrays["selected_prob_mass"])

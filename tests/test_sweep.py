@@ -8,10 +8,10 @@ import random
 
 import pytest
 
-from moesift.checkpoint import CheckpointIndex
-from moesift.errors import MoesiftError
-from moesift.evaluate import eval_model
-from moesift.sweep import pareto_front, sweep
+from moesift.core.errors import MoesiftError
+from moesift.evaluation.evaluate import eval_model
+from moesift.evaluation.sweep import pareto_front, sweep
+from moesift.formats.checkpoint import CheckpointIndex
 
 
 def brute_front(points):

@@ -19,12 +19,13 @@ from naive_trim import naive_trim
 from tiny import TINY
 from transformers import AutoModelForCausalLM
 
+from moesift.apply.resident import load_resident, load_trimmed
+from moesift.apply.trim import trim
 from moesift.arch import adapter_for
-from moesift.checkpoint import CheckpointIndex, read_header
-from moesift.errors import MoesiftError
-from moesift.resident import load_resident, load_trimmed
-from moesift.restrict import restrict
-from moesift.trim import INDEX_FILE, NONSTANDARD_MODEL_TYPE, PLAN_FILE, trim
+from moesift.core.errors import MoesiftError
+from moesift.engines.restrict import restrict
+from moesift.formats.checkpoint import CheckpointIndex, read_header
+from moesift.formats.trimmed import INDEX_FILE, NONSTANDARD_MODEL_TYPE, PLAN_FILE
 
 FAMILIES = sorted(TINY)
 
@@ -308,7 +309,7 @@ def test_group_imbalanced_plan_refused_for_standard_export(tiny_dir, tmp_path):
 
 
 def test_interrupted_trim_leaves_nothing(qwen, tmp_path, monkeypatch):
-    T = importlib.import_module("moesift.trim")  # the module (moesift.trim is the function)
+    T = importlib.import_module("moesift.apply.trim")
 
     src, spec = qwen
     calls = {"n": 0}
@@ -354,8 +355,8 @@ def test_fused_companions_and_inner_expert_dims_are_sliced(qwen, tmp_path, monke
     from safetensors.numpy import load_file as np_load
     from safetensors.numpy import save_file as np_save
 
-    from moesift.arch.base import TensorRole
     from moesift.arch.qwen3_moe import Qwen3Moe
+    from moesift.arch.spec import TensorRole
 
     src, spec = qwen
     d = tmp_path / "src"

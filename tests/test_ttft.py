@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from moesift.sweep import TTFT_REPEATS, TTFT_WARMUP, measure_ttft
+from moesift.evaluation.sweep import TTFT_REPEATS, TTFT_WARMUP, measure_ttft
 
 
 class _SlowFirst(torch.nn.Module):
@@ -38,7 +38,7 @@ def test_warm_up_runs_are_not_timed():
 
 
 def test_sweep_and_demo_pages_say_how_timings_were_measured():
-    from moesift.sweep import sweep_sections
+    from moesift.evaluation.sweep import sweep_sections
 
     pt = {"strategy": "full", "keep": 1.0, "bytes": 2**20, "ppl": 2.0, "ppl_ratio": 1.0, "heldout_coverage": 1.0,
           "pareto": True, "pareto_quality": True, "load_s": 0.1, "ttft_s": 0.01}

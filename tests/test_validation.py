@@ -116,7 +116,7 @@ def test_optional_and_unknown_fields_are_accepted(tmp_path):
     p = write_trace(tmp_path / "new.trace", meta, arrays)
     code, out, err = cli(["show", p, "--json"])
     assert code == 0, err
-    from moesift.tracefile import Trace
+    from moesift.formats.trace import Trace
 
     t = Trace.load(p)
     assert t.model["hidden_size"] == 64 and "future_array" in t.arrays
@@ -200,7 +200,7 @@ def test_unknown_workload_counts_and_bad_sources(tmp_path):
                  ["export", p, "--out", tmp_path / "e.json"], ["report", p, "--json"]):
         code, out, err = cli(args)
         assert code == 0, (args, err[-2000:])
-    from moesift.tracefile import Trace
+    from moesift.formats.trace import Trace
 
     assert Trace.load(tmp_path / "m.trace").workload["documents"] is None
     meta["workload"]["sources"] = None

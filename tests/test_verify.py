@@ -9,9 +9,9 @@ import pytest
 from hostile import run_cli
 from test_trim import plan_for
 
-from moesift.checkpoint import CheckpointIndex
-from moesift.trim import trim
-from moesift.verify import verify
+from moesift.apply.trim import trim
+from moesift.evaluation.verify import verify
+from moesift.formats.checkpoint import CheckpointIndex
 
 
 def _with_tokenizer(src, dst):

@@ -10,8 +10,9 @@ import pytest
 from conftest import WCER_DIR
 
 import moesift
-from moesift.errors import MoesiftError
-from moesift.wcer import dump_expert_trace, load_expert_trace
+from moesift.core.errors import MoesiftError
+from moesift.formats.trace import load_expert_trace
+from moesift.formats.wcer import dump_expert_trace
 
 FILES = sorted(WCER_DIR.glob("*.json"))
 
@@ -66,7 +67,7 @@ def test_import_show_export(path, tmp_path, capsys, monkeypatch):
 
 
 def test_export_of_a_native_trace_recomputes_figures():
-    from moesift.tracefile import Trace
+    from moesift.formats.trace import Trace
 
     rng = np.random.default_rng(0)
     counts = rng.integers(0, 50, size=(3, 16))
@@ -91,7 +92,7 @@ def test_export_of_a_native_trace_recomputes_figures():
 
 
 def load_expert_trace_from(obj):
-    from moesift.wcer import from_expert_trace
+    from moesift.formats.trace import from_expert_trace
 
     return from_expert_trace(obj)
 
@@ -127,7 +128,7 @@ def test_wcer_weight_mass_imports_as_selected_prob_mass():
 
 
 def test_export_of_a_trace_without_selected_prob_mass_omits_the_field():
-    from moesift.tracefile import Trace
+    from moesift.formats.trace import Trace
 
     rng = np.random.default_rng(1)
     t = Trace(model={"name": "m", "model_type": "x", "n_experts": 8, "top_k": 2, "moe_layers": [0, 1]},
@@ -150,7 +151,7 @@ def test_max_tokens_per_prompt_is_the_generation_budget(tiny_dir, tmp_path):
     assert dump_expert_trace(gen)["max_tokens_per_prompt"] == 3
     pre = moesift.trace(str(d), wl, max_length=7, progress=False)
     assert dump_expert_trace(pre)["max_tokens_per_prompt"] == 0
-    from moesift.tracefile import merge
+    from moesift.formats.trace import merge
 
     assert dump_expert_trace(merge([pre, gen]))["max_tokens_per_prompt"] == 3
 

@@ -8,8 +8,8 @@ import sys
 import pytest
 
 import moesift
-from moesift.errors import MoesiftError
-from moesift.workload import LARGE_TEXT_BYTES, read_documents
+from moesift.core.errors import MoesiftError
+from moesift.formats.workload import LARGE_TEXT_BYTES, read_documents
 
 
 def _jsonl(path, rows):
@@ -168,7 +168,7 @@ def test_one_line_text_file_is_cut_into_bounded_documents(tmp_path):
     at spaces, losing nothing; asking for one document reads only the start of the file."""
     import tracemalloc
 
-    from moesift.workload import TEXT_CHUNK_CHARS
+    from moesift.formats.workload import TEXT_CHUNK_CHARS
 
     words = " ".join(f"w{i % 997}é" for i in range(120_000))  # ~900 KB, multi-byte characters
     p = tmp_path / "line.txt"
@@ -196,7 +196,7 @@ def test_blank_line_splitting_is_unchanged_for_ordinary_books(tmp_path):
     """Streaming gives the same documents as splitting the whole text at blank lines."""
     import random
 
-    from moesift.workload import TEXT_CHUNK_CHARS
+    from moesift.formats.workload import TEXT_CHUNK_CHARS
 
     rng = random.Random(0)
     paras = [" ".join(f"w{rng.randrange(50)}" for _ in range(rng.randrange(1, 900))) for _ in range(900)]
@@ -223,7 +223,7 @@ def test_encode_prefix_matches_tokenizing_everything():
     from transformers import AutoTokenizer
 
     from moesift.assets import ROOT
-    from moesift.workload import encode_prefix
+    from moesift.formats.workload import encode_prefix
 
     tok = AutoTokenizer.from_pretrained(ROOT / "models" / "qwen3moe-ref")
     rng = random.Random(1)

@@ -74,8 +74,8 @@ def write_trace(path: Path, meta: Any, arrays: dict[str, np.ndarray], raw_meta: 
 
 def wcer_dict(seed: int = 0) -> dict[str, Any]:
     meta, arrays = trace_parts(seed)
-    from moesift.tracefile import Trace
-    from moesift.wcer import dump_expert_trace
+    from moesift.formats.trace import Trace
+    from moesift.formats.wcer import dump_expert_trace
 
     return dump_expert_trace(Trace(model=meta["model"], workload=meta["workload"], arrays=arrays))
 

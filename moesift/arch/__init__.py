@@ -1,36 +1,59 @@
-"""Family adapters, one module per MoE family, registered by `model_type` (see base.py)."""
+"""Family knowledge, for every engine: one module per MoE family, registered by `model_type`.
+
+`spec` holds the shapes (MoESpec, tensor roles, routes), `base` the adapter contract, `standard` the common
+transformers 5 layout most families share, `registry` the lookup. Importing this package imports every
+family module, so `adapter_for` knows them all.
+"""
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
+from . import (
+    dbrx,
+    deepseek_v2,
+    deepseek_v3,
+    dots1,
+    ernie4_5_moe,
+    glm4_moe,
+    gpt_oss,
+    granitemoe,
+    hunyuan_v1_moe,
+    jamba,
+    llama4_text,
+    mixtral,
+    olmoe,
+    phimoe,
+    qwen2_moe,
+    qwen3_moe,
+    qwen3_next,
+)
+from .base import Adapter
+from .registry import adapter_for, register, supported_model_types
+from .spec import MoESpec, Route, TensorRole
+from .standard import StandardAdapter
 
-from .base import (
-    Adapter,
-    MoESpec,
-    Route,
-    StandardAdapter,
-    TensorRole,
-    adapter_for,
-    register,
-    supported_model_types,
+# every family module; importing each registers its adapter
+FAMILIES = (
+    dbrx,
+    deepseek_v2,
+    deepseek_v3,
+    dots1,
+    ernie4_5_moe,
+    glm4_moe,
+    gpt_oss,
+    granitemoe,
+    hunyuan_v1_moe,
+    jamba,
+    llama4_text,
+    mixtral,
+    olmoe,
+    phimoe,
+    qwen2_moe,
+    qwen3_moe,
+    qwen3_next,
 )
 
-_LOADED = False
-
-
-def _load_all() -> None:
-    """Import every family module in this package so each registers itself."""
-    global _LOADED
-    if _LOADED:
-        return
-    _LOADED = True
-    for info in pkgutil.iter_modules(__path__):
-        if info.name != "base" and not info.name.startswith("_"):
-            importlib.import_module(f"{__name__}.{info.name}")
-
-
 __all__ = [
+    "FAMILIES",
     "Adapter",
     "MoESpec",
     "Route",

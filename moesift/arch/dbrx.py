@@ -8,8 +8,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 
-from ..errors import MoesiftError
-from .base import MoESpec, Patterns, StandardAdapter, cfg_get, register
+from ..core.errors import MoesiftError
+from .registry import register
+from .spec import MoESpec, Patterns, cfg_get
+from .standard import StandardAdapter
 
 L = r"transformer\.blocks\.(?P<layer>\d+)\.ffn"
 

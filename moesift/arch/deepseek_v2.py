@@ -8,9 +8,12 @@ rules and the `n_group` rewrite live here.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import ClassVar
 
-from .base import Patterns, StandardAdapter, cfg_get, register
+from ..core.values import int_or_none
+from .registry import register
+from .spec import Patterns, cfg_get
+from .standard import StandardAdapter
 
 L = r"model\.layers\.(?P<layer>\d+)\.mlp"
 DEEPSEEK_PATTERNS = Patterns(
@@ -38,7 +41,7 @@ class DeepseekV2(StandardAdapter):
     def groups(self, config):
         if cfg_get(config, "topk_method", default="greedy") != "group_limited_greedy":
             return None, None
-        return _int(cfg_get(config, "n_group")), _int(cfg_get(config, "topk_group"))
+        return int_or_none(cfg_get(config, "n_group")), int_or_none(cfg_get(config, "topk_group"))
 
     def engine_problems(self, engine, config):
         if engine == "mlx" and type(self) is DeepseekV2 and not isinstance(config.get("rope_scaling"), dict):
@@ -98,8 +101,6 @@ class DeepseekV2(StandardAdapter):
         return out
 
 
-def _int(v: Any) -> int | None:
-    return None if v is None else int(v)
 
 
 def _group_sizes(ids, n_experts: int, n_group: int) -> list[int]:

@@ -11,8 +11,10 @@ and copied unchanged by trim.
 
 from __future__ import annotations
 
-from .base import OTHER, cfg_get, register
-from .deepseek_v2 import DeepseekV2, _int
+from ..core.values import int_or_none
+from .deepseek_v2 import DeepseekV2
+from .registry import register
+from .spec import OTHER, cfg_get
 
 
 @register
@@ -27,7 +29,7 @@ class DeepseekV3(DeepseekV2):
     hub_defaults = {"topk_method": "noaux_tc", "scoring_func": "sigmoid", "moe_layer_freq": 1}
 
     def groups(self, config):
-        return _int(cfg_get(config, "n_group", default=1)), _int(cfg_get(config, "topk_group", default=1))
+        return int_or_none(cfg_get(config, "n_group", default=1)), int_or_none(cfg_get(config, "topk_group", default=1))
 
     def classify(self, name, config):
         role = super().classify(name, config)

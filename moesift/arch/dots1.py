@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
-from .base import register
 from .deepseek_v3 import DeepseekV3
+from .registry import register
 
 
 @register

@@ -5,7 +5,9 @@ every `moe_layer_interval`-th from `moe_layer_start_index` to `moe_layer_end_ind
 
 from __future__ import annotations
 
-from .base import Patterns, StandardAdapter, cfg_get, register
+from .registry import register
+from .spec import Patterns, cfg_get
+from .standard import StandardAdapter
 
 L = r"model\.layers\.(?P<layer>\d+)\.mlp"
 

@@ -4,8 +4,8 @@ first layers; multi-token-prediction layers after the last decoder layer are cla
 
 from __future__ import annotations
 
-from .base import register
 from .deepseek_v3 import DeepseekV3
+from .registry import register
 
 
 @register

@@ -4,7 +4,9 @@ checkpoints: `*_blocks`, `*_scales`, sliced the same way). Every layer is MoE; n
 
 from __future__ import annotations
 
-from .base import Patterns, StandardAdapter, cfg_get, register
+from .registry import register
+from .spec import Patterns, cfg_get
+from .standard import StandardAdapter
 
 L = r"model\.layers\.(?P<layer>\d+)\.mlp"
 

@@ -7,7 +7,9 @@ dense `shared_mlp` per layer."""
 
 from __future__ import annotations
 
-from .base import Patterns, StandardAdapter, cfg_get, register
+from .registry import register
+from .spec import Patterns, cfg_get
+from .standard import StandardAdapter
 
 P = r"model\.layers\.(?P<layer>\d+)"
 L = rf"{P}\.block_sparse_moe"

@@ -4,8 +4,10 @@ per-layer lists in the config."""
 
 from __future__ import annotations
 
-from ..errors import MoesiftError
-from .base import MoESpec, Patterns, StandardAdapter, cfg_get, register
+from ..core.errors import MoesiftError
+from .registry import register
+from .spec import MoESpec, Patterns, cfg_get
+from .standard import StandardAdapter
 
 L = r"model\.layers\.(?P<layer>\d+)\.mlp"
 

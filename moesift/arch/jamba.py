@@ -4,7 +4,9 @@ probabilities used as they are (not renormalised). Per-expert checkpoint tensors
 
 from __future__ import annotations
 
-from .base import Patterns, StandardAdapter, cfg_get, register
+from .registry import register
+from .spec import Patterns, cfg_get
+from .standard import StandardAdapter
 
 L = r"model\.layers\.(?P<layer>\d+)\.feed_forward"
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 
-from .base import Patterns, Route, StandardAdapter, cfg_get, register
+from .registry import register
+from .spec import Patterns, Route, cfg_get
+from .standard import StandardAdapter
 
 L = r"(?:language_model\.)?model\.layers\.(?P<layer>\d+)\.feed_forward"
 

@@ -4,7 +4,9 @@ a MoE layer. In memory the block is `mlp` (`gate` + fused `experts`); on disk th
 
 from __future__ import annotations
 
-from .base import Patterns, StandardAdapter, register
+from .registry import register
+from .spec import Patterns
+from .standard import StandardAdapter
 
 L = r"model\.layers\.(?P<layer>\d+)\.(block_sparse_moe|mlp)"
 

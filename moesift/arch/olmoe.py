@@ -3,8 +3,9 @@ per-expert checkpoint tensors, every decoder layer is a MoE layer, no shared exp
 
 from __future__ import annotations
 
-from .base import cfg_get, register
 from .qwen3_moe import Qwen3Moe
+from .registry import register
+from .spec import cfg_get
 
 
 @register

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import contextlib
 
-from ..errors import MoesiftError
-from .base import register
+from ..core.errors import MoesiftError
 from .mixtral import Mixtral
+from .registry import register
 
 
 @register

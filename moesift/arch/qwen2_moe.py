@@ -4,8 +4,9 @@ tensors, one shared expert with a sigmoid gate (`shared_expert`, `shared_expert_
 
 from __future__ import annotations
 
-from .base import Patterns, cfg_get, register
 from .qwen3_moe import L, Qwen3Moe
+from .registry import register
+from .spec import Patterns, cfg_get
 
 QWEN2_PATTERNS = Patterns(
     router=(rf"{L}\.gate\.weight",),

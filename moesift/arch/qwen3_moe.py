@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from .base import Patterns, StandardAdapter, cfg_get, register
+from .registry import register
+from .spec import Patterns, cfg_get
+from .standard import StandardAdapter
 
 L = r"model\.layers\.(?P<layer>\d+)\.mlp"
 

@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
-from .base import register
 from .qwen2_moe import Qwen2Moe
+from .registry import register
 
 
 @register

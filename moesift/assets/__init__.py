@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import MoesiftError
+from ..core.errors import MoesiftError
 
 ROOT = Path(__file__).resolve().parent
 MODELS = ("qwen3moe-ref", "deepseekv3-ref")

@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..errors import MoesiftError
-from . import standard_config
+from ..core.errors import MoesiftError
+from .runner import standard_config
 
 ENV = "MOESIFT_LLAMA_CPP"
 CONVERTER = "convert_hf_to_gguf.py"

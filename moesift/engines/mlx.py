@@ -7,8 +7,8 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
-from ..errors import MoesiftError
-from . import standard_config
+from ..core.errors import MoesiftError
+from .runner import standard_config
 
 
 def implemented_model_types() -> list[str]:

@@ -1,0 +1,1 @@
+"""Pure functions over traces: concentration, held-out coverage, locality, affinity, cache simulation."""

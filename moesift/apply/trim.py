@@ -1,0 +1,387 @@
+"""Write a smaller checkpoint that holds only a plan's resident experts.
+
+Streaming, tensor by tensor, from the source safetensors: the output layout (names, shapes, byte ranges,
+shard of every tensor) is computed from the source headers before any data moves, each output shard's
+header is written first and the data follows. Tensors without an expert dimension are copied byte for
+byte; per-expert tensors of resident experts are copied and renamed to 0..n-1 in original-id order;
+tensors with an expert dimension (router rows, selection biases, fused experts and their quantized
+companions) keep the resident rows: when the expert dimension is the outermost non-trivial one the rows
+are contiguous byte ranges and are copied as bytes; otherwise the one tensor is read and sliced by the
+adapter. At most one tensor (and a small copy buffer) is in memory.
+
+Uniform plans give a standard checkpoint (config rewritten by the adapter, loads with `from_pretrained`).
+Non-uniform plans give a checkpoint whose config.json has ``model_type`` "moesift_trimmed" and keeps
+the real config under the key ``moesift``: transformers, vLLM and SGLang do not know that model type and
+refuse the checkpoint (a stock loader would otherwise build every layer with the largest expert count and
+fill the missing experts with random weights); `moesift.load_trimmed` reads it.
+
+Everything is written to a hidden temporary directory beside the destination and renamed into place when
+complete, so an interrupted trim leaves no directory that looks like a finished checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import queue
+import shutil
+import struct
+import threading
+from pathlib import Path
+from typing import Any
+
+from ..core.errors import MoesiftError
+from ..core.io import OutputDir, check_output_path, sha256_file, write_failed
+from ..core.version import __version__
+from ..formats.checkpoint import CheckpointIndex, allowed_roots
+from ..formats.plan import as_plan, parse_bytes
+from ..formats.trimmed import (
+    FORMAT,
+    INDEX_FILE,
+    NONSTANDARD_MODEL_TYPE,
+    PLAN_FILE,
+    OutTensor,
+    plan_layout,
+    sliced_bytes,
+)
+
+DEFAULT_SHARD_SIZE = 5 * 1000**3
+_BUF = 8 << 20  # read-back buffer of the checksum thread
+# files of the source directory that are not copied: weights (rewritten), config (rewritten), pickles
+_SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+_SKIP_NAMES = {"config.json", INDEX_FILE, PLAN_FILE, "pytorch_model.bin.index.json"}
+_MAX_COPIED_FILE = 256 << 20
+
+
+def _shards(tensors: list[OutTensor], max_shard_size: int) -> list[list[OutTensor]]:
+    shards: list[list[OutTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if shards[-1] and size + t.nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    return shards
+
+
+def _header_bytes(tensors: list[OutTensor]) -> bytes:
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    off = 0
+    for t in tensors:
+        header[t.name] = {"dtype": t.dtype, "shape": t.shape, "data_offsets": [off, off + t.nbytes]}
+        off += t.nbytes
+    hb = json.dumps(header, separators=(",", ":")).encode()
+    hb += b" " * ((-len(hb)) % 8)
+    return struct.pack("<Q", len(hb)) + hb
+
+
+class _Writer:
+    """Writes one output file. Byte ranges of the source are copied by the kernel (`copy_file_range`, no
+    trip through this process's memory); the sha256 of the file is computed in a second thread that reads
+    the same ranges back (`preadv` into a few fixed buffers) while the copy proceeds, so hashing overlaps
+    copying and memory stays bounded."""
+
+    def __init__(self, path: Path, checksum: bool = True):
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        self.h = hashlib.sha256() if checksum else None
+        self.q: queue.Queue = queue.Queue(maxsize=64)
+        self.error: BaseException | None = None
+        self.t = threading.Thread(target=self._hash, daemon=True) if checksum else None
+        if self.t:
+            self.t.start()
+        self.closed = False
+        self.kernel_copy = True
+        self.pending: tuple[int, int, int, str] | None = None
+
+    def _hash(self) -> None:
+        buf = bytearray(_BUF)
+        mv = memoryview(buf)
+        try:
+            while True:
+                item = self.q.get()
+                if item is None:
+                    return
+                if isinstance(item, tuple):
+                    fd, off, n = item
+                    while n > 0:
+                        k = os.preadv(fd, [mv[: min(n, _BUF)]], off)
+                        if k <= 0:
+                            raise OSError(f"short read at {off}")
+                        self.h.update(mv[:k])
+                        off += k
+                        n -= k
+                else:
+                    self.h.update(item)
+        except BaseException as e:  # noqa: BLE001 - reported by close()
+            self.error = e
+            while self.q.get() is not None:
+                pass
+
+    def _write_all(self, data: Any) -> None:
+        mv = memoryview(data)
+        n = 0
+        while n < len(mv):
+            n += os.write(self.fd, mv[n:])
+
+    def write(self, data: bytes) -> None:
+        self.flush()
+        self._write_all(data)
+        if self.h is not None:
+            self.q.put(data)
+
+    def copy(self, src_fd: int, off: int, n: int, name: str) -> None:
+        """Append bytes [off, off + n) of the open source file `src_fd` (contiguous ranges are joined and
+        copied in one go: neighbouring resident experts are neighbours on disk)."""
+        p = self.pending
+        if p is not None and p[0] == src_fd and p[1] + p[2] == off and p[2] < (1 << 30):
+            self.pending = (src_fd, p[1], p[2] + n, name)
+            return
+        self.flush()
+        self.pending = (src_fd, off, n, name)
+
+    def flush(self) -> None:
+        if self.pending is None:
+            return
+        src_fd, off, n, name = self.pending
+        self.pending = None
+        start, left = off, n
+        while left > 0:
+            k = 0
+            if self.kernel_copy:
+                try:
+                    k = os.copy_file_range(src_fd, self.fd, min(left, 1 << 30), start)
+                except OSError:
+                    self.kernel_copy = False  # other filesystems: plain reads and writes
+            if not self.kernel_copy:
+                chunk = os.pread(src_fd, min(left, _BUF), start)
+                k = len(chunk)
+                if k:
+                    self._write_all(chunk)
+            if k <= 0:
+                raise MoesiftError(f"{name!r} ended early (truncated shard?); the source checkpoint is damaged")
+            start += k
+            left -= k
+        if self.h is not None:
+            self.q.put((src_fd, off, n))
+
+    def finish(self) -> None:
+        """Write what is pending and close the file; its hash may still be computing (close() waits)."""
+        if not self.closed:
+            self.closed = True
+            try:
+                self.flush()
+            finally:
+                if self.t:
+                    self.q.put(None)
+                os.close(self.fd)
+
+    def close(self) -> str | None:
+        """finish(), wait for the hash, and return its hex digest (None without checksums)."""
+        self.finish()
+        if self.t:
+            self.t.join()
+        if self.error is not None:
+            raise MoesiftError(f"could not checksum the output: {self.error}")
+        return self.h.hexdigest() if self.h is not None else None
+
+
+def _copy_range(src_fd: int, w: _Writer, off: int, n: int, name: str, advance: Any) -> None:
+    w.copy(src_fd, off, n, name)
+    advance(n)
+
+
+def _progress(enabled: bool, total: int):
+    import sys
+
+    if not enabled or not sys.stderr.isatty():
+        return None
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+
+    p = Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                 TimeRemainingColumn(), console=Console(stderr=True), transient=True)
+    p.start()
+    p.add_task("trimming", total=total)
+    return p
+
+
+def _check_paths(src: Path, out: Path, force: bool) -> None:
+
+    check_output_path(out, force, directory=True, protect=[src])
+
+
+def _copied_files(src: Path) -> tuple[list[Path], list[str]]:
+    """Non-weight files of the source folder that go into the output (tokenizer, generation config, ...),
+    and the links that do not: a symbolic link is followed only when it resolves inside the model folder
+    (or, in a hub cache snapshot, the same repository's blobs)."""
+
+    roots = allowed_roots(src)
+    files, skipped = [], []
+    for f in sorted(src.iterdir()):
+        if f.name in _SKIP_NAMES or f.name.endswith(_SKIP_SUFFIXES) or f.name.startswith("."):
+            continue
+        if f.is_symlink():
+            target = f.resolve()
+            if not any(target == r or r in target.parents for r in roots):
+                skipped.append(f.name)
+                continue
+        if not f.is_file() or f.stat().st_size > _MAX_COPIED_FILE:
+            continue
+        files.append(f)
+    return files, skipped
+
+
+def trim(
+    model: str | os.PathLike,
+    plan: Any,
+    out: str | os.PathLike,
+    force: bool = False,
+    max_shard_size: str | int = DEFAULT_SHARD_SIZE,
+    progress: bool = True,
+    checksums: bool = True,
+    force_plan: bool = False,
+) -> Path:
+    """Write the checkpoint of `model` trimmed to `plan`'s resident experts into directory `out`.
+
+    The source is only read. `checksums`: record the sha256 of every output file in moesift_plan.json
+    (computed alongside the copy; turn off only where hashing is slower than the disk). A plan made for
+    another config of the family (its `config_hash`) is refused unless `force_plan`. Returns `out`."""
+
+    out = Path(out)
+    idx = CheckpointIndex.build(model)
+    src = idx.directory
+    _check_paths(src, out, force)
+    p = as_plan(plan)
+    spec = idx.spec
+    resident = p.resolve(spec, idx.config, str(model), force_plan)
+    ad, cfg = idx.adapter, idx.config
+    full = {layer: sorted(resident.get(layer, range(spec.n_experts))) for layer in spec.moe_layers}
+    standard = len({len(v) for v in full.values()}) == 1
+    problems = ad.plan_problems(spec, full, standard=standard)
+    if not standard:  # every layer on its own must still be expressible (group rules)
+        for layer, ids in full.items():
+            problems += [q for q in ad.plan_problems(spec, {layer: ids}, standard=True) if q not in problems]
+    if problems:
+        raise MoesiftError(f"cannot trim {str(src)!r} to this plan: " + "; ".join(problems[:4]))
+    layout = plan_layout(idx, resident)
+    predicted = idx.predicted_bytes(resident)
+    written_tensor_bytes = sum(t.nbytes for t in layout)
+    if written_tensor_bytes != predicted:
+        raise MoesiftError(
+            f"internal check failed: layout has {written_tensor_bytes} tensor bytes, the plan predicts {predicted}"
+        )
+    shards = _shards(layout, parse_bytes(max_shard_size))
+    n = len(shards)
+    names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+    new_cfg: dict[str, Any]
+    if standard:
+        new_cfg = ad.rewrite_config(dict(cfg), full)
+    else:
+        new_cfg = {
+            "model_type": NONSTANDARD_MODEL_TYPE,
+            "moesift": {
+                "format": FORMAT,
+                "note": "experts per MoE layer differ; load with moesift.load_trimmed (stock loaders refuse "
+                        "this model_type on purpose rather than fill missing experts with random weights)",
+                "experts_per_layer": {str(k): len(v) for k, v in full.items()},
+                "resident": {str(k): v for k, v in full.items()},
+                "config": ad.rewrite_config(dict(cfg), full),
+                "source_config": cfg,
+            },
+        }
+
+
+    dest = OutputDir(out, force, protect=[src])
+    tmp = dest.begin()
+    bar = _progress(progress, written_tensor_bytes)
+    advance = (lambda k: bar.advance(bar.task_ids[0], k)) if bar else (lambda k: None)
+    try:
+        hashes: dict[str, str] = {}
+        weight_map: dict[str, str] = {}
+        fds: dict[str, int] = {}
+        # a finished shard's sha256 may still be computing while the next shard is copied (a hash runs at about
+        # 1 GB/s on one core, slower than a kernel copy); at most `lag` shards hash behind the one being written
+        lag = max(1, (os.cpu_count() or 1) - 1)
+        hashing: list[tuple[str, _Writer]] = []
+        try:
+            for fname, tensors in zip(names, shards, strict=True):
+                w = _Writer(tmp / fname, checksum=checksums)
+                hashing.append((fname, w))
+                w.write(_header_bytes(tensors))
+                for t in tensors:
+                    weight_map[t.name] = fname
+                    if t.slice_keep is not None:
+                        b = sliced_bytes(src, t, ad, cfg)
+                        w.write(b)
+                        advance(len(b))
+                        del b
+                        continue
+                    fd = fds.get(t.src_file)
+                    if fd is None:
+                        fd = fds[t.src_file] = os.open(src / t.src_file, os.O_RDONLY)
+                    for off, k in t.ranges:
+                        _copy_range(fd, w, off, k, t.src_file, advance)
+                w.finish()
+                while len(hashing) > lag:
+                    f0, w0 = hashing.pop(0)
+                    hashes[f0] = w0.close()
+            while hashing:
+                f0, w0 = hashing.pop(0)
+                hashes[f0] = w0.close()
+        finally:
+            for _, w0 in hashing:  # after an error: stop every writer before the source files close
+                with contextlib.suppress(Exception):
+                    w0.close()
+            for fd in fds.values():
+                os.close(fd)
+        index_obj = {"metadata": {"total_size": written_tensor_bytes, "format": "pt"}, "weight_map": weight_map}
+        (tmp / INDEX_FILE).write_text(json.dumps(index_obj, indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(new_cfg, indent=2) + "\n")
+        copied = []
+        files, skipped_links = _copied_files(src)
+        for f in files:
+            shutil.copyfile(f, tmp / f.name)  # contents only: the new file's mode follows the umask
+            copied.append(f.name)
+        for name in skipped_links:
+            import sys
+
+            sys.stderr.write(f"moesift: not copying {name!r}: it links outside the model folder {str(src)!r}\n")
+        for extra in [INDEX_FILE, "config.json", *copied]:
+            hashes[extra] = sha256_file(tmp / extra) if checksums else None
+        id_map = {str(k): v for k, v in full.items()}
+        record = {
+            "schema": FORMAT,
+            "tool": {"name": "moesift", "version": __version__},
+            "source": {
+                "path": str(src.resolve()),
+                "model_type": spec.model_type,
+                "config_sha256": sha256_file(src / "config.json"),
+                "shards": sorted({t.file for t in idx.tensors}),
+                "tensor_bytes": idx.total_bytes(),
+            },
+            "standard": standard,
+            "experts_per_layer": {str(k): len(v) for k, v in full.items()},
+            "id_map": id_map,
+            "id_map_note": "per decoder layer: original expert id of each new id (new id = position)",
+            "tensor_bytes": written_tensor_bytes,
+            "predicted_bytes": predicted,
+            "files": hashes,
+            "plan": p.to_dict(),
+        }
+        if skipped_links:
+            record["skipped_links"] = skipped_links
+        (tmp / PLAN_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        dest.commit()
+    except OSError as e:
+        raise write_failed(out, e) from None
+    finally:
+        dest.abort()
+        if bar:
+            bar.stop()
+    return out
+
+

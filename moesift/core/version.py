@@ -1,0 +1,3 @@
+"""The package version, recorded in every file moesift writes."""
+
+__version__ = "0.1.0"

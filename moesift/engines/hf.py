@@ -1,0 +1,150 @@
+"""Finding and loading models: local directories or hub ids resolved through the local hub cache."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from ..arch.registry import adapter_for
+from ..core.errors import MoesiftError
+from ..formats.checkpoint import resolve_model_dir, shard_files
+
+
+def check_device(device: str | None) -> None:
+    """Refuse a device this torch cannot use, in one line (before any weight is read)."""
+    import torch
+
+    if device in (None, "auto", "cpu"):
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise MoesiftError(f"unknown device {device!r}; use cpu, cuda, cuda:N, mps or auto") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise MoesiftError(f"--device {device}: this torch ({torch.__version__}) sees no CUDA GPU; use "
+                               "--device cpu, or install a CUDA build of torch")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise MoesiftError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    elif dev.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise MoesiftError(f"--device {device}: Apple MPS is not available here; use --device cpu")
+    elif dev.type != "cpu":
+        raise MoesiftError(f"--device {device}: moesift runs on cpu, cuda[:N], mps or auto, not {dev.type}")
+
+
+def parse_dtype(dtype: str | None) -> Any:
+    import torch
+
+    if dtype in (None, "auto"):
+        return "auto"
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise MoesiftError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(table)}")
+    return table[dtype]
+
+
+def load_model(
+    model: str | os.PathLike,
+    device: str | None = None,
+    dtype: str | None = None,
+    trust_remote_code: bool = False,
+) -> tuple[Any, Any]:
+    """(model, tokenizer or None). `device` "auto" spreads layers over GPUs with device_map="auto"."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+
+    check_device(device)
+    d = resolve_model_dir(model)
+    try:
+        config = AutoConfig.from_pretrained(d, trust_remote_code=trust_remote_code)
+    except (ValueError, OSError) as e:
+        raise MoesiftError(f"cannot read the config of {str(d)!r}: {str(e).splitlines()[0]}") from None
+    adapter_for(config)  # clear error for unsupported / dense models before loading any weight
+
+    shard_files(d)  # refuse pickle-only checkpoints before loading
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    kwargs: dict[str, Any] = {"dtype": parse_dtype(dtype), "trust_remote_code": trust_remote_code}
+    if device == "auto":
+        require_accelerate()
+        kwargs["device_map"] = "auto"
+    elif device != "cpu" and importlib.util.find_spec("accelerate") is not None:
+        kwargs["device_map"] = device  # weights go straight to the device, not through host memory
+    m = AutoModelForCausalLM.from_pretrained(d, **kwargs)
+    if "device_map" not in kwargs:
+        m.to(device)
+    m.eval()
+    tok = None
+    try:
+        tok = AutoTokenizer.from_pretrained(d, trust_remote_code=trust_remote_code)
+    except Exception:  # noqa: BLE001 - models without a tokenizer can still be traced from token ids
+        tok = None
+    return m, tok
+
+
+def require_accelerate() -> None:
+    """`--device auto` (layers spread over devices) needs the accelerate package."""
+    if importlib.util.find_spec("accelerate") is None:
+        raise MoesiftError('--device auto spreads the model over GPUs with accelerate; '
+                           'install it with `pip install "moesift[multigpu]"`')
+
+
+@contextlib.contextmanager
+def hf_progress(enabled: bool) -> Iterator[None]:
+    """Show transformers' own progress bars (weight loading) only when `enabled`."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    if not enabled and was:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if not enabled and was:
+            hf_logging.enable_progress_bar()
+
+
+TORCH_DTYPES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
+    "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2", "U16": "uint16", "U32": "uint32", "U64": "uint64", "F8_E8M0": "float8_e8m0fnu",
+}
+
+
+def config_obj(d: Mapping[str, Any]) -> Any:
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    mt = d.get("model_type")
+    if mt not in CONFIG_MAPPING:
+        raise MoesiftError(f"transformers does not know model_type {mt!r}")
+    cls = CONFIG_MAPPING[mt]
+    decode = getattr(cls, "_decode_special_floats", None)  # config.json spells inf / nan as {"__float__": ...}
+    return cls.from_dict(decode(dict(d)) if decode else dict(d))
+
+
+def config_like(d: Mapping[str, Any], config: Any) -> Any:
+    """The config of dict `d`, with the attention and experts implementations `config` was loaded with."""
+    c = config_obj(d)
+    for attr in ("_attn_implementation", "_experts_implementation"):
+        v = getattr(config, attr, None)
+        if v is not None:
+            try:
+                setattr(c, attr, v)
+            except Exception:  # noqa: BLE001 - older configs may not allow it
+                pass
+    return c
+
+
+def model_class(config: Any) -> Any:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:
+        raise MoesiftError(f"no causal-LM class for {config.model_type!r} in transformers") from None

@@ -1,0 +1,1 @@
+"""Proofs and quality: verify, perplexity evaluation, budget sweeps."""

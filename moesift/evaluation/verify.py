@@ -1,0 +1,351 @@
+"""Prove that a trimmed model computes what the full model computes under the same restriction."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from ..apply.offload import HOST_COMPUTE_MAX_TOKENS, load_offloaded
+from ..apply.resident import load_trimmed
+from ..arch.registry import adapter_for
+from ..core.errors import MoesiftError
+from ..engines.choose import check_engine, open_engine, require
+from ..engines.hf import hf_progress
+from ..engines.restrict import restrict
+from ..formats.checkpoint import read_header
+from ..formats.plan import Plan, as_plan, planned_offload
+from ..formats.trimmed import read_trimmed_record
+from ..formats.workload import encode_prefix, read_documents
+from ..selection.offload_budget import simulate_layer
+
+
+def _read_prompts(paths: list[str], field: str | None, max_samples: int, tok: Any, max_length: int) -> list[Any]:
+    """Token id tensors [1, T] of the first `max_samples` documents of the workload files."""
+    import torch
+
+
+    out = []
+    for d in read_documents(paths, field=field, max_samples=max_samples):
+        if d.get("input_ids") is not None:
+            ids = torch.as_tensor([list(d["input_ids"])[:max_length]], dtype=torch.long)
+        elif tok is None:
+            raise MoesiftError("the model has no tokenizer; give --data with input_ids, or no --data (random tokens)")
+        elif d.get("messages") is not None:
+            ids = tok.apply_chat_template(d["messages"], tokenize=True, return_tensors="pt")
+            ids = (ids["input_ids"] if hasattr(ids, "keys") else ids)[:, :max_length]
+        else:
+            ids = torch.as_tensor([encode_prefix(tok, str(d.get("text", "")), max_length)], dtype=torch.long)
+        if ids.shape[-1]:
+            out.append(ids)
+    return out
+
+
+
+
+class Agreement:
+    """Running comparison of a reference model's logits and greedy generations with another model's."""
+
+    def __init__(self, other: str) -> None:
+        self.other = other  # the name the other side has in a mismatch record
+        self.agree = self.total = 0
+        self.max_abs = self.max_rel = 0.0
+        self.mismatches: list[dict[str, Any]] = []
+
+    def add(self, i: int, ref_logits: Any, logits: Any, ref_tokens: list[int], tokens: list[int]) -> None:
+        self.agree += int((ref_logits.argmax(-1) == logits.argmax(-1)).sum())
+        self.total += ref_logits.shape[1]
+        d = (ref_logits - logits).abs().max().item()
+        self.max_abs = max(self.max_abs, d)
+        self.max_rel = max(self.max_rel, d / max(ref_logits.abs().max().item(), 1e-30))
+        if ref_tokens != tokens:
+            self.mismatches.append({"prompt": i, "full": ref_tokens, self.other: tokens})
+
+    def result(self) -> dict[str, Any]:
+        return {"tokens": self.total, "top1_agreement": self.agree / self.total if self.total else 1.0,
+                "max_abs_logit_diff": self.max_abs, "max_rel_logit_diff": self.max_rel,
+                "generations_identical": not self.mismatches, "generation_mismatches": self.mismatches[:4]}
+
+def comparison_inputs(full: Any, tok: Any, data: Any, field: str | None, max_samples: int, max_length: int,
+                      seed: int, max_new_tokens: int) -> tuple[list[Any], dict[str, Any], dict[str, Any]]:
+    """The prompts two models are compared on (from `data`, or deterministic random token sequences), what
+    they are (for the result), and the greedy-generation arguments for `full.generate`."""
+    import torch
+
+    if data is not None:
+        paths = [str(data)] if isinstance(data, (str, os.PathLike)) else [str(x) for x in data]
+        prompts = _read_prompts(paths, field, max_samples, tok, max_length)
+        if not prompts:
+            raise MoesiftError(f"no prompts found in {', '.join(paths)}")
+        source = {"kind": "files", "paths": paths, "prompts": len(prompts)}
+    else:
+        vocab = int(full.config.get_text_config().vocab_size if hasattr(full.config, "get_text_config")
+                    else full.config.vocab_size)
+        g = torch.Generator().manual_seed(seed)
+        hi = max(8, min(max_length, 32))
+        lengths = torch.randint(8, hi + 1, (max_samples,), generator=g).tolist()
+        prompts = [torch.randint(0, vocab, (1, n), generator=g) for n in lengths]
+        source = {"kind": "random", "note": f"no --data given: {len(prompts)} deterministic random token sequences "
+                                            f"(seed {seed})", "prompts": len(prompts)}
+    pad = getattr(full.generation_config, "pad_token_id", None)
+    if pad is None:
+        eos = getattr(full.generation_config, "eos_token_id", None)
+        pad = (eos[0] if isinstance(eos, list) else eos) if eos is not None else 0
+    gen_kw = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": pad,
+              "min_new_tokens": max_new_tokens}
+    return prompts, source, gen_kw
+
+
+def verify(
+    model: str | os.PathLike,
+    trimmed: str | os.PathLike | None = None,
+    plan: Any = None,
+    data: str | os.PathLike | list[str] | None = None,
+    max_new_tokens: int = 16,
+    max_samples: int = 8,
+    max_length: int = 64,
+    field: str | None = None,
+    device: str = "cpu",
+    dtype: str | None = "float32",
+    seed: int = 0,
+    progress: bool = True,
+    offloaded: Any = None,
+    cache_slots: int | None = None,
+    policy: str = "lru",
+    host_compute_max_tokens: int | None = None,
+    force_plan: bool = False,
+    engine: str = "transformers",
+) -> dict[str, Any]:
+    """Run the full model restricted to `plan` and the trimmed model on held-out prompts; report top-1
+    agreement over every prompt position, max absolute and relative logit differences, and whether greedy
+    generations of `max_new_tokens` tokens are identical. `plan` defaults to the one recorded in `trimmed`;
+    a plan made for another config than `model`'s is refused unless `force_plan`.
+    Without `data`, a deterministic set of random token sequences is used (said in the result).
+
+    Both models run in float32 by default: the check is that they compute the same function. In bfloat16,
+    router probabilities tie often (8 bits of mantissa), and torch.topk may break a tie differently over E
+    experts and over the resident experts alone: the two models then pick different (equally weighted)
+    experts for that token, which is not a trimming error.
+
+    With `offloaded` (a plan) and no `trimmed`: the full model against `moesift.load_offloaded(model,
+    offloaded, ...)` instead (`moesift.offload.verify_offloaded`).
+    `engine`: what runs the trimmed checkpoint. "transformers" (default) loads it like the full model;
+    "mlx" loads it with mlx-lm and "llama.cpp" converts it to an F32 GGUF file with llama.cpp's own converter
+    and runs it with llama-cpp-python, both in float32 on the CPU (extras `moesift[mlx]`, `moesift[gguf]`).
+    Engines need a standard (uniform) trim. With an engine, greedy generations on both sides are plain
+    argmax decoding of `max_new_tokens` tokens (end-of-sequence not special), each with its own KV cache."""
+    import tempfile
+
+    import torch
+
+    if offloaded is not None:
+        if trimmed is not None:
+            raise MoesiftError("give either a TRIMMED checkpoint or --offloaded PLAN, not both")
+
+        return verify_offloaded(model, offloaded, data=data, max_new_tokens=max_new_tokens, max_samples=max_samples,
+                                max_length=max_length, field=field, device=device, dtype=dtype,
+                                cache_slots=cache_slots, policy=policy, seed=seed, progress=progress,
+                                host_compute_max_tokens=HOST_COMPUTE_MAX_TOKENS if host_compute_max_tokens is None
+                                else host_compute_max_tokens)
+    if trimmed is None:
+        raise MoesiftError("give the TRIMMED checkpoint to compare with (or --offloaded PLAN)")
+
+
+    if engine != "transformers":
+
+        require(engine)  # a missing extra is said before anything is read
+    if plan is None:
+        record = read_trimmed_record(trimmed) if Path(trimmed).is_dir() else None
+        if record is None:
+            raise MoesiftError(f"{str(trimmed)!r} has no moesift_plan.json; pass --plan PLAN")
+        p = Plan.from_dict(record["plan"], source=str(Path(trimmed) / "moesift_plan.json"))
+    else:
+        p = as_plan(plan)
+    runner = None
+    work = None
+    if engine != "transformers":
+
+        if dtype not in (None, "float32"):
+            raise MoesiftError(f"--engine {engine} compares in float32; drop --dtype {dtype}")
+        dtype = "float32"
+        if not Path(trimmed).is_dir():
+            raise MoesiftError(f"{str(trimmed)!r} is not a directory; --engine {engine} reads a trimmed checkpoint directory")
+        check_engine(engine, trimmed, read_trimmed_record(trimmed))
+    with hf_progress(progress):
+        full, tok = load_trimmed(model, device=device, dtype=dtype)  # any checkpoint; no accelerate needed
+        if engine == "transformers":
+            small, tok2 = load_trimmed(trimmed, device=device, dtype=dtype)
+            tok = tok or tok2
+    try:
+        dev = next(full.parameters()).device
+        prompts, source, gen_kw = comparison_inputs(full, tok, data, field, max_samples, max_length, seed,
+                                                    max_new_tokens)
+        if engine != "transformers":
+            work = tempfile.TemporaryDirectory(prefix="moesift-verify-")
+            longest = max(x.shape[-1] for x in prompts) + max(0, max_new_tokens)
+            with hf_progress(progress):
+                runner = open_engine(engine, trimmed, read_trimmed_record(trimmed), Path(work.name), longest)
+    except BaseException:
+        _close(runner, work)
+        raise
+    cmp = Agreement("trimmed")
+    try:
+        with torch.no_grad():
+            for i, ids in enumerate(prompts):
+                ids = ids.to(dev)
+                with restrict(full, p, force_plan=force_plan):
+                    lf = full(ids).logits.float()
+                    if runner is not None:
+                        gf = _greedy(full, ids, max_new_tokens)
+                    else:
+                        gf = full.generate(ids, **gen_kw)[0, ids.shape[-1]:].tolist() if max_new_tokens > 0 else []
+                if runner is not None:
+                    seq = ids[0].tolist()
+                    logits, gs = runner.run(seq, max(0, max_new_tokens))
+                    ls = torch.from_numpy(logits).float().unsqueeze(0).to(lf.device)
+                    if ls.shape != lf.shape:
+                        raise MoesiftError(f"{runner.name} gave logits of shape {tuple(ls.shape[1:])}, the full model "
+                                           f"{tuple(lf.shape[1:])}; the trimmed checkpoint does not match the model")
+                else:
+                    ls = small(ids.to(next(small.parameters()).device)).logits.float().to(lf.device)
+                    gs = small.generate(ids, **gen_kw)[0, ids.shape[-1]:].tolist() if max_new_tokens > 0 else []
+                cmp.add(i, lf, ls, gf, gs)
+    finally:
+        engine_name = runner.name if runner is not None else "transformers"
+        engine_notes = list(getattr(runner, "notes", []) or [])
+        _close(runner, work)
+    n_full = sum(x.numel() for x in full.parameters())
+    n_small = (sum(x.numel() for x in small.parameters()) if runner is None else _header_params(Path(trimmed)))
+    result = {
+        "model": str(model),
+        "trimmed": str(trimmed),
+        "engine": engine_name,
+        "engine_notes": engine_notes,  # e.g. how llama.cpp's converter wrote the tokenizer
+        "plan": p.source,
+        "data": source,
+        "prompts": len(prompts),
+        **cmp.result(),
+        "max_new_tokens": max_new_tokens,
+        "params_full": n_full,
+        "params_trimmed": n_small,
+    }
+    result["ok"] = result["top1_agreement"] >= 1.0 and result["generations_identical"]
+    return result
+
+
+def _greedy(model: Any, ids: Any, n: int) -> list[int]:
+    """Plain greedy decoding with the model's KV cache: n argmax tokens, end-of-sequence not special."""
+    import inspect
+
+    import torch
+
+    # the KV cache argument is `cache` from transformers 5.24 on, `past_key_values` before
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    out: list[int] = []
+    past = None
+    x = ids
+    for _ in range(n):
+        o = model(x, **{key: past}, use_cache=True)
+        past = o.get(key)
+        tok = int(o.logits[0, -1].argmax())
+        out.append(tok)
+        x = torch.tensor([[tok]], dtype=ids.dtype, device=ids.device)
+    return out
+
+
+def _header_params(directory: Path) -> int:
+    """Number of weights in a checkpoint's safetensors files, from their headers."""
+
+    n = 0
+    for f in sorted(directory.glob("*.safetensors")):
+        header = read_header(f)[0]
+        for name, t in header.items():
+            if name != "__metadata__":
+                k = 1
+                for s in t["shape"]:
+                    k *= int(s)
+                n += k
+    return n
+
+
+def _close(runner: Any, work: Any) -> None:
+    """Stop an engine runner and remove its temporary directory."""
+    if runner is not None:
+        runner.close()
+    if work is not None:
+        work.cleanup()
+
+
+def verify_offloaded(
+    model: str | os.PathLike,
+    plan: Any,
+    data: str | os.PathLike | list[str] | None = None,
+    max_new_tokens: int = 16,
+    max_samples: int = 8,
+    max_length: int = 64,
+    field: str | None = None,
+    device: str = "cpu",
+    dtype: str | None = "float32",
+    cache_slots: int | None = None,
+    policy: str = "lru",
+    host_compute_max_tokens: int = HOST_COMPUTE_MAX_TOKENS,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """The offloaded model against the FULL model (not restricted): top-1 agreement over every prompt
+    position, max absolute / relative logit differences, identical greedy generations; and the measured
+    hit rate per layer against `cachesim.simulate` on the full model's routing of the same calls."""
+    import numpy as np
+    import torch
+
+
+    off, tok2 = load_offloaded(model, plan, device=device, cache_slots=cache_slots, policy=policy,
+                               host_compute_max_tokens=host_compute_max_tokens, dtype=dtype, progress=progress)
+    with hf_progress(progress):
+        full, tok = load_trimmed(model, device=device, dtype=dtype)
+    tok = tok or tok2
+    dev = next(full.parameters()).device
+    prompts, source, gen_kw = comparison_inputs(full, tok, data, field, max_samples, max_length, seed, max_new_tokens)
+    ad = adapter_for(full.config)
+    logs: dict[int, list[Any]] = {}
+
+    def on_route(mi: int, r: Any) -> None:
+        logs.setdefault(mi, []).append(r.ids.reshape(-1, r.ids.shape[-1]).detach().to("cpu"))
+
+    cmp = Agreement("offloaded")
+    handles = ad.attach_recorder(full, on_route)
+    try:
+        with torch.no_grad():
+            for i, ids in enumerate(prompts):
+                ids = ids.to(dev)
+                lf = full(ids).logits.float()
+                gf = full.generate(ids, **gen_kw)[0, ids.shape[-1]:].tolist() if max_new_tokens > 0 else []
+                lo = off(ids).logits.float()
+                go = off.generate(ids, **gen_kw)[0, ids.shape[-1]:].tolist() if max_new_tokens > 0 else []
+                cmp.add(i, lf, lo, gf, go)
+    finally:
+        for h in handles:
+            h.remove()
+    stats = off.moesift_offload.stats()
+    sim_layers = []
+    same = True
+    for rt, st in zip(off.moesift_offload.layers, stats["layers"], strict=True):
+        log = torch.cat(logs.get(rt.moe_index, [torch.empty(0, 1, dtype=torch.long)])).numpy().astype(np.int64)
+        s = simulate_layer(log, rt.cache.capacity, policy, list(rt.pinned))
+        same &= s["hits"] == st["hits"] and s["accesses"] == st["accesses"]
+        sim_layers.append({"layer": rt.layer, "measured": st["hit_rate"], "simulated": s["hit_rate"],
+                           "measured_hits": st["hits"], "simulated_hits": s["hits"], "accesses": st["accesses"]})
+    result = {
+        "model": str(model), "plan": stats["plan"], "data": source, "prompts": len(prompts), **cmp.result(),
+        "max_new_tokens": max_new_tokens, "dtype": dtype, "cache_slots": stats["cache_slots"],
+        "policy": policy, "hit_rate": stats["hit_rate"], "hit_rate_equals_simulation": same,
+        "hit_rate_layers": sim_layers, "host_pairs": stats["host_pairs"], "loads": stats["loads"],
+        "device_bytes": stats["device_bytes"],
+    }
+
+    pred = planned_offload(as_plan(plan))
+    if pred is not None:  # the plan was made with --offload: its prediction beside the measured figure
+        result["predicted"] = {k: pred.get(k) for k in ("hit_rate", "heldout_hit_rate", "cache_slots", "policy")}
+    result["ok"] = (result["top1_agreement"] >= 1.0 and result["generations_identical"] and same
+                    and (dtype not in ("float32", "fp32") or cmp.max_rel <= 1e-6))
+    return result

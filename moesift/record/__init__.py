@@ -1,0 +1,1 @@
+"""Produce traces: the transformers tracer, its on-device recorder, and importers of serving-engine dumps."""

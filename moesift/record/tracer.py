@@ -1,0 +1,419 @@
+"""Record which experts a workload selects: `trace`, and the trace-file commands `show`, `merge_traces`,
+`export_trace`.
+
+Tracing runs the model on the workload's documents in input order, `batch_size` documents per batch,
+padded to the longest document of the batch. Prompts are right-padded for a plain forward; with
+``generate=N`` they are left-padded and decoded greedily (``model.generate(do_sample=False,
+max_new_tokens=N)``), and routing of generated tokens is recorded apart from the prompt's. Padding and
+tokens fed after a sequence has produced its end-of-sequence token are never counted; decode tokens are
+the generated tokens fed back through the model (N - 1 per document for N new tokens, fewer once it has
+produced end-of-sequence: that token is not fed on its own either). Documents are
+dealt round-robin into ``folds`` folds (document i -> fold i % folds). Statistics stay on the device
+(moesift.recorder) and are copied to the host once at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..arch.registry import adapter_for
+from ..core.errors import MoesiftError
+from ..core.identity import config_hash, loaded_config_dict, model_config_hash, token_stream_hash
+from ..core.io import check_output_path, write_json
+from ..core.values import check_int
+from ..core.version import __version__
+from ..engines.hf import hf_progress, load_model
+from ..formats.checkpoint import resolve_model_dir
+from ..formats.trace import SCHEMA, Trace, merge
+from ..formats.wcer import dump_expert_trace
+from ..formats.workload import encode_prefix, read_documents, source_info
+from .recorder import Recorder
+
+
+def _count_or_none(v: Any) -> int | None:
+    """A workload count of a trace: None where the trace does not know it (engine statistics)."""
+    return None if v is None else int(v)
+
+
+
+
+def trace(
+    model: Any,
+    data: str | os.PathLike | list[str | os.PathLike],
+    out: str | os.PathLike | None = None,
+    label: str | None = None,
+    max_samples: int | None = None,
+    max_length: int = 512,
+    batch_size: int = 8,
+    generate: int = 0,
+    folds: int = 8,
+    saliency: bool = False,
+    log_routing: bool = False,
+    device: str | None = "cpu",
+    dtype: str | None = None,
+    field: str | None = None,
+    trust_remote_code: bool = False,
+    force: bool = False,
+    progress: bool = True,
+    tokenizer: Any = None,
+) -> Trace:
+    """Trace the routing of `model` (directory, hub id in the local cache, or a loaded transformers model
+    with `tokenizer=`) on the workload files `data`; save to `out` when given (refuses to overwrite
+    unless `force`). Returns the Trace."""
+    import torch
+
+
+    max_length = check_int("max_length", max_length, 1)
+    batch_size = check_int("batch_size", batch_size, 1)
+    generate = check_int("generate", generate, 0)
+    folds = check_int("folds", folds, 1)
+    if max_samples is not None:
+        max_samples = check_int("max_samples", max_samples, 1)
+    if out is not None:
+        check_output_path(out, force)
+    paths = [data] if isinstance(data, (str, os.PathLike)) else list(data)
+    docs = read_documents(paths, field=field, max_samples=max_samples)
+    sources = source_info(paths)
+
+
+    if isinstance(model, (str, os.PathLike)):
+
+        mdir = resolve_model_dir(model)
+        m, tok = _load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                             quiet=not progress)
+        if tokenizer is not None:
+            tok = tokenizer
+        name, chash = str(model), model_config_hash(mdir)
+        cfg_dict = json.loads((Path(mdir) / "config.json").read_text())
+    else:
+        m, tok = model, tokenizer
+        name = str(getattr(m, "name_or_path", "") or type(m).__name__)
+        cfg_dict = loaded_config_dict(m)
+        chash = config_hash(cfg_dict)
+    adapter = adapter_for(m.config)
+    spec = adapter.spec(m.config)
+    vocab = int(getattr(m.config, "vocab_size", 0) or getattr(m.get_input_embeddings(), "num_embeddings", 0))
+    ids_list = [_tokenize(d, tok, max_length, vocab, generate > 0, paths) for d in docs]
+    keep = [i for i, ids in enumerate(ids_list) if ids]
+    if not keep:
+        raise MoesiftError("every document of the workload tokenized to zero tokens; check the files")
+    ids_list = [ids_list[i] for i in keep]
+    n_docs = len(ids_list)
+
+    dev = _model_device(m)
+    rec_device = dev
+
+    rec = Recorder(spec, rec_device, folds, want_saliency=saliency, log_routing=log_routing)
+    handles = rec.attach(m, adapter)
+    pad_id = _pad_id(m, tok)
+    eos = _eos_ids(m)
+    log_docs: list[tuple[np.ndarray, np.ndarray]] = []
+    state: dict[str, Any] = {}
+
+    def gen_hook(mod, args, kwargs):
+        x = kwargs.get("input_ids", args[0] if args else None)
+        if x is None:
+            return
+        B, S = x.shape
+        fold = state["fold"]
+        if state["step"] == 0:
+            valid = state["mask"]
+            state["finished"] = torch.zeros(B, dtype=torch.bool, device=x.device)
+            phase = 0
+        else:
+            tokens = x[:, -1]
+            fin = state["finished"] | torch.isin(tokens, state["eos"]) if state["eos"] is not None else state["finished"]
+            state["finished"] = fin
+            valid = (~fin)[:, None].expand(B, S)
+            phase = 1
+        state["step"] += 1
+        rec.begin_forward(valid, fold, phase)
+
+    hook = m.register_forward_pre_hook(gen_hook, with_kwargs=True) if generate else None
+    n_batches = (n_docs + batch_size - 1) // batch_size
+    try:
+        with torch.no_grad(), _progress(progress) as bar:
+            task = bar.add_task("tracing", total=n_docs)
+            for bi in range(n_batches):
+                lo, hi = bi * batch_size, min(n_docs, (bi + 1) * batch_size)
+                batch = ids_list[lo:hi]
+                S = max(len(x) for x in batch)
+                x = torch.full((len(batch), S), pad_id, dtype=torch.long)
+                mask = torch.zeros((len(batch), S), dtype=torch.long)
+                for r, ids in enumerate(batch):
+                    if generate:  # left padding
+                        x[r, S - len(ids) :] = torch.as_tensor(ids)
+                        mask[r, S - len(ids) :] = 1
+                    else:
+                        x[r, : len(ids)] = torch.as_tensor(ids)
+                        mask[r, : len(ids)] = 1
+                fold = torch.arange(lo, hi) % folds
+                x, mask_d, fold = x.to(dev), mask.to(dev), fold.to(dev)
+                if generate:
+                    state.update(step=0, fold=fold, mask=mask_d.bool(),
+                                 eos=torch.as_tensor(eos, device=dev) if eos else None)
+                    m.generate(input_ids=x, attention_mask=mask_d, do_sample=False, max_new_tokens=generate,
+                               min_new_tokens=0, pad_token_id=pad_id, num_beams=1)
+                else:
+                    rec.begin_forward(mask_d.bool(), fold, 0)
+                    m(input_ids=x, attention_mask=mask_d, use_cache=False)
+                rec.end_forward()
+                if log_routing:
+                    log_docs.extend(_split_log(rec.pop_log(), hi - lo))
+                bar.advance(task, hi - lo)
+    finally:
+        for h in handles:
+            h.remove()
+        if hook is not None:
+            hook.remove()
+
+    arrays = rec.to_arrays()
+    prefill_tokens, decode_tokens = rec.token_counts()
+    if log_routing:
+        arrays["routing_log"] = (np.concatenate([lg for lg, _ in log_docs]) if log_docs
+                                 else np.zeros((0, len(spec.moe_layers), spec.top_k), np.int16))
+        lens = np.array([len(lg) for lg, _ in log_docs], dtype=np.int64)
+        arrays["doc_offsets"] = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+        arrays["log_phase"] = (np.concatenate([ph for _, ph in log_docs]) if log_docs else np.zeros(0, np.uint8))
+    moe = list(spec.moe_layers)
+    t = Trace(
+        model={
+            "name": name,
+            "model_type": spec.model_type,
+            "config_hash": chash,
+            "config": cfg_dict,
+            "moe_layers": moe,
+            "n_experts": spec.n_experts,
+            "top_k": spec.top_k,
+            "n_shared": spec.n_shared,
+            "hash_layers": [moe.index(h) for h in spec.hash_layers if h in moe],
+            "scoring": spec.scoring,
+            "n_group": spec.n_group,
+            "topk_group": spec.topk_group,
+            **adapter.model_shape(m.config),
+        },
+        workload={
+            "label": label or Path(str(paths[0])).stem,
+            "sources": sources,
+            "token_sha256": token_stream_hash(ids_list),
+            "documents": n_docs,
+            "prefill_tokens": prefill_tokens,
+            "decode_tokens": decode_tokens,
+            "max_length": max_length,
+            "generate": generate,
+            "folds": folds,
+        },
+        arrays=arrays,
+        tool={"name": "moesift", "version": __version__, "torch": torch.__version__, "device": str(dev)},
+    )
+    if out is not None:
+        t.save(out, force=force)
+    return t
+
+
+# ---- helpers --------------------------------------------------------------------------------------
+
+
+def _load_model(model: Any, device: str | None, dtype: str | None, trust_remote_code: bool,
+                quiet: bool = False) -> tuple[Any, Any]:
+    """moesift.loading.load_model (without transformers' progress bars when `quiet`)."""
+
+    with hf_progress(not quiet):
+        return load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+
+
+def _progress(enabled: bool):
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True)
+    return Progress(
+        TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("documents"), TimeElapsedColumn(), console=console, transient=True,
+        disable=not (enabled and console.is_terminal),
+    )
+
+
+def _model_device(m: Any) -> Any:
+    import torch
+
+    emb = m.get_input_embeddings()
+    w = getattr(emb, "weight", None)
+    return w.device if w is not None else torch.device("cpu")
+
+
+def _pad_id(m: Any, tok: Any) -> int:
+    for v in (getattr(tok, "pad_token_id", None), getattr(m.config, "pad_token_id", None),
+              getattr(tok, "eos_token_id", None)):
+        if isinstance(v, int):
+            return v
+    return 0
+
+
+def _eos_ids(m: Any) -> list[int]:
+    gc = getattr(m, "generation_config", None)
+    v = getattr(gc, "eos_token_id", None) if gc is not None else None
+    if v is None:
+        v = getattr(m.config, "eos_token_id", None)
+    if v is None:
+        return []
+    return [int(x) for x in (v if isinstance(v, (list, tuple)) else [v])]
+
+
+def _tokenize(doc: dict[str, Any], tok: Any, max_length: int, vocab: int, chat_prompt: bool,
+              paths: list) -> list[int]:
+
+    if "input_ids" in doc:
+        ids = doc["input_ids"][:max_length]
+        bad = [i for i in ids if i < 0 or (vocab and i >= vocab)]
+        if bad:
+            raise MoesiftError(
+                f"workload {str(paths[doc.get('source', 0)])!r}: token id {bad[0]} is outside the model's "
+                f"vocabulary (0..{vocab - 1})"
+            )
+        return list(ids)
+    if tok is None:
+        raise MoesiftError(
+            "the model has no tokenizer (no tokenizer files in its directory); give pre-tokenized JSONL "
+            "with an 'input_ids' list per line, or a model directory with a tokenizer"
+        )
+    if "messages" in doc:
+        if not getattr(tok, "chat_template", None):
+            raise MoesiftError(
+                f"workload {str(paths[doc.get('source', 0)])!r} holds chats ('messages') but the tokenizer has "
+                "no chat template; use a 'text' field"
+            )
+        text = tok.apply_chat_template(doc["messages"], tokenize=False, add_generation_prompt=chat_prompt)
+        return encode_prefix(tok, text, max_length, add_special_tokens=False)
+    return encode_prefix(tok, doc["text"], max_length)
+
+
+def _split_log(fws: list, n_rows: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per document of the batch: (ids int16 [n, L, K], phase uint8 [n]) from the forwards' logs, prompt
+    tokens first, then generated tokens in order; padding and finished rows dropped."""
+    parts: list[list[np.ndarray]] = [[] for _ in range(n_rows)]
+    phases: list[list[np.ndarray]] = [[] for _ in range(n_rows)]
+    for B, S, phase, valid, log in fws:
+        v = valid.reshape(B, S)
+        lg = log.reshape(B, S, *log.shape[1:])
+        for r in range(B):
+            sel = lg[r][v[r]]
+            parts[r].append(sel)
+            phases[r].append(np.full(len(sel), phase, np.uint8))
+    return [(np.concatenate(p), np.concatenate(ph)) for p, ph in zip(parts, phases, strict=True)]
+
+
+# ---- show / merge / export ------------------------------------------------------------------------
+
+
+def show(trace_path: str | os.PathLike, json: bool = False) -> dict[str, Any]:
+    """Summary of one trace (a moesift trace or a WCER expert-trace/1 JSON file). Prints a table unless
+    `json` (the CLI prints the dict as JSON then)."""
+    t = Trace.load(trace_path)
+    counts = t.counts
+    L, E = counts.shape
+    totals = counts.sum(axis=1)
+    hot = [[int(e), int(c)] for e, c in zip(np.argmax(counts, axis=1), counts.max(axis=1), strict=True)]
+    info: dict[str, Any] = {
+        "schema": t.extra.get("imported_from", SCHEMA),
+        "path": str(trace_path),
+        "model": {
+            "name": t.model.get("name"),
+            "model_type": t.model.get("model_type"),
+            "config_hash": t.model.get("config_hash"),
+            "n_layers": L,
+            "moe_layers": t.model.get("moe_layers"),
+            "n_experts": int(t.model["n_experts"]),
+            "top_k": int(t.model["top_k"]),
+            "n_shared": t.model.get("n_shared"),
+            "hash_layers": t.model.get("hash_layers") or [],
+        },
+        "workload": {
+            "label": t.label,
+            "documents": _count_or_none(t.workload.get("documents", 0)),
+            "prefill_tokens": _count_or_none(t.workload.get("prefill_tokens", 0)),
+            "decode_tokens": _count_or_none(t.workload.get("decode_tokens", 0)),
+            "token_sha256": t.workload.get("token_sha256"),
+            "sources": t.workload.get("sources", []),
+        },
+        "arrays": {k: list(v.shape) for k, v in t.arrays.items()},
+        "folds": t.n_folds,
+        "tool": t.tool,
+        "routes_per_layer": [int(x) for x in totals],
+        "experts_used_per_layer": [int(x) for x in (counts > 0).sum(axis=1)],
+        "hottest_per_layer": hot,
+        "counts": counts.tolist(),
+    }
+    if not json:
+        _print_summary(info, counts)
+    return info
+
+
+def _print_summary(info: dict[str, Any], counts: np.ndarray) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    c = Console()
+    m, w = info["model"], info["workload"]
+    c.print(f"[bold]{info['path']}[/bold]  ({info['schema']})")
+    c.print(f"model    {m['name']}  type={m['model_type']}  MoE layers={m['n_layers']}  experts={m['n_experts']}  "
+            f"top-k={m['top_k']}  shared={m['n_shared']}")
+    c.print(f"workload {w['label']!r}: {w['documents']} documents, {w['prefill_tokens']} prompt tokens, "
+            f"{w['decode_tokens']} generated tokens; folds={info['folds']}")
+    c.print("arrays   " + ", ".join(f"{k}{v}" for k, v in info["arrays"].items()))
+    tab = Table(title="per MoE layer")
+    for col in ("#", "layer", "routes", "experts used", "hottest (count)", "max/mean", "experts for 90%"):
+        tab.add_column(col, justify="right")
+    moe = m.get("moe_layers") or list(range(len(counts)))
+    for i, row in enumerate(counts):
+        total = int(row.sum())
+        mean = total / len(row) if len(row) else 0
+        srt = np.sort(row)[::-1]
+        cum = np.cumsum(srt) / max(total, 1)
+        need = int(np.searchsorted(cum, 0.9) + 1) if total else 0
+        tab.add_row(str(i), str(moe[i] if i < len(moe) else i), str(total), str(int((row > 0).sum())),
+                    f"{int(np.argmax(row))} ({int(row.max())})", f"{(row.max() / mean) if mean else 0:.2f}", str(need))
+    c.print(tab)
+
+
+def merge_traces(
+    paths: list[str | os.PathLike],
+    out: str | os.PathLike,
+    label: str | None = None,
+    force: bool = False,
+) -> Trace:
+    """Add traces of the same model (refuses different models) and save the sum to `out`."""
+
+    if not paths:
+        raise MoesiftError("merge needs at least one trace")
+    check_output_path(out, force)
+    traces = [Trace.load(p) for p in paths]
+    t = merge(traces, label=label)
+    t.tool = {"name": "moesift", "version": __version__, "merged": [str(p) for p in paths]}
+    t.save(out, force=force)
+    return t
+
+
+EXPORT_FORMATS = ("expert-trace/1", SCHEMA)
+
+
+def export_trace(
+    trace: str | os.PathLike | Trace,
+    out: str | os.PathLike,
+    format: str = "expert-trace/1",
+    force: bool = False,
+) -> Path:
+    """Write `trace` in another format: ``expert-trace/1`` (WCER JSON) or ``moesift-trace/1``."""
+
+    if format not in EXPORT_FORMATS:
+        raise MoesiftError(f"unknown export format {format!r}; use one of {', '.join(EXPORT_FORMATS)}")
+    t = trace if isinstance(trace, Trace) else Trace.load(trace)
+    if format == SCHEMA:
+        return t.save(out, force=force)
+
+    return write_json(out, dump_expert_trace(t), force=force)

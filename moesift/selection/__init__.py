@@ -1,0 +1,1 @@
+"""Choose resident sets: strategies, allocation, the planner, calibration, placement, offload budgets."""

@@ -1,0 +1,683 @@
+"""Calibrated selection: measure what restriction does to each MoE layer's output on calibration prompts.
+
+Two phases, so that a model that does not fit in memory can be calibrated:
+
+1. Capture. The model runs the calibration prompts once (``device="auto"`` lets accelerate spread or
+   offload it); a hook on every MoE block stores the block's input hidden states (the tokens of the
+   prompts, padding left out) on the host.
+2. Layer by layer. Each MoE block alone is built on the meta device and filled from the checkpoint (only
+   the tensors of that decoder layer are read, through transformers' own name conversions), evaluated on
+   its captured inputs, and freed before the next one.
+
+Per layer, greedy removal: starting from every expert resident, remove the selection unit (an expert, or a
+whole group for group-limited routers) whose removal raises the layer's output error
+``sum_t ||y_full(x_t) - y_R(x_t)||^2`` least, where ``y_R`` is the block restricted to the resident set R
+(the family's own restriction: the token is re-routed to its next-best resident experts), until only the
+top-k floor is left. The order of removal ranks the units (removed last = most needed) and the error
+after each removal gives the marginal loss of each unit, which ``plan --allocate`` spends a total budget by.
+
+The greedy is lazy (as in CELF): every candidate is measured on the first step, so the first removal is
+exact; afterwards a candidate is re-measured only when the tokens it serves changed and it reaches the top
+of the queue (a removal that gets cheaper as others go is the exception it can miss).
+
+Only the tokens an expert currently serves change when it is removed, for routers whose weights are
+renormalised over the selection (or do not depend on the other experts); for those, a candidate's error is
+measured on its tokens alone, which is exact. Whether a router is such is measured, not assumed: on the
+first step one removal is evaluated on every token, and when another token's output moved the layer is
+calibrated on every token for every candidate. Group-limited layers (a handful of groups) are always
+evaluated on every token.
+
+Group-limited layers get a second order, for plans that keep the same number of experts in every group
+(``plan --groups equal``: the budgets below the whole-group floor): single experts removed in rounds that
+take one expert from every group (the cheapest first within a round), down to the fewest per group the
+router can use (the group score's terms, and top-k within the selectable groups). It is stored as the
+layer's ``equal`` entry; the set left after any whole number of rounds has the same count in every group.
+The end-to-end phase (3.) then picks, per kept number of rounds, between the greedy's set and each group's
+most routed experts, by the model's KL.
+
+3. End to end, where the layer error misleads. A group-limited router (DeepSeek-V3: 2 of 4 groups per
+   token) leaves each layer a choice among a handful of group sets per kept count (C(4, 2) = 6), and the set
+   with the least layer-output error is not always the one that costs the model least. For such layers each
+   set is scored by the whole model's KL to the full model's next-token distributions on the calibration
+   tokens, layer by layer with the other layers' sets fixed (coordinate descent until a sweep changes
+   nothing), per kept count; ``plan`` takes those sets and ``--allocate`` spends by the KL each layer's set
+   costs alone. This needs the whole model (held, or offloaded with ``device="auto"``) for the run, one
+   forward per candidate; routers with one expert per unit (too many sets) keep the layer error.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..arch.spec import equal_group_floor, expert_args
+from ..core.errors import MoesiftError
+from ..core.io import check_output_path, sha256_file
+from ..engines.hf import config_obj, hf_progress, load_model, model_class, parse_dtype
+from ..engines.restrict import restrict
+from ..formats.calibration import Calibration
+from ..formats.checkpoint import CheckpointIndex
+from ..formats.workload import batches, encode_documents, read_documents
+
+# ------------------------------------------------------------------------------------------------
+# Result
+# ------------------------------------------------------------------------------------------------
+
+
+# ------------------------------------------------------------------------------------------------
+# Phase 1: capture each MoE block's inputs
+# ------------------------------------------------------------------------------------------------
+
+
+def capture_inputs(model: Any, adapter: Any, spec: Any, token_lists: list[list[int]], batch_size: int = 8,
+                   dtype: Any = None, progress: Any = None) -> dict[int, Any]:
+    """{decoder layer: hidden [N, H] on the host}: the inputs of every MoE block on the tokens (no padding)."""
+    import torch
+
+
+    store: dict[int, list[Any]] = {layer: [] for layer in spec.moe_layers}
+    state: dict[str, Any] = {}
+    handles = []
+    for layer in spec.moe_layers:
+        block = adapter.moe_block(model, layer)
+
+        def pre(mod, args, kwargs, _layer=layer):
+            h = args[0] if args else kwargs.get("hidden_states")
+            flat = h.reshape(-1, h.shape[-1])
+            keep = state["mask"].to(flat.device)
+            store[_layer].append(flat[keep].to("cpu", dtype=dtype or flat.dtype))
+
+        handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
+    device = next(p for p in model.parameters() if p.device.type != "meta").device
+    bl = batches(token_lists, batch_size)
+    task = progress.add_task("capturing MoE inputs", total=len(bl)) if progress else None
+    try:
+        with torch.no_grad():
+            for ids, mask in bl:
+                state["mask"] = mask.reshape(-1).bool()
+                model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+                if progress:
+                    progress.update(task, advance=1)
+    finally:
+        for h in handles:
+            h.remove()
+    return {layer: torch.cat(v) for layer, v in store.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# Phase 2: one MoE block at a time from the checkpoint
+# ------------------------------------------------------------------------------------------------
+
+
+def skeleton(config_dict: dict[str, Any]) -> Any:
+    """The family's causal-LM model on the meta device (no memory): a frame to load single blocks into."""
+    import torch
+
+
+    cfg = config_obj(config_dict)
+    with torch.device("meta"):
+        return model_class(cfg)(cfg)
+
+
+def load_block(index: Any, frame: Any, layer: int, device: str = "cpu", dtype: Any = None) -> Any:
+    """Fill decoder layer `layer`'s MoE block of the meta `frame` from the checkpoint (only that layer's
+    tensors are read) on `device`; returns the block. `unload_block` gives the memory back."""
+    import torch
+    from safetensors import safe_open
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import convert_and_load_state_dict_in_model
+    from transformers.modeling_utils import LoadStateDictConfig
+
+
+    ad = index.adapter
+    block = ad.moe_block(frame, layer)
+    block.to_empty(device=device)
+    names: dict[str, list[str]] = {}
+    for t in index.tensors:
+        if t.role.layer == layer and t.role.kind != "other":
+            names.setdefault(t.file, []).append(t.name)
+    state: dict[str, Any] = {}
+    for f, ns in names.items():
+        with safe_open(str(Path(index.directory) / f), "pt", device="cpu") as fh:
+            for n in ns:
+                x = fh.get_tensor(n)
+                state[n] = x.to(dtype) if dtype is not None and x.is_floating_point() else x
+    prefix = next(n for n, m in frame.named_modules() if m is block) + "."
+    cfg = LoadStateDictConfig(dtype=dtype, weight_mapping=get_model_conversion_mapping(frame))
+    with hf_progress(False):
+        info = convert_and_load_state_dict_in_model(frame, state, cfg)
+    info = info[0] if isinstance(info, tuple) else info
+    missing = [k for k in getattr(info, "missing_keys", ()) if k.startswith(prefix)]
+    if missing:
+        raise MoesiftError(
+            f"{str(index.directory)!r}: the checkpoint has no tensor for {missing[0]} (MoE block of layer {layer}); "
+            "the checkpoint is incomplete"
+        )
+    # buffers that the checkpoint does not hold (none in the supported families) would be uninitialised
+    for n, b in block.named_buffers():
+        if not torch.isfinite(b).all() and b.is_floating_point() and (prefix + n) not in state:
+            raise MoesiftError(f"{str(index.directory)!r}: buffer {prefix + n} of layer {layer} is not in the checkpoint")
+    return block.to(device=device, dtype=dtype) if dtype is not None else block.to(device)
+
+
+def unload_block(frame: Any, adapter: Any, layer: int) -> None:
+    adapter.moe_block(frame, layer).to("meta")
+
+
+class _Block:
+    """Runs one MoE block, restricted or not, and reports the experts each token was routed to."""
+
+    def __init__(self, frame: Any, adapter: Any, spec: Any, layer: int):
+        self.frame, self.ad, self.layer = frame, adapter, layer
+        self.block = adapter.moe_block(frame, layer)
+        self.m = spec.moe_layers.index(layer)
+        self.E = spec.n_experts
+        self.ids = None
+        self.probs = None
+
+    def run(self, x: Any, resident: Sequence[int] | None, chunk: int = 8192) -> tuple[Any, Any]:
+        """(output [n, H] float32, routed ids [n, K]) of the block on x [n, H] restricted to `resident`."""
+        import contextlib
+
+        import torch
+
+        outs, ids = [], []
+        experts = self.ad.experts(self.frame, self.layer)
+
+        def pre(mod, args, kwargs):
+            _, i, _w = expert_args(args, kwargs)
+            ids.append(i.reshape(-1, i.shape[-1]))
+
+        h = experts.register_forward_pre_hook(pre, with_kwargs=True)
+        ctx = self.ad.restrict(self.frame, {self.layer: list(resident)}) if resident is not None \
+            and len(resident) < self.E else contextlib.nullcontext()
+        try:
+            with ctx, torch.no_grad():
+                for s in range(0, x.shape[0], chunk):
+                    y = self.block(x[s: s + chunk].unsqueeze(0))
+                    y = y[0] if isinstance(y, tuple) else y
+                    outs.append(y.reshape(-1, y.shape[-1]).float())
+        finally:
+            h.remove()
+        return torch.cat(outs), torch.cat(ids)
+
+
+def units_of(spec: Any) -> list[list[int]]:
+    """Selection units: experts, or whole groups for group-limited routers (as the planner keeps them)."""
+    if spec.n_group and spec.n_group > 1:
+        per = spec.n_experts // spec.n_group
+        return [list(range(g * per, (g + 1) * per)) for g in range(spec.n_group)]
+    return [[e] for e in range(spec.n_experts)]
+
+
+def floor_units(spec: Any, units: list[list[int]]) -> int:
+    """Fewest units a layer can keep: enough for top-k experts (and top-k groups)."""
+    per = len(units[0])
+    n = math.ceil(spec.top_k / per)
+    if spec.n_group and spec.n_group > 1 and spec.topk_group:
+        n = max(n, int(spec.topk_group))
+    return min(n, len(units))
+
+
+def greedy_layer(blk: _Block, x: Any, units: list[list[int]], n_floor: int,
+                 tick: Callable[[], None] | None = None, balance: Sequence[int] | None = None) -> dict[str, Any]:
+    """Greedy removal on one layer (see the module docstring). Returns order (units removed, first first),
+    floor (units left), error (relative error after each removal, error[0] = 0), local (candidates measured
+    on their own tokens) and forwards (block calls).
+
+    `balance` (group of each unit): removal goes in rounds that take one unit from every group, so after
+    every round each group holds the same number (the "equal" group mode; measured on every token, since
+    a group's score depends on all of its experts)."""
+    import torch
+
+    full, ids_full = blk.run(x, None)
+    norm2 = float((full.double() ** 2).sum()) or 1.0
+    N = x.shape[0]
+    remaining = list(range(len(units)))
+    resident = set(range(blk.E))
+    cur_ids = ids_full.clone()
+    err_tok = torch.zeros(N, dtype=torch.float64, device=full.device)
+    # tie-break (unused experts): lower routed count first
+    used = torch.bincount(ids_full.reshape(-1).long(), minlength=blk.E).cpu().numpy()
+    grouped = len(units[0]) > 1 or balance is not None
+    forwards = 1
+    local = not grouped
+    if local and len(units) > n_floor:
+        # does removing one expert move the outputs of tokens it does not serve? (then measure on all tokens)
+        probe = int(np.argmax(used))
+        out, _ = blk.run(x, sorted(resident - {probe}))
+        forwards += 1
+        served = (cur_ids == probe).any(dim=1)
+        change = ((out - full).double() ** 2).sum(dim=1)
+        # renormalising routers leave the other tokens as they were up to rounding (bf16: ~1e-5 of the served
+        # tokens' change); routers that do not renormalise move them by the removed expert's probability share
+        if (~served).any() and served.any() and float(change[~served].mean()) > 1e-4 * float(change[served].mean()):
+            local = False
+    def measure(u: int) -> float:
+        nonlocal forwards
+        R = sorted(resident - set(units[u]))
+        forwards += 1
+        if local:
+            sel = (cur_ids.unsqueeze(-1) == torch.as_tensor(units[u], device=cur_ids.device)).any(-1).any(-1)
+            idx = sel.nonzero().reshape(-1)
+            if idx.numel() == 0:
+                forwards -= 1
+                return 0.0
+            out, _ = blk.run(x[idx.to(x.device)], R)
+            return float(((full[idx] - out).double() ** 2).sum() - err_tok[idx].sum())
+        out, _ = blk.run(x, R)
+        return float(((full - out).double() ** 2).sum()) - total
+
+    def key(u: int, d: float) -> tuple[float, int, int]:
+        return (d, int(sum(used[e] for e in units[u])), u)
+
+    # lazy greedy: every candidate is measured on the first step; afterwards only candidates whose tokens
+    # changed are stale, and a stale candidate is re-measured only when it reaches the top of the heap
+    order, errors = [], [0.0]
+    total = 0.0
+    heap = [key(u, measure(u)) for u in remaining]
+    heapq.heapify(heap)
+    stale: set[int] = set()
+    n_groups = len(set(balance)) if balance is not None else 0
+    taken: set[int] = set()  # groups that gave a unit in this round
+    while len(remaining) > n_floor:
+        held = []
+        while True:
+            d, _, best = heapq.heappop(heap)
+            if balance is not None and balance[best] in taken:
+                held.append((d, _, best))  # its group already gave one this round
+                continue
+            if best not in stale:
+                break
+            stale.discard(best)
+            heapq.heappush(heap, key(best, measure(best)))
+        for h in held:
+            heapq.heappush(heap, h)
+        if balance is not None:
+            taken.add(balance[best])
+            if len(taken) == n_groups:
+                taken = set()
+        gone = set(units[best])
+        resident -= gone
+        remaining.remove(best)
+        order.append(units[best])
+        if local:
+            sel = (cur_ids.unsqueeze(-1) == torch.as_tensor(units[best], device=cur_ids.device)).any(-1).any(-1)
+            idx = sel.nonzero().reshape(-1)
+            if idx.numel():
+                out, new_ids = blk.run(x[idx.to(x.device)], sorted(resident))
+                forwards += 1
+                old = cur_ids[idx]
+                cur_ids[idx] = new_ids.to(cur_ids.dtype)
+                err_tok[idx] = ((full[idx] - out).double() ** 2).sum(dim=1)
+                touched = set(torch.unique(torch.cat([old.reshape(-1), new_ids.reshape(-1).to(old.dtype)])).tolist())
+                stale |= {u for u in remaining if any(e in touched for e in units[u])}
+            total = float(err_tok.sum())
+        else:
+            total += d
+            stale = set(remaining)
+        errors.append(total / norm2)
+        if tick:
+            tick()
+    floor = [units[u] for u in remaining]
+    return {"order": order, "floor": floor, "error": errors, "local": local, "forwards": forwards,
+            "output_norm2": norm2, "tokens": int(N), "routed": [int(v) for v in used]}
+
+
+# ------------------------------------------------------------------------------------------------
+# Phase 3: end-to-end scoring where the layer-local error misleads (small candidate sets)
+# ------------------------------------------------------------------------------------------------
+
+
+class _EndToEnd:
+    """KL(full model || restricted model) of the next-token distributions on the calibration tokens, mean
+    over every real token. The full model's distributions are stored as their `top` most likely tokens plus
+    one bucket for the rest (the KL of these coarsened distributions; exact when `top` >= the vocabulary)."""
+
+    def __init__(self, model: Any, token_lists: list[list[int]], batch_size: int, top: int, loss: str = "kl"):
+        import torch
+
+
+        self.model = model
+        self.loss = loss
+        self.device = next(p for p in model.parameters() if p.device.type != "meta").device
+        self.batches = batches(token_lists, batch_size)
+        self.ref: list[tuple[Any, Any, Any, Any]] = []
+        self.tokens = 0
+        self.forwards = 0
+        with torch.no_grad():
+            for ids, mask in self.batches:
+                lp = self._logp(ids, mask)
+                k = min(top, lp.shape[-1])
+                tp, ti = lp.topk(k, dim=-1)
+                rest = self._rest(tp)
+                self.ref.append((ti, tp, rest, tp.exp()))
+                self.tokens += lp.shape[0]
+
+    def _logp(self, ids: Any, mask: Any) -> Any:
+        import torch
+
+        out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), use_cache=False)
+        keep = mask.reshape(-1).bool().to(out.logits.device)
+        return torch.log_softmax(out.logits.float().reshape(-1, out.logits.shape[-1])[keep], dim=-1)
+
+    @staticmethod
+    def _rest(top_logp: Any) -> Any:
+        import torch
+
+        # log of the probability mass outside the top tokens (log1p(-sum p) is accurate near 0 and 1)
+        s = top_logp.exp().sum(-1).clamp(max=1.0)
+        return torch.log1p(-s).clamp(min=math.log(1e-30)) if s.numel() else s
+
+    def kl(self, resident: dict[int, list[int]]) -> float:
+        """Mean KL per token of the model restricted to `resident` ({decoder layer: ids})."""
+        import torch
+
+
+        total = 0.0
+        self.forwards += 1
+        with torch.no_grad(), restrict(self.model, resident):
+            for (ids, mask), (ti, tp, rest, p) in zip(self.batches, self.ref, strict=True):
+                lq = self._logp(ids, mask)
+                if self.loss == "nll":  # cross-entropy of the next calibration token
+                    nxt = torch.zeros_like(mask)
+                    nxt[:, :-1] = mask[:, 1:]
+                    tgt = torch.roll(ids, -1, dims=1).reshape(-1)[mask.reshape(-1).bool()]
+                    ok = nxt.reshape(-1)[mask.reshape(-1).bool()].bool()
+                    total += float(-lq[ok.to(lq.device)].gather(-1, tgt[ok].to(lq.device).unsqueeze(-1)).double().sum())
+                    continue
+                qt = lq.gather(-1, ti.to(lq.device))
+                qrest = self._rest(qt)
+                kl = (p * (tp - qt)).sum(-1) + rest.exp() * (rest - qrest)
+                total += float(kl.double().sum())
+        return total / max(self.tokens, 1)
+
+
+def choose_end_to_end(
+    model: Any, spec: Any, layers_out: list[dict[str, Any]], units: list[list[int]], n_floor: int,
+    token_lists: list[list[int]], batch_size: int = 8, top: int = 64, max_candidates: int = 70,
+    sweeps: int = 3, tick: Callable[[], None] | None = None, loss: str = "kl",
+) -> dict[str, Any] | None:
+    """For layers whose choice is among few sets (group-limited routers: C(groups, kept) per count), choose
+    the set per kept count by the model's own KL on the calibration tokens instead of the layer-output
+    error. Per count k: every layer starts from the greedy's best k units; then coordinate descent, layer by
+    layer with the other layers' sets fixed, each layer takes the k-unit set that restricted in the model
+    gives the least KL, until a sweep changes nothing (at most `sweeps`). Then per layer and count, the KL of
+    that layer alone restricted to its set (the others whole): ``plan --allocate`` spends by its drops.
+    Adds ``e2e`` to the entries of `layers_out` in place; returns a summary (None when no layer qualifies).
+
+    Layers with an ``equal`` order (same count in every group) get, per kept number of rounds r, a set
+    chosen the same way between two candidates, the greedy's r rounds and each group's r most routed experts
+    on the calibration tokens (``equal["sets"]``), the KL with every layer at its set (``equal["kl"]``,
+    what ``plan --groups auto`` compares with the whole-group sets of the same size) and with that layer
+    alone restricted (``equal["alone"]``, what ``--allocate`` spends by): per count, one forward per
+    layer and sweep, plus one per layer."""
+    from itertools import combinations
+
+    n = len(units)
+    cands = {k: [list(c) for c in combinations(range(n), k)] for k in range(n_floor, n)}
+    if len(units[0]) == 1 or not cands or max(len(c) for c in cands.values()) > max_candidates:
+        return None
+    live = [e for e in layers_out if e.get("order") is not None]
+    if not live:
+        return None
+    t0 = time.perf_counter()
+    ev = _EndToEnd(model, token_lists, batch_size, top, loss)
+    uid = {tuple(u): i for i, u in enumerate(units)}
+    cache: dict[tuple, float] = {}
+
+    def flat(us: Sequence[int]) -> list[int]:
+        return sorted(x for u in us for x in units[u])
+
+    def kl(sets: dict[int, tuple[int, ...]]) -> float:
+        key = tuple(sorted(sets.items()))
+        if key not in cache:
+            cache[key] = ev.kl({layer: flat(s) for layer, s in sets.items()})
+        return cache[key]
+
+    converged = True
+    for e in live:
+        e["e2e"] = {"sets": {}, "kl": {}, "alone": {str(n): 0.0}}
+    for k in range(n_floor, n):
+        cur: dict[int, tuple[int, ...]] = {}
+        for e in live:  # the greedy's k units: the floor and the last removed
+            last = e["order"][len(e["order"]) - (k - n_floor):] if k > n_floor else []
+            keep = [uid[tuple(u)] for u in e["floor"] + last]
+            cur[e["layer"]] = tuple(sorted(keep))
+        done = False
+        for _ in range(sweeps):
+            changed = False
+            for e in live:
+                layer = e["layer"]
+                best, best_kl = cur[layer], kl(cur)
+                for c in cands[k]:
+                    v = kl({**cur, layer: tuple(c)})
+                    if v < best_kl - 1e-12:
+                        best, best_kl = tuple(c), v
+                if best != cur[layer]:
+                    cur[layer], changed = best, True
+                if tick:
+                    tick()
+            if not changed:
+                done = True
+                break
+        converged = converged and done
+        final = kl(cur)
+        for e in live:
+            s = cur[e["layer"]]
+            e["e2e"]["sets"][str(k)] = flat(s)
+            e["e2e"]["kl"][str(k)] = final
+            e["e2e"]["alone"][str(k)] = kl({e["layer"]: s})
+    eq = [e for e in live if e.get("equal")]
+    if eq:
+        G = int(eq[0]["equal"]["groups"])
+        per = len(units[0])
+        r_min = len(eq[0]["equal"]["floor"]) // G
+
+        def kept(q: dict[str, Any], r: int) -> list[int]:  # the floor and the last (r - r_min) rounds removed
+            order = [u[0] for u in q["order"]]
+            return sorted([u[0] for u in q["floor"]] + (order[len(order) - G * (r - r_min):] if r > r_min else []))
+
+        def most_routed(e: dict[str, Any], r: int) -> list[int]:  # each group's r most routed on these tokens
+            used = e.get("routed") or [0] * (G * per)
+            return sorted(x for g in range(G) for x in sorted(range(g * per, (g + 1) * per),
+                                                               key=lambda i: (-used[i], i))[:r])
+
+        ecache: dict[tuple, float] = {}
+
+        def ekl(sets: dict[int, list[int]]) -> float:
+            key = tuple(sorted((k, tuple(v)) for k, v in sets.items()))
+            if key not in ecache:
+                ecache[key] = ev.kl(sets)
+            return ecache[key]
+
+        for e in eq:
+            e["equal"]["kl"], e["equal"]["alone"], e["equal"]["sets"] = {str(per): 0.0}, {str(per): 0.0}, {}
+        for r in range(r_min, per):
+            # per layer two candidates: the greedy's r rounds (layer error) and the r most routed per group
+            # (the counts see every token; the layer error of a rarely used expert rests on few); coordinate
+            # descent over the layers by the model's KL, as for the group sets
+            cands = {e["layer"]: [kept(e["equal"], r), most_routed(e, r)] for e in eq}
+            cur = {layer: c[0] for layer, c in cands.items()}
+            for _ in range(sweeps):
+                changed = False
+                for layer, c in cands.items():
+                    for alt in c:
+                        if alt != cur[layer] and ekl({**cur, layer: alt}) < ekl(cur) - 1e-12:
+                            cur[layer], changed = alt, True
+                if not changed:
+                    break
+            every = ekl(cur)
+            for e in eq:
+                e["equal"]["kl"][str(r)] = every
+                e["equal"]["sets"][str(r)] = cur[e["layer"]]
+                e["equal"]["alone"][str(r)] = ekl({e["layer"]: cur[e["layer"]]})
+                if tick:
+                    tick()
+    return {"kl_top": top, "converged": converged, "forwards": ev.forwards, "tokens": ev.tokens,
+            "seconds": time.perf_counter() - t0, "sweeps": sweeps}
+
+
+# ------------------------------------------------------------------------------------------------
+# The public function
+# ------------------------------------------------------------------------------------------------
+
+
+def _progress(enabled: bool):
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    console = Console(stderr=True)
+    return Progress(
+        TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True,
+        disable=not (enabled and console.is_terminal),
+    )
+
+
+def calibrate(
+    model: str | os.PathLike,
+    data: str | os.PathLike | list[str | os.PathLike],
+    out: str | os.PathLike | None = None,
+    max_samples: int | None = 64,
+    max_length: int = 256,
+    batch_size: int = 8,
+    device: str = "cpu",
+    dtype: str | None = None,
+    field: str | None = None,
+    force: bool = False,
+    progress: bool = True,
+    loaded: Any = None,
+    end_to_end: bool = True,
+    kl_top: int = 64,
+    end_to_end_samples: int | None = None,
+    end_to_end_loss: str = "kl",
+) -> Calibration:
+    """Measure, layer by layer, how much each MoE layer's output moves when its experts are removed one
+    unit at a time (greedy, least damage first) on the calibration prompts `data` (a workload file; never
+    the evaluation data). `model` is the checkpoint directory; `loaded=(model, tokenizer)` reuses an
+    already loaded model for the capture phase. Saved to `out` when given.
+
+    `end_to_end`: where a layer chooses among few sets (group-limited routers), choose them by the model's
+    own KL to the full model on the calibration tokens (see `choose_end_to_end`; `kl_top` most likely tokens kept
+    per position; the first `end_to_end_samples` calibration documents, each candidate costing a forward of
+    the model on them). That needs the whole model through the calibration (offloaded with device="auto" when it
+    does not fit); with `end_to_end=False`, or for routers with one expert per unit, the layer error alone
+    decides. Group-limited layers also get the order for plans keeping the same number of experts in every
+    group (``equal``), and in the end-to-end phase its KL per kept number of rounds."""
+    import torch
+
+
+    if kl_top < 1:
+        raise MoesiftError(f"--kl-top must be at least 1 (got {kl_top})")
+    if end_to_end_loss not in ("kl", "nll"):
+        raise MoesiftError(f"unknown end-to-end loss {end_to_end_loss!r}: kl or nll")
+    if max_length < 2:
+        raise MoesiftError(f"--calib-length must be at least 2 (got {max_length})")
+    if out is not None:
+        check_output_path(out, force)
+    index = CheckpointIndex.build(model)
+    spec, ad = index.spec, index.adapter
+    paths = [data] if isinstance(data, (str, os.PathLike)) else list(data)
+    docs = read_documents(paths, field=field, max_samples=max_samples)
+    t0 = time.perf_counter()
+    with _progress(progress) as bar:
+        if loaded is not None:
+            m, tok = loaded
+        else:
+            with hf_progress(False):
+                m, tok = load_model(model, device=device, dtype=dtype)
+        toks = [ids[:max_length] for ids in encode_documents(docs, tok)]
+        toks = [t for t in toks if t]
+        if not toks:
+            raise MoesiftError(f"calibration data {paths[0]!s} tokenized to nothing; give a file with text")
+        work_dtype = next(m.parameters()).dtype
+        inputs = capture_inputs(m, ad, spec, toks, batch_size=batch_size, progress=bar)
+        t_capture = time.perf_counter() - t0
+        frame = skeleton(index.config)
+        units = units_of(spec)
+        n_floor = floor_units(spec, units)
+        e2e_wanted = end_to_end and len(units[0]) > 1 and len(units) > n_floor
+        # group-limited routers: also the order for plans that keep the same number in every group
+        eq_floor = 0
+        if spec.n_group and spec.n_group > 1:
+
+            eq_floor = spec.n_group * equal_group_floor(spec.n_experts, spec.n_group, spec.topk_group, spec.top_k,
+                                                        ad.group_score_top)
+            per = spec.n_experts // spec.n_group
+            eq_units = [[e] for e in range(spec.n_experts)]
+            eq_balance = [e // per for e in range(spec.n_experts)]
+        if loaded is None and not e2e_wanted:
+            del m
+        run_dev = device if device not in (None, "auto") else ("cuda" if torch.cuda.is_available() else "cpu")
+        layers_out: list[dict[str, Any]] = []
+        steps = sum(0 if layer in spec.hash_layers else len(units) - n_floor + (spec.n_experts - eq_floor if eq_floor
+                    else 0) for layer in spec.moe_layers)
+        task = bar.add_task("calibrating", total=steps)
+        per_layer_s = []
+        for p, layer in enumerate(spec.moe_layers):
+            if layer in spec.hash_layers:
+                layers_out.append({"layer": layer, "moe_index": p, "order": None, "floor": None, "error": None,
+                                   "note": "hash-routed: kept whole"})
+                continue
+            bar.update(task, description=f"calibrating layer {layer} ({p + 1}/{len(spec.moe_layers)})")
+            ts = time.perf_counter()
+            load_block(index, frame, layer, device=run_dev, dtype=work_dtype)
+            blk = _Block(frame, ad, spec, layer)
+            x = inputs.pop(layer).to(run_dev, dtype=work_dtype)
+            r = greedy_layer(blk, x, units, n_floor, tick=lambda: bar.update(task, advance=1))
+            if eq_floor:
+                q = greedy_layer(blk, x, eq_units, eq_floor, tick=lambda: bar.update(task, advance=1),
+                                 balance=eq_balance)
+                r["equal"] = {**{k: q[k] for k in ("order", "floor", "error", "forwards")}, "groups": spec.n_group}
+            unload_block(frame, ad, layer)
+            del x
+            if run_dev.startswith("cuda"):
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - ts
+            per_layer_s.append(dt)
+            layers_out.append({"layer": layer, "moe_index": p, **r, "seconds": dt})
+        e2e = None
+        if e2e_wanted:
+            live = sum(1 for layer in spec.moe_layers if layer not in spec.hash_layers)
+            per_g = len(units[0])
+            t2 = bar.add_task("end-to-end choice", total=live * (len(units) - n_floor) * 2
+                              + (live * (per_g - eq_floor // spec.n_group) if eq_floor else 0))
+            e2e_toks = toks[:end_to_end_samples] if end_to_end_samples else toks
+            e2e = choose_end_to_end(m, spec, layers_out, units, n_floor, e2e_toks, batch_size=batch_size, top=kl_top,
+                                     loss=end_to_end_loss, tick=lambda: bar.update(t2, advance=1))
+            if e2e is not None:  # spread its cost over the layers it served
+                for e in layers_out:
+                    if "e2e" in e:
+                        e["seconds"] += e2e["seconds"] / max(live, 1)
+                per_layer_s = [e["seconds"] for e in layers_out if e.get("order") is not None]
+            if loaded is None:
+                del m
+    info = {k: v for k, v in spec.to_dict().items()} if hasattr(spec, "to_dict") else {}
+    info["checkpoint"] = str(index.directory)
+    settings = {"data": [{"path": str(q), "sha256": sha256_file(q) if Path(q).is_file() else None} for q in paths],
+                "max_samples": max_samples, "max_length": max_length, "documents": len(toks),
+                "tokens": int(sum(len(t) for t in toks)), "device": run_dev, "end_to_end": e2e,
+                "dtype": str(parse_dtype(dtype)).replace("torch.", "") if dtype else str(work_dtype).replace("torch.", "")}
+    timing = {"capture_s": t_capture, "per_layer_s": per_layer_s,
+              "end_to_end_s": e2e["seconds"] if e2e else None,
+              "mean_layer_s": float(np.mean(per_layer_s)) if per_layer_s else None,
+              "total_s": time.perf_counter() - t0}
+    cal = Calibration(model=info, layers=layers_out, settings=settings, timing=timing)
+    if out is not None:
+        cal.save(out, force=force)
+    return cal

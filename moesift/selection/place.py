@@ -1,0 +1,613 @@
+"""Expert-parallel placement from a trace: balance load (EPLB-style replication) or keep chains together
+(ExFlow-style inter-layer affinity), with a simulated report against round-robin placement.
+
+Model. Each MoE layer has ``E`` logical experts and ``E + R`` physical slots (``R`` = ``replicas``, the
+redundant experts), ``(E + R) / G`` slots on each of ``G`` GPUs; slot ``p`` lives on GPU
+``p // slots_per_gpu`` (SGLang's convention). An expert with ``c`` replicas gets ``1/c`` of its tokens on each.
+
+Figures (each beside the same figure for round-robin placement, expert ``e`` on GPU ``e % G``):
+
+- ``load_max_over_mean``: per MoE layer, the busiest GPU's routed tokens over the mean GPU's; the mean over
+  layers and the worst layer.
+- ``cross_gpu_hop_share``: of all layer-to-layer hops (a token's expert ``i`` at one MoE layer to each of its
+  experts ``j`` at the next, every pair counted, as in the trace's ``transitions``), the share whose two
+  experts sit on different GPUs (with replicas, the probability that the two replicas used differ).
+- ``all_to_all_bytes_per_token``: a token's hidden state is sent to every GPU that hosts one of its experts
+  and its result sent back (2 x hidden x dtype bytes per GPU), except GPUs that already hold it: for the
+  first MoE layer the token's home GPU (uniform, so ``1/G`` of a GPU is free on average), for later layers
+  the GPUs that ran its experts at the previous MoE layer (tokens follow their experts, as in ExFlow).
+  Replicas are used round-robin over tokens. Needs the hidden size (trace model info or ``hidden``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json as _json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..core.errors import MoesiftError
+from ..core.io import write_json
+from ..formats.trace import Trace
+
+MILP_MAX_VARS = 4000
+
+
+# ---------------------------------------------------------------------------------------------------------
+# balance: hierarchical replication + balanced packing (DeepSeek EPLB) with a swap refinement
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _balanced_packing(weights: np.ndarray, n_bins: int, per_bin: int) -> np.ndarray:
+    """Assign items to bins, ``per_bin`` items each, heaviest first onto the lightest bin with room.
+    Then swap pairs between the heaviest bin and others while that lowers the heaviest bin's load."""
+    n = len(weights)
+    assert n == n_bins * per_bin
+    bin_of = np.empty(n, dtype=np.int64)
+    load = np.zeros(n_bins)
+    cnt = np.zeros(n_bins, dtype=np.int64)
+    for i in np.argsort(-weights, kind="stable"):
+        open_ = np.flatnonzero(cnt < per_bin)
+        b = open_[np.argmin(load[open_])]
+        bin_of[i] = b
+        load[b] += weights[i]
+        cnt[b] += 1
+    for _ in range(4 * n):
+        hb = int(np.argmax(load))
+        best = None
+        hi_items = np.flatnonzero(bin_of == hb)
+        for b in np.argsort(load):
+            if b == hb:
+                continue
+            lo_items = np.flatnonzero(bin_of == b)
+            d = weights[hi_items][:, None] - weights[lo_items][None, :]  # moved from hb to b
+            new_max_pair = np.maximum(load[hb] - d, load[b] + d)
+            ok = (d > 0) & (new_max_pair < load[hb] - 1e-12)
+            if ok.any():
+                k = np.unravel_index(np.argmin(np.where(ok, new_max_pair, np.inf)), d.shape)
+                best = (hi_items[k[0]], lo_items[k[1]], b, d[k])
+                break
+        if best is None:
+            break
+        i, j, b, dd = best
+        bin_of[i], bin_of[j] = b, hb
+        load[hb] -= dd
+        load[b] += dd
+    return bin_of
+
+
+def _replicate(weights: np.ndarray, n_phy: int) -> np.ndarray:
+    """Replica counts: one each, then repeatedly one more for the expert with the most load per replica."""
+    cnt = np.ones(len(weights), dtype=np.int64)
+    for _ in range(n_phy - len(weights)):
+        cnt[int(np.argmax(weights / cnt))] += 1
+    return cnt
+
+
+def balance_layer(w: np.ndarray, gpus: int, nodes: int, replicas: int, groups: int | None = None) -> np.ndarray:
+    """phy2log [E + R] for one layer by EPLB's hierarchical scheme: groups of experts packed evenly onto
+    nodes, replicas added inside each node to the expert with the most load per replica, replicas packed
+    onto the node's GPUs by load. Slot order: GPU by GPU."""
+    E = len(w)
+    w = np.asarray(w, dtype=np.float64) + 1e-9  # unseen experts still get a slot and a stable order
+    n_phy = E + replicas
+    groups = groups if groups and E % groups == 0 and groups % nodes == 0 else E
+    gsize = E // groups
+    node_of_group = _balanced_packing(w.reshape(groups, gsize).sum(1), nodes, groups // nodes)
+    gpn = gpus // nodes
+    phy_per_node = n_phy // nodes
+    per_gpu = n_phy // gpus
+    out = []
+    for nd in range(nodes):
+        experts = np.concatenate([np.arange(g * gsize, (g + 1) * gsize) for g in np.flatnonzero(node_of_group == nd)])
+        cnt = _replicate(w[experts], phy_per_node)
+        rep_expert = np.repeat(experts, cnt)
+        rep_load = np.repeat(w[experts] / cnt, cnt)
+        gpu_of = _balanced_packing(rep_load, gpn, per_gpu)
+        for g in range(gpn):
+            out.extend(sorted(rep_expert[gpu_of == g].tolist()))
+    return np.asarray(out, dtype=np.int64)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# affinity: experts chained across consecutive layers on the same GPU (ExFlow)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _cap(E: int, G: int) -> int:
+    return -(-E // G)
+
+
+def same_gpu_hops(T: np.ndarray, gpu: np.ndarray) -> float:
+    """Hops (weighted by T [L-1, E, E]) whose two experts share a GPU under gpu [L, E]."""
+    return float(sum(T[li][gpu[li][:, None] == gpu[li + 1][None, :]].sum() for li in range(len(T))))
+
+
+def affinity_bound(T: np.ndarray, G: int) -> float:
+    """Upper bound on same-GPU hops: an expert shares its GPU with at most ceil(E/G) experts of the next layer,
+    so its row keeps at most the sum of its ceil(E/G) largest entries (likewise per column)."""
+    E = T.shape[1]
+    c = _cap(E, G)
+    tot = 0.0
+    for Tl in T:
+        rows = np.sort(Tl, axis=1)[:, ::-1][:, :c].sum()
+        cols = np.sort(Tl, axis=0)[::-1, :][:c, :].sum()
+        tot += min(rows, cols)
+    return float(tot)
+
+
+def _assign(score: np.ndarray, G: int) -> np.ndarray:
+    """Experts to GPUs (at most ceil(E/G) each) maximising sum score[e, gpu(e)]: a linear assignment."""
+    from scipy.optimize import linear_sum_assignment
+
+    E = score.shape[0]
+    c = _cap(E, G)
+    cols = np.repeat(np.arange(G), c)
+    r, k = linear_sum_assignment(-score[:, cols])
+    out = np.empty(E, dtype=np.int64)
+    out[r] = cols[k]
+    return out
+
+
+def affinity_heuristic(T: np.ndarray, G: int, sweeps: int = 8) -> np.ndarray:
+    """Chain layer by layer (each layer's assignment solved exactly given the previous layer), then sweep:
+    re-solve every layer given both neighbours until nothing improves. Never worse than round-robin."""
+    Lm1, E, _ = T.shape
+    L = Lm1 + 1
+    rr = np.tile(np.arange(E) % G, (L, 1))
+    gpu = rr.copy()
+    for li in range(1, L):
+        onehot = np.eye(G)[gpu[li - 1]]  # [E, G]
+        gpu[li] = _assign(T[li - 1].T @ onehot, G)
+    best = same_gpu_hops(T, gpu)
+    for _ in range(sweeps):
+        for li in range(L):
+            s = np.zeros((E, G))
+            if li > 0:
+                s += T[li - 1].T @ np.eye(G)[gpu[li - 1]]
+            if li < L - 1:
+                s += T[li] @ np.eye(G)[gpu[li + 1]]
+            gpu[li] = _assign(s, G)
+        v = same_gpu_hops(T, gpu)
+        if v <= best + 1e-9:
+            best = max(best, v)
+            break
+        best = v
+    if same_gpu_hops(T, rr) > same_gpu_hops(T, gpu):
+        return rr
+    return gpu
+
+
+def _neighbour_score(T: np.ndarray, gpu: np.ndarray, li: int, G: int) -> np.ndarray:
+    """[E, G]: hops expert e of layer li would keep on GPU g given the neighbouring layers' placement."""
+    E = gpu.shape[1]
+    s = np.zeros((E, G))
+    if li > 0:
+        s += T[li - 1].T @ np.eye(G)[gpu[li - 1]]
+    if li < len(gpu) - 1:
+        s += T[li] @ np.eye(G)[gpu[li + 1]]
+    return s
+
+
+def rebalance_affinity(T: np.ndarray, gpu: np.ndarray, load: np.ndarray, G: int, max_ratio: float) -> np.ndarray:
+    """Swap experts of a layer between its busiest GPU and another until busiest/mean load <= max_ratio,
+    choosing each time the swap that lowers the busiest GPU and loses the fewest same-GPU hops."""
+    gpu = gpu.copy()
+    L, E = gpu.shape
+    for li in range(L):
+        w = load[li].astype(np.float64)
+        mean = w.sum() / G
+        if mean <= 0:
+            continue
+        for _ in range(4 * E):
+            gl = np.bincount(gpu[li], weights=w, minlength=G)
+            hot = int(np.argmax(gl))
+            if gl[hot] <= max_ratio * mean + 1e-12:
+                break
+            S = _neighbour_score(T, gpu, li, G)
+            a = np.flatnonzero(gpu[li] == hot)
+            b = np.flatnonzero(gpu[li] != hot)
+            gb = gpu[li][b]
+            d = w[a][:, None] - w[b][None, :]
+            new_max = np.maximum(gl[hot] - d, gl[gb][None, :] + d)
+            ok = (d > 0) & (new_max < gl[hot] - 1e-12)
+            if not ok.any():
+                break
+            loss = (S[a, hot][:, None] + S[b, gb][None, :] - S[a][:, gb] - S[b, hot][None, :])
+            k = np.unravel_index(np.argmin(np.where(ok, loss - 1e-9 * (gl[hot] - new_max), np.inf)), d.shape)
+            ea, eb = a[k[0]], b[k[1]]
+            gpu[li, ea], gpu[li, eb] = gpu[li, eb], hot
+    return gpu
+
+
+def affinity_milp(T: np.ndarray, G: int, time_limit: float = 30.0) -> tuple[np.ndarray, dict[str, Any]]:
+    """ExFlow's integer program through HiGHS: x[l,e,g] (expert e of layer l on GPU g, one GPU each, at most
+    ceil(E/G) per GPU and layer), z[l,i,j,g] <= x[l,i,g], x[l+1,j,g]; maximise sum T[l,i,j] z[l,i,j,g]."""
+    from scipy.optimize import Bounds, LinearConstraint, milp
+    from scipy.sparse import coo_matrix
+
+    Lm1, E, _ = T.shape
+    L = Lm1 + 1
+    c = _cap(E, G)
+    nx = L * E * G
+
+    def xi(li, e, g):
+        return (li * E + e) * G + g
+
+    pairs = [(li, i, j) for li in range(Lm1) for i, j in zip(*np.nonzero(T[li]), strict=True)]
+    nz = len(pairs) * G
+    rows, cols, vals, lo, hi = [], [], [], [], []
+    r = 0
+    for li in range(L):  # each expert on exactly one GPU
+        for e in range(E):
+            for g in range(G):
+                rows.append(r), cols.append(xi(li, e, g)), vals.append(1.0)
+            lo.append(1), hi.append(1)
+            r += 1
+    for li in range(L):  # at most c per GPU
+        for g in range(G):
+            for e in range(E):
+                rows.append(r), cols.append(xi(li, e, g)), vals.append(1.0)
+            lo.append(0), hi.append(c)
+            r += 1
+    cost = np.zeros(nx + nz)
+    by_row: dict[tuple[int, int, int], list[int]] = {}  # (layer, expert, gpu) -> z columns it bounds
+    by_col: dict[tuple[int, int, int], list[int]] = {}
+    for p, (li, i, j) in enumerate(pairs):
+        for g in range(G):
+            zc = nx + p * G + g
+            cost[zc] = -float(T[li, i, j])
+            for xc in (xi(li, i, g), xi(li + 1, j, g)):
+                rows.extend((r, r)), cols.extend((zc, xc)), vals.extend((1.0, -1.0))
+                lo.append(-np.inf), hi.append(0)
+                r += 1
+            by_row.setdefault((li, int(i), g), []).append(zc)
+            by_col.setdefault((li + 1, int(j), g), []).append(zc)
+    # valid cuts that tighten the relaxation: an expert on GPU g shares it with at most c experts of the
+    # neighbouring layer, so sum_j z[l,i,j,g] <= c x[l,i,g] (and likewise over i)
+    for groups in (by_row, by_col):
+        for (li, e, g), zcs in groups.items():
+            if len(zcs) <= c:
+                continue
+            rows.extend([r] * (len(zcs) + 1)), cols.extend([*zcs, xi(li, e, g)]), vals.extend([1.0] * len(zcs) + [-c])
+            lo.append(-np.inf), hi.append(0)
+            r += 1
+    A = coo_matrix((vals, (rows, cols)), shape=(r, nx + nz)).tocsr()
+    integrality = np.zeros(nx + nz)
+    integrality[:nx] = 1
+    lb = np.zeros(nx + nz)
+    ub = np.ones(nx + nz)
+    # symmetry: GPUs are interchangeable, so number them in order of their smallest first-layer expert;
+    # then expert e of the first layer sits on a GPU numbered at most e
+    for e in range(min(E, G)):
+        for g in range(e + 1, G):
+            ub[xi(0, e, g)] = 0
+    res = milp(cost, constraints=LinearConstraint(A, lo, hi), integrality=integrality, bounds=Bounds(lb, ub),
+               options={"time_limit": time_limit, "disp": False})
+    if res.x is None:
+        raise MoesiftError(f"the placement integer program found no solution ({res.message})")
+    x = res.x[:nx].reshape(L, E, G)
+    gpu = x.argmax(-1).astype(np.int64)
+    info = {"solver": "milp", "status": int(res.status), "optimal": res.status == 0, "message": str(res.message)}
+    bound = getattr(res, "mip_dual_bound", None)
+    if bound is not None and np.isfinite(bound):
+        info["upper_bound_same_hops"] = float(-bound)
+    return gpu, info
+
+
+def affinity_brute(T: np.ndarray, G: int) -> np.ndarray:
+    """Exhaustive search over every placement (tiny cases only; for tests)."""
+    Lm1, E, _ = T.shape
+    L = Lm1 + 1
+    c = _cap(E, G)
+    per_layer = [p for p in itertools.product(range(G), repeat=E) if max(np.bincount(p, minlength=G)) <= c]
+    best, arg = -1.0, None
+    for combo in itertools.product(per_layer, repeat=L):
+        gpu = np.array(combo)
+        v = same_gpu_hops(T, gpu)
+        if v > best:
+            best, arg = v, gpu
+    return arg
+
+
+def affinity_place(T: np.ndarray, G: int, method: str = "auto", time_limit: float = 30.0) -> tuple[np.ndarray, dict]:
+    Lm1, E, _ = T.shape
+    n_vars = (Lm1 + 1) * E * G + int((T > 0).sum()) * G
+    heur = affinity_heuristic(T, G)
+    hv = same_gpu_hops(T, heur)
+    bound = affinity_bound(T, G)
+    info: dict[str, Any] = {"variables": n_vars}
+    gpu = heur
+    if method == "milp" or (method == "auto" and n_vars <= MILP_MAX_VARS):
+        mg, mi = affinity_milp(T, G, time_limit)
+        info.update(mi)
+        if same_gpu_hops(T, mg) >= hv:
+            gpu = mg
+        if mi.get("optimal"):
+            bound = same_gpu_hops(T, mg)
+        elif "upper_bound_same_hops" in mi:
+            bound = min(bound, mi["upper_bound_same_hops"])
+    else:
+        info.update({"solver": "heuristic", "optimal": False})
+    total = float(T.sum())
+    cross = total - same_gpu_hops(T, gpu)
+    cross_lb = max(0.0, total - bound)
+    info["cross_hops_lower_bound"] = cross_lb
+    # relative gap (share of the placement's cross hops that an optimum might still save) and the same in
+    # points of the hop share; the bound is loose when transitions are sparse, so both are upper estimates
+    info["optimality_gap"] = float((cross - cross_lb) / cross) if cross > 0 else 0.0
+    info["gap_share_points"] = float((cross - cross_lb) / total) if total > 0 else 0.0
+    return gpu, info
+
+
+# ---------------------------------------------------------------------------------------------------------
+# simulation and report
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _gpu_share(phy2log: np.ndarray, E: int, G: int) -> np.ndarray:
+    """[L, E, G]: share of expert e's tokens that run on GPU g (replicas split evenly)."""
+    L, P = phy2log.shape
+    per = P // G
+    share = np.zeros((L, E, G))
+    for li in range(L):
+        ok = phy2log[li] >= 0
+        np.add.at(share[li], (phy2log[li][ok], (np.arange(P) // per)[ok]), 1.0)
+    tot = share.sum(-1, keepdims=True)
+    if (tot == 0).any():
+        raise MoesiftError("a placement leaves an expert without a slot")
+    return share / tot
+
+
+def _transitions_from_log(log: np.ndarray, E: int) -> np.ndarray:
+    N, L, K = log.shape
+    T = np.zeros((max(L - 1, 0), E, E), dtype=np.int64)
+    for li in range(L - 1):
+        a = log[:, li, :].astype(np.int64)
+        b = log[:, li + 1, :].astype(np.int64)
+        idx = (a[:, :, None] * E + b[:, None, :]).reshape(-1)
+        idx = idx[(np.repeat(a, K, axis=1).reshape(-1) >= 0) & (np.tile(b, (1, K)).reshape(-1) >= 0)]
+        T[li] = np.bincount(idx, minlength=E * E).reshape(E, E)
+    return T
+
+
+def _bytes_per_token(log: np.ndarray, phy2log: np.ndarray, E: int, G: int, hidden: int, dtype_bytes: int) -> float:
+    N, L, K = log.shape
+    P = phy2log.shape[1]
+    per = P // G
+    # replicas of each logical expert, used round-robin over tokens
+    l2p = [[np.flatnonzero(phy2log[li] == e) for e in range(E)] for li in range(L)]
+    tok = np.arange(N)
+    remote = 0.0
+    prev = None
+    for li in range(L):
+        ids = log[:, li, :].astype(np.int64)
+        cnt = np.array([len(x) for x in l2p[li]])
+        width = cnt.max()
+        table = np.full((E, width), -1)
+        for e in range(E):
+            table[e, : cnt[e]] = l2p[li][e]
+        safe = np.maximum(ids, 0)
+        slot = table[safe, tok[:, None] % cnt[safe]]
+        g = slot // per
+        mask = np.zeros(N, dtype=np.uint64)
+        for k in range(K):
+            valid = ids[:, k] >= 0
+            mask[valid] |= np.left_shift(np.uint64(1), g[valid, k].astype(np.uint64))
+        n_gpus = np.bitwise_count(mask).astype(np.float64)
+        if prev is None:
+            remote += float((n_gpus * (1 - 1 / G)).sum())
+        else:
+            remote += float(np.bitwise_count(mask & ~prev).sum())
+        prev = mask
+    return 2.0 * hidden * dtype_bytes * remote / max(N, 1)
+
+
+def simulate_placement(trace, phy2log: np.ndarray, G: int, hidden: int | None = None, dtype_bytes: int = 2
+                       ) -> dict[str, Any]:
+    """Load balance, cross-GPU hop share and all-to-all bytes of one placement (phy2log [L, E + R])."""
+    E = trace.n_experts
+    counts = trace.counts.astype(np.float64)
+    share = _gpu_share(phy2log, E, G)
+    load = np.einsum("le,leg->lg", counts, share)
+    mean = load.mean(1)
+    ratio = np.where(mean > 0, load.max(1) / np.where(mean > 0, mean, 1), 1.0)
+    out: dict[str, Any] = {
+        "load_max_over_mean": float(ratio.mean()),
+        "load_max_over_mean_worst_layer": float(ratio.max()),
+        "load_max_over_mean_per_layer": [float(x) for x in ratio],
+    }
+    log = trace.get("routing_log")
+    if log is not None and log.shape[0] > 0:
+        T = _transitions_from_log(log, E)
+        out["source"] = "routing_log"
+    elif trace.get("transitions") is not None:
+        T = trace.get("transitions").astype(np.int64)
+        out["source"] = "transitions"
+    else:
+        T = None
+        out["source"] = "counts"
+    if T is not None and len(T):
+        same = sum(float(np.einsum("ij,ig,jg->", T[li], share[li], share[li + 1])) for li in range(len(T)))
+        tot = float(T.sum())
+        out["hops"] = tot
+        out["cross_gpu_hop_share"] = float(1 - same / tot) if tot else 0.0
+    if hidden and log is not None and log.shape[0] > 0:
+        if G > 64:
+            out["all_to_all_note"] = "all-to-all bytes are simulated for at most 64 GPUs"
+        else:
+            out["all_to_all_bytes_per_token"] = _bytes_per_token(log, phy2log, E, G, hidden, dtype_bytes)
+    return out
+
+
+def round_robin(L: int, E: int, G: int) -> np.ndarray:
+    """phy2log for expert e on GPU e % G (E slots; the last GPUs hold one fewer when G does not divide E)."""
+    per = _cap(E, G)
+    p2l = np.full(per * G, -1, dtype=np.int64)
+    for e in range(E):
+        g, k = e % G, e // G
+        p2l[g * per + k] = e
+    return np.tile(p2l, (L, 1))
+
+
+def _phy2log_from_gpu(gpu: np.ndarray, G: int) -> np.ndarray:
+    L, E = gpu.shape
+    per = _cap(E, G)
+    out = np.full((L, per * G), -1, dtype=np.int64)
+    for li in range(L):
+        for g in range(G):
+            ex = np.flatnonzero(gpu[li] == g)
+            out[li, g * per : g * per + len(ex)] = ex
+    return out
+
+
+def _sglang_map(phy2log: np.ndarray, trace) -> list[list[int]]:
+    """physical_to_logical_map over every decoder layer (dense layers get the trivial map)."""
+    moe_layers = [int(x) for x in (trace.model.get("moe_layers") or range(trace.n_layers))]
+    n_layers = int(trace.model.get("num_hidden_layers") or (max(moe_layers) + 1))
+    if n_layers <= max(moe_layers):
+        raise MoesiftError(f"the trace says the model has {n_layers} decoder layers but MoE layer {max(moe_layers)}; "
+                           "re-import or re-trace it")
+    E = trace.n_experts
+    P = phy2log.shape[1]
+    trivial = (np.arange(P) % E).tolist()
+    rows = [trivial for _ in range(n_layers)]
+    for i, dl in enumerate(moe_layers):
+        rows[dl] = phy2log[i].tolist()
+    return rows
+
+
+def place(trace, gpus: int, nodes: int = 1, replicas: int = 0, method: str = "balance", out=None,
+          json: bool = False, hidden: int | None = None, dtype_bytes: int = 2, time_limit: float = 30.0,
+          max_load_ratio: float | None = None, force: bool = False) -> dict[str, Any]:
+    """Place experts on ``gpus`` GPUs (``nodes`` nodes) from a trace; write the placement when ``out`` is given.
+
+    ``method="balance"``: EPLB-style replication of hot experts (``replicas`` redundant slots per layer) and
+    load-balanced packing. ``method="affinity"``: ExFlow-style placement that keeps experts chained by
+    consecutive layers on one GPU (integer program for small sizes, heuristic with its optimality gap for
+    large ones); ``max_load_ratio`` then swaps experts within a layer until the busiest GPU carries at most
+    that multiple of the mean load, losing as few same-GPU hops as it can. Returns the placement and its
+    simulated figures against round-robin placement.
+    """
+
+    t0 = time.time()
+    tr = trace if isinstance(trace, Trace) else Trace.load(trace)
+    L, E, G = tr.n_layers, tr.n_experts, int(gpus)
+    nodes, replicas = int(nodes), int(replicas)
+    if G < 1 or nodes < 1 or G % nodes:
+        raise MoesiftError(f"--gpus {G} must be a positive multiple of --nodes {nodes}")
+    if replicas < 0:
+        raise MoesiftError("--replicas must be 0 or more")
+    if G > E + replicas:
+        raise MoesiftError(f"{G} GPUs need at least {G} expert slots per layer; the model has {E} experts, "
+                           f"add --replicas {G - E} or more")
+    if out is not None and Path(out).exists() and not force:
+        raise MoesiftError(f"{str(out)!r} exists; pass --force to overwrite")
+    hidden = hidden or tr.model.get("hidden_size")
+    hidden = int(hidden) if hidden else None
+    counts = tr.counts
+    info: dict[str, Any] = {}
+    if method == "balance":
+        if (E + replicas) % G:
+            raise MoesiftError(f"experts + replicas ({E} + {replicas}) must be divisible by --gpus {G}; "
+                               f"try --replicas {replicas + (-(E + replicas)) % G}")
+        if (E + replicas) % nodes:
+            raise MoesiftError(f"experts + replicas ({E + replicas}) must be divisible by --nodes {nodes}")
+        if nodes > 1 and E % nodes:
+            raise MoesiftError(f"{E} experts cannot be split evenly over {nodes} nodes; use --nodes 1")
+        groups = tr.model.get("n_group")
+        phy2log = np.stack([balance_layer(counts[li], G, nodes, replicas, groups) for li in range(L)])
+        info["solver"] = "eplb-hierarchical" if nodes > 1 else "eplb-global"
+    elif method == "affinity":
+        if replicas:
+            raise MoesiftError("--method affinity places each expert once; use --replicas 0 (or --method balance)")
+        if E % G:
+            raise MoesiftError(f"--method affinity puts E/G experts on each GPU; {E} experts do not divide over "
+                               f"{G} GPUs (use --method balance with --replicas {(-E) % G})")
+        log = tr.get("routing_log")
+        if log is not None and log.shape[0] > 0:
+            T = _transitions_from_log(log, E)
+        elif tr.get("transitions") is not None:
+            T = tr.get("transitions").astype(np.int64)
+        else:
+            raise MoesiftError("--method affinity needs a trace with transitions or a routing log "
+                               "(trace with --log-routing)")
+        if L < 2:
+            raise MoesiftError("--method affinity needs at least two MoE layers")
+        gpu, info = affinity_place(T.astype(np.float64), G, time_limit=time_limit)
+        if max_load_ratio is not None:
+            gpu = rebalance_affinity(T.astype(np.float64), gpu, counts, G, float(max_load_ratio))
+            info["max_load_ratio"] = float(max_load_ratio)
+        phy2log = _phy2log_from_gpu(gpu, G)
+    else:
+        raise MoesiftError(f"unknown --method {method!r}; choose balance or affinity")
+
+    sim = simulate_placement(tr, phy2log, G, hidden, dtype_bytes)
+    if "max_load_ratio" in info:  # a hot expert alone can exceed the cap: it needs replicas, not swaps
+        ratios = sim["load_max_over_mean_per_layer"]
+        info["cap_unmet_moe_layers"] = [li for li, x in enumerate(ratios) if x > info["max_load_ratio"] + 1e-9]
+        info["worst_layer_load_ratio"] = max(ratios, default=1.0)
+    base = simulate_placement(tr, round_robin(L, E, G), G, hidden, dtype_bytes)
+    slots = phy2log.shape[1] // G
+    placement = {
+        "schema": "moesift-placement/1",
+        "model": {k: tr.model.get(k) for k in ("name", "model_type", "config_hash", "moe_layers", "n_experts", "top_k")},
+        "gpus": G,
+        "nodes": nodes,
+        "method": method,
+        "replicas": replicas,
+        "slots_per_gpu": slots,
+        "layers": [
+            {
+                "layer": int((tr.model.get("moe_layers") or list(range(L)))[li]),
+                "moe_index": li,
+                "physical_to_logical": [int(x) for x in phy2log[li]],
+                "gpu_of_expert": {str(e): sorted({int(p // slots) for p in np.flatnonzero(phy2log[li] == e)})
+                                  for e in range(E)},
+            }
+            for li in range(L)
+        ],
+    }
+    res: dict[str, Any] = {
+        "gpus": G, "nodes": nodes, "replicas": replicas, "method": method, "slots_per_gpu": slots,
+        "hidden_size": hidden, "dtype_bytes": dtype_bytes, "solver": info,
+        "placement": sim, "round_robin": base,
+    }
+    for key in ("load_max_over_mean", "cross_gpu_hop_share", "all_to_all_bytes_per_token"):
+        if key in sim and key in base:
+            res.setdefault("vs_round_robin", {})[key] = {"placed": sim[key], "round_robin": base[key]}
+    if out is not None:
+
+        outp = Path(out)
+        if outp.exists() and not force:
+            raise MoesiftError(f"{str(outp)!r} exists; pass --force to overwrite")
+        sg_map = _sglang_map(phy2log, tr)
+        write_json(outp, placement, force=force)
+        sg = outp.with_name(outp.stem + ".sglang.json")
+        write_json(sg, {"physical_to_logical_map": sg_map}, force=force)
+        res["out"] = str(outp)
+        res["sglang_init_expert_location"] = str(sg)
+    else:
+        res["layers"] = placement["layers"]
+    res["seconds"] = round(time.time() - t0, 3)
+    return res
+
+
+def load_placement(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a placement file written by `place`."""
+    p = Path(path)
+    try:
+        d = _json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise MoesiftError(f"cannot read placement {str(p)!r}: {e}") from None
+    if d.get("schema") != "moesift-placement/1":
+        raise MoesiftError(f"{str(p)!r} is not a moesift placement file")
+    return d
+
+
+__all__ = ["place", "balance_layer", "affinity_place", "affinity_milp", "affinity_brute", "affinity_heuristic",
+           "simulate_placement", "round_robin", "load_placement"]
