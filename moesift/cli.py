@@ -15,6 +15,7 @@ from .apply.trim import trim
 from .arch import supported_model_types
 from .core.errors import MoesiftError
 from .core.io import json_default
+from .engines.hf import DEVICE_HELP
 from .evaluation.evaluate import eval_model, format_table
 from .evaluation.sweep import sweep
 from .evaluation.verify import verify
@@ -62,7 +63,7 @@ def trace_cmd(
     folds: int = typer.Option(8, "--folds", help="Deal documents round-robin into F folds (held-out coverage)."),
     saliency: bool = typer.Option(False, "--saliency", help="Record REAP saliency (gate weight x ||expert output||)."),
     log_routing: bool = typer.Option(False, "--log-routing", help="Keep every token's selected experts (int16)."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N, or auto (spread over GPUs)."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     dtype: str = typer.Option(None, "--dtype", help="auto, float32, bfloat16, float16."),
     field: str = typer.Option(None, "--field", help="JSONL key / parquet or dataset column holding the documents."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own Python code."),
@@ -212,7 +213,7 @@ def plan_cmd(
                                     "calibrate --model on for --strategy calibrated; never the evaluation data."),
     calib_samples: int = typer.Option(64, "--calib-samples", help="Calibration documents used."),
     calib_length: int = typer.Option(256, "--calib-length", help="Tokens per calibration document."),
-    device: str = typer.Option("cpu", "--device", help="Calibration device: cpu, cuda, cuda:N, auto."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     dtype: str = typer.Option(None, "--dtype", help="Calibration dtype: auto, float32, bfloat16, float16."),
     groups: str = typer.Option(
         "auto", "--groups", help="Group-limited routers (DeepSeek-V2 and V3 style): whole (keep whole expert "
@@ -335,7 +336,7 @@ def verify_cmd(
     max_samples: int = typer.Option(8, "--max-samples", help="Prompts used."),
     max_length: int = typer.Option(64, "--max-length", help="Tokens per prompt at most."),
     field: str = typer.Option(None, "--field", help="Text field of JSONL / datasets."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda, ..."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     dtype: str = typer.Option("float32", "--dtype", help="float32 (exact comparison), bfloat16, float16, "
                               "auto (the checkpoint's dtype; in bfloat16 top-k may break ties differently)."),
     force_plan: bool = typer.Option(False, "--force-plan", help="Use a plan made for another config of the "
@@ -385,8 +386,7 @@ def generate_cmd(
     model: str = typer.Argument(..., help="Full model directory or hub id."),
     plan: str = typer.Option(..., "--plan", help="Plan whose resident experts stay on the device."),
     prompt: str = typer.Option(..., "--prompt", help="Prompt text."),
-    device: str = typer.Option("cuda", "--device", help="Device for non-expert weights, resident experts and "
-                               "cache slots (cpu runs the same code with host memory as the device)."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     offload: str = typer.Option("cpu", "--offload", help="Where the other experts live: cpu (host memory, "
                                 "pinned for CUDA)."),
     cache_slots: int = typer.Option(None, "--cache-slots", help="Device cache slots per MoE layer (default: the "
@@ -402,7 +402,6 @@ def generate_cmd(
     """Generate with the full model's outputs: resident experts on the device, the others in host memory.
     Streams the text, then prints tokens/s and the measured cache hit rate per MoE layer."""
     import sys
-
 
     def echo(text: str) -> None:
         sys.stdout.write(text)
@@ -459,7 +458,7 @@ def eval_cmd(
     batch_size: int = typer.Option(8, "--batch-size", help="Windows per forward."),
     max_samples: int = typer.Option(None, "--max-samples", help="Use only the first N documents."),
     field: str = typer.Option(None, "--field", help="JSONL key / parquet column holding the documents."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N, or auto."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     dtype: str = typer.Option(None, "--dtype", help="auto, float32, bfloat16, float16."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own Python code."),
     force_plan: bool = typer.Option(False, "--force-plan", help="Use a plan made for another config of the "
@@ -490,8 +489,7 @@ def calibrate_cmd(
     max_samples: int = typer.Option(64, "--max-samples", help="Calibration documents used."),
     max_length: int = typer.Option(256, "--max-length", help="Tokens per document."),
     batch_size: int = typer.Option(8, "--batch-size", help="Documents per forward while capturing."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N, or auto (capture offloaded by "
-                               "accelerate; blocks evaluated on the GPU when there is one)."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     dtype: str = typer.Option(None, "--dtype", help="auto, float32, bfloat16, float16."),
     field: str = typer.Option(None, "--field", help="JSONL key / parquet column holding the documents."),
     force: bool = typer.Option(False, "--force", help="Overwrite --out."),
@@ -500,7 +498,7 @@ def calibrate_cmd(
                                     "whole model's KL to the full model on the calibration tokens, layer by layer "
                                     "with the others fixed, and measure the KL of the sets that keep the same "
                                     "number in every group (what `plan --groups auto` and --allocate use); needs "
-                                    "the model through the run (offloaded with --device auto). --layer-only: the "
+                                    "the model through the run (offloaded with --device spread). --layer-only: the "
                                     "layer output error alone."),
     kl_top: int = typer.Option(64, "--kl-top", help="Most likely tokens of the full model kept per position for "
                                "the end-to-end KL (the rest is one bucket)."),
@@ -540,7 +538,7 @@ def sweep_cmd(
     batch_size: int = typer.Option(8, "--batch-size", help="Windows per forward."),
     max_samples: int = typer.Option(None, "--max-samples", help="Use only the first N documents of --data."),
     field: str = typer.Option(None, "--field", help="JSONL key / parquet column holding the documents."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     dtype: str = typer.Option(None, "--dtype", help="auto, float32, bfloat16, float16."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random strategy."),
     uniform: bool = typer.Option(False, "--uniform", help="Equal expert counts in every layer."),

@@ -59,10 +59,10 @@ def test_split_model_traces_like_single_device(tiny_dir, workload, tmp_path):
     assert np.allclose(one.get("weight_mass"), many.get("weight_mass"), atol=1e-4)
 
 
-def test_device_auto_without_accelerate_names_the_extra(tiny_dir, monkeypatch):
+def test_device_spread_without_accelerate_names_the_extra(tiny_dir, monkeypatch):
     import importlib.util
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "accelerate" else real(name, *a))
     with pytest.raises(moesift.MoesiftError, match=r"moesift\[multigpu\]"):
-        moesift.load_model(str(tiny_dir(MODEL_TYPE)), device="auto")
+        moesift.load_model(str(tiny_dir(MODEL_TYPE)), device="spread")

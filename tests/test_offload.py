@@ -238,17 +238,36 @@ def test_no_cache_and_fewer_than_top_k_resident(tiny_dir):
     assert r["ok"] and r["hit_rate_equals_simulation"]
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
-def test_generate_without_cuda_is_one_line(tiny_dir, tmp_path, monkeypatch, capsys):
-    d = tiny_dir("qwen3_moe")
+def _tiny_plan(tiny_dir, tmp_path, d=None):
+    d = d or tiny_dir("qwen3_moe")
     cfg = json.loads((d / "config.json").read_text())
     spec = adapter_for(cfg).spec(cfg)
     moesift.Plan(model={"model_type": "qwen3_moe"}, layers=[{"layer": la, "moe_index": i, "resident": [0, 1]}
                                                             for i, la in enumerate(spec.moe_layers)]).save(
         tmp_path / "p.json")
+    return d
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the default on machines without CUDA")
+def test_generate_with_default_flags_runs_on_the_cpu(tiny_dir, tmp_path, monkeypatch, capsys):
+    from pathlib import Path
+
+    d = _tiny_plan(tiny_dir, tmp_path, Path(moesift.__file__).parent / "assets" / "models" / "qwen3moe-ref")
     capsys.readouterr()
-    code, _, err = _run_cli(["generate", d, "--plan", tmp_path / "p.json", "--prompt", "hi"], monkeypatch, capsys)
-    assert code == 2 and "no CUDA device" in _one_error_line(err)
+    code, out, err = _run_cli(["generate", d, "--plan", tmp_path / "p.json", "--prompt", "def add(a, b):",
+                               "--max-new-tokens", 2, "--json"], monkeypatch, capsys)
+    assert code == 0, err
+    r = json.loads(out)
+    assert r["device"] == "cpu" and r["new_tokens"] == 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
+def test_generate_on_cuda_without_cuda_is_one_line(tiny_dir, tmp_path, monkeypatch, capsys):
+    d = _tiny_plan(tiny_dir, tmp_path)
+    capsys.readouterr()
+    code, _, err = _run_cli(["generate", d, "--plan", tmp_path / "p.json", "--prompt", "hi", "--device", "cuda"],
+                            monkeypatch, capsys)
+    assert code == 2 and "CUDA" in _one_error_line(err)
 
 
 def test_plan_offload_without_routing_log_says_so(tiny_dir, tmp_path):

@@ -1,6 +1,6 @@
 """Lossless residency: a plan's resident experts on the device, every other expert in host memory.
 
-`load_offloaded(MODEL, plan, device="cuda")` builds the model from the checkpoint headers, tensor by tensor
+`load_offloaded(MODEL, plan, device="auto")` builds the model from the checkpoint headers, tensor by tensor
 (nothing else is loaded first): the non-expert weights, the routers (whole: routing is never changed) and,
 in every MoE layer, one device experts module holding the plan's resident experts and ``cache_slots``
 cache slots; a second experts module per layer, in host memory (pinned when the device is
@@ -37,7 +37,15 @@ from typing import Any
 
 from ..arch.registry import adapter_for
 from ..core.errors import MoesiftError
-from ..engines.hf import TORCH_DTYPES, config_like, config_obj, hf_progress, model_class, parse_dtype
+from ..engines.hf import (
+    TORCH_DTYPES,
+    config_like,
+    config_obj,
+    hf_progress,
+    model_class,
+    parse_dtype,
+    resolve_device,
+)
 from ..formats.checkpoint import CheckpointIndex
 from ..formats.plan import as_plan, planned_offload
 from ..formats.trimmed import plan_layout, sliced_bytes
@@ -363,7 +371,6 @@ def _read_tensor(idx: Any, t: Any, files: dict[str, Any]) -> Any:
 
     import torch
 
-
     if t.slice_keep is not None:
         raw = bytearray(sliced_bytes(idx.directory, t, idx.adapter, idx.config))
     else:
@@ -403,7 +410,7 @@ def _bar(enabled: bool, total: int) -> Any:
 def load_offloaded(
     model: str | os.PathLike,
     plan: Any,
-    device: str = "cuda",
+    device: str = "auto",
     offload: str = "cpu",
     cache_slots: int | None = None,
     policy: str = "lru",
@@ -420,8 +427,8 @@ def load_offloaded(
     Outputs equal the full model's. A missed expert routed by at most `host_compute_max_tokens` tokens of a
     call is computed on the host, else copied into its slot and computed on the device.
     ``model.moesift_offload.stats()`` gives the measured hit rate per layer."""
+    device = resolve_device(device)
     import torch
-
 
     if offload not in OFFLOAD_KINDS:
         raise MoesiftError(f"unknown --offload {offload!r}; use one of {', '.join(OFFLOAD_KINDS)}")
@@ -563,7 +570,7 @@ def generate(
     model: str | os.PathLike,
     plan: Any,
     prompt: str | None = None,
-    device: str = "cuda",
+    device: str = "auto",
     offload: str = "cpu",
     cache_slots: int | None = None,
     policy: str = "lru",
@@ -576,8 +583,8 @@ def generate(
     """Greedy generation with `load_offloaded(model, plan, ...)`: the generated text, prefill and decode
     tokens/s, the measured hit rate overall and per MoE layer and, when the plan was made with
     `--offload`, the hit rate it predicted. `echo(text)` receives the text as it is generated."""
+    device = resolve_device(device)
     import torch
-
 
     m, tok = load_offloaded(model, plan, device=device, offload=offload, cache_slots=cache_slots, policy=policy,
                             host_compute_max_tokens=host_compute_max_tokens, dtype=dtype, progress=progress)
@@ -587,6 +594,8 @@ def generate(
         raise MoesiftError("give a non-empty --prompt")
     dev = next(m.parameters()).device
     ids = tok(str(prompt), return_tensors="pt")["input_ids"].to(dev)
+    if ids.shape[-1] == 0:
+        raise MoesiftError(f"--prompt {str(prompt)[:40]!r} encodes to no tokens with this model's tokenizer")
     clock = _Clock(tok, echo)
     pad = getattr(m.generation_config, "pad_token_id", None)
     if pad is None:
@@ -605,7 +614,8 @@ def generate(
     decode_s = (times[-1] - times[1]) if len(times) > 2 else 0.0
     stats = m.moesift_offload.stats()
     res = {
-        "model": str(model), "plan": stats["plan"], "prompt_tokens": int(ids.shape[-1]), "new_tokens": len(new),
+        "model": str(model), "device": str(dev), "plan": stats["plan"], "prompt_tokens": int(ids.shape[-1]),
+        "new_tokens": len(new),
         "text": tok.decode(new, skip_special_tokens=True), "token_ids": new,
         "prefill_s": prefill_s, "prefill_tokens_per_s": ids.shape[-1] / prefill_s if prefill_s > 0 else None,
         "decode_s": decode_s, "decode_tokens_per_s": (len(new) - 1) / decode_s if decode_s > 0 else None,

@@ -27,6 +27,7 @@ from ..engines.hf import (
     model_class,
     parse_dtype,
     require_accelerate,
+    resolve_device,
 )
 from ..formats.checkpoint import (
     CheckpointIndex,
@@ -76,10 +77,9 @@ def variable_expert_class(source_cfg: Mapping[str, Any], resident: Mapping[int, 
 def _load_kwargs(device: str | None, dtype: str | None, read_device: str = "cpu") -> dict[str, Any]:
     import importlib.util
 
-
     check_device(device)
     kw: dict[str, Any] = {"dtype": parse_dtype(dtype)}
-    if device == "auto":
+    if device == "spread":
 
         require_accelerate()
         kw["device_map"] = "auto"
@@ -89,7 +89,7 @@ def _load_kwargs(device: str | None, dtype: str | None, read_device: str = "cpu"
 
 
 def _to(model: Any, device: str | None) -> Any:
-    if device not in (None, "auto", "cpu"):
+    if device not in (None, "spread", "cpu"):
         model = model.to(device)
     return model
 
@@ -232,13 +232,13 @@ def read_tensors(directory: Path, tensors: list[tuple[str, str, list[int], list[
 
 
 def load_trimmed(
-    path: str | os.PathLike, device: str = "cpu", dtype: str | None = None
+    path: str | os.PathLike, device: str = "auto", dtype: str | None = None
 ) -> tuple[Any, Any]:
     """(model, tokenizer or None) of a checkpoint written by `moesift.trim`, uniform or not (also any
     standard checkpoint). The model carries `moesift_resident` {layer: original ids} when known. Tensors
     are read in large sequential reads straight into tensors on `device` (see `read_tensors`)."""
+    device = resolve_device(device)
     from transformers import AutoTokenizer, GenerationConfig
-
 
     d = resolve_model_dir(path)
     cfg = load_config_dict(d)
@@ -280,15 +280,15 @@ def load_trimmed(
 
 
 def load_resident(
-    model: str | os.PathLike, plan: Any, device: str = "cpu", dtype: str | None = None, force_plan: bool = False
+    model: str | os.PathLike, plan: Any, device: str = "auto", dtype: str | None = None, force_plan: bool = False
 ) -> Any:
     """Load `model` with only `plan`'s resident experts in memory (router rows and selection biases sliced
     with them), read from the full checkpoint's byte ranges of those experts alone, in large sequential
     reads straight into tensors on `device` (see `read_tensors`); nothing is written. Routing is thereby
     restricted to the resident experts; the result computes what `restrict(full_model, plan)` computes.
     A plan made for another config of the family is refused unless `force_plan`."""
+    device = resolve_device(device)
     import torch
-
 
     idx = CheckpointIndex.build(model)
     spec, ad = idx.spec, idx.adapter
@@ -317,8 +317,8 @@ def load_resident(
 
 
 def _read_device(device: str | None) -> str:
-    """Where the reader puts tensors: the target device, or the host for "auto" (accelerate places them).
+    """Where the reader puts tensors: the target device, or the host for "spread" (accelerate places them).
     An unusable device is one error line before anything is read."""
 
     check_device(device)
-    return "cpu" if device in (None, "auto") else str(device)
+    return "cpu" if device == "spread" else resolve_device(device)

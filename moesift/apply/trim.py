@@ -294,7 +294,6 @@ def trim(
             },
         }
 
-
     dest = OutputDir(out, force, protect=[src])
     tmp = dest.begin()
     bar = _progress(progress, written_tensor_bytes)

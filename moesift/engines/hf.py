@@ -12,17 +12,36 @@ from ..arch.registry import adapter_for
 from ..core.errors import MoesiftError
 from ..formats.checkpoint import resolve_model_dir, shard_files
 
+DEVICE_HELP = ("auto (CUDA if available, else MPS, else CPU), cpu, cuda, cuda:N, mps, or spread (layers over "
+               "every GPU and the host, with accelerate)")
+
+
+def resolve_device(device: str | None) -> str:
+    """The device a command runs on. "auto" (and None) picks CUDA when torch sees a GPU, else Apple MPS, else
+    the CPU; any other value is checked (`check_device`) and returned as it is."""
+    import torch
+
+    if device in (None, "auto"):
+        if torch.cuda.is_available():
+            return "cuda"
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return "mps"
+        return "cpu"
+    check_device(device)
+    return str(device)
+
 
 def check_device(device: str | None) -> None:
     """Refuse a device this torch cannot use, in one line (before any weight is read)."""
     import torch
 
-    if device in (None, "auto", "cpu"):
+    if device in (None, "auto", "spread", "cpu"):
         return
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
-        raise MoesiftError(f"unknown device {device!r}; use cpu, cuda, cuda:N, mps or auto") from None
+        raise MoesiftError(f"unknown device {device!r}; use {DEVICE_HELP}") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise MoesiftError(f"--device {device}: this torch ({torch.__version__}) sees no CUDA GPU; use "
@@ -33,7 +52,7 @@ def check_device(device: str | None) -> None:
         if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
             raise MoesiftError(f"--device {device}: Apple MPS is not available here; use --device cpu")
     elif dev.type != "cpu":
-        raise MoesiftError(f"--device {device}: moesift runs on cpu, cuda[:N], mps or auto, not {dev.type}")
+        raise MoesiftError(f"--device {device}: moesift runs on cpu, cuda[:N], mps, auto or spread, not {dev.type}")
 
 
 def parse_dtype(dtype: str | None) -> Any:
@@ -54,10 +73,9 @@ def load_model(
     dtype: str | None = None,
     trust_remote_code: bool = False,
 ) -> tuple[Any, Any]:
-    """(model, tokenizer or None). `device` "auto" spreads layers over GPUs with device_map="auto"."""
-    import torch
+    """(model, tokenizer or None). `device`: see `resolve_device`; "spread" places layers over every GPU (and
+    the host when they are full) with accelerate's device_map="auto"."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
 
     check_device(device)
     d = resolve_model_dir(model)
@@ -68,10 +86,9 @@ def load_model(
     adapter_for(config)  # clear error for unsupported / dense models before loading any weight
 
     shard_files(d)  # refuse pickle-only checkpoints before loading
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(device)
     kwargs: dict[str, Any] = {"dtype": parse_dtype(dtype), "trust_remote_code": trust_remote_code}
-    if device == "auto":
+    if device == "spread":
         require_accelerate()
         kwargs["device_map"] = "auto"
     elif device != "cpu" and importlib.util.find_spec("accelerate") is not None:

@@ -38,7 +38,6 @@ def standard_config(trimmed: Path, record: dict[str, Any] | None, engine: str) -
     """config.json of a trimmed checkpoint a stock engine can read, or one error line saying why not."""
     import json
 
-
     p = trimmed / "config.json"
     if not p.is_file():
         raise MoesiftError(f"{str(trimmed)!r} has no config.json; is it a trimmed checkpoint directory?")

@@ -34,7 +34,7 @@ from typing import Any
 from ..arch.registry import adapter_for
 from ..core.errors import MoesiftError
 from ..core.identity import loaded_config_dict
-from ..engines.hf import hf_progress, load_model
+from ..engines.hf import hf_progress, load_model, resolve_device
 from ..engines.restrict import restrict
 from ..formats.checkpoint import resolve_model_dir
 from ..formats.plan import as_plan, resident_for
@@ -175,9 +175,10 @@ def _model_name(model: Any) -> str:
     return str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__)
 
 
-def prepare(model: Any, device: str = "cpu", dtype: str | None = None, tokenizer: Any = None,
+def prepare(model: Any, device: str = "auto", dtype: str | None = None, tokenizer: Any = None,
             trust_remote_code: bool = False) -> tuple[Any, Any]:
     """(loaded model in eval mode, tokenizer or None) from a path / hub id or an already loaded model."""
+    device = resolve_device(device)
     if isinstance(model, (str, os.PathLike)):
 
         m, tok = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
@@ -243,7 +244,7 @@ def eval_model(
     top_p: Sequence[float] = (),
     max_length: int = 512,
     batch_size: int = 8,
-    device: str = "cpu",
+    device: str = "auto",
     dtype: str | None = None,
     json: bool = False,
     progress: bool = True,
@@ -260,6 +261,7 @@ def eval_model(
     `model`: a directory / hub id, or a loaded transformers model (then pass `tokenizer=` for text data).
     `data`: workload file(s) (text, JSONL with `text` / `messages` / `input_ids`, parquet). A plan made for
     another config of the family is refused unless `force_plan`."""
+    device = resolve_device(device)
 
     docs = read_documents(data if isinstance(data, (list, tuple)) else [data], field=field, max_samples=max_samples)
 

@@ -32,7 +32,7 @@ from ..apply.resident import load_resident
 from ..arch.registry import adapter_for
 from ..core.errors import MoesiftError
 from ..core.io import check_output_path, write_text
-from ..engines.hf import hf_progress
+from ..engines.hf import hf_progress, resolve_device
 from ..formats.checkpoint import CheckpointIndex, resolve_model_dir
 from ..formats.plan import STRATEGIES
 from ..formats.trace import Trace
@@ -127,7 +127,6 @@ def time_resident(model_dir: Path, plan: Any, prompt: Any, device: str, dtype: s
     (`measure_ttft`: warm-up runs, then the median of timed runs)."""
     import gc
 
-
     if plan is None:  # the full model through the same loader, for a like-for-like comparison
 
         spec = CheckpointIndex.build(model_dir).spec
@@ -174,7 +173,7 @@ def sweep(
     batch_size: int = 8,
     max_samples: int | None = None,
     field: str | None = None,
-    device: str = "cpu",
+    device: str = "auto",
     dtype: str | None = None,
     seed: int = 0,
     uniform: bool = False,
@@ -197,6 +196,7 @@ def sweep(
     `calib` (default: the trace's own workload files, when they are on disk; never `data`). ``winners``
     names, per budget, the strategy with the lowest perplexity on `data`. `groups`: how group-limited
     routers keep experts (`plan`'s whole / equal / auto)."""
+    device = resolve_device(device)
 
     keeps = _parse_list(keep, float)
     strategies = _parse_list(strategy, str)

@@ -11,7 +11,7 @@ from ..apply.resident import load_trimmed
 from ..arch.registry import adapter_for
 from ..core.errors import MoesiftError
 from ..engines.choose import check_engine, open_engine, require
-from ..engines.hf import hf_progress
+from ..engines.hf import hf_progress, resolve_device
 from ..engines.restrict import restrict
 from ..formats.checkpoint import read_header
 from ..formats.plan import Plan, as_plan, planned_offload
@@ -23,7 +23,6 @@ from ..selection.offload_budget import simulate_layer
 def _read_prompts(paths: list[str], field: str | None, max_samples: int, tok: Any, max_length: int) -> list[Any]:
     """Token id tensors [1, T] of the first `max_samples` documents of the workload files."""
     import torch
-
 
     out = []
     for d in read_documents(paths, field=field, max_samples=max_samples):
@@ -105,7 +104,7 @@ def verify(
     max_samples: int = 8,
     max_length: int = 64,
     field: str | None = None,
-    device: str = "cpu",
+    device: str = "auto",
     dtype: str | None = "float32",
     seed: int = 0,
     progress: bool = True,
@@ -134,6 +133,7 @@ def verify(
     and runs it with llama-cpp-python, both in float32 on the CPU (extras `moesift[mlx]`, `moesift[gguf]`).
     Engines need a standard (uniform) trim. With an engine, greedy generations on both sides are plain
     argmax decoding of `max_new_tokens` tokens (end-of-sequence not special), each with its own KV cache."""
+    device = resolve_device(device)
     import tempfile
 
     import torch
@@ -149,7 +149,6 @@ def verify(
                                 else host_compute_max_tokens)
     if trimmed is None:
         raise MoesiftError("give the TRIMMED checkpoint to compare with (or --offloaded PLAN)")
-
 
     if engine != "transformers":
 
@@ -284,7 +283,7 @@ def verify_offloaded(
     max_samples: int = 8,
     max_length: int = 64,
     field: str | None = None,
-    device: str = "cpu",
+    device: str = "auto",
     dtype: str | None = "float32",
     cache_slots: int | None = None,
     policy: str = "lru",
@@ -295,9 +294,9 @@ def verify_offloaded(
     """The offloaded model against the FULL model (not restricted): top-1 agreement over every prompt
     position, max absolute / relative logit differences, identical greedy generations; and the measured
     hit rate per layer against `cachesim.simulate` on the full model's routing of the same calls."""
+    device = resolve_device(device)
     import numpy as np
     import torch
-
 
     off, tok2 = load_offloaded(model, plan, device=device, cache_slots=cache_slots, policy=policy,
                                host_compute_max_tokens=host_compute_max_tokens, dtype=dtype, progress=progress)

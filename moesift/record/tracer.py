@@ -27,7 +27,7 @@ from ..core.identity import config_hash, loaded_config_dict, model_config_hash, 
 from ..core.io import check_output_path, write_json
 from ..core.values import check_int
 from ..core.version import __version__
-from ..engines.hf import hf_progress, load_model
+from ..engines.hf import hf_progress, load_model, resolve_device
 from ..formats.checkpoint import resolve_model_dir
 from ..formats.trace import SCHEMA, Trace, merge
 from ..formats.wcer import dump_expert_trace
@@ -54,7 +54,7 @@ def trace(
     folds: int = 8,
     saliency: bool = False,
     log_routing: bool = False,
-    device: str | None = "cpu",
+    device: str | None = "auto",
     dtype: str | None = None,
     field: str | None = None,
     trust_remote_code: bool = False,
@@ -65,8 +65,8 @@ def trace(
     """Trace the routing of `model` (directory, hub id in the local cache, or a loaded transformers model
     with `tokenizer=`) on the workload files `data`; save to `out` when given (refuses to overwrite
     unless `force`). Returns the Trace."""
+    device = resolve_device(device)
     import torch
-
 
     max_length = check_int("max_length", max_length, 1)
     batch_size = check_int("batch_size", batch_size, 1)
@@ -79,7 +79,6 @@ def trace(
     paths = [data] if isinstance(data, (str, os.PathLike)) else list(data)
     docs = read_documents(paths, field=field, max_samples=max_samples)
     sources = source_info(paths)
-
 
     if isinstance(model, (str, os.PathLike)):
 

@@ -2,7 +2,7 @@
 
 Two phases, so that a model that does not fit in memory can be calibrated:
 
-1. Capture. The model runs the calibration prompts once (``device="auto"`` lets accelerate spread or
+1. Capture. The model runs the calibration prompts once (``device="spread"`` lets accelerate spread or
    offload it); a hook on every MoE block stores the block's input hidden states (the tokens of the
    prompts, padding left out) on the host.
 2. Layer by layer. Each MoE block alone is built on the meta device and filled from the checkpoint (only
@@ -41,7 +41,7 @@ most routed experts, by the model's KL.
    set is scored by the whole model's KL to the full model's next-token distributions on the calibration
    tokens, layer by layer with the other layers' sets fixed (coordinate descent until a sweep changes
    nothing), per kept count; ``plan`` takes those sets and ``--allocate`` spends by the KL each layer's set
-   costs alone. This needs the whole model (held, or offloaded with ``device="auto"``) for the run, one
+   costs alone. This needs the whole model (held, or offloaded with ``device="spread"``) for the run, one
    forward per candidate; routers with one expert per unit (too many sets) keep the layer error.
 """
 
@@ -60,7 +60,7 @@ import numpy as np
 from ..arch.spec import equal_group_floor, expert_args
 from ..core.errors import MoesiftError
 from ..core.io import check_output_path, sha256_file
-from ..engines.hf import config_obj, hf_progress, load_model, model_class, parse_dtype
+from ..engines.hf import config_obj, hf_progress, load_model, model_class, parse_dtype, resolve_device
 from ..engines.restrict import restrict
 from ..formats.calibration import Calibration
 from ..formats.checkpoint import CheckpointIndex
@@ -80,7 +80,6 @@ def capture_inputs(model: Any, adapter: Any, spec: Any, token_lists: list[list[i
                    dtype: Any = None, progress: Any = None) -> dict[int, Any]:
     """{decoder layer: hidden [N, H] on the host}: the inputs of every MoE block on the tokens (no padding)."""
     import torch
-
 
     store: dict[int, list[Any]] = {layer: [] for layer in spec.moe_layers}
     state: dict[str, Any] = {}
@@ -120,7 +119,6 @@ def skeleton(config_dict: dict[str, Any]) -> Any:
     """The family's causal-LM model on the meta device (no memory): a frame to load single blocks into."""
     import torch
 
-
     cfg = config_obj(config_dict)
     with torch.device("meta"):
         return model_class(cfg)(cfg)
@@ -134,7 +132,6 @@ def load_block(index: Any, frame: Any, layer: int, device: str = "cpu", dtype: A
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import convert_and_load_state_dict_in_model
     from transformers.modeling_utils import LoadStateDictConfig
-
 
     ad = index.adapter
     block = ad.moe_block(frame, layer)
@@ -344,7 +341,6 @@ class _EndToEnd:
     def __init__(self, model: Any, token_lists: list[list[int]], batch_size: int, top: int, loss: str = "kl"):
         import torch
 
-
         self.model = model
         self.loss = loss
         self.device = next(p for p in model.parameters() if p.device.type != "meta").device
@@ -379,7 +375,6 @@ class _EndToEnd:
     def kl(self, resident: dict[int, list[int]]) -> float:
         """Mean KL per token of the model restricted to `resident` ({decoder layer: ids})."""
         import torch
-
 
         total = 0.0
         self.forwards += 1
@@ -556,7 +551,7 @@ def calibrate(
     max_samples: int | None = 64,
     max_length: int = 256,
     batch_size: int = 8,
-    device: str = "cpu",
+    device: str = "auto",
     dtype: str | None = None,
     field: str | None = None,
     force: bool = False,
@@ -575,12 +570,12 @@ def calibrate(
     `end_to_end`: where a layer chooses among few sets (group-limited routers), choose them by the model's
     own KL to the full model on the calibration tokens (see `choose_end_to_end`; `kl_top` most likely tokens kept
     per position; the first `end_to_end_samples` calibration documents, each candidate costing a forward of
-    the model on them). That needs the whole model through the calibration (offloaded with device="auto" when it
+    the model on them). That needs the whole model through the calibration (offloaded with device="spread" when it
     does not fit); with `end_to_end=False`, or for routers with one expert per unit, the layer error alone
     decides. Group-limited layers also get the order for plans keeping the same number of experts in every
     group (``equal``), and in the end-to-end phase its KL per kept number of rounds."""
+    device = resolve_device(device)
     import torch
-
 
     if kl_top < 1:
         raise MoesiftError(f"--kl-top must be at least 1 (got {kl_top})")
@@ -623,7 +618,7 @@ def calibrate(
             eq_balance = [e // per for e in range(spec.n_experts)]
         if loaded is None and not e2e_wanted:
             del m
-        run_dev = device if device not in (None, "auto") else ("cuda" if torch.cuda.is_available() else "cpu")
+        run_dev = resolve_device("auto" if device == "spread" else device)
         layers_out: list[dict[str, Any]] = []
         steps = sum(0 if layer in spec.hash_layers else len(units) - n_floor + (spec.n_experts - eq_floor if eq_floor
                     else 0) for layer in spec.moe_layers)

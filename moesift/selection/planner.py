@@ -598,7 +598,7 @@ def plan(
     calib: Any = None,
     calib_samples: int | None = 64,
     calib_length: int = 256,
-    device: str = "cpu",
+    device: str = "auto",
     dtype: str | None = None,
     progress: bool = True,
     groups: str = "auto",

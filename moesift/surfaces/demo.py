@@ -179,7 +179,6 @@ def demo(
     artefacts into `out` (default ``./moesift-demo``); return the summary. `quick`: fewer prompts and sweep
     points (for tests). `model` / `domain`: the model and workload the plan, trim, eval and sweep use."""
 
-
     if model not in assets.MODELS:
         raise MoesiftError(f"unknown reference model {model!r}; choose one of {', '.join(assets.MODELS)}")
     if domain not in assets.DOMAINS:
@@ -382,7 +381,6 @@ def _f(x: Any, digits: int = 3) -> str:
 def render_html(res: dict[str, Any]) -> str:
     """The demo report: one page, plotly.js inlined once."""
     import plotly.graph_objects as go
-
 
     esc = _html.escape
     parts: list[str] = []
