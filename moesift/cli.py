@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import functools
 import json
+import signal
 import sys
+import threading
 from typing import Any
 
+import click
 import typer
 
 from .analysis.cachesim import cache
@@ -723,8 +726,6 @@ def main() -> None:
 def _exit_cleanly_on_sigterm() -> None:
     """SIGTERM unwinds like an exception, so temporary outputs are removed (kill -9 cannot be caught: what it
     leaves is removed by the next write to the same target)."""
-    import signal
-    import threading
 
     def stop(signum: int, frame: Any) -> None:
         raise SystemExit(128 + signum)
@@ -741,16 +742,11 @@ def _click_command() -> Any:
 
 
 def _click_exception_types() -> tuple[type, ...]:
-    """Click's exception class, and typer's vendored copy of it where typer ships one."""
-    import click
-
+    """Click's exception class, and typer's vendored copy of it where typer ships one (typer >= 0.2x)."""
+    vendored = getattr(getattr(typer, "_click", None), "exceptions", None)
     types: list[type] = [click.exceptions.ClickException]
-    try:
-        from typer._click import exceptions as vendored  # typer >= 0.2x vendors click
-
+    if vendored is not None:
         types.append(vendored.ClickException)
-    except ImportError:
-        pass
     return tuple(types)
 
 

@@ -23,11 +23,7 @@ def config_hash(config: dict[str, Any]) -> str:
 
 def model_config_hash(model_dir: str | os.PathLike) -> str:
     """`config_hash` of the config.json in `model_dir`."""
-    p = Path(model_dir) / "config.json"
-    try:
-        return config_hash(json.loads(p.read_text()))
-    except (OSError, json.JSONDecodeError) as e:
-        raise MoesiftError(f"cannot read {str(p)!r}: {e}") from None
+    return config_hash(load_config_dict(model_dir))
 
 
 def loaded_config_dict(model: Any) -> dict[str, Any]:
@@ -36,10 +32,10 @@ def loaded_config_dict(model: Any) -> dict[str, Any]:
     src = Path(str(getattr(model, "name_or_path", "") or ""))
     if str(src) and (src / "config.json").is_file():
         try:
-            d = json.loads((src / "config.json").read_text())
+            d = load_config_dict(src)
             if isinstance(d, dict):
                 return d
-        except (OSError, json.JSONDecodeError):
+        except (OSError, MoesiftError):
             pass
     return json.loads(json.dumps(model.config.to_dict(), default=str))  # plain JSON types, as a file holds
 
@@ -85,3 +81,14 @@ def config_differences(recorded: Mapping[str, Any], actual: Mapping[str, Any]) -
 def short_value(v: Any) -> str:
     s = json.dumps(v, default=str)
     return s if len(s) <= 40 else s[:37] + "..."
+
+
+def load_config_dict(model_dir: str | os.PathLike) -> dict[str, Any]:
+    """The config.json of a model directory as a dict; a missing or damaged file is one error line."""
+    p = Path(model_dir) / "config.json"
+    if not p.is_file():
+        raise MoesiftError(f"{str(model_dir)!r} has no config.json; is it a Hugging Face model directory?")
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise MoesiftError(f"{str(p)!r} is not valid JSON ({e})") from None

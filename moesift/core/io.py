@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -24,9 +25,12 @@ import re
 import secrets
 import shutil
 import sys
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from .errors import MoesiftError
 
@@ -138,7 +142,6 @@ def claim(path: str | os.PathLike) -> Iterator[None]:
 
 
 def _acquire(lock: Path, shown: str | os.PathLike) -> int:
-    import fcntl
 
     for _ in range(50):
         try:
@@ -196,7 +199,6 @@ def _acquire_pidfile(lock: Path, shown: str | os.PathLike) -> int:
 
 
 def _read_pid(fd: int) -> int | None:
-    import time
 
     for _ in range(20):
         try:
@@ -368,7 +370,6 @@ def atomic_dir(
 
 def json_default(o: Any) -> Any:
     """`json.dumps(default=...)` for numpy scalars and arrays and paths."""
-    import numpy as np
 
     if isinstance(o, np.integer):
         return int(o)
@@ -409,7 +410,6 @@ def write_safetensors(
 ) -> Path:
     """Write numpy `arrays` as a safetensors file through `atomic_path`, streamed array by array (no second
     copy of the data in memory)."""
-    import numpy as np
 
     header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
     items = []

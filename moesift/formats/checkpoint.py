@@ -14,6 +14,7 @@ from ..arch.base import Adapter
 from ..arch.registry import adapter_for
 from ..arch.spec import TensorRole
 from ..core.errors import MoesiftError
+from ..core.identity import load_config_dict
 
 # bytes per element of safetensors dtypes (sub-byte types are stored packed in U8 and counted as such)
 DTYPE_BYTES = {
@@ -211,16 +212,6 @@ def checked_headers(model_dir: str | os.PathLike) -> dict[str, tuple[dict[str, A
                 raise MoesiftError(f"the index of {str(d)!r} places tensor {name!r} in {f!r}, which does not "
                                    "hold it; the checkpoint is damaged")
     return out
-
-
-def load_config_dict(model_dir: str | os.PathLike) -> dict[str, Any]:
-    p = Path(model_dir) / "config.json"
-    if not p.is_file():
-        raise MoesiftError(f"{str(model_dir)!r} has no config.json; is it a Hugging Face model directory?")
-    try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise MoesiftError(f"{str(p)!r} is not valid JSON ({e})") from None
 
 
 @dataclass

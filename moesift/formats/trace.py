@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors import safe_open
 
 from ..core.errors import MoesiftError
 from ..core.io import write_safetensors
@@ -148,7 +149,6 @@ class Trace:
         if head in (b"{", b"[") or p.suffix == ".json":
 
             return load_expert_trace(p)  # validated there
-        from safetensors import safe_open
 
         where = repr(str(p))
         try:

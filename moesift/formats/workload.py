@@ -23,6 +23,7 @@ the first N. Each document is a dict with exactly one of ``text`` / ``messages``
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import os
@@ -117,7 +118,6 @@ def _paragraphs(p: Path) -> Iterator[str]:
     """Paragraphs (text between blank lines) of a text file, read 1 MiB at a time. A paragraph longer than
     ``TEXT_CHUNK_CHARS`` is cut into pieces of at most that many characters, at the last line break or
     space before the limit when there is one, so no piece of the file is ever held whole."""
-    import codecs
 
     dec = codecs.getincrementaldecoder("utf-8")()
     buf = ""
