@@ -9,6 +9,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..core.errors import MoesiftError
+from ..core.values import is_int
+
 
 def cfg_get(config: Any, *names: str, default: Any = None) -> Any:
     """First present attribute / key among `names` (configs on disk and in memory spell keys differently)."""
@@ -21,6 +24,18 @@ def cfg_get(config: Any, *names: str, default: Any = None) -> Any:
             if v is not None:
                 return v
     return default
+
+
+def required_int(config: Any, keys: Sequence[str], what: str, lo: int = 1) -> int:
+    """The first of `keys` present in `config`, as an integer >= `lo`. A routing key the config does not
+    carry is an error, never a default: a default describes some other model."""
+    v = cfg_get(config, *keys)
+    if v is None:
+        raise MoesiftError(f"the config has no {keys[0]!r} ({what}); moesift does not guess it: add it to "
+                           "config.json")
+    if not is_int(v) or int(v) < lo:
+        raise MoesiftError(f"the config's {keys[0]!r} ({what}) must be an integer >= {lo} (got {str(v)[:40]})")
+    return int(v)
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from .spec import (
     expert_args,
     get_path,
     has_path,
+    required_int,
     scores_from_logits,
 )
 
@@ -98,8 +99,8 @@ class StandardAdapter(Adapter):
         return MoESpec(
             model_type=mt,
             moe_layers=tuple(i for i in range(self.n_layers(config)) if self.is_moe_layer(config, i)),
-            n_experts=int(cfg_get(config, *self.n_experts_keys)),
-            top_k=int(cfg_get(config, *self.top_k_keys)),
+            n_experts=required_int(config, self.n_experts_keys, "routed experts per MoE layer"),
+            top_k=required_int(config, self.top_k_keys, "experts each token is routed to"),
             n_shared=self.n_shared(config),
             scoring=self.scoring,
             n_group=n_group,

@@ -241,6 +241,16 @@ class CheckpointIndex:
     def spec(self):
         return self.adapter.spec(self.config)
 
+    def check_consistent(self) -> None:
+        """Refuse, in one line, a config that does not describe these tensors, before any model is built
+        from it: a routing key missing or out of range, or a MoE layer whose router or experts are missing,
+        extra (a layer or expert id the config does not have) or of another shape. A model built from such
+        a config would run with randomly initialised weights."""
+        problem = consistency_problem(self)
+        if problem:
+            raise MoesiftError(f"{str(self.directory)!r}: {problem}; config.json does not describe the tensors "
+                               "of this checkpoint")
+
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors)
 
@@ -304,3 +314,59 @@ def resolve_model_dir(model: str | os.PathLike) -> Path:
                 "(download it first with `hf download`, or pass a directory)"
             ) from None
     raise MoesiftError(f"model directory {s!r} not found")
+
+
+def _expert_rows(t: TensorEntry) -> int | None:
+    """The number of experts a fused expert or router tensor holds along its expert dimension."""
+    r = t.role
+    if r.expert_dim is None or r.expert_dim >= len(t.shape):
+        return None
+    n = t.shape[r.expert_dim]
+    return n // r.expert_block if r.expert_block else n
+
+
+def consistency_problem(index: CheckpointIndex) -> str | None:
+    """The first way the config and the tensors of `index` disagree, as a phrase naming the config key, or
+    None when they agree (see `CheckpointIndex.check_consistent`)."""
+    spec = index.spec
+    keys = getattr(index.adapter, "top_k_keys", ("num_experts_per_tok",))
+    ekeys = getattr(index.adapter, "n_experts_keys", ("num_experts",))
+    E = spec.n_experts
+    if not 1 <= spec.top_k <= E:
+        return f"{keys[0]} {spec.top_k} is outside 1..{E} (the routed experts of a layer, {ekeys[0]})"
+    moe = set(spec.moe_layers)
+    routers: dict[int, list[TensorEntry]] = {}
+    experts: dict[int, list[TensorEntry]] = {}
+    for t in index.tensors:
+        r = t.role
+        if r.kind not in ("router", "expert") or r.layer is None:
+            continue
+        if r.layer not in moe:
+            n_layers = index.adapter.model_shape(index.config).get("num_hidden_layers")
+            return (f"tensor {t.name!r} belongs to MoE layer {r.layer}, which the config does not have "
+                    f"(num_hidden_layers {n_layers}, MoE layers {sorted(moe)[:8]})")
+        (routers if r.kind == "router" else experts).setdefault(r.layer, []).append(t)
+    hidden = index.adapter.model_shape(index.config).get("hidden_size")
+    for layer in spec.moe_layers:
+        if layer not in routers:
+            return (f"the config makes decoder layer {layer} a MoE layer (num_hidden_layers, model_type "
+                    f"{spec.model_type!r}), but no router tensor of that layer is stored")
+        for t in routers[layer]:
+            n = _expert_rows(t)
+            if n is not None and n != E:
+                return f"router {t.name!r} has {n} expert rows, but {ekeys[0]} is {E}"
+            if hidden and len(t.shape) == 2 and t.role.expert_dim is not None and t.shape[1 - t.role.expert_dim] != hidden:
+                return f"router {t.name!r} has shape {list(t.shape)}, but hidden_size is {hidden}"
+        ts = experts.get(layer, [])
+        if not ts:
+            return f"the config makes decoder layer {layer} a MoE layer, but no expert tensor of that layer is stored"
+        ids = {t.role.expert for t in ts if t.role.expert is not None}
+        if ids and (max(ids) >= E or len(ids) != E):
+            extra = sorted(i for i in ids if i >= E)
+            what = (f"expert {extra[0]}" if extra else f"{len(ids)} experts")
+            return f"decoder layer {layer} stores {what}, but {ekeys[0]} is {E}"
+        for t in ts:
+            n = _expert_rows(t) if t.role.expert is None else None
+            if n is not None and n != E:
+                return f"expert tensor {t.name!r} holds {n} experts, but {ekeys[0]} is {E}"
+    return None
