@@ -695,6 +695,8 @@ def main() -> None:
     _exit_cleanly_on_sigterm()
     try:
         rc = _click_command()(standalone_mode=False)  # click returns typer.Exit(n)'s code instead of exiting
+        if rc == 130:  # typer turns Ctrl-C into Exit(130); outputs were already cleaned up on the way out
+            sys.stderr.write("moesift: interrupted\n")
         if isinstance(rc, int) and rc:
             sys.exit(rc)
     except MoesiftError as e:

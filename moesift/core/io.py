@@ -36,7 +36,9 @@ from .errors import MoesiftError
 
 LOCK_SUFFIX = ".moesift-lock"
 # a directory written by moesift carries one of these; replacing it with --force is allowed
-MOESIFT_DIR_MARKERS = ("moesift_plan.json", ".moesift-demo")
+MOESIFT_DIR_MARKERS = ("moesift_plan.json", ".moesift-demo", ".moesift-files")
+# every folder moesift writes lists its files here, so a later --force replaces it only while nobody added any
+LISTING = ".moesift-files"
 
 
 def is_model_dir(path: str | os.PathLike) -> bool:
@@ -59,10 +61,12 @@ def check_output_path(
     force: bool = True,
     directory: bool = False,
     protect: Iterable[str | os.PathLike] = (),
+    inputs: Iterable[str | os.PathLike] = (),
 ) -> Path:
     """Check that `path` can be written: its folder exists, it is not inside a model directory nor over a
-    protected path (the command's source model), and (unless `force`) it does not exist yet. `directory`:
-    the output is a folder (trim, demo), which may replace a folder moesift wrote before."""
+    protected path (the command's source model) nor one of the files the command reads (`inputs`), and
+    (unless `force`) it does not exist yet. `directory`: the output is a folder (trim, demo), which may
+    replace a folder moesift wrote before, as long as nobody added a file to it."""
     p = Path(path)
     ap = Path(os.path.abspath(p))
     if p.name in ("", ".", "..") or ap == Path(ap.anchor):
@@ -79,6 +83,11 @@ def check_output_path(
         if rs == rp or rs in rp.parents or rp in rs.parents:
             raise MoesiftError(f"output {_display(path)} overlaps the source model {_display(src)}; choose "
                                "another location")
+    for src in inputs:
+        with contextlib.suppress(OSError):
+            if Path(src).exists() and (Path(src).resolve() == rp or (p.exists() and os.path.samefile(src, p))):
+                raise MoesiftError(f"output {_display(path)} is {_display(src)}, which this command reads; moesift "
+                                   "never writes over its own input, even with --force; choose another --out")
     if is_model_dir(parent):
         raise MoesiftError(f"output {_display(path)} lies inside the model directory {_display(p.parent)}; "
                            "moesift never writes there, choose another location")
@@ -94,6 +103,10 @@ def check_output_path(
         if p.is_dir() and directory and any(p.iterdir()) and not _is_moesift_dir(p):
             raise MoesiftError(f"{_display(path)} is a non-empty directory moesift did not write; it is not "
                                "replaced, even with --force; choose another --out")
+        foreign = _foreign_file(p) if p.is_dir() and directory else None
+        if foreign is not None:
+            raise MoesiftError(f"{_display(path)} holds {foreign!r}, which moesift did not write; the folder is not "
+                               "replaced, even with --force: move that file out, or choose another --out")
         if not p.is_dir() and directory:
             raise MoesiftError(f"{_display(path)} is a file; --out takes a directory here")
     return p
@@ -103,11 +116,46 @@ def _is_moesift_dir(p: Path) -> bool:
     return any((p / m).is_file() for m in MOESIFT_DIR_MARKERS)
 
 
+def _files_under(root: Path) -> list[str]:
+    """Relative paths of the files under `root` (symlinks as files), sorted."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel = os.path.relpath(dirpath, root)
+        for n in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
+            out.append(n if rel == "." else os.path.join(rel, n))
+    return sorted(out)
+
+
+def _foreign_file(p: Path) -> str | None:
+    """A file in folder `p` that is not in the listing moesift wrote there, or None (also for folders written
+    before moesift kept a listing)."""
+    try:
+        known = set(json.loads((p / LISTING).read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+    return next((f for f in _files_under(p) if f not in known and f != LISTING), None)
+
+
 # ---- exclusive claim -----------------------------------------------------------------------------------
 
 
+# the hidden names beside an output add up to 34 characters to its name; names longer than this are shortened
+# to their start and a hash, so that any name the filesystem takes (255 bytes) can be written
+_SIDE_NAME_MAX = 200
+
+
+def _side_stem(p: Path) -> str:
+    """The output's name as its hidden lock and temporary names begin: the name itself, or for a long name
+    its first characters and a hash of the whole."""
+    name = p.name
+    if len(name.encode()) <= _SIDE_NAME_MAX:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:16]
+    return f"{name.encode()[:120].decode(errors='ignore')}~{digest}"
+
+
 def _lock_path(p: Path) -> Path:
-    return p.parent / f".{p.name}{LOCK_SUFFIX}"
+    return p.parent / f".{_side_stem(p)}{LOCK_SUFFIX}"
 
 
 def pid_alive(pid: int) -> bool:
@@ -166,10 +214,22 @@ def _acquire(lock: Path, shown: str | os.PathLike) -> int:
         if not same:  # the holder removed the file between our open and our lock: try again
             os.close(fd)
             continue
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        _write_pid(fd, lock, shown)
         return fd
     raise MoesiftError(f"could not claim {_display(shown)} for writing (its lock file keeps changing)")
+
+
+def _write_pid(fd: int, lock: Path, shown: str | os.PathLike) -> None:
+    """Record this pid in a claimed lock file; if the disk refuses even that, let the claim go, remove the
+    lock file and say which output could not be written."""
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            lock.unlink()
+        os.close(fd)
+        raise write_failed(shown, e) from None
 
 
 def _acquire_pidfile(lock: Path, shown: str | os.PathLike) -> int:
@@ -193,7 +253,7 @@ def _acquire_pidfile(lock: Path, shown: str | os.PathLike) -> int:
             continue
         except OSError as e:
             raise MoesiftError(f"cannot write beside {_display(shown)}: {e.strerror}") from None
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        _write_pid(fd, lock, shown)
         return fd
     raise MoesiftError(f"could not claim {_display(shown)} for writing (its lock file keeps changing)")
 
@@ -212,7 +272,7 @@ def _read_pid(fd: int) -> int | None:
 
 
 def _temp_re(p: Path) -> re.Pattern[str]:
-    return re.compile(rf"^\.{re.escape(p.name)}\.(\d+)\.[a-z0-9]+\.(tmp|partial|old)$")
+    return re.compile(rf"^\.{re.escape(_side_stem(p))}\.(\d+)\.[a-z0-9]+\.(tmp|partial|old)$")
 
 
 def clean_stale(path: str | os.PathLike, quiet: bool = False) -> list[str]:
@@ -244,7 +304,7 @@ def clean_stale(path: str | os.PathLike, quiet: bool = False) -> list[str]:
 
 
 def _temp_name(p: Path, kind: str) -> Path:
-    return p.parent / f".{p.name}.{os.getpid()}.{secrets.token_hex(4)}.{kind}"
+    return p.parent / f".{_side_stem(p)}.{os.getpid()}.{secrets.token_hex(4)}.{kind}"
 
 
 def write_failed(path: str | os.PathLike, e: OSError) -> MoesiftError:
@@ -253,22 +313,24 @@ def write_failed(path: str | os.PathLike, e: OSError) -> MoesiftError:
     what = e.strerror or str(e)
     code = errno.errorcode.get(e.errno or 0)
     fn = str(getattr(e, "filename", None) or "")
-    where = f" ({fn})" if fn and not os.path.basename(fn).startswith(f".{Path(path).name}.") else ""
+    where = f" ({fn})" if fn and not os.path.basename(fn).startswith(f".{_side_stem(Path(path))}.") else ""
     return MoesiftError(f"writing {_display(path)} failed: {what}{f' [{code}]' if code else ''}{where}; "
                         f"{_display(path)} was left as it was and no partial output remains")
 
 
 @contextlib.contextmanager
 def atomic_path(
-    path: str | os.PathLike, force: bool = True, protect: Iterable[str | os.PathLike] = ()
+    path: str | os.PathLike, force: bool = True, protect: Iterable[str | os.PathLike] = (),
+    inputs: Iterable[str | os.PathLike] = (),
 ) -> Iterator[Path]:
     """Yield a temporary file path beside `path` (created empty, with the umask's mode); rename it over
     `path` only if the block succeeds. The target is claimed for the whole block."""
-    p = check_output_path(path, force, protect=protect)
+    inputs = list(inputs)
+    p = check_output_path(path, force, protect=protect, inputs=inputs)
     ap = Path(os.path.abspath(p))
     with claim(p):
         clean_stale(ap)
-        check_output_path(p, force, protect=protect)  # another writer may have finished meanwhile
+        check_output_path(p, force, protect=protect, inputs=inputs)  # another writer may have finished meanwhile
         tmp = _temp_name(ap, "tmp")
         try:
             try:
@@ -289,20 +351,22 @@ class OutputDir:
     (umask's mode); `commit()` moves it over `path` (an older folder is moved aside first and removed after);
     `abort()` removes it. Both release the claim; `abort()` after `commit()` does nothing."""
 
-    def __init__(self, path: str | os.PathLike, force: bool = True, protect: Iterable[str | os.PathLike] = ()):
+    def __init__(self, path: str | os.PathLike, force: bool = True, protect: Iterable[str | os.PathLike] = (),
+                 inputs: Iterable[str | os.PathLike] = ()):
         self.shown = path
         self.force = force
         self.protect = list(protect)
+        self.inputs = list(inputs)
         self.path = Path(os.path.abspath(path))
         self.tmp: Path | None = None
         self._fd: int | None = None
 
     def begin(self) -> Path:
-        check_output_path(self.shown, self.force, directory=True, protect=self.protect)
+        check_output_path(self.shown, self.force, directory=True, protect=self.protect, inputs=self.inputs)
         self._fd = _acquire(_lock_path(self.path), self.shown)
         try:
             clean_stale(self.path)
-            check_output_path(self.shown, self.force, directory=True, protect=self.protect)
+            check_output_path(self.shown, self.force, directory=True, protect=self.protect, inputs=self.inputs)
             tmp = _temp_name(self.path, "partial")
             try:
                 os.mkdir(tmp, 0o777)
@@ -318,6 +382,7 @@ class OutputDir:
         ap, old = self.path, None
         try:
             try:
+                (self.tmp / LISTING).write_text(json.dumps(_files_under(self.tmp), indent=0) + "\n")
                 if ap.is_symlink() or ap.is_file():
                     ap.unlink()
                 elif ap.exists():
@@ -353,10 +418,11 @@ class OutputDir:
 
 @contextlib.contextmanager
 def atomic_dir(
-    path: str | os.PathLike, force: bool = True, protect: Iterable[str | os.PathLike] = ()
+    path: str | os.PathLike, force: bool = True, protect: Iterable[str | os.PathLike] = (),
+    inputs: Iterable[str | os.PathLike] = (),
 ) -> Iterator[Path]:
     """`OutputDir` as a block: the folder replaces `path` only if the block succeeds."""
-    w = OutputDir(path, force, protect)
+    w = OutputDir(path, force, protect, inputs)
     tmp = w.begin()
     try:
         try:
@@ -382,21 +448,24 @@ def json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def write_json(path: str | os.PathLike, obj: Any, force: bool = True) -> Path:
+def write_json(path: str | os.PathLike, obj: Any, force: bool = True,
+               inputs: Iterable[str | os.PathLike] = ()) -> Path:
     text = json.dumps(obj, indent=2, default=json_default) + "\n"
-    with atomic_path(path, force) as tmp:
+    with atomic_path(path, force, inputs=inputs) as tmp:
         tmp.write_text(text)
     return Path(path)
 
 
-def write_text(path: str | os.PathLike, text: str, force: bool = True) -> Path:
-    with atomic_path(path, force) as tmp:
+def write_text(path: str | os.PathLike, text: str, force: bool = True,
+               inputs: Iterable[str | os.PathLike] = ()) -> Path:
+    with atomic_path(path, force, inputs=inputs) as tmp:
         tmp.write_text(text)
     return Path(path)
 
 
-def write_bytes(path: str | os.PathLike, data: bytes, force: bool = True) -> Path:
-    with atomic_path(path, force) as tmp:
+def write_bytes(path: str | os.PathLike, data: bytes, force: bool = True,
+                inputs: Iterable[str | os.PathLike] = ()) -> Path:
+    with atomic_path(path, force, inputs=inputs) as tmp:
         tmp.write_bytes(data)
     return Path(path)
 
@@ -406,7 +475,8 @@ _NP_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "int64": "I6
 
 
 def write_safetensors(
-    path: str | os.PathLike, arrays: dict[str, Any], metadata: dict[str, str] | None = None, force: bool = True
+    path: str | os.PathLike, arrays: dict[str, Any], metadata: dict[str, str] | None = None, force: bool = True,
+    inputs: Iterable[str | os.PathLike] = (),
 ) -> Path:
     """Write numpy `arrays` as a safetensors file through `atomic_path`, streamed array by array (no second
     copy of the data in memory)."""
@@ -427,7 +497,7 @@ def write_safetensors(
         items.append(a)
     hb = json.dumps(header, separators=(",", ":")).encode()
     hb += b" " * ((-len(hb)) % 8)
-    with atomic_path(path, force) as tmp, open(tmp, "wb") as f:
+    with atomic_path(path, force, inputs=inputs) as tmp, open(tmp, "wb") as f:
         f.write(len(hb).to_bytes(8, "little"))
         f.write(hb)
         for a in items:
