@@ -1,0 +1,83 @@
+"""Edges that cut: interrupts, full disks while claiming an output, long output names, folders a person
+added files to, outputs that would replace the command's own input."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from hostile import assert_one_error, half_plan, plan_file, run_cli
+
+import moesift
+from moesift.core.io import LOCK_SUFFIX, write_json
+
+REF = Path(moesift.__file__).parent / "assets" / "models" / "qwen3moe-ref"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _hidden(folder: Path) -> list[str]:
+    return sorted(n for n in os.listdir(folder) if n.startswith("."))
+
+
+def test_ctrl_c_says_interrupted_and_leaves_nothing(tmp_path):
+    """SIGINT during a long command: exit 130, one 'moesift: interrupted' line, no partial output."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    code = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            "from moesift.cli import main; sys.argv = ['moesift', 'demo', '--quick', '--out', 'out']; main()")
+    p = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+    first = p.stderr.readline()  # the demo's first progress line: the command is running
+    assert first, "the demo printed nothing"
+    p.send_signal(signal.SIGINT)
+    err = first + p.stderr.read()
+    assert p.wait(timeout=120) == 130, err
+    assert "moesift: interrupted" in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists() and _hidden(tmp_path) == []
+
+
+def test_a_full_disk_while_claiming_names_the_target_and_leaves_no_lock(tmp_path, monkeypatch):
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "pwrite", full)
+    out = tmp_path / "plan.json"
+    try:
+        write_json(out, {"a": 1})
+        raise AssertionError("the write succeeded")
+    except moesift.MoesiftError as e:
+        msg = str(e)
+    assert repr(str(out)) in msg and "No space left on device" in msg and "left as it was" in msg
+    assert not out.exists() and _hidden(tmp_path) == []
+
+
+def test_a_long_legal_output_name_is_written(tmp_path, monkeypatch, capsys):
+    name = "p" * 240 + ".json"  # 245 characters: the filesystem takes it, hidden names must too
+    trace = tmp_path / "t.trace"
+    code, _, err = run_cli(["trace", REF, "--data", REF.parent.parent / "workloads" / "code.trace.jsonl",
+                            "--max-samples", 4, "--max-length", 32, "--out", trace], monkeypatch, capsys)
+    assert code == 0, err
+    code, _, err = run_cli(["plan", trace, "--keep", 0.5, "--out", tmp_path / name], monkeypatch, capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / name).read_text())["schema"] == "moesift-plan/1"
+    code, _, err = run_cli(["plan", trace, "--keep", 0.5, "--out", tmp_path / name, "--force"], monkeypatch, capsys)
+    assert code == 0, err
+    assert _hidden(tmp_path) == [] and not any(n.endswith(LOCK_SUFFIX) for n in os.listdir(tmp_path))
+
+
+def test_trim_force_keeps_a_folder_someone_added_files_to(tmp_path, monkeypatch, capsys):
+    spec = moesift.checkpoint_index(REF).spec
+    plan = plan_file(tmp_path / "p.json", half_plan(spec))
+    out = tmp_path / "T"
+    code, _, err = run_cli(["trim", REF, "--plan", plan, "--out", out], monkeypatch, capsys)
+    assert code == 0, err
+    code, _, err = run_cli(["trim", REF, "--plan", plan, "--out", out, "--force"], monkeypatch, capsys)
+    assert code == 0, err  # a folder moesift wrote is replaced
+    (out / "NOTES.txt").write_text("mine")
+    code, _, err = run_cli(["trim", REF, "--plan", plan, "--out", out, "--force"], monkeypatch, capsys)
+    assert_one_error(code, err, "NOTES.txt", "moesift did not write")
+    assert (out / "NOTES.txt").read_text() == "mine"
