@@ -24,8 +24,18 @@ from .evaluation.sweep import sweep
 from .evaluation.verify import verify
 from .formats.plan import plan_diff
 from .formats.trimmed import read_trimmed_record
-from .record.importers import import_trace
-from .record.tracer import export_trace, merge_traces, show, trace
+from .record.importers import format_import, import_summary, import_trace
+from .record.tracer import (
+    export_trace,
+    format_export,
+    format_merge,
+    format_trace,
+    merge_summary,
+    merge_traces,
+    show,
+    trace,
+    trace_summary,
+)
 from .selection.calibrate import calibrate
 from .selection.place import place
 from .selection.planner import plan
@@ -79,17 +89,10 @@ def trace_cmd(
               batch_size=batch_size, generate=generate, folds=folds, saliency=saliency, log_routing=log_routing,
               device=device, dtype=dtype, field=field, trust_remote_code=trust_remote_code, force=force,
               progress=not json_out)
-    counts = t.counts
-    summary = {"out": out, "model": t.model, "workload": t.workload,
-               "arrays": {k: list(v.shape) for k, v in t.arrays.items()},
-               "routes_per_layer": counts.sum(axis=1).tolist()}
     if json_out:
-        emit_json(summary)
+        emit_json(trace_summary(t, out))
     else:
-        w = t.workload
-        typer.echo(f"traced {w['documents']} documents, {w['prefill_tokens']} prompt + {w['decode_tokens']} "
-                   f"generated tokens over {t.n_layers} MoE layers x {t.n_experts} experts (top-{t.top_k})"
-                   + (f"; wrote {out}" if out else " (no --out: nothing written)"))
+        typer.echo(format_trace(t, out))
 
 
 @app.command("show")
@@ -114,13 +117,11 @@ def merge_cmd(
 ) -> None:
     """Add traces of the same model (counts add, folds add, routing logs concatenate)."""
 
-    t = merge_traces(traces, out, label=label, force=force)
-    res = {"out": out, "label": t.label, "documents": t.workload["documents"],
-           "prefill_tokens": t.workload["prefill_tokens"], "decode_tokens": t.workload["decode_tokens"]}
+    res = merge_summary(merge_traces(traces, out, label=label, force=force), out)
     if json_out:
         emit_json(res)
     else:
-        typer.echo(f"merged {len(traces)} traces ({res['documents']} documents) into {out}")
+        typer.echo(format_merge(res, len(traces)))
 
 
 @app.command("export")
@@ -137,7 +138,7 @@ def export_cmd(
     if json_out:
         emit_json({"out": str(p), "format": format})
     else:
-        typer.echo(f"wrote {p} ({format})")
+        typer.echo(format_export(p, format))
 
 
 @app.command("families")
@@ -675,19 +676,11 @@ def import_cmd(
 
     t = import_trace(files, format, model=model, out=out, n_experts=n_experts, top_k=top_k, moe_layers=moe_layers,
                      label=label, force=force, json=json_out)
-    log = t.get("routing_log")
-    info = {"out": out, "format": format, "moe_layers": t.n_layers, "n_experts": t.n_experts, "top_k": t.top_k,
-            "tokens_logged": 0 if log is None else int(log.shape[0]), "routes": int(t.counts.sum()),
-            "moe_decoder_layers": t.model.get("moe_layers"), "num_hidden_layers": t.model.get("num_hidden_layers"),
-            "hidden_size": t.model.get("hidden_size"), "imported_from": t.tool.get("imported_from"),
-            "duplicate_rank_records": int(t.tool.get("duplicate_rank_records", 0))}
+    info = import_summary(t, out, format)
     if json_out:
         emit_json(info)
     else:
-        typer.echo(f"wrote {out}: {info['moe_layers']} MoE layers x {info['n_experts']} experts, "
-                   f"{info['tokens_logged']} tokens logged, {info['routes']} routes ({info['imported_from']})")
-        if info["duplicate_rank_records"]:
-            typer.echo(f"  {info['duplicate_rank_records']} records repeated by another rank's file were counted once")
+        typer.echo(format_import(info))
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ Conventions used everywhere in moesift:
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -201,8 +202,6 @@ def heldout_curves(fold_scores: np.ndarray, fold_counts: np.ndarray) -> tuple[np
 
 class _quiet:
     def __enter__(self):
-        import warnings
-
         self._w = warnings.catch_warnings()
         self._w.__enter__()
         warnings.simplefilter("ignore", RuntimeWarning)

@@ -16,16 +16,20 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rich.console import Console
+from rich.table import Table
 
 from ..arch.registry import adapter_for
 from ..core.errors import MoesiftError
 from ..core.identity import config_hash, loaded_config_dict, model_config_hash, token_stream_hash
 from ..core.io import check_output_path, write_json
-from ..core.values import check_int
+from ..core.progress import progress_bar
+from ..core.values import check_int, int_or_none
 from ..core.version import __version__
 from ..engines.hf import hf_progress, load_model, resolve_device
 from ..formats.checkpoint import resolve_model_dir
@@ -33,13 +37,6 @@ from ..formats.trace import SCHEMA, Trace, merge
 from ..formats.wcer import dump_expert_trace
 from ..formats.workload import encode_prefix, read_documents, source_info
 from .recorder import Recorder
-
-
-def _count_or_none(v: Any) -> int | None:
-    """A workload count of a trace: None where the trace does not know it (engine statistics)."""
-    return None if v is None else int(v)
-
-
 
 
 def trace(
@@ -66,8 +63,6 @@ def trace(
     with `tokenizer=`) on the workload files `data`; save to `out` when given (refuses to overwrite
     unless `force`). Returns the Trace."""
     device = resolve_device(device)
-    import torch
-
     max_length = check_int("max_length", max_length, 1)
     batch_size = check_int("batch_size", batch_size, 1)
     generate = check_int("generate", generate, 0)
@@ -79,9 +74,36 @@ def trace(
     paths = [data] if isinstance(data, (str, os.PathLike)) else list(data)
     docs = read_documents(paths, field=field, max_samples=max_samples)
     sources = source_info(paths)
+    loaded = _load(model, tokenizer, device, dtype, trust_remote_code, progress)
+    ids_list = _tokenize_workload(docs, loaded, max_length, generate, paths)
+    run = _Run(loaded, folds, batch_size, generate, saliency, log_routing, progress)
+    run.record(ids_list)
+    t = _assemble(loaded, run, ids_list, paths, sources, label, max_length, generate, folds)
+    if out is not None:
+        t.save(out, force=force)
+    return t
 
+
+# ---- steps ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Loaded:
+    """The model under trace, its tokenizer, and its identity in the trace file."""
+
+    m: Any
+    tok: Any
+    name: str
+    chash: str
+    cfg_dict: dict[str, Any]
+    adapter: Any
+    spec: Any
+
+
+def _load(model: Any, tokenizer: Any, device: str | None, dtype: str | None, trust_remote_code: bool,
+          progress: bool) -> _Loaded:
+    """Load `model` (a path or hub id) or take a loaded one; its name, config hash and MoE spec."""
     if isinstance(model, (str, os.PathLike)):
-
         mdir = resolve_model_dir(model)
         m, tok = _load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
                              quiet=not progress)
@@ -95,26 +117,40 @@ def trace(
         cfg_dict = loaded_config_dict(m)
         chash = config_hash(cfg_dict)
     adapter = adapter_for(m.config)
-    spec = adapter.spec(m.config)
+    return _Loaded(m, tok, name, chash, cfg_dict, adapter, adapter.spec(m.config))
+
+
+def _tokenize_workload(docs: list[dict[str, Any]], loaded: _Loaded, max_length: int, generate: int,
+                       paths: list) -> list[list[int]]:
+    """Token ids of every document that has any (refuses a workload where none has)."""
+    m = loaded.m
     vocab = int(getattr(m.config, "vocab_size", 0) or getattr(m.get_input_embeddings(), "num_embeddings", 0))
-    ids_list = [_tokenize(d, tok, max_length, vocab, generate > 0, paths) for d in docs]
+    ids_list = [_tokenize(d, loaded.tok, max_length, vocab, generate > 0, paths) for d in docs]
     keep = [i for i, ids in enumerate(ids_list) if ids]
     if not keep:
         raise MoesiftError("every document of the workload tokenized to zero tokens; check the files")
-    ids_list = [ids_list[i] for i in keep]
-    n_docs = len(ids_list)
+    return [ids_list[i] for i in keep]
 
-    dev = _model_device(m)
-    rec_device = dev
 
-    rec = Recorder(spec, rec_device, folds, want_saliency=saliency, log_routing=log_routing)
-    handles = rec.attach(m, adapter)
-    pad_id = _pad_id(m, tok)
-    eos = _eos_ids(m)
-    log_docs: list[tuple[np.ndarray, np.ndarray]] = []
-    state: dict[str, Any] = {}
+class _Run:
+    """Run the model over the documents batch by batch with a Recorder attached."""
 
-    def gen_hook(mod, args, kwargs):
+    def __init__(self, loaded: _Loaded, folds: int, batch_size: int, generate: int, saliency: bool,
+                 log_routing: bool, progress: bool):
+        self.loaded, self.folds, self.batch_size, self.generate = loaded, folds, batch_size, generate
+        self.log_routing, self.progress = log_routing, progress
+        self.dev = _model_device(loaded.m)
+        self.rec = Recorder(loaded.spec, self.dev, folds, want_saliency=saliency, log_routing=log_routing)
+        self.pad_id = _pad_id(loaded.m, loaded.tok)
+        self.eos = _eos_ids(loaded.m)
+        self.log_docs: list[tuple[np.ndarray, np.ndarray]] = []
+        self.state: dict[str, Any] = {}
+
+    def gen_hook(self, mod: Any, args: Any, kwargs: Any) -> None:
+        """Before each forward of `generate`: which rows count (prompt mask, then rows not yet finished)."""
+        import torch
+
+        state = self.state
         x = kwargs.get("input_ids", args[0] if args else None)
         if x is None:
             return
@@ -131,61 +167,88 @@ def trace(
             valid = (~fin)[:, None].expand(B, S)
             phase = 1
         state["step"] += 1
-        rec.begin_forward(valid, fold, phase)
+        self.rec.begin_forward(valid, fold, phase)
 
-    hook = m.register_forward_pre_hook(gen_hook, with_kwargs=True) if generate else None
-    n_batches = (n_docs + batch_size - 1) // batch_size
-    try:
-        with torch.no_grad(), _progress(progress) as bar:
-            task = bar.add_task("tracing", total=n_docs)
-            for bi in range(n_batches):
-                lo, hi = bi * batch_size, min(n_docs, (bi + 1) * batch_size)
-                batch = ids_list[lo:hi]
-                S = max(len(x) for x in batch)
-                x = torch.full((len(batch), S), pad_id, dtype=torch.long)
-                mask = torch.zeros((len(batch), S), dtype=torch.long)
-                for r, ids in enumerate(batch):
-                    if generate:  # left padding
-                        x[r, S - len(ids) :] = torch.as_tensor(ids)
-                        mask[r, S - len(ids) :] = 1
-                    else:
-                        x[r, : len(ids)] = torch.as_tensor(ids)
-                        mask[r, : len(ids)] = 1
-                fold = torch.arange(lo, hi) % folds
-                x, mask_d, fold = x.to(dev), mask.to(dev), fold.to(dev)
-                if generate:
-                    state.update(step=0, fold=fold, mask=mask_d.bool(),
-                                 eos=torch.as_tensor(eos, device=dev) if eos else None)
-                    m.generate(input_ids=x, attention_mask=mask_d, do_sample=False, max_new_tokens=generate,
-                               min_new_tokens=0, pad_token_id=pad_id, num_beams=1)
-                else:
-                    rec.begin_forward(mask_d.bool(), fold, 0)
-                    m(input_ids=x, attention_mask=mask_d, use_cache=False)
-                rec.end_forward()
-                if log_routing:
-                    log_docs.extend(_split_log(rec.pop_log(), hi - lo))
-                bar.advance(task, hi - lo)
-    finally:
-        for h in handles:
-            h.remove()
-        if hook is not None:
-            hook.remove()
+    def record(self, ids_list: list[list[int]]) -> None:
+        """Every batch through the model; hooks removed afterwards."""
+        import torch
 
-    arrays = rec.to_arrays()
-    prefill_tokens, decode_tokens = rec.token_counts()
-    if log_routing:
-        arrays["routing_log"] = (np.concatenate([lg for lg, _ in log_docs]) if log_docs
-                                 else np.zeros((0, len(spec.moe_layers), spec.top_k), np.int16))
-        lens = np.array([len(lg) for lg, _ in log_docs], dtype=np.int64)
-        arrays["doc_offsets"] = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
-        arrays["log_phase"] = (np.concatenate([ph for _, ph in log_docs]) if log_docs else np.zeros(0, np.uint8))
+        m = self.loaded.m
+        handles = self.rec.attach(m, self.loaded.adapter)
+        hook = m.register_forward_pre_hook(self.gen_hook, with_kwargs=True) if self.generate else None
+        n_docs = len(ids_list)
+        n_batches = (n_docs + self.batch_size - 1) // self.batch_size
+        try:
+            with torch.no_grad(), progress_bar(self.progress, unit="documents") as bar:
+                task = bar.add_task("tracing", total=n_docs)
+                for bi in range(n_batches):
+                    lo, hi = bi * self.batch_size, min(n_docs, (bi + 1) * self.batch_size)
+                    self.batch(ids_list[lo:hi], lo, hi)
+                    bar.advance(task, hi - lo)
+        finally:
+            for h in handles:
+                h.remove()
+            if hook is not None:
+                hook.remove()
+
+    def batch(self, batch: list[list[int]], lo: int, hi: int) -> None:
+        """One padded batch (right padding, left padding to generate), documents lo..hi of the workload."""
+        import torch
+
+        m, rec, generate, dev = self.loaded.m, self.rec, self.generate, self.dev
+        S = max(len(x) for x in batch)
+        x = torch.full((len(batch), S), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), S), dtype=torch.long)
+        for r, ids in enumerate(batch):
+            if generate:  # left padding
+                x[r, S - len(ids) :] = torch.as_tensor(ids)
+                mask[r, S - len(ids) :] = 1
+            else:
+                x[r, : len(ids)] = torch.as_tensor(ids)
+                mask[r, : len(ids)] = 1
+        fold = torch.arange(lo, hi) % self.folds
+        x, mask_d, fold = x.to(dev), mask.to(dev), fold.to(dev)
+        if generate:
+            self.state.update(step=0, fold=fold, mask=mask_d.bool(),
+                              eos=torch.as_tensor(self.eos, device=dev) if self.eos else None)
+            m.generate(input_ids=x, attention_mask=mask_d, do_sample=False, max_new_tokens=generate,
+                       min_new_tokens=0, pad_token_id=self.pad_id, num_beams=1)
+        else:
+            rec.begin_forward(mask_d.bool(), fold, 0)
+            m(input_ids=x, attention_mask=mask_d, use_cache=False)
+        rec.end_forward()
+        if self.log_routing:
+            self.log_docs.extend(_split_log(rec.pop_log(), hi - lo))
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The recorder's statistics on the host, with the per-document routing log when kept."""
+        arrays = self.rec.to_arrays()
+        log_docs, spec = self.log_docs, self.loaded.spec
+        if self.log_routing:
+            arrays["routing_log"] = (np.concatenate([lg for lg, _ in log_docs]) if log_docs
+                                     else np.zeros((0, len(spec.moe_layers), spec.top_k), np.int16))
+            lens = np.array([len(lg) for lg, _ in log_docs], dtype=np.int64)
+            arrays["doc_offsets"] = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+            arrays["log_phase"] = (np.concatenate([ph for _, ph in log_docs]) if log_docs
+                                   else np.zeros(0, np.uint8))
+        return arrays
+
+
+def _assemble(loaded: _Loaded, run: _Run, ids_list: list[list[int]], paths: list, sources: list,
+              label: str | None, max_length: int, generate: int, folds: int) -> Trace:
+    """The Trace: model identity and shape, workload description, arrays, and the tool that made it."""
+    import torch
+
+    spec, m = loaded.spec, loaded.m
+    arrays = run.arrays()
+    prefill_tokens, decode_tokens = run.rec.token_counts()
     moe = list(spec.moe_layers)
-    t = Trace(
+    return Trace(
         model={
-            "name": name,
+            "name": loaded.name,
             "model_type": spec.model_type,
-            "config_hash": chash,
-            "config": cfg_dict,
+            "config_hash": loaded.chash,
+            "config": loaded.cfg_dict,
             "moe_layers": moe,
             "n_experts": spec.n_experts,
             "top_k": spec.top_k,
@@ -194,13 +257,13 @@ def trace(
             "scoring": spec.scoring,
             "n_group": spec.n_group,
             "topk_group": spec.topk_group,
-            **adapter.model_shape(m.config),
+            **loaded.adapter.model_shape(m.config),
         },
         workload={
             "label": label or Path(str(paths[0])).stem,
             "sources": sources,
             "token_sha256": token_stream_hash(ids_list),
-            "documents": n_docs,
+            "documents": len(ids_list),
             "prefill_tokens": prefill_tokens,
             "decode_tokens": decode_tokens,
             "max_length": max_length,
@@ -208,11 +271,8 @@ def trace(
             "folds": folds,
         },
         arrays=arrays,
-        tool={"name": "moesift", "version": __version__, "torch": torch.__version__, "device": str(dev)},
+        tool={"name": "moesift", "version": __version__, "torch": torch.__version__, "device": str(run.dev)},
     )
-    if out is not None:
-        t.save(out, force=force)
-    return t
 
 
 # ---- helpers --------------------------------------------------------------------------------------
@@ -224,18 +284,6 @@ def _load_model(model: Any, device: str | None, dtype: str | None, trust_remote_
 
     with hf_progress(not quiet):
         return load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-
-
-def _progress(enabled: bool):
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    console = Console(stderr=True)
-    return Progress(
-        TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("documents"), TimeElapsedColumn(), console=console, transient=True,
-        disable=not (enabled and console.is_terminal),
-    )
 
 
 def _model_device(m: Any) -> Any:
@@ -334,9 +382,9 @@ def show(trace_path: str | os.PathLike, json: bool = False) -> dict[str, Any]:
         },
         "workload": {
             "label": t.label,
-            "documents": _count_or_none(t.workload.get("documents", 0)),
-            "prefill_tokens": _count_or_none(t.workload.get("prefill_tokens", 0)),
-            "decode_tokens": _count_or_none(t.workload.get("decode_tokens", 0)),
+            "documents": int_or_none(t.workload.get("documents", 0)),
+            "prefill_tokens": int_or_none(t.workload.get("prefill_tokens", 0)),
+            "decode_tokens": int_or_none(t.workload.get("decode_tokens", 0)),
             "token_sha256": t.workload.get("token_sha256"),
             "sources": t.workload.get("sources", []),
         },
@@ -354,9 +402,6 @@ def show(trace_path: str | os.PathLike, json: bool = False) -> dict[str, Any]:
 
 
 def _print_summary(info: dict[str, Any], counts: np.ndarray) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     c = Console()
     m, w = info["model"], info["workload"]
     c.print(f"[bold]{info['path']}[/bold]  ({info['schema']})")
@@ -416,3 +461,37 @@ def export_trace(
         return t.save(out, force=force)
 
     return write_json(out, dump_expert_trace(t), force=force)
+
+
+# ---- command-line summaries -----------------------------------------------------------------------
+
+
+def trace_summary(t: Trace, out: str | os.PathLike | None) -> dict[str, Any]:
+    """What `moesift trace --json` prints about a trace written to `out`."""
+    return {"out": out, "model": t.model, "workload": t.workload,
+            "arrays": {k: list(v.shape) for k, v in t.arrays.items()},
+            "routes_per_layer": t.counts.sum(axis=1).tolist()}
+
+
+def format_trace(t: Trace, out: str | os.PathLike | None) -> str:
+    """One line about a trace written to `out` (None: nothing written)."""
+    w = t.workload
+    return (f"traced {w['documents']} documents, {w['prefill_tokens']} prompt + {w['decode_tokens']} "
+            f"generated tokens over {t.n_layers} MoE layers x {t.n_experts} experts (top-{t.top_k})"
+            + (f"; wrote {out}" if out else " (no --out: nothing written)"))
+
+
+def merge_summary(t: Trace, out: str | os.PathLike) -> dict[str, Any]:
+    """What `moesift merge --json` prints about the merged trace written to `out`."""
+    return {"out": out, "label": t.label, "documents": t.workload["documents"],
+            "prefill_tokens": t.workload["prefill_tokens"], "decode_tokens": t.workload["decode_tokens"]}
+
+
+def format_merge(res: dict[str, Any], n_traces: int) -> str:
+    """One line about `n_traces` traces merged (`res`: merge_summary)."""
+    return f"merged {n_traces} traces ({res['documents']} documents) into {res['out']}"
+
+
+def format_export(p: str | os.PathLike, format: str) -> str:
+    """One line about a trace exported to `p`."""
+    return f"wrote {p} ({format})"

@@ -19,7 +19,6 @@ No network is used.
 
 from __future__ import annotations
 
-import html as _html
 import json as _json
 import math
 import os
@@ -28,14 +27,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+
 from .. import assets
 from ..apply.trim import trim
 from ..arch.registry import adapter_for
 from ..core.errors import MoesiftError
+from ..core.html import esc, figure, page, table
 from ..core.io import OutputDir, json_default, write_text
 from ..engines.hf import hf_progress
 from ..evaluation.evaluate import eval_model, prepare
-from ..evaluation.sweep import figure_html, html_page, sweep, sweep_sections
+from ..evaluation.sweep import sweep, sweep_sections
 from ..evaluation.verify import verify
 from ..formats.checkpoint import CheckpointIndex
 from ..record.tracer import trace
@@ -114,7 +116,7 @@ def model_card(model_dir: Path) -> dict[str, Any]:
                 card["unigram_ppl"] = t[key]
     readme = model_dir / "README.md"
     if readme.is_file():
-        table = _card_table(readme.read_text(encoding="utf-8", errors="replace"))
+        table = _cardtable(readme.read_text(encoding="utf-8", errors="replace"))
         if table:  # the model card's evaluation (validation split) wins over the training log
             card["valid_ppl"] = {d: v[0] for d, v in table.items()}
             card["unigram_ppl"] = {d: v[1] for d, v in table.items()}
@@ -122,7 +124,7 @@ def model_card(model_dir: Path) -> dict[str, Any]:
     return card
 
 
-def _card_table(text: str) -> dict[str, tuple[float, float]]:
+def _cardtable(text: str) -> dict[str, tuple[float, float]]:
     """{domain: (model ppl, unigram ppl)} from the first 'domain docs tokens model ppl unigram ppl' table of
     a model card's validation section; {} when there is none."""
     lines = text.splitlines()
@@ -185,121 +187,24 @@ def demo(
         raise MoesiftError(f"unknown workload {domain!r}; choose one of {', '.join(assets.DOMAINS)}")
     out_dir = Path(out if out is not None else DEFAULT_OUT)
     _check_out(out_dir)
-    st = _settings(quick)
-    models = {name: assets.reference_model(name) for name in assets.MODELS}
-    trace_files = {d: assets.workload(d, "trace") for d in assets.DOMAINS}
-    eval_files = {d: assets.workload(d, "eval") for d in assets.DOMAINS}
-
+    run = _Pipeline(quick, model, domain)
     verbose = progress and not json
 
     def say(msg: str) -> None:
         if verbose:
             sys.stderr.write(msg + "\n")
 
-    clock = _Clock(say)
-
+    run.clock = _Clock(say)
     dest = OutputDir(out_dir, force=True)  # replaces a previous demo output only (its marker file says so)
     tmp = dest.begin()
     try:
-        (tmp / MARKER).write_text("moesift demo output; `moesift demo` may replace this directory\n")
-        (tmp / "traces").mkdir()
-        res: dict[str, Any] = {"schema": "moesift-demo/1", "quick": quick, "settings": {k: list(v) if isinstance(v, tuple) else v
-                                                                                       for k, v in st.items()},
-                               "plan_model": model, "plan_domain": domain, "models": {}}
-        loaded: dict[str, tuple[Any, Any]] = {}
-        traces: dict[str, dict[str, Path]] = {}
-        for name, mdir in models.items():
-            card = model_card(mdir)
-            with hf_progress(False):  # the demo prints its own progress, one line per stage
-                m, tok = prepare(mdir, device="cpu", dtype="float32")
-            loaded[name] = (m, tok)
-            traces[name] = {}
-            for d in assets.DOMAINS:
-                p = tmp / "traces" / f"{name}.{d}.trace"
-                trace(m, trace_files[d], out=p, label=d, max_samples=st["trace_docs"], max_length=st["trace_len"],
-                      saliency=(name == model and d == domain and "saliency" in st["strategies"]), progress=False,
-                      tokenizer=tok)
-                traces[name][d] = p
-            res["models"][name] = {"card": card}
-            clock.stage(f"traced 4 workloads on {name}")
-
-        for name, mdir in models.items():
-            paths = [traces[name][d] for d in assets.DOMAINS]
-            rep = report_traces(paths, model=mdir, json=True, locality_tokens=None, cache_tokens=None)
-            cmp_ = compare_traces(paths, keep=0.5, json=True)
-            res["models"][name]["report"] = _report_summary(rep)
-            res["models"][name]["compare"] = {k: cmp_[k] for k in ("workloads", "keep", "experts_kept", "cross_coverage",
-                                                                   "jaccard", "target", "union") if k in cmp_}
-            cc = cmp_["cross_coverage"]
-            n = len(cc)
-            res["models"][name]["self_coverage"] = sum(cc[i][i] for i in range(n)) / n
-            res["models"][name]["cross_coverage_mean"] = sum(cc[i][j] for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
-        clock.stage("reported and compared the workloads")
-
-        # plan, trim, verify on the chosen model and workload
-        mdir = models[model]
-        plan_path = tmp / f"plan-{domain}-50.json"
-        pl = make_plan(traces[model][domain], keep=0.5, model=mdir, out=plan_path)
-        trimmed = trim(mdir, pl, tmp / f"{model}-{domain}-50", progress=False)
-        trimmed_bytes = sum(f.stat().st_size for f in Path(trimmed).glob("*.safetensors"))
-        ver = verify(mdir, trimmed, data=eval_files[domain], max_new_tokens=st["new_tokens"],
-                     max_samples=st["verify_docs"], dtype="float32", progress=False)
-        res["plan"] = {"file": plan_path.name, "keep": 0.5, "strategy": "frequency", "predictions": pl.predictions,
-                       "trimmed_dir": Path(trimmed).name, "trimmed_safetensors_bytes": trimmed_bytes,
-                       "verify": {k: ver.get(k) for k in ("top1_agreement", "max_abs_logit_diff", "max_rel_logit_diff",
-                                                          "generations_identical", "ok", "prompts", "tokens", "params_full", "params_trimmed")
-                                  if k in ver}}
-        clock.stage(f"planned 50% of {model}'s experts for {domain}, trimmed and verified")
-
-        # quality: eval on the plan's model, then the other model
-        m, tok = loaded[model]
-        spec_k = res["models"][model]["card"]["top_k"]
-        ks = sorted({k for k in (spec_k // 2, spec_k // 4) if k >= 1}, reverse=True)
-        ev = eval_model(m, eval_files[domain], plans=[pl], top_k=ks, top_p=st["top_p"], max_length=st["eval_len"],
-                        max_samples=st["eval_docs"], tokenizer=tok, progress=False, json=True)
-        res["eval"] = _eval_summary(ev)
-        cross = []
-        for d in assets.DOMAINS:
-            e = ev if d == domain else eval_model(m, eval_files[d], plans=[pl], max_length=st["eval_len"],
-                                                  max_samples=st["eval_docs"], tokenizer=tok, progress=False, json=True)
-            cross.append({"domain": d, "ppl_full": e["results"][0]["ppl"], "ppl_plan": e["results"][1]["ppl"],
-                          "ratio": e["results"][1]["ppl_ratio"]})
-        res["plan_on_each_domain"] = cross
-        clock.stage("evaluated perplexity (full, plan, top-k, top-p, plan across domains)")
-        others = [n for n in models if n != model]
-        res["other_models"] = {}
-        for name in others:
-            om, otok = loaded[name]
-            opl = make_plan(traces[name][domain], keep=0.5, model=models[name])
-            ocard = res["models"][name]["card"]
-            oks = sorted({k for k in (ocard["top_k"] // 2, ocard["top_k"] // 4) if k >= 1}, reverse=True)
-            if not st["other_top"]:
-                oks = []
-            oev = eval_model(om, eval_files[domain], plans=[opl], top_k=oks, top_p=st["top_p"] if st["other_top"] else (),
-                             max_length=st["eval_len"],
-                             max_samples=st["eval_docs"], tokenizer=otok, progress=False, json=True)
-            res["other_models"][name] = _eval_summary(oev)
-        clock.stage("evaluated the other reference model")
-        loaded.clear()
-        del m, tok
-
-        sw = sweep(mdir, traces[model][domain], eval_files[domain], keep=st["keep"], strategy=st["strategies"], json=True,
-                   max_length=st["eval_len"], max_samples=st["eval_docs"], timing=st["timing"], dtype="float32",
-                   progress=False)
-        for p in sw["points"]:
-            p.pop("plan", None)
-        sw["traces"] = [f"traces/{model}.{domain}.trace"]
-        sw["data"] = [f"bundled {domain} held-out texts ({eval_files[domain].name})"]
-        res["sweep"] = sw
-        clock.stage("swept strategies x budgets")
-
-        res["stages"] = clock.stages
-        res["seconds"] = clock.total
-        res["html"] = "index.html"
-
-        write_text(tmp / "index.html", render_html(res))
-
-        (tmp / "summary.json").write_text(_json.dumps(res, indent=2, default=json_default) + "\n")
+        run.start(tmp)
+        run.trace_all()
+        run.report_all()
+        pl = run.plan_trim_verify()
+        run.evaluate(pl)
+        run.sweep()
+        res = run.write()
         dest.commit()
     finally:
         dest.abort()
@@ -308,6 +213,139 @@ def demo(
     if not json:
         print_summary(res)
     return res
+
+
+class _Pipeline:
+    """The demo's stages on the bundled models and workloads, writing into `tmp`; the summary in `res`."""
+
+    clock: _Clock
+
+    def __init__(self, quick: bool, model: str, domain: str) -> None:
+        self.quick, self.model, self.domain = quick, model, domain
+        self.st = _settings(quick)
+        self.models = {name: assets.reference_model(name) for name in assets.MODELS}
+        self.trace_files = {d: assets.workload(d, "trace") for d in assets.DOMAINS}
+        self.eval_files = {d: assets.workload(d, "eval") for d in assets.DOMAINS}
+
+    def start(self, tmp: Path) -> None:
+        """Mark `tmp` as a demo output; the summary so far."""
+        self.tmp, st = tmp, self.st
+        (tmp / MARKER).write_text("moesift demo output; `moesift demo` may replace this directory\n")
+        (tmp / "traces").mkdir()
+        self.res: dict[str, Any] = {"schema": "moesift-demo/1", "quick": self.quick,
+                                    "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in st.items()},
+                                    "plan_model": self.model, "plan_domain": self.domain, "models": {}}
+        self.loaded: dict[str, tuple[Any, Any]] = {}
+        self.traces: dict[str, dict[str, Path]] = {}
+
+    def trace_all(self) -> None:
+        """Trace every workload on every reference model (saliency for the plan's model and workload)."""
+        st = self.st
+        for name, mdir in self.models.items():
+            card = model_card(mdir)
+            with hf_progress(False):  # the demo prints its own progress, one line per stage
+                m, tok = prepare(mdir, device="cpu", dtype="float32")
+            self.loaded[name] = (m, tok)
+            self.traces[name] = {}
+            for d in assets.DOMAINS:
+                p = self.tmp / "traces" / f"{name}.{d}.trace"
+                trace(m, self.trace_files[d], out=p, label=d, max_samples=st["trace_docs"], max_length=st["trace_len"],
+                      saliency=(name == self.model and d == self.domain and "saliency" in st["strategies"]),
+                      progress=False, tokenizer=tok)
+                self.traces[name][d] = p
+            self.res["models"][name] = {"card": card}
+            self.clock.stage(f"traced 4 workloads on {name}")
+
+    def report_all(self) -> None:
+        """Report and compare the four workloads of each model."""
+        for name, mdir in self.models.items():
+            paths = [self.traces[name][d] for d in assets.DOMAINS]
+            rep = report_traces(paths, model=mdir, json=True, locality_tokens=None, cache_tokens=None)
+            cmp_ = compare_traces(paths, keep=0.5, json=True)
+            mres = self.res["models"][name]
+            mres["report"] = _report_summary(rep)
+            mres["compare"] = {k: cmp_[k] for k in ("workloads", "keep", "experts_kept", "cross_coverage",
+                                                    "jaccard", "target", "union") if k in cmp_}
+            cc = cmp_["cross_coverage"]
+            n = len(cc)
+            mres["self_coverage"] = sum(cc[i][i] for i in range(n)) / n
+            mres["cross_coverage_mean"] = sum(cc[i][j] for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+        self.clock.stage("reported and compared the workloads")
+
+    def plan_trim_verify(self) -> Any:
+        """Plan 50% of the chosen model's experts for the chosen workload, trim, and verify; the plan."""
+        model, domain, tmp, st = self.model, self.domain, self.tmp, self.st
+        mdir = self.models[model]
+        plan_path = tmp / f"plan-{domain}-50.json"
+        pl = make_plan(self.traces[model][domain], keep=0.5, model=mdir, out=plan_path)
+        trimmed = trim(mdir, pl, tmp / f"{model}-{domain}-50", progress=False)
+        trimmed_bytes = sum(f.stat().st_size for f in Path(trimmed).glob("*.safetensors"))
+        ver = verify(mdir, trimmed, data=self.eval_files[domain], max_new_tokens=st["new_tokens"],
+                     max_samples=st["verify_docs"], dtype="float32", progress=False)
+        self.res["plan"] = {"file": plan_path.name, "keep": 0.5, "strategy": "frequency", "predictions": pl.predictions,
+                            "trimmed_dir": Path(trimmed).name, "trimmed_safetensors_bytes": trimmed_bytes,
+                            "verify": {k: ver.get(k) for k in ("top1_agreement", "max_abs_logit_diff",
+                                                               "max_rel_logit_diff", "generations_identical", "ok",
+                                                               "prompts", "tokens", "params_full", "params_trimmed")
+                                       if k in ver}}
+        self.clock.stage(f"planned 50% of {model}'s experts for {domain}, trimmed and verified")
+        return pl
+
+    def evaluate(self, pl: Any) -> None:
+        """Perplexity on the plan's model (full, plan, fewer experts, top-p, the plan on every workload), then
+        on the other model with its own plan."""
+        model, domain, st, res, ef = self.model, self.domain, self.st, self.res, self.eval_files
+        m, tok = self.loaded[model]
+        spec_k = res["models"][model]["card"]["top_k"]
+        ks = sorted({k for k in (spec_k // 2, spec_k // 4) if k >= 1}, reverse=True)
+        ev = eval_model(m, ef[domain], plans=[pl], top_k=ks, top_p=st["top_p"], max_length=st["eval_len"],
+                        max_samples=st["eval_docs"], tokenizer=tok, progress=False, json=True)
+        res["eval"] = _eval_summary(ev)
+        cross = []
+        for d in assets.DOMAINS:
+            e = ev if d == domain else eval_model(m, ef[d], plans=[pl], max_length=st["eval_len"],
+                                                  max_samples=st["eval_docs"], tokenizer=tok, progress=False, json=True)
+            cross.append({"domain": d, "ppl_full": e["results"][0]["ppl"], "ppl_plan": e["results"][1]["ppl"],
+                          "ratio": e["results"][1]["ppl_ratio"]})
+        res["plan_on_each_domain"] = cross
+        self.clock.stage("evaluated perplexity (full, plan, top-k, top-p, plan across domains)")
+        res["other_models"] = {}
+        for name in [n for n in self.models if n != model]:
+            om, otok = self.loaded[name]
+            opl = make_plan(self.traces[name][domain], keep=0.5, model=self.models[name])
+            ocard = res["models"][name]["card"]
+            oks = sorted({k for k in (ocard["top_k"] // 2, ocard["top_k"] // 4) if k >= 1}, reverse=True)
+            if not st["other_top"]:
+                oks = []
+            oev = eval_model(om, ef[domain], plans=[opl], top_k=oks, top_p=st["top_p"] if st["other_top"] else (),
+                             max_length=st["eval_len"],
+                             max_samples=st["eval_docs"], tokenizer=otok, progress=False, json=True)
+            res["other_models"][name] = _eval_summary(oev)
+        self.clock.stage("evaluated the other reference model")
+        self.loaded.clear()
+
+    def sweep(self) -> None:
+        """Strategies x budgets on the plan's model and workload."""
+        model, domain, st, ef = self.model, self.domain, self.st, self.eval_files
+        sw = sweep(self.models[model], self.traces[model][domain], ef[domain], keep=st["keep"],
+                   strategy=st["strategies"], json=True, max_length=st["eval_len"], max_samples=st["eval_docs"],
+                   timing=st["timing"], dtype="float32", progress=False)
+        for p in sw["points"]:
+            p.pop("plan", None)
+        sw["traces"] = [f"traces/{model}.{domain}.trace"]
+        sw["data"] = [f"bundled {domain} held-out texts ({ef[domain].name})"]
+        self.res["sweep"] = sw
+        self.clock.stage("swept strategies x budgets")
+
+    def write(self) -> dict[str, Any]:
+        """The stage times, ``index.html`` and ``summary.json``; the summary."""
+        res = self.res
+        res["stages"] = self.clock.stages
+        res["seconds"] = self.clock.total
+        res["html"] = "index.html"
+        write_text(self.tmp / "index.html", render_html(res))
+        (self.tmp / "summary.json").write_text(_json.dumps(res, indent=2, default=json_default) + "\n")
+        return res
 
 
 def _report_summary(rep: dict[str, Any]) -> dict[str, Any]:
@@ -335,8 +373,7 @@ def _eval_summary(ev: dict[str, Any]) -> dict[str, Any]:
 
 
 def print_summary(res: dict[str, Any]) -> None:
-    from rich.console import Console
-
+    """The demo's summary on stdout (`res`: the dict `demo` returns)."""
     c = Console()
     c.print(f"[bold]moesift demo[/bold] ({res['seconds']:.0f} s){' quick' if res['quick'] else ''}: report in {res['html']}")
     for name, mres in res["models"].items():
@@ -363,13 +400,6 @@ def print_summary(res: dict[str, Any]) -> None:
         f"{p['strategy']} {p['keep']:g}: {p['bytes'] / 2**20:.2f} MiB, x{p['ppl_ratio']:.3f}" for p in front))
 
 
-def _table(head: list[str], rows: list[list[Any]]) -> str:
-    esc = _html.escape
-    h = "".join(f"<th>{esc(str(x))}</th>" for x in head)
-    body = "".join("<tr>" + "".join(f"<td>{esc(str(x))}</td>" for x in r) + "</tr>" for r in rows)
-    return f"<table><tr>{h}</tr>{body}</table>"
-
-
 def _f(x: Any, digits: int = 3) -> str:
     if x is None:
         return ""
@@ -382,7 +412,6 @@ def render_html(res: dict[str, Any]) -> str:
     """The demo report: one page, plotly.js inlined once."""
     import plotly.graph_objects as go
 
-    esc = _html.escape
     parts: list[str] = []
     # models
     rows = []
@@ -393,7 +422,7 @@ def render_html(res: dict[str, Any]) -> str:
         rows.append([name, c["model_type"], c["moe_layers"], c["n_experts"], c["top_k"], c["n_shared"], c["scoring"],
                      f"{c['bytes'] / 2**20:.2f}", "; ".join(f"{d} {v:.1f}" + (f" (unigram {ug[d]:.1f})" if d in ug else "")
                                                           for d, v in vp.items())])
-    parts.append("<h2>Reference models</h2>" + _table(
+    parts.append("<h2>Reference models</h2>" + table(
         ["model", "family", "MoE layers", "experts", "top-k", "shared", "router", "MiB", "validation perplexity"], rows))
     # routing per workload
     parts.append("<h2>Routing is workload-conditioned</h2><p>Cross-coverage: the resident set chosen for the row "
@@ -409,10 +438,10 @@ def render_html(res: dict[str, Any]) -> str:
                                 f"{mres['cross_coverage_mean']:.3f})", xaxis_title="routes of", yaxis_title="resident set of",
                           height=420, width=560)
         fig.update_yaxes(autorange="reversed")  # first workload on top: the diagonal runs top-left to bottom-right
-        parts.append(figure_html(fig, f"cc-{name}"))
+        parts.append(figure(fig, f"cc-{name}"))
         wl = mres["report"].get("workloads") or []
         if wl:
-            parts.append(_table(["workload", "mean fraction of experts for 90% of routes"],
+            parts.append(table(["workload", "mean fraction of experts for 90% of routes"],
                                 [[x["label"], _f(x.get("mean_fraction_for_90"))] for x in wl]))
     # plan / trim / verify
     p = res["plan"]
@@ -423,27 +452,27 @@ def render_html(res: dict[str, Any]) -> str:
                  f"frequency). Predicted checkpoint {pr.get('bytes', 0) / 2**20:.2f} MiB of "
                  f"{pr.get('bytes_full', 0) / 2**20:.2f} MiB; trimmed safetensors on disk {p['trimmed_safetensors_bytes'] / 2**20:.2f} MiB. "
                  f"Coverage in-sample {_f(pr.get('coverage'))}, held-out {_f(pr.get('heldout_coverage'))}.</p>"
-                 + _table(["top-1 agreement", "max |logit diff|", "max relative diff", "greedy generations identical"],
+                 + table(["top-1 agreement", "max |logit diff|", "max relative diff", "greedy generations identical"],
                           [[_f(v.get("top1_agreement")), _f(v.get("max_abs_logit_diff"), 8),
                             _f(v.get("max_rel_logit_diff"), 8), v.get("generations_identical")]]))
     # quality
     ev = res["eval"]
     parts.append(f"<h2>Quality</h2><p>Token-weighted perplexity on {ev['tokens']:,} held-out {esc(res['plan_domain'])} "
                  "tokens; mean routed experts active per token and MoE layer beside each.</p>"
-                 + _table(["setting", "perplexity", "x full", "active experts / token"],
+                 + table(["setting", "perplexity", "x full", "active experts / token"],
                           [[r["name"], _f(r["ppl"]), _f(r.get("ppl_ratio")), _f(r.get("mean_active"), 2)] for r in ev["results"]]))
-    parts.append("<p>The plan chosen for one workload, on every workload's held-out text:</p>" + _table(
+    parts.append("<p>The plan chosen for one workload, on every workload's held-out text:</p>" + table(
         ["domain", "perplexity full", "perplexity plan", "x full"],
         [[x["domain"], _f(x["ppl_full"]), _f(x["ppl_plan"]), _f(x["ratio"])] for x in res["plan_on_each_domain"]]))
     for name, oev in res.get("other_models", {}).items():
-        parts.append(f"<p>{esc(name)} on the same text (plan: 50% for {esc(res['plan_domain'])}, its own trace):</p>" + _table(
+        parts.append(f"<p>{esc(name)} on the same text (plan: 50% for {esc(res['plan_domain'])}, its own trace):</p>" + table(
             ["setting", "perplexity", "x full", "active experts / token"],
             [[r["name"], _f(r["ppl"]), _f(r.get("ppl_ratio")), _f(r.get("mean_active"), 2)] for r in oev["results"]]))
     parts += sweep_sections(res["sweep"])
-    parts.append("<h2>Run</h2>" + _table(["stage", "seconds", "CPU seconds"],
+    parts.append("<h2>Run</h2>" + table(["stage", "seconds", "CPU seconds"],
                                          [[s["stage"], f"{s['seconds']:.1f}", f"{s['cpu_seconds']:.1f}"] for s in res["stages"]])
                  + f"<p>Total {res['seconds']:.1f} s{' (quick settings)' if res['quick'] else ''}.</p>")
     intro = ("<p>The moesift pipeline on two small trained reference MoE models and four bundled workloads: trace, "
              "report, compare, plan, trim, verify, evaluate and sweep. Everything here was computed offline by "
              "<code>moesift demo</code>.</p>")
-    return html_page("moesift demo", parts, intro)
+    return page("moesift demo", parts, intro)

@@ -8,19 +8,17 @@ tables unless ``json=True``, and writes a self-contained HTML report (plotly, in
 
 from __future__ import annotations
 
-import html as _html
 import os
-import platform
 import sys
 from typing import Any
 
 import numpy as np
+from rich.console import Console
 
 from ..analysis.affinity import affinity_summary
 from ..analysis.locality import locality
 from ..analysis.stats import (
     BUDGETS,
-    HEADLINE_BUDGETS,
     PCTS,
     analyse,
     budget_key,
@@ -36,6 +34,8 @@ from ..formats.checkpoint import CheckpointIndex
 from ..formats.trace import Trace, merge
 from ..selection.planner import plan as make_plan
 from ..selection.planner import strategy_scores
+from .report_html import render_html
+from .report_text import LOCALITY_DEFINITIONS, print_compare, print_report
 
 # ---- inputs --------------------------------------------------------------------------------------------
 
@@ -239,33 +239,11 @@ def compare(traces, keep: float = 0.5, json: bool = False, target: float = 0.9) 
         raise MoesiftError("compare needs at least two traces")
     out = _jsonable(_compare(ts, _labels(ts), keep, target))
     if not json:
-        _print_compare(out)
+        print_compare(out)
     return out
 
 
 # ---- report --------------------------------------------------------------------------------------------
-
-LOCALITY_DEFINITIONS = {
-    "srp": "SRP(m): best F1, over one count threshold j, of predicting every token of each m-token window "
-           "(stride 1, inside a document) by the experts selected by at least j of its tokens.",
-    "sch": "SCH(m): hit rate of a demand cache of C experts per layer, empty at each document start, that on a "
-           "miss evicts a cached expert the token does not use, the one selected least often in the next m "
-           "tokens (ties: least recently used); paper-v3-demand-cache, never above Belady.",
-    "lru": "LRU: the same demand cache evicting the least recently used expert.",
-    "lfu": "LFU: evicts the expert selected least often so far (ties: least recently used).",
-    "belady": "Belady: evicts the expert whose next use is furthest away; the most hits any cache of C experts can get.",
-}
-
-
-def _hit_rate_rows(loc: dict[str, Any]) -> list[tuple[str, list[float]]]:
-    """(name, hit rate at each capacity of the SCH grid) for SCH at each m, then LRU, LFU and Belady."""
-    sc, c = loc["sch"], loc.get("cache")
-    rows = [(f"SCH m={m}", [sc["overall"][str(m)][str(r)] for r in sc["rhos"]]) for m in loc["seg_lens"]]
-    if c:
-        for p, name in (("lru", "LRU"), ("lfu", "LFU"), ("belady", "Belady")):
-            rows.append((name, [c["overall"][str(cap)][p] for cap in sc["capacities"]]))
-    return rows
-
 
 def report(traces, model=None, out=None, json: bool = False, locality_tokens: int | None = 8192,
            cache_tokens: int | None = 2048, force: bool = False) -> dict[str, Any]:
@@ -317,7 +295,7 @@ def report(traces, model=None, out=None, json: bool = False, locality_tokens: in
             write_text(out, render_html(res), force=force)
             res["html"] = str(out)
     if not json:
-        _print_report(res)
+        print_report(res)
     return res
 
 
@@ -330,8 +308,6 @@ class _status:
 
     def __enter__(self):
         if self.show:
-            from rich.console import Console
-
             self._st = Console(stderr=True).status("report")
             self._st.__enter__()
         return self.step
@@ -364,29 +340,6 @@ def _jsonable(o: Any) -> Any:
     return o
 
 
-# ---- terminal ------------------------------------------------------------------------------------------
-
-
-def _fmt(x, pct=False, digits=3):
-    if x is None:
-        return "-"
-    if pct:
-        return f"{100 * x:.1f}%"
-    if isinstance(x, float):
-        return f"{x:.{digits}g}"
-    return str(x)
-
-
-def _gb(b):
-    return f"{b / 1e9:.3f} GB" if b >= 1e8 else f"{b / 1e6:.3f} MB" if b >= 1e5 else f"{b} B"
-
-
-def _console():
-    from rich.console import Console
-
-    return Console()
-
-
 def strategy_coverage(trace: Any, keeps: tuple[float, ...] = (0.25, 0.5)) -> list[dict[str, Any]]:
     """For each trace-scored strategy the trace supports: the in-sample coverage of the set `moesift plan`
     keeps at each budget (mean over MoE layers), and the mean per-layer Spearman correlation of its scores
@@ -413,297 +366,3 @@ def strategy_coverage(trace: Any, keeps: tuple[float, ...] = (0.25, 0.5)) -> lis
                 row[f"coverage_{k:g}"] = None
         out.append(row)
     return out
-
-
-def _print_report(r: dict[str, Any]) -> None:
-    from rich.table import Table
-
-    con = _console()
-    m, w, o = r["model"], r["workload"], r["overall"]
-    for n in r.get("notes") or []:
-        con.print(f"note: {n}")
-    con.print(f"[bold]{m.get('name') or m.get('model_type')}[/] on [bold]{w.get('label')}[/]: {r['n_layers']} MoE layers x "
-              f"{r['n_experts']} experts, top-{r['top_k']}, {r['tokens']} tokens routed per layer")
-    t = Table(title="experts needed per layer to cover a share of routes")
-    t.add_column("layer", justify="right")
-    for p in PCTS:
-        t.add_column(f"{p}%", justify="right")
-    t.add_column("max/mean", justify="right")
-    t.add_column("entropy", justify="right")
-    t.add_column("gini", justify="right")
-    t.add_column("never", justify="right")
-    lay = r["layers"]
-    show = lay if len(lay) <= 16 else lay[:6] + [None] + lay[-6:]
-    for s in show:
-        if s is None:
-            t.add_row("...", *[""] * (len(PCTS) + 4))
-            continue
-        t.add_row(str(s["layer"]), *[str(s["experts_for_coverage"][str(p)]) for p in PCTS], _fmt(s["imbalance"]),
-                  _fmt(s["entropy"]), _fmt(s["gini"]), str(len(s["never_selected"])))
-    t.add_row("mean", *[f"{o['mean_experts_for_coverage'][str(p)]:.1f}" for p in PCTS], _fmt(o["mean_imbalance"]),
-              _fmt(o["mean_entropy"]), _fmt(o["mean_gini"]), str(o["never_selected"]), style="bold")
-    con.print(t)
-    con.print(f"mean fraction of experts for 90% coverage: [bold]{100 * o['mean_fraction_for_90']:.1f}%[/]")
-    for row in r.get("strategies") or []:
-        rho = row.get("spearman_with_counts")
-        con.print(f"strategy {row['strategy']:<12} in-sample coverage at keep 25% "
-                  f"{_fmt(row.get('coverage_0.25'))}, 50% {_fmt(row.get('coverage_0.5'))}; rank correlation with "
-                  f"selection counts {_fmt(rho)}")
-    t = Table(title="coverage at each budget (fraction of experts kept), mean over layers")
-    t.add_column("budget", justify="right")
-    t.add_column("in-sample", justify="right")
-    if "heldout_coverage" in o:
-        t.add_column("held-out (leave one fold out)", justify="right")
-        t.add_column("fold spread (std)", justify="right")
-    for b in r["budgets"]:
-        row = [b, _fmt(o["in_sample_coverage"][b], pct=True)]
-        if "heldout_coverage" in o:
-            row += [_fmt(o["heldout_coverage"][b], pct=True), _fmt(o["heldout_std"][b], pct=True)]
-        t.add_row(*row)
-    con.print(t)
-    um = f"unseen routing mass: Good-Turing {_fmt(o['unseen_mass_good_turing'], pct=True)}, Chao {_fmt(o['unseen_mass_chao'], pct=True)}"
-    if "unseen_mass_heldout" in o:
-        um += f", measured on held-out folds {_fmt(o['unseen_mass_heldout'], pct=True)}"
-    con.print(um)
-    lc = r.get("learning_curve")
-    if lc:
-        for b, e in lc["estimates"].items():
-            con.print(f"budget {b}: gap in-sample - held-out {_fmt(e['gap_at_full'], pct=True)} at {int(lc['tokens_traced']):,} tokens; "
-                      + _need_text(e))
-    else:
-        con.print("[yellow]no folds in this trace: held-out coverage cannot be measured (trace with --folds 2 or more)[/]")
-    ph = r.get("phases")
-    if ph:
-        con.print(f"prefill vs decode: 90% coverage needs {100 * ph['prefill']['mean_fraction_for_90']:.1f}% / "
-                  f"{100 * ph['decode']['mean_fraction_for_90']:.1f}% of experts; a prefill-chosen half covers "
-                  f"{100 * ph['prefill_set_on_decode']:.1f}% of decode routes")
-    sv = r.get("savings")
-    if sv:
-        t = Table(title=f"checkpoint bytes ({', '.join(sv['dtypes'])}): total {_gb(sv['total_bytes'])}, experts "
-                  f"{_gb(sv['expert_bytes'])}, other {_gb(sv['non_expert_bytes'])}")
-        t.add_column("budget", justify="right")
-        t.add_column("experts/layer", justify="right")
-        t.add_column("predicted size", justify="right")
-        t.add_column("saved", justify="right")
-        t.add_column("held-out cov.", justify="right")
-        for row in sv["budgets"]:
-            if float(row["budget"]) in HEADLINE_BUDGETS:
-                t.add_row(row["budget"], str(row["experts_per_layer"]), _gb(row["predicted_bytes"]),
-                          _fmt(row["saved_fraction"], pct=True), _fmt(row.get("heldout_coverage"), pct=True))
-        for row in sv["coverage_targets"]:
-            t.add_row(f"{row['coverage']}% cov.", f"{row['mean_experts_per_layer']:.1f}", _gb(row["predicted_bytes"]),
-                      _fmt(row["saved_fraction"], pct=True), "")
-        con.print(t)
-    loc = r.get("locality")
-    if loc:
-        t = Table(title=f"routing locality: SRP ({loc['tokens_used']} of {loc['tokens_in_log']} logged tokens)")
-        t.add_column("segment m", justify="right")
-        t.add_column("SRP", justify="right")
-        t.add_column("|S|/k", justify="right")
-        for m in loc["seg_lens"]:
-            s = loc["srp"]["overall"][str(m)]
-            t.add_row(str(m), _fmt(s["srp"]), _fmt(s["experts_ratio"]))
-        con.print(t)
-        sc = loc["sch"]
-        t = Table(title=f"per-layer expert cache hit rate ({sc['tokens_used']} tokens, MoE layers "
-                  f"{', '.join(map(str, sc['moe_layers']))}, empty cache at each document start)")
-        t.add_column("cache (experts)", justify="left")
-        for cap in sc["capacities"]:
-            t.add_column(str(cap), justify="right")
-        for name, rows in _hit_rate_rows(loc):
-            t.add_row(name, *[_fmt(v) for v in rows])
-        con.print(t)
-        for line in LOCALITY_DEFINITIONS.values():
-            con.print(f"  {line}")
-    af = r.get("affinity")
-    if af:
-        ao = af["overall"]
-        con.print(f"inter-layer affinity: normalised MI {_fmt(ao['mean_nmi'])} (excess over independence "
-                  f"{_fmt(ao['mean_nmi_excess'])}), lift of the best successor {_fmt(ao['mean_lift'])}x")
-        if af["chains"]:
-            ch = af["chains"][0]
-            con.print(f"most affine chain: {' > '.join(map(str, ch['experts'][:12]))}{' ...' if len(ch['experts']) > 12 else ''}")
-    if r.get("comparison"):
-        _print_compare(r["comparison"])
-    if r.get("html"):
-        con.print(f"HTML report: {r['html']}")
-
-
-def _need_text(e: dict[str, Any]) -> str:
-    if e["status"] == "agrees":
-        return "already within 1 point"
-    if e["status"] == "extrapolated":
-        return f"about {int(e['tokens_needed']):,} tokens for agreement within 1 point ({e['note']})"
-    return f"cannot estimate the tokens needed: {e['note']}"
-
-
-def _print_compare(c: dict[str, Any]) -> None:
-    from rich.table import Table
-
-    con = _console()
-    t = Table(title=f"cross-coverage (row's resident set at --keep {c['keep']:g}, as `moesift plan` keeps it, on "
-                    "column's routes)")
-    t.add_column("resident set of")
-    for w in c["workloads"]:
-        t.add_column(w, justify="right")
-    for i, w in enumerate(c["workloads"]):
-        t.add_row(w, *[_fmt(x, pct=True) for x in c["cross_coverage"][i]])
-    con.print(t)
-    for note in c.get("budget_notes") or []:
-        con.print(f"note: {note}")
-    t = Table(title="Jaccard similarity of resident sets")
-    t.add_column("")
-    for w in c["workloads"]:
-        t.add_column(w, justify="right")
-    for i, w in enumerate(c["workloads"]):
-        t.add_row(w, *[f"{x:.2f}" for x in c["jaccard"][i]])
-    con.print(t)
-    u = c["union"]
-    con.print(f"smallest union giving every workload >= {100 * c['target']:.0f}% coverage: {u['mean_size']:.1f} experts per "
-              f"layer on average ({100 * u['mean_fraction']:.1f}%), max {u['max_size']}; union of each workload's own "
-              f"set: {u['mean_union_of_own_sets']:.1f}")
-
-
-# ---- HTML ----------------------------------------------------------------------------------------------
-
-
-def render_html(r: dict[str, Any]) -> str:
-    """One self-contained HTML page (plotly.js inlined, no network)."""
-    import plotly.graph_objects as go
-    from plotly.offline import get_plotlyjs
-
-    figs: list[tuple[str, Any]] = []
-    E = r["n_experts"]
-    curves = np.array(r["coverage_curves"], dtype=float)
-    x = np.arange(E + 1) / E
-    fig = go.Figure()
-    for i, s in enumerate(r["layers"]):
-        fig.add_trace(go.Scatter(x=x, y=curves[i], mode="lines", name=f"layer {s['layer']}", line={"width": 1}))
-    fig.update_layout(title="Coverage curves (most-selected experts first)", xaxis_title="fraction of experts kept",
-                      yaxis_title="share of routes covered", height=450)
-    figs.append(("coverage", fig))
-    fig = go.Figure(go.Heatmap(z=np.array(r["usage"], dtype=float), colorscale="Viridis",
-                               y=[str(s["layer"]) for s in r["layers"]], colorbar={"title": "share"}))
-    fig.update_layout(title="Per-layer expert usage (share of the layer's routes)", xaxis_title="expert id",
-                      yaxis_title="decoder layer", height=max(350, 14 * len(r["layers"]) + 120))
-    figs.append(("usage", fig))
-    fig = go.Figure()
-    fig.add_trace(go.Scatter(x=x, y=np.nanmean(curves, axis=0), mode="lines", name="in-sample"))
-    if r.get("heldout_curves") is not None:
-        hm = np.array(r["heldout_curves"], dtype=float)
-        hs = np.array(r["heldout_curves_std"], dtype=float)
-        with np.errstate(invalid="ignore"):
-            mm, ss = np.nanmean(hm, axis=0), np.nanmean(hs, axis=0)
-        fig.add_trace(go.Scatter(x=x, y=mm, mode="lines", name="held-out (leave one fold out)",
-                                 error_y={"type": "data", "array": ss, "visible": True, "thickness": 0.5}))
-    fig.update_layout(title="In-sample vs held-out coverage (mean over layers, fold spread as error bars)",
-                      xaxis_title="fraction of experts kept", yaxis_title="coverage", height=450)
-    figs.append(("heldout", fig))
-    lc = r.get("learning_curve")
-    if lc and lc["points"]:
-        fig = go.Figure()
-        toks = [p["tokens"] for p in lc["points"]]
-        for b in lc["estimates"]:
-            fig.add_trace(go.Scatter(x=toks, y=[p[b]["in_sample"] for p in lc["points"]], mode="lines+markers",
-                                     name=f"in-sample, budget {b}", line={"dash": "dot"}))
-            fig.add_trace(go.Scatter(x=toks, y=[p[b]["heldout"] for p in lc["points"]], mode="lines+markers",
-                                     name=f"held-out, budget {b}"))
-        fig.update_layout(title="Learning curve: coverage against tokens traced (fold subsets)", xaxis_title="tokens",
-                          xaxis_type="log", yaxis_title="coverage", height=450)
-        figs.append(("learning", fig))
-    sv = r.get("savings")
-    if sv:
-        unit, div = ("GB", 1e9) if sv["total_bytes"] >= 1e9 else ("MB", 1e6)
-        fig = go.Figure()
-        fig.add_trace(go.Scatter(x=[float(b["budget"]) for b in sv["budgets"]], y=[b["predicted_bytes"] / div for b in sv["budgets"]],
-                                 mode="lines+markers", name=f"predicted checkpoint ({unit})"))
-        fig.add_hline(y=sv["total_bytes"] / div, line_dash="dash", annotation_text="full checkpoint")
-        fig.add_hline(y=sv["non_expert_bytes"] / div, line_dash="dot", annotation_text="non-expert bytes")
-        fig.update_layout(title="Checkpoint size vs budget", xaxis_title="fraction of experts kept", yaxis_title=unit, height=420)
-        figs.append(("bytes", fig))
-    loc = r.get("locality")
-    if loc:
-        defs = "".join(f"<li>{_html.escape(v)}</li>" for v in LOCALITY_DEFINITIONS.values())
-        figs.append(("locality-definitions", f"<h2>Routing locality</h2><ul>{defs}</ul>"))
-        fig = go.Figure()
-        ms = loc["seg_lens"]
-        fig.add_trace(go.Scatter(x=ms, y=[loc["srp"]["overall"][str(m)]["srp"] for m in ms], mode="lines+markers", name="SRP"))
-        fig.update_layout(title=f"SRP against segment length ({loc['tokens_used']} tokens, all MoE layers)",
-                          xaxis_title="segment length m", xaxis_type="log", yaxis_title="SRP (best F1)", height=400)
-        figs.append(("locality", fig))
-        sc = loc["sch"]
-        fig = go.Figure()
-        for name, rows in _hit_rate_rows(loc):
-            style = {"dash": "dot"} if name.startswith("SCH") else ({"width": 3} if name == "Belady" else {})
-            fig.add_trace(go.Scatter(x=sc["capacities"], y=rows, mode="lines+markers", name=name, line=style))
-        fig.update_layout(title=f"Per-layer cache hit rate: SCH(m) and LRU / LFU / Belady ({sc['tokens_used']} tokens, "
-                                f"MoE layers {', '.join(map(str, sc['moe_layers']))}; Belady is the optimum)",
-                          xaxis_title="cache capacity (experts per layer)", xaxis_type="log", yaxis_title="hit rate",
-                          height=450)
-        figs.append(("cache", fig))
-    cmp_ = r.get("comparison")
-    if cmp_:
-        w = cmp_["workloads"]
-        fig = go.Figure(go.Heatmap(z=cmp_["cross_coverage"], x=w, y=w, colorscale="Blues", zmin=0, zmax=1,
-                                   text=[[f"{v:.3f}" for v in row] for row in cmp_["cross_coverage"]], texttemplate="%{text}"))
-        fig.update_layout(title=f"Cross-coverage (row's resident set at keep {cmp_['keep']:g}, as plan keeps it, "
-                                "on column's routes)", xaxis_title="routes of", yaxis_title="resident set of", height=420)
-        fig.update_yaxes(autorange="reversed")
-        figs.append(("compare", fig))
-    parts = [f if isinstance(f, str) else
-             f.to_html(full_html=False, include_plotlyjs=False, div_id=f"fig-{name}", config={"displaylogo": False})
-             for name, f in figs]
-    return _page(r, parts, get_plotlyjs())
-
-
-def _page(r: dict[str, Any], parts: list[str], plotlyjs: str) -> str:
-    esc = _html.escape
-    m, w, o = r["model"], r["workload"], r["overall"]
-    rows = "".join(
-        f"<tr><td>{s['layer']}</td>" + "".join(f"<td>{s['experts_for_coverage'][str(p)]}</td>" for p in PCTS)
-        + f"<td>{_fmt(s['imbalance'])}</td><td>{_fmt(s['entropy'])}</td><td>{_fmt(s['gini'])}</td>"
-        f"<td>{len(s['never_selected'])}</td></tr>"
-        for s in r["layers"]
-    )
-    head = "".join(f"<th>{p}%</th>" for p in PCTS)
-    budget_rows = "".join(
-        f"<tr><td>{b}</td><td>{_fmt(o['in_sample_coverage'][b], pct=True)}</td>"
-        + (f"<td>{_fmt(o['heldout_coverage'][b], pct=True)}</td><td>{_fmt(o['heldout_std'][b], pct=True)}</td>" if "heldout_coverage" in o else "")
-        + "</tr>"
-        for b in r["budgets"]
-    )
-    notes = []
-    notes.append(f"Unseen routing mass: Good-Turing {_fmt(o['unseen_mass_good_turing'], pct=True)}, Chao-Jost "
-                 f"{_fmt(o['unseen_mass_chao'], pct=True)}"
-                 + (f", measured on held-out folds {_fmt(o['unseen_mass_heldout'], pct=True)}" if "unseen_mass_heldout" in o else ""))
-    lc = r.get("learning_curve")
-    if lc:
-        for b, e in lc["estimates"].items():
-            notes.append(f"Budget {b}: in-sample exceeds held-out by {_fmt(e['gap_at_full'], pct=True)} at "
-                         f"{int(lc['tokens_traced']):,} tokens; " + esc(_need_text(e)))
-    else:
-        notes.append("No folds in this trace: held-out coverage cannot be measured.")
-    sv = r.get("savings")
-    if sv:
-        notes.append(f"Checkpoint {esc(sv['model'])}: total {_gb(sv['total_bytes'])}, experts {_gb(sv['expert_bytes'])}, "
-                     f"non-expert {_gb(sv['non_expert_bytes'])} ({esc(', '.join(sv['dtypes']))}).")
-    notes += [esc(n) for n in r.get("notes") or []]
-    note_html = "".join(f"<li>{n}</li>" for n in notes)
-    title = esc(f"moesift report: {m.get('name') or m.get('model_type')} on {w.get('label')}")
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
-<style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse;margin:1em 0}}
-td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}h1{{font-size:1.4em}}</style>
-<script type="text/javascript">{plotlyjs}</script></head>
-<body><h1>{title}</h1>
-<p>{r['n_layers']} MoE layers x {r['n_experts']} experts, top-{r['top_k']}; {r['tokens']:,} tokens routed per layer;
-traces: {esc(', '.join(r['traces']))}; moesift {esc(r['tool']['version'])} on {esc(platform.platform())}.</p>
-<p>Mean fraction of experts for 90% coverage: <b>{100 * o['mean_fraction_for_90']:.1f}%</b>.</p>
-<ul>{note_html}</ul>
-<h2>Coverage at each budget (mean over layers)</h2>
-<table><tr><th>budget</th><th>in-sample</th>{'<th>held-out</th><th>fold std</th>' if 'heldout_coverage' in o else ''}</tr>{budget_rows}</table>
-{''.join(parts)}
-<h2>Experts needed per layer</h2>
-<table><tr><th>layer</th>{head}<th>max/mean</th><th>entropy</th><th>gini</th><th>never selected</th></tr>{rows}</table>
-</body></html>
-"""
