@@ -81,3 +81,23 @@ def test_trim_force_keeps_a_folder_someone_added_files_to(tmp_path, monkeypatch,
     code, _, err = run_cli(["trim", REF, "--plan", plan, "--out", out, "--force"], monkeypatch, capsys)
     assert_one_error(code, err, "NOTES.txt", "moesift did not write")
     assert (out / "NOTES.txt").read_text() == "mine"
+
+
+def test_no_command_writes_over_its_own_input(tmp_path, monkeypatch, capsys):
+    """report, merge, export, trace and import refuse an --out that is one of their inputs, --force or not."""
+    data = REF.parent.parent / "workloads" / "code.trace.jsonl"
+    trace = tmp_path / "in.trace"
+    code, _, err = run_cli(["trace", REF, "--data", data, "--max-samples", 4, "--max-length", 32, "--out", trace],
+                           monkeypatch, capsys)
+    assert code == 0, err
+    before = trace.read_bytes()
+    copy = tmp_path / "data.jsonl"
+    copy.write_bytes(data.read_bytes())
+    for args in (["report", trace, "--out", trace, "--force"],
+                 ["merge", trace, trace, "--out", trace, "--force"],
+                 ["export", trace, "--out", trace, "--format", "moesift-trace/1", "--force"],
+                 ["trace", REF, "--data", copy, "--max-samples", 2, "--out", copy, "--force"]):
+        code, _, err = run_cli(args, monkeypatch, capsys)
+        assert_one_error(code, err, "which this command reads")
+    assert trace.read_bytes() == before
+    assert copy.read_bytes() == data.read_bytes()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,9 +68,9 @@ class Calibration:
             raise MoesiftError(f"{str(p)!r} is not a JSON calibration file ({SCHEMA})")
         return cls.from_dict(d, str(p))
 
-    def save(self, path: str | os.PathLike, force: bool = True) -> Path:
-
-        return write_json(path, self.to_dict(), force=force)
+    def save(self, path: str | os.PathLike, force: bool = True, inputs: Iterable[str | os.PathLike] = ()) -> Path:
+        """Write the calibration as JSON atomically; `inputs`: files it must not replace."""
+        return write_json(path, self.to_dict(), force=force, inputs=inputs)
 
     @staticmethod
     def entry(e: dict[str, Any], mode: str = "whole") -> dict[str, Any]:

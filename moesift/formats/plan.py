@@ -10,7 +10,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -124,9 +124,9 @@ class Plan:
             "predictions": self.predictions,
         }
 
-    def save(self, path: str | os.PathLike, force: bool = True) -> Path:
-
-        return write_json(path, self.to_dict(), force=force)
+    def save(self, path: str | os.PathLike, force: bool = True, inputs: Iterable[str | os.PathLike] = ()) -> Path:
+        """Write the plan as JSON atomically; `inputs`: files it must not replace (the traces it came from)."""
+        return write_json(path, self.to_dict(), force=force, inputs=inputs)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], source: str | None = None) -> Plan:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -126,8 +127,8 @@ class Trace:
         return str(self.workload.get("label", ""))
 
     # ---- io ----------------------------------------------------------------------------------------
-    def save(self, path: str | os.PathLike, force: bool = True) -> Path:
-
+    def save(self, path: str | os.PathLike, force: bool = True, inputs: Iterable[str | os.PathLike] = ()) -> Path:
+        """Write the trace (safetensors with JSON metadata) atomically; `inputs`: files it must not replace."""
         meta = {
             "schema": SCHEMA,
             "model": self.model,
@@ -136,7 +137,7 @@ class Trace:
             "extra": self.extra,
         }
         tensors = {k: np.ascontiguousarray(v) for k, v in self.arrays.items() if v is not None}
-        return write_safetensors(path, tensors, {"moesift": json.dumps(meta)}, force=force)
+        return write_safetensors(path, tensors, {"moesift": json.dumps(meta)}, force=force, inputs=inputs)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Trace:

@@ -20,6 +20,7 @@ from typing import Any
 from ..arch.registry import adapter_for
 from ..core.errors import MoesiftError
 from ..core.identity import model_config_hash
+from ..core.io import check_output_path
 from ..formats.checkpoint import load_config_dict, resolve_model_dir
 from ..formats.trace import Trace
 from .sglang import import_sglang
@@ -71,8 +72,8 @@ def import_trace(path, format: str, model=None, out=None, n_experts: int | None 
     for p in paths:
         if not p.is_file():
             raise MoesiftError(f"{str(p)!r} not found")
-    if out is not None and Path(out).exists() and not force:
-        raise MoesiftError(f"{str(out)!r} exists; pass --force to overwrite")
+    if out is not None:
+        check_output_path(out, force, inputs=paths)
     if moe_layers is not None and isinstance(moe_layers, str):
         moe_layers = [int(x) for x in moe_layers.split(",") if x.strip()]
     minfo = _model_info(model, n_experts, top_k, list(moe_layers) if moe_layers is not None else None, None)
@@ -83,7 +84,7 @@ def import_trace(path, format: str, model=None, out=None, n_experts: int | None 
     else:
         t = import_sglang(paths, minfo, label, sources, folds)
     if out is not None:
-        t.save(out, force=force)
+        t.save(out, force=force, inputs=paths)
     return t
 
 

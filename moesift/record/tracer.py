@@ -69,9 +69,9 @@ def trace(
     folds = check_int("folds", folds, 1)
     if max_samples is not None:
         max_samples = check_int("max_samples", max_samples, 1)
-    if out is not None:
-        check_output_path(out, force)
     paths = [data] if isinstance(data, (str, os.PathLike)) else list(data)
+    if out is not None:
+        check_output_path(out, force, inputs=paths)
     docs = read_documents(paths, field=field, max_samples=max_samples)
     sources = source_info(paths)
     loaded = _load(model, tokenizer, device, dtype, trust_remote_code, progress)
@@ -80,7 +80,7 @@ def trace(
     run.record(ids_list)
     t = _assemble(loaded, run, ids_list, paths, sources, label, max_length, generate, folds)
     if out is not None:
-        t.save(out, force=force)
+        t.save(out, force=force, inputs=paths)
     return t
 
 
@@ -435,11 +435,11 @@ def merge_traces(
 
     if not paths:
         raise MoesiftError("merge needs at least one trace")
-    check_output_path(out, force)
+    check_output_path(out, force, inputs=paths)
     traces = [Trace.load(p) for p in paths]
     t = merge(traces, label=label)
     t.tool = {"name": "moesift", "version": __version__, "merged": [str(p) for p in paths]}
-    t.save(out, force=force)
+    t.save(out, force=force, inputs=paths)
     return t
 
 
@@ -457,10 +457,10 @@ def export_trace(
     if format not in EXPORT_FORMATS:
         raise MoesiftError(f"unknown export format {format!r}; use one of {', '.join(EXPORT_FORMATS)}")
     t = trace if isinstance(trace, Trace) else Trace.load(trace)
+    inputs = [] if isinstance(trace, Trace) else [trace]
     if format == SCHEMA:
-        return t.save(out, force=force)
-
-    return write_json(out, dump_expert_trace(t), force=force)
+        return t.save(out, force=force, inputs=inputs)
+    return write_json(out, dump_expert_trace(t), force=force, inputs=inputs)
 
 
 # ---- command-line summaries -----------------------------------------------------------------------

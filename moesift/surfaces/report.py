@@ -250,9 +250,9 @@ def report(traces, model=None, out=None, json: bool = False, locality_tokens: in
     """Concentration, held-out trust, savings in bytes, locality and affinity of one or more traces of the
     same model (several traces are merged for the main figures and compared side by side)."""
 
+    inputs = [t for t in (traces if isinstance(traces, (list, tuple)) else [traces]) if isinstance(t, (str, os.PathLike))]
     if out is not None:
-
-        check_output_path(out, force)
+        check_output_path(out, force, inputs=inputs)
     ts = _load(traces)
     _same_model(ts)
     labels = _labels(ts)
@@ -290,9 +290,8 @@ def report(traces, model=None, out=None, json: bool = False, locality_tokens: in
             res["comparison"] = _compare(ts, labels, 0.5, 0.9)
         res = _jsonable(res)
         if out is not None:
-
             step("HTML report")
-            write_text(out, render_html(res), force=force)
+            write_text(out, render_html(res), force=force, inputs=inputs)
             res["html"] = str(out)
     if not json:
         print_report(res)
