@@ -101,3 +101,53 @@ def test_no_command_writes_over_its_own_input(tmp_path, monkeypatch, capsys):
         assert_one_error(code, err, "which this command reads")
     assert trace.read_bytes() == before
     assert copy.read_bytes() == data.read_bytes()
+
+
+def test_a_fifo_as_data_is_refused_not_waited_on(tmp_path, monkeypatch, capsys):
+    fifo = tmp_path / "docs.jsonl"
+    os.mkfifo(fifo)
+    code, _, err = run_cli(["trace", REF, "--data", fifo, "--out", tmp_path / "t.trace"], monkeypatch, capsys)
+    assert_one_error(code, err, "not a regular file")
+
+
+def test_a_binary_file_as_vllm_records_is_one_line(tmp_path, monkeypatch, capsys):
+    junk = tmp_path / "records.jsonl"
+    junk.write_bytes(bytes(range(256)) * 8)
+    code, _, err = run_cli(["import", junk, "--format", "vllm", "--model", REF, "--out", tmp_path / "t.trace"],
+                           monkeypatch, capsys)
+    assert_one_error(code, err, "not UTF-8 text")
+
+
+def test_a_plan_layer_given_as_a_string_is_quoted(tmp_path, monkeypatch, capsys):
+    plan = tmp_path / "p.json"
+    plan.write_text(json.dumps({"schema": "moesift-plan/1", "model": {}, "layers": [{"layer": "0", "resident": [0]}]}))
+    code, _, err = run_cli(["trim", REF, "--plan", plan, "--out", tmp_path / "T"], monkeypatch, capsys)
+    assert_one_error(code, err, "(got '0')")
+
+
+def test_report_refuses_a_negative_token_count(tmp_path, monkeypatch, capsys):
+    trace = tmp_path / "t.trace"
+    code, _, err = run_cli(["trace", REF, "--data", REF.parent.parent / "workloads" / "code.trace.jsonl",
+                            "--max-samples", 4, "--max-length", 32, "--out", trace], monkeypatch, capsys)
+    assert code == 0, err
+    for flag in ("--locality-tokens", "--cache-tokens"):
+        code, _, err = run_cli(["report", trace, flag, -1], monkeypatch, capsys)
+        assert_one_error(code, err, flag, "integer >= 1")
+
+
+def test_report_speaks_binary_units_like_every_other_command(tmp_path, monkeypatch, capsys):
+    trace = tmp_path / "t.trace"
+    code, _, err = run_cli(["trace", REF, "--data", REF.parent.parent / "workloads" / "code.trace.jsonl",
+                            "--max-samples", 4, "--max-length", 32, "--out", trace], monkeypatch, capsys)
+    assert code == 0, err
+    code, out, err = run_cli(["report", trace, "--model", REF], monkeypatch, capsys)
+    assert code == 0, err
+    assert "MiB" in out and " MB" not in out and " GB" not in out
+
+
+def test_trace_refuses_documents_longer_than_the_model_positions(tmp_path, monkeypatch, capsys):
+    long_doc = tmp_path / "long.jsonl"
+    long_doc.write_text(json.dumps({"input_ids": [1 + i % 50 for i in range(1500)]}) + "\n")
+    code, _, err = run_cli(["trace", REF, "--data", long_doc, "--max-length", 100000, "--out", tmp_path / "t.trace"],
+                           monkeypatch, capsys)
+    assert_one_error(code, err, "max_position_embeddings", "--max-length 1024")

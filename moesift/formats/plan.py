@@ -166,7 +166,7 @@ class Plan:
             entry.setdefault("moe_index", i)
             layer, pos = entry.get("layer"), entry["moe_index"]
             if layer is not None and (not is_int(layer) or layer < 0):
-                raise MoesiftError(f"{where}: layers[{i}].layer must be a decoder layer id (got {str(layer)[:40]})")
+                raise MoesiftError(f"{where}: layers[{i}].layer must be a decoder layer id (got {layer!r:.40})")
             if not is_int(pos) or pos < 0:
                 raise MoesiftError(f"{where}: layers[{i}].moe_index must be a non-negative integer")
             if moe is not None and layer is not None and model.get("layer_index") != "moe_position" \
@@ -211,7 +211,7 @@ def _plan_int(where: str, d: Mapping[str, Any], key: str, lo: int, hi: int | Non
     if v is None:
         return None
     if not is_int(v) or v < lo or (hi is not None and v > hi) or v > 1 << 20:
-        raise MoesiftError(f"{where}: {key!r} must be an integer in {lo}..{hi or 1 << 20} (got {str(v)[:40]})")
+        raise MoesiftError(f"{where}: {key!r} must be an integer in {lo}..{hi or 1 << 20} (got {v!r:.40})")
     return int(v)
 
 

@@ -289,7 +289,7 @@ def _meta_int(where: str, d: dict[str, Any], key: str, lo: int, required: bool =
             raise MoesiftError(f"{where}: metadata has no {key!r}; the file is damaged or not a moesift trace")
         return None
     if not is_int(v) or not lo <= int(v) <= hi:
-        raise MoesiftError(f"{where}: metadata {key!r} must be an integer in {lo}..{hi} (got {str(v)[:40]}); "
+        raise MoesiftError(f"{where}: metadata {key!r} must be an integer in {lo}..{hi} (got {v!r:.40}); "
                            "the file is damaged")
     return int(v)
 
@@ -473,7 +473,7 @@ def from_expert_trace(d: Any, where: str = "expert-trace") -> Trace:
     def per_model(key: str) -> int:
         v = d.get(key, 0) or 0
         if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= MAX_COUNT:
-            raise MoesiftError(f"{where!r}: {key} must be a non-negative integer (got {str(v)[:40]})")
+            raise MoesiftError(f"{where!r}: {key} must be a non-negative integer (got {v!r:.40})")
         return int(round(v / L))
 
     hash_layers = d.get("hash_layers") or []
@@ -521,7 +521,7 @@ def from_expert_trace(d: Any, where: str = "expert-trace") -> Trace:
 def _meta_count(where: str, d: dict[str, Any], key: str) -> int:
     v = d[key]
     if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= 1 << 20:
-        raise MoesiftError(f"{where!r}: {key} must be a positive integer (got {str(v)[:40]})")
+        raise MoesiftError(f"{where!r}: {key} must be a positive integer (got {v!r:.40})")
     return v
 
 

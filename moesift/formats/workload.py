@@ -92,6 +92,9 @@ def _read_one(p: Path, field: str | None) -> Iterator[dict[str, Any]]:
     if p.is_dir():
         yield from _read_saved_dataset(p, field)
         return
+    if not p.is_file():  # a FIFO with no writer would block forever, a device would never end
+        raise MoesiftError(f"workload {str(p)!r} is not a regular file (a pipe, socket or device); save the "
+                           "documents to a file and pass that")
     ext = p.suffix.lower()
     if ext not in TEXT_EXT + JSONL_EXT + PARQUET_EXT:
         raise MoesiftError(

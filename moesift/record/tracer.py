@@ -126,6 +126,12 @@ def _tokenize_workload(docs: list[dict[str, Any]], loaded: _Loaded, max_length: 
     m = loaded.m
     vocab = int(getattr(m.config, "vocab_size", 0) or getattr(m.get_input_embeddings(), "num_embeddings", 0))
     ids_list = [_tokenize(d, loaded.tok, max_length, vocab, generate > 0, paths) for d in docs]
+    longest = getattr(m.config, "max_position_embeddings", None)
+    need = max((len(ids) for ids in ids_list), default=0) + generate
+    if isinstance(longest, int) and longest > 0 and need > longest:
+        raise MoesiftError(f"a document of {need - generate} tokens{f' plus --generate {generate}' if generate else ''} "
+                           f"is longer than the {longest} positions this model was built for "
+                           f"(max_position_embeddings); pass --max-length {max(1, longest - generate)} or less")
     keep = [i for i, ids in enumerate(ids_list) if ids]
     if not keep:
         raise MoesiftError("every document of the workload tokenized to zero tokens; check the files")

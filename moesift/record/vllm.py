@@ -63,7 +63,11 @@ class _Piece:
 
 
 def _read_json_records(p: Path) -> list[Any]:
-    text = p.read_text()
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise MoesiftError(f"{str(p)!r} is not UTF-8 text, so not vLLM JSON records (a binary file? vLLM's "
+                           "routed_experts arrays are read from .npy files)") from None
     try:
         d = _json.loads(text)
         return d if isinstance(d, list) else [d]

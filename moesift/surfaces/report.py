@@ -29,6 +29,7 @@ from ..analysis.stats import (
 )
 from ..core.errors import MoesiftError
 from ..core.io import check_output_path, write_text
+from ..core.values import check_int
 from ..core.version import __version__
 from ..formats.checkpoint import CheckpointIndex
 from ..formats.trace import Trace, merge
@@ -250,6 +251,10 @@ def report(traces, model=None, out=None, json: bool = False, locality_tokens: in
     """Concentration, held-out trust, savings in bytes, locality and affinity of one or more traces of the
     same model (several traces are merged for the main figures and compared side by side)."""
 
+    if locality_tokens is not None:
+        locality_tokens = check_int("--locality-tokens", locality_tokens, 1)
+    if cache_tokens is not None:
+        cache_tokens = check_int("--cache-tokens", cache_tokens, 1)
     inputs = [t for t in (traces if isinstance(traces, (list, tuple)) else [traces]) if isinstance(t, (str, os.PathLike))]
     if out is not None:
         check_output_path(out, force, inputs=inputs)

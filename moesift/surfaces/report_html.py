@@ -9,7 +9,8 @@ import numpy as np
 
 from ..analysis.stats import PCTS
 from ..core.html import esc, figure, page, table
-from .report_text import LOCALITY_DEFINITIONS, fmt, gb, hit_rate_rows, need_text
+from ..core.values import fmt_bytes
+from .report_text import LOCALITY_DEFINITIONS, fmt, hit_rate_rows, need_text
 
 
 def render_html(r: dict[str, Any]) -> str:
@@ -75,7 +76,7 @@ def _savings_figure(sv: dict[str, Any]) -> Any:
     """Predicted checkpoint size against the budget."""
     import plotly.graph_objects as go
 
-    unit, div = ("GB", 1e9) if sv["total_bytes"] >= 1e9 else ("MB", 1e6)
+    unit, div = ("GiB", 2**30) if sv["total_bytes"] >= 2**30 else ("MiB", 2**20)
     fig = go.Figure()
     fig.add_trace(go.Scatter(x=[float(b["budget"]) for b in sv["budgets"]], y=[b["predicted_bytes"] / div for b in sv["budgets"]],
                              mode="lines+markers", name=f"predicted checkpoint ({unit})"))
@@ -162,7 +163,7 @@ def _notes(r: dict[str, Any]) -> list[str]:
         notes.append("No folds in this trace: held-out coverage cannot be measured.")
     sv = r.get("savings")
     if sv:
-        notes.append(f"Checkpoint {esc(sv['model'])}: total {gb(sv['total_bytes'])}, experts {gb(sv['expert_bytes'])}, "
-                     f"non-expert {gb(sv['non_expert_bytes'])} ({esc(', '.join(sv['dtypes']))}).")
+        notes.append(f"Checkpoint {esc(sv['model'])}: total {fmt_bytes(sv['total_bytes'])}, experts {fmt_bytes(sv['expert_bytes'])}, "
+                     f"non-expert {fmt_bytes(sv['non_expert_bytes'])} ({esc(', '.join(sv['dtypes']))}).")
     notes += [esc(n) for n in r.get("notes") or []]
     return notes

@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..analysis.stats import HEADLINE_BUDGETS, PCTS
+from ..core.values import fmt_bytes
 
 LOCALITY_DEFINITIONS = {
     "srp": "SRP(m): best F1, over one count threshold j, of predicting every token of each m-token window "
@@ -43,9 +44,6 @@ def fmt(x, pct=False, digits=3):
     return str(x)
 
 
-def gb(b):
-    """Bytes as GB, MB or B (decimal units)."""
-    return f"{b / 1e9:.3f} GB" if b >= 1e8 else f"{b / 1e6:.3f} MB" if b >= 1e5 else f"{b} B"
 
 
 def need_text(e: dict[str, Any]) -> str:
@@ -147,8 +145,8 @@ def _print_coverage(con: Console, r: dict[str, Any]) -> None:
 
 def _savings_table(sv: dict[str, Any]) -> Table:
     """Predicted checkpoint bytes at the headline budgets and coverage targets."""
-    t = Table(title=f"checkpoint bytes ({', '.join(sv['dtypes'])}): total {gb(sv['total_bytes'])}, experts "
-              f"{gb(sv['expert_bytes'])}, other {gb(sv['non_expert_bytes'])}")
+    t = Table(title=f"checkpoint bytes ({', '.join(sv['dtypes'])}): total {fmt_bytes(sv['total_bytes'])}, experts "
+              f"{fmt_bytes(sv['expert_bytes'])}, other {fmt_bytes(sv['non_expert_bytes'])}")
     t.add_column("budget", justify="right")
     t.add_column("experts/layer", justify="right")
     t.add_column("predicted size", justify="right")
@@ -156,10 +154,10 @@ def _savings_table(sv: dict[str, Any]) -> Table:
     t.add_column("held-out cov.", justify="right")
     for row in sv["budgets"]:
         if float(row["budget"]) in HEADLINE_BUDGETS:
-            t.add_row(row["budget"], str(row["experts_per_layer"]), gb(row["predicted_bytes"]),
+            t.add_row(row["budget"], str(row["experts_per_layer"]), fmt_bytes(row["predicted_bytes"]),
                       fmt(row["saved_fraction"], pct=True), fmt(row.get("heldout_coverage"), pct=True))
     for row in sv["coverage_targets"]:
-        t.add_row(f"{row['coverage']}% cov.", f"{row['mean_experts_per_layer']:.1f}", gb(row["predicted_bytes"]),
+        t.add_row(f"{row['coverage']}% cov.", f"{row['mean_experts_per_layer']:.1f}", fmt_bytes(row["predicted_bytes"]),
                   fmt(row["saved_fraction"], pct=True), "")
     return t
 
