@@ -151,3 +151,13 @@ def test_trace_refuses_documents_longer_than_the_model_positions(tmp_path, monke
     code, _, err = run_cli(["trace", REF, "--data", long_doc, "--max-length", 100000, "--out", tmp_path / "t.trace"],
                            monkeypatch, capsys)
     assert_one_error(code, err, "max_position_embeddings", "--max-length 1024")
+
+
+def test_a_plan_file_missing_a_moe_layer_is_refused(tmp_path, monkeypatch, capsys):
+    spec = moesift.checkpoint_index(REF).spec
+    half = half_plan(spec)
+    half.pop(spec.moe_layers[-1])
+    plan = plan_file(tmp_path / "p.json", half)
+    code, _, err = run_cli(["trim", REF, "--plan", plan, "--out", tmp_path / "T"], monkeypatch, capsys)
+    assert_one_error(code, err, f"MoE layer [{spec.moe_layers[-1]}]")
+    assert not (tmp_path / "T").exists()

@@ -112,6 +112,11 @@ class Plan:
             if ids and (ids[0] < 0 or ids[-1] >= spec.n_experts):
                 raise MoesiftError(f"{where}: layer {layer} names expert ids outside 0..{spec.n_experts - 1}")
             out[layer] = ids
+        missing = [la for la in spec.moe_layers if la not in out and la not in spec.hash_layers]
+        if missing and self.source:  # a plan file names every MoE layer: one left out is a damaged plan
+            raise MoesiftError(f"{where} names no resident experts for MoE layer{'s' if len(missing) > 1 else ''} "
+                               f"{missing[:8]}; a plan lists every MoE layer of its model (to keep a layer whole, "
+                               "list all its experts)")
         return out
 
     # ---- io ------------------------------------------------------------------------------------------
