@@ -33,7 +33,62 @@ from ..formats.checkpoint import CheckpointIndex
 from ..formats.plan import Plan, as_plan, check_plan_config
 from ..formats.trace import Trace
 
-POLICIES = ("lru", "lfu", "belady")
+ONLINE_POLICIES = ("lru", "lfu")  # the policies a runtime can apply (Belady needs the future)
+POLICIES = (*ONLINE_POLICIES, "belady")
+
+
+class OnlineCache:
+    """The cache model above for an online policy (``lru`` or ``lfu``), one token at a time: the resident
+    experts, their recency, access counts and last use, and the eviction rule. A runtime cache (the expert
+    slots of `moesift.apply.offload`) is this class with slots added, so its hits are the simulation's;
+    `simulate` computes the same hits for a whole log with faster equivalents (tests check both agree)."""
+
+    def __init__(self, capacity: int, policy: str = "lru"):
+        if policy not in ONLINE_POLICIES:
+            raise ValueError(f"unknown cache policy {policy!r}; choose one of {', '.join(ONLINE_POLICIES)}")
+        self.capacity = int(capacity)
+        self.policy = policy
+        self.recency: OrderedDict[int, None] = OrderedDict()  # resident experts, least recently used first
+        self.freq: dict[int, int] = {}  # accesses since the start (kept across evictions)
+        self.last: dict[int, int] = {}  # access clock of the last use
+        self.clock = 0
+        self.hits = self.accesses = self.loads = 0
+
+    def victims(self, row: list[int], over: int) -> list[int]:
+        """The `over` resident experts evicted for token `row` (fewer when the others are all in `row`)."""
+        cur = set(row)
+        if self.policy == "lru":
+            return [e for e in self.recency if e not in cur][:over]
+        return sorted((e for e in self.recency if e not in cur), key=lambda e: (self.freq[e], self.last[e]))[:over]
+
+    def evict(self, expert: int) -> None:
+        del self.recency[expert]
+
+    def use(self, row: list[int]) -> None:
+        """Record one token's accesses, column order (every expert of `row` is resident now)."""
+        for e in row:
+            self.recency[e] = None
+            self.recency.move_to_end(e)
+            self.freq[e] = self.freq.get(e, 0) + 1
+            self.last[e] = self.clock
+            self.clock += 1
+
+    def token(self, row: list[int]) -> list[int]:
+        """Access the distinct non-pinned experts `row` of one token: hits and loads counted, victims evicted,
+        misses loaded. Returns the victims."""
+        miss = [e for e in row if e not in self.recency]
+        self.accesses += len(row)
+        self.hits += len(row) - len(miss)
+        self.loads += len(miss)
+        over = len(self.recency) + len(miss) - self.capacity
+        victims = self.victims(row, over) if over > 0 else []
+        if len(victims) < over:
+            raise ValueError(f"cache capacity {self.capacity} is below the {len(row)} non-pinned experts one token "
+                             "needs at once")
+        for v in victims:
+            self.evict(v)
+        self.use(row)
+        return victims
 
 
 def token_rows(log: np.ndarray, pinned) -> tuple[list[list[int]], int, int]:
