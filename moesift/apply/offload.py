@@ -31,6 +31,7 @@ and the computation of the pairs) is `moesift.apply.offload_runtime`.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -332,3 +333,29 @@ def generate(
         "predicted": planned_offload(as_plan(plan)),
     }
     return res
+
+
+def print_stream(text: str) -> None:
+    """Write generated text to stdout as it comes (the `echo` of `generate` for a terminal)."""
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def format_generate(r: dict[str, Any]) -> str:
+    """What `moesift generate` prints after the streamed text: tokens/s, the measured hit rate (beside the
+    plan's prediction) and the hit rate per MoE layer."""
+    o = r["offload"]
+    dec = r["decode_tokens_per_s"]
+    pre = r["prefill_tokens_per_s"]
+    speed = (f"{r['new_tokens']} tokens: decode {dec:.2f} tokens/s" if dec else f"{r['new_tokens']} tokens") + (
+        f", prefill {pre:.1f} tokens/s ({r['prompt_tokens']} prompt tokens)" if pre else "")
+    pred = r.get("predicted") or {}
+    ph = pred.get("heldout_hit_rate")
+    hits = (f"hit rate {o['hit_rate']:.4f} measured ({o['cache_slots']} {o['policy']} slots per layer, "
+            f"{o['loads']} expert loads, {o['host_pairs']} token-expert pairs computed on the host)"
+            + (f"; the plan predicted {ph:.4f} held out ({pred.get('cache_slots')} {pred.get('policy')} slots, "
+               f"over its whole trace, so with fewer cold misses)" if ph is not None else ""))
+    layers = [f"  layer {e['layer']:>3}: hit rate {e['hit_rate']:.4f}  ({e['hits']}/{e['accesses']}, "
+              f"{e['loads']} loads)" for e in o["layers"]]
+    return "\n".join(["", speed, hits, *layers])
+

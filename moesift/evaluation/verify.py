@@ -361,3 +361,30 @@ def verify_offloaded(
     result["ok"] = (result["top1_agreement"] >= 1.0 and result["generations_identical"] and same
                     and (dtype not in ("float32", "fp32") or cmp.max_rel <= 1e-6))
     return result
+
+
+def format_verify(r: dict[str, Any]) -> str:
+    """What `moesift verify` prints of a `verify` result (trimmed or offloaded)."""
+    lines = []
+    if r["data"]["kind"] == "random":
+        lines.append(r["data"]["note"])
+    if r.get("engine", "transformers") != "transformers":
+        lines.append(f"trimmed model run by {r['engine']}")
+    lines.append(f"{r['prompts']} prompts, {r['tokens']} positions: top-1 agreement {r['top1_agreement']:.4f}, "
+                 f"max |logit diff| {r['max_abs_logit_diff']:.3g} (relative {r['max_rel_logit_diff']:.3g}), "
+                 f"greedy generations {'identical' if r['generations_identical'] else 'DIFFER'}")
+    if "hit_rate_equals_simulation" not in r:
+        lines.append("OK: the trimmed model matches the restricted full model" if r["ok"] else
+                     "MISMATCH: the trimmed model does not match the restricted full model")
+        return "\n".join(lines)
+    lines.append(f"cache: {r['cache_slots']} {r['policy']} slots per layer, measured hit rate "
+                 f"{r['hit_rate']:.4f}; equal to the cache simulation on the same routing: "
+                 f"{'yes' if r['hit_rate_equals_simulation'] else 'NO'}")
+    pr = r.get("predicted") or {}
+    if pr.get("heldout_hit_rate") is not None:
+        lines.append(f"the plan predicted {pr['heldout_hit_rate']:.4f} held out ({pr['cache_slots']} "
+                     f"{pr['policy']} slots)")
+    lines.append("OK: the offloaded model matches the full model" if r["ok"] else
+                 "MISMATCH: the offloaded model does not match the full model")
+    return "\n".join(lines)
+
