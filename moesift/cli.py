@@ -12,18 +12,17 @@ from typing import Any
 import click
 import typer
 
-from .analysis.cachesim import cache
-from .apply.offload import generate
-from .apply.trim import trim
+from .analysis.cachesim import cache, format_cache
+from .apply.offload import format_generate, generate, print_stream
+from .apply.trim import format_trim, trim, trim_summary
 from .arch import supported_model_types
 from .core.errors import MoesiftError
 from .core.io import json_default
 from .engines.hf import DEVICE_HELP
-from .evaluation.evaluate import eval_model, format_table
+from .evaluation.evaluate import eval_model, print_table
 from .evaluation.sweep import sweep
-from .evaluation.verify import verify
+from .evaluation.verify import format_verify, verify
 from .formats.plan import plan_diff
-from .formats.trimmed import read_trimmed_record
 from .record.importers import format_import, import_summary, import_trace
 from .record.tracer import (
     export_trace,
@@ -312,16 +311,11 @@ def trim_cmd(
 
     d = trim(model, plan, out, force=force, max_shard_size=max_shard_size, progress=not json_out,
              checksums=not no_checksums, force_plan=force_plan)
-    rec = read_trimmed_record(d) or {}
-    summary = {"out": str(d), "standard": rec.get("standard"), "tensor_bytes": rec.get("tensor_bytes"),
-               "predicted_bytes": rec.get("predicted_bytes"), "source_tensor_bytes": rec.get("source", {}).get("tensor_bytes"),
-               "experts_per_layer": rec.get("experts_per_layer"), "files": rec.get("files")}
+    summary = trim_summary(d)
     if json_out:
         emit_json(summary)
-        return
-    kind = "standard checkpoint" if summary["standard"] else "non-uniform checkpoint (load with moesift.load_trimmed)"
-    typer.echo(f"wrote {d}: {kind}, {summary['tensor_bytes']:,} tensor bytes "
-               f"({summary['tensor_bytes'] / max(summary['source_tensor_bytes'] or 1, 1):.1%} of the source)")
+    else:
+        typer.echo(format_trim(summary))
 
 
 @app.command("verify")
@@ -361,26 +355,7 @@ def verify_cmd(
     if json_out:
         emit_json(r)
     else:
-        if r["data"]["kind"] == "random":
-            typer.echo(r["data"]["note"])
-        if r.get("engine", "transformers") != "transformers":
-            typer.echo(f"trimmed model run by {r['engine']}")
-        typer.echo(f"{r['prompts']} prompts, {r['tokens']} positions: top-1 agreement {r['top1_agreement']:.4f}, "
-                   f"max |logit diff| {r['max_abs_logit_diff']:.3g} (relative {r['max_rel_logit_diff']:.3g}), "
-                   f"greedy generations {'identical' if r['generations_identical'] else 'DIFFER'}")
-        if offloaded:
-            typer.echo(f"cache: {r['cache_slots']} {r['policy']} slots per layer, measured hit rate "
-                       f"{r['hit_rate']:.4f}; equal to the cache simulation on the same routing: "
-                       f"{'yes' if r['hit_rate_equals_simulation'] else 'NO'}")
-            pr = r.get("predicted") or {}
-            if pr.get("heldout_hit_rate") is not None:
-                typer.echo(f"the plan predicted {pr['heldout_hit_rate']:.4f} held out ({pr['cache_slots']} "
-                           f"{pr['policy']} slots)")
-            typer.echo("OK: the offloaded model matches the full model" if r["ok"] else
-                       "MISMATCH: the offloaded model does not match the full model")
-        else:
-            typer.echo("OK: the trimmed model matches the restricted full model" if r["ok"] else
-                       "MISMATCH: the trimmed model does not match the restricted full model")
+        typer.echo(format_verify(r))
     if not r["ok"]:
         raise typer.Exit(1)
 
@@ -405,34 +380,14 @@ def generate_cmd(
 ) -> None:
     """Generate with the full model's outputs: resident experts on the device, the others in host memory.
     Streams the text, then prints tokens/s and the measured cache hit rate per MoE layer."""
-    import sys
-
-    def echo(text: str) -> None:
-        sys.stdout.write(text)
-        sys.stdout.flush()
 
     r = generate(model, plan, prompt=prompt, device=device, offload=offload, cache_slots=cache_slots, policy=policy,
                  host_compute_max_tokens=host_compute_max_tokens, max_new_tokens=max_new_tokens, dtype=dtype,
-                 echo=None if json_out else echo, progress=not json_out)
+                 echo=None if json_out else print_stream, progress=not json_out)
     if json_out:
         emit_json(r)
-        return
-    o = r["offload"]
-    typer.echo("")
-    dec = r["decode_tokens_per_s"]
-    pre = r["prefill_tokens_per_s"]
-    typer.echo(f"{r['new_tokens']} tokens: decode {dec:.2f} tokens/s" if dec else f"{r['new_tokens']} tokens",
-               nl=False)
-    typer.echo(f", prefill {pre:.1f} tokens/s ({r['prompt_tokens']} prompt tokens)" if pre else "")
-    pred = r.get("predicted") or {}
-    ph = pred.get("heldout_hit_rate")
-    typer.echo(f"hit rate {o['hit_rate']:.4f} measured ({o['cache_slots']} {o['policy']} slots per layer, "
-               f"{o['loads']} expert loads, {o['host_pairs']} token-expert pairs computed on the host)"
-               + (f"; the plan predicted {ph:.4f} held out ({pred.get('cache_slots')} {pred.get('policy')} slots, "
-                  f"over its whole trace, so with fewer cold misses)" if ph is not None else ""))
-    for e in o["layers"]:
-        typer.echo(f"  layer {e['layer']:>3}: hit rate {e['hit_rate']:.4f}  ({e['hits']}/{e['accesses']}, "
-                   f"{e['loads']} loads)")
+    else:
+        typer.echo(format_generate(r))
 
 
 # [quality: eval, sweep, demo]
@@ -479,9 +434,7 @@ def eval_cmd(
     if json_out:
         emit_json(res)
     else:
-        from rich.console import Console
-
-        Console().print(format_table(res))
+        print_table(res)
 
 
 @app.command("calibrate")
@@ -641,15 +594,8 @@ def cache_cmd(
                 target=target, max_tokens=max_tokens, progress=not json_out, force_plan=force_plan)
     if json_out:
         emit_json(res)
-        return
-    typer.echo(f"{res['tokens']} tokens, {res['moe_layers']} MoE layers, capacity per layer {res['capacity_per_layer'][:8]}")
-    for p, o in res["overall"].items():
-        line = f"  {p:7s} hit rate {o['hit_rate']:.4f}  loads/token {o['loads_per_token']:.3f}"
-        if "bytes_per_token" in o:
-            line += f"  bytes/token {o['bytes_per_token']:.4g}"
-        if "cache_only_equal_memory_hit_rate" in o:
-            line += f"  (cache only, same memory: {o['cache_only_equal_memory_hit_rate']:.4f})"
-        typer.echo(line)
+    else:
+        typer.echo(format_cache(res))
 
 
 @app.command("import")

@@ -14,7 +14,7 @@ from tiny import TINY
 
 import moesift
 from moesift.analysis.cachesim import simulate
-from moesift.apply.offload import ExpertCache
+from moesift.apply.offload_runtime import ExpertCache
 from moesift.arch import adapter_for
 from moesift.core.errors import MoesiftError
 

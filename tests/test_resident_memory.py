@@ -98,7 +98,7 @@ def test_read_tensors_direct_and_staged_equal_safetensors(tmp_path, monkeypatch)
     import torch
     from safetensors.torch import load_file, save_file
 
-    import moesift.apply.resident as res
+    import moesift.engines.tensors as res
     from moesift.formats.checkpoint import read_header
 
     g = torch.Generator().manual_seed(0)

@@ -23,17 +23,75 @@ Model of the cache (one definition for every policy):
 from __future__ import annotations
 
 import heapq
+import json
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..core.errors import MoesiftError
+from ..core.progress import progress_bar
 from ..formats.checkpoint import CheckpointIndex
 from ..formats.plan import Plan, as_plan, check_plan_config
 from ..formats.trace import Trace
 
-POLICIES = ("lru", "lfu", "belady")
+ONLINE_POLICIES = ("lru", "lfu")  # the policies a runtime can apply (Belady needs the future)
+POLICIES = (*ONLINE_POLICIES, "belady")
+
+
+class OnlineCache:
+    """The cache model above for an online policy (``lru`` or ``lfu``), one token at a time: the resident
+    experts, their recency, access counts and last use, and the eviction rule. A runtime cache (the expert
+    slots of `moesift.apply.offload`) is this class with slots added, so its hits are the simulation's;
+    `simulate` computes the same hits for a whole log with faster equivalents (tests check both agree)."""
+
+    def __init__(self, capacity: int, policy: str = "lru"):
+        if policy not in ONLINE_POLICIES:
+            raise ValueError(f"unknown cache policy {policy!r}; choose one of {', '.join(ONLINE_POLICIES)}")
+        self.capacity = int(capacity)
+        self.policy = policy
+        self.recency: OrderedDict[int, None] = OrderedDict()  # resident experts, least recently used first
+        self.freq: dict[int, int] = {}  # accesses since the start (kept across evictions)
+        self.last: dict[int, int] = {}  # access clock of the last use
+        self.clock = 0
+        self.hits = self.accesses = self.loads = 0
+
+    def victims(self, row: list[int], over: int) -> list[int]:
+        """The `over` resident experts evicted for token `row` (fewer when the others are all in `row`)."""
+        cur = set(row)
+        if self.policy == "lru":
+            return [e for e in self.recency if e not in cur][:over]
+        return sorted((e for e in self.recency if e not in cur), key=lambda e: (self.freq[e], self.last[e]))[:over]
+
+    def evict(self, expert: int) -> None:
+        del self.recency[expert]
+
+    def use(self, row: list[int]) -> None:
+        """Record one token's accesses, column order (every expert of `row` is resident now)."""
+        for e in row:
+            self.recency[e] = None
+            self.recency.move_to_end(e)
+            self.freq[e] = self.freq.get(e, 0) + 1
+            self.last[e] = self.clock
+            self.clock += 1
+
+    def token(self, row: list[int]) -> list[int]:
+        """Access the distinct non-pinned experts `row` of one token: hits and loads counted, victims evicted,
+        misses loaded. Returns the victims."""
+        miss = [e for e in row if e not in self.recency]
+        self.accesses += len(row)
+        self.hits += len(row) - len(miss)
+        self.loads += len(miss)
+        over = len(self.recency) + len(miss) - self.capacity
+        victims = self.victims(row, over) if over > 0 else []
+        if len(victims) < over:
+            raise ValueError(f"cache capacity {self.capacity} is below the {len(row)} non-pinned experts one token "
+                             "needs at once")
+        for v in victims:
+            self.evict(v)
+        self.use(row)
+        return victims
 
 
 def token_rows(log: np.ndarray, pinned) -> tuple[list[list[int]], int, int]:
@@ -249,10 +307,7 @@ def _pinned_per_layer(resident, trace) -> list[list[int]]:
             plan = resident if isinstance(resident, Plan) else Plan.load(resident)
             entries = plan.layers
         except ImportError:  # plan module missing: read the plan JSON directly
-            import json as _json
-            from pathlib import Path
-
-            entries = _json.loads(Path(resident).read_text())["layers"]
+            entries = json.loads(Path(resident).read_text())["layers"]
         where = f"plan {str(resident)!r}"
     out: list[list[int]] = [[] for _ in range(L)]
     for i, e in enumerate(entries):
@@ -270,6 +325,59 @@ def _pinned_per_layer(resident, trace) -> list[list[int]]:
             raise MoesiftError(f"{where} names expert ids outside 0..{trace.n_experts - 1}")
         out[pos] = ids
     return out
+
+
+def _expert_bytes(model: Any, resident: Any, force_plan: bool, E: int, L: int) -> list[float]:
+    """Bytes of one expert per MoE layer, from `model`'s headers (the largest expert of the layer)."""
+    idx = CheckpointIndex.build(model)
+    spec = idx.spec
+    if spec.n_experts != E or len(spec.moe_layers) != L:
+        raise MoesiftError(f"model {str(model)!r} has {len(spec.moe_layers)} MoE layers x {spec.n_experts} "
+                           f"experts; the trace has {L} x {E}; use the model the trace was made with")
+    if resident is not None and not isinstance(resident, dict):
+        check_plan_config(as_plan(resident), idx.config, str(model), force_plan)
+    eb = idx.expert_bytes()
+    return [float(max(eb[dl].values())) if dl in eb else 0.0 for dl in spec.moe_layers]
+
+
+def _capacities(log: np.ndarray, capacity: int | None, memory: float | None, expert_bytes: list[float] | None,
+                pinned: list[list[int]], E: int) -> list[int]:
+    """Cache capacity per MoE layer: `capacity`, or `memory` GiB less the pinned experts split evenly over
+    layers; checked against the experts one token needs."""
+    L = len(pinned)
+    if (capacity is None) == (memory is None):
+        raise MoesiftError("give exactly one of --capacity (experts per layer) or --memory GiB (with --model)")
+    if memory is not None:
+        if expert_bytes is None:
+            raise MoesiftError("--memory needs --model to know how many bytes an expert takes")
+        budget = float(memory) * 2**30 - sum(len(p) * b for p, b in zip(pinned, expert_bytes, strict=True))
+        if budget < 0:
+            raise MoesiftError(f"--memory {memory} GiB does not even hold the pinned resident set")
+        caps = [int(budget / L // b) if b > 0 else E for b in expert_bytes]
+    else:
+        caps = [int(capacity)] * L
+    caps = [min(c, E - len(p)) for c, p in zip(caps, pinned, strict=True)]
+    need = [int(((log[:, li, :] >= 0) & ~np.isin(log[:, li, :], p)).sum(1).max()) for li, p in enumerate(pinned)]
+    for li in range(L):
+        if caps[li] < need[li]:
+            raise MoesiftError(f"a cache of {caps[li]} experts at MoE layer {li} cannot hold the {need[li]} "
+                               f"non-pinned experts one token needs; raise --capacity/--memory to at least {need[li]}")
+    return caps
+
+
+def _overall(policies: Any, tot: dict, tot_bytes: dict, alone: dict, N: int, expert_bytes: Any,
+             resident: Any) -> dict[str, Any]:
+    """Hit rate, loads and bytes per token over all layers, per policy."""
+    overall: dict[str, Any] = {}
+    for p in policies:
+        o = {"hit_rate": tot[p][0] / tot[p][1] if tot[p][1] else float("nan"),
+             "loads_per_token": (tot[p][1] - tot[p][0]) / N}
+        if expert_bytes is not None:
+            o["bytes_per_token"] = tot_bytes[p]
+        if resident is not None and alone[p][1]:
+            o["cache_only_equal_memory_hit_rate"] = alone[p][0] / alone[p][1]
+        overall[p] = o
+    return overall
 
 
 def cache(trace, capacity: int | None = None, memory: float | None = None, model=None, resident=None,
@@ -296,47 +404,13 @@ def cache(trace, capacity: int | None = None, memory: float | None = None, model
         if p not in POLICIES:
             raise MoesiftError(f"unknown cache policy {p!r}; choose from {', '.join(POLICIES)}")
     pinned = _pinned_per_layer(resident, tr) if resident is not None else [[] for _ in range(L)]
-    expert_bytes: list[float] | None = None
-    if model is not None:
-
-        idx = CheckpointIndex.build(model)
-        spec = idx.spec
-        if spec.n_experts != E or len(spec.moe_layers) != L:
-            raise MoesiftError(f"model {str(model)!r} has {len(spec.moe_layers)} MoE layers x {spec.n_experts} "
-                               f"experts; the trace has {L} x {E}; use the model the trace was made with")
-        if resident is not None and not isinstance(resident, dict):
-
-            check_plan_config(as_plan(resident), idx.config, str(model), force_plan)
-        eb = idx.expert_bytes()
-        expert_bytes = [float(max(eb[dl].values())) if dl in eb else 0.0 for dl in spec.moe_layers]
-    if (capacity is None) == (memory is None):
-        raise MoesiftError("give exactly one of --capacity (experts per layer) or --memory GiB (with --model)")
-    if memory is not None:
-        if expert_bytes is None:
-            raise MoesiftError("--memory needs --model to know how many bytes an expert takes")
-        budget = float(memory) * 2**30 - sum(len(p) * b for p, b in zip(pinned, expert_bytes, strict=True))
-        if budget < 0:
-            raise MoesiftError(f"--memory {memory} GiB does not even hold the pinned resident set")
-        caps = [int(budget / L // b) if b > 0 else E for b in expert_bytes]
-    else:
-        caps = [int(capacity)] * L
-    caps = [min(c, E - len(p)) for c, p in zip(caps, pinned, strict=True)]
-    need = [int(((log[:, li, :] >= 0) & ~np.isin(log[:, li, :], p)).sum(1).max()) for li, p in enumerate(pinned)]
-    for li in range(L):
-        if caps[li] < need[li]:
-            raise MoesiftError(f"a cache of {caps[li]} experts at MoE layer {li} cannot hold the {need[li]} "
-                               f"non-pinned experts one token needs; raise --capacity/--memory to at least {need[li]}")
-
-    import sys
-
-    from rich.progress import Progress
-
+    expert_bytes = _expert_bytes(model, resident, force_plan, E, L) if model is not None else None
+    caps = _capacities(log, capacity, memory, expert_bytes, pinned, E)
     layers = []
     tot = {p: [0, 0] for p in policies}
     tot_bytes = {p: 0.0 for p in policies}
     alone = {p: [0, 0] for p in policies}
-
-    with Progress(disable=json or not progress or not sys.stderr.isatty(), transient=True) as bar:
+    with progress_bar(not json and progress) as bar:
         task = bar.add_task("simulating caches", total=L)
         for li in range(L):
             lay = np.ascontiguousarray(log[:, li, :]).astype(np.int64)
@@ -360,20 +434,25 @@ def cache(trace, capacity: int | None = None, memory: float | None = None, model
                                           for p in ("lru", "belady") if p in policies}
             layers.append(row)
             bar.advance(task)
-    overall: dict[str, Any] = {}
-    for p in policies:
-        o = {"hit_rate": tot[p][0] / tot[p][1] if tot[p][1] else float("nan"),
-             "loads_per_token": (tot[p][1] - tot[p][0]) / N}
-        if expert_bytes is not None:
-            o["bytes_per_token"] = tot_bytes[p]
-        if resident is not None and alone[p][1]:
-            o["cache_only_equal_memory_hit_rate"] = alone[p][0] / alone[p][1]
-        overall[p] = o
     res: dict[str, Any] = {
         "tokens": int(N), "moe_layers": L, "n_experts": E, "top_k": K, "policies": list(policies),
         "target_hit_rate": target, "capacity_per_layer": caps, "pinned_per_layer": [len(p) for p in pinned],
-        "expert_bytes_per_layer": expert_bytes, "overall": overall, "layers": layers,
+        "expert_bytes_per_layer": expert_bytes,
+        "overall": _overall(policies, tot, tot_bytes, alone, N, expert_bytes, resident), "layers": layers,
     }
     if memory is not None:
         res["memory_gib"] = float(memory)
     return res
+
+
+def format_cache(res: dict[str, Any]) -> str:
+    """What `moesift cache` prints of a `cache` result."""
+    lines = [f"{res['tokens']} tokens, {res['moe_layers']} MoE layers, capacity per layer {res['capacity_per_layer'][:8]}"]
+    for p, o in res["overall"].items():
+        line = f"  {p:7s} hit rate {o['hit_rate']:.4f}  loads/token {o['loads_per_token']:.3f}"
+        if "bytes_per_token" in o:
+            line += f"  bytes/token {o['bytes_per_token']:.4g}"
+        if "cache_only_equal_memory_hit_rate" in o:
+            line += f"  (cache only, same memory: {o['cache_only_equal_memory_hit_rate']:.4f})"
+        lines.append(line)
+    return "\n".join(lines)

@@ -10,17 +10,15 @@ transformers' own loader fills the weights, with its per-family conversions of o
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from ..arch.registry import adapter_for
 from ..core.errors import MoesiftError
 from ..engines.hf import (
-    TORCH_DTYPES,
     check_device,
     config_like,
     config_obj,
@@ -29,6 +27,7 @@ from ..engines.hf import (
     require_accelerate,
     resolve_device,
 )
+from ..engines.tensors import read_layout, read_tensors
 from ..formats.checkpoint import (
     CheckpointIndex,
     load_config_dict,
@@ -37,7 +36,7 @@ from ..formats.checkpoint import (
     shard_files,
 )
 from ..formats.plan import as_plan
-from ..formats.trimmed import NONSTANDARD_MODEL_TYPE, plan_layout, read_trimmed_record, sliced_bytes
+from ..formats.trimmed import NONSTANDARD_MODEL_TYPE, plan_layout, read_trimmed_record
 
 
 def variable_expert_class(source_cfg: Mapping[str, Any], resident: Mapping[int, Sequence[int]]) -> tuple[Any, Any]:
@@ -75,8 +74,6 @@ def variable_expert_class(source_cfg: Mapping[str, Any], resident: Mapping[int, 
 
 
 def _load_kwargs(device: str | None, dtype: str | None, read_device: str = "cpu") -> dict[str, Any]:
-    import importlib.util
-
     check_device(device)
     kw: dict[str, Any] = {"dtype": parse_dtype(dtype)}
     if device == "spread":
@@ -98,137 +95,6 @@ def _finish(model: Any, resident: Mapping[int, Sequence[int]]) -> Any:
     model.eval()
     model.moesift_resident = {int(k): list(v) for k, v in resident.items()}
     return model
-
-
-_GAP = 1 << 20  # bytes of unneeded data read through rather than starting a new read
-_CHUNK = 64 << 20  # one read; also the size of a pinned staging buffer
-_IN_FLIGHT = 4  # reads in flight (staging buffers)
-
-
-@dataclass
-class _Piece:
-    name: str
-    file: str
-    offset: int  # absolute offset in the file
-    nbytes: int
-    dst_offset: int  # offset inside the destination tensor
-
-
-def _extents(pieces: list[_Piece]) -> list[tuple[str, int, int, list[_Piece]]]:
-    """Pieces grouped into large sequential reads: (file, start, length, pieces) of at most _CHUNK bytes
-    (a larger piece is split), neighbours joined across gaps of up to _GAP bytes."""
-    out: list[tuple[str, int, int, list[_Piece]]] = []
-    for p in sorted(pieces, key=lambda p: (p.file, p.offset)):
-        for o in range(0, p.nbytes, _CHUNK):
-            q = _Piece(p.name, p.file, p.offset + o, min(_CHUNK, p.nbytes - o), p.dst_offset + o)
-            if out:
-                f, start, n, ps = out[-1]
-                end = q.offset + q.nbytes
-                if f == q.file and start + n <= q.offset <= start + n + _GAP and end - start <= _CHUNK:
-                    out[-1] = (f, start, end - start, ps + [q])
-                    continue
-            out.append((q.file, q.offset, q.nbytes, [q]))
-    return out
-
-
-def _pread_into(fd: int, mv: memoryview, offset: int, path: str) -> None:
-    got = 0
-    while got < len(mv):
-        k = os.preadv(fd, [mv[got:]], offset + got)
-        if k <= 0:
-            raise MoesiftError(f"{path!r} ended early; the checkpoint is damaged")
-        got += k
-
-
-def read_tensors(directory: Path, tensors: list[tuple[str, str, list[int], list[tuple[str, int, int]]]],
-                 device: Any, staged: bool | None = None) -> dict[str, Any]:
-    """Tensors read from safetensors shards straight into preallocated tensors on `device`.
-
-    `tensors`: (name, safetensors dtype, shape, [(file, absolute offset, bytes)]) with the pieces in order.
-    Reads are large (`_CHUNK`) and sequential per file, several in flight on a thread pool. On the CPU
-    they land in the destination tensors directly (scatter reads, no copy); on an accelerator each read
-    lands in one of a few pinned staging buffers and is copied to the device asynchronously, the buffer
-    being reused once its copies are done (`staged` forces either way). No other copy of the data is made."""
-    import concurrent.futures as cf
-    from collections import deque
-
-    import torch
-
-    dev = torch.device(device)
-    dst: dict[str, Any] = {}
-    pieces: list[_Piece] = []
-    out: dict[str, Any] = {}
-    for name, dt, shape, parts in tensors:
-        tdt = TORCH_DTYPES.get(dt)
-        if tdt is None or not hasattr(torch, tdt):
-            raise MoesiftError(f"tensor {name} has dtype {dt}, which torch cannot hold")
-        nbytes = sum(n for _, _, n in parts)
-        buf = torch.empty(nbytes, dtype=torch.uint8, device=dev)
-        dst[name] = buf
-        o = 0
-        for f, off, n in parts:
-            if n:
-                pieces.append(_Piece(name, f, off, n, o))
-            o += n
-        out[name] = buf.view(getattr(torch, tdt)).reshape(shape) if nbytes else torch.empty(
-            shape, dtype=getattr(torch, tdt), device=dev)
-    extents = _extents(pieces)
-    fds = {f: os.open(directory / f, os.O_RDONLY) for f in {e[0] for e in extents}}
-    try:
-        for fd in fds.values():
-            with contextlib.suppress(AttributeError, OSError):
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        with cf.ThreadPoolExecutor(_IN_FLIGHT) as pool:
-            if not (dev.type != "cpu" if staged is None else staged):
-                host = {k: memoryview(v.numpy()) for k, v in dst.items()}
-
-                def read_cpu(ext):
-                    f = ext[0]
-                    for p in ext[3]:  # each piece read in place; gaps between them are skipped
-                        _pread_into(fds[f], host[p.name][p.dst_offset : p.dst_offset + p.nbytes], p.offset, f)
-
-                for fut in [pool.submit(read_cpu, e) for e in extents]:
-                    fut.result()
-            else:
-                n_slots = max(1, min(_IN_FLIGHT, len(extents)))
-                slots = [torch.empty(_CHUNK, dtype=torch.uint8, pin_memory=dev.type == "cuda") for _ in range(n_slots)]
-                views = [memoryview(s.numpy()) for s in slots]
-                events: list[Any] = [None] * len(slots)
-
-                def read_dev(ext, s):
-                    if events[s] is not None:
-                        events[s].synchronize()
-                    f, start, n, _ = ext
-                    _pread_into(fds[f], views[s][:n], start, f)
-
-                pending: deque = deque()
-
-                def drain():
-                    i, ext, fut = pending.popleft()
-                    fut.result()
-                    s = i % len(slots)
-                    for p in ext[3]:
-                        a = p.offset - ext[1]
-                        dst[p.name][p.dst_offset : p.dst_offset + p.nbytes].copy_(slots[s][a : a + p.nbytes],
-                                                                                  non_blocking=True)
-                    if dev.type == "cuda":
-                        events[s] = torch.cuda.Event()
-                        events[s].record()
-                    elif dev.type != "cpu":  # other accelerators: wait for the copies before the buffer is refilled
-                        torch.accelerator.synchronize()
-
-                for i, ext in enumerate(extents):
-                    if len(pending) == len(slots):
-                        drain()
-                    pending.append((i, ext, pool.submit(read_dev, ext, i % len(slots))))
-                while pending:
-                    drain()
-                if dev.type == "cuda":
-                    torch.cuda.synchronize(dev)
-    finally:
-        for fd in fds.values():
-            os.close(fd)
-    return out
 
 
 def load_trimmed(
@@ -288,8 +154,6 @@ def load_resident(
     restricted to the resident experts; the result computes what `restrict(full_model, plan)` computes.
     A plan made for another config of the family is refused unless `force_plan`."""
     device = resolve_device(device)
-    import torch
-
     idx = CheckpointIndex.build(model)
     spec, ad = idx.spec, idx.adapter
     resident = as_plan(plan).resolve(spec, idx.config, str(model), force_plan)
@@ -299,17 +163,8 @@ def load_resident(
         problems += ad.plan_problems(spec, {layer: ids}, standard=True)
     if problems:
         raise MoesiftError("cannot load this plan: " + "; ".join(problems[:4]))
-    layout = plan_layout(idx, resident)
     dev = _read_device(device)
-    state = read_tensors(idx.directory, [(t.name, t.dtype, t.shape, [(t.src_file, o, n) for o, n in t.ranges])
-                                         for t in layout if t.slice_keep is None], dev)
-    for t in layout:
-        if t.slice_keep is not None:  # the adapter slices this tensor: read whole, sliced, then moved
-            tdt = getattr(torch, TORCH_DTYPES.get(t.dtype, ""), None)
-            if tdt is None:
-                raise MoesiftError(f"tensor {t.src_name} has dtype {t.dtype}, which torch cannot hold")
-            raw = bytearray(sliced_bytes(idx.directory, t, ad, idx.config))
-            state[t.name] = torch.frombuffer(raw, dtype=tdt).reshape(t.shape).to(dev)
+    state = read_layout(idx, plan_layout(idx, resident), dev)
     cls, base_cfg = variable_expert_class(idx.config, full)
     m = cls.from_pretrained(None, config=base_cfg, state_dict=state, **_load_kwargs(device, dtype, dev))
     del state

@@ -28,12 +28,14 @@ import os
 import queue
 import shutil
 import struct
+import sys
 import threading
 from pathlib import Path
 from typing import Any
 
 from ..core.errors import MoesiftError
 from ..core.io import OutputDir, check_output_path, sha256_file, write_failed
+from ..core.progress import progress_bar
 from ..core.version import __version__
 from ..formats.checkpoint import CheckpointIndex, allowed_roots
 from ..formats.plan import as_plan, parse_bytes
@@ -44,6 +46,7 @@ from ..formats.trimmed import (
     PLAN_FILE,
     OutTensor,
     plan_layout,
+    read_trimmed_record,
     sliced_bytes,
 )
 
@@ -193,21 +196,6 @@ def _copy_range(src_fd: int, w: _Writer, off: int, n: int, name: str, advance: A
     advance(n)
 
 
-def _progress(enabled: bool, total: int):
-    import sys
-
-    if not enabled or not sys.stderr.isatty():
-        return None
-    from rich.console import Console
-    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
-
-    p = Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                 TimeRemainingColumn(), console=Console(stderr=True), transient=True)
-    p.start()
-    p.add_task("trimming", total=total)
-    return p
-
-
 def _check_paths(src: Path, out: Path, force: bool) -> None:
 
     check_output_path(out, force, directory=True, protect=[src])
@@ -234,6 +222,125 @@ def _copied_files(src: Path) -> tuple[list[Path], list[str]]:
     return files, skipped
 
 
+def _resident_layers(idx: Any, p: Any, model: Any, force_plan: bool) -> tuple[dict, dict[int, list[int]], bool]:
+    """(resident map of the plan, resident ids of every MoE layer, whether the trim is standard (uniform));
+    a plan the family cannot express is refused."""
+    spec, ad = idx.spec, idx.adapter
+    resident = p.resolve(spec, idx.config, str(model), force_plan)
+    full = {layer: sorted(resident.get(layer, range(spec.n_experts))) for layer in spec.moe_layers}
+    standard = len({len(v) for v in full.values()}) == 1
+    problems = ad.plan_problems(spec, full, standard=standard)
+    if not standard:  # every layer on its own must still be expressible (group rules)
+        for layer, ids in full.items():
+            problems += [q for q in ad.plan_problems(spec, {layer: ids}, standard=True) if q not in problems]
+    if problems:
+        raise MoesiftError(f"cannot trim {str(idx.directory)!r} to this plan: " + "; ".join(problems[:4]))
+    return resident, full, standard
+
+
+def _new_config(ad: Any, cfg: dict[str, Any], full: dict[int, list[int]], standard: bool) -> dict[str, Any]:
+    """config.json of the trimmed checkpoint: the family's own (uniform), else the moesift_trimmed wrapper."""
+    if standard:
+        return ad.rewrite_config(dict(cfg), full)
+    return {
+        "model_type": NONSTANDARD_MODEL_TYPE,
+        "moesift": {
+            "format": FORMAT,
+            "note": "experts per MoE layer differ; load with moesift.load_trimmed (stock loaders refuse "
+                    "this model_type on purpose rather than fill missing experts with random weights)",
+            "experts_per_layer": {str(k): len(v) for k, v in full.items()},
+            "resident": {str(k): v for k, v in full.items()},
+            "config": ad.rewrite_config(dict(cfg), full),
+            "source_config": cfg,
+        },
+    }
+
+
+def _write_shards(idx: Any, tmp: Path, names: list[str], shards: list[list[OutTensor]], checksums: bool,
+                  advance: Any) -> tuple[dict[str, str | None], dict[str, str]]:
+    """Write every output shard (header, then its tensors); returns (sha256 per shard, weight map)."""
+    src, ad, cfg = idx.directory, idx.adapter, idx.config
+    hashes: dict[str, str | None] = {}
+    weight_map: dict[str, str] = {}
+    fds: dict[str, int] = {}
+    # a finished shard's sha256 may still be computing while the next shard is copied (a hash runs at about
+    # 1 GB/s on one core, slower than a kernel copy); at most `lag` shards hash behind the one being written
+    lag = max(1, (os.cpu_count() or 1) - 1)
+    hashing: list[tuple[str, _Writer]] = []
+    try:
+        for fname, tensors in zip(names, shards, strict=True):
+            w = _Writer(tmp / fname, checksum=checksums)
+            hashing.append((fname, w))
+            w.write(_header_bytes(tensors))
+            for t in tensors:
+                weight_map[t.name] = fname
+                if t.slice_keep is not None:
+                    b = sliced_bytes(src, t, ad, cfg)
+                    w.write(b)
+                    advance(len(b))
+                    del b
+                    continue
+                fd = fds.get(t.src_file)
+                if fd is None:
+                    fd = fds[t.src_file] = os.open(src / t.src_file, os.O_RDONLY)
+                for off, k in t.ranges:
+                    _copy_range(fd, w, off, k, t.src_file, advance)
+            w.finish()
+            while len(hashing) > lag:
+                f0, w0 = hashing.pop(0)
+                hashes[f0] = w0.close()
+        while hashing:
+            f0, w0 = hashing.pop(0)
+            hashes[f0] = w0.close()
+    finally:
+        for _, w0 in hashing:  # after an error: stop every writer before the source files close
+            with contextlib.suppress(Exception):
+                w0.close()
+        for fd in fds.values():
+            os.close(fd)
+    return hashes, weight_map
+
+
+def _copy_files(src: Path, tmp: Path) -> tuple[list[str], list[str]]:
+    """Copy the non-weight files of the source (`_copied_files`); (names copied, links skipped)."""
+    copied = []
+    files, skipped_links = _copied_files(src)
+    for f in files:
+        shutil.copyfile(f, tmp / f.name)  # contents only: the new file's mode follows the umask
+        copied.append(f.name)
+    for name in skipped_links:
+        sys.stderr.write(f"moesift: not copying {name!r}: it links outside the model folder {str(src)!r}\n")
+    return copied, skipped_links
+
+
+def _record(idx: Any, p: Any, full: dict[int, list[int]], standard: bool, tensor_bytes: int, predicted: int,
+            hashes: dict[str, str | None], skipped_links: list[str]) -> dict[str, Any]:
+    """The moesift_plan.json record of the trimmed checkpoint."""
+    src = idx.directory
+    record = {
+        "schema": FORMAT,
+        "tool": {"name": "moesift", "version": __version__},
+        "source": {
+            "path": str(src.resolve()),
+            "model_type": idx.spec.model_type,
+            "config_sha256": sha256_file(src / "config.json"),
+            "shards": sorted({t.file for t in idx.tensors}),
+            "tensor_bytes": idx.total_bytes(),
+        },
+        "standard": standard,
+        "experts_per_layer": {str(k): len(v) for k, v in full.items()},
+        "id_map": {str(k): v for k, v in full.items()},
+        "id_map_note": "per decoder layer: original expert id of each new id (new id = position)",
+        "tensor_bytes": tensor_bytes,
+        "predicted_bytes": predicted,
+        "files": hashes,
+        "plan": p.to_dict(),
+    }
+    if skipped_links:
+        record["skipped_links"] = skipped_links
+    return record
+
+
 def trim(
     model: str | os.PathLike,
     plan: Any,
@@ -255,17 +362,7 @@ def trim(
     src = idx.directory
     _check_paths(src, out, force)
     p = as_plan(plan)
-    spec = idx.spec
-    resident = p.resolve(spec, idx.config, str(model), force_plan)
-    ad, cfg = idx.adapter, idx.config
-    full = {layer: sorted(resident.get(layer, range(spec.n_experts))) for layer in spec.moe_layers}
-    standard = len({len(v) for v in full.values()}) == 1
-    problems = ad.plan_problems(spec, full, standard=standard)
-    if not standard:  # every layer on its own must still be expressible (group rules)
-        for layer, ids in full.items():
-            problems += [q for q in ad.plan_problems(spec, {layer: ids}, standard=True) if q not in problems]
-    if problems:
-        raise MoesiftError(f"cannot trim {str(src)!r} to this plan: " + "; ".join(problems[:4]))
+    resident, full, standard = _resident_layers(idx, p, model, force_plan)
     layout = plan_layout(idx, resident)
     predicted = idx.predicted_bytes(resident)
     written_tensor_bytes = sum(t.nbytes for t in layout)
@@ -276,111 +373,41 @@ def trim(
     shards = _shards(layout, parse_bytes(max_shard_size))
     n = len(shards)
     names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-
-    new_cfg: dict[str, Any]
-    if standard:
-        new_cfg = ad.rewrite_config(dict(cfg), full)
-    else:
-        new_cfg = {
-            "model_type": NONSTANDARD_MODEL_TYPE,
-            "moesift": {
-                "format": FORMAT,
-                "note": "experts per MoE layer differ; load with moesift.load_trimmed (stock loaders refuse "
-                        "this model_type on purpose rather than fill missing experts with random weights)",
-                "experts_per_layer": {str(k): len(v) for k, v in full.items()},
-                "resident": {str(k): v for k, v in full.items()},
-                "config": ad.rewrite_config(dict(cfg), full),
-                "source_config": cfg,
-            },
-        }
+    new_cfg = _new_config(idx.adapter, idx.config, full, standard)
 
     dest = OutputDir(out, force, protect=[src])
     tmp = dest.begin()
-    bar = _progress(progress, written_tensor_bytes)
-    advance = (lambda k: bar.advance(bar.task_ids[0], k)) if bar else (lambda k: None)
-    try:
-        hashes: dict[str, str] = {}
-        weight_map: dict[str, str] = {}
-        fds: dict[str, int] = {}
-        # a finished shard's sha256 may still be computing while the next shard is copied (a hash runs at about
-        # 1 GB/s on one core, slower than a kernel copy); at most `lag` shards hash behind the one being written
-        lag = max(1, (os.cpu_count() or 1) - 1)
-        hashing: list[tuple[str, _Writer]] = []
+    with progress_bar(progress, transfer=True, remaining=True) as bar:
+        task = bar.add_task("trimming", total=written_tensor_bytes)
         try:
-            for fname, tensors in zip(names, shards, strict=True):
-                w = _Writer(tmp / fname, checksum=checksums)
-                hashing.append((fname, w))
-                w.write(_header_bytes(tensors))
-                for t in tensors:
-                    weight_map[t.name] = fname
-                    if t.slice_keep is not None:
-                        b = sliced_bytes(src, t, ad, cfg)
-                        w.write(b)
-                        advance(len(b))
-                        del b
-                        continue
-                    fd = fds.get(t.src_file)
-                    if fd is None:
-                        fd = fds[t.src_file] = os.open(src / t.src_file, os.O_RDONLY)
-                    for off, k in t.ranges:
-                        _copy_range(fd, w, off, k, t.src_file, advance)
-                w.finish()
-                while len(hashing) > lag:
-                    f0, w0 = hashing.pop(0)
-                    hashes[f0] = w0.close()
-            while hashing:
-                f0, w0 = hashing.pop(0)
-                hashes[f0] = w0.close()
+            hashes, weight_map = _write_shards(idx, tmp, names, shards, checksums, lambda k: bar.advance(task, k))
+            index_obj = {"metadata": {"total_size": written_tensor_bytes, "format": "pt"}, "weight_map": weight_map}
+            (tmp / INDEX_FILE).write_text(json.dumps(index_obj, indent=2) + "\n")
+            (tmp / "config.json").write_text(json.dumps(new_cfg, indent=2) + "\n")
+            copied, skipped_links = _copy_files(src, tmp)
+            for extra in [INDEX_FILE, "config.json", *copied]:
+                hashes[extra] = sha256_file(tmp / extra) if checksums else None
+            record = _record(idx, p, full, standard, written_tensor_bytes, predicted, hashes, skipped_links)
+            (tmp / PLAN_FILE).write_text(json.dumps(record, indent=2) + "\n")
+            dest.commit()
+        except OSError as e:
+            raise write_failed(out, e) from None
         finally:
-            for _, w0 in hashing:  # after an error: stop every writer before the source files close
-                with contextlib.suppress(Exception):
-                    w0.close()
-            for fd in fds.values():
-                os.close(fd)
-        index_obj = {"metadata": {"total_size": written_tensor_bytes, "format": "pt"}, "weight_map": weight_map}
-        (tmp / INDEX_FILE).write_text(json.dumps(index_obj, indent=2) + "\n")
-        (tmp / "config.json").write_text(json.dumps(new_cfg, indent=2) + "\n")
-        copied = []
-        files, skipped_links = _copied_files(src)
-        for f in files:
-            shutil.copyfile(f, tmp / f.name)  # contents only: the new file's mode follows the umask
-            copied.append(f.name)
-        for name in skipped_links:
-            import sys
-
-            sys.stderr.write(f"moesift: not copying {name!r}: it links outside the model folder {str(src)!r}\n")
-        for extra in [INDEX_FILE, "config.json", *copied]:
-            hashes[extra] = sha256_file(tmp / extra) if checksums else None
-        id_map = {str(k): v for k, v in full.items()}
-        record = {
-            "schema": FORMAT,
-            "tool": {"name": "moesift", "version": __version__},
-            "source": {
-                "path": str(src.resolve()),
-                "model_type": spec.model_type,
-                "config_sha256": sha256_file(src / "config.json"),
-                "shards": sorted({t.file for t in idx.tensors}),
-                "tensor_bytes": idx.total_bytes(),
-            },
-            "standard": standard,
-            "experts_per_layer": {str(k): len(v) for k, v in full.items()},
-            "id_map": id_map,
-            "id_map_note": "per decoder layer: original expert id of each new id (new id = position)",
-            "tensor_bytes": written_tensor_bytes,
-            "predicted_bytes": predicted,
-            "files": hashes,
-            "plan": p.to_dict(),
-        }
-        if skipped_links:
-            record["skipped_links"] = skipped_links
-        (tmp / PLAN_FILE).write_text(json.dumps(record, indent=2) + "\n")
-        dest.commit()
-    except OSError as e:
-        raise write_failed(out, e) from None
-    finally:
-        dest.abort()
-        if bar:
-            bar.stop()
+            dest.abort()
     return out
 
 
+def trim_summary(out: str | os.PathLike) -> dict[str, Any]:
+    """What `moesift trim` reports of the checkpoint it wrote to `out` (from its moesift_plan.json)."""
+    rec = read_trimmed_record(out) or {}
+    return {"out": str(out), "standard": rec.get("standard"), "tensor_bytes": rec.get("tensor_bytes"),
+            "predicted_bytes": rec.get("predicted_bytes"),
+            "source_tensor_bytes": rec.get("source", {}).get("tensor_bytes"),
+            "experts_per_layer": rec.get("experts_per_layer"), "files": rec.get("files")}
+
+
+def format_trim(summary: dict[str, Any]) -> str:
+    """The line `moesift trim` prints for a `trim_summary`."""
+    kind = "standard checkpoint" if summary["standard"] else "non-uniform checkpoint (load with moesift.load_trimmed)"
+    return (f"wrote {summary['out']}: {kind}, {summary['tensor_bytes']:,} tensor bytes "
+            f"({summary['tensor_bytes'] / max(summary['source_tensor_bytes'] or 1, 1):.1%} of the source)")

@@ -9,11 +9,15 @@ changes how text would be split into tokens but nothing the comparison looks at:
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from ..core.errors import MoesiftError
 from .runner import standard_config
@@ -63,8 +67,6 @@ def converter_dir() -> Path:
 
 
 def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version("llama-cpp-python")
     except PackageNotFoundError:
@@ -138,8 +140,6 @@ llm.close()
 
 class LlamaCppRunner:
     def __init__(self, gguf_path: Path, work_dir: Path, n_ctx: int = 512):
-        import json
-
         self.name = f"llama.cpp (llama-cpp-python {_version()}, F32 GGUF)"
         self.notes: list[str] = []
         self.work = work_dir
@@ -153,11 +153,8 @@ class LlamaCppRunner:
         if "error" in msg:
             self.close()
             raise MoesiftError(f"llama.cpp cannot load the GGUF file converted from the checkpoint: {msg['error']}")
-        self._json = json
 
     def _read(self) -> dict[str, Any]:
-        import json
-
         line = self.proc.stdout.readline() if self.proc.stdout else ""
         if not line:
             self.proc.wait()
@@ -170,13 +167,11 @@ class LlamaCppRunner:
         return json.loads(line)
 
     def run(self, ids: list[int], n: int) -> tuple[Any, list[int]]:
-        import numpy as np
-
         self.n += 1
         out = self.work / f"logits-{self.n}.npy"
         assert self.proc.stdin is not None
         try:
-            self.proc.stdin.write(self._json.dumps({"ids": list(ids), "n": n, "out": str(out)}) + "\n")
+            self.proc.stdin.write(json.dumps({"ids": list(ids), "n": n, "out": str(out)}) + "\n")
             self.proc.stdin.flush()
         except BrokenPipeError:
             pass  # the child died; _read says why

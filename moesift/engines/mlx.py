@@ -4,8 +4,12 @@ float32 on mlx's default device, and run it with mlx-lm's own KV cache."""
 from __future__ import annotations
 
 import importlib.util
+import pkgutil
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from ..core.errors import MoesiftError
 from .runner import standard_config
@@ -13,8 +17,6 @@ from .runner import standard_config
 
 def implemented_model_types() -> list[str]:
     """model_types mlx-lm builds: the modules of its `mlx_lm.models` package, plus its remapped names."""
-    import pkgutil
-
     import mlx_lm.models as models
     from mlx_lm import utils
 
@@ -31,8 +33,6 @@ def _module_for(model_type: str) -> str | None:
 
 
 def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version("mlx-lm")
     except PackageNotFoundError:
@@ -64,8 +64,6 @@ class MlxRunner:
         return self.logits(ids), self.greedy(ids, n)
 
     def logits(self, ids: list[int]) -> Any:
-        import numpy as np
-
         out = self.model(self.mx.array([ids], dtype=self.mx.int32))
         return np.array(out[0].astype(self.mx.float32))
 

@@ -7,6 +7,7 @@ names the extra to install."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -36,8 +37,6 @@ class Runner(Protocol):
 
 def standard_config(trimmed: Path, record: dict[str, Any] | None, engine: str) -> dict[str, Any]:
     """config.json of a trimmed checkpoint a stock engine can read, or one error line saying why not."""
-    import json
-
     p = trimmed / "config.json"
     if not p.is_file():
         raise MoesiftError(f"{str(trimmed)!r} has no config.json; is it a trimmed checkpoint directory?")

@@ -26,14 +26,17 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+from rich.table import Table
+
 from ..arch.registry import adapter_for
 from ..core.errors import MoesiftError
 from ..core.identity import loaded_config_dict
+from ..core.progress import progress_bar
 from ..engines.hf import hf_progress, load_model, resolve_device
 from ..engines.restrict import restrict
 from ..formats.checkpoint import resolve_model_dir
@@ -158,17 +161,6 @@ class _ActiveCounter:
 # ------------------------------------------------------------------------------------------------
 
 
-def _progress(enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    if not enabled:
-        return None
-    from rich.console import Console
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=Console(stderr=True), transient=True)
-
-
 def _model_name(model: Any) -> str:
     if isinstance(model, (str, os.PathLike)):
         return str(model)
@@ -289,12 +281,8 @@ def eval_model(
         raise MoesiftError("the data holds no document with at least 2 tokens; nothing to score")
     pad = getattr(tok, "pad_token_id", None) if tok is not None else None
     batch_list = batches(wins, batch_size, pad_id=int(pad) if pad is not None else 0)
-    bar = _progress(progress and not json and sys.stderr.isatty())
-    if bar:
-        with bar:
-            results = perplexity_runs(m, adapter, batch_list, settings, bar)
-    else:
-        results = perplexity_runs(m, adapter, batch_list, settings)
+    with progress_bar(progress and not json) as bar:
+        results = perplexity_runs(m, adapter, batch_list, settings, bar)
     return {
         "model": _model_name(model),
         "data": [str(d) for d in (data if isinstance(data, (list, tuple)) else [data])],
@@ -310,8 +298,6 @@ def eval_model(
 
 def format_table(result: dict[str, Any]) -> Any:
     """A rich table of an eval result."""
-    from rich.table import Table
-
     t = Table(title=f"perplexity on {result['tokens']} tokens ({result['windows']} windows)")
     for c in ("setting", "ppl", "x full", "active experts / token"):
         t.add_column(c, justify="left" if c == "setting" else "right")
@@ -321,3 +307,8 @@ def format_table(result: dict[str, Any]) -> Any:
         t.add_row(r["name"], f"{r['ppl']:.3f}", "" if ratio is None else f"{ratio:.3f}",
                   "" if act is None else f"{act:.2f}")
     return t
+
+
+def print_table(result: dict[str, Any]) -> None:
+    """The table of an eval result on stdout."""
+    Console().print(format_table(result))

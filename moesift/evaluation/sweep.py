@@ -18,27 +18,31 @@ The full model is one more point (strategy ``full``, keep 1.0). Points on the Pa
 
 from __future__ import annotations
 
-import html as _html
+import gc
 import math
 import os
 import statistics
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+from rich.table import Table
+
 from ..apply.resident import load_resident
 from ..arch.registry import adapter_for
 from ..core.errors import MoesiftError
+from ..core.html import esc, figure, page, table
 from ..core.io import check_output_path, write_text
+from ..core.progress import progress_bar
 from ..engines.hf import hf_progress, resolve_device
 from ..formats.checkpoint import CheckpointIndex, resolve_model_dir
 from ..formats.plan import STRATEGIES
 from ..formats.trace import Trace
 from ..formats.workload import batches, encode_documents, read_documents, windows
 from ..selection.planner import plan as make_plan
-from .evaluate import _progress, perplexity_runs, prepare
+from .evaluate import perplexity_runs, prepare
 
 OBJECTIVES = ("bytes", "ppl", "ttft_s")
 
@@ -89,8 +93,6 @@ def measure_ttft(model: Any, prompt: Any, warmup: int = TTFT_WARMUP, repeats: in
     the demo both use (`TTFT_METHOD`): `warmup` untimed runs, then the median of `repeats` timed runs.
     Returns ``ttft_s`` (median), ``ttft_min_s``, ``ttft_max_s``, ``ttft_first_s`` (the first warm-up run:
     one-off costs included), ``ttft_runs`` and ``ttft_warmup``."""
-    import gc
-
     import torch
 
     dev = next(model.parameters()).device
@@ -125,8 +127,6 @@ def time_resident(model_dir: Path, plan: Any, prompt: Any, device: str, dtype: s
                   warmup: int = TTFT_WARMUP, repeats: int = TTFT_REPEATS) -> dict[str, Any]:
     """Seconds to load the resident-only model (`plan` None: the full model), and its time to first token
     (`measure_ttft`: warm-up runs, then the median of timed runs)."""
-    import gc
-
     if plan is None:  # the full model through the same loader, for a like-for-like comparison
 
         spec = CheckpointIndex.build(model_dir).spec
@@ -197,7 +197,48 @@ def sweep(
     names, per budget, the strategy with the lowest perplexity on `data`. `groups`: how group-limited
     routers keep experts (`plan`'s whole / equal / auto)."""
     device = resolve_device(device)
+    keeps, strategies = _check_args(keep, strategy, out, force)
+    mdir = resolve_model_dir(model)
+    traces = list(trace) if isinstance(trace, (list, tuple)) else [trace]
+    calib = _calibration_prompts(strategies, traces, data, calib, calibration)
+    # plans first (cheap, and errors surface before any model is loaded)
+    plans, skipped = _plans(traces, strategies, keeps, mdir, calib, calibration, calib_samples, calib_length,
+                            uniform, groups, seed, device, dtype, progress and not json)
+    runs, wins = _perplexities(mdir, data, plans, field, max_samples, max_length, batch_size, device, dtype,
+                               progress, json)
+    import torch
 
+    prompt = torch.tensor([max(wins, key=len)[:prompt_tokens]], dtype=torch.long)
+    points = _points(mdir, plans, runs, prompt, device, dtype, timing)
+    result = {
+        "schema": "moesift-sweep/1",
+        "model": str(model),
+        "traces": [str(t) if isinstance(t, (str, os.PathLike)) else getattr(t, "label", "trace") for t in traces],
+        "data": [str(d) for d in (data if isinstance(data, (list, tuple)) else [data])],
+        "tokens": runs[0]["tokens"],
+        "windows": len(wins),
+        "keep": keeps,
+        "strategies": [s for s in strategies if s not in {x["strategy"] for x in skipped}],
+        "skipped": skipped,
+        "seed": seed,
+        "device": device,
+        "timing": bool(timing),
+        "prompt_tokens": int(prompt.shape[1]),
+        "points": points,
+        "winners": winners(points),
+    }
+    if timing:
+        result["ttft_method"] = TTFT_METHOD.format(warmup=TTFT_WARMUP, repeats=TTFT_REPEATS)
+    if out is not None:
+        write_text(out, page("moesift sweep", sweep_sections(result)), force=force)
+        result["html"] = str(out)
+    if not json:
+        print_sweep(result)
+    return result
+
+
+def _check_args(keep: Any, strategy: Any, out: Any, force: bool) -> tuple[list[float], list[str]]:
+    """The keep fractions and strategies asked for, checked (and `out` writable) before any work."""
     keeps = _parse_list(keep, float)
     strategies = _parse_list(strategy, str)
     if not keeps:
@@ -210,10 +251,13 @@ def sweep(
             raise MoesiftError(f"unknown strategy {s!r}; use one of {', '.join(STRATEGIES)} (NAME+allocate spreads "
                                "the budget over layers)")
     if out is not None:
-
         check_output_path(out, force)
-    mdir = resolve_model_dir(model)
-    traces = list(trace) if isinstance(trace, (list, tuple)) else [trace]
+    return keeps, strategies
+
+
+def _calibration_prompts(strategies: list[str], traces: list[Any], data: Any, calib: Any, calibration: Any) -> Any:
+    """The calibration prompts of the calibrated strategies (default: the traces' own workload files), never
+    the evaluation data."""
     if any(s.startswith("calibrated") for s in strategies) and calibration is None and calib is None:
         calib = _trace_sources(traces)
     data_paths = {str(Path(d).resolve()) for d in (data if isinstance(data, (list, tuple)) else [data])}
@@ -221,8 +265,13 @@ def sweep(
                                  for c in ([calib] if isinstance(calib, (str, os.PathLike)) else calib)):
         raise MoesiftError("the calibration prompts are the evaluation data (--data); calibrate on other text "
                            "(--calib), or the held-out figures would be measured on what chose the set")
+    return calib
 
-    # plans first (cheap, and errors surface before any model is loaded)
+
+def _plans(traces: list[Any], strategies: list[str], keeps: list[float], mdir: Path, calib: Any, calibration: Any,
+           calib_samples: int | None, calib_length: int, uniform: bool, groups: str, seed: int, device: str,
+           dtype: str | None, progress: bool) -> tuple[list[tuple[str, float, Any]], list[dict[str, str]]]:
+    """(strategy, keep, plan) of every point, and the strategies the traces cannot support (skipped)."""
     plans: list[tuple[str, float, Any]] = []
     skipped: list[dict[str, str]] = []
     for s in strategies:
@@ -233,7 +282,7 @@ def sweep(
                                               uniform=uniform and not alloc, allocate=alloc, calib=calib,
                                               calibration=calibration, calib_samples=calib_samples,
                                               calib_length=calib_length, device=device, dtype=dtype,
-                                              progress=progress and not json, groups=groups)))
+                                              progress=progress, groups=groups)))
             except MoesiftError as e:
                 if (base in ("saliency", "contribution") and "saliency" in str(e)) or \
                         (base == "calibrated" and "calibrat" in str(e) and calib is None and calibration is None):
@@ -242,11 +291,16 @@ def sweep(
                 raise
     if not plans:
         raise MoesiftError("no plan could be built: " + "; ".join(x["reason"] for x in skipped))
+    return plans, skipped
 
+
+def _perplexities(mdir: Path, data: Any, plans: list[tuple[str, float, Any]], field: str | None,
+                  max_samples: int | None, max_length: int, batch_size: int, device: str, dtype: str | None,
+                  progress: bool, json: bool) -> tuple[list[dict[str, Any]], list[list[int]]]:
+    """(perplexity run of the full model then of every plan, the token windows scored)."""
     docs = read_documents(data if isinstance(data, (list, tuple)) else [data], field=field, max_samples=max_samples)
     with hf_progress(progress):
         m, tok = prepare(mdir, device=device, dtype=dtype)
-
     adapter = adapter_for(m.config)
     token_lists = encode_documents(docs, tok)
     wins = windows(token_lists, max_length)
@@ -256,23 +310,18 @@ def sweep(
     batch_list = batches(wins, batch_size, pad_id=int(pad) if pad is not None else 0)
     settings = [{"name": "full", "kind": "full"}]
     settings += [{"name": f"{s} {k:g}", "kind": "plan", "plan": p, "strategy": s, "keep": k} for s, k, p in plans]
-    bar = _progress(progress and not json and sys.stderr.isatty())
-    if bar:
-        with bar:
-            runs = perplexity_runs(m, adapter, batch_list, settings, bar)
-    else:
-        runs = perplexity_runs(m, adapter, batch_list, settings)
+    with progress_bar(progress and not json) as bar:
+        runs = perplexity_runs(m, adapter, batch_list, settings, bar)
     del m
+    return runs, wins
 
-    import torch
 
-    prompt = torch.tensor([max(wins, key=len)[:prompt_tokens]], dtype=torch.long)
-
-    idx = CheckpointIndex.build(mdir)
-    full_bytes = int(idx.total_bytes())
+def _points(mdir: Path, plans: list[tuple[str, float, Any]], runs: list[dict[str, Any]], prompt: Any, device: str,
+            dtype: str | None, timing: bool) -> list[dict[str, Any]]:
+    """One point per run (the full model first): bytes, perplexity, coverage, timings; Pareto fronts marked."""
+    full_bytes = int(CheckpointIndex.build(mdir).total_bytes())
     points: list[dict[str, Any]] = []
-    full_run = runs[0]
-    pt = {"strategy": "full", "keep": 1.0, "bytes": full_bytes, "bytes_fraction": 1.0, "ppl": full_run["ppl"],
+    pt = {"strategy": "full", "keep": 1.0, "bytes": full_bytes, "bytes_fraction": 1.0, "ppl": runs[0]["ppl"],
           "ppl_ratio": 1.0, "coverage": 1.0, "heldout_coverage": 1.0}
     if timing:
         pt.update(time_resident(mdir, None, prompt, device, dtype))
@@ -295,32 +344,7 @@ def sweep(
         p["pareto"] = on
     for p, on in zip(points, pareto_front([[p["bytes"], p["ppl"]] for p in points]), strict=True):
         p["pareto_quality"] = on
-    result = {
-        "schema": "moesift-sweep/1",
-        "model": str(model),
-        "traces": [str(t) if isinstance(t, (str, os.PathLike)) else getattr(t, "label", "trace") for t in traces],
-        "data": [str(d) for d in (data if isinstance(data, (list, tuple)) else [data])],
-        "tokens": full_run["tokens"],
-        "windows": len(wins),
-        "keep": keeps,
-        "strategies": [s for s in strategies if s not in {x["strategy"] for x in skipped}],
-        "skipped": skipped,
-        "seed": seed,
-        "device": device,
-        "timing": bool(timing),
-        "prompt_tokens": int(prompt.shape[1]),
-        "points": points,
-        "winners": winners(points),
-    }
-    if timing:
-        result["ttft_method"] = TTFT_METHOD.format(warmup=TTFT_WARMUP, repeats=TTFT_REPEATS)
-    if out is not None:
-
-        write_text(out, html_page("moesift sweep", sweep_sections(result)), force=force)
-        result["html"] = str(out)
-    if not json:
-        print_sweep(result)
-    return result
+    return points
 
 
 # ------------------------------------------------------------------------------------------------
@@ -373,9 +397,7 @@ def _mb(b: float) -> str:
 
 
 def print_sweep(r: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
+    """The sweep's table and notes on stdout."""
     t = Table(title=f"sweep: {r['model']} on {r['tokens']} tokens (* = Pareto front: bytes, ppl, ttft; "
                     f"+ = front of bytes, ppl)")
     cols = ["strategy", "keep", "bytes", "ppl", "x full", "held-out cov"]
@@ -409,32 +431,10 @@ def print_sweep(r: dict[str, Any]) -> None:
         console.print(f"keep {w['keep']:g}: best on the held-out data {w['strategy']} x{w['ppl_ratio']:.3f}{ru}")
 
 
-def figure_html(fig: Any, name: str) -> str:
-    return fig.to_html(full_html=False, include_plotlyjs=False, div_id=f"fig-{name}", config={"displaylogo": False})
-
-
-def html_page(title: str, sections: Sequence[str], intro: str = "") -> str:
-    """A self-contained page: plotly.js inlined once, then the sections (HTML fragments)."""
-    from plotly.offline import get_plotlyjs
-
-    esc = _html.escape
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>
-<style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse;margin:1em 0}}
-td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}td:first-child{{text-align:left}}
-h1{{font-size:1.4em}}h2{{font-size:1.2em;margin-top:2em}}.front{{font-weight:bold}}</style>
-<script type="text/javascript">{get_plotlyjs()}</script></head>
-<body><h1>{esc(title)}</h1>{intro}
-{''.join(sections)}
-</body></html>
-"""
-
-
 def sweep_sections(r: dict[str, Any], prefix: str = "sweep") -> list[str]:
     """HTML fragments of a sweep result: quality vs bytes, latency vs bytes, and the table."""
     import plotly.graph_objects as go
 
-    esc = _html.escape
     pts = r["points"]
     fig = go.Figure()
     fig2 = go.Figure()
@@ -455,30 +455,16 @@ def sweep_sections(r: dict[str, Any], prefix: str = "sweep") -> list[str]:
                             "perplexity, outlined: front of bytes, perplexity and time to first token",
                       xaxis_title="MiB", yaxis_title="perplexity / full", height=480)
     parts = [f"<h2>Quality vs memory</h2><p>{r['tokens']:,} held-out tokens from {esc(', '.join(r['data']))}; traces "
-             f"{esc(', '.join(map(str, r['traces'])))}.</p>", figure_html(fig, f"{prefix}-quality")]
+             f"{esc(', '.join(map(str, r['traces'])))}.</p>", figure(fig, f"{prefix}-quality")]
     if r["timing"]:
         fig2.update_layout(title=f"Load time and time to first token ({r['prompt_tokens']}-token prompt) of the "
                                  "resident-only model", xaxis_title="MiB", yaxis_title="ms", height=420)
-        parts.append(figure_html(fig2, f"{prefix}-latency"))
+        parts.append(figure(fig2, f"{prefix}-latency"))
         if r.get("ttft_method"):
             parts.append(f"<p>How timings were measured: load = reading the resident experts from the checkpoint "
                          f"into a model; {esc(r['ttft_method'])}, on a {r['prompt_tokens']}-token prompt, device "
                          f"{esc(str(r.get('device')))}. The Pareto marks use these medians.</p>")
-    head = "<tr><th>strategy</th><th>keep</th><th>MiB</th><th>ppl</th><th>x full</th><th>held-out coverage</th>" + (
-        "<th>load s</th><th>ttft s</th>" if r["timing"] else "") + "<th>Pareto</th></tr>"
-    rows = []
-    for p in pts:
-        hc = p.get("heldout_coverage")
-        cls = ' class="front"' if p["pareto_quality"] else ""
-        rows.append(
-            f"<tr{cls}><td>{esc(_label(p))}</td><td>{p['keep']:g}{'!' if p.get('budget_note') else ''}</td>"
-            f"<td>{p['bytes'] / 2**20:.2f}</td>"
-            f"<td>{p['ppl']:.3f}</td><td>{p['ppl_ratio']:.3f}</td><td>{'' if hc is None else f'{hc:.3f}'}</td>"
-            + (f"<td>{p['load_s']:.3f}</td><td>{p['ttft_s']:.4f}</td>" if r["timing"] else "")
-            + f"<td>{'all three' if p['pareto'] else ''}{' / ' if p['pareto'] and p['pareto_quality'] else ''}"
-            f"{'bytes+ppl' if p['pareto_quality'] else ''}</td></tr>"
-        )
-    parts.append(f"<table>{head}{''.join(rows)}</table>")
+    parts.append(_points_table(r))
     for n in sorted({p["budget_note"] for p in pts if p.get("budget_note")}):
         parts.append(f"<p>! {esc(n)}</p>")
     if any(p.get("groups") == "equal" for p in pts):
@@ -491,3 +477,20 @@ def sweep_sections(r: dict[str, Any], prefix: str = "sweep") -> list[str]:
             + (f" (runner-up {esc(w['runner_up'])} x{w['runner_up_ppl_ratio']:.3f})" if "runner_up" in w else "")
             + "</li>" for w in r["winners"]) + "</ul>")
     return parts
+
+
+def _points_table(r: dict[str, Any]) -> str:
+    """The points as an HTML table; points on the bytes + perplexity front in bold."""
+    head = ["strategy", "keep", "MiB", "ppl", "x full", "held-out coverage"]
+    head += ["load s", "ttft s"] if r["timing"] else []
+    rows = []
+    for p in r["points"]:
+        hc = p.get("heldout_coverage")
+        row = [esc(_label(p)), f"{p['keep']:g}{'!' if p.get('budget_note') else ''}", f"{p['bytes'] / 2**20:.2f}",
+               f"{p['ppl']:.3f}", f"{p['ppl_ratio']:.3f}", "" if hc is None else f"{hc:.3f}"]
+        if r["timing"]:
+            row += [f"{p['load_s']:.3f}", f"{p['ttft_s']:.4f}"]
+        row.append(f"{'all three' if p['pareto'] else ''}{' / ' if p['pareto'] and p['pareto_quality'] else ''}"
+                   f"{'bytes+ppl' if p['pareto_quality'] else ''}")
+        rows.append([f'<span class="front">{c}</span>' for c in row] if p["pareto_quality"] else row)
+    return table([*head, "Pareto"], rows, raw=True)

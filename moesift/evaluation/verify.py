@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from ..apply.offload import HOST_COMPUTE_MAX_TOKENS, load_offloaded
 from ..apply.resident import load_trimmed
@@ -95,6 +99,60 @@ def comparison_inputs(full: Any, tok: Any, data: Any, field: str | None, max_sam
     return prompts, source, gen_kw
 
 
+def _trimmed_plan(trimmed: Any, plan: Any) -> Any:
+    """The plan to restrict the full model to: `plan`, or the one recorded in the trimmed checkpoint."""
+    if plan is not None:
+        return as_plan(plan)
+    record = read_trimmed_record(trimmed) if Path(trimmed).is_dir() else None
+    if record is None:
+        raise MoesiftError(f"{str(trimmed)!r} has no moesift_plan.json; pass --plan PLAN")
+    return Plan.from_dict(record["plan"], source=str(Path(trimmed) / "moesift_plan.json"))
+
+
+def _engine_dtype(engine: str, dtype: str | None, trimmed: Any) -> str | None:
+    """The dtype both sides run in; an engine other than transformers compares in float32 and reads a
+    trimmed checkpoint directory it supports."""
+    if engine == "transformers":
+        return dtype
+    if dtype not in (None, "float32"):
+        raise MoesiftError(f"--engine {engine} compares in float32; drop --dtype {dtype}")
+    if not Path(trimmed).is_dir():
+        raise MoesiftError(f"{str(trimmed)!r} is not a directory; --engine {engine} reads a trimmed checkpoint directory")
+    check_engine(engine, trimmed, read_trimmed_record(trimmed))
+    return "float32"
+
+
+def _compare(full: Any, small: Any, runner: Any, p: Any, prompts: list[Any], gen_kw: dict[str, Any],
+             max_new_tokens: int, force_plan: bool) -> Agreement:
+    """The full model restricted to `p` against the trimmed model (`small`, or the engine `runner`) on
+    every prompt: logits of every position and greedy generations."""
+    import torch
+
+    dev = next(full.parameters()).device
+    cmp = Agreement("trimmed")
+    with torch.no_grad():
+        for i, ids in enumerate(prompts):
+            ids = ids.to(dev)
+            with restrict(full, p, force_plan=force_plan):
+                lf = full(ids).logits.float()
+                if runner is not None:
+                    gf = _greedy(full, ids, max_new_tokens)
+                else:
+                    gf = full.generate(ids, **gen_kw)[0, ids.shape[-1]:].tolist() if max_new_tokens > 0 else []
+            if runner is not None:
+                seq = ids[0].tolist()
+                logits, gs = runner.run(seq, max(0, max_new_tokens))
+                ls = torch.from_numpy(logits).float().unsqueeze(0).to(lf.device)
+                if ls.shape != lf.shape:
+                    raise MoesiftError(f"{runner.name} gave logits of shape {tuple(ls.shape[1:])}, the full model "
+                                       f"{tuple(lf.shape[1:])}; the trimmed checkpoint does not match the model")
+            else:
+                ls = small(ids.to(next(small.parameters()).device)).logits.float().to(lf.device)
+                gs = small.generate(ids, **gen_kw)[0, ids.shape[-1]:].tolist() if max_new_tokens > 0 else []
+            cmp.add(i, lf, ls, gf, gs)
+    return cmp
+
+
 def verify(
     model: str | os.PathLike,
     trimmed: str | os.PathLike | None = None,
@@ -134,14 +192,9 @@ def verify(
     Engines need a standard (uniform) trim. With an engine, greedy generations on both sides are plain
     argmax decoding of `max_new_tokens` tokens (end-of-sequence not special), each with its own KV cache."""
     device = resolve_device(device)
-    import tempfile
-
-    import torch
-
     if offloaded is not None:
         if trimmed is not None:
             raise MoesiftError("give either a TRIMMED checkpoint or --offloaded PLAN, not both")
-
         return verify_offloaded(model, offloaded, data=data, max_new_tokens=max_new_tokens, max_samples=max_samples,
                                 max_length=max_length, field=field, device=device, dtype=dtype,
                                 cache_slots=cache_slots, policy=policy, seed=seed, progress=progress,
@@ -149,34 +202,17 @@ def verify(
                                 else host_compute_max_tokens)
     if trimmed is None:
         raise MoesiftError("give the TRIMMED checkpoint to compare with (or --offloaded PLAN)")
-
     if engine != "transformers":
-
         require(engine)  # a missing extra is said before anything is read
-    if plan is None:
-        record = read_trimmed_record(trimmed) if Path(trimmed).is_dir() else None
-        if record is None:
-            raise MoesiftError(f"{str(trimmed)!r} has no moesift_plan.json; pass --plan PLAN")
-        p = Plan.from_dict(record["plan"], source=str(Path(trimmed) / "moesift_plan.json"))
-    else:
-        p = as_plan(plan)
-    runner = None
-    work = None
-    if engine != "transformers":
-
-        if dtype not in (None, "float32"):
-            raise MoesiftError(f"--engine {engine} compares in float32; drop --dtype {dtype}")
-        dtype = "float32"
-        if not Path(trimmed).is_dir():
-            raise MoesiftError(f"{str(trimmed)!r} is not a directory; --engine {engine} reads a trimmed checkpoint directory")
-        check_engine(engine, trimmed, read_trimmed_record(trimmed))
+    p = _trimmed_plan(trimmed, plan)
+    dtype = _engine_dtype(engine, dtype, trimmed)
+    runner = work = small = None
     with hf_progress(progress):
         full, tok = load_trimmed(model, device=device, dtype=dtype)  # any checkpoint; no accelerate needed
         if engine == "transformers":
             small, tok2 = load_trimmed(trimmed, device=device, dtype=dtype)
             tok = tok or tok2
     try:
-        dev = next(full.parameters()).device
         prompts, source, gen_kw = comparison_inputs(full, tok, data, field, max_samples, max_length, seed,
                                                     max_new_tokens)
         if engine != "transformers":
@@ -187,28 +223,8 @@ def verify(
     except BaseException:
         _close(runner, work)
         raise
-    cmp = Agreement("trimmed")
     try:
-        with torch.no_grad():
-            for i, ids in enumerate(prompts):
-                ids = ids.to(dev)
-                with restrict(full, p, force_plan=force_plan):
-                    lf = full(ids).logits.float()
-                    if runner is not None:
-                        gf = _greedy(full, ids, max_new_tokens)
-                    else:
-                        gf = full.generate(ids, **gen_kw)[0, ids.shape[-1]:].tolist() if max_new_tokens > 0 else []
-                if runner is not None:
-                    seq = ids[0].tolist()
-                    logits, gs = runner.run(seq, max(0, max_new_tokens))
-                    ls = torch.from_numpy(logits).float().unsqueeze(0).to(lf.device)
-                    if ls.shape != lf.shape:
-                        raise MoesiftError(f"{runner.name} gave logits of shape {tuple(ls.shape[1:])}, the full model "
-                                           f"{tuple(lf.shape[1:])}; the trimmed checkpoint does not match the model")
-                else:
-                    ls = small(ids.to(next(small.parameters()).device)).logits.float().to(lf.device)
-                    gs = small.generate(ids, **gen_kw)[0, ids.shape[-1]:].tolist() if max_new_tokens > 0 else []
-                cmp.add(i, lf, ls, gf, gs)
+        cmp = _compare(full, small, runner, p, prompts, gen_kw, max_new_tokens, force_plan)
     finally:
         engine_name = runner.name if runner is not None else "transformers"
         engine_notes = list(getattr(runner, "notes", []) or [])
@@ -234,8 +250,6 @@ def verify(
 
 def _greedy(model: Any, ids: Any, n: int) -> list[int]:
     """Plain greedy decoding with the model's KV cache: n argmax tokens, end-of-sequence not special."""
-    import inspect
-
     import torch
 
     # the KV cache argument is `cache` from transformers 5.24 on, `past_key_values` before
@@ -295,7 +309,6 @@ def verify_offloaded(
     position, max absolute / relative logit differences, identical greedy generations; and the measured
     hit rate per layer against `cachesim.simulate` on the full model's routing of the same calls."""
     device = resolve_device(device)
-    import numpy as np
     import torch
 
     off, tok2 = load_offloaded(model, plan, device=device, cache_slots=cache_slots, policy=policy,
@@ -348,3 +361,30 @@ def verify_offloaded(
     result["ok"] = (result["top1_agreement"] >= 1.0 and result["generations_identical"] and same
                     and (dtype not in ("float32", "fp32") or cmp.max_rel <= 1e-6))
     return result
+
+
+def format_verify(r: dict[str, Any]) -> str:
+    """What `moesift verify` prints of a `verify` result (trimmed or offloaded)."""
+    lines = []
+    if r["data"]["kind"] == "random":
+        lines.append(r["data"]["note"])
+    if r.get("engine", "transformers") != "transformers":
+        lines.append(f"trimmed model run by {r['engine']}")
+    lines.append(f"{r['prompts']} prompts, {r['tokens']} positions: top-1 agreement {r['top1_agreement']:.4f}, "
+                 f"max |logit diff| {r['max_abs_logit_diff']:.3g} (relative {r['max_rel_logit_diff']:.3g}), "
+                 f"greedy generations {'identical' if r['generations_identical'] else 'DIFFER'}")
+    if "hit_rate_equals_simulation" not in r:
+        lines.append("OK: the trimmed model matches the restricted full model" if r["ok"] else
+                     "MISMATCH: the trimmed model does not match the restricted full model")
+        return "\n".join(lines)
+    lines.append(f"cache: {r['cache_slots']} {r['policy']} slots per layer, measured hit rate "
+                 f"{r['hit_rate']:.4f}; equal to the cache simulation on the same routing: "
+                 f"{'yes' if r['hit_rate_equals_simulation'] else 'NO'}")
+    pr = r.get("predicted") or {}
+    if pr.get("heldout_hit_rate") is not None:
+        lines.append(f"the plan predicted {pr['heldout_hit_rate']:.4f} held out ({pr['cache_slots']} "
+                     f"{pr['policy']} slots)")
+    lines.append("OK: the offloaded model matches the full model" if r["ok"] else
+                 "MISMATCH: the offloaded model does not match the full model")
+    return "\n".join(lines)
+

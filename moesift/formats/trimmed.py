@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from safetensors import safe_open
+
 from ..arch.base import Adapter
 from ..core.errors import MoesiftError
 from .checkpoint import DTYPE_BYTES, read_header
@@ -117,7 +119,6 @@ def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 def sliced_bytes(src_dir: Path, t: OutTensor, adapter: Any, cfg: Mapping[str, Any]) -> bytes:
     import torch
-    from safetensors import safe_open
 
     with safe_open(str(src_dir / t.src_file), framework="pt") as f:
         x = f.get_tensor(t.src_name)
