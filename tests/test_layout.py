@@ -53,7 +53,7 @@ def test_import_linter_layers_contract():
     exe = shutil.which("lint-imports", path=str(Path(sys.executable).parent)) or shutil.which("lint-imports")
     if exe is None:
         pytest.fail("lint-imports (import-linter, in the dev extra) is not installed")
-    r = subprocess.run([exe, "--config", str(ROOT / "pyproject.toml")], cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run([exe], cwd=ROOT, capture_output=True, text=True)  # reads [tool.importlinter] in pyproject.toml
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     assert "BROKEN" not in r.stdout and "KEPT" in r.stdout
 

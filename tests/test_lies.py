@@ -59,3 +59,38 @@ def test_every_family_checkpoint_is_consistent(tiny_dir):
         if mt == "kimi_k2":  # no transformers class: its checkpoints are indexed from the DeepSeek-V3 layout
             continue
         CheckpointIndex.build(tiny_dir(mt)).check_consistent()
+
+
+def _cli(args, monkeypatch, capsys):
+    from hostile import run_cli
+
+    return run_cli(args, monkeypatch, capsys)
+
+
+@pytest.mark.parametrize("case", ["more_layers", "no_top_k", "mixtral_on_qwen_tensors"])
+def test_commands_that_load_weights_refuse_a_lying_config(tmp_path, monkeypatch, capsys, case):
+    """trace, eval, generate (offloaded loading) and trim stop in one line before any weight is used;
+    nothing is written."""
+    from hostile import assert_one_error, plan_file
+
+    edit = (lambda c: c.update(model_type="mixtral")) if case == "mixtral_on_qwen_tensors" else LIES[case][0]
+    d = _liar(tmp_path, edit)
+    out = tmp_path / "out"
+    plan = plan_file(tmp_path / "p.json", {layer: list(range(16)) for layer in range(4)})
+    for args in (["trace", d, "--data", DOCS, "--max-samples", 2, "--out", out],
+                 ["eval", d, "--data", DOCS, "--max-samples", 2],
+                 ["generate", d, "--plan", plan, "--prompt", "def f(x):", "--max-new-tokens", 2],
+                 ["trim", d, "--plan", plan, "--out", out]):
+        if case == "mixtral_on_qwen_tensors" and args[0] == "trim":
+            continue  # trim reads bytes by the adapter's names and builds no model
+        code, _, err = _cli(args, monkeypatch, capsys)
+        assert_one_error(code, err, "config")
+        assert "newly initialized" not in err and not out.exists()
+
+
+def test_loading_refuses_weights_the_checkpoint_does_not_hold(tmp_path):
+    """The header check cannot know every name a model class needs: transformers' own list of missing
+    weights is refused too (Qwen3 tensors under a Mixtral config: expert names differ)."""
+    d = _liar(tmp_path, lambda c: c.update(model_type="mixtral"))
+    with pytest.raises(moesift.MoesiftError, match=r"holds no weights for model\.layers\.\d+\.mlp\.experts"):
+        moesift.load_model(str(d), device="cpu")

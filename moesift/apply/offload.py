@@ -42,6 +42,7 @@ from ..core.progress import progress_bar
 from ..engines.hf import (
     config_like,
     config_obj,
+    from_pretrained_checked,
     hf_progress,
     model_class,
     parse_dtype,
@@ -156,14 +157,14 @@ def _build_models(idx: Any, where: _Placement, dev: Any, dtype: str | None, prog
         with hf_progress(progress):
             cls, cfg = _experts_variant_class(idx.config, {layer: len(v) for layer, v in where.dev_keep.items()})
             state = {**shared, **read([t for t in plan_layout(idx, where.dev_keep) if is_expert(t)])}
-            m = cls.from_pretrained(None, config=cfg, state_dict=state, **kw)
+            m = from_pretrained_checked(cls, None, idx.directory, config=cfg, state_dict=state, **kw)
             del state
             m.eval()
             if dev.type != "cpu":
                 m.to(dev)
             hcls, hcfg = _experts_variant_class(idx.config, {layer: len(v) for layer, v in where.host_keep.items()})
             state = {**shared, **read([t for t in plan_layout(idx, where.host_keep) if is_expert(t)])}
-            hm = hcls.from_pretrained(None, config=hcfg, state_dict=state, **kw)
+            hm = from_pretrained_checked(hcls, None, idx.directory, config=hcfg, state_dict=state, **kw)
         del shared, state
     return m, hm
 
@@ -234,6 +235,7 @@ def load_offloaded(
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise MoesiftError(f"--device {device}: no CUDA device is available here; use --device cpu")
     idx = CheckpointIndex.build(model)
+    idx.check_consistent()
     p = as_plan(plan)
     where = _Placement(idx, p, cache_slots)
     m, hm = _build_models(idx, where, dev, dtype, progress)

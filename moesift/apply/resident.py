@@ -22,6 +22,7 @@ from ..engines.hf import (
     check_device,
     config_like,
     config_obj,
+    from_pretrained_checked,
     model_class,
     parse_dtype,
     require_accelerate,
@@ -132,7 +133,8 @@ def load_trimmed(
     dev = _read_device(device)
     state = read_tensors(d, tensors, dev)
     try:
-        model = cls.from_pretrained(None, config=base_cfg, state_dict=state, **_load_kwargs(device, dtype, dev))
+        model = from_pretrained_checked(cls, None, d, config=base_cfg, state_dict=state,
+                                        **_load_kwargs(device, dtype, dev))
     except ValueError as e:
         raise MoesiftError(f"cannot load {str(d)!r}: {str(e).splitlines()[0]}") from None
     del state
@@ -155,6 +157,7 @@ def load_resident(
     A plan made for another config of the family is refused unless `force_plan`."""
     device = resolve_device(device)
     idx = CheckpointIndex.build(model)
+    idx.check_consistent()
     spec, ad = idx.spec, idx.adapter
     resident = as_plan(plan).resolve(spec, idx.config, str(model), force_plan)
     full = {layer: sorted(resident.get(layer, range(spec.n_experts))) for layer in spec.moe_layers}
@@ -166,7 +169,8 @@ def load_resident(
     dev = _read_device(device)
     state = read_layout(idx, plan_layout(idx, resident), dev)
     cls, base_cfg = variable_expert_class(idx.config, full)
-    m = cls.from_pretrained(None, config=base_cfg, state_dict=state, **_load_kwargs(device, dtype, dev))
+    m = from_pretrained_checked(cls, None, idx.directory, config=base_cfg, state_dict=state,
+                                **_load_kwargs(device, dtype, dev))
     del state
     return _finish(_to(m, device), full)
 

@@ -359,6 +359,7 @@ def trim(
 
     out = Path(out)
     idx = CheckpointIndex.build(model)
+    idx.check_consistent()
     src = idx.directory
     _check_paths(src, out, force)
     p = as_plan(plan)

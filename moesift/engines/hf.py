@@ -10,7 +10,7 @@ from typing import Any
 
 from ..arch.registry import adapter_for
 from ..core.errors import MoesiftError
-from ..formats.checkpoint import resolve_model_dir, shard_files
+from ..formats.checkpoint import CheckpointIndex, resolve_model_dir, shard_files
 
 DEVICE_HELP = ("auto (CUDA if available, else MPS, else CPU), cpu, cuda, cuda:N, mps, or spread (layers over "
                "every GPU and the host, with accelerate)")
@@ -86,6 +86,7 @@ def load_model(
     adapter_for(config)  # clear error for unsupported / dense models before loading any weight
 
     shard_files(d)  # refuse pickle-only checkpoints before loading
+    CheckpointIndex.build(d).check_consistent()  # a config that does not describe the tensors: one line
     device = resolve_device(device)
     kwargs: dict[str, Any] = {"dtype": parse_dtype(dtype), "trust_remote_code": trust_remote_code}
     if device == "spread":
@@ -93,7 +94,7 @@ def load_model(
         kwargs["device_map"] = "auto"
     elif device != "cpu" and importlib.util.find_spec("accelerate") is not None:
         kwargs["device_map"] = device  # weights go straight to the device, not through host memory
-    m = AutoModelForCausalLM.from_pretrained(d, **kwargs)
+    m = from_pretrained_checked(AutoModelForCausalLM, d, d, **kwargs)
     if "device_map" not in kwargs:
         m.to(device)
     m.eval()
@@ -103,6 +104,19 @@ def load_model(
     except Exception:  # noqa: BLE001 - models without a tokenizer can still be traced from token ids
         tok = None
     return m, tok
+
+
+def from_pretrained_checked(cls: Any, source: Any, where: str | os.PathLike, **kwargs: Any) -> Any:
+    """`cls.from_pretrained(source, **kwargs)`, refusing a model any of whose weights the checkpoint does not
+    provide: transformers would initialise them at random and the model would run with them."""
+    m, info = cls.from_pretrained(source, output_loading_info=True, **kwargs)
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise MoesiftError(f"{str(where)!r}: the checkpoint holds no weights for {missing[0]}{more}, which the config "
+                           f"(model_type {getattr(m.config, 'model_type', None)!r}) needs; config.json does not "
+                           "describe the tensors of this checkpoint")
+    return m
 
 
 def require_accelerate() -> None:
