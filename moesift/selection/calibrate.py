@@ -42,7 +42,8 @@ most routed experts, by the model's KL.
    tokens, layer by layer with the other layers' sets fixed (coordinate descent until a sweep changes
    nothing), per kept count; ``plan`` takes those sets and ``--allocate`` spends by the KL each layer's set
    costs alone. This needs the whole model (held, or offloaded with ``device="spread"``) for the run, one
-   forward per candidate; routers with one expert per unit (too many sets) keep the layer error.
+   forward per candidate; routers with one expert per unit (too many sets) keep the layer error
+   (`choose_end_to_end`, in `moesift.selection.endtoend`).
 """
 
 from __future__ import annotations

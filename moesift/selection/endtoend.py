@@ -81,7 +81,6 @@ class _EndToEnd:
         return total / max(self.tokens, 1)
 
 
-
 def choose_end_to_end(
     model: Any, spec: Any, layers_out: list[dict[str, Any]], units: list[list[int]], n_floor: int,
     token_lists: list[list[int]], batch_size: int = 8, top: int = 64, max_candidates: int = 70,

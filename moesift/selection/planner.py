@@ -145,7 +145,7 @@ class Bank:
 
 
 def _load_bank(traces: Sequence[Any]) -> Bank:
-
+    """The bank of `traces` (see `_parse_trace_arg`), weights normalised to sum 1; traces of one model only."""
     if isinstance(traces, (str, os.PathLike, Trace)):
         traces = [traces]
     if not traces:
@@ -191,7 +191,6 @@ def _calibration_for(sp: SelectionSpec, calibration: Any, calib: Any, model: Any
                      calib_length: int, device: str, dtype: str | None, progress: bool) -> Any:
     """The Calibration the calibrated strategy ranks by: given (object or file), or measured on `calib`
     (workload files) with the checkpoint `model` (kept for the process: sweeps plan many budgets)."""
-
     if calibration is not None:
         cal = calibration if isinstance(calibration, Calibration) else Calibration.load(calibration)
     elif calib is not None:
@@ -218,7 +217,6 @@ def _calibration_for(sp: SelectionSpec, calibration: Any, calib: Any, model: Any
         raise MoesiftError(f"the calibration ({m.get('checkpoint')}) is of another model than the traces: "
                            f"{len(layers)} MoE layers x {m.get('n_experts')} experts; calibrate this model")
     return cal
-
 
 
 # ------------------------------------------------------------------------------------------------
