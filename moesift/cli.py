@@ -35,9 +35,9 @@ from .record.tracer import (
     trace,
     trace_summary,
 )
-from .selection.calibrate import calibrate
-from .selection.place import place
-from .selection.planner import plan
+from .selection.calibrate import calibrate, format_calibration
+from .selection.place import place, print_placement
+from .selection.planner import format_plan, format_plan_diff, plan
 from .surfaces.demo import demo
 from .surfaces.report import compare, report
 
@@ -238,22 +238,14 @@ def plan_cmd(
 ) -> None:
     """Choose resident experts per MoE layer from traces under one budget; `plan diff A B` compares banks."""
     if traces and traces[0] == "diff":
-
         if len(traces) != 3:
             raise MoesiftError("usage: moesift plan diff PLAN_A PLAN_B [--model MODEL] [--json]")
         d = plan_diff(traces[1], traces[2], model=model, force_plan=force_plan)
         if json_out:
             emit_json(d)
-            return
-        typer.echo(f"mean Jaccard {d['mean_jaccard']:.3f}; experts to load {d['experts_to_load']}, "
-                   f"to evict {d['experts_to_evict']}")
-        if "bytes_to_load" in d:
-            typer.echo(f"bytes to load switching A -> B: {d['bytes_to_load']:,}")
-        for e in d["layers"]:
-            extra = f"  load {e['bytes_to_load']:,} B" if "bytes_to_load" in e else ""
-            typer.echo(f"  layer {e['layer']:>3}: Jaccard {e['jaccard']:.3f}  +{len(e['load'])} -{len(e['evict'])}{extra}")
+        else:
+            typer.echo(format_plan_diff(d))
         return
-
     p = plan(traces, out=out, keep=keep, keep_experts=keep_experts, coverage=coverage, memory=memory, model=model,
              strategy=strategy, uniform=uniform, seed=seed, force=force, force_plan=force_plan,
              allocate=allocate, calibration=calibration, calib=calib or None, calib_samples=calib_samples,
@@ -261,38 +253,8 @@ def plan_cmd(
              **({"offload": True, "cache_slots": cache_slots, "policy": policy} if offload else {}))
     if json_out:
         emit_json(p.to_dict())
-        return
-    pr = p.predictions
-    held = pr.get("heldout_coverage")
-    typer.echo(f"{pr['experts_resident']}/{pr['experts_total']} experts resident; coverage in-sample "
-               f"{pr['coverage']:.3f}" + (f", held-out {held:.3f}" if held is not None else ""))
-    if pr.get("budget_note"):
-        typer.echo(f"  budget: {pr['budget_note']}")
-    if p.provenance.get("groups"):
-        typer.echo("  groups: " + ("whole expert groups kept" if p.provenance["groups"] == "whole" else
-                                   "the same number of experts kept in every group"))
-    if pr.get("strategy_note"):
-        typer.echo(f"  strategy: {pr['strategy_note']}")
-    if held is None and pr.get("heldout_note"):
-        typer.echo(f"  held-out: {pr['heldout_note']}")
-    if "bytes" in pr:
-        typer.echo(f"predicted checkpoint {pr['bytes']:,} bytes ({pr['bytes_fraction']:.1%} of {pr['bytes_full']:,})")
-    if "offload" in pr:
-        o = pr["offload"]
-        hr, hh = o.get("hit_rate"), o.get("heldout_hit_rate")
-        typer.echo(f"offload: {o['cache_slots']} {o['policy']} cache slots per layer, "
-                   f"{o.get('device_bytes', 0):,} device bytes; predicted hit rate "
-                   + (f"in-sample {hr:.3f}" if hr is not None else "unknown")
-                   + (f", held-out {hh:.3f}" if hh is not None else ""))
-        if o.get("note") or (hh is None and o.get("heldout_note")):
-            typer.echo(f"  {o.get('note') or o.get('heldout_note')}")
-    for e in p.layers:
-        h = e.get("heldout_coverage")
-        typer.echo(f"  layer {e['layer'] if e['layer'] is not None else e['moe_index']:>3}: {len(e['resident']):>4} "
-                   f"experts  coverage {e['coverage'] if e['coverage'] is not None else float('nan'):.3f}"
-                   + (f"  held-out {h:.3f}" if h is not None else ""))
-    if out:
-        typer.echo(f"wrote {out}")
+    else:
+        typer.echo(format_plan(p, out))
 
 
 @app.command("trim")
@@ -472,10 +434,8 @@ def calibrate_cmd(
                   end_to_end=end_to_end, kl_top=kl_top, end_to_end_samples=end_to_end_samples)
     if json_out:
         emit_json(c.to_dict())
-        return
-    t = c.timing
-    typer.echo(f"wrote {out}: {len(c.layers)} MoE layers, {c.settings['tokens']} calibration tokens; capture "
-               f"{t['capture_s']:.1f} s, {t['mean_layer_s'] or 0:.2f} s per layer, {t['total_s']:.1f} s in all")
+    else:
+        typer.echo(format_calibration(c, out))
 
 
 @app.command("sweep")
@@ -557,22 +517,8 @@ def place_cmd(
                 force=force)
     if json_out:
         emit_json(res)
-        return
-    typer.echo(f"{method} placement on {gpus} GPUs ({res['slots_per_gpu']} slots each), solver {res['solver'].get('solver')}")
-    for k, v in res.get("vs_round_robin", {}).items():
-        typer.echo(f"  {k:28s} {v['placed']:12.4f}   round-robin {v['round_robin']:12.4f}")
-    if "optimality_gap" in res["solver"]:
-        typer.echo(f"  optimality gap (cross hops, upper estimate) {res['solver']['optimality_gap']:.3f}")
-    if res["hidden_size"] is None:
-        typer.echo("  note: no all-to-all bytes: the trace does not record hidden_size (an older trace, or imported "
-                   "without --model); pass --hidden", err=True)
-    unmet = res["solver"].get("cap_unmet_moe_layers")
-    if unmet:
-        typer.echo(f"  warning: --max-load-ratio not reachable in MoE layers {unmet} by swaps alone (worst "
-                   f"{res['solver']['worst_layer_load_ratio']:.3f}); hot experts need replicas (--method balance)",
-                   err=True)
-    if res.get("out"):
-        typer.echo(f"wrote {res['out']} and {res['sglang_init_expert_location']} (SGLang --init-expert-location)")
+    else:
+        print_placement(res, method, gpus, echo=typer.echo)
 
 
 @app.command("cache")

@@ -9,7 +9,6 @@ import pytest
 
 from moesift.formats.trace import Trace
 from moesift.selection.place import (
-    _transitions_from_log,
     affinity_bound,
     affinity_brute,
     affinity_milp,
@@ -17,6 +16,7 @@ from moesift.selection.place import (
     place,
     same_gpu_hops,
 )
+from moesift.selection.place_sim import transitions_from_log
 
 
 def synth_trace(L=4, E=16, K=2, N=3000, seed=0, chain=0.9, zipf=None, hidden=64):
@@ -47,7 +47,7 @@ def synth_trace(L=4, E=16, K=2, N=3000, seed=0, chain=0.9, zipf=None, hidden=64)
     model = {"name": "synthetic", "model_type": "synthetic", "config_hash": "0", "moe_layers": list(range(1, L + 1)),
              "n_experts": E, "top_k": K, "n_shared": 0, "hidden_size": hidden}
     arrays = {"prefill_counts": counts, "routing_log": log, "doc_offsets": np.array([0, N], dtype=np.int64),
-              "transitions": _transitions_from_log(log, E)}
+              "transitions": transitions_from_log(log, E)}
     return Trace(model=model, workload={"label": "synthetic"}, arrays=arrays)
 
 
@@ -89,7 +89,7 @@ def test_ilp_matches_brute_force_on_tiny_cases():
     from moesift.selection.place import affinity_heuristic
 
     tr = synth_trace(L=3, E=8, K=2, N=300, seed=6)
-    T = _transitions_from_log(tr.get("routing_log"), 8).astype(float)
+    T = transitions_from_log(tr.get("routing_log"), 8).astype(float)
     g_ilp, info = affinity_milp(T, 4)
     assert info["optimal"]
     assert same_gpu_hops(T, g_ilp) >= same_gpu_hops(T, affinity_heuristic(T, 4))

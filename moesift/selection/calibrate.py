@@ -42,11 +42,13 @@ most routed experts, by the model's KL.
    tokens, layer by layer with the other layers' sets fixed (coordinate descent until a sweep changes
    nothing), per kept count; ``plan`` takes those sets and ``--allocate`` spends by the KL each layer's set
    costs alone. This needs the whole model (held, or offloaded with ``device="spread"``) for the run, one
-   forward per candidate; routers with one expert per unit (too many sets) keep the layer error.
+   forward per candidate; routers with one expert per unit (too many sets) keep the layer error
+   (`choose_end_to_end`, in `moesift.selection.endtoend`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import math
 import os
@@ -56,20 +58,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors import safe_open
 
 from ..arch.spec import equal_group_floor, expert_args
 from ..core.errors import MoesiftError
 from ..core.io import check_output_path, sha256_file
+from ..core.progress import progress_bar
 from ..engines.hf import config_obj, hf_progress, load_model, model_class, parse_dtype, resolve_device
-from ..engines.restrict import restrict
 from ..formats.calibration import Calibration
 from ..formats.checkpoint import CheckpointIndex
 from ..formats.workload import batches, encode_documents, read_documents
-
-# ------------------------------------------------------------------------------------------------
-# Result
-# ------------------------------------------------------------------------------------------------
-
+from .endtoend import choose_end_to_end
 
 # ------------------------------------------------------------------------------------------------
 # Phase 1: capture each MoE block's inputs
@@ -128,7 +127,6 @@ def load_block(index: Any, frame: Any, layer: int, device: str = "cpu", dtype: A
     """Fill decoder layer `layer`'s MoE block of the meta `frame` from the checkpoint (only that layer's
     tensors are read) on `device`; returns the block. `unload_block` gives the memory back."""
     import torch
-    from safetensors import safe_open
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import convert_and_load_state_dict_in_model
     from transformers.modeling_utils import LoadStateDictConfig
@@ -181,8 +179,6 @@ class _Block:
 
     def run(self, x: Any, resident: Sequence[int] | None, chunk: int = 8192) -> tuple[Any, Any]:
         """(output [n, H] float32, routed ids [n, K]) of the block on x [n, H] restricted to `resident`."""
-        import contextlib
-
         import torch
 
         outs, ids = [], []
@@ -248,22 +244,15 @@ def greedy_layer(blk: _Block, x: Any, units: list[list[int]], n_floor: int,
     local = not grouped
     if local and len(units) > n_floor:
         # does removing one expert move the outputs of tokens it does not serve? (then measure on all tokens)
-        probe = int(np.argmax(used))
-        out, _ = blk.run(x, sorted(resident - {probe}))
         forwards += 1
-        served = (cur_ids == probe).any(dim=1)
-        change = ((out - full).double() ** 2).sum(dim=1)
-        # renormalising routers leave the other tokens as they were up to rounding (bf16: ~1e-5 of the served
-        # tokens' change); routers that do not renormalise move them by the removed expert's probability share
-        if (~served).any() and served.any() and float(change[~served].mean()) > 1e-4 * float(change[served].mean()):
-            local = False
+        local = not _moves_others(blk, x, full, cur_ids, resident, used)
+
     def measure(u: int) -> float:
         nonlocal forwards
         R = sorted(resident - set(units[u]))
         forwards += 1
         if local:
-            sel = (cur_ids.unsqueeze(-1) == torch.as_tensor(units[u], device=cur_ids.device)).any(-1).any(-1)
-            idx = sel.nonzero().reshape(-1)
+            idx = _served(cur_ids, units[u])
             if idx.numel() == 0:
                 forwards -= 1
                 return 0.0
@@ -306,8 +295,7 @@ def greedy_layer(blk: _Block, x: Any, units: list[list[int]], n_floor: int,
         remaining.remove(best)
         order.append(units[best])
         if local:
-            sel = (cur_ids.unsqueeze(-1) == torch.as_tensor(units[best], device=cur_ids.device)).any(-1).any(-1)
-            idx = sel.nonzero().reshape(-1)
+            idx = _served(cur_ids, units[best])
             if idx.numel():
                 out, new_ids = blk.run(x[idx.to(x.device)], sorted(resident))
                 forwards += 1
@@ -328,220 +316,28 @@ def greedy_layer(blk: _Block, x: Any, units: list[list[int]], n_floor: int,
             "output_norm2": norm2, "tokens": int(N), "routed": [int(v) for v in used]}
 
 
-# ------------------------------------------------------------------------------------------------
-# Phase 3: end-to-end scoring where the layer-local error misleads (small candidate sets)
-# ------------------------------------------------------------------------------------------------
+def _moves_others(blk: _Block, x: Any, full: Any, cur_ids: Any, resident: set[int], used: np.ndarray) -> bool:
+    """Whether removing the most used expert moves the outputs of tokens it does not serve (one forward).
+    Renormalising routers leave the other tokens as they were up to rounding (bf16: ~1e-5 of the served
+    tokens' change); routers that do not renormalise move them by the removed expert's probability share."""
+    probe = int(np.argmax(used))
+    out, _ = blk.run(x, sorted(resident - {probe}))
+    served = (cur_ids == probe).any(dim=1)
+    change = ((out - full).double() ** 2).sum(dim=1)
+    return bool((~served).any() and served.any() and float(change[~served].mean()) > 1e-4 * float(change[served].mean()))
 
 
-class _EndToEnd:
-    """KL(full model || restricted model) of the next-token distributions on the calibration tokens, mean
-    over every real token. The full model's distributions are stored as their `top` most likely tokens plus
-    one bucket for the rest (the KL of these coarsened distributions; exact when `top` >= the vocabulary)."""
+def _served(cur_ids: Any, unit: list[int]) -> Any:
+    """Indices of the tokens routed to an expert of `unit` (cur_ids [n, K])."""
+    import torch
 
-    def __init__(self, model: Any, token_lists: list[list[int]], batch_size: int, top: int, loss: str = "kl"):
-        import torch
-
-        self.model = model
-        self.loss = loss
-        self.device = next(p for p in model.parameters() if p.device.type != "meta").device
-        self.batches = batches(token_lists, batch_size)
-        self.ref: list[tuple[Any, Any, Any, Any]] = []
-        self.tokens = 0
-        self.forwards = 0
-        with torch.no_grad():
-            for ids, mask in self.batches:
-                lp = self._logp(ids, mask)
-                k = min(top, lp.shape[-1])
-                tp, ti = lp.topk(k, dim=-1)
-                rest = self._rest(tp)
-                self.ref.append((ti, tp, rest, tp.exp()))
-                self.tokens += lp.shape[0]
-
-    def _logp(self, ids: Any, mask: Any) -> Any:
-        import torch
-
-        out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), use_cache=False)
-        keep = mask.reshape(-1).bool().to(out.logits.device)
-        return torch.log_softmax(out.logits.float().reshape(-1, out.logits.shape[-1])[keep], dim=-1)
-
-    @staticmethod
-    def _rest(top_logp: Any) -> Any:
-        import torch
-
-        # log of the probability mass outside the top tokens (log1p(-sum p) is accurate near 0 and 1)
-        s = top_logp.exp().sum(-1).clamp(max=1.0)
-        return torch.log1p(-s).clamp(min=math.log(1e-30)) if s.numel() else s
-
-    def kl(self, resident: dict[int, list[int]]) -> float:
-        """Mean KL per token of the model restricted to `resident` ({decoder layer: ids})."""
-        import torch
-
-        total = 0.0
-        self.forwards += 1
-        with torch.no_grad(), restrict(self.model, resident):
-            for (ids, mask), (ti, tp, rest, p) in zip(self.batches, self.ref, strict=True):
-                lq = self._logp(ids, mask)
-                if self.loss == "nll":  # cross-entropy of the next calibration token
-                    nxt = torch.zeros_like(mask)
-                    nxt[:, :-1] = mask[:, 1:]
-                    tgt = torch.roll(ids, -1, dims=1).reshape(-1)[mask.reshape(-1).bool()]
-                    ok = nxt.reshape(-1)[mask.reshape(-1).bool()].bool()
-                    total += float(-lq[ok.to(lq.device)].gather(-1, tgt[ok].to(lq.device).unsqueeze(-1)).double().sum())
-                    continue
-                qt = lq.gather(-1, ti.to(lq.device))
-                qrest = self._rest(qt)
-                kl = (p * (tp - qt)).sum(-1) + rest.exp() * (rest - qrest)
-                total += float(kl.double().sum())
-        return total / max(self.tokens, 1)
-
-
-def choose_end_to_end(
-    model: Any, spec: Any, layers_out: list[dict[str, Any]], units: list[list[int]], n_floor: int,
-    token_lists: list[list[int]], batch_size: int = 8, top: int = 64, max_candidates: int = 70,
-    sweeps: int = 3, tick: Callable[[], None] | None = None, loss: str = "kl",
-) -> dict[str, Any] | None:
-    """For layers whose choice is among few sets (group-limited routers: C(groups, kept) per count), choose
-    the set per kept count by the model's own KL on the calibration tokens instead of the layer-output
-    error. Per count k: every layer starts from the greedy's best k units; then coordinate descent, layer by
-    layer with the other layers' sets fixed, each layer takes the k-unit set that restricted in the model
-    gives the least KL, until a sweep changes nothing (at most `sweeps`). Then per layer and count, the KL of
-    that layer alone restricted to its set (the others whole): ``plan --allocate`` spends by its drops.
-    Adds ``e2e`` to the entries of `layers_out` in place; returns a summary (None when no layer qualifies).
-
-    Layers with an ``equal`` order (same count in every group) get, per kept number of rounds r, a set
-    chosen the same way between two candidates, the greedy's r rounds and each group's r most routed experts
-    on the calibration tokens (``equal["sets"]``), the KL with every layer at its set (``equal["kl"]``,
-    what ``plan --groups auto`` compares with the whole-group sets of the same size) and with that layer
-    alone restricted (``equal["alone"]``, what ``--allocate`` spends by): per count, one forward per
-    layer and sweep, plus one per layer."""
-    from itertools import combinations
-
-    n = len(units)
-    cands = {k: [list(c) for c in combinations(range(n), k)] for k in range(n_floor, n)}
-    if len(units[0]) == 1 or not cands or max(len(c) for c in cands.values()) > max_candidates:
-        return None
-    live = [e for e in layers_out if e.get("order") is not None]
-    if not live:
-        return None
-    t0 = time.perf_counter()
-    ev = _EndToEnd(model, token_lists, batch_size, top, loss)
-    uid = {tuple(u): i for i, u in enumerate(units)}
-    cache: dict[tuple, float] = {}
-
-    def flat(us: Sequence[int]) -> list[int]:
-        return sorted(x for u in us for x in units[u])
-
-    def kl(sets: dict[int, tuple[int, ...]]) -> float:
-        key = tuple(sorted(sets.items()))
-        if key not in cache:
-            cache[key] = ev.kl({layer: flat(s) for layer, s in sets.items()})
-        return cache[key]
-
-    converged = True
-    for e in live:
-        e["e2e"] = {"sets": {}, "kl": {}, "alone": {str(n): 0.0}}
-    for k in range(n_floor, n):
-        cur: dict[int, tuple[int, ...]] = {}
-        for e in live:  # the greedy's k units: the floor and the last removed
-            last = e["order"][len(e["order"]) - (k - n_floor):] if k > n_floor else []
-            keep = [uid[tuple(u)] for u in e["floor"] + last]
-            cur[e["layer"]] = tuple(sorted(keep))
-        done = False
-        for _ in range(sweeps):
-            changed = False
-            for e in live:
-                layer = e["layer"]
-                best, best_kl = cur[layer], kl(cur)
-                for c in cands[k]:
-                    v = kl({**cur, layer: tuple(c)})
-                    if v < best_kl - 1e-12:
-                        best, best_kl = tuple(c), v
-                if best != cur[layer]:
-                    cur[layer], changed = best, True
-                if tick:
-                    tick()
-            if not changed:
-                done = True
-                break
-        converged = converged and done
-        final = kl(cur)
-        for e in live:
-            s = cur[e["layer"]]
-            e["e2e"]["sets"][str(k)] = flat(s)
-            e["e2e"]["kl"][str(k)] = final
-            e["e2e"]["alone"][str(k)] = kl({e["layer"]: s})
-    eq = [e for e in live if e.get("equal")]
-    if eq:
-        G = int(eq[0]["equal"]["groups"])
-        per = len(units[0])
-        r_min = len(eq[0]["equal"]["floor"]) // G
-
-        def kept(q: dict[str, Any], r: int) -> list[int]:  # the floor and the last (r - r_min) rounds removed
-            order = [u[0] for u in q["order"]]
-            return sorted([u[0] for u in q["floor"]] + (order[len(order) - G * (r - r_min):] if r > r_min else []))
-
-        def most_routed(e: dict[str, Any], r: int) -> list[int]:  # each group's r most routed on these tokens
-            used = e.get("routed") or [0] * (G * per)
-            return sorted(x for g in range(G) for x in sorted(range(g * per, (g + 1) * per),
-                                                               key=lambda i: (-used[i], i))[:r])
-
-        ecache: dict[tuple, float] = {}
-
-        def ekl(sets: dict[int, list[int]]) -> float:
-            key = tuple(sorted((k, tuple(v)) for k, v in sets.items()))
-            if key not in ecache:
-                ecache[key] = ev.kl(sets)
-            return ecache[key]
-
-        for e in eq:
-            e["equal"]["kl"], e["equal"]["alone"], e["equal"]["sets"] = {str(per): 0.0}, {str(per): 0.0}, {}
-        for r in range(r_min, per):
-            # per layer two candidates: the greedy's r rounds (layer error) and the r most routed per group
-            # (the counts see every token; the layer error of a rarely used expert rests on few); coordinate
-            # descent over the layers by the model's KL, as for the group sets
-            cands = {e["layer"]: [kept(e["equal"], r), most_routed(e, r)] for e in eq}
-            cur = {layer: c[0] for layer, c in cands.items()}
-            for _ in range(sweeps):
-                changed = False
-                for layer, c in cands.items():
-                    for alt in c:
-                        if alt != cur[layer] and ekl({**cur, layer: alt}) < ekl(cur) - 1e-12:
-                            cur[layer], changed = alt, True
-                if not changed:
-                    break
-            every = ekl(cur)
-            for e in eq:
-                e["equal"]["kl"][str(r)] = every
-                e["equal"]["sets"][str(r)] = cur[e["layer"]]
-                e["equal"]["alone"][str(r)] = ekl({e["layer"]: cur[e["layer"]]})
-                if tick:
-                    tick()
-    return {"kl_top": top, "converged": converged, "forwards": ev.forwards, "tokens": ev.tokens,
-            "seconds": time.perf_counter() - t0, "sweeps": sweeps}
+    sel = (cur_ids.unsqueeze(-1) == torch.as_tensor(unit, device=cur_ids.device)).any(-1).any(-1)
+    return sel.nonzero().reshape(-1)
 
 
 # ------------------------------------------------------------------------------------------------
 # The public function
 # ------------------------------------------------------------------------------------------------
-
-
-def _progress(enabled: bool):
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    console = Console(stderr=True)
-    return Progress(
-        TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True,
-        disable=not (enabled and console.is_terminal),
-    )
 
 
 def calibrate(
@@ -575,22 +371,15 @@ def calibrate(
     decides. Group-limited layers also get the order for plans keeping the same number of experts in every
     group (``equal``), and in the end-to-end phase its KL per kept number of rounds."""
     device = resolve_device(device)
-    import torch
-
-    if kl_top < 1:
-        raise MoesiftError(f"--kl-top must be at least 1 (got {kl_top})")
-    if end_to_end_loss not in ("kl", "nll"):
-        raise MoesiftError(f"unknown end-to-end loss {end_to_end_loss!r}: kl or nll")
-    if max_length < 2:
-        raise MoesiftError(f"--calib-length must be at least 2 (got {max_length})")
+    _check_settings(kl_top, end_to_end_loss, max_length)
     if out is not None:
         check_output_path(out, force)
     index = CheckpointIndex.build(model)
-    spec, ad = index.spec, index.adapter
+    spec = index.spec
     paths = [data] if isinstance(data, (str, os.PathLike)) else list(data)
     docs = read_documents(paths, field=field, max_samples=max_samples)
     t0 = time.perf_counter()
-    with _progress(progress) as bar:
+    with progress_bar(progress, remaining=True) as bar:
         if loaded is not None:
             m, tok = loaded
         else:
@@ -601,64 +390,22 @@ def calibrate(
         if not toks:
             raise MoesiftError(f"calibration data {paths[0]!s} tokenized to nothing; give a file with text")
         work_dtype = next(m.parameters()).dtype
-        inputs = capture_inputs(m, ad, spec, toks, batch_size=batch_size, progress=bar)
+        inputs = capture_inputs(m, index.adapter, spec, toks, batch_size=batch_size, progress=bar)
         t_capture = time.perf_counter() - t0
-        frame = skeleton(index.config)
         units = units_of(spec)
         n_floor = floor_units(spec, units)
         e2e_wanted = end_to_end and len(units[0]) > 1 and len(units) > n_floor
-        # group-limited routers: also the order for plans that keep the same number in every group
-        eq_floor = 0
-        if spec.n_group and spec.n_group > 1:
-
-            eq_floor = spec.n_group * equal_group_floor(spec.n_experts, spec.n_group, spec.topk_group, spec.top_k,
-                                                        ad.group_score_top)
-            per = spec.n_experts // spec.n_group
-            eq_units = [[e] for e in range(spec.n_experts)]
-            eq_balance = [e // per for e in range(spec.n_experts)]
         if loaded is None and not e2e_wanted:
             del m
         run_dev = resolve_device("auto" if device == "spread" else device)
-        layers_out: list[dict[str, Any]] = []
-        steps = sum(0 if layer in spec.hash_layers else len(units) - n_floor + (spec.n_experts - eq_floor if eq_floor
-                    else 0) for layer in spec.moe_layers)
-        task = bar.add_task("calibrating", total=steps)
-        per_layer_s = []
-        for p, layer in enumerate(spec.moe_layers):
-            if layer in spec.hash_layers:
-                layers_out.append({"layer": layer, "moe_index": p, "order": None, "floor": None, "error": None,
-                                   "note": "hash-routed: kept whole"})
-                continue
-            bar.update(task, description=f"calibrating layer {layer} ({p + 1}/{len(spec.moe_layers)})")
-            ts = time.perf_counter()
-            load_block(index, frame, layer, device=run_dev, dtype=work_dtype)
-            blk = _Block(frame, ad, spec, layer)
-            x = inputs.pop(layer).to(run_dev, dtype=work_dtype)
-            r = greedy_layer(blk, x, units, n_floor, tick=lambda: bar.update(task, advance=1))
-            if eq_floor:
-                q = greedy_layer(blk, x, eq_units, eq_floor, tick=lambda: bar.update(task, advance=1),
-                                 balance=eq_balance)
-                r["equal"] = {**{k: q[k] for k in ("order", "floor", "error", "forwards")}, "groups": spec.n_group}
-            unload_block(frame, ad, layer)
-            del x
-            if run_dev.startswith("cuda"):
-                torch.cuda.synchronize()
-            dt = time.perf_counter() - ts
-            per_layer_s.append(dt)
-            layers_out.append({"layer": layer, "moe_index": p, **r, "seconds": dt})
+        equal = _equal_units(spec, index.adapter)
+        layers_out, per_layer_s = _calibrate_layers(index, inputs, units, n_floor, equal, run_dev, work_dtype, bar)
         e2e = None
         if e2e_wanted:
-            live = sum(1 for layer in spec.moe_layers if layer not in spec.hash_layers)
-            per_g = len(units[0])
-            t2 = bar.add_task("end-to-end choice", total=live * (len(units) - n_floor) * 2
-                              + (live * (per_g - eq_floor // spec.n_group) if eq_floor else 0))
             e2e_toks = toks[:end_to_end_samples] if end_to_end_samples else toks
-            e2e = choose_end_to_end(m, spec, layers_out, units, n_floor, e2e_toks, batch_size=batch_size, top=kl_top,
-                                     loss=end_to_end_loss, tick=lambda: bar.update(t2, advance=1))
-            if e2e is not None:  # spread its cost over the layers it served
-                for e in layers_out:
-                    if "e2e" in e:
-                        e["seconds"] += e2e["seconds"] / max(live, 1)
+            e2e = _end_to_end(m, spec, layers_out, units, n_floor, equal[0], e2e_toks, batch_size, kl_top,
+                              end_to_end_loss, bar)
+            if e2e is not None:
                 per_layer_s = [e["seconds"] for e in layers_out if e.get("order") is not None]
             if loaded is None:
                 del m
@@ -676,3 +423,90 @@ def calibrate(
     if out is not None:
         cal.save(out, force=force)
     return cal
+
+
+def _check_settings(kl_top: int, end_to_end_loss: str, max_length: int) -> None:
+    """Refuse settings calibration cannot run with."""
+    if kl_top < 1:
+        raise MoesiftError(f"--kl-top must be at least 1 (got {kl_top})")
+    if end_to_end_loss not in ("kl", "nll"):
+        raise MoesiftError(f"unknown end-to-end loss {end_to_end_loss!r}: kl or nll")
+    if max_length < 2:
+        raise MoesiftError(f"--calib-length must be at least 2 (got {max_length})")
+
+
+def _equal_units(spec: Any, ad: Any) -> tuple[int, list[list[int]], list[int]]:
+    """Group-limited routers: (fewest experts kept in all when every group keeps the same number, single
+    experts as units, the group of each); (0, [], []) for other routers."""
+    if not (spec.n_group and spec.n_group > 1):
+        return 0, [], []
+    eq_floor = spec.n_group * equal_group_floor(spec.n_experts, spec.n_group, spec.topk_group, spec.top_k,
+                                                ad.group_score_top)
+    per = spec.n_experts // spec.n_group
+    return eq_floor, [[e] for e in range(spec.n_experts)], [e // per for e in range(spec.n_experts)]
+
+
+def _calibrate_layers(index: Any, inputs: dict[int, Any], units: list[list[int]], n_floor: int,
+                      equal: tuple[int, list[list[int]], list[int]], run_dev: str, work_dtype: Any,
+                      bar: Any) -> tuple[list[dict[str, Any]], list[float]]:
+    """(one calibration entry per MoE layer, seconds per calibrated layer): each block loaded alone from the
+    checkpoint, greedy removal on its captured inputs (popped from `inputs`), and freed."""
+    import torch
+
+    spec, ad = index.spec, index.adapter
+    frame = skeleton(index.config)
+    # group-limited routers: also the order for plans that keep the same number in every group
+    eq_floor, eq_units, eq_balance = equal
+    layers_out: list[dict[str, Any]] = []
+    steps = sum(0 if layer in spec.hash_layers else len(units) - n_floor + (spec.n_experts - eq_floor if eq_floor
+                else 0) for layer in spec.moe_layers)
+    task = bar.add_task("calibrating", total=steps)
+    per_layer_s = []
+    for p, layer in enumerate(spec.moe_layers):
+        if layer in spec.hash_layers:
+            layers_out.append({"layer": layer, "moe_index": p, "order": None, "floor": None, "error": None,
+                               "note": "hash-routed: kept whole"})
+            continue
+        bar.update(task, description=f"calibrating layer {layer} ({p + 1}/{len(spec.moe_layers)})")
+        ts = time.perf_counter()
+        load_block(index, frame, layer, device=run_dev, dtype=work_dtype)
+        blk = _Block(frame, ad, spec, layer)
+        x = inputs.pop(layer).to(run_dev, dtype=work_dtype)
+        r = greedy_layer(blk, x, units, n_floor, tick=lambda: bar.update(task, advance=1))
+        if eq_floor:
+            q = greedy_layer(blk, x, eq_units, eq_floor, tick=lambda: bar.update(task, advance=1),
+                             balance=eq_balance)
+            r["equal"] = {**{k: q[k] for k in ("order", "floor", "error", "forwards")}, "groups": spec.n_group}
+        unload_block(frame, ad, layer)
+        del x
+        if run_dev.startswith("cuda"):
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - ts
+        per_layer_s.append(dt)
+        layers_out.append({"layer": layer, "moe_index": p, **r, "seconds": dt})
+    return layers_out, per_layer_s
+
+
+def _end_to_end(m: Any, spec: Any, layers_out: list[dict[str, Any]], units: list[list[int]], n_floor: int,
+                eq_floor: int, toks: list[list[int]], batch_size: int, kl_top: int, loss: str,
+                bar: Any) -> dict[str, Any] | None:
+    """The end-to-end phase (`choose_end_to_end`) with its progress bar; its seconds are spread over the
+    layers it served."""
+    live = sum(1 for layer in spec.moe_layers if layer not in spec.hash_layers)
+    per_g = len(units[0])
+    t2 = bar.add_task("end-to-end choice", total=live * (len(units) - n_floor) * 2
+                      + (live * (per_g - eq_floor // spec.n_group) if eq_floor else 0))
+    e2e = choose_end_to_end(m, spec, layers_out, units, n_floor, toks, batch_size=batch_size, top=kl_top,
+                            loss=loss, tick=lambda: bar.update(t2, advance=1))
+    if e2e is not None:  # spread its cost over the layers it served
+        for e in layers_out:
+            if "e2e" in e:
+                e["seconds"] += e2e["seconds"] / max(live, 1)
+    return e2e
+
+
+def format_calibration(c: Calibration, out: Any) -> str:
+    """What `moesift calibrate` prints: where the calibration was written, its size and its timings."""
+    t = c.timing
+    return (f"wrote {out}: {len(c.layers)} MoE layers, {c.settings['tokens']} calibration tokens; capture "
+            f"{t['capture_s']:.1f} s, {t['mean_layer_s'] or 0:.2f} s per layer, {t['total_s']:.1f} s in all")

@@ -7,6 +7,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
+
 from ..analysis.cachesim import simulate, token_rows
 from ..core.errors import MoesiftError
 from ..core.values import fmt_bytes
@@ -74,8 +76,6 @@ def offload_budget(index: Any, memory: int, cache_slots: int | None) -> tuple[in
 
 def _fold_logs(trace: Any) -> list[Any] | None:
     """Routing log rows of each fold (documents dealt round-robin, document i -> fold i % F), or None."""
-    import numpy as np
-
     log, offs, fc = trace.get("routing_log"), trace.get("doc_offsets"), trace.get("fold_counts")
     if log is None or offs is None or fc is None or fc.shape[0] < 2:
         return None
@@ -91,8 +91,6 @@ def offload_prediction(traces: Sequence[Any], resident: Sequence[Sequence[int]],
     """Hit rate `cachesim` predicts for this runtime: resident experts pinned, `slots` cache slots per
     layer. In-sample on the traces' routing logs; held-out per fold (the resident set of each layer chosen
     as the same number of most-routed experts of the other folds, simulated on the fold's documents)."""
-    import numpy as np
-
     logs = [t for t in traces if t.get("routing_log") is not None and t.get("routing_log").shape[0]]
     out: dict[str, Any] = {"cache_slots": int(slots), "policy": policy}
     if index is not None and moe_layers is not None and None not in moe_layers:

@@ -24,7 +24,9 @@ from __future__ import annotations
 import itertools
 import json as _json
 import os
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,7 @@ import numpy as np
 from ..core.errors import MoesiftError
 from ..core.io import write_json
 from ..formats.trace import Trace
+from .place_sim import simulate_placement, transitions_from_log
 
 MILP_MAX_VARS = 4000
 
@@ -345,103 +348,8 @@ def affinity_place(T: np.ndarray, G: int, method: str = "auto", time_limit: floa
 
 
 # ---------------------------------------------------------------------------------------------------------
-# simulation and report
+# placement maps and the public function
 # ---------------------------------------------------------------------------------------------------------
-
-
-def _gpu_share(phy2log: np.ndarray, E: int, G: int) -> np.ndarray:
-    """[L, E, G]: share of expert e's tokens that run on GPU g (replicas split evenly)."""
-    L, P = phy2log.shape
-    per = P // G
-    share = np.zeros((L, E, G))
-    for li in range(L):
-        ok = phy2log[li] >= 0
-        np.add.at(share[li], (phy2log[li][ok], (np.arange(P) // per)[ok]), 1.0)
-    tot = share.sum(-1, keepdims=True)
-    if (tot == 0).any():
-        raise MoesiftError("a placement leaves an expert without a slot")
-    return share / tot
-
-
-def _transitions_from_log(log: np.ndarray, E: int) -> np.ndarray:
-    N, L, K = log.shape
-    T = np.zeros((max(L - 1, 0), E, E), dtype=np.int64)
-    for li in range(L - 1):
-        a = log[:, li, :].astype(np.int64)
-        b = log[:, li + 1, :].astype(np.int64)
-        idx = (a[:, :, None] * E + b[:, None, :]).reshape(-1)
-        idx = idx[(np.repeat(a, K, axis=1).reshape(-1) >= 0) & (np.tile(b, (1, K)).reshape(-1) >= 0)]
-        T[li] = np.bincount(idx, minlength=E * E).reshape(E, E)
-    return T
-
-
-def _bytes_per_token(log: np.ndarray, phy2log: np.ndarray, E: int, G: int, hidden: int, dtype_bytes: int) -> float:
-    N, L, K = log.shape
-    P = phy2log.shape[1]
-    per = P // G
-    # replicas of each logical expert, used round-robin over tokens
-    l2p = [[np.flatnonzero(phy2log[li] == e) for e in range(E)] for li in range(L)]
-    tok = np.arange(N)
-    remote = 0.0
-    prev = None
-    for li in range(L):
-        ids = log[:, li, :].astype(np.int64)
-        cnt = np.array([len(x) for x in l2p[li]])
-        width = cnt.max()
-        table = np.full((E, width), -1)
-        for e in range(E):
-            table[e, : cnt[e]] = l2p[li][e]
-        safe = np.maximum(ids, 0)
-        slot = table[safe, tok[:, None] % cnt[safe]]
-        g = slot // per
-        mask = np.zeros(N, dtype=np.uint64)
-        for k in range(K):
-            valid = ids[:, k] >= 0
-            mask[valid] |= np.left_shift(np.uint64(1), g[valid, k].astype(np.uint64))
-        n_gpus = np.bitwise_count(mask).astype(np.float64)
-        if prev is None:
-            remote += float((n_gpus * (1 - 1 / G)).sum())
-        else:
-            remote += float(np.bitwise_count(mask & ~prev).sum())
-        prev = mask
-    return 2.0 * hidden * dtype_bytes * remote / max(N, 1)
-
-
-def simulate_placement(trace, phy2log: np.ndarray, G: int, hidden: int | None = None, dtype_bytes: int = 2
-                       ) -> dict[str, Any]:
-    """Load balance, cross-GPU hop share and all-to-all bytes of one placement (phy2log [L, E + R])."""
-    E = trace.n_experts
-    counts = trace.counts.astype(np.float64)
-    share = _gpu_share(phy2log, E, G)
-    load = np.einsum("le,leg->lg", counts, share)
-    mean = load.mean(1)
-    ratio = np.where(mean > 0, load.max(1) / np.where(mean > 0, mean, 1), 1.0)
-    out: dict[str, Any] = {
-        "load_max_over_mean": float(ratio.mean()),
-        "load_max_over_mean_worst_layer": float(ratio.max()),
-        "load_max_over_mean_per_layer": [float(x) for x in ratio],
-    }
-    log = trace.get("routing_log")
-    if log is not None and log.shape[0] > 0:
-        T = _transitions_from_log(log, E)
-        out["source"] = "routing_log"
-    elif trace.get("transitions") is not None:
-        T = trace.get("transitions").astype(np.int64)
-        out["source"] = "transitions"
-    else:
-        T = None
-        out["source"] = "counts"
-    if T is not None and len(T):
-        same = sum(float(np.einsum("ij,ig,jg->", T[li], share[li], share[li + 1])) for li in range(len(T)))
-        tot = float(T.sum())
-        out["hops"] = tot
-        out["cross_gpu_hop_share"] = float(1 - same / tot) if tot else 0.0
-    if hidden and log is not None and log.shape[0] > 0:
-        if G > 64:
-            out["all_to_all_note"] = "all-to-all bytes are simulated for at most 64 GPUs"
-        else:
-            out["all_to_all_bytes_per_token"] = _bytes_per_token(log, phy2log, E, G, hidden, dtype_bytes)
-    return out
 
 
 def round_robin(L: int, E: int, G: int) -> np.ndarray:
@@ -509,40 +417,10 @@ def place(trace, gpus: int, nodes: int = 1, replicas: int = 0, method: str = "ba
         raise MoesiftError(f"{str(out)!r} exists; pass --force to overwrite")
     hidden = hidden or tr.model.get("hidden_size")
     hidden = int(hidden) if hidden else None
-    counts = tr.counts
-    info: dict[str, Any] = {}
     if method == "balance":
-        if (E + replicas) % G:
-            raise MoesiftError(f"experts + replicas ({E} + {replicas}) must be divisible by --gpus {G}; "
-                               f"try --replicas {replicas + (-(E + replicas)) % G}")
-        if (E + replicas) % nodes:
-            raise MoesiftError(f"experts + replicas ({E + replicas}) must be divisible by --nodes {nodes}")
-        if nodes > 1 and E % nodes:
-            raise MoesiftError(f"{E} experts cannot be split evenly over {nodes} nodes; use --nodes 1")
-        groups = tr.model.get("n_group")
-        phy2log = np.stack([balance_layer(counts[li], G, nodes, replicas, groups) for li in range(L)])
-        info["solver"] = "eplb-hierarchical" if nodes > 1 else "eplb-global"
+        phy2log, info = _balance_map(tr, G, nodes, replicas)
     elif method == "affinity":
-        if replicas:
-            raise MoesiftError("--method affinity places each expert once; use --replicas 0 (or --method balance)")
-        if E % G:
-            raise MoesiftError(f"--method affinity puts E/G experts on each GPU; {E} experts do not divide over "
-                               f"{G} GPUs (use --method balance with --replicas {(-E) % G})")
-        log = tr.get("routing_log")
-        if log is not None and log.shape[0] > 0:
-            T = _transitions_from_log(log, E)
-        elif tr.get("transitions") is not None:
-            T = tr.get("transitions").astype(np.int64)
-        else:
-            raise MoesiftError("--method affinity needs a trace with transitions or a routing log "
-                               "(trace with --log-routing)")
-        if L < 2:
-            raise MoesiftError("--method affinity needs at least two MoE layers")
-        gpu, info = affinity_place(T.astype(np.float64), G, time_limit=time_limit)
-        if max_load_ratio is not None:
-            gpu = rebalance_affinity(T.astype(np.float64), gpu, counts, G, float(max_load_ratio))
-            info["max_load_ratio"] = float(max_load_ratio)
-        phy2log = _phy2log_from_gpu(gpu, G)
+        phy2log, info = _affinity_map(tr, G, replicas, time_limit, max_load_ratio)
     else:
         raise MoesiftError(f"unknown --method {method!r}; choose balance or affinity")
 
@@ -553,7 +431,70 @@ def place(trace, gpus: int, nodes: int = 1, replicas: int = 0, method: str = "ba
         info["worst_layer_load_ratio"] = max(ratios, default=1.0)
     base = simulate_placement(tr, round_robin(L, E, G), G, hidden, dtype_bytes)
     slots = phy2log.shape[1] // G
-    placement = {
+    placement = _placement_doc(tr, phy2log, G, nodes, method, replicas)
+    res: dict[str, Any] = {
+        "gpus": G, "nodes": nodes, "replicas": replicas, "method": method, "slots_per_gpu": slots,
+        "hidden_size": hidden, "dtype_bytes": dtype_bytes, "solver": info,
+        "placement": sim, "round_robin": base,
+    }
+    for key in ("load_max_over_mean", "cross_gpu_hop_share", "all_to_all_bytes_per_token"):
+        if key in sim and key in base:
+            res.setdefault("vs_round_robin", {})[key] = {"placed": sim[key], "round_robin": base[key]}
+    if out is not None:
+        res.update(_write_placement(out, placement, phy2log, tr, force))
+    else:
+        res["layers"] = placement["layers"]
+    res["seconds"] = round(time.time() - t0, 3)
+    return res
+
+
+def _balance_map(tr: Trace, G: int, nodes: int, replicas: int) -> tuple[np.ndarray, dict[str, Any]]:
+    """(phy2log [L, E + R], solver info) of the EPLB-style placement."""
+    L, E = tr.n_layers, tr.n_experts
+    if (E + replicas) % G:
+        raise MoesiftError(f"experts + replicas ({E} + {replicas}) must be divisible by --gpus {G}; "
+                           f"try --replicas {replicas + (-(E + replicas)) % G}")
+    if (E + replicas) % nodes:
+        raise MoesiftError(f"experts + replicas ({E + replicas}) must be divisible by --nodes {nodes}")
+    if nodes > 1 and E % nodes:
+        raise MoesiftError(f"{E} experts cannot be split evenly over {nodes} nodes; use --nodes 1")
+    groups = tr.model.get("n_group")
+    phy2log = np.stack([balance_layer(tr.counts[li], G, nodes, replicas, groups) for li in range(L)])
+    return phy2log, {"solver": "eplb-hierarchical" if nodes > 1 else "eplb-global"}
+
+
+def _affinity_map(tr: Trace, G: int, replicas: int, time_limit: float,
+                  max_load_ratio: float | None) -> tuple[np.ndarray, dict[str, Any]]:
+    """(phy2log [L, E], solver info) of the ExFlow-style placement, swapped under `max_load_ratio` when given."""
+    L, E = tr.n_layers, tr.n_experts
+    if replicas:
+        raise MoesiftError("--method affinity places each expert once; use --replicas 0 (or --method balance)")
+    if E % G:
+        raise MoesiftError(f"--method affinity puts E/G experts on each GPU; {E} experts do not divide over "
+                           f"{G} GPUs (use --method balance with --replicas {(-E) % G})")
+    log = tr.get("routing_log")
+    if log is not None and log.shape[0] > 0:
+        T = transitions_from_log(log, E)
+    elif tr.get("transitions") is not None:
+        T = tr.get("transitions").astype(np.int64)
+    else:
+        raise MoesiftError("--method affinity needs a trace with transitions or a routing log "
+                           "(trace with --log-routing)")
+    if L < 2:
+        raise MoesiftError("--method affinity needs at least two MoE layers")
+    gpu, info = affinity_place(T.astype(np.float64), G, time_limit=time_limit)
+    if max_load_ratio is not None:
+        gpu = rebalance_affinity(T.astype(np.float64), gpu, tr.counts, G, float(max_load_ratio))
+        info["max_load_ratio"] = float(max_load_ratio)
+    return _phy2log_from_gpu(gpu, G), info
+
+
+def _placement_doc(tr: Trace, phy2log: np.ndarray, G: int, nodes: int, method: str,
+                   replicas: int) -> dict[str, Any]:
+    """The placement file's content (`moesift-placement/1`)."""
+    L, E = tr.n_layers, tr.n_experts
+    slots = phy2log.shape[1] // G
+    return {
         "schema": "moesift-placement/1",
         "model": {k: tr.model.get(k) for k in ("name", "model_type", "config_hash", "moe_layers", "n_experts", "top_k")},
         "gpus": G,
@@ -572,29 +513,44 @@ def place(trace, gpus: int, nodes: int = 1, replicas: int = 0, method: str = "ba
             for li in range(L)
         ],
     }
-    res: dict[str, Any] = {
-        "gpus": G, "nodes": nodes, "replicas": replicas, "method": method, "slots_per_gpu": slots,
-        "hidden_size": hidden, "dtype_bytes": dtype_bytes, "solver": info,
-        "placement": sim, "round_robin": base,
-    }
-    for key in ("load_max_over_mean", "cross_gpu_hop_share", "all_to_all_bytes_per_token"):
-        if key in sim and key in base:
-            res.setdefault("vs_round_robin", {})[key] = {"placed": sim[key], "round_robin": base[key]}
-    if out is not None:
 
-        outp = Path(out)
-        if outp.exists() and not force:
-            raise MoesiftError(f"{str(outp)!r} exists; pass --force to overwrite")
-        sg_map = _sglang_map(phy2log, tr)
-        write_json(outp, placement, force=force)
-        sg = outp.with_name(outp.stem + ".sglang.json")
-        write_json(sg, {"physical_to_logical_map": sg_map}, force=force)
-        res["out"] = str(outp)
-        res["sglang_init_expert_location"] = str(sg)
-    else:
-        res["layers"] = placement["layers"]
-    res["seconds"] = round(time.time() - t0, 3)
-    return res
+
+def _write_placement(out: Any, placement: dict[str, Any], phy2log: np.ndarray, tr: Trace,
+                     force: bool) -> dict[str, str]:
+    """Write the placement and its SGLang map (PLACEMENT.sglang.json); returns both paths."""
+    outp = Path(out)
+    if outp.exists() and not force:
+        raise MoesiftError(f"{str(outp)!r} exists; pass --force to overwrite")
+    sg_map = _sglang_map(phy2log, tr)
+    write_json(outp, placement, force=force)
+    sg = outp.with_name(outp.stem + ".sglang.json")
+    write_json(sg, {"physical_to_logical_map": sg_map}, force=force)
+    return {"out": str(outp), "sglang_init_expert_location": str(sg)}
+
+
+def _echo(text: str, err: bool = False) -> None:
+    print(text, file=sys.stderr if err else sys.stdout)
+
+
+def print_placement(res: dict[str, Any], method: str, gpus: int,
+                    echo: Callable[..., None] = _echo) -> None:
+    """Print a `place` result as `moesift place` does: the figures against round-robin on stdout, notes and
+    warnings on stderr (`echo(text, err=...)` writes one line)."""
+    echo(f"{method} placement on {gpus} GPUs ({res['slots_per_gpu']} slots each), solver {res['solver'].get('solver')}")
+    for k, v in res.get("vs_round_robin", {}).items():
+        echo(f"  {k:28s} {v['placed']:12.4f}   round-robin {v['round_robin']:12.4f}")
+    if "optimality_gap" in res["solver"]:
+        echo(f"  optimality gap (cross hops, upper estimate) {res['solver']['optimality_gap']:.3f}")
+    if res["hidden_size"] is None:
+        echo("  note: no all-to-all bytes: the trace does not record hidden_size (an older trace, or imported "
+             "without --model); pass --hidden", err=True)
+    unmet = res["solver"].get("cap_unmet_moe_layers")
+    if unmet:
+        echo(f"  warning: --max-load-ratio not reachable in MoE layers {unmet} by swaps alone (worst "
+             f"{res['solver']['worst_layer_load_ratio']:.3f}); hot experts need replicas (--method balance)",
+             err=True)
+    if res.get("out"):
+        echo(f"wrote {res['out']} and {res['sglang_init_expert_location']} (SGLang --init-expert-location)")
 
 
 def load_placement(path: str | os.PathLike) -> dict[str, Any]:
@@ -609,5 +565,5 @@ def load_placement(path: str | os.PathLike) -> dict[str, Any]:
     return d
 
 
-__all__ = ["place", "balance_layer", "affinity_place", "affinity_milp", "affinity_brute", "affinity_heuristic",
+__all__ = ["place", "print_placement", "balance_layer", "affinity_place", "affinity_milp", "affinity_brute", "affinity_heuristic",
            "simulate_placement", "round_robin", "load_placement"]

@@ -16,10 +16,8 @@ every group (`groups`), so the plan can be served.
 from __future__ import annotations
 
 import dataclasses
-import heapq
 import os
 import re
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,22 +26,18 @@ from typing import Any
 import numpy as np
 
 from ..arch.registry import adapter_for
-from ..arch.spec import MoESpec, equal_group_floor
 from ..core.errors import MoesiftError
 from ..core.io import check_output_path, sha256_file
-from ..core.values import fmt_bytes
 from ..core.version import __version__
 from ..formats.calibration import Calibration, check_layer
 from ..formats.checkpoint import CheckpointIndex
 from ..formats.plan import STRATEGIES, Plan, check_plan_config, parse_bytes
 from ..formats.trace import Trace
+from .allocate import auto_group_modes, gain_function, select_resident
 from .calibrate import calibrate
 from .offload_budget import offload_budget, offload_prediction
-
-# ------------------------------------------------------------------------------------------------
-# The plan object
-# ------------------------------------------------------------------------------------------------
-
+from .predict import budget_note, predictions
+from .units import GROUP_MODES, SelectionSpec, spec_from
 
 # ------------------------------------------------------------------------------------------------
 # Scores and banks
@@ -151,7 +145,7 @@ class Bank:
 
 
 def _load_bank(traces: Sequence[Any]) -> Bank:
-
+    """The bank of `traces` (see `_parse_trace_arg`), weights normalised to sum 1; traces of one model only."""
     if isinstance(traces, (str, os.PathLike, Trace)):
         traces = [traces]
     if not traces:
@@ -186,316 +180,17 @@ def _load_bank(traces: Sequence[Any]) -> Bank:
 
 
 # ------------------------------------------------------------------------------------------------
-# Selection
+# Calibrated ranking
 # ------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Spec:
-    """What selection needs to know about the model (from the checkpoint config when given, else the trace)."""
-
-    model_type: str | None
-    moe_layers: list[int | None]  # decoder ids (None when unknown)
-    n_experts: int
-    top_k: int
-    n_group: int | None
-    topk_group: int | None
-    hash_pos: set[int]  # MoE positions kept whole
-    adapter_spec: Any = None  # MoESpec when known
-    # group-limited routers: "whole" keeps whole groups, "equal" the same number of experts in every group
-    group_mode: str = "whole"
-    group_score_top: int = 2  # a kept group needs at least this many resident experts (its score's terms)
-
-    @property
-    def grouped(self) -> bool:
-        return bool(self.n_group and self.n_group > 1)
-
-    def equal_floor(self) -> int:
-        """Fewest experts per group when every group keeps the same number."""
-
-        return equal_group_floor(self.n_experts, int(self.n_group), self.topk_group, self.top_k,
-                                 self.group_score_top)
-
-
-def _spec_from(bank: Bank, index: Any) -> _Spec:
-    m = bank.model
-    L = bank.traces[0].n_layers
-    E = int(m["n_experts"])
-    if index is not None:
-        spec = index.spec
-        if spec.n_experts != E or int(m["top_k"]) != spec.top_k or len(spec.moe_layers) != L:
-            raise MoesiftError(
-                f"the traces are of a model with {L} MoE layers x {E} experts (top-k {m['top_k']}), but "
-                f"{str(index.directory)!r} has {len(spec.moe_layers)} x {spec.n_experts} (top-k {spec.top_k}); "
-                "use the model the traces were recorded on"
-            )
-        if m.get("moe_layers") is not None and list(m["moe_layers"]) != list(spec.moe_layers):
-            raise MoesiftError(
-                f"the traces cover MoE layers {list(m['moe_layers'])}; {str(index.directory)!r} has "
-                f"{list(spec.moe_layers)}"
-            )
-        if m.get("model_type") and m["model_type"] != spec.model_type:
-            raise MoesiftError(
-                f"the traces are of a {m['model_type']} model; {str(index.directory)!r} is {spec.model_type}"
-            )
-        hash_pos = {spec.moe_layers.index(h) for h in spec.hash_layers if h in spec.moe_layers}
-        return _Spec(spec.model_type, list(spec.moe_layers), E, spec.top_k, spec.n_group, spec.topk_group,
-                     hash_pos, spec, group_score_top=_group_score_top(spec.model_type))
-    moe = m.get("moe_layers")
-    layers = [int(x) for x in moe] if moe is not None and len(moe) == L else [None] * L
-    hash_pos = {int(h) for h in (m.get("hash_layers") or [])}
-    spec = None
-    mt = m.get("model_type")
-    if mt and layers[0] is not None:
-
-        hash_dec = tuple(layers[h] for h in sorted(hash_pos) if h < L)
-        spec = MoESpec(mt, tuple(layers), E, int(m["top_k"]), int(m.get("n_shared") or 0),
-                       m.get("scoring", "softmax"), m.get("n_group"), m.get("topk_group"), hash_dec)
-    return _Spec(mt, layers, E, int(m["top_k"]), m.get("n_group"), m.get("topk_group"), hash_pos, spec,
-                 group_score_top=_group_score_top(mt))
-
-
-def _group_score_top(model_type: str | None) -> int:
-
-    try:
-        return int(adapter_for({"model_type": model_type}).group_score_top) if model_type else 2
-    except MoesiftError:
-        return 2
-
-
-GROUP_MODES = ("auto", "whole", "equal")
-
-
-def _units(sp: _Spec, pos: int, scores_row: np.ndarray) -> list[list[int]]:
-    """Selection units of one MoE layer, best first: experts; for group-limited routers whole groups
-    (``group_mode="whole"``), or rounds of one expert from every group (``"equal"``: the i-th unit holds
-    each group's i-th best expert, so any number of units keeps the same count in every group). Either
-    way the plan is a standard checkpoint, and no group is left with too few experts to be selected."""
-    if sp.grouped:
-        per = sp.n_experts // sp.n_group
-        groups = [list(range(g * per, (g + 1) * per)) for g in range(sp.n_group)]
-        if sp.group_mode == "equal":
-            ranked = [sorted(g, key=lambda e: (-float(scores_row[e]), e)) for g in groups]
-            return [[r[i] for r in ranked] for i in range(per)]
-        gscore = [float(scores_row[g].sum()) for g in groups]
-        order = sorted(range(sp.n_group), key=lambda g: (-gscore[g], g))
-        return [groups[g] for g in order]
-    order = sorted(range(sp.n_experts), key=lambda e: (-float(scores_row[e]), e))
-    return [[e] for e in order]
-
-
-def _min_units(sp: _Spec, pos: int, units: list[list[int]]) -> int:
-    """Fewest units a layer may keep: all for hash-routed layers, else enough for top-k (and top-k groups)."""
-    if pos in sp.hash_pos:
-        return len(units)
-    if sp.grouped and sp.group_mode == "equal":
-        return min(sp.equal_floor(), len(units))
-    n, got = 0, 0
-    while got < sp.top_k and n < len(units):
-        got += len(units[n])
-        n += 1
-    if sp.n_group and sp.n_group > 1 and sp.topk_group:
-        n = max(n, min(int(sp.topk_group), len(units)))
-    return n
-
-
-def _units_for_count(units: list[list[int]], n_experts: int) -> int:
-    got, n = 0, 0
-    while got < n_experts and n < len(units):
-        got += len(units[n])
-        n += 1
-    return n
-
-
-def _flatten(units: list[list[int]], n: int) -> list[int]:
-    return sorted(e for u in units[:n] for e in u)
-
-
-def _auto_group_modes(sp: _Spec, budget: dict[str, Any], cal: Any = None) -> list[str]:
-    """The group modes `groups="auto"` tries, in order: whole groups, unless keeping the same number in
-    every group comes closer to a --keep / --keep-experts budget (one below the whole-group floor), or, for
-    the calibrated strategy where both keep the same count, the calibration measured a lower end-to-end KL
-    for the equal-count sets; for --memory whole groups first, then the same count when whole groups do
-    not fit."""
-    if budget["kind"] == "memory":
-        return ["whole", "equal"]
-    if budget["kind"] not in ("keep", "keep_experts"):
-        return ["whole"]
-    n = int(round(budget["value"] * sp.n_experts)) if budget["kind"] == "keep" else int(budget["value"])
-    row = np.zeros(sp.n_experts)
-    kept = {}
-    for mode in ("whole", "equal"):
-        s = dataclasses.replace(sp, group_mode=mode)
-        units = _units(s, 0, row)
-        kept[mode] = len(_flatten(units, max(_units_for_count(units, n), _min_units(s, -1, units))))
-    if kept["equal"] != kept["whole"]:
-        return ["equal"] if kept["equal"] < kept["whole"] else ["whole"]
-    if cal is not None:
-        kl = {mode: cal.uniform_kl(mode, kept[mode], sp.n_experts) for mode in ("whole", "equal")}
-        if kl["whole"] is not None and kl["equal"] is not None and kl["equal"] < kl["whole"]:
-            return ["equal"]
-    return ["whole"]
-
-
-def _select(
-    sp: _Spec, scores: np.ndarray, share: np.ndarray, budget: dict[str, Any], uniform: bool, index: Any,
-    gain: Any = None,
-) -> list[list[int]]:
-    """Resident ids per MoE position under the budget. `gain(p, n)`: with --allocate, what the n-th unit of
-    layer p (in score order) is worth; a --keep / --keep-experts total is then spread over layers by it."""
-    L, E = scores.shape
-    units = [_units(sp, p, scores[p]) for p in range(L)]
-    mins = [_min_units(sp, p, units[p]) for p in range(L)]
-    kind, value = budget["kind"], budget["value"]
-    if kind in ("keep", "keep_experts"):
-        n = int(round(value * E)) if kind == "keep" else int(value)
-        what = f"--keep {value} keeps {n} of {E} experts per layer" if kind == "keep" else f"--keep-experts {n}"
-        if n > E:
-            raise MoesiftError(f"{what}, but the model has only {E} experts per layer")
-        if n < sp.top_k:
-            raise MoesiftError(
-                f"cannot meet the plan: {what}, below top-k {sp.top_k}; the router needs at least {sp.top_k} "
-                "resident experts per layer (raise the budget)"
-            )
-        counts = [len(units[p]) if p in sp.hash_pos else max(_units_for_count(units[p], n), mins[p]) for p in range(L)]
-        if gain is not None:
-            counts = _allocate_count(sp, units, mins, n, gain)
-    elif kind == "coverage":
-        if not 0 < value <= 1:
-            raise MoesiftError(f"--coverage must be in (0, 1]; got {value}")
-        counts = []
-        for p in range(L):
-            n, cov = 0, 0.0
-            total = share[p].sum()
-            while n < len(units[p]) and (total <= 0 or cov < value * total - 1e-12):
-                cov += share[p, units[p][n]].sum()
-                n += 1
-            counts.append(max(n, mins[p]))
-    elif kind == "memory":
-        counts = _allocate_memory(sp, units, mins, share, int(value), uniform, index, gain)
-    else:
-        raise MoesiftError(f"unknown budget {kind!r}")
-    if uniform:
-        free = [p for p in range(L) if p not in sp.hash_pos]
-        if free:
-            target = max(counts[p] for p in free)
-            for p in free:
-                counts[p] = target
-    return [_flatten(units[p], counts[p]) for p in range(L)]
-
-
-def _allocate_memory(sp, units, mins, share, memory: int, uniform: bool, index: Any, gain: Any = None) -> list[int]:
-    """Units per layer so the whole checkpoint fits `memory` bytes, greedily by coverage gained per byte."""
-    if index is None:
-        raise MoesiftError("--memory needs --model (the checkpoint whose headers give the bytes per expert)")
-    L = len(units)
-    per = index.expert_bytes()
-    layers = sp.moe_layers
-    ub = [[sum(per[layers[p]][e] for e in u) for u in units[p]] for p in range(L)]
-    fixed = index.total_bytes() - sum(sum(ub[p]) for p in range(L))
-    counts = list(mins)
-    used = fixed + sum(sum(ub[p][: counts[p]]) for p in range(L))
-    if used > memory:
-        raise MoesiftError(
-            f"cannot meet the plan: the smallest servable model (top-k experts per layer, hash layers whole) "
-            f"needs {fmt_bytes(used)}, above --memory {fmt_bytes(memory)}"
-        )
-    if uniform:
-        free = [p for p in range(L) if p not in sp.hash_pos]
-        n = max((counts[p] for p in free), default=0)
-        for p in free:
-            counts[p] = n
-        used = fixed + sum(sum(ub[p][: counts[p]]) for p in range(L))
-        if used > memory:
-            raise MoesiftError(
-                f"cannot meet the plan: a uniform plan needs at least {fmt_bytes(used)}, above --memory {fmt_bytes(memory)}"
-            )
-        while free and all(counts[p] < len(units[p]) for p in free):
-            extra = sum(ub[p][counts[p]] for p in free)
-            if used + extra > memory:
-                break
-            used += extra
-            for p in free:
-                counts[p] += 1
-        return counts
-    heap = []
-    for p in range(L):
-        if counts[p] < len(units[p]):
-            u = units[p][counts[p]]
-            g = float(share[p, u].sum()) if gain is None else gain(p, counts[p])
-            heapq.heappush(heap, (-g / max(ub[p][counts[p]], 1), p))
-    while heap:
-        _, p = heapq.heappop(heap)
-        b = ub[p][counts[p]]
-        if used + b > memory:
-            continue  # this layer's next unit does not fit; others may
-        used += b
-        counts[p] += 1
-        if counts[p] < len(units[p]):
-            u = units[p][counts[p]]
-            g = float(share[p, u].sum()) if gain is None else gain(p, counts[p])
-            heapq.heappush(heap, (-g / max(ub[p][counts[p]], 1), p))
-    return counts
-
-
-def _allocate_count(sp: _Spec, units: list[list[list[int]]], mins: list[int], n: int, gain: Any) -> list[int]:
-    """Units per layer under one total: as many experts as `n` per layer would keep in all the layers that
-    are not hash-routed (hash-routed layers stay whole, every layer keeps its floor), spent greedily on
-    the unit worth most per expert, `gain(p, i)` being what the i-th unit of layer p is worth."""
-    L = len(units)
-    free = [p for p in range(L) if p not in sp.hash_pos]
-    counts = [len(units[p]) if p in sp.hash_pos else mins[p] for p in range(L)]
-    size = [[len(u) for u in units[p]] for p in range(L)]
-    total = sum(sum(size[p][: max(_units_for_count(units[p], n), mins[p])]) for p in free)
-    used = sum(sum(size[p][: counts[p]]) for p in free)
-    heap = []
-    for p in free:
-        if counts[p] < len(units[p]):
-            heapq.heappush(heap, (-gain(p, counts[p]) / size[p][counts[p]], p))
-    while heap:
-        _, p = heapq.heappop(heap)
-        c = size[p][counts[p]]
-        if used + c > total:
-            continue
-        used += c
-        counts[p] += 1
-        if counts[p] < len(units[p]):
-            heapq.heappush(heap, (-gain(p, counts[p]) / size[p][counts[p]], p))
-    return counts
-
-
-def _gain_function(sp: _Spec, scores: np.ndarray, calibration: Any = None) -> Any:
-    """gain(p, i) for --allocate: the calibrated error the i-th unit of layer p saves when kept (from the
-    calibration's greedy removal), or else the unit's share of the layer's scores (for frequency: its
-    share of the routes, i.e. coverage)."""
-    L = scores.shape[0]
-    units = [_units(sp, p, scores[p]) for p in range(L)]
-    if calibration is not None:
-        gains = calibration.unit_gains(sp.group_mode)
-        floors = calibration.floor_units(sp.group_mode)
-
-        def cal_gain(p: int, i: int) -> float:
-            g = gains[p]
-            j = i - floors[p]
-            return float(g[j]) if g is not None and 0 <= j < len(g) else 0.0
-
-        return cal_gain
-    tot = scores.sum(axis=1)
-
-    def score_gain(p: int, i: int) -> float:
-        return float(scores[p, units[p][i]].sum() / tot[p]) if tot[p] > 0 else 0.0
-
-    return score_gain
 
 
 _CALIBRATIONS: dict[tuple, Any] = {}
 
 
-def _calibration_for(sp: _Spec, calibration: Any, calib: Any, model: Any, calib_samples: int | None,
+def _calibration_for(sp: SelectionSpec, calibration: Any, calib: Any, model: Any, calib_samples: int | None,
                      calib_length: int, device: str, dtype: str | None, progress: bool) -> Any:
     """The Calibration the calibrated strategy ranks by: given (object or file), or measured on `calib`
     (workload files) with the checkpoint `model` (kept for the process: sweeps plan many budgets)."""
-
     if calibration is not None:
         cal = calibration if isinstance(calibration, Calibration) else Calibration.load(calibration)
     elif calib is not None:
@@ -522,54 +217,6 @@ def _calibration_for(sp: _Spec, calibration: Any, calib: Any, model: Any, calib_
         raise MoesiftError(f"the calibration ({m.get('checkpoint')}) is of another model than the traces: "
                            f"{len(layers)} MoE layers x {m.get('n_experts')} experts; calibrate this model")
     return cal
-
-
-def _calibrated_error(cal: Any, resident: Sequence[Sequence[int]], mode: str = "whole") -> list[float | None]:
-    """Per layer, the calibrated relative output error of a resident set that drops a prefix of the
-    calibration's removal order (None for other sets: the calibration did not measure them)."""
-    out: list[float | None] = []
-    for e, r in zip(cal.layers, resident, strict=True):
-        if e.get("order") is None:
-            out.append(0.0)
-            continue
-        e = cal.entry(e, mode)
-        keep = set(r)
-        dropped = [not (set(u) & keep) for u in e["order"]]
-        n = dropped.index(False) if False in dropped else len(dropped)
-        prefix = all(not d for d in dropped[n:]) and all(set(u) <= keep for u in e["order"][n:])
-        out.append(float(e["error"][n]) if prefix else None)
-    return out
-
-
-
-
-# ------------------------------------------------------------------------------------------------
-# Held-out prediction
-# ------------------------------------------------------------------------------------------------
-
-
-def _heldout(sp: _Spec, fold_scores: np.ndarray, fold_counts: np.ndarray,
-             resident: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
-    """Per layer mean and std over folds of the share of a left-out fold's routes covered by a set chosen
-    the way the plan chose its own (same selection units: experts, or whole groups; same number of units)
-    from the scores of the other folds."""
-    F, L, E = fold_counts.shape
-    total = fold_scores.sum(axis=0)
-    cov = np.full((F, L), np.nan)
-    for p in range(L):
-        n_units = _units_for_count(_units(sp, p, total[p]), len(resident[p]))
-        for f in range(F):
-            routes = fold_counts[f, p].sum()
-            if routes <= 0:
-                continue
-            if len(resident[p]) >= E:
-                cov[f, p] = 1.0  # a layer kept whole covers everything
-                continue
-            ids = _flatten(_units(sp, p, total[p] - fold_scores[f, p]), n_units)
-            cov[f, p] = fold_counts[f, p, ids].sum() / routes
-    with np.errstate(invalid="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # layers no fold routed to stay NaN
-        return np.nanmean(cov, axis=0), np.nanstd(cov, axis=0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -620,7 +267,42 @@ def plan(
     --keep-experts budget (below the whole-group floor) or only it fits --memory, and for the calibrated
     strategy, where both keep the same count, takes the layout whose sets the calibration measured at the
     lower KL."""
+    kind, value = _budget(keep, keep_experts, coverage, memory, strategy, allocate, uniform, groups)
+    if out is not None:
+        check_output_path(out, force)
+    bank, index, sp = _bank_and_spec(traces, model, force_plan, groups)
+    share = bank.counts()
+    budget, cache_slots = _budget_value(kind, value, offload, index, cache_slots)
+    cal = None
+    if strategy == "calibrated":
+        cal = _calibration_for(sp, calibration, calib, model, calib_samples, calib_length, device, dtype, progress)
+    sp, scores, resident = _select_sets(sp, bank, share, budget, strategy, seed, groups, cal, allocate, uniform,
+                                        index, offload, cache_slots)
+    _check_constraints(sp, resident, uniform)
+    note = budget_note(sp, kind, value, resident, uniform, allocate)
+    layers, pred = predictions(sp, bank, share, resident, strategy, scores, cal, note)
+    model_id = _model_id(bank, sp)
+    if index is not None:
+        res = {sp.moe_layers[p]: resident[p] for p in range(len(resident))}
+        pred["bytes"] = int(index.predicted_bytes(res))
+        pred["bytes_full"] = int(index.total_bytes())
+        pred["bytes_fraction"] = pred["bytes"] / max(pred["bytes_full"], 1)
+        model_id["checkpoint"] = str(index.directory)
+    if offload:
+        pred["offload"] = offload_prediction(bank.traces, resident, int(cache_slots or 0), policy, index,
+                                             sp.moe_layers)
+        pred["offload"]["memory_bytes"] = parse_bytes(value)
+    prov = _provenance(bank, sp, strategy, kind, value, budget, uniform, allocate, seed, cal)
+    result = Plan(model=model_id, layers=layers, provenance=prov, predictions=pred)
+    if out is not None:
+        result.save(out, force=force)
+        result.source = str(out)
+    return result
 
+
+def _budget(keep: Any, keep_experts: Any, coverage: Any, memory: Any, strategy: str, allocate: bool,
+            uniform: bool, groups: str) -> tuple[str, Any]:
+    """(kind, value) of the one budget given, after checking it goes with the other settings."""
     given = {k: v for k, v in (("keep", keep), ("keep_experts", keep_experts), ("coverage", coverage),
                                ("memory", memory)) if v is not None}
     if len(given) != 1:
@@ -636,43 +318,54 @@ def plan(
         raise MoesiftError("--allocate gives layers different counts; it cannot be combined with --uniform")
     if groups not in GROUP_MODES:
         raise MoesiftError(f"unknown --groups {groups!r}; use one of {', '.join(GROUP_MODES)}")
-    if out is not None:
+    return kind, value
 
-        check_output_path(out, force)
+
+def _bank_and_spec(traces: Any, model: Any, force_plan: bool, groups: str) -> tuple[Bank, Any, SelectionSpec]:
+    """The bank of traces, the checkpoint index (None without `model`) and what selection knows of the model."""
     bank = _load_bank(traces)
     index = None
     if model is not None:
-
         index = CheckpointIndex.build(model)
         probe = Plan(model=bank.model, layers=[], source=bank.sources[0].get("path", bank.sources[0]["label"]))
         check_plan_config(probe, index.config, str(model), force_plan, what="trace")
-    sp = _spec_from(bank, index)
+    sp = spec_from(bank, index)
     if not sp.grouped and groups != "auto":
         raise MoesiftError(f"--groups {groups} is for group-limited routers (DeepSeek-V3-style expert groups); "
                            "this model's router has no groups")
-    share = bank.counts()
+    return bank, index, sp
+
+
+def _budget_value(kind: str, value: Any, offload: bool, index: Any,
+                  cache_slots: int | None) -> tuple[dict[str, Any], int | None]:
+    """The budget selection spends ({"kind", "value"}: bytes for memory) and the cache slots per layer;
+    with `offload`, memory is what the device keeps after the routers and the cache slots."""
     budget = {"kind": kind, "value": parse_bytes(value) if kind == "memory" else float(value)}
     if kind == "keep_experts":
         budget["value"] = int(value)
     if offload:
-
         if kind != "memory" or index is None:
             raise MoesiftError("--offload plans for a device budget: give --memory GiB and --model")
         budget["value"], cache_slots = offload_budget(index, budget["value"], cache_slots)
-    cal = None
-    if strategy == "calibrated":
-        cal = _calibration_for(sp, calibration, calib, model, calib_samples, calib_length, device, dtype, progress)
+    return budget, cache_slots
+
+
+def _select_sets(sp: SelectionSpec, bank: Bank, share: np.ndarray, budget: dict[str, Any], strategy: str,
+                 seed: int, groups: str, cal: Any, allocate: bool, uniform: bool, index: Any, offload: bool,
+                 cache_slots: int | None) -> tuple[SelectionSpec, np.ndarray, list[list[int]]]:
+    """(the spec with the group layout taken, the scores that ranked the experts, resident ids per MoE
+    layer): for `groups="auto"` the first layout that fits, in the order `auto_group_modes` gives."""
     if not sp.grouped:
         modes = ["whole"]  # no groups: one layout
     else:
-        modes = [groups] if groups != "auto" else _auto_group_modes(sp, budget, cal)
+        modes = [groups] if groups != "auto" else auto_group_modes(sp, budget, cal)
     resident = None
     for i, mode in enumerate(modes):
         sp = dataclasses.replace(sp, group_mode=mode)
         scores = cal.scores(sp.n_experts, mode) if cal is not None else bank.scores(strategy, seed)
-        gain = _gain_function(sp, scores, cal) if allocate else None
+        gain = gain_function(sp, scores, cal) if allocate else None
         try:
-            resident = _select(sp, scores, share, budget, uniform, index, gain)
+            resident = select_resident(sp, scores, share, budget, uniform, index, gain)
             break
         except MoesiftError as e:
             if i + 1 < len(modes):
@@ -686,10 +379,13 @@ def plan(
         # sets the calibration chose end to end for these counts replace the ranked prefix
         resident = [cal.end_to_end_set(p, len(r), sp.group_mode if sp.grouped else "whole") or r
                     for p, r in enumerate(resident)]
+    return sp, scores, resident
 
-    # constraints from the adapter (top-k, groups, hash layers)
+
+def _check_constraints(sp: SelectionSpec, resident: list[list[int]], uniform: bool) -> None:
+    """Refuse sets the model cannot serve: the family adapter's constraints (top-k, groups, hash layers)
+    when the family is known, else top-k and --uniform."""
     if sp.adapter_spec is not None and sp.model_type:
-
         try:
             ad = adapter_for({"model_type": sp.model_type})
         except MoesiftError:
@@ -700,106 +396,28 @@ def plan(
             if problems:
                 raise MoesiftError("cannot meet the plan: " + "; ".join(problems[:4])
                                    + (f" (and {len(problems) - 4} more)" if len(problems) > 4 else ""))
-    else:
-        for p, ids in enumerate(resident):
-            if len(ids) < sp.top_k:
-                raise MoesiftError(f"cannot meet the plan: MoE layer {p} keeps {len(ids)} experts, below top-k")
-        if uniform and len({len(r) for r in resident if r}) > 1:
-            raise MoesiftError("cannot meet the plan: --uniform with hash-routed layers kept whole")
+        return
+    for p, ids in enumerate(resident):
+        if len(ids) < sp.top_k:
+            raise MoesiftError(f"cannot meet the plan: MoE layer {p} keeps {len(ids)} experts, below top-k")
+    if uniform and len({len(r) for r in resident if r}) > 1:
+        raise MoesiftError("cannot meet the plan: --uniform with hash-routed layers kept whole")
 
-    # predictions
-    L = len(resident)
-    budget_note = None
-    if kind in ("keep", "keep_experts"):
-        asked = int(round(float(value) * sp.n_experts)) if kind == "keep" else int(value)
-        raised = [p for p in range(L) if len(resident[p]) > asked]
-        if raised:
-            why = []
-            if any(p in sp.hash_pos for p in raised):
-                why.append("hash-routed layers are kept whole")
-            if sp.grouped and sp.group_mode == "whole":
-                why.append(f"the router picks {sp.topk_group or 1} of {sp.n_group} expert groups per token, so "
-                           f"whole groups are kept and at least {sp.topk_group or 1} of them (--groups equal keeps "
-                           "the same number in every group instead)")
-            elif sp.grouped:
-                why.append(f"the same number of experts is kept in every one of the {sp.n_group} groups, at least "
-                           f"{sp.equal_floor()} (a group's score needs {sp.group_score_top} and the "
-                           f"{sp.topk_group or sp.n_group} selectable groups top-k {sp.top_k})")
-            if uniform:
-                why.append("--uniform gives every layer the largest count")
-            if allocate:
-                why.append("--allocate moves experts between layers under the same total")
-            budget_note = (f"the budget asks for {asked} experts per layer; {len(raised)} of {L} MoE layers keep "
-                           f"more (up to {max(len(resident[p]) for p in raised)}): " + "; ".join(why or ["top-k"]))
-    insample = [float(share[p, resident[p]].sum() / share[p].sum()) if share[p].sum() > 0 else None for p in range(L)]
-    folds = bank.fold_counts()
-    held_mean = held_std = None
-    held_note = None
-    freq_gap = None
-    if folds is not None:
-        sizes = [len(r) for r in resident]
-        if strategy in ("frequency", "random"):
-            # random sets do not depend on the data: each fold is held out for them as it stands
-            fold_scores = folds if strategy == "frequency" else np.broadcast_to(scores, folds.shape).copy()
-            held_mean, held_std = _heldout(sp, fold_scores, folds, resident)
-        else:
-            # weighted / saliency scores are not kept per fold, so this set cannot be chosen without a fold
-            # and measured on it. Report how optimistic in-sample coverage is for count-chosen sets of the
-            # same sizes instead, and leave the held-out figure empty rather than quote another set's.
-            f_sets = [_flatten(u, _units_for_count(u, sizes[p]))
-                      for p, u in ((p, _units(sp, p, share[p])) for p in range(L))]
-            f_mean, _ = _heldout(sp, folds, folds, f_sets)
-            tot = share.sum(axis=1)
-            f_in = [float(share[p, f_sets[p]].sum() / tot[p]) if tot[p] > 0 else np.nan for p in range(L)]
-            gaps = np.asarray(f_in) - np.asarray(f_mean, dtype=np.float64)
-            freq_gap = float(np.nanmean(gaps)) if np.isfinite(gaps).any() else None
-            held_note = (f"{strategy} scores are not kept per fold, so the held-out coverage of this set cannot be "
-                         f"measured; for count-chosen sets of the same sizes in-sample coverage exceeds held-out by "
-                         f"{freq_gap if freq_gap is not None else float('nan'):.4f}")
-    layers = []
-    positions = sp.moe_layers[0] is None
-    for p in range(L):
-        e = {"layer": p if positions else sp.moe_layers[p], "moe_index": p, "resident": resident[p], "n_resident": len(resident[p]),
-             "coverage": insample[p]}
-        if held_mean is not None:
-            e["heldout_coverage"] = None if np.isnan(held_mean[p]) else float(held_mean[p])
-            e["heldout_std"] = None if np.isnan(held_std[p]) else float(held_std[p])
-        layers.append(e)
-    vals = [c for c in insample if c is not None]
-    pred: dict[str, Any] = {
-        "coverage": float(np.mean(vals)) if vals else None,
-        "heldout_coverage": float(np.nanmean(held_mean)) if held_mean is not None else None,
-        "experts_resident": int(sum(len(r) for r in resident)),
-        "experts_total": int(L * sp.n_experts),
-    }
-    if budget_note:
-        pred["budget_note"] = budget_note
-    if strategy == "weighted":
-        pred["strategy_note"] = ("weighted ranks experts by the routing weights the model applied (weight_mass, after "
-                                 "top-k renormalisation), not by the router probability before it (selected_prob_mass, "
-                                 "WCER's per_layer_weight_mass)")
-    if cal is not None:
-        ce = _calibrated_error(cal, resident, sp.group_mode)
-        for e, c in zip(layers, ce, strict=True):
-            e["calibrated_error"] = c
-        known = [c for c in ce if c is not None]
-        pred["calibrated_error"] = float(np.mean(known)) if known else None
-    if held_note:
-        pred["heldout_note"] = held_note
-        pred["frequency_insample_minus_heldout"] = freq_gap
-    elif held_mean is None:
-        pred["heldout_note"] = "the traces have no folds; held-out coverage cannot be estimated"
+
+def _model_id(bank: Bank, sp: SelectionSpec) -> dict[str, Any]:
+    """The plan's model identity (decoder ids of the MoE layers, or `moe_position` when they are unknown)."""
     model_id = {k: v for k, v in bank.model.items() if k in ("name", "model_type", "config_hash", "config",
                                                                 "n_experts", "top_k", "n_shared", "hash_layers")}
+    positions = sp.moe_layers[0] is None
     model_id["moe_layers"] = None if positions else list(sp.moe_layers)
     if positions:
         model_id["layer_index"] = "moe_position"  # decoder ids unknown: `layer` counts MoE layers in order
-    if index is not None:
-        res = {sp.moe_layers[p]: resident[p] for p in range(L)}
-        pred["bytes"] = int(index.predicted_bytes(res))
-        pred["bytes_full"] = int(index.total_bytes())
-        pred["bytes_fraction"] = pred["bytes"] / max(pred["bytes_full"], 1)
-        model_id["checkpoint"] = str(index.directory)
+    return model_id
+
+
+def _provenance(bank: Bank, sp: SelectionSpec, strategy: str, kind: str, value: Any, budget: dict[str, Any],
+                uniform: bool, allocate: bool, seed: int, cal: Any) -> dict[str, Any]:
+    """How the plan was chosen: traces, strategy, budget, layout, seed, tool, and the calibration used."""
     prov = {
         "traces": bank.sources,
         "strategy": strategy,
@@ -810,23 +428,61 @@ def plan(
         "seed": int(seed),
         "tool": {"name": "moesift", "version": __version__},
     }
-    if offload:
-
-        pred["offload"] = offload_prediction(bank.traces, resident, int(cache_slots or 0), policy, index,
-                                             sp.moe_layers)
-        pred["offload"]["memory_bytes"] = parse_bytes(value)
     if cal is not None:
         prov["calibration"] = {"settings": cal.settings, "timing": cal.timing,
                                "local": [e.get("local") for e in cal.layers]}
-    result = Plan(model=model_id, layers=layers, provenance=prov, predictions=pred)
-    if out is not None:
-        result.save(out, force=force)
-        result.source = str(out)
-    return result
+    return prov
 
 
 # ------------------------------------------------------------------------------------------------
-# Comparing two banks
+# Text for the command line
 # ------------------------------------------------------------------------------------------------
 
 
+def format_plan(p: Plan, out: Any = None) -> str:
+    """A plan as `moesift plan` prints it: totals, notes, bytes, the offload cache, one line per layer, and
+    where it was written (`out`)."""
+    pr = p.predictions
+    held = pr.get("heldout_coverage")
+    lines = [f"{pr['experts_resident']}/{pr['experts_total']} experts resident; coverage in-sample "
+             f"{pr['coverage']:.3f}" + (f", held-out {held:.3f}" if held is not None else "")]
+    if pr.get("budget_note"):
+        lines.append(f"  budget: {pr['budget_note']}")
+    if p.provenance.get("groups"):
+        lines.append("  groups: " + ("whole expert groups kept" if p.provenance["groups"] == "whole" else
+                                     "the same number of experts kept in every group"))
+    if pr.get("strategy_note"):
+        lines.append(f"  strategy: {pr['strategy_note']}")
+    if held is None and pr.get("heldout_note"):
+        lines.append(f"  held-out: {pr['heldout_note']}")
+    if "bytes" in pr:
+        lines.append(f"predicted checkpoint {pr['bytes']:,} bytes ({pr['bytes_fraction']:.1%} of {pr['bytes_full']:,})")
+    if "offload" in pr:
+        o = pr["offload"]
+        hr, hh = o.get("hit_rate"), o.get("heldout_hit_rate")
+        lines.append(f"offload: {o['cache_slots']} {o['policy']} cache slots per layer, "
+                     f"{o.get('device_bytes', 0):,} device bytes; predicted hit rate "
+                     + (f"in-sample {hr:.3f}" if hr is not None else "unknown")
+                     + (f", held-out {hh:.3f}" if hh is not None else ""))
+        if o.get("note") or (hh is None and o.get("heldout_note")):
+            lines.append(f"  {o.get('note') or o.get('heldout_note')}")
+    for e in p.layers:
+        h = e.get("heldout_coverage")
+        lines.append(f"  layer {e['layer'] if e['layer'] is not None else e['moe_index']:>3}: {len(e['resident']):>4} "
+                     f"experts  coverage {e['coverage'] if e['coverage'] is not None else float('nan'):.3f}"
+                     + (f"  held-out {h:.3f}" if h is not None else ""))
+    if out:
+        lines.append(f"wrote {out}")
+    return "\n".join(lines)
+
+
+def format_plan_diff(d: dict[str, Any]) -> str:
+    """A `plan_diff` result as `moesift plan diff` prints it: Jaccard, experts (and bytes) to load and evict."""
+    lines = [f"mean Jaccard {d['mean_jaccard']:.3f}; experts to load {d['experts_to_load']}, "
+             f"to evict {d['experts_to_evict']}"]
+    if "bytes_to_load" in d:
+        lines.append(f"bytes to load switching A -> B: {d['bytes_to_load']:,}")
+    for e in d["layers"]:
+        extra = f"  load {e['bytes_to_load']:,} B" if "bytes_to_load" in e else ""
+        lines.append(f"  layer {e['layer']:>3}: Jaccard {e['jaccard']:.3f}  +{len(e['load'])} -{len(e['evict'])}{extra}")
+    return "\n".join(lines)
