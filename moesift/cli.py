@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import functools
 import json
-import signal
 import sys
-import threading
 from typing import Any
 
-import click
 import typer
 
 from .analysis.cachesim import cache, format_cache
@@ -39,6 +35,7 @@ from .selection.calibrate import calibrate, format_calibration
 from .selection.place import place, print_placement
 from .selection.planner import format_plan, format_plan_diff, plan
 from .surfaces.demo import demo
+from .surfaces.entry import run_app
 from .surfaces.report import compare, report
 
 app = typer.Typer(
@@ -53,11 +50,10 @@ app = typer.Typer(
 
 def emit_json(obj: Any) -> None:
     """Print one JSON object on stdout (for --json)."""
-
     sys.stdout.write(json.dumps(obj, indent=2, default=json_default) + "\n")
 
 
-# ---- commands: one section per area; each imports its function lazily so `--help` stays fast ----
+# ---- commands: one section per area, each a thin wrapper over its public function ----
 
 # [foundation: trace, show, merge, export]
 
@@ -83,7 +79,6 @@ def trace_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print the trace summary as JSON."),
 ) -> None:
     """Record which experts a workload selects, per MoE layer, with statistics kept on the device."""
-
     t = trace(model, data, out=out, label=label, max_samples=max_samples, max_length=max_length,
               batch_size=batch_size, generate=generate, folds=folds, saliency=saliency, log_routing=log_routing,
               device=device, dtype=dtype, field=field, trust_remote_code=trust_remote_code, force=force,
@@ -100,7 +95,6 @@ def show_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Summarise a trace: model, workload, and per-layer routing concentration."""
-
     info = show(trace, json=json_out)
     if json_out:
         emit_json(info)
@@ -115,7 +109,6 @@ def merge_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print a JSON summary."),
 ) -> None:
     """Add traces of the same model (counts add, folds add, routing logs concatenate)."""
-
     res = merge_summary(merge_traces(traces, out, label=label, force=force), out)
     if json_out:
         emit_json(res)
@@ -132,7 +125,6 @@ def export_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print a JSON summary."),
 ) -> None:
     """Write a trace in another format."""
-
     p = export_trace(trace, out, format=format, force=force)
     if json_out:
         emit_json({"out": str(p), "format": format})
@@ -143,7 +135,6 @@ def export_cmd(
 @app.command("families")
 def families_cmd(json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """List the supported MoE families (transformers model_type values)."""
-
     names = supported_model_types()
     if json_out:
         emit_json({"model_types": names})
@@ -165,7 +156,6 @@ def report_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object with every figure."),
 ) -> None:
     """How concentrated routing is, what a resident set saves, and how far the trace can be trusted."""
-
     res = report(traces, model=model, out=out, json=json_out, locality_tokens=locality_tokens, cache_tokens=cache_tokens,
                  force=force)
     if json_out:
@@ -180,7 +170,6 @@ def compare_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Cross-coverage, Jaccard of resident sets, and the smallest union that serves every workload."""
-
     res = compare(traces, keep=keep, json=json_out, target=target)
     if json_out:
         emit_json(res)
@@ -270,7 +259,6 @@ def trim_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Write a smaller checkpoint holding only the plan's resident experts (streamed, source untouched)."""
-
     d = trim(model, plan, out, force=force, max_shard_size=max_shard_size, progress=not json_out,
              checksums=not no_checksums, force_plan=force_plan)
     summary = trim_summary(d)
@@ -309,7 +297,6 @@ def verify_cmd(
 ) -> None:
     """Restricted full model vs trimmed model (or, with --offloaded, full model vs offloaded model): top-1
     agreement, logit differences, greedy generations. Exit code 1 when they disagree."""
-
     r = verify(model, trimmed, plan=plan, data=data or None, max_new_tokens=max_new_tokens, max_samples=max_samples,
                max_length=max_length, field=field, device=device, dtype=dtype, progress=not json_out,
                offloaded=offloaded, cache_slots=cache_slots, policy=policy,
@@ -342,7 +329,6 @@ def generate_cmd(
 ) -> None:
     """Generate with the full model's outputs: resident experts on the device, the others in host memory.
     Streams the text, then prints tokens/s and the measured cache hit rate per MoE layer."""
-
     r = generate(model, plan, prompt=prompt, device=device, offload=offload, cache_slots=cache_slots, policy=policy,
                  host_compute_max_tokens=host_compute_max_tokens, max_new_tokens=max_new_tokens, dtype=dtype,
                  echo=None if json_out else print_stream, progress=not json_out)
@@ -388,7 +374,6 @@ def eval_cmd(
 ) -> None:
     """Perplexity of the full model, restricted to plans, with fewer experts per token and with dynamic top-p
     routing, each with the mean number of experts active per token."""
-
     res = eval_model(model, data, plans=plan or (), top_k=_split_values(top_k, int, "--top-k"),
                      top_p=_split_values(top_p, float, "--top-p"), max_length=max_length, batch_size=batch_size,
                      device=device, dtype=dtype, json=json_out, progress=not json_out, max_samples=max_samples,
@@ -428,7 +413,6 @@ def calibrate_cmd(
     """Measure per MoE layer what removing experts does to the layer's output on calibration prompts (greedy,
     least damage first), one MoE block at a time from the checkpoint; `plan --strategy calibrated
     --calibration FILE` ranks by it and `--allocate` spends budgets by it."""
-
     c = calibrate(model, data, out=out, max_samples=max_samples, max_length=max_length, batch_size=batch_size,
                   device=device, dtype=dtype, field=field, force=force, progress=not json_out,
                   end_to_end=end_to_end, kl_top=kl_top, end_to_end_samples=end_to_end_samples)
@@ -467,7 +451,6 @@ def sweep_cmd(
 ) -> None:
     """Quality against memory and latency: for each strategy and budget, bytes, perplexity (x full), load time
     and time to first token of the resident model, with the Pareto front marked."""
-
     res = sweep(model, trace, data, keep=keep, strategy=strategy, json=json_out, out=out, max_length=max_length,
                 batch_size=batch_size, max_samples=max_samples, field=field, device=device, dtype=dtype, seed=seed,
                 uniform=uniform, timing=not no_timing, force=force, progress=not json_out, calib=calib or None,
@@ -486,7 +469,6 @@ def demo_cmd(
 ) -> None:
     """The whole pipeline on the bundled reference models and workloads: trace, report, compare, plan, trim,
     verify, evaluate and sweep; writes one HTML report."""
-
     res = demo(out=out, json=json_out, quick=quick, progress=not json_out)
     if json_out:
         emit_json(res)
@@ -511,7 +493,6 @@ def place_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Place experts on GPUs from a trace and simulate load, cross-GPU hops and all-to-all bytes."""
-
     res = place(trace, gpus=gpus, nodes=nodes, replicas=replicas, method=method, out=out, json=json_out,
                 hidden=hidden, dtype_bytes=dtype_bytes, time_limit=time_limit, max_load_ratio=max_load_ratio,
                 force=force)
@@ -535,7 +516,6 @@ def cache_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Expert offloading per layer: LRU, LFU and Belady hit rates, loads and bytes per token."""
-
     res = cache(trace, capacity=capacity, memory=memory, model=model, resident=resident, json=json_out,
                 target=target, max_tokens=max_tokens, progress=not json_out, force_plan=force_plan)
     if json_out:
@@ -565,7 +545,6 @@ def import_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Import vLLM or SGLang routing records into a moesift trace (merge several with `moesift merge`)."""
-
     t = import_trace(files, format, model=model, out=out, n_experts=n_experts, top_k=top_k, moe_layers=moe_layers,
                      label=label, force=force, json=json_out)
     info = import_summary(t, out, format)
@@ -577,64 +556,7 @@ def import_cmd(
 
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2, never a traceback."""
-    _exit_cleanly_on_sigterm()
-    try:
-        rc = _click_command()(standalone_mode=False)  # click returns typer.Exit(n)'s code instead of exiting
-        if rc == 130:  # typer turns Ctrl-C into Exit(130); outputs were already cleaned up on the way out
-            sys.stderr.write("moesift: interrupted\n")
-        if isinstance(rc, int) and rc:
-            sys.exit(rc)
-    except MoesiftError as e:
-        sys.stderr.write(f"moesift: error: {e}\n")
-        sys.exit(2)
-    except (typer.Exit, SystemExit) as e:
-        code = getattr(e, "exit_code", getattr(e, "code", 0))
-        sys.exit(code if code is not None else 0)
-    except typer.Abort:
-        sys.stderr.write("moesift: aborted\n")
-        sys.exit(130)
-    except KeyboardInterrupt:
-        sys.stderr.write("moesift: interrupted\n")
-        sys.exit(130)
-    except OSError as e:  # the system refused a read or write (disk full, I/O error, permissions)
-        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
-        sys.stderr.write(f"moesift: error: {e.strerror or e}{where}\n")
-        sys.exit(2)
-    except Exception as e:  # usage errors (missing argument, unknown option or command)
-        if isinstance(e, _click_exception_types()):
-            sys.stderr.write(f"moesift: error: {e.format_message()}\n")
-            ctx = getattr(e, "ctx", None)
-            if ctx is not None:
-                sys.stderr.write(f"(see `{ctx.command_path} --help`)\n")
-            sys.exit(2)
-        raise
-
-
-def _exit_cleanly_on_sigterm() -> None:
-    """SIGTERM unwinds like an exception, so temporary outputs are removed (kill -9 cannot be caught: what it
-    leaves is removed by the next write to the same target)."""
-
-    def stop(signum: int, frame: Any) -> None:
-        raise SystemExit(128 + signum)
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, stop)
-
-
-@functools.cache
-def _click_command() -> Any:
-    """The click command typer builds from `app` (built once per process: in-process callers such as the
-    property tests run thousands of commands)."""
-    return typer.main.get_command(app)
-
-
-def _click_exception_types() -> tuple[type, ...]:
-    """Click's exception class, and typer's vendored copy of it where typer ships one (typer >= 0.2x)."""
-    vendored = getattr(getattr(typer, "_click", None), "exceptions", None)
-    types: list[type] = [click.exceptions.ClickException]
-    if vendored is not None:
-        types.append(vendored.ClickException)
-    return tuple(types)
+    run_app(app)
 
 
 if __name__ == "__main__":

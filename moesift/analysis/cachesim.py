@@ -303,7 +303,6 @@ def _pinned_per_layer(resident, trace) -> list[list[int]]:
         where = "resident set"
     else:
         try:
-
             plan = resident if isinstance(resident, Plan) else Plan.load(resident)
             entries = plan.layers
         except ImportError:  # plan module missing: read the plan JSON directly
@@ -391,7 +390,6 @@ def cache(trace, capacity: int | None = None, memory: float | None = None, model
     that reaches ``target`` hit rate. With a resident set, also the cache-only figures at equal memory.
     A resident plan made for another config than `model`'s is refused unless `force_plan`.
     """
-
     tr = trace if isinstance(trace, Trace) else Trace.load(trace)
     log = tr.get("routing_log")
     if log is None or log.shape[0] == 0:

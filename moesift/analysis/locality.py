@@ -244,7 +244,6 @@ def cache_hit_rates(log: np.ndarray, n_experts: int, capacities, policies=("lru"
     """Hit rates of a per-layer cache of C experts for each policy, via `moesift.cachesim.simulate`, on the
     MoE layers `layers` (all by default); overall = hits / accesses summed over those layers. With
     `doc_offsets`, every document starts with an empty cache (documents independent, as SCH)."""
-
     log = _check_log(log, n_experts)
     N, L, K = log.shape
     offs = _offsets(doc_offsets, N)

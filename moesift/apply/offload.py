@@ -67,7 +67,6 @@ OFFLOAD_KINDS = ("cpu",)
 def _experts_variant_class(source_cfg: Mapping[str, Any], counts: Mapping[int, int]) -> tuple[Any, Any]:
     """(model class, config) of the family whose MoE layer `l` has an experts module for `counts[l]`
     experts; routers and everything else are built for the full model."""
-
     ad = adapter_for(source_cfg)
     spec = ad.spec(source_cfg)
     base_cfg = config_obj(dict(source_cfg))

@@ -43,7 +43,6 @@ from ..formats.trimmed import NONSTANDARD_MODEL_TYPE, plan_layout, read_trimmed_
 def variable_expert_class(source_cfg: Mapping[str, Any], resident: Mapping[int, Sequence[int]]) -> tuple[Any, Any]:
     """(model class, config) for a model whose MoE layer `l` holds the experts `resident[l]` (renumbered
     0..n-1). When every layer has the same count the family's own class is returned."""
-
     ad = adapter_for(source_cfg)
     spec = ad.spec(source_cfg)
     full = {layer: sorted(resident.get(layer, range(spec.n_experts))) for layer in spec.moe_layers}
@@ -78,7 +77,6 @@ def _load_kwargs(device: str | None, dtype: str | None, read_device: str = "cpu"
     check_device(device)
     kw: dict[str, Any] = {"dtype": parse_dtype(dtype)}
     if device == "spread":
-
         require_accelerate()
         kw["device_map"] = "auto"
     elif read_device != "cpu" and importlib.util.find_spec("accelerate") is not None:
@@ -178,6 +176,5 @@ def load_resident(
 def _read_device(device: str | None) -> str:
     """Where the reader puts tensors: the target device, or the host for "spread" (accelerate places them).
     An unusable device is one error line before anything is read."""
-
     check_device(device)
     return "cpu" if device == "spread" else resolve_device(device)

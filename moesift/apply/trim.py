@@ -205,7 +205,6 @@ def _copied_files(src: Path) -> tuple[list[Path], list[str]]:
     """Non-weight files of the source folder that go into the output (tokenizer, generation config, ...),
     and the links that do not: a symbolic link is followed only when it resolves inside the model folder
     (or, in a hub cache snapshot, the same repository's blobs)."""
-
     roots = allowed_roots(src)
     files, skipped = [], []
     for f in sorted(src.iterdir()):
@@ -356,7 +355,6 @@ def trim(
     The source is only read. `checksums`: record the sha256 of every output file in moesift_plan.json
     (computed alongside the copy; turn off only where hashing is slower than the disk). A plan made for
     another config of the family (its `config_hash`) is refused unless `force_plan`. Returns `out`."""
-
     out = Path(out)
     idx = CheckpointIndex.build(model)
     idx.check_consistent()

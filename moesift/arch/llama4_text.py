@@ -45,7 +45,6 @@ class Llama4Text(StandardAdapter):
     def attach_recorder(self, model, on_route, on_logits=None, want_hidden=False):
         handles = []
         for m, layer in enumerate(self.spec(model.config).moe_layers):
-
             def post(mod, args, output, _m=m):
                 scores, logits = output
                 ids = logits.topk(mod.top_k, dim=-1).indices  # the router's own choice: same op, same tensor
@@ -113,7 +112,6 @@ class Llama4Text(StandardAdapter):
         handles = []
         try:
             for m, layer in enumerate(self.spec(model.config).moe_layers):
-
                 def post(mod, args, output, _m=m):
                     scores, logits = output
                     probs = self.probs_from_router_output(mod, output)

@@ -436,7 +436,6 @@ def atomic_dir(
 
 def json_default(o: Any) -> Any:
     """`json.dumps(default=...)` for numpy scalars and arrays and paths."""
-
     if isinstance(o, np.integer):
         return int(o)
     if isinstance(o, np.floating):
@@ -480,7 +479,6 @@ def write_safetensors(
 ) -> Path:
     """Write numpy `arrays` as a safetensors file through `atomic_path`, streamed array by array (no second
     copy of the data in memory)."""
-
     header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
     items = []
     off = 0

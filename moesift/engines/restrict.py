@@ -19,7 +19,6 @@ def restrict(model: Any, plan: Any, force_plan: bool = False) -> Iterator[Any]:
     `plan`: a Plan, a plan file (moesift-plan/1 or resident-manifest/1), or {decoder layer: ids}.
     A plan made for another config of the family is refused unless `force_plan`.
     Leaving the block restores the model exactly."""
-
     ad = adapter_for(model.config)
     spec = ad.spec(model.config)
     name = str(getattr(model, "name_or_path", "") or "") or None
@@ -33,6 +32,5 @@ def restrict(model: Any, plan: Any, force_plan: bool = False) -> Iterator[Any]:
 
 def resident_of(plan: Any, config: Any) -> dict[int, list[int]]:
     """{decoder layer: ids} of `plan` for a model with this config."""
-
     return resident_for(plan, adapter_for(config).spec(config))
 

@@ -108,7 +108,6 @@ def _apply(model: Any, adapter: Any, setting: dict[str, Any]):
     if kind == "full":
         yield
     elif kind == "plan":
-
         with restrict(model, setting["plan"], force_plan=setting.get("force_plan", False)):
             yield
     elif kind == "top_k":
@@ -172,7 +171,6 @@ def prepare(model: Any, device: str = "auto", dtype: str | None = None, tokenize
     """(loaded model in eval mode, tokenizer or None) from a path / hub id or an already loaded model."""
     device = resolve_device(device)
     if isinstance(model, (str, os.PathLike)):
-
         m, tok = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
         if tokenizer is not None:
             return m, tokenizer

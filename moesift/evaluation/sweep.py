@@ -354,7 +354,6 @@ def _points(mdir: Path, plans: list[tuple[str, float, Any]], runs: list[dict[str
 
 def _trace_sources(traces: list[Any]) -> list[str] | None:
     """The workload files the traces were recorded on, when all are still on disk (calibration default)."""
-
     files: list[str] = []
     for t in traces:
         ref = t[0] if isinstance(t, tuple) else t

@@ -268,7 +268,6 @@ def _greedy(model: Any, ids: Any, n: int) -> list[int]:
 
 def _header_params(directory: Path) -> int:
     """Number of weights in a checkpoint's safetensors files, from their headers."""
-
     n = 0
     for f in sorted(directory.glob("*.safetensors")):
         header = read_header(f)[0]

@@ -269,7 +269,6 @@ def check_plan_config(plan: Plan, config: Mapping[str, Any], model_name: str | N
     """Refuse (unless `force_plan`) a plan whose model `config_hash` is not that of `config`, naming the
     config fields that differ when the plan records its model's config. Plans without a config hash
     (hand-written maps, WCER manifests) are checked by shape only, in `Plan.resolve`."""
-
     want = plan.model.get("config_hash")
     if not want or force_plan or config_hash(dict(config)) == want:
         return
@@ -329,7 +328,6 @@ def plan_diff(a: Any, b: Any, model: str | os.PathLike | None = None, force_plan
     pa, pb = as_plan(a), as_plan(b)
     index = None
     if model is not None:
-
         index = CheckpointIndex.build(model)
         ra = pa.resolve(index.spec, index.config, str(model), force_plan)
         rb = pb.resolve(index.spec, index.config, str(model), force_plan)

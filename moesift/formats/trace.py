@@ -148,7 +148,6 @@ class Trace:
         with open(p, "rb") as f:
             head = f.read(1)
         if head in (b"{", b"[") or p.suffix == ".json":
-
             return load_expert_trace(p)  # validated there
 
         where = repr(str(p))

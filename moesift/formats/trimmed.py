@@ -49,7 +49,6 @@ def _expert_dim(role: Any, ndim: int) -> int:
 
 def plan_layout(index: Any, resident: Mapping[int, Sequence[int]]) -> list[OutTensor]:
     """The output tensors, in source order, with where their bytes come from. Reads only headers."""
-
     cfg, ad = index.config, index.adapter
     E = index.spec.n_experts
     header_size = {f: read_header(index.directory / f)[1] for f in sorted({t.file for t in index.tensors})}

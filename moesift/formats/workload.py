@@ -68,7 +68,6 @@ def read_documents(
 
 def source_info(paths: list[str | os.PathLike]) -> list[dict[str, str]]:
     """[{path, sha256}] of the workload sources (a saved dataset: hash over its files, sorted by name)."""
-
     out = []
     for p in paths:
         p = Path(p)
@@ -121,7 +120,6 @@ def _paragraphs(p: Path) -> Iterator[str]:
     """Paragraphs (text between blank lines) of a text file, read 1 MiB at a time. A paragraph longer than
     ``TEXT_CHUNK_CHARS`` is cut into pieces of at most that many characters, at the last line break or
     space before the limit when there is one, so no piece of the file is ever held whole."""
-
     dec = codecs.getincrementaldecoder("utf-8")()
     buf = ""
     with open(p, "rb") as f:

@@ -287,7 +287,6 @@ def _assemble(loaded: _Loaded, run: _Run, ids_list: list[list[int]], paths: list
 def _load_model(model: Any, device: str | None, dtype: str | None, trust_remote_code: bool,
                 quiet: bool = False) -> tuple[Any, Any]:
     """moesift.loading.load_model (without transformers' progress bars when `quiet`)."""
-
     with hf_progress(not quiet):
         return load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
 
@@ -438,7 +437,6 @@ def merge_traces(
     force: bool = False,
 ) -> Trace:
     """Add traces of the same model (refuses different models) and save the sum to `out`."""
-
     if not paths:
         raise MoesiftError("merge needs at least one trace")
     check_output_path(out, force, inputs=paths)
@@ -459,7 +457,6 @@ def export_trace(
     force: bool = False,
 ) -> Path:
     """Write `trace` in another format: ``expert-trace/1`` (WCER JSON) or ``moesift-trace/1``."""
-
     if format not in EXPORT_FORMATS:
         raise MoesiftError(f"unknown export format {format!r}; use one of {', '.join(EXPORT_FORMATS)}")
     t = trace if isinstance(trace, Trace) else Trace.load(trace)

@@ -375,6 +375,7 @@ def calibrate(
     if out is not None:
         check_output_path(out, force)
     index = CheckpointIndex.build(model)
+    index.check_consistent()
     spec = index.spec
     paths = [data] if isinstance(data, (str, os.PathLike)) else list(data)
     docs = read_documents(paths, field=field, max_samples=max_samples)

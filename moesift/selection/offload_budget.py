@@ -36,7 +36,6 @@ def device_bytes(idx: Any, resident: Mapping[int, Sequence[int]], slots: Mapping
 
 def simulate_layer(log: Any, capacity: int, policy: str, pinned: Sequence[int]) -> dict[str, Any]:
     """`cachesim.simulate`, and for `capacity` 0 (no cache) the pinned hits alone."""
-
     if capacity > 0:
         return simulate(log, capacity, policy, pinned=pinned)
     _, hits, acc = token_rows(log, pinned)
@@ -47,7 +46,6 @@ def offload_budget(index: Any, memory: int, cache_slots: int | None) -> tuple[in
     """(bytes left for the plan's checkpoint-size budget, cache slots per layer) when `memory` device bytes
     must hold the non-expert weights (routers whole), the resident experts and the cache slots. The plan
     budget counts the trimmed checkpoint (routers sliced), so the whole routers are set aside as well."""
-
     spec = index.spec
     if cache_slots is None:
         cache_slots = 2 * spec.top_k

@@ -401,7 +401,6 @@ def place(trace, gpus: int, nodes: int = 1, replicas: int = 0, method: str = "ba
     that multiple of the mean load, losing as few same-GPU hops as it can. Returns the placement and its
     simulated figures against round-robin placement.
     """
-
     t0 = time.time()
     tr = trace if isinstance(trace, Trace) else Trace.load(trace)
     L, E, G = tr.n_layers, tr.n_experts, int(gpus)

@@ -180,7 +180,6 @@ def demo(
     """Run the pipeline on the bundled reference models and workloads; write ``index.html`` and the
     artefacts into `out` (default ``./moesift-demo``); return the summary. `quick`: fewer prompts and sweep
     points (for tests). `model` / `domain`: the model and workload the plan, trim, eval and sweep use."""
-
     if model not in assets.MODELS:
         raise MoesiftError(f"unknown reference model {model!r}; choose one of {', '.join(assets.MODELS)}")
     if domain not in assets.DOMAINS:

@@ -84,7 +84,6 @@ def savings(trace, model, analysis: dict[str, Any] | None = None) -> dict[str, A
     """Bytes from the checkpoint headers of `model`: total, expert, non-expert, and the predicted checkpoint
     size at each budget (fractions of experts, and the sets sized for each coverage target). Router rows are
     counted with their expert (trimming slices them). Quantized tensors count at their stored sizes."""
-
     idx = CheckpointIndex.build(model)
     spec = idx.spec
     counts = trace.counts
@@ -250,7 +249,6 @@ def report(traces, model=None, out=None, json: bool = False, locality_tokens: in
            cache_tokens: int | None = 2048, force: bool = False) -> dict[str, Any]:
     """Concentration, held-out trust, savings in bytes, locality and affinity of one or more traces of the
     same model (several traces are merged for the main figures and compared side by side)."""
-
     if locality_tokens is not None:
         locality_tokens = check_int("--locality-tokens", locality_tokens, 1)
     if cache_tokens is not None:
@@ -349,7 +347,6 @@ def strategy_coverage(trace: Any, keeps: tuple[float, ...] = (0.25, 0.5)) -> lis
     keeps at each budget (mean over MoE layers), and the mean per-layer Spearman correlation of its scores
     with the selection counts. Frequency is the in-sample optimum; contribution (summed gate x output norm)
     tracks it, REAP's mean saliency need not (it does not see how often an expert is used)."""
-
     out = []
     counts = trace.counts.astype(np.float64)
     for s in ("frequency", "weighted", "contribution", "saliency"):
