@@ -14,6 +14,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "moesift"
+sys.path.insert(0, str(ROOT / "tools"))
+import code_shape  # noqa: E402 - tools/ is not a package
+
 # heavy or optional dependencies a function may import on first use, so `import moesift` stays light
 LAZY_OK = {"torch", "transformers", "accelerate", "mlx", "mlx_lm", "llama_cpp", "gguf", "plotly", "scipy",
            "pyarrow", "datasets", "huggingface_hub", "lm_eval"}
@@ -22,23 +25,7 @@ MAX_FUNCTION_LINES = 100
 
 
 def _modules() -> dict[str, Path]:
-    out = {}
-    for p in sorted(PKG.rglob("*.py")):
-        parts = list(p.relative_to(ROOT).with_suffix("").parts)
-        if parts[-1] == "__init__":
-            parts.pop()
-        out[".".join(parts)] = p
-    return out
-
-
-def _target(mod: str, path: Path, node: ast.ImportFrom) -> str:
-    if not node.level:
-        return node.module or ""
-    base = mod.split(".")
-    if path.name != "__init__.py":
-        base = base[:-1]
-    base = base[: len(base) - (node.level - 1)]
-    return ".".join(base + ([node.module] if node.module else []))
+    return code_shape.modules(PKG)
 
 
 def _function_imports(tree: ast.AST):
@@ -58,22 +45,12 @@ def test_import_linter_layers_contract():
     assert "BROKEN" not in r.stdout and "KEPT" in r.stdout
 
 
-def test_no_private_name_crosses_a_module():
+def test_no_private_name_crosses_a_module_and_no_cycle_is_dodged():
     mods = _modules()
-    bad = []
-    for mod, path in mods.items():
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom):
-                tgt = _target(mod, path, node)
-                if not tgt.startswith("moesift"):
-                    continue
-                for a in node.names:
-                    private = a.name.startswith("_") and not a.name.startswith("__")
-                    if private and f"{tgt}.{a.name}" not in mods:
-                        bad.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {tgt}.{a.name}")
-            elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
-                pass
-    assert not bad, "\n".join(bad)
+    edges, private, internal_in_functions = code_shape.graph(mods, "moesift")
+    assert not private, "\n".join(private)
+    assert internal_in_functions == 0, "moesift's own modules are imported inside functions"
+    assert code_shape.cycles(mods, edges) == []
 
 
 def test_function_level_imports_only_for_heavy_dependencies():
