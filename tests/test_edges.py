@@ -161,3 +161,57 @@ def test_a_plan_file_missing_a_moe_layer_is_refused(tmp_path, monkeypatch, capsy
     code, _, err = run_cli(["trim", REF, "--plan", plan, "--out", tmp_path / "T"], monkeypatch, capsys)
     assert_one_error(code, err, f"MoE layer [{spec.moe_layers[-1]}]")
     assert not (tmp_path / "T").exists()
+
+
+def test_bad_numbers_are_one_line_each(tmp_path, monkeypatch, capsys):
+    """Values the commands once took silently, or died on with a traceback."""
+    data = REF.parent.parent / "workloads" / "code.trace.jsonl"
+    trace = tmp_path / "t.trace"
+    code, _, err = run_cli(["trace", REF, "--data", data, "--max-samples", 4, "--max-length", 32, "--log-routing",
+                            "--out", trace], monkeypatch, capsys)
+    assert code == 0, err
+    spec = moesift.checkpoint_index(REF).spec
+    plan = plan_file(tmp_path / "p.json", half_plan(spec))
+    cases = [
+        (["cache", trace, "--memory", "nan", "--model", REF], "--memory"),
+        (["generate", REF, "--plan", plan, "--prompt", "x", "--max-new-tokens", -5], "--max-new-tokens"),
+        (["verify", REF, "--plan", plan, "--data", data, "--max-new-tokens", -1], "--max-new-tokens"),
+        (["place", trace, "--gpus", 2, "--time-limit", "nan"], "--time-limit"),
+        (["place", trace, "--gpus", 2, "--hidden", -1], "--hidden"),
+        (["trim", REF, "--plan", plan, "--out", tmp_path / "T", "--max-shard-size", 0], "--max-shard-size"),
+    ]
+    for args, needle in cases:
+        code, _, err = run_cli(args, monkeypatch, capsys)
+        assert_one_error(code, err, needle)
+    assert not (tmp_path / "T").exists()
+
+
+def test_verify_names_the_model_a_plan_does_not_fit(tmp_path, monkeypatch, capsys, tiny_dir):
+    """A trim of one model verified against another names that model (not 'None')."""
+    other = tiny_dir("qwen3_moe")
+    spec = moesift.checkpoint_index(REF).spec
+    plan = plan_file(tmp_path / "p.json", half_plan(spec))
+    trace = tmp_path / "t.trace"
+    code, _, err = run_cli(["trace", REF, "--data", REF.parent.parent / "workloads" / "code.trace.jsonl",
+                            "--max-samples", 4, "--max-length", 32, "--out", trace], monkeypatch, capsys)
+    assert code == 0, err
+    code, _, err = run_cli(["plan", trace, "--keep", 0.5, "--out", plan, "--force"], monkeypatch, capsys)
+    assert code == 0, err
+    code, _, err = run_cli(["trim", REF, "--plan", plan, "--out", tmp_path / "T"], monkeypatch, capsys)
+    assert code == 0, err
+    code, _, err = run_cli(["verify", other, tmp_path / "T"], monkeypatch, capsys)
+    assert_one_error(code, err)
+    assert "None" not in err and str(other) in err
+
+
+def test_cache_refuses_a_plan_of_another_model(tmp_path, monkeypatch, capsys):
+    trace = tmp_path / "t.trace"
+    code, _, err = run_cli(["trace", REF, "--data", REF.parent.parent / "workloads" / "code.trace.jsonl",
+                            "--max-samples", 4, "--max-length", 32, "--log-routing", "--out", trace],
+                           monkeypatch, capsys)
+    assert code == 0, err
+    plan = tmp_path / "other.json"
+    plan.write_text(json.dumps({"schema": "moesift-plan/1", "model": {"model_type": "qwen3_moe", "n_experts": 8},
+                                "layers": [{"layer": la, "resident": [0, 1, 2, 3]} for la in range(4)]}))
+    code, _, err = run_cli(["cache", trace, "--resident", plan, "--capacity", 4], monkeypatch, capsys)
+    assert_one_error(code, err, "another model", "n_experts")

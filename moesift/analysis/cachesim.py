@@ -23,15 +23,15 @@ Model of the cache (one definition for every policy):
 from __future__ import annotations
 
 import heapq
-import json
+import math
 from collections import OrderedDict
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..core.errors import MoesiftError
 from ..core.progress import progress_bar
+from ..core.values import check_int
 from ..formats.checkpoint import CheckpointIndex
 from ..formats.plan import Plan, as_plan, check_plan_config
 from ..formats.trace import Trace
@@ -294,20 +294,24 @@ def capacity_for_hit_rate(log: np.ndarray, target: float, policy: str = "lru", p
 simulate_cache = simulate
 
 
-def _pinned_per_layer(resident, trace) -> list[list[int]]:
-    """Resident ids per MoE position from a plan file, a Plan or {decoder layer: ids}."""
+def _pinned_per_layer(resident, trace, force_plan: bool = False) -> list[list[int]]:
+    """Resident ids per MoE position from a plan file, a Plan or {decoder layer: ids}. A plan made for another
+    model than the trace's (model type, expert count or config hash) is refused unless `force_plan`."""
     moe_layers = [int(x) for x in (trace.model.get("moe_layers") or range(trace.n_layers))]
     L = trace.n_layers
     if isinstance(resident, dict):
         entries = [{"layer": k, "resident": v} for k, v in resident.items()]
         where = "resident set"
     else:
-        try:
-            plan = resident if isinstance(resident, Plan) else Plan.load(resident)
-            entries = plan.layers
-        except ImportError:  # plan module missing: read the plan JSON directly
-            entries = json.loads(Path(resident).read_text())["layers"]
+        plan = resident if isinstance(resident, Plan) else Plan.load(resident)
+        entries = plan.layers
         where = f"plan {str(resident)!r}"
+        for key in ("model_type", "n_experts", "config_hash"):
+            a, b = plan.model.get(key), trace.model.get(key)
+            if a is not None and b is not None and a != b and not (force_plan and key == "config_hash"):
+                raise MoesiftError(f"{where} was made for another model than the trace ({key} {str(a)[:16]} vs "
+                                   f"{str(b)[:16]}); plan from a trace of this model"
+                                   + ("" if key != "config_hash" else ", or pass --force-plan"))
     out: list[list[int]] = [[] for _ in range(L)]
     for i, e in enumerate(entries):
         layer = e.get("layer")
@@ -401,7 +405,11 @@ def cache(trace, capacity: int | None = None, memory: float | None = None, model
     for p in policies:
         if p not in POLICIES:
             raise MoesiftError(f"unknown cache policy {p!r}; choose from {', '.join(POLICIES)}")
-    pinned = _pinned_per_layer(resident, tr) if resident is not None else [[] for _ in range(L)]
+    if memory is not None and not (isinstance(memory, (int, float)) and math.isfinite(memory) and memory > 0):
+        raise MoesiftError(f"--memory must be a positive number of GiB (got {memory!r})")
+    if capacity is not None:
+        check_int("--capacity", capacity, 0)
+    pinned = _pinned_per_layer(resident, tr, force_plan) if resident is not None else [[] for _ in range(L)]
     expert_bytes = _expert_bytes(model, resident, force_plan, E, L) if model is not None else None
     caps = _capacities(log, capacity, memory, expert_bytes, pinned, E)
     layers = []

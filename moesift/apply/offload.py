@@ -39,6 +39,7 @@ from typing import Any
 from ..arch.registry import adapter_for
 from ..core.errors import MoesiftError
 from ..core.progress import progress_bar
+from ..core.values import check_int
 from ..engines.hf import (
     config_like,
     config_obj,
@@ -294,6 +295,7 @@ def generate(
     """Greedy generation with `load_offloaded(model, plan, ...)`: the generated text, prefill and decode
     tokens/s, the measured hit rate overall and per MoE layer and, when the plan was made with
     `--offload`, the hit rate it predicted. `echo(text)` receives the text as it is generated."""
+    max_new_tokens = check_int("--max-new-tokens", max_new_tokens, 1)
     device = resolve_device(device)
     import torch
 

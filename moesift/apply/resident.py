@@ -136,6 +136,8 @@ def load_trimmed(
     except ValueError as e:
         raise MoesiftError(f"cannot load {str(d)!r}: {str(e).splitlines()[0]}") from None
     del state
+    if cfg.get("model_type") != NONSTANDARD_MODEL_TYPE:  # the directory's config.json is this model's config
+        model.name_or_path = str(d)
     with contextlib.suppress(Exception):  # generation defaults (end-of-sequence ids) of the checkpoint
         model.generation_config = GenerationConfig.from_pretrained(d)
     try:

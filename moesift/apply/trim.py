@@ -369,7 +369,10 @@ def trim(
         raise MoesiftError(
             f"internal check failed: layout has {written_tensor_bytes} tensor bytes, the plan predicts {predicted}"
         )
-    shards = _shards(layout, parse_bytes(max_shard_size))
+    shard_bytes = parse_bytes(max_shard_size)
+    if shard_bytes < 1:
+        raise MoesiftError(f"--max-shard-size must be a positive size such as 5GB (got {max_shard_size!r})")
+    shards = _shards(layout, shard_bytes)
     n = len(shards)
     names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     new_cfg = _new_config(idx.adapter, idx.config, full, standard)

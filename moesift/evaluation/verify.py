@@ -14,6 +14,7 @@ from ..apply.offload import HOST_COMPUTE_MAX_TOKENS, load_offloaded
 from ..apply.resident import load_trimmed
 from ..arch.registry import adapter_for
 from ..core.errors import MoesiftError
+from ..core.values import check_int
 from ..engines.choose import check_engine, open_engine, require
 from ..engines.hf import hf_progress, resolve_device
 from ..engines.restrict import restrict
@@ -192,6 +193,8 @@ def verify(
     Engines need a standard (uniform) trim. With an engine, greedy generations on both sides are plain
     argmax decoding of `max_new_tokens` tokens (end-of-sequence not special), each with its own KV cache."""
     device = resolve_device(device)
+    max_new_tokens = check_int("--max-new-tokens", max_new_tokens, 1)
+    max_samples = check_int("--max-samples", max_samples, 1)
     if offloaded is not None:
         if trimmed is not None:
             raise MoesiftError("give either a TRIMMED checkpoint or --offloaded PLAN, not both")
@@ -308,6 +311,8 @@ def verify_offloaded(
     position, max absolute / relative logit differences, identical greedy generations; and the measured
     hit rate per layer against `cachesim.simulate` on the full model's routing of the same calls."""
     device = resolve_device(device)
+    max_new_tokens = check_int("--max-new-tokens", max_new_tokens, 1)
+    max_samples = check_int("--max-samples", max_samples, 1)
     import torch
 
     off, tok2 = load_offloaded(model, plan, device=device, cache_slots=cache_slots, policy=policy,

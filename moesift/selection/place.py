@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import json as _json
+import math
 import os
 import sys
 import time
@@ -33,7 +34,8 @@ from typing import Any
 import numpy as np
 
 from ..core.errors import MoesiftError
-from ..core.io import write_json
+from ..core.io import check_output_path, write_json
+from ..core.values import check_int
 from ..formats.trace import Trace
 from .place_sim import simulate_placement, transitions_from_log
 
@@ -412,8 +414,15 @@ def place(trace, gpus: int, nodes: int = 1, replicas: int = 0, method: str = "ba
     if G > E + replicas:
         raise MoesiftError(f"{G} GPUs need at least {G} expert slots per layer; the model has {E} experts, "
                            f"add --replicas {G - E} or more")
-    if out is not None and Path(out).exists() and not force:
-        raise MoesiftError(f"{str(out)!r} exists; pass --force to overwrite")
+    if out is not None:
+        check_output_path(out, force, inputs=[] if isinstance(trace, Trace) else [trace])
+    if hidden is not None:
+        check_int("--hidden", hidden, 1)
+    check_int("--dtype-bytes", dtype_bytes, 1)
+    if not (isinstance(time_limit, (int, float)) and math.isfinite(time_limit) and time_limit > 0):
+        raise MoesiftError(f"--time-limit must be a positive number of seconds (got {time_limit!r})")
+    if max_load_ratio is not None and not (math.isfinite(max_load_ratio) and max_load_ratio >= 1):
+        raise MoesiftError(f"--max-load-ratio must be a number >= 1 (got {max_load_ratio!r})")
     hidden = hidden or tr.model.get("hidden_size")
     hidden = int(hidden) if hidden else None
     if method == "balance":
