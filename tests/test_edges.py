@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -215,3 +216,18 @@ def test_cache_refuses_a_plan_of_another_model(tmp_path, monkeypatch, capsys):
                                 "layers": [{"layer": la, "resident": [0, 1, 2, 3]} for la in range(4)]}))
     code, _, err = run_cli(["cache", trace, "--resident", plan, "--capacity", 4], monkeypatch, capsys)
     assert_one_error(code, err, "another model", "n_experts")
+
+
+def test_tokenizer_files_missing_or_damaged_say_which(tmp_path, monkeypatch, capsys):
+    data = REF.parent.parent / "workloads" / "code.trace.jsonl"
+    gone = tmp_path / "gone"
+    shutil.copytree(REF, gone)
+    for f in gone.glob("tokenizer*"):
+        f.unlink()
+    code, _, err = run_cli(["trace", gone, "--data", data, "--max-samples", 2], monkeypatch, capsys)
+    assert_one_error(code, err, "no tokenizer files")
+    cut = tmp_path / "cut"
+    shutil.copytree(REF, cut)
+    (cut / "tokenizer.json").write_text((REF / "tokenizer.json").read_text()[:300])
+    code, _, err = run_cli(["trace", cut, "--data", data, "--max-samples", 2], monkeypatch, capsys)
+    assert_one_error(code, err, "cannot read the tokenizer", "tokenizer.json")

@@ -45,6 +45,7 @@ from ..engines.hf import (
     config_obj,
     from_pretrained_checked,
     hf_progress,
+    load_tokenizer,
     model_class,
     parse_dtype,
     resolve_device,
@@ -198,15 +199,6 @@ def _attach_layers(m: Any, hm: Any, idx: Any, where: _Placement, dev: Any, polic
     return layers
 
 
-def _tokenizer(directory: Any) -> Any:
-    try:
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(directory)
-    except Exception:  # noqa: BLE001 - a model without tokenizer files is still usable from token ids
-        return None
-
-
 def load_offloaded(
     model: str | os.PathLike,
     plan: Any,
@@ -246,7 +238,7 @@ def load_offloaded(
             "device_bytes": device_bytes(idx, where.full, where.slots)}
     m.moesift_offload = OffloadState(layers, info)
     m.moesift_resident = {int(k): list(v) for k, v in where.full.items()}
-    return m, _tokenizer(idx.directory)
+    return m, load_tokenizer(idx.directory)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from ..engines.hf import (
     config_like,
     config_obj,
     from_pretrained_checked,
+    load_tokenizer,
     model_class,
     parse_dtype,
     require_accelerate,
@@ -103,7 +104,7 @@ def load_trimmed(
     standard checkpoint). The model carries `moesift_resident` {layer: original ids} when known. Tensors
     are read in large sequential reads straight into tensors on `device` (see `read_tensors`)."""
     device = resolve_device(device)
-    from transformers import AutoTokenizer, GenerationConfig
+    from transformers import GenerationConfig
 
     d = resolve_model_dir(path)
     cfg = load_config_dict(d)
@@ -140,10 +141,7 @@ def load_trimmed(
         model.name_or_path = str(d)
     with contextlib.suppress(Exception):  # generation defaults (end-of-sequence ids) of the checkpoint
         model.generation_config = GenerationConfig.from_pretrained(d)
-    try:
-        tok = AutoTokenizer.from_pretrained(d)
-    except Exception:  # noqa: BLE001 - a model without tokenizer files is still usable from token ids
-        tok = None
+    tok = load_tokenizer(d)
     return _finish(_to(model, device), resident), tok
 
 

@@ -6,11 +6,13 @@ import contextlib
 import importlib.util
 import os
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 from ..arch.registry import adapter_for
 from ..core.errors import MoesiftError
 from ..formats.checkpoint import CheckpointIndex, resolve_model_dir, shard_files
+from ..formats.workload import TOKENIZER_FILES
 
 DEVICE_HELP = ("auto (CUDA if available, else MPS, else CPU), cpu, cuda, cuda:N, mps, or spread (layers over "
                "every GPU and the host, with accelerate)")
@@ -75,7 +77,7 @@ def load_model(
 ) -> tuple[Any, Any]:
     """(model, tokenizer or None). `device`: see `resolve_device`; "spread" places layers over every GPU (and
     the host when they are full) with accelerate's device_map="auto"."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     check_device(device)
     d = resolve_model_dir(model)
@@ -98,12 +100,24 @@ def load_model(
     if "device_map" not in kwargs:
         m.to(device)
     m.eval()
-    tok = None
+    return m, load_tokenizer(d, trust_remote_code)
+
+
+def load_tokenizer(directory: str | os.PathLike, trust_remote_code: bool = False) -> Any:
+    """The tokenizer of a model directory, or None when it holds no tokenizer files (such a model still runs
+    on pre-tokenized data). Tokenizer files that cannot be read are one error line, not "no tokenizer"."""
+    from transformers import AutoTokenizer
+
+    d = Path(directory)
+    present = [f for f in TOKENIZER_FILES if (d / f).is_file()]
+    if not present:
+        return None
     try:
-        tok = AutoTokenizer.from_pretrained(d, trust_remote_code=trust_remote_code)
-    except Exception:  # noqa: BLE001 - models without a tokenizer can still be traced from token ids
-        tok = None
-    return m, tok
+        return AutoTokenizer.from_pretrained(d, trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - any failure to read the files is the same problem for the user
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise MoesiftError(f"cannot read the tokenizer of {str(d)!r} ({', '.join(present)}): {first}; repair "
+                           "or remove the tokenizer files") from None
 
 
 def from_pretrained_checked(cls: Any, source: Any, where: str | os.PathLike, **kwargs: Any) -> Any:

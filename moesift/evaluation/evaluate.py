@@ -39,9 +39,8 @@ from ..core.identity import loaded_config_dict
 from ..core.progress import progress_bar
 from ..engines.hf import hf_progress, load_model, resolve_device
 from ..engines.restrict import restrict
-from ..formats.checkpoint import resolve_model_dir
 from ..formats.plan import as_plan, resident_for
-from ..formats.workload import TOKENIZER_FILES, batches, encode_documents, read_documents, windows
+from ..formats.workload import batches, encode_documents, read_documents, windows
 
 # ------------------------------------------------------------------------------------------------
 # Data
@@ -172,14 +171,7 @@ def prepare(model: Any, device: str = "auto", dtype: str | None = None, tokenize
     device = resolve_device(device)
     if isinstance(model, (str, os.PathLike)):
         m, tok = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-        if tokenizer is not None:
-            return m, tokenizer
-
-        # transformers builds an empty tokenizer for a directory without tokenizer files: not usable
-        d = resolve_model_dir(model)
-        if not any((d / f).is_file() for f in TOKENIZER_FILES):
-            tok = None
-        return m, tok
+        return m, (tokenizer if tokenizer is not None else tok)  # load_model: None without tokenizer files
     if not hasattr(model, "config"):
         raise MoesiftError(f"model must be a directory, a hub id or a loaded transformers model, not {type(model).__name__}")
     model.eval()
