@@ -126,6 +126,7 @@ def load_trimmed(
             raise MoesiftError(f"{str(d / 'config.json')!r} is a damaged moesift-trimmed config (no resident map)") from None
         cls, base_cfg = variable_expert_class(src_cfg, resident)
     else:
+        CheckpointIndex.build(d).check_consistent()
         base_cfg = config_obj(cfg)
         cls = model_class(base_cfg)
         resident = {int(k): v for k, v in (record or {}).get("id_map", {}).items()}
