@@ -70,8 +70,10 @@ def test_mtp_layers_are_not_experts_of_a_decoder_layer():
            "num_experts_per_tok": 8, "first_k_dense_replace": 3, "num_nextn_predict_layers": 1}
     ad = adapter_for(cfg)
     assert ad.classify("model.layers.60.mlp.experts.3.up_proj.weight", cfg).kind == "expert"
-    assert ad.classify("model.layers.61.mlp.experts.3.up_proj.weight", cfg).kind == "other"
-    assert ad.classify("model.layers.61.mlp.gate.weight", cfg).kind == "other"
+    for name in ("model.layers.61.mlp.experts.3.up_proj.weight", "model.layers.61.mlp.gate.weight",
+                 "model.layers.61.eh_proj.weight"):
+        role = ad.classify(name, cfg)
+        assert (role.kind, role.layer) == ("mtp", 61)  # a layer of its own, never an expert of layer 60
 
 
 def test_group_rules_sigmoid_routers():

@@ -45,6 +45,7 @@ from ..formats.trimmed import (
     NONSTANDARD_MODEL_TYPE,
     PLAN_FILE,
     OutTensor,
+    drops_mtp,
     plan_layout,
     read_trimmed_record,
     sliced_bytes,
@@ -237,8 +238,12 @@ def _resident_layers(idx: Any, p: Any, model: Any, force_plan: bool) -> tuple[di
     return resident, full, standard
 
 
-def _new_config(ad: Any, cfg: dict[str, Any], full: dict[int, list[int]], standard: bool) -> dict[str, Any]:
-    """config.json of the trimmed checkpoint: the family's own (uniform), else the moesift_trimmed wrapper."""
+def _new_config(ad: Any, cfg: dict[str, Any], full: dict[int, list[int]], standard: bool,
+                drop_mtp: bool = False) -> dict[str, Any]:
+    """config.json of the trimmed checkpoint: the family's own (uniform), else the moesift_trimmed wrapper.
+    `drop_mtp`: the multi-token-prediction layers are left out, and the config says so."""
+    if drop_mtp:
+        cfg = ad.without_mtp(dict(cfg))
     if standard:
         return ad.rewrite_config(dict(cfg), full)
     return {
@@ -337,6 +342,10 @@ def _record(idx: Any, p: Any, full: dict[int, list[int]], standard: bool, tensor
     }
     if skipped_links:
         record["skipped_links"] = skipped_links
+    if drops_mtp(idx, full):
+        record["dropped_mtp_layers"] = list(idx.adapter.mtp_layers(idx.config))
+        record["dropped_mtp_note"] = ("multi-token-prediction layers left out: their experts belong to a router "
+                                      "no trace sees; the config says it has none")
     return record
 
 
@@ -375,7 +384,7 @@ def trim(
     shards = _shards(layout, shard_bytes)
     n = len(shards)
     names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    new_cfg = _new_config(idx.adapter, idx.config, full, standard)
+    new_cfg = _new_config(idx.adapter, idx.config, full, standard, drops_mtp(idx, full))
 
     dest = OutputDir(out, force, protect=[src])
     tmp = dest.begin()
@@ -405,11 +414,16 @@ def trim_summary(out: str | os.PathLike) -> dict[str, Any]:
     return {"out": str(out), "standard": rec.get("standard"), "tensor_bytes": rec.get("tensor_bytes"),
             "predicted_bytes": rec.get("predicted_bytes"),
             "source_tensor_bytes": rec.get("source", {}).get("tensor_bytes"),
-            "experts_per_layer": rec.get("experts_per_layer"), "files": rec.get("files")}
+            "experts_per_layer": rec.get("experts_per_layer"), "files": rec.get("files"),
+            "dropped_mtp_layers": rec.get("dropped_mtp_layers")}
 
 
 def format_trim(summary: dict[str, Any]) -> str:
     """The line `moesift trim` prints for a `trim_summary`."""
     kind = "standard checkpoint" if summary["standard"] else "non-uniform checkpoint (load with moesift.load_trimmed)"
-    return (f"wrote {summary['out']}: {kind}, {summary['tensor_bytes']:,} tensor bytes "
+    line = (f"wrote {summary['out']}: {kind}, {summary['tensor_bytes']:,} tensor bytes "
             f"({summary['tensor_bytes'] / max(summary['source_tensor_bytes'] or 1, 1):.1%} of the source)")
+    if summary.get("dropped_mtp_layers"):
+        line += (f"; left out the multi-token-prediction layers {summary['dropped_mtp_layers']} (their experts "
+                 "belong to a router no trace sees) and set their count in config.json to 0")
+    return line

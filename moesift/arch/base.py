@@ -176,6 +176,24 @@ class Adapter:
         """Role of the on-disk tensor `name` in a checkpoint with config.json `config`."""
         raise NotImplementedError
 
+    # config keys that count multi-token-prediction layers stored after the last decoder layer
+    mtp_keys: ClassVar[tuple[str, ...]] = ()
+
+    def mtp_layers(self, config: Any) -> tuple[int, ...]:
+        """Decoder-layer ids of the multi-token-prediction layers the checkpoint stores after its last decoder
+        layer (DeepSeek-V3, GLM-4.5). Their experts are routed by a router of their own that no engine traces
+        with the model, so a trim that removes experts drops them and sets these keys to 0 (the result is a
+        consistent checkpoint without speculative MTP heads)."""
+        n = cfg_get(config, *self.mtp_keys, default=0) if self.mtp_keys else 0
+        if not n:
+            return ()
+        first = int(cfg_get(config, "num_hidden_layers", "n_layers"))
+        return tuple(range(first, first + int(n)))
+
+    def without_mtp(self, config: dict[str, Any]) -> dict[str, Any]:
+        """`config` saying that the checkpoint holds no multi-token-prediction layers."""
+        return {k: (0 if k in self.mtp_keys else v) for k, v in config.items()}
+
     def rename_expert(self, name: str, config: Mapping[str, Any], new_id: int) -> str:
         """Name of per-expert tensor `name` once its expert is renumbered to `new_id`."""
         raise NotImplementedError

@@ -36,7 +36,8 @@ class DeepseekV2(StandardAdapter):
 
     def is_moe_layer(self, config, i):
         n = int(cfg_get(config, *self.n_experts_keys, default=0) or 0)
-        return n > 0 and i >= int(cfg_get(config, "first_k_dense_replace", default=0) or 0)
+        freq = int(cfg_get(config, "moe_layer_freq", default=1) or 1)  # as DeepSeek's own code and vLLM read it
+        return n > 0 and i >= int(cfg_get(config, "first_k_dense_replace", default=0) or 0) and i % freq == 0
 
     def groups(self, config):
         if cfg_get(config, "topk_method", default="greedy") != "group_limited_greedy":

@@ -11,10 +11,12 @@ and copied unchanged by trim.
 
 from __future__ import annotations
 
+import re
+
 from ..core.values import int_or_none
 from .deepseek_v2 import DeepseekV2
 from .registry import register
-from .spec import OTHER, cfg_get
+from .spec import TensorRole, cfg_get
 
 
 @register
@@ -31,8 +33,14 @@ class DeepseekV3(DeepseekV2):
     def groups(self, config):
         return int_or_none(cfg_get(config, "n_group", default=1)), int_or_none(cfg_get(config, "topk_group", default=1))
 
+    mtp_keys = ("num_nextn_predict_layers", "num_mtp_layers")
+
     def classify(self, name, config):
-        role = super().classify(name, config)
-        if role.layer is not None and role.layer >= self.n_layers(config):
-            return OTHER  # multi-token-prediction layer
-        return role
+        m = _LAYER.match(name)
+        if m and int(m.group(1)) >= self.n_layers(config):
+            return TensorRole("mtp", layer=int(m.group(1)))  # multi-token-prediction layer
+        return super().classify(name, config)
+
+
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+

@@ -76,6 +76,9 @@ class TensorRole:
       - "expert": weights of routed experts; `expert` set for per-expert tensors, else the tensor is fused
         with experts along `expert_dim` (and quantized companions the same way)
       - "shared": shared / always-on experts of a MoE layer
+      - "mtp": a multi-token-prediction layer stored after the last decoder layer (`layer` set); its experts
+        belong to a router no trace sees, so a trim that removes experts drops these layers (see
+        `Adapter.mtp_layers`)
       - "other": everything else (attention, norms, embeddings, dense MLPs)
     `expert_block`: for fused 2-D layouts that stack experts as [E * n, ...] along `expert_dim`
     (DBRX), the number of rows per expert; None when the dimension indexes experts directly.

@@ -288,6 +288,8 @@ class CheckpointIndex:
         for layer, eb in per.items():
             keep = set(resident.get(layer, eb.keys()))
             dropped += sum(b for e, b in eb.items() if e not in keep)
+        if dropped:  # a trim that removes experts leaves out multi-token-prediction layers (formats.trimmed)
+            dropped += sum(t.nbytes for t in self.tensors if t.role.kind == "mtp")
         return self.total_bytes() - dropped
 
 

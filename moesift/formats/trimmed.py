@@ -47,16 +47,26 @@ def _expert_dim(role: Any, ndim: int) -> int:
     return d + ndim if d < 0 else d
 
 
+def drops_mtp(index: Any, resident: Mapping[int, Sequence[int]]) -> bool:
+    """True when a checkpoint trimmed to `resident` leaves out the multi-token-prediction layers: it removes
+    experts and the checkpoint stores such layers (see `Adapter.mtp_layers`)."""
+    E = index.spec.n_experts
+    return any(len(v) < E for v in resident.values()) and any(t.role.kind == "mtp" for t in index.tensors)
+
+
 def plan_layout(index: Any, resident: Mapping[int, Sequence[int]]) -> list[OutTensor]:
     """The output tensors, in source order, with where their bytes come from. Reads only headers."""
     cfg, ad = index.config, index.adapter
     E = index.spec.n_experts
     header_size = {f: read_header(index.directory / f)[1] for f in sorted({t.file for t in index.tensors})}
     custom_slice = type(ad).slice_experts is not Adapter.slice_experts
+    drop_mtp = drops_mtp(index, resident)
     out: list[OutTensor] = []
     for t in sorted(index.tensors, key=lambda t: (t.file, t.start)):
         base = header_size[t.file]
         r = t.role
+        if r.kind == "mtp" and drop_mtp:
+            continue
         keep = resident.get(r.layer) if r.layer is not None else None
         if keep is None or r.kind not in ("expert", "router", "router_bias"):
             out.append(OutTensor(t.name, t.name, t.file, t.dtype, list(t.shape), t.nbytes,
