@@ -85,7 +85,7 @@ def test_trim_force_keeps_a_folder_someone_added_files_to(tmp_path, monkeypatch,
 
 
 def test_no_command_writes_over_its_own_input(tmp_path, monkeypatch, capsys):
-    """report, merge, export, trace and import refuse an --out that is one of their inputs, --force or not."""
+    """Every writer refuses an --out that is one of its inputs, --force or not."""
     data = REF.parent.parent / "workloads" / "code.trace.jsonl"
     trace = tmp_path / "in.trace"
     code, _, err = run_cli(["trace", REF, "--data", data, "--max-samples", 4, "--max-length", 32, "--out", trace],
@@ -95,6 +95,10 @@ def test_no_command_writes_over_its_own_input(tmp_path, monkeypatch, capsys):
     copy = tmp_path / "data.jsonl"
     copy.write_bytes(data.read_bytes())
     for args in (["report", trace, "--out", trace, "--force"],
+                 ["plan", trace, "--keep", 0.5, "--out", trace, "--force"],
+                 ["place", trace, "--gpus", 2, "--out", trace, "--force"],
+                 ["calibrate", REF, "--data", copy, "--out", copy, "--force", "--max-samples", 2],
+                 ["sweep", REF, "--trace", trace, "--data", copy, "--out", copy, "--force"],
                  ["merge", trace, trace, "--out", trace, "--force"],
                  ["export", trace, "--out", trace, "--format", "moesift-trace/1", "--force"],
                  ["trace", REF, "--data", copy, "--max-samples", 2, "--out", copy, "--force"]):

@@ -112,6 +112,23 @@ def check_output_path(
     return p
 
 
+def input_paths(*args: Any) -> list[str]:
+    """The files among a command's arguments (paths, lists of paths, ``PATH:WEIGHT`` trace arguments; loaded
+    objects and None are skipped): what its output must never replace."""
+    out: list[str] = []
+    for a in args:
+        items = a if isinstance(a, (list, tuple)) else [a]
+        for x in items:
+            if not isinstance(x, (str, os.PathLike)):
+                continue
+            s = str(x)
+            if not os.path.exists(s) and ":" in s:
+                s = s.rsplit(":", 1)[0]
+            if os.path.exists(s):
+                out.append(s)
+    return out
+
+
 def _is_moesift_dir(p: Path) -> bool:
     return any((p / m).is_file() for m in MOESIFT_DIR_MARKERS)
 

@@ -34,7 +34,7 @@ from ..apply.resident import load_resident
 from ..arch.registry import adapter_for
 from ..core.errors import MoesiftError
 from ..core.html import esc, figure, page, table
-from ..core.io import check_output_path, write_text
+from ..core.io import check_output_path, input_paths, write_text
 from ..core.progress import progress_bar
 from ..engines.hf import hf_progress, resolve_device
 from ..formats.checkpoint import CheckpointIndex, resolve_model_dir
@@ -197,7 +197,7 @@ def sweep(
     names, per budget, the strategy with the lowest perplexity on `data`. `groups`: how group-limited
     routers keep experts (`plan`'s whole / equal / auto)."""
     device = resolve_device(device)
-    keeps, strategies = _check_args(keep, strategy, out, force)
+    keeps, strategies = _check_args(keep, strategy, out, force, input_paths(trace, data, calib, calibration))
     mdir = resolve_model_dir(model)
     traces = list(trace) if isinstance(trace, (list, tuple)) else [trace]
     calib = _calibration_prompts(strategies, traces, data, calib, calibration)
@@ -230,14 +230,16 @@ def sweep(
     if timing:
         result["ttft_method"] = TTFT_METHOD.format(warmup=TTFT_WARMUP, repeats=TTFT_REPEATS)
     if out is not None:
-        write_text(out, page("moesift sweep", sweep_sections(result)), force=force)
+        write_text(out, page("moesift sweep", sweep_sections(result)), force=force,
+                   inputs=input_paths(trace, data, calib, calibration))
         result["html"] = str(out)
     if not json:
         print_sweep(result)
     return result
 
 
-def _check_args(keep: Any, strategy: Any, out: Any, force: bool) -> tuple[list[float], list[str]]:
+def _check_args(keep: Any, strategy: Any, out: Any, force: bool,
+                inputs: Sequence[str] = ()) -> tuple[list[float], list[str]]:
     """The keep fractions and strategies asked for, checked (and `out` writable) before any work."""
     keeps = _parse_list(keep, float)
     strategies = _parse_list(strategy, str)
@@ -251,7 +253,7 @@ def _check_args(keep: Any, strategy: Any, out: Any, force: bool) -> tuple[list[f
             raise MoesiftError(f"unknown strategy {s!r}; use one of {', '.join(STRATEGIES)} (NAME+allocate spreads "
                                "the budget over layers)")
     if out is not None:
-        check_output_path(out, force)
+        check_output_path(out, force, inputs=inputs)
     return keeps, strategies
 
 

@@ -62,7 +62,7 @@ from safetensors import safe_open
 
 from ..arch.spec import equal_group_floor, expert_args
 from ..core.errors import MoesiftError
-from ..core.io import check_output_path, sha256_file
+from ..core.io import check_output_path, input_paths, sha256_file
 from ..core.progress import progress_bar
 from ..engines.hf import config_obj, hf_progress, load_model, model_class, parse_dtype, resolve_device
 from ..formats.calibration import Calibration
@@ -373,7 +373,7 @@ def calibrate(
     device = resolve_device(device)
     _check_settings(kl_top, end_to_end_loss, max_length)
     if out is not None:
-        check_output_path(out, force)
+        check_output_path(out, force, inputs=input_paths(data))
     index = CheckpointIndex.build(model)
     index.check_consistent()
     spec = index.spec
@@ -422,7 +422,7 @@ def calibrate(
               "total_s": time.perf_counter() - t0}
     cal = Calibration(model=info, layers=layers_out, settings=settings, timing=timing)
     if out is not None:
-        cal.save(out, force=force)
+        cal.save(out, force=force, inputs=input_paths(data))
     return cal
 
 

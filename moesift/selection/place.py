@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from ..core.errors import MoesiftError
-from ..core.io import check_output_path, write_json
+from ..core.io import check_output_path, input_paths, write_json
 from ..core.values import check_int
 from ..formats.trace import Trace
 from .place_sim import simulate_placement, transitions_from_log
@@ -449,7 +449,7 @@ def place(trace, gpus: int, nodes: int = 1, replicas: int = 0, method: str = "ba
         if key in sim and key in base:
             res.setdefault("vs_round_robin", {})[key] = {"placed": sim[key], "round_robin": base[key]}
     if out is not None:
-        res.update(_write_placement(out, placement, phy2log, tr, force))
+        res.update(_write_placement(out, placement, phy2log, tr, force, input_paths(trace)))
     else:
         res["layers"] = placement["layers"]
     res["seconds"] = round(time.time() - t0, 3)
@@ -524,15 +524,15 @@ def _placement_doc(tr: Trace, phy2log: np.ndarray, G: int, nodes: int, method: s
 
 
 def _write_placement(out: Any, placement: dict[str, Any], phy2log: np.ndarray, tr: Trace,
-                     force: bool) -> dict[str, str]:
+                     force: bool, inputs: list[str]) -> dict[str, str]:
     """Write the placement and its SGLang map (PLACEMENT.sglang.json); returns both paths."""
     outp = Path(out)
-    if outp.exists() and not force:
-        raise MoesiftError(f"{str(outp)!r} exists; pass --force to overwrite")
-    sg_map = _sglang_map(phy2log, tr)
-    write_json(outp, placement, force=force)
     sg = outp.with_name(outp.stem + ".sglang.json")
-    write_json(sg, {"physical_to_logical_map": sg_map}, force=force)
+    for p in (outp, sg):
+        check_output_path(p, force, inputs=inputs)
+    sg_map = _sglang_map(phy2log, tr)
+    write_json(outp, placement, force=force, inputs=inputs)
+    write_json(sg, {"physical_to_logical_map": sg_map}, force=force, inputs=inputs)
     return {"out": str(outp), "sglang_init_expert_location": str(sg)}
 
 

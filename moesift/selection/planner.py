@@ -27,7 +27,7 @@ import numpy as np
 
 from ..arch.registry import adapter_for
 from ..core.errors import MoesiftError
-from ..core.io import check_output_path, sha256_file
+from ..core.io import check_output_path, input_paths, sha256_file
 from ..core.version import __version__
 from ..formats.calibration import Calibration, check_layer
 from ..formats.checkpoint import CheckpointIndex
@@ -268,8 +268,9 @@ def plan(
     strategy, where both keep the same count, takes the layout whose sets the calibration measured at the
     lower KL."""
     kind, value = _budget(keep, keep_experts, coverage, memory, strategy, allocate, uniform, groups)
+    inputs = input_paths(traces, calibration, calib)
     if out is not None:
-        check_output_path(out, force)
+        check_output_path(out, force, inputs=inputs)
     bank, index, sp = _bank_and_spec(traces, model, force_plan, groups)
     share = bank.counts()
     budget, cache_slots = _budget_value(kind, value, offload, index, cache_slots)
@@ -295,7 +296,7 @@ def plan(
     prov = _provenance(bank, sp, strategy, kind, value, budget, uniform, allocate, seed, cal)
     result = Plan(model=model_id, layers=layers, provenance=prov, predictions=pred)
     if out is not None:
-        result.save(out, force=force)
+        result.save(out, force=force, inputs=inputs)
         result.source = str(out)
     return result
 
