@@ -256,11 +256,14 @@ def trim_cmd(
     no_checksums: bool = typer.Option(False, "--no-checksums", help="Skip the sha256 of output files."),
     force_plan: bool = typer.Option(False, "--force-plan", help="Use a plan made for another config of the "
                                     "family (its config_hash differs) anyway."),
+    engine_config: bool = typer.Option(False, "--engine-config", help="Write the config keys mlx-lm and "
+                                       "llama.cpp read (top-level rope_theta, the family's hub key names) and store "
+                                       "a tied model's output projection as lm_head.weight."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Write a smaller checkpoint holding only the plan's resident experts (streamed, source untouched)."""
     d = trim(model, plan, out, force=force, max_shard_size=max_shard_size, progress=not json_out,
-             checksums=not no_checksums, force_plan=force_plan)
+             checksums=not no_checksums, force_plan=force_plan, engine_config=engine_config)
     summary = trim_summary(d)
     if json_out:
         emit_json(summary)

@@ -49,6 +49,7 @@ from ..formats.trimmed import (
     plan_layout,
     read_trimmed_record,
     sliced_bytes,
+    stored_output,
 )
 
 DEFAULT_SHARD_SIZE = 5 * 1000**3
@@ -358,12 +359,16 @@ def trim(
     progress: bool = True,
     checksums: bool = True,
     force_plan: bool = False,
+    engine_config: bool = False,
 ) -> Path:
     """Write the checkpoint of `model` trimmed to `plan`'s resident experts into directory `out`.
 
     The source is only read. `checksums`: record the sha256 of every output file in moesift_plan.json
     (computed alongside the copy; turn off only where hashing is slower than the disk). A plan made for
-    another config of the family (its `config_hash`) is refused unless `force_plan`. Returns `out`."""
+    another config of the family (its `config_hash`) is refused unless `force_plan`. `engine_config`: write
+    the config keys serving engines read (the family's hub key names, a top-level rope_theta) and store the
+    output projection of a tied model as its own tensor, so that a model saved by transformers 5 loads in
+    mlx-lm and llama.cpp as it is. Returns `out`."""
     out = Path(out)
     idx = CheckpointIndex.build(model)
     idx.check_consistent()
@@ -373,6 +378,10 @@ def trim(
     resident, full, standard = _resident_layers(idx, p, model, force_plan)
     layout = plan_layout(idx, resident)
     predicted = idx.predicted_bytes(resident)
+    extra = stored_output(idx) if engine_config else None
+    if extra is not None:
+        layout.append(extra)
+        predicted += extra.nbytes
     written_tensor_bytes = sum(t.nbytes for t in layout)
     if written_tensor_bytes != predicted:
         raise MoesiftError(
@@ -385,6 +394,8 @@ def trim(
     n = len(shards)
     names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     new_cfg = _new_config(idx.adapter, idx.config, full, standard, drops_mtp(idx, full))
+    if engine_config and standard:
+        new_cfg = idx.adapter.engine_config(new_cfg) if extra is not None else idx.adapter.hub_config(new_cfg)
 
     dest = OutputDir(out, force, protect=[src])
     tmp = dest.begin()

@@ -73,6 +73,38 @@ class Adapter:
             out.setdefault(k, v)
         return out
 
+    # the input embedding and the output projection as checkpoints of the family name them
+    embed_name: ClassVar[str] = "model.embed_tokens.weight"
+    lm_head_name: ClassVar[str] = "lm_head.weight"
+    # engines whose implementation of the family has no tied output: a config with tie_word_embeddings true
+    # and no stored lm_head.weight does not load there (mlx-lm 0.32.2 measured; llama.cpp's qwen2moe loader)
+    tied_output_unsupported: ClassVar[tuple[str, ...]] = ()
+
+    def config_engine_problems(self, engine: str, config: Mapping[str, Any], stored: set[str]) -> list[str]:
+        """Why `engine` would misread a config.json as transformers 5 saves it (whatever the family), with the
+        tensor names `stored` in the checkpoint: a rope base given only under `rope_parameters` (mlx-lm reads
+        `rope_theta` and silently uses its own default), and a tied output where the engine's
+        implementation has none. Each is fixed by `trim --engine-config`."""
+        problems = []
+        rope = config.get("rope_parameters")
+        if engine == "mlx" and isinstance(rope, Mapping) and "rope_theta" in rope and "rope_theta" not in config:
+            problems.append(f"config.json gives the rope base only under rope_parameters (rope_theta {rope['rope_theta']}"
+                            ", as transformers 5 saves it); mlx-lm reads the top-level rope_theta and would use its "
+                            "own default: trim with --engine-config")
+        if (engine in self.tied_output_unsupported and config.get("tie_word_embeddings")
+                and self.lm_head_name not in stored):
+            problems.append(f"tie_word_embeddings is true and no {self.lm_head_name} is stored; {engine}'s "
+                            f"{config.get('model_type')} has no tied output: trim with --engine-config (stores the "
+                            "output projection)")
+        return problems
+
+    def engine_config(self, config: Mapping[str, Any]) -> dict[str, Any]:
+        """`hub_config(config)` for a checkpoint whose output projection is stored (untied)."""
+        out = self.hub_config(config)
+        if out.get("tie_word_embeddings"):
+            out["tie_word_embeddings"] = False
+        return out
+
     def engine_problems(self, engine: str, config: Mapping[str, Any]) -> list[str]:
         """Why serving engine `engine` ("mlx", "llama.cpp") cannot run a checkpoint of this family with
         `config` (its config.json) although it implements the model_type; empty when it can."""

@@ -20,6 +20,7 @@ L = r"transformer\.blocks\.(?P<layer>\d+)\.ffn"
 class Dbrx(StandardAdapter):
     model_types = ("dbrx",)
     layers_path = "transformer.blocks"
+    embed_name = "transformer.wte.weight"
     block_attr = "ffn"
     router_attr = "router"
     patterns = Patterns(

@@ -33,6 +33,7 @@ class DeepseekV2(StandardAdapter):
     normalise_selection = False  # V2 scales its top-k probabilities, it never renormalises them
     # a group's score is the sum of its best `group_score_top` experts: 1 for V2 (max), 2 for V3-style routers
     group_score_top: ClassVar[int] = 1
+    tied_output_unsupported = ("mlx",)  # mlx-lm's deepseek_v2 / v3 and glm4_moe always build lm_head
 
     def is_moe_layer(self, config, i):
         n = int(cfg_get(config, *self.n_experts_keys, default=0) or 0)

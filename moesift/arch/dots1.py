@@ -10,3 +10,4 @@ from .registry import register
 @register
 class Dots1(DeepseekV3):
     model_types = ("dots1",)
+    tied_output_unsupported = ()  # mlx-lm's dots1 ties the output when the config says so

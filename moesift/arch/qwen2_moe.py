@@ -21,6 +21,7 @@ class Qwen2Moe(Qwen3Moe):
     model_types = ("qwen2_moe",)
     patterns = QWEN2_PATTERNS
     dense_layers_unsupported = ("mlx",)  # mlx-lm's qwen2_moe builds a MoE block in every layer
+    tied_output_unsupported = ("mlx", "llama.cpp")
 
     def n_shared(self, config):
         return 1 if int(cfg_get(config, "shared_expert_intermediate_size", default=0) or 0) > 0 else 0

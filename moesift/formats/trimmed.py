@@ -54,6 +54,20 @@ def drops_mtp(index: Any, resident: Mapping[int, Sequence[int]]) -> bool:
     return any(len(v) < E for v in resident.values()) and any(t.role.kind == "mtp" for t in index.tensors)
 
 
+def stored_output(index: Any) -> OutTensor | None:
+    """For a tied model that stores no output projection, the output projection as a tensor of its own: the
+    bytes of the input embedding under the family's lm_head name (engines without tied outputs need it; the
+    model computes the same function). None when the model is untied or stores it already."""
+    ad, cfg = index.adapter, index.config
+    names = {t.name: t for t in index.tensors}
+    emb = names.get(ad.embed_name)
+    if not cfg.get("tie_word_embeddings") or ad.lm_head_name in names or emb is None:
+        return None
+    base = read_header(index.directory / emb.file)[1]
+    return OutTensor(ad.lm_head_name, emb.name, emb.file, emb.dtype, list(emb.shape), emb.nbytes,
+                     [(base + emb.start, emb.nbytes)], role=emb.role)
+
+
 def plan_layout(index: Any, resident: Mapping[int, Sequence[int]]) -> list[OutTensor]:
     """The output tensors, in source order, with where their bytes come from. Reads only headers."""
     cfg, ad = index.config, index.adapter
