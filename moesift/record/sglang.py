@@ -1,22 +1,48 @@
 """SGLang expert distribution recorder dumps into `moesift-trace/1`.
 
-SGLang expert distribution recorder (``--expert-distribution-recorder-mode``)
-    Dumps written with ``torch.save`` and read here with ``torch.load(weights_only=True)`` (no pickle code
-    runs). ``stat`` mode: ``{"rank", "logical_count": [steps, layers, logical experts] (or [layers, E]),
-    "average_utilization_rate_over_window"}``; imported as counts only. ``per_token`` mode (one file per
-    rank): ``{"records": [{"forward_pass_id", "rank", "input_ids", "positions", "extend_seq_lens",
-    "forward_mode", "topk_ids_of_layer": [layers, tokens, 8] (physical ids, -1 padded),
-    "global_physical_count": [layers, physical]}, ...], "last_physical_to_logical_map": [layers, physical]}``;
-    imported with a routing log (physical ids mapped to logical ids). Records with only
-    ``global_physical_count`` (``per_pass``) are imported as counts. SGLang's layer axis counts every decoder
-    layer; rows of dense layers are dropped using the model's MoE layers (``model``) or, without a model,
-    the layers that recorded no routing. Prefill passes are split into one document per request with
-    ``extend_seq_lens``; a decode pass batches one token of many requests, so each decode token is its own
-    document (their order within a request is not recorded). ``per_token`` and ``per_pass`` dumps are
-    written once per rank: a forward pass found in several files (same ``forward_pass_id``, token count and
-    tokens, as every tensor-parallel rank records it) is counted once, and ranks whose records of one pass
-    disagree are refused (pass one rank's file); passes with other tokens under the same id (data-parallel
-    ranks) all count. ``stat`` dumps already sum over ranks: identical dumps of several ranks count once.
+What SGLang writes, as read in SGLang's ``python/sglang/srt/eplb/expert_distribution.py`` (commit
+02295fe5ac5ccff3e8829800d50450351c56fb53; the older ``python/sglang/srt/managers/expert_distribution.py``,
+commit 70e157a01070422cfd30c02058014c0a5f9a92a6, writes the same files except that its ``stat`` dict has no
+``average_utilization_rate_over_window``). ``POST /dump_expert_distribution_record`` makes every rank's
+recorder dump with ``torch.save``; files are read here with ``torch.load(weights_only=True)`` (no pickle code
+runs). The recorder's ``rank`` is the model runner's tensor-parallel rank. Its layer axis is every decoder
+layer; rows of dense layers are dropped using the model's MoE layers (``model``) or, without a model, the
+layers that recorded no routing.
+
+``per_token`` (one file per rank, ``expert_distribution_recorder_{time}_{rank}.pt``)
+    ``{"records": [...], "last_physical_to_logical_map": [layers, physical experts] integer tensor}``; each
+    record is one forward pass of that rank: ``forward_pass_id``, ``rank``, ``gatherer_key``, ``input_ids``
+    and ``positions`` (lists of ints), ``extend_seq_lens`` (list, or None in decode), ``forward_mode`` (int),
+    ``topk_ids_of_layer`` (int32 ``[layers, tokens, 8]``, physical ids, -1 padded), ``misc_objects`` and
+    ``global_physical_count`` (``[layers, physical]``). Imported as a routing log, physical ids mapped to
+    logical ones. Prefill passes are split into one document per request with ``extend_seq_lens``; a decode
+    pass batches one token of many requests, so each decode token is its own document. Every
+    tensor-parallel rank routes the same tokens, so a pass found in several files (same
+    ``forward_pass_id``, token count and ``input_ids``/``positions``) is counted once; ranks whose records
+    of such a pass disagree are refused (pass one rank's file); passes with other tokens under the same id
+    (data-parallel or expert-parallel ranks) all count.
+``per_pass`` (one file per rank, same name and dict)
+    Each record holds only ``forward_pass_id``, ``rank``, ``gatherer_key`` and ``global_physical_count``
+    (int32 ``[layers, physical]``: the pass's expert choices on that rank; with DeepEP low-latency only the
+    rank's own physical experts are non-zero). There are no tokens, so passes of different ranks cannot be
+    matched: the counts of the rank files are SUMMED (data-parallel and expert-parallel ranks route
+    different tokens), physical experts added into logical ones. Without an all-to-all MoE backend
+    (SGLang's default) every rank routes the whole (gathered) batch and writes the same counts; such copies
+    are recognised only as whole files whose records (``forward_pass_id``, ``gatherer_key``, counts) all
+    equal another file's, and counted once. Data-parallel ranks that happened to record exactly the same
+    counts in every pass cannot be told from such copies; the trace's provenance says so.
+``stat`` / ``stat_approx`` (one file, ``expert_distribution_recorder_{time}.pt``, written by rank 0 only)
+    ``{"rank": 0, "logical_count": int32 [buffer rows, layers, logical experts],
+    "average_utilization_rate_over_window": float or None}``. The counts of each rank are all-reduced
+    (summed) over SGLang's process group before rank 0 writes them. The buffer is circular (1000 rows
+    unless ``--expert-distribution-recorder-buffer-size`` says otherwise; a negative size keeps every pass),
+    so a dump holds at most that many of the latest passes; unused rows are zero. Without an all-to-all MoE
+    backend every tensor-parallel rank routes every token, so each route is counted tp_size times; with
+    DeepEP each rank counts its own tokens and the sum is exact. The dump records neither tp_size nor the
+    backend, so the counts are imported as SGLang wrote them (relative loads are right; absolute counts may
+    be tp_size times the routes) and the trace's provenance says so. ``stat`` and ``stat_approx`` dumps
+    cannot be told apart. Several ``stat`` files of rank 0 (several dumps, or separate data-parallel
+    servers) are summed; the same counts under other ranks are one all-reduced tensor and count once.
 """
 
 from __future__ import annotations
@@ -62,8 +88,19 @@ def _digest(*xs: Any) -> bytes | None:
     return h.digest()
 
 
+def _int_field(r: dict, key: str, where: str) -> int | None:
+    """An integer field of a record (None when absent)."""
+    v = r.get(key)
+    if v is None:
+        return None
+    a = _np(v)
+    if a.ndim != 0 or not np.issubdtype(a.dtype, np.integer):
+        raise MoesiftError(f"{where}: {key} must be an integer")
+    return int(a)
+
+
 class _RankDedup:
-    """Forward passes recorded by several ranks: the same pass (same ``forward_pass_id``, token count and
+    """``per_token`` passes recorded by several ranks: the same pass (same ``forward_pass_id``, token count and
     tokens) in another rank's file is counted once; the same pass with different routing is refused."""
 
     def __init__(self, paths: list[Path]):
@@ -71,11 +108,11 @@ class _RankDedup:
         self.seen: dict[tuple, tuple[int, bytes | None, bytes | None]] = {}
         self.skipped = 0
 
-    def duplicate(self, kind: str, fi: int, rec: dict, n_tokens: int | None, routing: np.ndarray, where: str) -> bool:
+    def duplicate(self, fi: int, rec: dict, n_tokens: int, routing: np.ndarray, where: str) -> bool:
         fpid = rec.get("forward_pass_id")
         if fpid is None:
             return False
-        key = (kind, int(_np(fpid)), n_tokens)
+        key = (int(_np(fpid)), n_tokens)
         tokens = _digest(rec.get("input_ids"), rec.get("positions"))
         route = _digest(routing)
         prev = self.seen.get(key)
@@ -88,9 +125,33 @@ class _RankDedup:
         if route == proute:
             self.skipped += 1
             return True
-        raise MoesiftError(f"{where}: forward pass {int(_np(fpid))} ({n_tokens} tokens) is also in "
+        raise MoesiftError(f"{where}: forward pass {key[0]} ({n_tokens} tokens) is also in "
                            f"{str(self.paths[pfi])!r} with different routing; these ranks disagree, so moesift "
                            "cannot count the pass once: pass one rank's file")
+
+
+class _PerPassFile:
+    """The ``per_pass`` records of one rank file: their logical counts summed, and a digest of the records
+    (``forward_pass_id``, ``gatherer_key``, physical counts; not ``rank``) to find files that are copies."""
+
+    def __init__(self) -> None:
+        self.counts: np.ndarray | None = None
+        self.keys: list[tuple[int, str, bytes | None]] = []
+        self.ranks: set[int] = set()
+
+    def add(self, r: dict, g: np.ndarray, c: np.ndarray, where: str) -> None:
+        fpid, rank = _int_field(r, "forward_pass_id", where), _int_field(r, "rank", where)
+        self.keys.append((-1 if fpid is None else fpid, str(r.get("gatherer_key")), _digest(g)))
+        if rank is not None:
+            self.ranks.add(rank)
+        self.counts = c if self.counts is None else self.counts + c
+
+    def digest(self) -> bytes:
+        h = hashlib.sha256()
+        for fpid, key, dg in sorted(self.keys, key=lambda k: (k[0], k[1])):
+            h.update(repr((fpid, key)).encode())
+            h.update(dg or b"")
+        return h.digest()
 
 
 def import_sglang(paths, minfo, label, sources, folds) -> Trace:
@@ -101,8 +162,13 @@ def import_sglang(paths, minfo, label, sources, folds) -> Trace:
     if "per_token" in acc.kinds and acc.kinds != {"per_token"}:
         raise MoesiftError("mix of per-token and aggregate SGLang dumps; import them separately")
     tool: dict[str, Any] = {"imported_from": "sglang expert distribution recorder (" + ", ".join(sorted(acc.kinds)) + ")"}
+    notes = acc.finish_per_pass()
+    if "stat" in acc.kinds:
+        notes.append(_stat_note(acc.stat_rows))
     if acc.dedup.skipped:
         tool["duplicate_rank_records"] = acc.dedup.skipped
+    if notes:
+        tool["notes"] = notes
     if acc.logs:
         log = np.concatenate(acc.logs)  # [N, layers, K]
         rows = _moe_rows(minfo, log.max(axis=(0, 2)) >= 0, str(paths[0]))
@@ -113,6 +179,8 @@ def import_sglang(paths, minfo, label, sources, folds) -> Trace:
         finish_model(minfo, log, str(paths[0]))
         return trace_from_log(log, np.asarray(acc.offs), np.concatenate(acc.phases), minfo, label, sources, folds,
                               tool)
+    if acc.counts_total is None:
+        raise MoesiftError(f"{str(paths[0])!r} holds no records")
     rows = _moe_rows(minfo, acc.counts_total.sum(1) > 0, str(paths[0]))
     c = acc.counts_total[rows]
     if minfo.get("n_experts") is None:
@@ -124,10 +192,21 @@ def import_sglang(paths, minfo, label, sources, folds) -> Trace:
     return counts_trace(c, minfo, label, sources, tool)
 
 
+def _stat_note(rows: int) -> str:
+    window = f", at most the last {rows} forward passes of each dump (its buffer)" if rows else ""
+    return (f"stat: counts as SGLang dumps them, not divided: summed (all-reduce) over the ranks of its process "
+            f"group and written by rank 0{window}. "
+            "Without an all-to-all MoE backend (SGLang's default) every tensor-parallel rank routes every token, "
+            "so each route is counted tp_size times; with DeepEP each rank counts its own tokens. The dump "
+            "records neither tp_size nor the backend, so moesift assumes the counts may be scaled by tp_size: "
+            "relative expert loads are right, absolute counts may be tp_size times the routes")
+
+
 class _Dumps:
     """What the dumps of several files add up to: routing-log pieces (per_token), or counts (stat, per_pass)."""
 
     def __init__(self, paths: list[Path]):
+        self.paths = paths
         self.logs: list[np.ndarray] = []
         self.offs: list[int] = [0]
         self.phases: list[np.ndarray] = []
@@ -135,8 +214,14 @@ class _Dumps:
         self.kinds: set[str] = set()
         self.dedup = _RankDedup(paths)
         self.stat_ranks: dict[Any, tuple[bytes | None, Path]] = {}
+        self.stat_rows = 0
+        self.per_pass_files: dict[int, _PerPassFile] = {}
 
-    def add_counts(self, c: np.ndarray) -> None:
+    def add_counts(self, c: np.ndarray, where: str) -> None:
+        if self.counts_total is not None and self.counts_total.shape != c.shape:
+            raise MoesiftError(f"{where} counts {c.shape[0]} layers x {c.shape[1]} experts; the files before it "
+                               f"count {self.counts_total.shape[0]} x {self.counts_total.shape[1]}: import dumps "
+                               "of one model together")
         self.counts_total = c if self.counts_total is None else self.counts_total + c
 
     def read(self, fi: int, p: Path) -> None:
@@ -168,11 +253,12 @@ class _Dumps:
                                "dump it with POST /dump_expert_distribution_record")
 
     def stat(self, d: dict, p: Path) -> None:
-        """A ``stat`` dump: logical counts already summed over ranks (one rank's file is enough)."""
+        """A ``stat`` dump: logical counts all-reduced over ranks by SGLang (rank 0 writes the file)."""
         where = str(p)
         self.kinds.add("stat")
         c = _np(d["logical_count"])
         if c.ndim == 3:
+            self.stat_rows = max(self.stat_rows, c.shape[0])
             c = c.sum(0)
         if c.ndim != 2 or not np.issubdtype(c.dtype, np.integer):
             raise MoesiftError(f"{where!r}: logical_count must be an integer [steps, layers, experts] tensor")
@@ -180,7 +266,7 @@ class _Dumps:
         rank = int(_np(rank)) if rank is not None else None
         dg = _digest(c)
         others = {r: v for r, v in self.stat_ranks.items() if r != rank and rank is not None and r is not None}
-        if any(v[0] == dg for v in others.values()):  # stat counts are summed over ranks: one rank's is enough
+        if any(v[0] == dg for v in others.values()):  # one all-reduced tensor seen by several ranks
             self.dedup.skipped += 1
             return
         if others:
@@ -188,7 +274,7 @@ class _Dumps:
             raise MoesiftError(f"{where!r} (rank {rank}) and {str(p0)!r} (rank {r0}) hold different stat counts; "
                                "stat dumps already sum over ranks: pass one rank's file")
         self.stat_ranks.setdefault(rank, (dg, p))
-        self.add_counts(c.astype(np.int64))
+        self.add_counts(c.astype(np.int64), repr(where))
 
     def per_token(self, fi: int, r: dict, p2l: np.ndarray | None, file: str, i: int) -> None:
         """A ``per_token`` record (record `i` of `file`): every token's experts (physical ids mapped to
@@ -205,7 +291,7 @@ class _Dumps:
             lay = np.arange(ids.shape[0])[:, None, None]
             ids = np.where(ids >= 0, p2l[lay, np.maximum(ids, 0)], -1)
         T = ids.shape[1]
-        if self.dedup.duplicate("per_token", fi, r, T, ids, where):
+        if self.dedup.duplicate(fi, r, T, ids, where):
             return
         ext = r.get("extend_seq_lens")
         ext = [int(x) for x in ext] if ext is not None else None
@@ -220,19 +306,49 @@ class _Dumps:
             self.phases.append(np.ones(T, dtype=np.uint8))
 
     def per_pass(self, fi: int, r: dict, p2l: np.ndarray | None, where: str) -> None:
-        """A ``per_pass`` record: physical expert counts of one forward pass, summed into logical ones."""
+        """A ``per_pass`` record: physical expert counts of one forward pass of one rank, summed into logical
+        ones and kept per file until `finish_per_pass`."""
         self.kinds.add("per_pass")
-        g = _np(r["global_physical_count"]).astype(np.int64)
-        if p2l is None or g.ndim != 2 or p2l.shape != g.shape:
+        g = _np(r["global_physical_count"])
+        if g.ndim != 2 or not np.issubdtype(g.dtype, np.integer):
+            raise MoesiftError(f"{where}: global_physical_count must be an integer [layers, physical experts] "
+                               "tensor")
+        g = g.astype(np.int64)
+        if p2l is None or p2l.shape != g.shape:
             raise MoesiftError(f"{where}: global_physical_count needs a matching last_physical_to_logical_map")
-        n_tok = len(_np(r["input_ids"])) if r.get("input_ids") is not None else None
-        if self.dedup.duplicate("per_pass", fi, r, n_tok, g, where):
-            return
-        E = int(p2l.max()) + 1
-        c = np.zeros((g.shape[0], E), dtype=np.int64)
+        if g.min(initial=0) < 0 or p2l.min(initial=0) < 0:
+            raise MoesiftError(f"{where}: negative counts or expert ids")
+        c = np.zeros((g.shape[0], int(p2l.max(initial=0)) + 1), dtype=np.int64)
         for li in range(g.shape[0]):
             np.add.at(c[li], p2l[li], g[li])
-        self.add_counts(c)
+        self.per_pass_files.setdefault(fi, _PerPassFile()).add(r, g, c, where)
+
+    def finish_per_pass(self) -> list[str]:
+        """Sum the ``per_pass`` counts of the rank files, counting files that copy another file's records
+        once; returns the provenance note."""
+        if not self.per_pass_files:
+            return []
+        kept: dict[bytes, int] = {}
+        copies = 0
+        for fi, f in self.per_pass_files.items():
+            dg = f.digest()
+            if dg in kept:
+                copies += 1
+                self.dedup.skipped += len(f.keys)
+                continue
+            kept[dg] = fi
+            if f.counts is not None:
+                self.add_counts(f.counts, repr(str(self.paths[fi])))
+        ranks = sorted({r for fi in kept.values() for r in self.per_pass_files[fi].ranks})
+        note = (f"per_pass: the counts of {len(kept)} rank file(s) (ranks {ranks}) were summed: per_pass records "
+                "hold no tokens (only forward_pass_id, rank, gatherer_key and global_physical_count), so passes "
+                "of different ranks cannot be matched and data- or expert-parallel ranks route different tokens. ")
+        note += (f"{copies} file(s) whose records all equal another file's were counted once as tensor-parallel "
+                 "copies (without an all-to-all MoE backend every rank routes the same batch); "
+                 if copies else "No file repeated another's records; ")
+        note += ("data-parallel ranks that recorded exactly the same counts in every pass cannot be told from such "
+                 "copies")
+        return [note]
 
 
 def _compact(log: np.ndarray, K: int) -> np.ndarray:
