@@ -530,9 +530,10 @@ def cache_cmd(
 @app.command("import")
 def import_cmd(
     files: list[str] = typer.Argument(..., help="Engine routing records (several files are read into one trace). "
-                                      "sglang: files of several ranks that recorded the same forward passes (same "
-                                      "forward_pass_id, token count and tokens) are counted once; ranks whose "
-                                      "records of one pass disagree are refused (pass one rank's file)."),
+                                      "sglang per_token: a forward pass several ranks recorded (same "
+                                      "forward_pass_id and tokens) counts once, ranks that disagree are refused; "
+                                      "per_pass: the ranks' files are summed (their records hold no tokens), "
+                                      "identical files once; stat: rank 0's all-reduced counts, as written."),
     format: str = typer.Option(..., "--format", help="vllm: responses of --enable-return-routed-experts (0.22+ "
                                "base64 .npy per choice, or 0.21 JSON lists; completion or chat-completion JSON, "
                                "JSONL, or offline routed_experts arrays saved as .npy). sglang: expert "

@@ -96,7 +96,8 @@ def import_summary(t: Trace, out: Any, format: str) -> dict[str, Any]:
             "tokens_logged": 0 if log is None else int(log.shape[0]), "routes": int(t.counts.sum()),
             "moe_decoder_layers": t.model.get("moe_layers"), "num_hidden_layers": t.model.get("num_hidden_layers"),
             "hidden_size": t.model.get("hidden_size"), "imported_from": t.tool.get("imported_from"),
-            "duplicate_rank_records": int(t.tool.get("duplicate_rank_records", 0))}
+            "duplicate_rank_records": int(t.tool.get("duplicate_rank_records", 0)),
+            "notes": list(t.tool.get("notes") or [])}
 
 
 def format_import(info: dict[str, Any]) -> str:
@@ -106,4 +107,6 @@ def format_import(info: dict[str, Any]) -> str:
     if info["duplicate_rank_records"]:
         text += (f"\n  {info['duplicate_rank_records']} records repeated by another rank's file were counted "
                  "once")
+    for note in info.get("notes") or []:
+        text += f"\n  note: {note}"
     return text
