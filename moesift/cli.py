@@ -531,7 +531,7 @@ def cache_cmd(
 def import_cmd(
     files: list[str] = typer.Argument(..., help="Engine routing records (several files are read into one trace). "
                                       "sglang per_token: a forward pass several ranks recorded (same "
-                                      "forward_pass_id and tokens) counts once, ranks that disagree are refused; "
+                                      "forward_pass_id and tokens) is counted once, ranks that disagree are refused; "
                                       "per_pass: the ranks' files are summed (their records hold no tokens), "
                                       "identical files once; stat: rank 0's all-reduced counts, as written."),
     format: str = typer.Option(..., "--format", help="vllm: responses of --enable-return-routed-experts (0.22+ "
