@@ -103,7 +103,7 @@ def test_no_command_writes_over_its_own_input(tmp_path, monkeypatch, capsys):
                  ["export", trace, "--out", trace, "--format", "moesift-trace/1", "--force"],
                  ["trace", REF, "--data", copy, "--max-samples", 2, "--out", copy, "--force"]):
         code, _, err = run_cli(args, monkeypatch, capsys)
-        assert_one_error(code, err, "which this command reads")
+        assert_one_error(code, err, "a file this command reads")
     assert trace.read_bytes() == before
     assert copy.read_bytes() == data.read_bytes()
 

@@ -22,7 +22,7 @@ KEEP = 4
 MIB = 1 << 20
 
 PROBE = r"""
-import json, os, resource, sys
+import json, os, sys
 import torch
 from transformers import AutoConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
@@ -31,9 +31,15 @@ MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(sys.argv[1]))]
 def rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def hwm():
+    with open("/proc/self/status") as f:
+        return next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("VmHWM:"))
+# ru_maxrss can carry the parent's high-water mark across fork and exec; VmHWM is reset here (Linux >= 4.0)
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
 before = rss()
 m = load_resident(sys.argv[1], sys.argv[2], device="cpu", dtype="bfloat16")
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = hwm()
 n = sum(p.numel() * p.element_size() for p in m.parameters())
 print(json.dumps({"delta": peak - before, "param_bytes": n}))
 """

@@ -86,8 +86,8 @@ def check_output_path(
     for src in inputs:
         with contextlib.suppress(OSError):
             if Path(src).exists() and (Path(src).resolve() == rp or (p.exists() and os.path.samefile(src, p))):
-                raise MoesiftError(f"output {_display(path)} is {_display(src)}, which this command reads; moesift "
-                                   "never writes over its own input, even with --force; choose another --out")
+                raise MoesiftError(f"output {_display(path)} is a file this command reads ({_display(src)}); "
+                                   "moesift never writes over its own input, even with --force; choose another --out")
     if is_model_dir(parent):
         raise MoesiftError(f"output {_display(path)} lies inside the model directory {_display(p.parent)}; "
                            "moesift never writes there, choose another location")
