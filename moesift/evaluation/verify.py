@@ -200,7 +200,9 @@ def verify(
     "mlx" loads it with mlx-lm and "llama.cpp" converts it to an F32 GGUF file with llama.cpp's own converter
     and runs it with llama-cpp-python, both in float32 on the CPU (extras `moesift[mlx]`, `moesift[gguf]`).
     Engines need a standard (uniform) trim. With an engine, greedy generations on both sides are plain
-    argmax decoding of `max_new_tokens` tokens (end-of-sequence not special), each with its own KV cache."""
+    argmax decoding of `max_new_tokens` tokens (end-of-sequence not special), each with its own KV cache.
+    When `model` and `trimmed` are mlx-lm model folders (quantized MLX checkpoints and their trims), both run
+    in mlx-lm (`verify_mlx`), whatever `engine` says but llama.cpp."""
     device = resolve_device(device)
     max_new_tokens = check_int("--max-new-tokens", max_new_tokens, 1)
     max_samples = check_int("--max-samples", max_samples, 1)
