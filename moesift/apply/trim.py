@@ -46,6 +46,7 @@ from ..formats.trimmed import (
     PLAN_FILE,
     OutTensor,
     drops_mtp,
+    mlx_layout,
     plan_layout,
     read_trimmed_record,
     sliced_bytes,
@@ -72,8 +73,8 @@ def _shards(tensors: list[OutTensor], max_shard_size: int) -> list[list[OutTenso
     return shards
 
 
-def _header_bytes(tensors: list[OutTensor]) -> bytes:
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+def _header_bytes(tensors: list[OutTensor], fmt: str = "pt") -> bytes:
+    header: dict[str, Any] = {"__metadata__": {"format": fmt}}
     off = 0
     for t in tensors:
         header[t.name] = {"dtype": t.dtype, "shape": t.shape, "data_offsets": [off, off + t.nbytes]}
@@ -239,6 +240,19 @@ def _resident_layers(idx: Any, p: Any, model: Any, force_plan: bool) -> tuple[di
     return resident, full, standard
 
 
+def _check_mlx_trim(src: Path, full: dict[int, list[int]], standard: bool, engine_config: bool) -> None:
+    """Refuse what an mlx-lm model folder cannot hold: mlx-lm builds every MoE layer with one expert count, and
+    its folder already has the config keys and tensors mlx-lm reads."""
+    if not standard:
+        counts = sorted({len(v) for v in full.values()})
+        raise MoesiftError(f"cannot trim the mlx-lm model {str(src)!r} to this plan: it keeps a different number "
+                           f"of experts per layer ({', '.join(map(str, counts))}), and mlx-lm builds every MoE "
+                           "layer with one expert count; plan with --uniform")
+    if engine_config:
+        raise MoesiftError(f"{str(src)!r} is an mlx-lm model folder: its config and tensors are already what "
+                           "mlx-lm reads; drop --engine-config")
+
+
 def _new_config(ad: Any, cfg: dict[str, Any], full: dict[int, list[int]], standard: bool,
                 drop_mtp: bool = False) -> dict[str, Any]:
     """config.json of the trimmed checkpoint: the family's own (uniform), else the moesift_trimmed wrapper.
@@ -262,7 +276,7 @@ def _new_config(ad: Any, cfg: dict[str, Any], full: dict[int, list[int]], standa
 
 
 def _write_shards(idx: Any, tmp: Path, names: list[str], shards: list[list[OutTensor]], checksums: bool,
-                  advance: Any) -> tuple[dict[str, str | None], dict[str, str]]:
+                  advance: Any, fmt: str = "pt") -> tuple[dict[str, str | None], dict[str, str]]:
     """Write every output shard (header, then its tensors); returns (sha256 per shard, weight map)."""
     src, ad, cfg = idx.directory, idx.adapter, idx.config
     hashes: dict[str, str | None] = {}
@@ -276,7 +290,7 @@ def _write_shards(idx: Any, tmp: Path, names: list[str], shards: list[list[OutTe
         for fname, tensors in zip(names, shards, strict=True):
             w = _Writer(tmp / fname, checksum=checksums)
             hashing.append((fname, w))
-            w.write(_header_bytes(tensors))
+            w.write(_header_bytes(tensors, fmt))
             for t in tensors:
                 weight_map[t.name] = fname
                 if t.slice_keep is not None:
@@ -341,6 +355,8 @@ def _record(idx: Any, p: Any, full: dict[int, list[int]], standard: bool, tensor
         "files": hashes,
         "plan": p.to_dict(),
     }
+    if mlx_layout(idx):
+        record["layout"] = "mlx-lm"
     if skipped_links:
         record["skipped_links"] = skipped_links
     if drops_mtp(idx, full):
@@ -376,6 +392,9 @@ def trim(
     _check_paths(src, out, force)
     p = as_plan(plan)
     resident, full, standard = _resident_layers(idx, p, model, force_plan)
+    mlx = mlx_layout(idx)
+    if mlx:
+        _check_mlx_trim(src, full, standard, engine_config)
     layout = plan_layout(idx, resident)
     predicted = idx.predicted_bytes(resident)
     extra = stored_output(idx) if engine_config else None
@@ -402,7 +421,8 @@ def trim(
     with progress_bar(progress, transfer=True, remaining=True) as bar:
         task = bar.add_task("trimming", total=written_tensor_bytes)
         try:
-            hashes, weight_map = _write_shards(idx, tmp, names, shards, checksums, lambda k: bar.advance(task, k))
+            hashes, weight_map = _write_shards(idx, tmp, names, shards, checksums, lambda k: bar.advance(task, k),
+                                               "mlx" if mlx else "pt")
             index_obj = {"metadata": {"total_size": written_tensor_bytes, "format": "pt"}, "weight_map": weight_map}
             (tmp / INDEX_FILE).write_text(json.dumps(index_obj, indent=2) + "\n")
             (tmp / "config.json").write_text(json.dumps(new_cfg, indent=2) + "\n")

@@ -12,7 +12,7 @@ import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
-from .spec import MoESpec, Route, TensorRole, cfg_get, group_problems
+from .spec import MoESpec, Patterns, Route, TensorRole, cfg_get, group_problems
 
 
 class Adapter:
@@ -207,6 +207,19 @@ class Adapter:
     def classify(self, name: str, config: Mapping[str, Any]) -> TensorRole:
         """Role of the on-disk tensor `name` in a checkpoint with config.json `config`."""
         raise NotImplementedError
+
+    # tensor names of the family in an mlx-lm model folder (`mlx_lm.convert` output: stacked `switch_mlp`
+    # experts, a router that may be quantized); `classify` reads them beside the transformers names
+    mlx_patterns: ClassVar[Patterns] = Patterns()
+
+    def mlx_layout(self, config: Mapping[str, Any], names: Sequence[str]) -> bool:
+        """True when a checkpoint with config.json `config` and tensors `names` is an mlx-lm model folder: its
+        config carries mlx-lm's "quantization" entry, or its experts are stored as the family's stacked
+        mlx-lm tensors."""
+        if isinstance(config.get("quantization"), Mapping):
+            return True
+        fused = [rx for kind, rx, _ in self.mlx_patterns.compile() if kind == "fused"]
+        return any(rx.fullmatch(n) for n in names for rx in fused)
 
     # config keys that count multi-token-prediction layers stored after the last decoder layer
     mtp_keys: ClassVar[tuple[str, ...]] = ()

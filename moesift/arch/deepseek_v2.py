@@ -12,7 +12,7 @@ from typing import ClassVar
 
 from ..core.values import int_or_none
 from .registry import register
-from .spec import Patterns, cfg_get
+from .spec import Patterns, cfg_get, mlx_switch_patterns
 from .standard import StandardAdapter
 
 L = r"model\.layers\.(?P<layer>\d+)\.mlp"
@@ -30,6 +30,7 @@ class DeepseekV2(StandardAdapter):
     model_types = ("deepseek_v2",)
     n_experts_keys = ("n_routed_experts", "num_experts", "num_local_experts")
     patterns = DEEPSEEK_PATTERNS
+    mlx_patterns = mlx_switch_patterns(L)
     normalise_selection = False  # V2 scales its top-k probabilities, it never renormalises them
     # a group's score is the sum of its best `group_score_top` experts: 1 for V2 (max), 2 for V3-style routers
     group_score_top: ClassVar[int] = 1

@@ -5,7 +5,7 @@ a MoE layer. In memory the block is `mlp` (`gate` + fused `experts`); on disk th
 from __future__ import annotations
 
 from .registry import register
-from .spec import Patterns
+from .spec import Patterns, mlx_switch_patterns
 from .standard import StandardAdapter
 
 L = r"model\.layers\.(?P<layer>\d+)\.(block_sparse_moe|mlp)"
@@ -20,6 +20,7 @@ class Mixtral(StandardAdapter):
         expert=(rf"{L}\.experts\.(?P<expert>\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.[\w.]+",),
         fused=((rf"{L}\.experts\.(gate_up_proj|down_proj)[\w.]*", 0),),
     )
+    mlx_patterns = mlx_switch_patterns(L)  # mlx-lm: block_sparse_moe.gate, block_sparse_moe.switch_mlp
 
 
 @register

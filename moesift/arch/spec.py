@@ -131,6 +131,20 @@ class Patterns:
         return self.compiled
 
 
+MLX_QUANT_PARTS = r"(weight|scales|biases)"
+
+
+def mlx_switch_patterns(block: str) -> Patterns:
+    """Tensor names of an mlx-lm model folder (as `mlx_lm.convert` writes it) for the MoE block regex `block`
+    (with a group `layer`): the router `gate` (one row per expert; a quantized router stores its packed
+    `weight` with `scales` and `biases` of the same rows) and the stacked experts
+    `switch_mlp.{gate,up,down}_proj` with the expert dimension first (weight, and scales / biases when
+    quantized)."""
+    q = MLX_QUANT_PARTS
+    return Patterns(router=(rf"{block}\.gate\.{q}",),
+                    fused=((rf"{block}\.switch_mlp\.(gate|up|down)_proj\.{q}", 0),))
+
+
 def equal_group_floor(n_experts: int, n_group: int, topk_group: int | None, top_k: int, score_top: int) -> int:
     """Fewest experts per group when every group of a group-limited router keeps the same number: the
     group score's terms (`score_top`), and enough in the `topk_group` selectable groups for top-k."""

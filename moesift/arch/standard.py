@@ -335,7 +335,7 @@ class StandardAdapter(Adapter):
 
     # ---- checkpoint ---------------------------------------------------------------------------------
     def classify(self, name: str, config: Mapping[str, Any]) -> TensorRole:
-        for kind, rx, dim in self.patterns.compile():
+        for kind, rx, dim in (*self.patterns.compile(), *self.mlx_patterns.compile()):
             m = rx.fullmatch(name)
             if not m:
                 continue

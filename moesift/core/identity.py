@@ -50,11 +50,13 @@ def token_stream_hash(docs_ids: list[list[int]]) -> str:
 
 
 # Config keys that say how a file was written, not what the model computes: a plan made on a copy of the
-# model saved by another transformers version, or in another dtype, still fits.
+# model saved by another transformers version, or in another dtype, or quantized (mlx-lm's "quantization",
+# transformers' "quantization_config"), still fits.
 CONFIG_KEYS_IGNORED = frozenset({
     "transformers_version", "_name_or_path", "architectures", "torch_dtype", "dtype", "use_cache",
     "output_attentions", "output_hidden_states", "return_dict", "_attn_implementation",
     "_attn_implementation_autoset", "_commit_hash", "auto_map", "pad_token_id", "bos_token_id", "eos_token_id",
+    "quantization", "quantization_config",
 })
 
 

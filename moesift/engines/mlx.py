@@ -25,14 +25,16 @@ def implemented_model_types() -> list[str]:
     return sorted(names)
 
 
-def _module_for(model_type: str) -> str | None:
+def module_for(model_type: str) -> str | None:
+    """The `mlx_lm.models` module that builds `model_type` (after mlx-lm's remapping), or None."""
     from mlx_lm import utils
 
     mt = getattr(utils, "MODEL_REMAPPING", {}).get(model_type, model_type)
     return mt if importlib.util.find_spec(f"mlx_lm.models.{mt}") is not None else None
 
 
-def _version() -> str:
+def mlx_version() -> str:
+    """The installed mlx-lm version ("?" when unknown)."""
     try:
         return version("mlx-lm")
     except PackageNotFoundError:
@@ -45,7 +47,7 @@ class MlxRunner:
         from mlx_lm.utils import load_model
 
         self.mx = mx
-        self.name = f"mlx-lm {_version()}"
+        self.name = f"mlx-lm {mlx_version()}"
         self.notes: list[str] = []
         try:
             model, _ = load_model(trimmed, lazy=False, strict=True)
@@ -89,9 +91,9 @@ def check(trimmed: Path, record: dict[str, Any] | None) -> dict[str, Any]:
     """config.json of `trimmed` when mlx-lm implements its family and the trim is uniform; else one error line."""
     cfg = standard_config(trimmed, record, "mlx")
     mt = str(cfg.get("model_type"))
-    if _module_for(mt) is None:
+    if module_for(mt) is None:
         raise MoesiftError(
-            f"mlx-lm {_version()} has no implementation of model_type {mt!r} (mlx_lm.models has none); "
+            f"mlx-lm {mlx_version()} has no implementation of model_type {mt!r} (mlx_lm.models has none); "
             "verify this checkpoint with --engine transformers"
         )
     return cfg

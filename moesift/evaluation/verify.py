@@ -17,8 +17,9 @@ from ..core.errors import MoesiftError
 from ..core.values import check_int
 from ..engines.choose import check_engine, open_engine, require
 from ..engines.hf import hf_progress, resolve_device
+from ..engines.mlx_native import check_mlx_model, is_mlx_model, open_mlx, quantization_note, restricted
 from ..engines.restrict import restrict
-from ..formats.checkpoint import read_header
+from ..formats.checkpoint import CheckpointIndex, read_header
 from ..formats.plan import Plan, as_plan, planned_offload
 from ..formats.trimmed import read_trimmed_record
 from ..formats.workload import encode_prefix, read_documents
@@ -70,10 +71,10 @@ class Agreement:
                 "max_abs_logit_diff": self.max_abs, "max_rel_logit_diff": self.max_rel,
                 "generations_identical": not self.mismatches, "generation_mismatches": self.mismatches[:4]}
 
-def comparison_inputs(full: Any, tok: Any, data: Any, field: str | None, max_samples: int, max_length: int,
-                      seed: int, max_new_tokens: int) -> tuple[list[Any], dict[str, Any], dict[str, Any]]:
-    """The prompts two models are compared on (from `data`, or deterministic random token sequences), what
-    they are (for the result), and the greedy-generation arguments for `full.generate`."""
+def prompt_inputs(vocab: int | None, tok: Any, data: Any, field: str | None, max_samples: int, max_length: int,
+                  seed: int) -> tuple[list[Any], dict[str, Any]]:
+    """The prompts two models are compared on, token id tensors [1, T] (from `data`, or deterministic random
+    token sequences below `vocab`), and what they are (for the result)."""
     import torch
 
     if data is not None:
@@ -81,16 +82,24 @@ def comparison_inputs(full: Any, tok: Any, data: Any, field: str | None, max_sam
         prompts = _read_prompts(paths, field, max_samples, tok, max_length)
         if not prompts:
             raise MoesiftError(f"no prompts found in {', '.join(paths)}")
-        source = {"kind": "files", "paths": paths, "prompts": len(prompts)}
-    else:
+        return prompts, {"kind": "files", "paths": paths, "prompts": len(prompts)}
+    g = torch.Generator().manual_seed(seed)
+    hi = max(8, min(max_length, 32))
+    lengths = torch.randint(8, hi + 1, (max_samples,), generator=g).tolist()
+    prompts = [torch.randint(0, int(vocab or 0), (1, n), generator=g) for n in lengths]
+    return prompts, {"kind": "random", "note": f"no --data given: {len(prompts)} deterministic random token "
+                                               f"sequences (seed {seed})", "prompts": len(prompts)}
+
+
+def comparison_inputs(full: Any, tok: Any, data: Any, field: str | None, max_samples: int, max_length: int,
+                      seed: int, max_new_tokens: int) -> tuple[list[Any], dict[str, Any], dict[str, Any]]:
+    """The prompts two models are compared on (from `data`, or deterministic random token sequences), what
+    they are (for the result), and the greedy-generation arguments for `full.generate`."""
+    vocab = None
+    if data is None:
         vocab = int(full.config.get_text_config().vocab_size if hasattr(full.config, "get_text_config")
                     else full.config.vocab_size)
-        g = torch.Generator().manual_seed(seed)
-        hi = max(8, min(max_length, 32))
-        lengths = torch.randint(8, hi + 1, (max_samples,), generator=g).tolist()
-        prompts = [torch.randint(0, vocab, (1, n), generator=g) for n in lengths]
-        source = {"kind": "random", "note": f"no --data given: {len(prompts)} deterministic random token sequences "
-                                            f"(seed {seed})", "prompts": len(prompts)}
+    prompts, source = prompt_inputs(vocab, tok, data, field, max_samples, max_length, seed)
     pad = getattr(full.generation_config, "pad_token_id", None)
     if pad is None:
         eos = getattr(full.generation_config, "eos_token_id", None)
@@ -191,7 +200,9 @@ def verify(
     "mlx" loads it with mlx-lm and "llama.cpp" converts it to an F32 GGUF file with llama.cpp's own converter
     and runs it with llama-cpp-python, both in float32 on the CPU (extras `moesift[mlx]`, `moesift[gguf]`).
     Engines need a standard (uniform) trim. With an engine, greedy generations on both sides are plain
-    argmax decoding of `max_new_tokens` tokens (end-of-sequence not special), each with its own KV cache."""
+    argmax decoding of `max_new_tokens` tokens (end-of-sequence not special), each with its own KV cache.
+    When `model` and `trimmed` are mlx-lm model folders (quantized MLX checkpoints and their trims), both run
+    in mlx-lm (`verify_mlx`), whatever `engine` says but llama.cpp."""
     device = resolve_device(device)
     max_new_tokens = check_int("--max-new-tokens", max_new_tokens, 1)
     max_samples = check_int("--max-samples", max_samples, 1)
@@ -205,6 +216,9 @@ def verify(
                                 else host_compute_max_tokens)
     if trimmed is None:
         raise MoesiftError("give the TRIMMED checkpoint to compare with (or --offloaded PLAN)")
+    if _mlx_pair(model, trimmed, engine, dtype):
+        return verify_mlx(model, trimmed, plan=plan, data=data, max_new_tokens=max_new_tokens,
+                          max_samples=max_samples, max_length=max_length, field=field, seed=seed, force_plan=force_plan)
     if engine != "transformers":
         require(engine)  # a missing extra is said before anything is read
     p = _trimmed_plan(trimmed, plan)
@@ -246,6 +260,82 @@ def verify(
         "max_new_tokens": max_new_tokens,
         "params_full": n_full,
         "params_trimmed": n_small,
+    }
+    result["ok"] = result["top1_agreement"] >= 1.0 and result["generations_identical"]
+    return result
+
+
+def _mlx_pair(model: Any, trimmed: Any, engine: str, dtype: str | None) -> bool:
+    """True when `model` and `trimmed` are mlx-lm model folders (compared in mlx-lm whatever `engine` says but
+    llama.cpp); one error line when only one of them is, or when another engine or dtype is asked for."""
+    base, small = is_mlx_model(model), is_mlx_model(trimmed)
+    if not (base or small):
+        return False
+    if not (base and small):
+        which, other = (model, trimmed) if base else (trimmed, model)
+        raise MoesiftError(f"{str(which)!r} is an mlx-lm model folder and {str(other)!r} is not; verify compares an "
+                           "mlx-lm model with its own trim (moesift trim MLX_MODEL --plan P --out OUT)")
+    if engine not in ("transformers", "mlx"):
+        raise MoesiftError(f"{str(model)!r} and {str(trimmed)!r} are mlx-lm model folders: verify them with "
+                           f"--engine mlx, not {engine}")
+    if dtype not in (None, "float32"):
+        raise MoesiftError(f"mlx-lm model folders are compared in float32; drop --dtype {dtype}")
+    return True
+
+
+def _mlx_tokenizer(model: Any) -> Any:
+    """The tokenizer stored in an mlx-lm model folder (transformers reads it), or None."""
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(model))
+    except Exception:  # noqa: BLE001 - a folder without a readable tokenizer: prompts must be token ids
+        return None
+
+
+def verify_mlx(model: str | os.PathLike, trimmed: str | os.PathLike, plan: Any = None,
+               data: str | os.PathLike | list[str] | None = None, max_new_tokens: int = 16, max_samples: int = 8,
+               max_length: int = 64, field: str | None = None, seed: int = 0,
+               force_plan: bool = False) -> dict[str, Any]:
+    """An mlx-lm model folder (`model`, quantized or not) run in mlx-lm with its routing restricted to `plan`
+    (default: the plan recorded in `trimmed`), against its trim `trimmed` run in mlx-lm: the same kernels on
+    the same stored bytes, both in float32 (quantized weights stay as stored; scales and biases are widened).
+    The result has the keys of `verify`; greedy generations are plain argmax decoding with mlx-lm's KV cache."""
+    import torch
+
+    require("mlx")
+    base, small = CheckpointIndex.build(model), CheckpointIndex.build(trimmed)
+    for idx in (base, small):
+        idx.check_consistent()
+        check_mlx_model(idx)
+    p = _trimmed_plan(trimmed, plan)
+    resident = p.resolve(base.spec, base.config, str(model), force_plan)
+    vocab = base.config.get("vocab_size") or (base.config.get("text_config") or {}).get("vocab_size")
+    prompts, source = prompt_inputs(vocab, _mlx_tokenizer(model) if data is not None else None, data, field,
+                                    max_samples, max_length, seed)
+    cmp = Agreement("trimmed")
+    full = runner = None
+    try:
+        full, runner = open_mlx(base), open_mlx(small)
+        for i, ids in enumerate(prompts):
+            seq = ids[0].tolist()
+            with restricted(full.model, base, resident):
+                lf, gf = full.run(seq, max_new_tokens)
+            ls, gs = runner.run(seq, max_new_tokens)
+            if ls.shape != lf.shape:
+                raise MoesiftError(f"{runner.name} gave logits of shape {ls.shape} for the trim, {lf.shape} for the "
+                                   "full model; the trimmed model does not match the model")
+            cmp.add(i, torch.from_numpy(lf).unsqueeze(0), torch.from_numpy(ls).unsqueeze(0), gf, gs)
+        name = runner.name
+    finally:
+        _close(full, None)
+        _close(runner, None)
+    result = {
+        "model": str(model), "trimmed": str(trimmed), "engine": name,
+        "engine_notes": [f"both mlx-lm model folders run in mlx-lm ({quantization_note(base.config)}); the full "
+                         "model's router logits of non-resident experts are -inf"],
+        "plan": p.source, "data": source, "prompts": len(prompts), **cmp.result(), "max_new_tokens": max_new_tokens,
+        "params_full": _header_params(Path(base.directory)), "params_trimmed": _header_params(Path(small.directory)),
     }
     result["ok"] = result["top1_agreement"] >= 1.0 and result["generations_identical"]
     return result

@@ -349,6 +349,8 @@ def consistency_problem(index: CheckpointIndex) -> str | None:
                     f"(num_hidden_layers {n_layers}, MoE layers {sorted(moe)[:8]})")
         (routers if r.kind == "router" else experts).setdefault(r.layer, []).append(t)
     hidden = index.adapter.model_shape(index.config).get("hidden_size")
+    if isinstance(index.config.get("quantization"), dict):
+        hidden = None  # an mlx-lm quantized router stores packed rows (and scales / biases per group)
     for layer in spec.moe_layers:
         if layer not in routers:
             return (f"the config makes decoder layer {layer} a MoE layer (num_hidden_layers, model_type "

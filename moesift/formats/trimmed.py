@@ -54,6 +54,12 @@ def drops_mtp(index: Any, resident: Mapping[int, Sequence[int]]) -> bool:
     return any(len(v) < E for v in resident.values()) and any(t.role.kind == "mtp" for t in index.tensors)
 
 
+def mlx_layout(index: Any) -> bool:
+    """True when the checkpoint of `index` (a CheckpointIndex) is an mlx-lm model folder (`Adapter.mlx_layout`):
+    its trim keeps mlx-lm's layout (stacked experts, quantized tensors and their config entry as they are)."""
+    return index.adapter.mlx_layout(index.config, [t.name for t in index.tensors])
+
+
 def stored_output(index: Any) -> OutTensor | None:
     """For a tied model that stores no output projection, the output projection as a tensor of its own: the
     bytes of the input embedding under the family's lm_head name (engines without tied outputs need it; the
