@@ -12,7 +12,7 @@ import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
-from .spec import MoESpec, Patterns, Route, TensorRole, cfg_get, group_problems
+from .spec import MlxRouter, MoESpec, Patterns, Route, TensorRole, cfg_get, group_problems
 
 
 class Adapter:
@@ -211,6 +211,9 @@ class Adapter:
     # tensor names of the family in an mlx-lm model folder (`mlx_lm.convert` output: stacked `switch_mlp`
     # experts, a router that may be quantized); `classify` reads them beside the transformers names
     mlx_patterns: ClassVar[Patterns] = Patterns()
+    # where mlx-lm builds the family's MoE block and router and how the block selects (softmax families whose
+    # routing `moesift trace --engine mlx` records); None: not recorded in mlx-lm
+    mlx_router: ClassVar[MlxRouter | None] = None
 
     def mlx_layout(self, config: Mapping[str, Any], names: Sequence[str]) -> bool:
         """True when a checkpoint with config.json `config` and tensors `names` is an mlx-lm model folder: its

@@ -5,7 +5,7 @@ a MoE layer. In memory the block is `mlp` (`gate` + fused `experts`); on disk th
 from __future__ import annotations
 
 from .registry import register
-from .spec import Patterns, mlx_switch_patterns
+from .spec import MlxRouter, Patterns, mlx_switch_patterns
 from .standard import StandardAdapter
 
 L = r"model\.layers\.(?P<layer>\d+)\.(block_sparse_moe|mlp)"
@@ -21,6 +21,8 @@ class Mixtral(StandardAdapter):
         fused=((rf"{L}\.experts\.(gate_up_proj|down_proj)[\w.]*", 0),),
     )
     mlx_patterns = mlx_switch_patterns(L)  # mlx-lm: block_sparse_moe.gate, block_sparse_moe.switch_mlp
+    # mlx-lm: top-k of the logits, softmax over the k (the same selection and weights as renormalised softmax)
+    mlx_router = MlxRouter("block_sparse_moe", renorm="always")
 
 
 @register
@@ -28,3 +30,4 @@ class MiniMax(Mixtral):
     """Lightning (linear) and softmax attention layers alternate; the MoE block is Mixtral's."""
 
     model_types = ("minimax",)
+    mlx_router = None  # not recorded in mlx-lm (untested there)

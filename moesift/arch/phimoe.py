@@ -16,6 +16,7 @@ from .registry import register
 class Phimoe(Mixtral):
     model_types = ("phimoe",)
     router_attr = "router"
+    mlx_router = None  # SparseMixer selection: not recorded in mlx-lm
 
     def set_top_k(self, model, k):
         if k == self.spec(model.config).top_k:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from .qwen3_moe import L, Qwen3Moe
 from .registry import register
-from .spec import Patterns, cfg_get
+from .spec import MlxRouter, Patterns, cfg_get
 
 QWEN2_PATTERNS = Patterns(
     router=(rf"{L}\.gate\.weight",),
@@ -22,6 +22,7 @@ class Qwen2Moe(Qwen3Moe):
     patterns = QWEN2_PATTERNS
     dense_layers_unsupported = ("mlx",)  # mlx-lm's qwen2_moe builds a MoE block in every layer
     tied_output_unsupported = ("mlx", "llama.cpp")
+    mlx_router = MlxRouter("mlp", renorm="never")  # mlx-lm 0.32's qwen2_moe block ignores norm_topk_prob
 
     def n_shared(self, config):
         return 1 if int(cfg_get(config, "shared_expert_intermediate_size", default=0) or 0) > 0 else 0

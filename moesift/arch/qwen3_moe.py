@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 from .registry import register
-from .spec import Patterns, cfg_get, mlx_switch_patterns
+from .spec import MlxRouter, Patterns, cfg_get, mlx_switch_patterns
 from .standard import StandardAdapter
 
 L = r"model\.layers\.(?P<layer>\d+)\.mlp"
@@ -24,6 +24,7 @@ class Qwen3Moe(StandardAdapter):
         fused=((rf"{L}\.experts\.(gate_up_proj|down_proj)[\w.]*", 0),),
     )
     mlx_patterns = mlx_switch_patterns(L)  # shared with Qwen2-MoE and OLMoE (mlx-lm names them alike)
+    mlx_router = MlxRouter("mlp", renorm="config")  # OLMoE's mlx-lm block selects alike
 
     def is_moe_layer(self, config, i):
         only = cfg_get(config, "mlp_only_layers", default=[]) or []

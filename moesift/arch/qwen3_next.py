@@ -11,3 +11,4 @@ from .registry import register
 class Qwen3Next(Qwen2Moe):
     model_types = ("qwen3_next",)
     dense_layers_unsupported = ()
+    mlx_router = None  # not recorded in mlx-lm (untested there)

@@ -145,6 +145,29 @@ def mlx_switch_patterns(block: str) -> Patterns:
                     fused=((rf"{block}\.switch_mlp\.(gate|up|down)_proj\.{q}", 0),))
 
 
+@dataclass(frozen=True)
+class MlxRouter:
+    """How mlx-lm builds a softmax family's MoE block: the block is `block` of decoder layer i
+    (``model.layers.{i}.{block}``), its router module is `gate` (a Linear, or a QuantizedLinear in a quantized
+    folder) and the block selects from the router's logits by softmax over all experts, top-k, and then
+    renormalises the k weights as `renorm` says: "always", "never", or "config" (the config's
+    ``norm_topk_prob``)."""
+
+    block: str
+    renorm: str  # "always" | "never" | "config"
+    gate: str = "gate"
+
+    def gate_path(self, layer: int) -> str:
+        """Module path of decoder layer `layer`'s router in the mlx-lm model."""
+        return f"model.layers.{layer}.{self.block}.{self.gate}"
+
+    def renormalises(self, config: Any) -> bool:
+        """Whether the block divides the k selected weights by their sum, for `config`."""
+        if self.renorm == "config":
+            return bool(cfg_get(config, "norm_topk_prob", default=False))
+        return self.renorm == "always"
+
+
 def equal_group_floor(n_experts: int, n_group: int, topk_group: int | None, top_k: int, score_top: int) -> int:
     """Fewest experts per group when every group of a group-limited router keeps the same number: the
     group score's terms (`score_top`), and enough in the `topk_group` selectable groups for top-k."""

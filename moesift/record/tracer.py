@@ -35,7 +35,9 @@ from ..engines.hf import hf_progress, load_model, resolve_device
 from ..formats.checkpoint import resolve_model_dir
 from ..formats.trace import SCHEMA, Trace, merge
 from ..formats.wcer import dump_expert_trace
-from ..formats.workload import encode_prefix, read_documents, source_info
+from ..formats.workload import read_documents, source_info
+from .documents import log_arrays, split_log, tokenize_workload
+from .mlx_trace import trace_engine, trace_mlx
 from .recorder import Recorder
 
 
@@ -58,10 +60,12 @@ def trace(
     force: bool = False,
     progress: bool = True,
     tokenizer: Any = None,
+    engine: str = "auto",
 ) -> Trace:
     """Trace the routing of `model` (directory, hub id in the local cache, or a loaded transformers model
     with `tokenizer=`) on the workload files `data`; save to `out` when given (refuses to overwrite
-    unless `force`). Returns the Trace."""
+    unless `force`). `engine`: "transformers", "mlx" (an mlx-lm model folder, traced in mlx-lm, prefill
+    only; see moesift.record.mlx_trace) or "auto" (mlx for an mlx-lm model folder). Returns the Trace."""
     device = resolve_device(device)
     max_length = check_int("max_length", max_length, 1)
     batch_size = check_int("batch_size", batch_size, 1)
@@ -69,16 +73,20 @@ def trace(
     folds = check_int("folds", folds, 1)
     if max_samples is not None:
         max_samples = check_int("max_samples", max_samples, 1)
+    engine = trace_engine(model, engine, generate, saliency)
     paths = [data] if isinstance(data, (str, os.PathLike)) else list(data)
     if out is not None:
         check_output_path(out, force, inputs=paths)
     docs = read_documents(paths, field=field, max_samples=max_samples)
     sources = source_info(paths)
-    loaded = _load(model, tokenizer, device, dtype, trust_remote_code, progress)
-    ids_list = _tokenize_workload(docs, loaded, max_length, generate, paths)
-    run = _Run(loaded, folds, batch_size, generate, saliency, log_routing, progress)
-    run.record(ids_list)
-    t = _assemble(loaded, run, ids_list, paths, sources, label, max_length, generate, folds)
+    if engine == "mlx":
+        t = trace_mlx(model, docs, paths, sources, label, max_length, batch_size, folds, log_routing, progress)
+    else:
+        loaded = _load(model, tokenizer, device, dtype, trust_remote_code, progress)
+        ids_list = _tokenize_workload(docs, loaded, max_length, generate, paths)
+        run = _Run(loaded, folds, batch_size, generate, saliency, log_routing, progress)
+        run.record(ids_list)
+        t = _assemble(loaded, run, ids_list, paths, sources, label, max_length, generate, folds)
     if out is not None:
         t.save(out, force=force, inputs=paths)
     return t
@@ -125,17 +133,8 @@ def _tokenize_workload(docs: list[dict[str, Any]], loaded: _Loaded, max_length: 
     """Token ids of every document that has any (refuses a workload where none has)."""
     m = loaded.m
     vocab = int(getattr(m.config, "vocab_size", 0) or getattr(m.get_input_embeddings(), "num_embeddings", 0))
-    ids_list = [_tokenize(d, loaded.tok, max_length, vocab, generate > 0, paths) for d in docs]
-    longest = getattr(m.config, "max_position_embeddings", None)
-    need = max((len(ids) for ids in ids_list), default=0) + generate
-    if isinstance(longest, int) and longest > 0 and need > longest:
-        raise MoesiftError(f"a document of {need - generate} tokens{f' plus --generate {generate}' if generate else ''} "
-                           f"is longer than the {longest} positions this model was built for "
-                           f"(max_position_embeddings); pass --max-length {max(1, longest - generate)} or less")
-    keep = [i for i, ids in enumerate(ids_list) if ids]
-    if not keep:
-        raise MoesiftError("every document of the workload tokenized to zero tokens; check the files")
-    return [ids_list[i] for i in keep]
+    return tokenize_workload(docs, loaded.tok, max_length, vocab, getattr(m.config, "max_position_embeddings", None),
+                             generate, paths)
 
 
 class _Run:
@@ -224,19 +223,14 @@ class _Run:
             m(input_ids=x, attention_mask=mask_d, use_cache=False)
         rec.end_forward()
         if self.log_routing:
-            self.log_docs.extend(_split_log(rec.pop_log(), hi - lo))
+            self.log_docs.extend(split_log(rec.pop_log(), hi - lo))
 
     def arrays(self) -> dict[str, np.ndarray]:
         """The recorder's statistics on the host, with the per-document routing log when kept."""
         arrays = self.rec.to_arrays()
-        log_docs, spec = self.log_docs, self.loaded.spec
         if self.log_routing:
-            arrays["routing_log"] = (np.concatenate([lg for lg, _ in log_docs]) if log_docs
-                                     else np.zeros((0, len(spec.moe_layers), spec.top_k), np.int16))
-            lens = np.array([len(lg) for lg, _ in log_docs], dtype=np.int64)
-            arrays["doc_offsets"] = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
-            arrays["log_phase"] = (np.concatenate([ph for _, ph in log_docs]) if log_docs
-                                   else np.zeros(0, np.uint8))
+            spec = self.loaded.spec
+            arrays.update(log_arrays(self.log_docs, len(spec.moe_layers), spec.top_k))
         return arrays
 
 
@@ -315,49 +309,6 @@ def _eos_ids(m: Any) -> list[int]:
     if v is None:
         return []
     return [int(x) for x in (v if isinstance(v, (list, tuple)) else [v])]
-
-
-def _tokenize(doc: dict[str, Any], tok: Any, max_length: int, vocab: int, chat_prompt: bool,
-              paths: list) -> list[int]:
-
-    if "input_ids" in doc:
-        ids = doc["input_ids"][:max_length]
-        bad = [i for i in ids if i < 0 or (vocab and i >= vocab)]
-        if bad:
-            raise MoesiftError(
-                f"workload {str(paths[doc.get('source', 0)])!r}: token id {bad[0]} is outside the model's "
-                f"vocabulary (0..{vocab - 1})"
-            )
-        return list(ids)
-    if tok is None:
-        raise MoesiftError(
-            "the model has no tokenizer (no tokenizer files in its directory); give pre-tokenized JSONL "
-            "with an 'input_ids' list per line, or a model directory with a tokenizer"
-        )
-    if "messages" in doc:
-        if not getattr(tok, "chat_template", None):
-            raise MoesiftError(
-                f"workload {str(paths[doc.get('source', 0)])!r} holds chats ('messages') but the tokenizer has "
-                "no chat template; use a 'text' field"
-            )
-        text = tok.apply_chat_template(doc["messages"], tokenize=False, add_generation_prompt=chat_prompt)
-        return encode_prefix(tok, text, max_length, add_special_tokens=False)
-    return encode_prefix(tok, doc["text"], max_length)
-
-
-def _split_log(fws: list, n_rows: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per document of the batch: (ids int16 [n, L, K], phase uint8 [n]) from the forwards' logs, prompt
-    tokens first, then generated tokens in order; padding and finished rows dropped."""
-    parts: list[list[np.ndarray]] = [[] for _ in range(n_rows)]
-    phases: list[list[np.ndarray]] = [[] for _ in range(n_rows)]
-    for B, S, phase, valid, log in fws:
-        v = valid.reshape(B, S)
-        lg = log.reshape(B, S, *log.shape[1:])
-        for r in range(B):
-            sel = lg[r][v[r]]
-            parts[r].append(sel)
-            phases[r].append(np.full(len(sel), phase, np.uint8))
-    return [(np.concatenate(p), np.concatenate(ph)) for p, ph in zip(parts, phases, strict=True)]
 
 
 # ---- show / merge / export ------------------------------------------------------------------------

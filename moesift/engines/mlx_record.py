@@ -1,0 +1,104 @@
+"""Read the routing of an mlx-lm model: each MoE block's router module (`gate`) is wrapped by a module that
+returns the router's logits unchanged (the model's output does not change) and, from the same logits,
+computes what the family's block computes (softmax over all experts, top-k, renormalisation as the family
+does; see `moesift.arch.spec.MlxRouter`): the selected expert ids and their routing weights."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..arch.spec import MlxRouter, MoESpec, get_path
+from ..core.errors import MoesiftError
+
+
+@dataclass
+class LayerRouting:
+    """One MoE layer's routing for the T = batch x sequence tokens of a forward (row-major)."""
+
+    ids: np.ndarray  # int64 [T, K], by descending weight
+    weights: np.ndarray  # float32 [T, K]
+    logits: np.ndarray  # float32 [T, E]
+
+
+def _tap(gate: Any, k: int, renorm: bool, sink: list) -> Any:
+    """An mlx module that calls `gate` and appends (logits, ids, weights) of the call to `sink`."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    class RouterTap(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = gate
+
+        def __call__(self, x: Any) -> Any:
+            logits = self.inner(x)
+            flat = logits.reshape(-1, logits.shape[-1]).astype(mx.float32)
+            probs = mx.softmax(flat, axis=-1, precise=True)
+            ids = mx.argpartition(-probs, kth=k - 1, axis=-1)[..., :k]
+            w = mx.take_along_axis(probs, ids, axis=-1)
+            if renorm:
+                w = w / mx.sum(w, axis=-1, keepdims=True)
+            sink.append((flat, ids, w))
+            return logits
+
+    return RouterTap()
+
+
+class RouterTaps:
+    """The taps of every MoE layer of an mlx-lm model; `pop()` after each forward."""
+
+    def __init__(self, n_layers: int) -> None:
+        self.sinks: list[list] = [[] for _ in range(n_layers)]
+
+    def pop(self) -> list[LayerRouting]:
+        """Per MoE layer (in `spec.moe_layers` order) the routing of the forward since the last call."""
+        import mlx.core as mx
+
+        out = []
+        for m, sink in enumerate(self.sinks):
+            if len(sink) != 1:
+                raise MoesiftError(f"MoE layer {m}: its router ran {len(sink)} times in one forward (expected once)")
+            logits, ids, w = sink.pop()
+            mx.eval(logits, ids, w)
+            ids_np = np.array(ids).astype(np.int64)
+            w_np = np.array(w).astype(np.float32)
+            order = np.argsort(-w_np, axis=1, kind="stable")  # descending weight, as torch.topk reports
+            out.append(LayerRouting(np.take_along_axis(ids_np, order, 1), np.take_along_axis(w_np, order, 1),
+                                    np.array(logits).astype(np.float32)))
+        return out
+
+
+def recordable_problem(model_type: str, router: MlxRouter | None, spec: MoESpec) -> str | None:
+    """Why moesift does not record the routing of this family in mlx-lm, or None."""
+    if router is None or spec.scoring != "softmax" or (spec.n_group or 1) > 1:
+        return (f"moesift records routing in mlx-lm for softmax families (qwen3_moe, qwen2_moe, olmoe, mixtral) "
+                f"only, not {model_type}; trace the transformers checkpoint")
+    return None
+
+
+@contextlib.contextmanager
+def tapped(model: Any, spec: MoESpec, router: MlxRouter, config: Mapping[str, Any]) -> Iterator[RouterTaps]:
+    """Within the block, the router of every MoE layer of the mlx-lm `model` is tapped; yields the taps."""
+    taps = RouterTaps(len(spec.moe_layers))
+    renorm = router.renormalises(config)
+    saved: list[tuple[Any, str, Any]] = []
+    try:
+        for m, layer in enumerate(spec.moe_layers):
+            parent_path, attr = router.gate_path(layer).rsplit(".", 1)
+            try:
+                parent = get_path(model, parent_path)
+                gate = getattr(parent, attr)
+            except (AttributeError, IndexError, KeyError, TypeError):
+                raise MoesiftError(f"the mlx-lm model has no router module {router.gate_path(layer)!r} "
+                                   f"(decoder layer {layer})") from None
+            setattr(parent, attr, _tap(gate, spec.top_k, renorm, taps.sinks[m]))
+            saved.append((parent, attr, gate))
+        yield taps
+    finally:
+        for parent, attr, gate in reversed(saved):
+            setattr(parent, attr, gate)
