@@ -98,7 +98,7 @@ class _Writer:
     the copy proceeds, so hashing overlaps copying and memory stays bounded."""
 
     def __init__(self, path: Path, checksum: str | None = "blake3"):
-        self.h = new_checksum(checksum) if checksum else None
+        self.h = new_checksum(checksum, threads=False) if checksum else None  # the copy runs beside it
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
         self.q: queue.Queue = queue.Queue(maxsize=64)
         self.error: BaseException | None = None

@@ -527,10 +527,11 @@ def write_safetensors(
 CHECKSUMS = ("blake3", "sha256")
 
 
-def new_checksum(algorithm: str) -> Any:
-    """A fresh hash object (`update`, `hexdigest`) of `algorithm`, one of CHECKSUMS."""
+def new_checksum(algorithm: str, threads: bool = True) -> Any:
+    """A fresh hash object (`update`, `hexdigest`) of `algorithm`, one of CHECKSUMS; `threads`: blake3 spreads
+    large updates over the cores (turn off where the caller already hashes beside other work)."""
     if algorithm == "blake3":
-        return blake3.blake3(max_threads=blake3.blake3.AUTO)
+        return blake3.blake3(max_threads=blake3.blake3.AUTO if threads else 1)
     if algorithm == "sha256":
         return hashlib.sha256()
     raise MoesiftError(f"unknown checksum {algorithm!r}: use {', '.join(CHECKSUMS)} or none")
