@@ -1,17 +1,23 @@
 """Trim speed and memory on a synthetic multi-shard checkpoint.
 
 Writes a qwen3_moe-style checkpoint of random bytes (per-expert tensors, several shards, a large embedding),
-plans 50% of the experts of every layer, then, in fresh subprocesses and alternating:
-  - trims it (`moesift.trim`, sha256 of every output file included), and
-  - copies as many bytes as the trim writes from the source shards (`copy_file_range`) as the baseline,
-and reports wall times, their ratio, and the trimming process's peak RSS (getrusage) against the target
-"1 GB plus the largest tensor". Nothing is timed in the test suite; this script prints figures side by side.
+plans 50% of the experts of every layer, then, in fresh subprocesses and alternating, with a warm page cache
+and with a cold one:
+  - trims it (`moesift.trim`) with the blake3 checksum of every output file (the default), with sha256, and
+    without checksums,
+  - copies as many bytes as the trim writes from the source shards (`copy_file_range`), and
+  - runs `cp` of the trimmed shards (the same bytes),
+and reports MB/s of bytes written side by side, as ratios to `cp`, and the trimming process's peak RSS
+(getrusage) against the target "1 GB plus the largest tensor". Nothing is timed in the test suite.
 
-    python bench/trim_speed.py [--size-gb 1.5] [--dir /tmp/moesift-bench] [--repeat 3] [--keep]
+Before every timed run `os.sync()` writes back what earlier runs left dirty (it is not charged to the next
+run); then, cold cache: `os.posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED)` evicts every file the run reads
+(the source shards for a trim and the kernel copy, the trimmed shards for `cp`) from the page cache; warm
+cache: the same files are read through just before, so they come from memory. Writes go to the page cache
+in both (no fsync), as for `cp`.
+
+    python bench/trim_speed.py [--size-gb 1.5] [--dir /tmp/moesift-bench] [--repeat 3] [--keep] [--no-cold]
     python bench/trim_speed.py --src CHECKPOINT [--keep-fraction 0.5]   # an existing qwen3_moe checkpoint
-
-Also times `cp` of the trimmed shards (the same bytes, read from the page cache like the trim's source) and
-reports MB/s of bytes written for the trim, the kernel copy and `cp`.
 """
 
 from __future__ import annotations
@@ -52,7 +58,7 @@ t0 = time.perf_counter()
 import moesift.formats.plan, moesift.formats.checkpoint, moesift.core.io, moesift.arch  # noqa: E401,F401 - start-up, not trimming
 startup = time.perf_counter() - t0
 t = time.perf_counter()
-trim(sys.argv[1], sys.argv[2], sys.argv[3], progress=False, checksums=sys.argv[4] == "1", max_shard_size=sys.argv[5])
+trim(sys.argv[1], sys.argv[2], sys.argv[3], progress=False, checksum=sys.argv[4], max_shard_size=sys.argv[5])
 wall = time.perf_counter() - t
 print(json.dumps({"wall": wall, "startup": startup,
                   "maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
@@ -63,14 +69,16 @@ import moesift.apply.trim, moesift.formats.checkpoint, moesift.formats.plan  # n
 print(json.dumps({"maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 """
 SHA = """
-import hashlib, json, os, time
+import hashlib, json, os, sys, time
+import blake3
 b = os.urandom(64 << 20)
-h = hashlib.sha256()
+h = hashlib.sha256() if sys.argv[1] == "sha256" else blake3.blake3(max_threads=1 if sys.argv[1] == "blake3-1" else -1)
 t = time.perf_counter()
 for _ in range(4):
     h.update(b)
 print(json.dumps({"mb_s": 4 * 64 * 1.048576 / (time.perf_counter() - t)}))
 """
+MODES = ("blake3", "sha256", "none")  # trim --checksum
 COPY = """
 import json, os, shutil, sys, time
 from pathlib import Path
@@ -107,6 +115,59 @@ def _run(code: str, *args: str) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def prepare(d: Path, cold: bool) -> None:
+    """Before a timed run that reads the shards of `d`: write back every dirty page (what earlier runs wrote
+    is not charged to this one), then drop the shards from the page cache (cold) or read them into it (warm)."""
+    os.sync()
+    for f in d.glob("*.safetensors"):
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            if cold:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            else:
+                while os.read(fd, 64 << 20):
+                    pass
+        finally:
+            os.close(fd)
+
+
+def cached_bytes(d: Path) -> int | None:
+    """Bytes of `d`'s shards in the page cache (`fincore`), None where fincore is missing."""
+    files = [str(f) for f in d.glob("*.safetensors")]
+    try:
+        r = subprocess.run(["fincore", "-b", "-n", "-o", "RES", *files], capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return sum(int(x) for x in r.stdout.split())
+
+
+def one_round(cold: bool, src: Path, work: Path, out: Path, copy_dst: Path, out_bytes: int,
+              max_shard: str) -> tuple[dict[str, float], int, float]:
+    """One timed run of every mode (trim per checksum, kernel copy, cp); (seconds per mode, peak RSS, start-up)."""
+    plan = str(work / "plan.json")
+    times: dict[str, float] = {}
+    rss, startup = 0, 0.0
+    for mode in MODES:
+        prepare(src, cold)
+        r = _run(TRIM, str(src), plan, str(out), mode, max_shard)
+        times[f"trim_{mode}"] = r["wall"]
+        rss, startup = max(rss, r["maxrss"]), r["startup"]
+    prepare(src, cold)
+    times["copy"] = _run(COPY, str(src), str(copy_dst), str(out_bytes))["wall"]
+    prepare(out, cold)
+    times["cp"] = _cp(out, copy_dst)
+    return times, rss, startup
+
+
+def _row(label: str, key: str, res: dict, caches: list[str]) -> str:
+    cells = []
+    for c in caches:
+        m = res[c]
+        runs = f"({', '.join(f'{t:.2f}' for t in m[key + '_s'])} s)"
+        cells.append(f"{m[key + '_mb_s']:5.0f} MB/s {m[key + '_to_cp']:5.2f}x {runs:24}")
+    return f"{label:34}" + "   ".join(cells)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-gb", type=float, default=1.5, help="approximate size of the synthetic checkpoint")
@@ -114,10 +175,11 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     ap.add_argument("--max-shard-size", default="5GB",
-                    help="output shard size of the trim (several shards let their sha256 run side by side)")
+                    help="output shard size of the trim (several shards let their checksums run side by side)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--src", default=None, help="trim this qwen3_moe-style checkpoint instead of writing one")
     ap.add_argument("--keep-fraction", type=float, default=0.5, help="experts kept per layer (default 0.5)")
+    ap.add_argument("--no-cold", action="store_true", help="warm page cache only")
     args = ap.parse_args()
     import numpy as np
 
@@ -141,66 +203,98 @@ def main() -> None:
                            for i in range(L)]}
         (work / "plan.json").write_text(json.dumps(plan))
         src_bytes = sum(f.stat().st_size for f in src.glob("*.safetensors"))
-        trims, plain, copies, startups, cps = [], [], [], [], []
-        rss = 0
-        _run(TRIM, str(src), str(work / "plan.json"), str(out), "0", args.max_shard_size)  # warm-up: page cache as in later runs
+        _run(TRIM, str(src), str(work / "plan.json"), str(out), "none", args.max_shard_size)  # warm-up
         out_bytes = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+        caches = ["warm"] if args.no_cold else ["warm", "cold"]
+        runs: dict[str, list[dict[str, float]]] = {c: [] for c in caches}
+        rss, startups = 0, []
+        evicted_left = None
         for _ in range(args.repeat):
-            r = _run(TRIM, str(src), str(work / "plan.json"), str(out), "1", args.max_shard_size)
-            trims.append(r["wall"])
-            startups.append(r["startup"])
-            rss = max(rss, r["maxrss"])
-            copies.append(_run(COPY, str(src), str(copy_dst), str(out_bytes))["wall"])
-            cps.append(_cp(out, copy_dst))
-            r = _run(TRIM, str(src), str(work / "plan.json"), str(out), "0", args.max_shard_size)
-            plain.append(r["wall"])
-            rss = max(rss, r["maxrss"])
-        sha_mb_s = _run(SHA)["mb_s"]
+            for c in caches:
+                times, r, st = one_round(c == "cold", src, work, out, copy_dst, out_bytes, args.max_shard_size)
+                runs[c].append(times)
+                rss, startups = max(rss, r), [*startups, st]
+        if "cold" in caches:
+            prepare(src, cold=True)
+            evicted_left = cached_bytes(src)
+        speeds = {m: _run(SHA, m)["mb_s"] for m in ("sha256", "blake3-1", "blake3")}
         base_rss = _run(IMPORT_ONLY)["maxrss"]
-        t_trim, t_plain, t_copy = statistics.median(trims), statistics.median(plain), statistics.median(copies)
-        t_cp = statistics.median(cps)
-        target_rss = (1 << 30) + largest
-        res = {
+        res = summarize(args, runs, caches, out_bytes)
+        res.update({
             "hardware": f"{cpu_name()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}",
             "source_bytes": src_bytes, "source_shards": len(list(src.glob("*.safetensors"))),
             "layers": L, "experts": E, "kept_per_layer": kept, "written_bytes": out_bytes,
             "output_shards": len(list(out.glob("*.safetensors"))), "largest_tensor_bytes": largest,
-            "synthetic_write_s": t_write, "trim_s": trims, "copy_written_bytes_s": copies,
-            "trim_no_checksums_s": plain, "import_startup_s": statistics.median(startups), "trim_median_s": t_trim, "trim_no_checksums_median_s": t_plain,
-            "copy_median_s": t_copy, "ratio_trim_to_copy": t_trim / t_copy,
-            "ratio_trim_no_checksums_to_copy": t_plain / t_copy, "ratio_target": 1.25,
-            "copy_mb_s": out_bytes / 1e6 / t_copy, "sha256_mb_s": sha_mb_s,
-            "cp_s": cps, "cp_median_s": t_cp, "cp_mb_s": out_bytes / 1e6 / t_cp, "trim_mb_s": out_bytes / 1e6 / t_trim,
-            "trim_no_checksums_mb_s": out_bytes / 1e6 / t_plain, "ratio_trim_to_cp": t_trim / t_cp,
-            "peak_rss_bytes": rss, "peak_rss_target_bytes": target_rss, "python_import_rss_bytes": base_rss,
-            "ok": t_trim / min(t_copy, t_cp) <= 1.25 and rss < target_rss,
-            "ok_without_checksums": t_plain / t_copy <= 1.25 and rss < target_rss,
-        }
-        if args.json:
-            print(json.dumps(res, indent=2))
-        else:
-            gib = 1 << 30
-            print(f"hardware: {res['hardware']}")
-            print(f"source: {src_bytes / gib:.2f} GiB in {res['source_shards']} shards ({L} layers x {E} experts); "
-                  f"plan keeps {kept}/{E}; written {out_bytes / gib:.2f} GiB in {res['output_shards']} shards")
-            print(f"trim (incl. sha256 of outputs): {', '.join(f'{t:.2f}' for t in trims)} s   median {t_trim:.2f} s")
-            print(f"trim (checksums=False):         {', '.join(f'{t:.2f}' for t in plain)} s   median {t_plain:.2f} s")
-            print(f"(module imports before timing: {res['import_startup_s']:.2f} s, not counted)")
-            print(f"plain copy of as many bytes:    {', '.join(f'{t:.2f}' for t in copies)} s   median {t_copy:.2f} s")
-            print(f"cp of the trimmed shards:       {', '.join(f'{t:.2f}' for t in cps)} s   median {t_cp:.2f} s")
-            print(f"MB/s of bytes written: trim {res['trim_mb_s']:.0f} (checksums on), {res['trim_no_checksums_mb_s']:.0f} "
-                  f"(off); kernel copy {res['copy_mb_s']:.0f}; cp {res['cp_mb_s']:.0f}; trim / cp {t_trim / t_cp:.2f}x")
-            print(f"ratio trim / copy: {t_trim / t_copy:.2f}x with checksums, {t_plain / t_copy:.2f}x without "
-                  f"(target <= 1.25x); copy runs at {res['copy_mb_s']:.0f} MB/s, sha256 on this CPU at "
-                  f"{sha_mb_s:.0f} MB/s (one core)")
-            print(f"peak RSS of the trimming process: {rss / 2**20:.0f} MiB (python + imports alone: "
-                  f"{base_rss / 2**20:.0f} MiB; target < 1 GiB + largest tensor {largest / 2**20:.0f} MiB = "
-                  f"{target_rss / 2**20:.0f} MiB)")
-            print("OK" if res["ok"] else ("OK without checksums; with them the time is bound by sha256 throughput"
-                                          if res["ok_without_checksums"] else "TARGET MISSED"))
+            "synthetic_write_s": t_write, "import_startup_s": statistics.median(startups),
+            "sha256_mb_s": speeds["sha256"], "blake3_one_thread_mb_s": speeds["blake3-1"],
+            "blake3_auto_threads_mb_s": speeds["blake3"], "cold_cache_bytes_left_after_evict": evicted_left,
+            "peak_rss_bytes": rss, "peak_rss_target_bytes": (1 << 30) + largest, "python_import_rss_bytes": base_rss,
+        })
+        res["ok"] = res["ok"] and rss < res["peak_rss_target_bytes"]
+        print(json.dumps(res, indent=2) if args.json else report(res, caches))
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def summarize(args: argparse.Namespace, runs: dict[str, list[dict[str, float]]], caches: list[str],
+              out_bytes: int) -> dict:
+    """Medians, MB/s of bytes written and ratios to cp per cache state; the warm figures also under the keys
+    earlier versions of this script printed (trim = the default checksum, blake3)."""
+    res: dict = {"repeat": args.repeat, "ratio_target": 1.25, "cold_method": "os.sync() then posix_fadvise("
+                 "DONTNEED) on every file the run reads, before each cold run (warm: os.sync(), then the files "
+                 "read through)"}
+    for c in caches:
+        m: dict = {}
+        cp = statistics.median(r["cp"] for r in runs[c])
+        for key in [*(f"trim_{x}" for x in MODES), "copy", "cp"]:
+            ts = [r[key] for r in runs[c]]
+            med = statistics.median(ts)
+            m.update({f"{key}_s": ts, f"{key}_median_s": med, f"{key}_mb_s": out_bytes / 1e6 / med,
+                      f"{key}_to_cp": med / cp})
+        res[c] = m
+    w = res["warm"]
+    res.update({
+        "trim_s": w["trim_blake3_s"], "trim_no_checksums_s": w["trim_none_s"], "copy_written_bytes_s": w["copy_s"],
+        "cp_s": w["cp_s"], "trim_median_s": w["trim_blake3_median_s"],
+        "trim_no_checksums_median_s": w["trim_none_median_s"], "copy_median_s": w["copy_median_s"],
+        "cp_median_s": w["cp_median_s"], "copy_mb_s": w["copy_mb_s"], "cp_mb_s": w["cp_mb_s"],
+        "trim_mb_s": w["trim_blake3_mb_s"], "trim_no_checksums_mb_s": w["trim_none_mb_s"],
+        "ratio_trim_to_cp": w["trim_blake3_to_cp"],
+        "ratio_trim_to_copy": w["trim_blake3_median_s"] / w["copy_median_s"],
+        "ratio_trim_no_checksums_to_copy": w["trim_none_median_s"] / w["copy_median_s"],
+    })
+    res["ok"] = all(res[c]["trim_blake3_to_cp"] <= 1.25 for c in caches)
+    return res
+
+
+def report(res: dict, caches: list[str]) -> str:
+    gib = 1 << 30
+    lines = [
+        f"hardware: {res['hardware']}",
+        f"source: {res['source_bytes'] / gib:.2f} GiB in {res['source_shards']} shards ({res['layers']} layers x "
+        f"{res['experts']} experts); plan keeps {res['kept_per_layer']}/{res['experts']}; written "
+        f"{res['written_bytes'] / gib:.2f} GiB in {res['output_shards']} shards; {res['repeat']} runs each",
+        f"MB/s of bytes written (median), time / cp time, and every run's seconds; cold: {res['cold_method']}"
+        + (f" ({res['cold_cache_bytes_left_after_evict'] / 2**20:.0f} MiB of the source still cached after one "
+           "eviction, per fincore)" if res.get("cold_cache_bytes_left_after_evict") is not None else ""),
+        f"{'':34}" + "   ".join(f"{c + ' cache: MB/s, x cp, runs':47}" for c in caches),
+    ]
+    for label, key in [("trim, blake3 (default)", "trim_blake3"), ("trim, sha256", "trim_sha256"),
+                       ("trim, no checksums", "trim_none"), ("kernel copy of as many bytes", "copy"),
+                       ("cp of the trimmed shards", "cp")]:
+        lines.append(_row(label, key, res, caches))
+    lines += [
+        f"(module imports before timing: {res['import_startup_s']:.2f} s, not counted)",
+        f"hash speed on this CPU: sha256 {res['sha256_mb_s']:.0f} MB/s (one core), blake3 "
+        f"{res['blake3_one_thread_mb_s']:.0f} MB/s (one thread), {res['blake3_auto_threads_mb_s']:.0f} MB/s "
+        f"(all cores); target: trim with checksums <= {res['ratio_target']}x cp",
+        f"peak RSS of the trimming process: {res['peak_rss_bytes'] / 2**20:.0f} MiB (python + imports alone: "
+        f"{res['python_import_rss_bytes'] / 2**20:.0f} MiB; target < 1 GiB + largest tensor "
+        f"{res['largest_tensor_bytes'] / 2**20:.0f} MiB = {res['peak_rss_target_bytes'] / 2**20:.0f} MiB)",
+        "OK" if res["ok"] else "TARGET MISSED",
+    ]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

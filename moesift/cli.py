@@ -17,7 +17,7 @@ from .core.io import json_default
 from .engines.hf import DEVICE_HELP
 from .evaluation.evaluate import eval_model, print_table
 from .evaluation.sweep import sweep
-from .evaluation.verify import format_verify, verify
+from .evaluation.verify import format_verify, format_verify_files, verify, verify_files
 from .formats.plan import plan_diff
 from .record.importers import format_import, import_summary, import_trace
 from .record.tracer import (
@@ -255,7 +255,10 @@ def trim_cmd(
     out: str = typer.Option(..., "--out", "-o", help="Directory of the trimmed checkpoint."),
     force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest output shard, e.g. 5GB."),
-    no_checksums: bool = typer.Option(False, "--no-checksums", help="Skip the sha256 of output files."),
+    checksum: str = typer.Option("blake3", "--checksum", help="Checksum of every output file recorded in "
+                                 "moesift_plan.json: blake3, sha256 or none."),
+    no_checksums: bool = typer.Option(False, "--no-checksums", help="Skip the checksums of output files "
+                                      "(--checksum none)."),
     force_plan: bool = typer.Option(False, "--force-plan", help="Use a plan made for another config of the "
                                     "family (its config_hash differs) anyway."),
     engine_config: bool = typer.Option(False, "--engine-config", help="Write the config keys mlx-lm and "
@@ -265,7 +268,7 @@ def trim_cmd(
 ) -> None:
     """Write a smaller checkpoint holding only the plan's resident experts (streamed, source untouched)."""
     d = trim(model, plan, out, force=force, max_shard_size=max_shard_size, progress=not json_out,
-             checksums=not no_checksums, force_plan=force_plan, engine_config=engine_config)
+             checksums=not no_checksums, force_plan=force_plan, engine_config=engine_config, checksum=checksum)
     summary = trim_summary(d)
     if json_out:
         emit_json(summary)
@@ -298,18 +301,24 @@ def verify_cmd(
                                "needs moesift\\[mlx]) or llama.cpp (F32 GGUF made by llama.cpp's converter, needs "
                                "moesift\\[gguf] and MOESIFT_LLAMA_CPP naming a llama.cpp tree with "
                                "convert_hf_to_gguf.py); engines need a uniform trim and compare in float32 on the CPU."),
+    files: bool = typer.Option(False, "--files", help="Only re-compute the checksums a trim recorded of its "
+                               "files (`moesift verify TRIMMED --files`) and name the files that differ."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Restricted full model vs trimmed model (or, with --offloaded, full model vs offloaded model): top-1
-    agreement, logit differences, greedy generations. Exit code 1 when they disagree."""
-    r = verify(model, trimmed, plan=plan, data=data or None, max_new_tokens=max_new_tokens, max_samples=max_samples,
-               max_length=max_length, field=field, device=device, dtype=dtype, progress=not json_out,
-               offloaded=offloaded, cache_slots=cache_slots, policy=policy,
-               host_compute_max_tokens=host_compute_max_tokens, force_plan=force_plan, engine=engine)
+    agreement, logit differences, greedy generations. Exit code 1 when they disagree. With --files: the
+    recorded checksums of a trimmed checkpoint's files, exit code 1 when one differs."""
+    if files:
+        r = verify_files(trimmed or model)
+    else:
+        r = verify(model, trimmed, plan=plan, data=data or None, max_new_tokens=max_new_tokens,
+                   max_samples=max_samples, max_length=max_length, field=field, device=device, dtype=dtype,
+                   progress=not json_out, offloaded=offloaded, cache_slots=cache_slots, policy=policy,
+                   host_compute_max_tokens=host_compute_max_tokens, force_plan=force_plan, engine=engine)
     if json_out:
         emit_json(r)
     else:
-        typer.echo(format_verify(r))
+        typer.echo(format_verify_files(r) if files else format_verify(r))
     if not r["ok"]:
         raise typer.Exit(1)
 

@@ -22,7 +22,6 @@ complete, so an interrupted trim leaves no directory that looks like a finished 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import queue
@@ -34,7 +33,15 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import MoesiftError
-from ..core.io import OutputDir, check_output_path, sha256_file, write_failed
+from ..core.io import (
+    CHECKSUMS,
+    OutputDir,
+    check_output_path,
+    file_checksum,
+    new_checksum,
+    sha256_file,
+    write_failed,
+)
 from ..core.progress import progress_bar
 from ..core.version import __version__
 from ..formats.checkpoint import CheckpointIndex, allowed_roots
@@ -86,13 +93,13 @@ def _header_bytes(tensors: list[OutTensor], fmt: str = "pt") -> bytes:
 
 class _Writer:
     """Writes one output file. Byte ranges of the source are copied by the kernel (`copy_file_range`, no
-    trip through this process's memory); the sha256 of the file is computed in a second thread that reads
-    the same ranges back (`preadv` into a few fixed buffers) while the copy proceeds, so hashing overlaps
-    copying and memory stays bounded."""
+    trip through this process's memory); the checksum of the file (`checksum`: an algorithm of CHECKSUMS, or
+    None) is computed in a second thread that reads the same ranges back (`preadv` into a fixed buffer) while
+    the copy proceeds, so hashing overlaps copying and memory stays bounded."""
 
-    def __init__(self, path: Path, checksum: bool = True):
+    def __init__(self, path: Path, checksum: str | None = "blake3"):
+        self.h = new_checksum(checksum, threads=False) if checksum else None  # the copy runs beside it
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
-        self.h = hashlib.sha256() if checksum else None
         self.q: queue.Queue = queue.Queue(maxsize=64)
         self.error: BaseException | None = None
         self.t = threading.Thread(target=self._hash, daemon=True) if checksum else None
@@ -199,6 +206,15 @@ def _copy_range(src_fd: int, w: _Writer, off: int, n: int, name: str, advance: A
     advance(n)
 
 
+def _checksum_algorithm(checksums: bool, checksum: str | None) -> str | None:
+    """The checksum algorithm a trim records (None: no checksums); an unknown name is refused."""
+    if not checksums or checksum in (None, "none"):
+        return None
+    if checksum not in CHECKSUMS:
+        raise MoesiftError(f"unknown checksum {checksum!r}: use {', '.join(CHECKSUMS)} or none")
+    return checksum
+
+
 def _check_paths(src: Path, out: Path, force: bool) -> None:
 
     check_output_path(out, force, directory=True, protect=[src])
@@ -275,20 +291,20 @@ def _new_config(ad: Any, cfg: dict[str, Any], full: dict[int, list[int]], standa
     }
 
 
-def _write_shards(idx: Any, tmp: Path, names: list[str], shards: list[list[OutTensor]], checksums: bool,
+def _write_shards(idx: Any, tmp: Path, names: list[str], shards: list[list[OutTensor]], checksum: str | None,
                   advance: Any, fmt: str = "pt") -> tuple[dict[str, str | None], dict[str, str]]:
-    """Write every output shard (header, then its tensors); returns (sha256 per shard, weight map)."""
+    """Write every output shard (header, then its tensors); returns (checksum per shard, weight map)."""
     src, ad, cfg = idx.directory, idx.adapter, idx.config
     hashes: dict[str, str | None] = {}
     weight_map: dict[str, str] = {}
     fds: dict[str, int] = {}
-    # a finished shard's sha256 may still be computing while the next shard is copied (a hash runs at about
-    # 1 GB/s on one core, slower than a kernel copy); at most `lag` shards hash behind the one being written
+    # a finished shard's checksum may still be computing while the next shard is copied (sha256 runs at about
+    # 1-2 GB/s on one core, slower than a kernel copy); at most `lag` shards hash behind the one being written
     lag = max(1, (os.cpu_count() or 1) - 1)
     hashing: list[tuple[str, _Writer]] = []
     try:
         for fname, tensors in zip(names, shards, strict=True):
-            w = _Writer(tmp / fname, checksum=checksums)
+            w = _Writer(tmp / fname, checksum=checksum)
             hashing.append((fname, w))
             w.write(_header_bytes(tensors, fmt))
             for t in tensors:
@@ -333,7 +349,7 @@ def _copy_files(src: Path, tmp: Path) -> tuple[list[str], list[str]]:
 
 
 def _record(idx: Any, p: Any, full: dict[int, list[int]], standard: bool, tensor_bytes: int, predicted: int,
-            hashes: dict[str, str | None], skipped_links: list[str]) -> dict[str, Any]:
+            hashes: dict[str, str | None], skipped_links: list[str], checksum: str | None) -> dict[str, Any]:
     """The moesift_plan.json record of the trimmed checkpoint."""
     src = idx.directory
     record = {
@@ -353,6 +369,7 @@ def _record(idx: Any, p: Any, full: dict[int, list[int]], standard: bool, tensor
         "tensor_bytes": tensor_bytes,
         "predicted_bytes": predicted,
         "files": hashes,
+        "checksum": checksum,  # the algorithm of "files" (None: not recorded); records without the key: sha256
         "plan": p.to_dict(),
     }
     if mlx_layout(idx):
@@ -376,16 +393,19 @@ def trim(
     checksums: bool = True,
     force_plan: bool = False,
     engine_config: bool = False,
+    checksum: str = "blake3",
 ) -> Path:
     """Write the checkpoint of `model` trimmed to `plan`'s resident experts into directory `out`.
 
-    The source is only read. `checksums`: record the sha256 of every output file in moesift_plan.json
-    (computed alongside the copy; turn off only where hashing is slower than the disk). A plan made for
+    The source is only read. `checksums`: record a checksum of every output file in moesift_plan.json,
+    computed alongside the copy with the algorithm `checksum` ("blake3", "sha256"; "none" is the same as
+    `checksums=False`), which the record names; `moesift verify --files` re-computes them. A plan made for
     another config of the family (its `config_hash`) is refused unless `force_plan`. `engine_config`: write
     the config keys serving engines read (the family's hub key names, a top-level rope_theta) and store the
     output projection of a tied model as its own tensor, so that a model saved by transformers 5 loads in
     mlx-lm and llama.cpp as it is. Returns `out`."""
     out = Path(out)
+    algorithm = _checksum_algorithm(checksums, checksum)
     idx = CheckpointIndex.build(model)
     idx.check_consistent()
     src = idx.directory
@@ -421,15 +441,16 @@ def trim(
     with progress_bar(progress, transfer=True, remaining=True) as bar:
         task = bar.add_task("trimming", total=written_tensor_bytes)
         try:
-            hashes, weight_map = _write_shards(idx, tmp, names, shards, checksums, lambda k: bar.advance(task, k),
+            hashes, weight_map = _write_shards(idx, tmp, names, shards, algorithm, lambda k: bar.advance(task, k),
                                                "mlx" if mlx else "pt")
             index_obj = {"metadata": {"total_size": written_tensor_bytes, "format": "pt"}, "weight_map": weight_map}
             (tmp / INDEX_FILE).write_text(json.dumps(index_obj, indent=2) + "\n")
             (tmp / "config.json").write_text(json.dumps(new_cfg, indent=2) + "\n")
             copied, skipped_links = _copy_files(src, tmp)
             for extra in [INDEX_FILE, "config.json", *copied]:
-                hashes[extra] = sha256_file(tmp / extra) if checksums else None
-            record = _record(idx, p, full, standard, written_tensor_bytes, predicted, hashes, skipped_links)
+                hashes[extra] = file_checksum(tmp / extra, algorithm) if algorithm else None
+            record = _record(idx, p, full, standard, written_tensor_bytes, predicted, hashes, skipped_links,
+                             algorithm)
             (tmp / PLAN_FILE).write_text(json.dumps(record, indent=2) + "\n")
             dest.commit()
         except OSError as e:

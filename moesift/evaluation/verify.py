@@ -14,6 +14,7 @@ from ..apply.offload import HOST_COMPUTE_MAX_TOKENS, load_offloaded
 from ..apply.resident import load_trimmed
 from ..arch.registry import adapter_for
 from ..core.errors import MoesiftError
+from ..core.io import CHECKSUMS, file_checksum
 from ..core.values import check_int
 from ..engines.choose import check_engine, open_engine, require
 from ..engines.hf import hf_progress, resolve_device
@@ -21,7 +22,7 @@ from ..engines.mlx_native import check_mlx_model, is_mlx_model, open_mlx, quanti
 from ..engines.restrict import restrict
 from ..formats.checkpoint import CheckpointIndex, read_header
 from ..formats.plan import Plan, as_plan, planned_offload
-from ..formats.trimmed import read_trimmed_record
+from ..formats.trimmed import PLAN_FILE, read_trimmed_record
 from ..formats.workload import encode_prefix, read_documents
 from ..selection.offload_budget import simulate_layer
 
@@ -482,3 +483,40 @@ def format_verify(r: dict[str, Any]) -> str:
                  "MISMATCH: the offloaded model does not match the full model")
     return "\n".join(lines)
 
+
+
+def verify_files(trimmed: str | os.PathLike) -> dict[str, Any]:
+    """Re-compute the checksum of every file a trim recorded in `trimmed`'s moesift_plan.json, with the
+    recorded algorithm (records written before it was named hold sha256). Each file is "ok", "mismatch" or
+    "missing"; `ok` when all are "ok". A folder without a record, or a trim made without checksums, is refused."""
+    shown = str(trimmed)
+    rec = read_trimmed_record(trimmed)
+    if rec is None:
+        raise MoesiftError(f"{shown!r} has no {PLAN_FILE}: it is not a checkpoint written by moesift trim")
+    algorithm = rec.get("checksum", "sha256")
+    recorded = rec.get("files") or {}
+    if algorithm is None or not any(recorded.values()):
+        raise MoesiftError(f"{shown!r} was trimmed without checksums (--no-checksums): there is nothing to verify")
+    if algorithm not in CHECKSUMS:
+        raise MoesiftError(f"{shown!r} records checksums of an unknown algorithm {algorithm!r}")
+    files = []
+    for name, want in sorted(recorded.items()):
+        path = Path(trimmed) / name
+        if Path(name).name != name or not path.is_file():
+            files.append({"file": name, "status": "missing", "expected": want, "actual": None})
+            continue
+        got = file_checksum(path, algorithm)
+        files.append({"file": name, "status": "ok" if got == want else "mismatch", "expected": want, "actual": got})
+    return {"trimmed": shown, "checksum": algorithm, "files": files,
+            "ok": all(f["status"] == "ok" for f in files)}
+
+
+def format_verify_files(r: dict[str, Any]) -> str:
+    """What `moesift verify --files` prints of a `verify_files` result: one line per file, then the verdict."""
+    lines = [f"{f['status'].upper() if f['status'] != 'ok' else 'ok':8} {f['file']}" for f in r["files"]]
+    bad = [f["file"] for f in r["files"] if f["status"] != "ok"]
+    n = len(r["files"])
+    lines.append(f"OK: all {n} files of {r['trimmed']} match their recorded {r['checksum']}" if not bad else
+                 f"MISMATCH: {len(bad)} of {n} files of {r['trimmed']} do not match their recorded "
+                 f"{r['checksum']}: {', '.join(bad)}")
+    return "\n".join(lines)
