@@ -23,6 +23,7 @@ from moesift.apply.resident import load_resident, load_trimmed
 from moesift.apply.trim import trim
 from moesift.arch import adapter_for
 from moesift.core.errors import MoesiftError
+from moesift.core.io import file_checksum
 from moesift.engines.restrict import restrict
 from moesift.formats.checkpoint import CheckpointIndex, read_header
 from moesift.formats.trimmed import INDEX_FILE, NONSTANDARD_MODEL_TYPE, PLAN_FILE
@@ -122,8 +123,9 @@ def test_uniform_trim_loads_in_transformers_and_equals_restricted(model_type, ti
     assert rec["tensor_bytes"] == rec["predicted_bytes"] == idx.predicted_bytes(resident)
     assert rec["standard"] is True
     assert {int(k): v for k, v in rec["id_map"].items()} == {k: sorted(v) for k, v in resident.items()}
+    assert rec["checksum"] == "blake3"  # the default
     for name, h in rec["files"].items():
-        assert hashlib.sha256((out / name).read_bytes()).hexdigest() == h, name
+        assert file_checksum(out / name, rec["checksum"]) == h, name
     # loads with stock transformers and equals the restricted full model
     small = _load(out)
     x = _inputs(_vocab(model))
