@@ -4,11 +4,13 @@ routing log of a batch split back into documents."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..core.errors import MoesiftError
+from ..core.identity import token_stream_hash
 from ..formats.workload import encode_prefix
 
 
@@ -80,4 +82,40 @@ def log_arrays(log_docs: list[tuple[np.ndarray, np.ndarray]], n_layers: int, top
                         else np.zeros((0, n_layers, top_k), np.int16)),
         "doc_offsets": np.concatenate([[0], np.cumsum(lens)]).astype(np.int64),
         "log_phase": np.concatenate([ph for _, ph in log_docs]) if log_docs else np.zeros(0, np.uint8),
+    }
+
+
+def model_section(name: str, spec: Any, chash: str, config: dict[str, Any], shape: dict[str, Any]) -> dict[str, Any]:
+    """The trace's model identity: name, shape of the MoE layers (`spec`), config and its hash, model shape."""
+    moe = list(spec.moe_layers)
+    return {
+        "name": name,
+        "model_type": spec.model_type,
+        "config_hash": chash,
+        "config": config,
+        "moe_layers": moe,
+        "n_experts": spec.n_experts,
+        "top_k": spec.top_k,
+        "n_shared": spec.n_shared,
+        "hash_layers": [moe.index(h) for h in spec.hash_layers if h in moe],
+        "scoring": spec.scoring,
+        "n_group": spec.n_group,
+        "topk_group": spec.topk_group,
+        **shape,
+    }
+
+
+def workload_section(label: str | None, paths: list, sources: list, ids_list: list[list[int]],
+                     tokens: tuple[int, int], max_length: int, generate: int, folds: int) -> dict[str, Any]:
+    """The trace's workload description (`tokens`: prefill and decode tokens counted)."""
+    return {
+        "label": label or Path(str(paths[0])).stem,
+        "sources": sources,
+        "token_sha256": token_stream_hash(ids_list),
+        "documents": len(ids_list),
+        "prefill_tokens": tokens[0],
+        "decode_tokens": tokens[1],
+        "max_length": max_length,
+        "generate": generate,
+        "folds": folds,
     }

@@ -23,7 +23,7 @@ import numpy as np
 
 from ..arch.spec import Route
 from ..core.errors import MoesiftError
-from ..core.identity import config_hash, token_stream_hash
+from ..core.identity import config_hash
 from ..core.progress import progress_bar
 from ..core.version import __version__
 from ..engines.hf import load_tokenizer
@@ -32,7 +32,7 @@ from ..engines.mlx_native import is_mlx_model, open_mlx, quantization_note
 from ..engines.mlx_record import recordable_problem, tapped
 from ..formats.checkpoint import CheckpointIndex
 from ..formats.trace import Trace
-from .documents import log_arrays, split_log, tokenize_workload
+from .documents import log_arrays, model_section, split_log, tokenize_workload, workload_section
 from .recorder import Recorder
 
 ENGINES = ("auto", "transformers", "mlx")
@@ -141,35 +141,10 @@ def _assemble(model: Any, index: CheckpointIndex, rec: Recorder, arrays: dict[st
     import mlx.core as mx
 
     spec, cfg = index.spec, index.config
-    prefill_tokens, decode_tokens = rec.token_counts()
-    moe = list(spec.moe_layers)
+    chash = config_hash({k: v for k, v in cfg.items() if k not in MLX_STORAGE_KEYS})
     return Trace(
-        model={
-            "name": str(model),
-            "model_type": spec.model_type,
-            "config_hash": config_hash({k: v for k, v in cfg.items() if k not in MLX_STORAGE_KEYS}),
-            "config": dict(cfg),
-            "moe_layers": moe,
-            "n_experts": spec.n_experts,
-            "top_k": spec.top_k,
-            "n_shared": spec.n_shared,
-            "hash_layers": [moe.index(h) for h in spec.hash_layers if h in moe],
-            "scoring": spec.scoring,
-            "n_group": spec.n_group,
-            "topk_group": spec.topk_group,
-            **index.adapter.model_shape(cfg),
-        },
-        workload={
-            "label": label or Path(str(paths[0])).stem,
-            "sources": sources,
-            "token_sha256": token_stream_hash(ids_list),
-            "documents": len(ids_list),
-            "prefill_tokens": prefill_tokens,
-            "decode_tokens": decode_tokens,
-            "max_length": max_length,
-            "generate": 0,
-            "folds": folds,
-        },
+        model=model_section(str(model), spec, chash, dict(cfg), index.adapter.model_shape(cfg)),
+        workload=workload_section(label, paths, sources, ids_list, rec.token_counts(), max_length, 0, folds),
         arrays=arrays,
         tool={"name": "moesift", "version": __version__, "engine": f"mlx-lm {mlx_version()}",
               "device": str(mx.default_device()), "weights": quantization_note(cfg)},

@@ -26,7 +26,7 @@ from rich.table import Table
 
 from ..arch.registry import adapter_for
 from ..core.errors import MoesiftError
-from ..core.identity import config_hash, loaded_config_dict, model_config_hash, token_stream_hash
+from ..core.identity import config_hash, loaded_config_dict, model_config_hash
 from ..core.io import check_output_path, write_json
 from ..core.progress import progress_bar
 from ..core.values import check_int, int_or_none
@@ -36,7 +36,7 @@ from ..formats.checkpoint import resolve_model_dir
 from ..formats.trace import SCHEMA, Trace, merge
 from ..formats.wcer import dump_expert_trace
 from ..formats.workload import read_documents, source_info
-from .documents import log_arrays, split_log, tokenize_workload
+from .documents import log_arrays, model_section, split_log, tokenize_workload, workload_section
 from .mlx_trace import trace_engine, trace_mlx
 from .recorder import Recorder
 
@@ -241,35 +241,10 @@ def _assemble(loaded: _Loaded, run: _Run, ids_list: list[list[int]], paths: list
 
     spec, m = loaded.spec, loaded.m
     arrays = run.arrays()
-    prefill_tokens, decode_tokens = run.rec.token_counts()
-    moe = list(spec.moe_layers)
     return Trace(
-        model={
-            "name": loaded.name,
-            "model_type": spec.model_type,
-            "config_hash": loaded.chash,
-            "config": loaded.cfg_dict,
-            "moe_layers": moe,
-            "n_experts": spec.n_experts,
-            "top_k": spec.top_k,
-            "n_shared": spec.n_shared,
-            "hash_layers": [moe.index(h) for h in spec.hash_layers if h in moe],
-            "scoring": spec.scoring,
-            "n_group": spec.n_group,
-            "topk_group": spec.topk_group,
-            **loaded.adapter.model_shape(m.config),
-        },
-        workload={
-            "label": label or Path(str(paths[0])).stem,
-            "sources": sources,
-            "token_sha256": token_stream_hash(ids_list),
-            "documents": len(ids_list),
-            "prefill_tokens": prefill_tokens,
-            "decode_tokens": decode_tokens,
-            "max_length": max_length,
-            "generate": generate,
-            "folds": folds,
-        },
+        model=model_section(loaded.name, spec, loaded.chash, loaded.cfg_dict, loaded.adapter.model_shape(m.config)),
+        workload=workload_section(label, paths, sources, ids_list, run.rec.token_counts(), max_length, generate,
+                                  folds),
         arrays=arrays,
         tool={"name": "moesift", "version": __version__, "torch": torch.__version__, "device": str(run.dev)},
     )
