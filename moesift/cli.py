@@ -384,6 +384,8 @@ def eval_cmd(
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own Python code."),
     force_plan: bool = typer.Option(False, "--force-plan", help="Use a plan made for another config of the "
                                     "family (its config_hash differs) anyway."),
+    engine: str = typer.Option("auto", "--engine", help="auto (mlx for an mlx-lm model folder), transformers, or "
+                               "mlx (full model, --plan and --top-k in mlx-lm, float32)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Perplexity of the full model, restricted to plans, with fewer experts per token and with dynamic top-p
@@ -391,7 +393,7 @@ def eval_cmd(
     res = eval_model(model, data, plans=plan or (), top_k=_split_values(top_k, int, "--top-k"),
                      top_p=_split_values(top_p, float, "--top-p"), max_length=max_length, batch_size=batch_size,
                      device=device, dtype=dtype, json=json_out, progress=not json_out, max_samples=max_samples,
-                     field=field, trust_remote_code=trust_remote_code, force_plan=force_plan)
+                     field=field, trust_remote_code=trust_remote_code, force_plan=force_plan, engine=engine)
     if json_out:
         emit_json(res)
     else:

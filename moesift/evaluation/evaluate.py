@@ -37,7 +37,10 @@ from ..arch.registry import adapter_for
 from ..core.errors import MoesiftError
 from ..core.identity import loaded_config_dict
 from ..core.progress import progress_bar
+from ..engines.choose import require
 from ..engines.hf import hf_progress, load_model, resolve_device
+from ..engines.mlx_eval import eval_mlx, open_index
+from ..engines.mlx_native import is_mlx_model
 from ..engines.restrict import restrict
 from ..formats.plan import as_plan, resident_for
 from ..formats.workload import batches, encode_documents, read_documents, windows
@@ -235,6 +238,7 @@ def eval_model(
     tokenizer: Any = None,
     trust_remote_code: bool = False,
     force_plan: bool = False,
+    engine: str = "auto",
 ) -> dict[str, Any]:
     """Token-weighted perplexity of `model` on `data` for the full model, each plan in `plans` (routing
     restricted to its resident experts), each k in `top_k` (experts per token) and each p in `top_p`
@@ -242,10 +246,22 @@ def eval_model(
 
     `model`: a directory / hub id, or a loaded transformers model (then pass `tokenizer=` for text data).
     `data`: workload file(s) (text, JSONL with `text` / `messages` / `input_ids`, parquet). A plan made for
-    another config of the family is refused unless `force_plan`."""
+    another config of the family is refused unless `force_plan`.
+
+    `engine`: "transformers", "mlx" (an mlx-lm model folder run in mlx-lm in float32: the full model, plans
+    and top-k; see `moesift.engines.mlx_eval`) or "auto" (mlx for an mlx-lm model folder)."""
+    sources = data if isinstance(data, (list, tuple)) else [data]
+    if _use_mlx(model, engine, top_p, device, dtype):
+        docs = read_documents(sources, field=field, max_samples=max_samples)
+        index = open_index(model)
+        res = eval_mlx(index, docs, _settings(plans, top_k, (), index.spec), max_length=max_length,
+                       batch_size=batch_size, progress=progress and not json, force_plan=force_plan,
+                       tokenizer=tokenizer)
+        return {"model": _model_name(model), "data": [str(d) for d in sources],
+                **{k: v for k, v in res.items() if k != "model"}}
     device = resolve_device(device)
 
-    docs = read_documents(data if isinstance(data, (list, tuple)) else [data], field=field, max_samples=max_samples)
+    docs = read_documents(sources, field=field, max_samples=max_samples)
 
     with hf_progress(progress):
         m, tok = prepare(model, device=device, dtype=dtype, tokenizer=tokenizer, trust_remote_code=trust_remote_code)
@@ -275,7 +291,7 @@ def eval_model(
         results = perplexity_runs(m, adapter, batch_list, settings, bar)
     return {
         "model": _model_name(model),
-        "data": [str(d) for d in (data if isinstance(data, (list, tuple)) else [data])],
+        "data": [str(d) for d in sources],
         "documents": len(docs),
         "windows": len(wins),
         "tokens": results[0]["tokens"],
@@ -284,6 +300,26 @@ def eval_model(
                        "moe_layers": len(spec.moe_layers), "scoring": spec.scoring},
         "results": results,
     }
+
+
+def _use_mlx(model: Any, engine: str, top_p: Sequence[float], device: str, dtype: str | None) -> bool:
+    """Whether `model` is evaluated in mlx-lm; one error line for an engine or option that cannot run there."""
+    if engine not in ("auto", "transformers", "mlx"):
+        raise MoesiftError(f"unknown engine {engine!r} for eval; choose one of auto, transformers, mlx")
+    folder = isinstance(model, (str, os.PathLike)) and is_mlx_model(model)
+    if engine == "transformers" or (engine == "auto" and not folder):
+        return False
+    if not folder:
+        raise MoesiftError(f"--engine mlx evaluates an mlx-lm model folder (mlx_lm.convert writes one); "
+                           f"{str(model)!r} is not one")
+    require("mlx")
+    if top_p:
+        raise MoesiftError("--top-p is not supported with --engine mlx; use --plan or --top-k")
+    if dtype not in (None, "float32"):
+        raise MoesiftError(f"mlx-lm model folders are evaluated in float32; drop --dtype {dtype}")
+    if device not in ("auto", "cpu"):
+        raise MoesiftError(f"mlx-lm runs on mlx's default device; drop --device {device}")
+    return True
 
 
 def format_table(result: dict[str, Any]) -> Any:
