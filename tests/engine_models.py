@@ -45,3 +45,25 @@ def engine_model(engine: str, model_type: str, directory: Path, tokenizer: bool 
     if tokenizer:
         add_bpe_tokenizer(directory, json.loads((directory / "config.json").read_text())["vocab_size"])
     return directory
+
+
+# mlx-lm model folders (tests/test_mlx_*.py): sizes the quantizer accepts (input widths divisible by the group
+# size) and what mlx-lm's build of the family needs (qwen2_moe: no dense layers; mixtral: head_dim = hidden /
+# heads)
+MLX_SIZES: dict[str, dict] = {
+    "qwen3_moe": dict(hidden_size=64, intermediate_size=64, moe_intermediate_size=64),
+    "qwen2_moe": dict(hidden_size=64, intermediate_size=64, moe_intermediate_size=64,
+                      shared_expert_intermediate_size=64, mlp_only_layers=[]),
+    "olmoe": dict(hidden_size=64, intermediate_size=64),
+    "mixtral": dict(hidden_size=64, intermediate_size=64, head_dim=16),
+}
+
+
+def mlx_source(model_type: str, directory: Path, **overrides) -> Path:
+    """The tiny transformers model of `model_type` at MLX-friendly sizes, with a byte-pair tokenizer, saved into
+    `directory` (what `mlx_lm.convert` then converts)."""
+    from tiny import save
+
+    save(model_type, directory, **{**MLX_SIZES.get(model_type, {}), **overrides})
+    add_bpe_tokenizer(directory, 96)
+    return directory

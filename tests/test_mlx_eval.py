@@ -9,7 +9,7 @@ import json
 import math
 
 import pytest
-from engine_models import add_bpe_tokenizer
+from engine_models import MLX_SIZES, mlx_source
 from hostile import assert_one_error, run_cli
 
 import moesift
@@ -17,13 +17,7 @@ from moesift.evaluation.evaluate import eval_model, format_table
 
 pytest.importorskip("mlx_lm", reason="needs moesift[mlx]")
 
-SIZES = {
-    "qwen3_moe": dict(hidden_size=64, intermediate_size=64, moe_intermediate_size=64),
-    "mixtral": dict(hidden_size=64, intermediate_size=64, head_dim=16),
-    "olmoe": dict(hidden_size=64, intermediate_size=64),
-    "qwen2_moe": dict(hidden_size=64, intermediate_size=64, moe_intermediate_size=64,
-                      shared_expert_intermediate_size=64, mlp_only_layers=[]),
-}
+SIZES = MLX_SIZES
 TEXT = ("the quick brown fox jumps over the lazy dog\n\nexperts route tokens to a few of many feed forward "
         "networks\n\nshort\n\n" + "a longer paragraph that is cut into several windows of tokens " * 3)
 
@@ -32,15 +26,12 @@ TEXT = ("the quick brown fox jumps over the lazy dog\n\nexperts route tokens to 
 def family(tmp_path_factory):
     """family(model_type) -> (root with hf/, f32/, q4/, plan.json and the data files)."""
     from mlx_lm import convert
-    from tiny import save
-
     cache: dict = {}
 
     def get(mt: str):
         if mt not in cache:
             root = tmp_path_factory.mktemp(mt)
-            save(mt, root / "hf", **SIZES[mt])
-            add_bpe_tokenizer(root / "hf", 96)
+            mlx_source(mt, root / "hf")
             (root / "w.jsonl").write_text("\n".join(json.dumps({"input_ids": [(7 * i + j) % 90 for j in range(3 + 2 * i)]})
                                                     for i in range(10)))
             (root / "t.txt").write_text(TEXT)

@@ -11,7 +11,7 @@ import shutil
 
 import numpy as np
 import pytest
-from engine_models import add_bpe_tokenizer
+from engine_models import MLX_SIZES, mlx_source
 from hostile import assert_one_error, run_cli
 
 import moesift
@@ -20,15 +20,7 @@ from moesift.evaluation.verify import verify
 
 pytest.importorskip("mlx_lm", reason="needs moesift[mlx]")
 
-# sizes the quantizer accepts (input widths divisible by the group size), and what mlx-lm's build of the family
-# needs (qwen2_moe: no dense layers; mixtral: head_dim = hidden / heads)
-SIZES = {
-    "qwen3_moe": dict(hidden_size=64, intermediate_size=64, moe_intermediate_size=64),
-    "qwen2_moe": dict(hidden_size=64, intermediate_size=64, moe_intermediate_size=64,
-                      shared_expert_intermediate_size=64, mlp_only_layers=[]),
-    "olmoe": dict(hidden_size=64, intermediate_size=64),
-    "mixtral": dict(hidden_size=64, intermediate_size=64, head_dim=16),
-}
+SIZES = MLX_SIZES
 SIGMOID = {"deepseek_v3": dict(hidden_size=64, intermediate_size=64, moe_intermediate_size=64),
            "glm4_moe": dict(hidden_size=64, intermediate_size=64, moe_intermediate_size=64)}
 CONVERSIONS = {"q4": dict(quantize=True, q_bits=4, q_group_size=64), "q8": dict(quantize=True, q_bits=8, q_group_size=32),
@@ -42,15 +34,12 @@ SLICED = re.compile(r"model\.layers\.\d+\.(mlp|block_sparse_moe)\.((gate|switch_
 def family(tmp_path_factory):
     """family(model_type) -> (transformers model dir, plan file traced on it, {conversion: mlx-lm folder})."""
     from mlx_lm import convert
-    from tiny import save
-
     cache: dict = {}
 
     def get(mt: str):
         if mt not in cache:
             root = tmp_path_factory.mktemp(mt)
-            save(mt, root / "hf", **{**SIZES, **SIGMOID}[mt])
-            add_bpe_tokenizer(root / "hf", 96)
+            mlx_source(mt, root / "hf", **SIGMOID.get(mt, {}))
             data = root / "w.jsonl"
             data.write_text("\n".join(json.dumps({"input_ids": [(7 * i + j) % 90 for j in range(24)]})
                                       for i in range(12)))

@@ -11,7 +11,7 @@ import shutil
 
 import numpy as np
 import pytest
-from engine_models import add_bpe_tokenizer
+from engine_models import MLX_SIZES, mlx_source
 from hostile import assert_one_error, run_cli
 
 import moesift
@@ -20,15 +20,7 @@ from moesift.core.errors import MoesiftError
 pytest.importorskip("mlx_lm", reason="needs moesift[mlx]")
 
 FAMILIES = ("qwen3_moe", "qwen2_moe", "olmoe", "mixtral")
-# sizes the 4-bit quantizer accepts (input widths divisible by the group size 64) and what mlx-lm's build of
-# the family needs (qwen2_moe: no dense layers; mixtral: head_dim = hidden / heads)
-SIZES = {
-    "qwen3_moe": dict(hidden_size=64, intermediate_size=64, moe_intermediate_size=64),
-    "qwen2_moe": dict(hidden_size=64, intermediate_size=64, moe_intermediate_size=64,
-                      shared_expert_intermediate_size=64, mlp_only_layers=[]),
-    "olmoe": dict(hidden_size=64, intermediate_size=64),
-    "mixtral": dict(hidden_size=64, intermediate_size=64, head_dim=16),
-}
+SIZES = MLX_SIZES
 BLOCK = {"qwen3_moe": "mlp", "qwen2_moe": "mlp", "olmoe": "mlp", "mixtral": "block_sparse_moe"}
 BATCH = 4  # documents of different lengths per forward: right padding is exercised
 
@@ -37,15 +29,12 @@ BATCH = 4  # documents of different lengths per forward: right padding is exerci
 def family(tmp_path_factory):
     """family(model_type) -> (root with hf/, f32/, q4/ and the workload w.jsonl, transformers trace)."""
     from mlx_lm import convert
-    from tiny import save
-
     cache: dict = {}
 
     def get(mt: str):
         if mt not in cache:
             root = tmp_path_factory.mktemp(mt)
-            save(mt, root / "hf", **SIZES[mt])
-            add_bpe_tokenizer(root / "hf", 96)
+            mlx_source(mt, root / "hf")
             rng = np.random.default_rng(1)
             (root / "w.jsonl").write_text("\n".join(
                 json.dumps({"input_ids": [int(v) for v in rng.integers(0, 90, int(rng.integers(2, 28)))]})

@@ -23,7 +23,7 @@ from ..core.errors import MoesiftError
 from ..core.progress import progress_bar
 from ..formats.checkpoint import CheckpointIndex
 from ..formats.plan import as_plan
-from ..formats.workload import batches, encode_documents, windows
+from ..formats.workload import batches, token_windows
 from .hf import load_tokenizer
 from .mlx_native import check_mlx_model, open_mlx, quantization_note, restricted
 
@@ -122,20 +122,9 @@ def score(model: Any, index: CheckpointIndex, batch_list: list[tuple[np.ndarray,
     return results
 
 
-def _token_windows(index: CheckpointIndex, docs: list[dict[str, Any]], tokenizer: Any, max_length: int) -> list:
+def _token_windows(index: CheckpointIndex, docs: list[dict[str, Any]], tokenizer: Any, max_length: int) -> tuple[list, int]:
     tok = tokenizer if tokenizer is not None else load_tokenizer(index.directory)
-    token_lists = encode_documents(docs, tok)
-    vocab = int(index.config.get("vocab_size") or 0)
-    for i, ids in enumerate(token_lists):
-        bad = [t for t in ids if t < 0 or (vocab and t >= vocab)]
-        if bad:
-            raise MoesiftError(f"document {i + 1} of the data has token id {bad[0]}, outside the model's "
-                               f"vocabulary (0..{vocab - 1})")
-    wins = windows(token_lists, max_length)
-    if not wins:
-        raise MoesiftError("the data holds no document with at least 2 tokens; nothing to score")
-    pad = getattr(tok, "pad_token_id", None) if tok is not None else None
-    return wins, (int(pad) if pad is not None else 0)
+    return token_windows(docs, tok, int(index.config.get("vocab_size") or 0), max_length)
 
 
 def eval_mlx(index: CheckpointIndex, docs: list[dict[str, Any]], settings: Sequence[dict[str, Any]],

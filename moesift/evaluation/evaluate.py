@@ -43,7 +43,7 @@ from ..engines.mlx_eval import eval_mlx, open_index
 from ..engines.mlx_native import is_mlx_model
 from ..engines.restrict import restrict
 from ..formats.plan import as_plan, resident_for
-from ..formats.workload import batches, encode_documents, read_documents, windows
+from ..formats.workload import batches, read_documents, token_windows
 
 # ------------------------------------------------------------------------------------------------
 # Data
@@ -275,18 +275,8 @@ def eval_model(
             st["force_plan"] = force_plan
             resident_for(st["plan"], spec, loaded_config_dict(m), str(getattr(m, "name_or_path", "") or "") or None,
                          force_plan)
-    token_lists = encode_documents(docs, tok)
-    vocab = int(getattr(m.config, "vocab_size", 0) or 0)
-    for i, ids in enumerate(token_lists):
-        bad = [t for t in ids if t < 0 or (vocab and t >= vocab)]
-        if bad:
-            raise MoesiftError(f"document {i + 1} of the data has token id {bad[0]}, outside the model's "
-                               f"vocabulary (0..{vocab - 1})")
-    wins = windows(token_lists, max_length)
-    if not wins:
-        raise MoesiftError("the data holds no document with at least 2 tokens; nothing to score")
-    pad = getattr(tok, "pad_token_id", None) if tok is not None else None
-    batch_list = batches(wins, batch_size, pad_id=int(pad) if pad is not None else 0)
+    wins, pad = token_windows(docs, tok, int(getattr(m.config, "vocab_size", 0) or 0), max_length)
+    batch_list = batches(wins, batch_size, pad_id=pad)
     with progress_bar(progress and not json) as bar:
         results = perplexity_runs(m, adapter, batch_list, settings, bar)
     return {

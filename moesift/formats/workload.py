@@ -377,3 +377,19 @@ def batches(wins: list[list[int]], batch_size: int, pad_id: int = 0) -> list[tup
             mask[r, : len(w)] = 1
         out.append((ids, mask))
     return out
+
+
+def token_windows(docs: list[dict[str, Any]], tokenizer: Any, vocab: int, max_length: int) -> tuple[list, int]:
+    """(windows, pad id) of the documents to score: their token ids (checked against a vocabulary of `vocab`
+    ids when known) cut into `max_length` windows; the tokenizer's pad id, else 0."""
+    token_lists = encode_documents(docs, tokenizer)
+    for i, ids in enumerate(token_lists):
+        bad = [t for t in ids if t < 0 or (vocab and t >= vocab)]
+        if bad:
+            raise MoesiftError(f"document {i + 1} of the data has token id {bad[0]}, outside the model's "
+                               f"vocabulary (0..{vocab - 1})")
+    wins = windows(token_lists, max_length)
+    if not wins:
+        raise MoesiftError("the data holds no document with at least 2 tokens; nothing to score")
+    pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
+    return wins, (int(pad) if pad is not None else 0)
