@@ -32,10 +32,9 @@ from ..engines.hf import (
 from ..engines.tensors import read_layout, read_tensors
 from ..formats.checkpoint import (
     CheckpointIndex,
+    checked_headers,
     load_config_dict,
-    read_header,
     resolve_model_dir,
-    shard_files,
 )
 from ..formats.plan import as_plan
 from ..formats.trimmed import NONSTANDARD_MODEL_TYPE, plan_layout, read_trimmed_record
@@ -108,11 +107,9 @@ def load_trimmed(
 
     d = resolve_model_dir(path)
     cfg = load_config_dict(d)
-    files = shard_files(d)
     record = read_trimmed_record(d)
     tensors = []
-    for f in files:
-        header, hsize = read_header(d / f)
+    for f, (header, hsize) in checked_headers(d).items():  # every header checked once
         for name, info in header.items():
             if name != "__metadata__":
                 s0, e0 = info["data_offsets"]

@@ -7,7 +7,7 @@ family module, so `adapter_for` knows them all.
 
 from __future__ import annotations
 
-from . import (
+from . import (  # every family module: importing each registers its adapter
     dbrx,
     deepseek_v2,
     deepseek_v3,
@@ -31,29 +31,7 @@ from .registry import adapter_for, register, supported_model_types
 from .spec import MoESpec, Route, TensorRole
 from .standard import StandardAdapter
 
-# every family module; importing each registers its adapter
-FAMILIES = (
-    dbrx,
-    deepseek_v2,
-    deepseek_v3,
-    dots1,
-    ernie4_5_moe,
-    glm4_moe,
-    gpt_oss,
-    granitemoe,
-    hunyuan_v1_moe,
-    jamba,
-    llama4_text,
-    mixtral,
-    olmoe,
-    phimoe,
-    qwen2_moe,
-    qwen3_moe,
-    qwen3_next,
-)
-
 __all__ = [
-    "FAMILIES",
     "Adapter",
     "MoESpec",
     "Route",

@@ -85,8 +85,8 @@ def check_output_path(
             raise MoesiftError(f"output {_display(path)} overlaps the source model {_display(src)}; choose "
                                "another location")
     for src in inputs:
-        with contextlib.suppress(OSError):
-            if Path(src).exists() and (Path(src).resolve() == rp or (p.exists() and os.path.samefile(src, p))):
+        with contextlib.suppress(OSError):  # an input that does not exist cannot be overwritten
+            if p.exists() and os.path.samefile(src, p):
                 raise MoesiftError(f"output {_display(path)} is a file this command reads ({_display(src)}); "
                                    "moesift never writes over its own input, even with --force; choose another --out")
     if is_model_dir(parent):

@@ -11,7 +11,7 @@ from typing import Any
 
 from ..arch.registry import adapter_for
 from ..core.errors import MoesiftError
-from ..formats.checkpoint import CheckpointIndex, resolve_model_dir, shard_files
+from ..formats.checkpoint import CheckpointIndex, resolve_model_dir
 from ..formats.workload import TOKENIZER_FILES
 
 DEVICE_HELP = ("auto (CUDA if available, else MPS, else CPU), cpu, cuda, cuda:N, mps, or spread (layers over "
@@ -87,8 +87,9 @@ def load_model(
         raise MoesiftError(f"cannot read the config of {str(d)!r}: {str(e).splitlines()[0]}") from None
     adapter_for(config)  # clear error for unsupported / dense models before loading any weight
 
-    shard_files(d)  # refuse pickle-only checkpoints before loading
-    CheckpointIndex.build(d).check_consistent()  # a config that does not describe the tensors: one line
+    # every header checked (pickle-only checkpoints refused) and the config checked against the tensors,
+    # before any weight is read
+    CheckpointIndex.build(d).check_consistent()
     device = resolve_device(device)
     kwargs: dict[str, Any] = {"dtype": parse_dtype(dtype), "trust_remote_code": trust_remote_code}
     if device == "spread":

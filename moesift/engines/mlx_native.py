@@ -45,15 +45,22 @@ def quantization_note(config: Mapping[str, Any]) -> str:
     return f"{q.get('bits')}-bit {mode} quantized weights (group size {q.get('group_size')})"
 
 
-def check_mlx_model(index: CheckpointIndex) -> None:
-    """One error line when mlx-lm cannot build the family of `index` or moesift cannot restrict its router in
-    mlx-lm (only softmax routers without group limits are restricted by masking their logits)."""
-    spec, cfg = index.spec, index.config
+def check_runnable(index: CheckpointIndex) -> None:
+    """One error line when mlx-lm cannot build the family of `index` (no implementation, or a config its
+    implementation cannot read)."""
+    spec = index.spec
     if module_for(spec.model_type) is None:
         raise MoesiftError(f"mlx-lm {mlx_version()} has no implementation of model_type {spec.model_type!r}")
-    problems = index.adapter.engine_problems("mlx", cfg)
+    problems = index.adapter.engine_problems("mlx", index.config)
     if problems:
         raise MoesiftError(f"mlx cannot run {str(index.directory)!r} ({spec.model_type}): {'; '.join(problems)}")
+
+
+def check_mlx_model(index: CheckpointIndex) -> None:
+    """`check_runnable`, and one error line when moesift cannot restrict the router of `index` in mlx-lm (only
+    softmax routers without group limits are restricted by masking their logits)."""
+    check_runnable(index)
+    spec = index.spec
     if spec.scoring != "softmax" or (spec.n_group or 1) > 1:
         raise MoesiftError(f"verify of mlx-lm models restricts softmax routers only; {spec.model_type} routes with "
                            f"{spec.scoring} scores{' and expert groups' if (spec.n_group or 1) > 1 else ''}, which "

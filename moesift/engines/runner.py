@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 from ..arch import adapter_for
 from ..core.errors import MoesiftError
-from ..formats.checkpoint import read_header
+from ..formats.checkpoint import checked_headers
 
 # engine name -> (module in this package, pip extra, packages it imports)
 ENGINES: dict[str, tuple[str, str, tuple[str, ...]]] = {
@@ -52,7 +52,7 @@ def standard_config(trimmed: Path, record: dict[str, Any] | None, engine: str) -
             "MoE layer with one expert count, so it cannot load it: trim with a uniform plan (plan --uniform)"
         )
     ad = adapter_for(cfg)
-    stored = {name for f in trimmed.glob("*.safetensors") for name in read_header(f)[0] if name != "__metadata__"}
+    stored = {name for header, _ in checked_headers(trimmed).values() for name in header if name != "__metadata__"}
     problems = ad.engine_problems(engine, cfg) + ad.config_engine_problems(engine, cfg, stored)
     if problems:
         raise MoesiftError(f"{engine} cannot run {str(trimmed)!r} ({cfg.get('model_type')}): {'; '.join(problems)}")

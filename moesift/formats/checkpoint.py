@@ -337,6 +337,7 @@ def consistency_problem(index: CheckpointIndex) -> str | None:
     if not 1 <= spec.top_k <= E:
         return f"{keys[0]} {spec.top_k} is outside 1..{E} (the routed experts of a layer, {ekeys[0]})"
     moe = set(spec.moe_layers)
+    shape = index.adapter.model_shape(index.config)
     routers: dict[int, list[TensorEntry]] = {}
     experts: dict[int, list[TensorEntry]] = {}
     for t in index.tensors:
@@ -344,11 +345,10 @@ def consistency_problem(index: CheckpointIndex) -> str | None:
         if r.kind not in ("router", "expert") or r.layer is None:
             continue
         if r.layer not in moe:
-            n_layers = index.adapter.model_shape(index.config).get("num_hidden_layers")
             return (f"tensor {t.name!r} belongs to MoE layer {r.layer}, which the config does not have "
-                    f"(num_hidden_layers {n_layers}, MoE layers {sorted(moe)[:8]})")
+                    f"(num_hidden_layers {shape.get('num_hidden_layers')}, MoE layers {sorted(moe)[:8]})")
         (routers if r.kind == "router" else experts).setdefault(r.layer, []).append(t)
-    hidden = index.adapter.model_shape(index.config).get("hidden_size")
+    hidden = shape.get("hidden_size")
     if isinstance(index.config.get("quantization"), dict):
         hidden = None  # an mlx-lm quantized router stores packed rows (and scales / biases per group)
     for layer in spec.moe_layers:

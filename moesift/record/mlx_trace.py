@@ -27,8 +27,8 @@ from ..core.identity import config_hash
 from ..core.progress import progress_bar
 from ..core.version import __version__
 from ..engines.hf import load_tokenizer
-from ..engines.mlx import mlx_version, module_for
-from ..engines.mlx_native import is_mlx_model, open_mlx, quantization_note
+from ..engines.mlx import mlx_version
+from ..engines.mlx_native import check_runnable, is_mlx_model, open_mlx, quantization_note
 from ..engines.mlx_record import recordable_problem, tapped
 from ..formats.checkpoint import CheckpointIndex
 from ..formats.trace import Trace
@@ -85,11 +85,7 @@ def _check_folder(d: Path) -> CheckpointIndex:
     """The folder's checkpoint index when moesift records its routing in mlx-lm; else one error line."""
     index = CheckpointIndex.build(d)
     cfg, spec = index.config, index.spec
-    if module_for(spec.model_type) is None:
-        raise MoesiftError(f"mlx-lm {mlx_version()} has no implementation of model_type {spec.model_type!r}")
-    problems = index.adapter.engine_problems("mlx", cfg)
-    if problems:
-        raise MoesiftError(f"mlx cannot run {str(d)!r} ({spec.model_type}): {'; '.join(problems)}")
+    check_runnable(index)
     problem = recordable_problem(spec.model_type, index.adapter.mlx_router, spec)
     if problem:
         raise MoesiftError(problem)
