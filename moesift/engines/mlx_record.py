@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from ..arch.registry import adapter_for, supported_model_types
 from ..arch.spec import MlxRouter, MoESpec, get_path
 from ..core.errors import MoesiftError
 
@@ -76,9 +77,14 @@ class RouterTaps:
 def recordable_problem(model_type: str, router: MlxRouter | None, spec: MoESpec) -> str | None:
     """Why moesift does not record the routing of this family in mlx-lm, or None."""
     if router is None or spec.scoring != "softmax" or (spec.n_group or 1) > 1:
-        return (f"moesift records routing in mlx-lm for softmax families (qwen3_moe, qwen2_moe, olmoe, mixtral) "
+        return (f"moesift records routing in mlx-lm for softmax families ({', '.join(recordable_model_types())}) "
                 f"only, not {model_type}; trace the transformers checkpoint")
     return None
+
+
+def recordable_model_types() -> list[str]:
+    """The model_types whose adapter says where mlx-lm keeps the family's router (`Adapter.mlx_router`)."""
+    return [mt for mt in supported_model_types() if adapter_for({"model_type": mt}).mlx_router is not None]
 
 
 @contextlib.contextmanager
