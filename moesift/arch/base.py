@@ -77,7 +77,8 @@ class Adapter:
     embed_name: ClassVar[str] = "model.embed_tokens.weight"
     lm_head_name: ClassVar[str] = "lm_head.weight"
     # engines whose implementation of the family has no tied output: a config with tie_word_embeddings true
-    # and no stored lm_head.weight does not load there (mlx-lm 0.32.2 measured; llama.cpp's qwen2moe loader)
+    # and no stored lm_head.weight does not load there (mlx-lm 0.32.2: measured; llama.cpp: untested, from a
+    # reading of its qwen2moe loader)
     tied_output_unsupported: ClassVar[tuple[str, ...]] = ()
 
     def config_engine_problems(self, engine: str, config: Mapping[str, Any], stored: set[str]) -> list[str]:

@@ -21,7 +21,7 @@ class Qwen2Moe(Qwen3Moe):
     model_types = ("qwen2_moe",)
     patterns = QWEN2_PATTERNS
     dense_layers_unsupported = ("mlx",)  # mlx-lm's qwen2_moe builds a MoE block in every layer
-    tied_output_unsupported = ("mlx", "llama.cpp")
+    tied_output_unsupported = ("mlx", "llama.cpp")  # llama.cpp: untested (no llama.cpp build in CI)
     mlx_router = MlxRouter("mlp", renorm="never")  # mlx-lm 0.32's qwen2_moe block ignores norm_topk_prob
 
     def n_shared(self, config):
