@@ -1,1 +1,1 @@
-"""What a person runs and reads: the report, the demo (the CLI is moesift/cli.py)."""
+"""What a person runs and reads: the report, the demo (the CLI is moesift/cli/)."""

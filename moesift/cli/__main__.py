@@ -1,0 +1,5 @@
+"""`python -m moesift.cli`: the `moesift` command."""
+
+from . import main
+
+main()
