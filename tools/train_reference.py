@@ -3,12 +3,17 @@
     python tools/build_corpus.py --out build/corpus
     python tools/train_reference.py --arch qwen3_moe --minutes 75 --out moesift/assets/models/qwen3moe-ref
     python tools/train_reference.py --arch deepseek_v3 --minutes 75 --out moesift/assets/models/deepseekv3-ref
+    python tools/train_reference.py --arch olmoe --experts 64 --top-k 8 --moe-intermediate 32 --minutes 40 \
+        --out build/models/olmoe-ref
+    python tools/train_reference.py --arch qwen2_moe --experts 32 --top-k 4 --minutes 40 --out build/models/qwen2moe-ref
 
-Real transformers classes built from a config (Qwen3MoeForCausalLM, DeepseekV3ForCausalLM), fp32 training on the
+Real transformers classes built from a config (Qwen3Moe, DeepseekV3, Olmoe, Qwen2Moe ForCausalLM), fp32 training on the
 CPU (one thread by default), AdamW with linear warmup and a cosine decay driven by elapsed time so a run is boxed
 by ``--minutes``. Batches mix the four domains (each row is a window from one domain chosen uniformly).
 
 - qwen3_moe: softmax routing, normalised top-k weights, load-balancing auxiliary loss.
+- olmoe: many small experts (top-8 of 64), no shared expert, un-normalised top-k weights, auxiliary loss.
+- qwen2_moe: a sigmoid-gated shared expert beside the routed experts, un-normalised top-k weights, auxiliary loss.
 - deepseek_v3: one shared expert, sigmoid routing with a selection bias (``e_score_correction_bias``), group-limited
   routing; the bias is updated without an auxiliary loss: after every step ``bias += u * sign(mean_load - load)``
   per MoE layer, from the step's selection counts (read with a forward pre-hook on each layer's ``experts``).
@@ -135,7 +140,34 @@ def build_config(arch: str, tok, args):
             v_head_dim=32,
             num_mtp_layers=0,
         )
-    raise SystemExit(f"train_reference: error: unknown --arch {arch!r} (qwen3_moe or deepseek_v3)")
+    if arch == "olmoe":
+        from transformers import OlmoeConfig
+
+        # many small experts, top-8, no shared expert; OLMoE stores the expert width as intermediate_size
+        return OlmoeConfig(
+            **common,
+            intermediate_size=args.moe_intermediate,
+            num_experts=args.experts,
+            norm_topk_prob=False,
+            output_router_logits=True,
+            router_aux_loss_coef=args.aux_coef,
+        )
+    if arch == "qwen2_moe":
+        from transformers import Qwen2MoeConfig
+
+        # a sigmoid-gated shared expert beside the routed ones
+        return Qwen2MoeConfig(
+            **common,
+            intermediate_size=args.moe_intermediate * 4,
+            shared_expert_intermediate_size=args.moe_intermediate * 4,
+            num_experts=args.experts,
+            norm_topk_prob=False,
+            output_router_logits=True,
+            router_aux_loss_coef=args.aux_coef,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+        )
+    raise SystemExit(f"train_reference: error: unknown --arch {arch!r} (qwen3_moe, deepseek_v3, olmoe or qwen2_moe)")
 
 
 class BiasBalancer:
@@ -225,7 +257,7 @@ def save_checkpoint(model, tok, out: Path, info: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--arch", required=True, choices=["qwen3_moe", "deepseek_v3"])
+    ap.add_argument("--arch", required=True, choices=["qwen3_moe", "deepseek_v3", "olmoe", "qwen2_moe"])
     ap.add_argument("--out", type=Path, required=False)
     ap.add_argument("--minutes", type=float, default=60.0)
     ap.add_argument("--corpus", type=Path, default=Path("build/corpus"))
