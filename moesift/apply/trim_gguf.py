@@ -187,7 +187,7 @@ def _copy(src_fd: int, dst_fd: int, off: int, n: int, name: str) -> None:
 
 
 def _write_file(path: Path, f: GGUFFile, header: bytes, tensors: list[_Out], advance: Any) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
+    fd = os.open(path, os.O_WRONLY)  # a new empty file (no O_TRUNC: ext4 would flush it on close)
     src = os.open(f.path, os.O_RDONLY)
     try:
         os.write(fd, header)
