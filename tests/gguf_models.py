@@ -16,6 +16,7 @@ FAMILIES = {
     "llama": {},  # Mixtral
     "deepseek2": {"shexp": True, "probs_b": True, "groups": (4, 2), "dense_first": 1, "sigmoid": True},
     "gpt-oss": {"exp_bias": True},
+    "glm4moe": {"shexp": True, "probs_b": True, "sigmoid": True, "nextn": 1},  # last block: multi-token prediction
 }
 
 
@@ -46,7 +47,7 @@ def _quantized(a: np.ndarray, qtype_name: str, rng: np.random.Generator):
 
 def write_model(path: Path, arch: str, qtype: str = "F32", n_layers: int = 3, n_experts: int = 8, top_k: int = 2,
                 hidden: int = 64, ff: int = 32, vocab: int = 48, split_max_tensors: int = 0, seed: int = 0,
-                keep_floats: dict | None = None) -> Path:
+                keep_floats: dict | None = None, alignment: int | None = None) -> Path:
     """Write a tiny GGUF model of `arch` (a key of FAMILIES) whose expert tensors are stored in `qtype` (the
     other tensors in F32). `keep_floats`: filled with {tensor name: float32 array (numpy order)} of every
     expert tensor before quantization. Returns the first file written."""
@@ -56,6 +57,10 @@ def write_model(path: Path, arch: str, qtype: str = "F32", n_layers: int = 3, n_
     rng = np.random.default_rng(seed)
     tn = _names()
     w = gguf.GGUFWriter(str(path), arch, split_max_tensors=split_max_tensors)
+    if alignment:
+        w.add_custom_alignment(alignment)
+    if fam.get("nextn"):
+        w.add_uint32(f"{arch}.nextn_predict_layers", fam["nextn"])
     w.add_block_count(n_layers)
     w.add_context_length(128)
     w.add_embedding_length(hidden)

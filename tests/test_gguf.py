@@ -254,6 +254,31 @@ def test_metadata_value_types_are_kept(tmp_path):
     assert f.types == [gguf.GGUFValueType.UINT32] and f.contents() == 4
 
 
+def test_alignment_is_honoured(tmp_path):
+    src = write_model(tmp_path / "m.gguf", "olmoe", "Q8_0", alignment=256)
+    keep = _plan(src)
+    out = moesift.trim(src, keep, tmp_path / "t.gguf", progress=False)
+    r = GGUFReader(out)
+    assert r.alignment == 256 and all(int(t.data_offset) % 256 == 0 for t in r.tensors)
+    check_trim(src, out, keep)
+
+
+def test_multi_token_prediction_blocks_are_left_out(tmp_path):
+    """GLM-4.5 stores its multi-token-prediction block after the decoder blocks, with experts of a router no
+    trace sees: a trim that removes experts leaves it out and says the model has none (as for safetensors)."""
+    src = write_model(tmp_path / "g.gguf", "glm4moe", "Q8_0", n_layers=4)
+    idx = read_gguf(src)
+    assert idx.spec.moe_layers == (0, 1, 2) and idx.nextn_blocks() == [3]
+    keep = {b: list(range(4)) for b in idx.spec.moe_layers}
+    out = moesift.trim(src, keep, tmp_path / "t.gguf", progress=False)
+    r = GGUFReader(out)
+    assert [r.fields[f"glm4moe.{k}"].contents() for k in ("block_count", "nextn_predict_layers",
+                                                           "expert_count")] == [3, 0, 4]
+    assert not [t.name for t in r.tensors if t.name.startswith("blk.3.")]
+    assert verify(src, out, progress=False)["ok"]
+    assert json.loads((tmp_path / "t.gguf.moesift.json").read_text())["dropped_mtp_layers"] == [3]
+
+
 def test_ggml_type_table_is_gguf_pys():
     for t, (block, size) in gguf.GGML_QUANT_SIZES.items():
         assert GGML_TYPES[t.value] == (t.name, block, size)
