@@ -305,3 +305,24 @@ def test_trim_of_the_conversion_is_the_conversion_of_the_trim(model_type, outtyp
     out = moesift.trim(g, plan, tmp_path / "t.gguf", progress=False)
     r = verify(g, out, hf_model=src, progress=False)
     assert r["ok"] and all(x["ok"] for x in r["links"]), r["links"]
+
+
+def test_damaged_headers_never_escape_as_tracebacks(tmp_path):
+    """Random bytes changed in the header: the trim either works or stops with one MoesiftError."""
+    src = write_model(tmp_path / "m.gguf", "deepseek2", "Q8_0")
+    data = src.read_bytes()
+    end = read_gguf(src).files[0].data_start
+    keep = {1: [0, 1, 2, 3], 2: [0, 1, 2, 3]}
+    rng = np.random.default_rng(0)
+    outcomes = {"ok": 0, "refused": 0}
+    for _ in range(150):
+        d = bytearray(data)
+        for _ in range(int(rng.integers(1, 4))):
+            d[int(rng.integers(0, end))] = int(rng.integers(0, 256))
+        (tmp_path / "f.gguf").write_bytes(bytes(d))
+        try:
+            moesift.trim(tmp_path / "f.gguf", keep, tmp_path / "o.gguf", progress=False, force=True)
+            outcomes["ok"] += 1
+        except moesift.MoesiftError:
+            outcomes["refused"] += 1
+    assert outcomes["refused"] > 0 and outcomes["ok"] + outcomes["refused"] == 150

@@ -29,6 +29,7 @@ from ..core.io import CHECKSUMS, atomic_path, check_output_path, file_checksum
 from ..core.progress import progress_bar
 from ..core.version import __version__
 from ..formats.gguf import (
+    INTEGERS,
     MAGIC,
     SCALARS,
     SPLIT_TENSORS,
@@ -160,6 +161,8 @@ def _header(f: GGUFFile, tensors: list[_Out], rewrites: dict[str, Any]) -> bytes
     kv = bytearray()
     for k, e in f.kv.items():
         if k in rewrites:
+            if e.vtype not in INTEGERS:
+                raise MoesiftError(f"{str(f.path)!r}: metadata {k!r} is not stored as an integer; the file is damaged")
             kv += _string(k) + struct.pack("<I", e.vtype) + struct.pack(SCALARS[e.vtype], rewrites[k])
         else:
             kv += raw[e.start - f.kv_start:e.end - f.kv_start]

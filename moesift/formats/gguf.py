@@ -41,6 +41,7 @@ GGML_TYPES: dict[int, tuple[str, int, int]] = {
 }
 
 # metadata value types: id -> struct format of a scalar (8: string, 9: array)
+INTEGERS = (0, 1, 2, 3, 4, 5, 10, 11)  # metadata value types that hold an integer
 SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 STRING, ARRAY = 8, 9
 UINT32 = 4
@@ -239,10 +240,10 @@ def split_paths(path: str | os.PathLike) -> list[Path]:
 def split_name(path: Path, no: int, count: int) -> Path:
     """The name of split `no` (1-based) of `count` for an output named `path` (NAME.gguf or
     NAME-00001-of-0000N.gguf)."""
+    if count == 1:
+        return path
     m = _SPLIT_NAME.match(path.name)
     prefix = m.group("prefix") if m else path.name[: -len(".gguf")] if path.name.lower().endswith(".gguf") else path.name
-    if count == 1 and not m:
-        return path
     return path.with_name(f"{prefix}-{no:05d}-of-{count:05d}.gguf")
 
 
