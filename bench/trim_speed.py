@@ -18,6 +18,11 @@ in both (no fsync), as for `cp`.
 
     python bench/trim_speed.py [--size-gb 1.5] [--dir /tmp/moesift-bench] [--repeat 3] [--keep] [--no-cold]
     python bench/trim_speed.py --src CHECKPOINT [--keep-fraction 0.5]   # an existing qwen3_moe checkpoint
+    python bench/trim_speed.py --gguf [--size-gb 1.2] [--repeat 1]        # a GGUF file (llama.cpp)
+
+`--gguf` writes a qwen3moe GGUF file of random Q8_0 blocks instead (gguf-py's writer, tensor by tensor) and
+times, side by side in one run and with a warm page cache: the GGUF trim (`moesift.trim MODEL.gguf`, each
+checksum), `cp` of the source GGUF file and `cp` of the trimmed file (the bytes the trim writes).
 """
 
 from __future__ import annotations
@@ -168,6 +173,115 @@ def _row(label: str, key: str, res: dict, caches: list[str]) -> str:
     return f"{label:34}" + "   ".join(cells)
 
 
+GGUF_TRIM = """
+import json, os, sys, time
+from moesift.apply.trim import trim
+for f in (sys.argv[3], sys.argv[3] + ".moesift.json"):  # a fresh output, as for cp
+    if os.path.exists(f):
+        os.unlink(f)
+os.sync()
+t = time.perf_counter()
+trim(sys.argv[1], sys.argv[2], sys.argv[3], progress=False, checksum=sys.argv[4])
+print(json.dumps({"wall": time.perf_counter() - t}))
+"""
+
+
+def write_gguf(path: Path, size_gb: float, experts: int = 64) -> tuple[int, int]:
+    """A qwen3moe GGUF file of random Q8_0 blocks (experts) and F32 norms / router, about `size_gb` GiB, written
+    tensor by tensor. Returns (blocks, experts)."""
+    import gguf
+    import numpy as np
+
+    h, inter, vocab = H, INTER, 32768
+    q = gguf.GGMLQuantizationType.Q8_0
+    block, size = gguf.GGML_QUANT_SIZES[q]
+    per_expert = (2 * inter * (h // block) + h * (inter // block)) * size
+    n_layers = max(2, round(size_gb * (1 << 30) / (experts * per_expert)))
+    rng = np.random.default_rng(0)
+    tensors: list[tuple[str, tuple, int]] = [("token_embd.weight", (vocab, h // block * size), 1)]
+    for b in range(n_layers):
+        tensors += [(f"blk.{b}.attn_norm.weight", (h,), 0), (f"blk.{b}.ffn_gate_inp.weight", (experts, h), 0),
+                    (f"blk.{b}.ffn_gate_exps.weight", (experts, inter, h // block * size), 1),
+                    (f"blk.{b}.ffn_up_exps.weight", (experts, inter, h // block * size), 1),
+                    (f"blk.{b}.ffn_down_exps.weight", (experts, h, inter // block * size), 1)]
+    w = gguf.GGUFWriter(str(path), "qwen3moe")
+    for k, v in (("block_count", n_layers), ("embedding_length", h), ("expert_count", experts),
+                 ("expert_used_count", 8)):
+        w.add_uint32(f"qwen3moe.{k}", v)
+    for name, shape, quant in tensors:
+        n = int(np.prod(shape))
+        w.add_tensor_info(name, shape, np.dtype(np.uint8 if quant else np.float32), n if quant else 4 * n,
+                          raw_dtype=q if quant else None)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    for _, shape, quant in tensors:
+        a = (rng.integers(0, 256, size=shape, dtype=np.uint8) if quant else
+             rng.standard_normal(shape).astype(np.float32))
+        w.write_tensor_data(a)
+    w.close()
+    return n_layers, experts
+
+
+def gguf_main(args: argparse.Namespace, work: Path) -> None:
+    """Trim a synthetic GGUF file against cp of the source file and of the trimmed file (warm page cache)."""
+    import numpy as np
+
+    src, out = work / "model.gguf", work / "trimmed.gguf"
+    n_layers, E = write_gguf(src, args.size_gb)
+    rng = np.random.default_rng(1)
+    kept = max(1, round(E * args.keep_fraction))
+    plan = {"schema": "moesift-plan/1", "model": {"model_type": "qwen3_moe", "n_experts": E},
+            "layers": [{"layer": i, "resident": sorted(rng.choice(E, kept, replace=False).tolist())}
+                       for i in range(n_layers)]}
+    (work / "plan.json").write_text(json.dumps(plan))
+    _run(GGUF_TRIM, str(src), str(work / "plan.json"), str(out), "none")  # warm-up
+    times: dict[str, list[float]] = {}
+
+    def cp(a: Path, b: Path) -> float:
+        b.unlink(missing_ok=True)
+        os.sync()
+        with open(a, "rb") as f:
+            while f.read(64 << 20):
+                pass
+        t = time.perf_counter()
+        subprocess.run(["cp", str(a), str(b)], check=True)
+        return time.perf_counter() - t
+
+    for _ in range(args.repeat):
+        for mode in MODES:
+            prepare_files([src])
+            times.setdefault(f"trim_{mode}", []).append(
+                _run(GGUF_TRIM, str(src), str(work / "plan.json"), str(out), mode)["wall"])
+        times.setdefault("cp_source", []).append(cp(src, work / "copy.gguf"))
+        times.setdefault("cp_trimmed", []).append(cp(out, work / "copy.gguf"))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    res = {"hardware": f"{cpu_name()}, {os.cpu_count()} CPUs", "source_bytes": src.stat().st_size,
+           "written_bytes": out.stat().st_size, "blocks": n_layers, "experts": E, "kept": kept,
+           "repeat": args.repeat, "seconds": times,
+           "ratios": {f"{k}_to_cp_trimmed": med[k] / med["cp_trimmed"] for k in med},
+           "ratios_to_cp_source": {f"{k}_to_cp_source": med[k] / med["cp_source"] for k in med}}
+    if args.json:
+        print(json.dumps(res, indent=2))
+        return
+    gib = 1 << 30
+    print(f"hardware: {res['hardware']}\nsource: {res['source_bytes'] / gib:.2f} GiB GGUF (qwen3moe, Q8_0 experts, "
+          f"{n_layers} blocks x {E} experts); plan keeps {kept}/{E}; written {res['written_bytes'] / gib:.2f} GiB; "
+          f"warm page cache, {args.repeat} run(s), median seconds")
+    for k in [*(f"trim_{m}" for m in MODES), "cp_source", "cp_trimmed"]:
+        print(f"{k:18} {med[k]:7.2f} s   {med[k] / med['cp_source']:5.2f}x cp of the source   "
+              f"{med[k] / med['cp_trimmed']:5.2f}x cp of the trimmed file")
+
+
+def prepare_files(files: list[Path]) -> None:
+    """Write back dirty pages, then read `files` through (warm page cache)."""
+    os.sync()
+    for f in files:
+        with open(f, "rb") as fh:
+            while fh.read(64 << 20):
+                pass
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-gb", type=float, default=1.5, help="approximate size of the synthetic checkpoint")
@@ -180,11 +294,19 @@ def main() -> None:
     ap.add_argument("--src", default=None, help="trim this qwen3_moe-style checkpoint instead of writing one")
     ap.add_argument("--keep-fraction", type=float, default=0.5, help="experts kept per layer (default 0.5)")
     ap.add_argument("--no-cold", action="store_true", help="warm page cache only")
+    ap.add_argument("--gguf", action="store_true", help="time the trim of a synthetic GGUF file instead")
     args = ap.parse_args()
     import numpy as np
 
     work = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="moesift-bench-"))
     work.mkdir(parents=True, exist_ok=True)
+    if args.gguf:
+        try:
+            gguf_main(args, work)
+        finally:
+            if not args.keep:
+                shutil.rmtree(work, ignore_errors=True)
+        return
     src, out, copy_dst = work / "src", work / "trimmed", work / "copy"
     try:
         t0 = time.perf_counter()

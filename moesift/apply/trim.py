@@ -34,7 +34,6 @@ from typing import Any
 
 from ..core.errors import MoesiftError
 from ..core.io import (
-    CHECKSUMS,
     OutputDir,
     check_output_path,
     file_checksum,
@@ -45,6 +44,7 @@ from ..core.io import (
 from ..core.progress import progress_bar
 from ..core.version import __version__
 from ..formats.checkpoint import CheckpointIndex, allowed_roots
+from ..formats.gguf import is_gguf, read_gguf_record
 from ..formats.plan import as_plan, parse_bytes
 from ..formats.trimmed import (
     FORMAT,
@@ -59,6 +59,7 @@ from ..formats.trimmed import (
     sliced_bytes,
     stored_output,
 )
+from .trim_gguf import checksum_or_none, trim_gguf
 
 DEFAULT_SHARD_SIZE = 5 * 1000**3
 _BUF = 8 << 20  # read-back buffer of the checksum thread
@@ -208,11 +209,7 @@ def _copy_range(src_fd: int, w: _Writer, off: int, n: int, name: str, advance: A
 
 def _checksum_algorithm(checksums: bool, checksum: str | None) -> str | None:
     """The checksum algorithm a trim records (None: no checksums); an unknown name is refused."""
-    if not checksums or checksum in (None, "none"):
-        return None
-    if checksum not in CHECKSUMS:
-        raise MoesiftError(f"unknown checksum {checksum!r}: use {', '.join(CHECKSUMS)} or none")
-    return checksum
+    return checksum_or_none(checksums, checksum)
 
 
 def _check_paths(src: Path, out: Path, force: bool) -> None:
@@ -403,7 +400,14 @@ def trim(
     another config of the family (its `config_hash`) is refused unless `force_plan`. `engine_config`: write
     the config keys serving engines read (the family's hub key names, a top-level rope_theta) and store the
     output projection of a tied model as its own tensor, so that a model saved by transformers 5 loads in
-    mlx-lm and llama.cpp as it is. Returns `out`."""
+    mlx-lm and llama.cpp as it is. A GGUF file (`MODEL.gguf`, or the first split of a split model) is trimmed
+    to the GGUF file `out` (`moesift.apply.trim_gguf`). Returns `out`."""
+    if is_gguf(model):
+        if engine_config:
+            raise MoesiftError(f"{str(model)!r} is a GGUF file: its metadata is already what llama.cpp reads; drop "
+                               "--engine-config")
+        return trim_gguf(model, plan, out, force=force, progress=progress,
+                         checksum=checksum_or_none(checksums, checksum), force_plan=force_plan)
     out = Path(out)
     algorithm = _checksum_algorithm(checksums, checksum)
     idx = CheckpointIndex.build(model)
@@ -462,7 +466,7 @@ def trim(
 
 def trim_summary(out: str | os.PathLike) -> dict[str, Any]:
     """What `moesift trim` reports of the checkpoint it wrote to `out` (from its moesift_plan.json)."""
-    rec = read_trimmed_record(out) or {}
+    rec = (read_gguf_record(out) if is_gguf(out) else read_trimmed_record(out)) or {}
     return {"out": str(out), "standard": rec.get("standard"), "tensor_bytes": rec.get("tensor_bytes"),
             "predicted_bytes": rec.get("predicted_bytes"),
             "source_tensor_bytes": rec.get("source", {}).get("tensor_bytes"),
@@ -472,7 +476,7 @@ def trim_summary(out: str | os.PathLike) -> dict[str, Any]:
 
 def format_trim(summary: dict[str, Any]) -> str:
     """The line `moesift trim` prints for a `trim_summary`."""
-    kind = "standard checkpoint" if summary["standard"] else "non-uniform checkpoint (load with moesift.load_trimmed)"
+    kind = "GGUF model" if is_gguf(summary["out"]) else "standard checkpoint" if summary["standard"] else "non-uniform checkpoint (load with moesift.load_trimmed)"
     line = (f"wrote {summary['out']}: {kind}, {summary['tensor_bytes']:,} tensor bytes "
             f"({summary['tensor_bytes'] / max(summary['source_tensor_bytes'] or 1, 1):.1%} of the source)")
     if summary.get("dropped_mtp_layers"):

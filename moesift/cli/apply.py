@@ -12,9 +12,11 @@ from .app import app, emit_json
 
 @app.command("trim")
 def trim_cmd(
-    model: str = typer.Argument(..., help="Source model directory or hub id (safetensors)."),
+    model: str = typer.Argument(..., help="Source model directory or hub id (safetensors), or a "
+                               "GGUF file (MODEL.gguf, or the first split of a split model)."),
     plan: str = typer.Option(..., "--plan", help="Plan file (moesift-plan/1 or resident-manifest/1)."),
-    out: str = typer.Option(..., "--out", "-o", help="Directory of the trimmed checkpoint."),
+    out: str = typer.Option(..., "--out", "-o", help="Directory of the trimmed checkpoint (for a GGUF "
+                             "model: the GGUF file, split like the source)."),
     force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest output shard, e.g. 5GB."),
     checksum: str = typer.Option("blake3", "--checksum", help="Checksum of every output file recorded in "

@@ -14,8 +14,9 @@ from .app import app, emit_json, split_values
 
 @app.command("verify")
 def verify_cmd(
-    model: str = typer.Argument(..., help="Full model directory or hub id."),
-    trimmed: str = typer.Argument(None, help="Trimmed checkpoint directory (not with --offloaded)."),
+    model: str = typer.Argument(..., help="Full model directory or hub id, or a GGUF file."),
+    trimmed: str = typer.Argument(None, help="Trimmed checkpoint directory, or the trimmed GGUF file (not with "
+                                  "--offloaded)."),
     plan: str = typer.Option(None, "--plan", help="Plan (default: the one recorded in TRIMMED)."),
     offloaded: str = typer.Option(None, "--offloaded", help="Plan: compare the full model with itself loaded by "
                                   "load_offloaded (resident experts on --device, the rest in host memory)."),
@@ -37,6 +38,9 @@ def verify_cmd(
                                "needs moesift\\[mlx]) or llama.cpp (F32 GGUF made by llama.cpp's converter, needs "
                                "moesift\\[gguf] and MOESIFT_LLAMA_CPP naming a llama.cpp tree with "
                                "convert_hf_to_gguf.py); engines need a uniform trim and compare in float32 on the CPU."),
+    hf_model: str = typer.Option(None, "--hf-model", help="GGUF files: the transformers checkpoint BASE.gguf was "
+                                 "converted from; also checks that trimming the GGUF equals converting the trimmed "
+                                 "checkpoint (needs MOESIFT_LLAMA_CPP naming llama.cpp's converter)."),
     files: bool = typer.Option(False, "--files", help="Only re-compute the checksums a trim recorded of its "
                                "files (`moesift verify TRIMMED --files`) and name the files that differ."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
@@ -50,7 +54,8 @@ def verify_cmd(
         r = verify(model, trimmed, plan=plan, data=data or None, max_new_tokens=max_new_tokens,
                    max_samples=max_samples, max_length=max_length, field=field, device=device, dtype=dtype,
                    progress=not json_out, offloaded=offloaded, cache_slots=cache_slots, policy=policy,
-                   host_compute_max_tokens=host_compute_max_tokens, force_plan=force_plan, engine=engine)
+                   host_compute_max_tokens=host_compute_max_tokens, force_plan=force_plan, engine=engine,
+                   hf_model=hf_model)
     if json_out:
         emit_json(r)
     else:

@@ -29,9 +29,9 @@ CONVERTER = "convert_hf_to_gguf.py"
 # "default" (with a note on stderr) instead of an error.
 _DRIVER = r"""
 import sys
-conv, src, out = sys.argv[1:4]
+conv, src, out, outtype = sys.argv[1:5]
 sys.path.insert(0, conv)
-sys.argv = ["convert_hf_to_gguf.py", src, "--outtype", "f32", "--outfile", out]
+sys.argv = ["convert_hf_to_gguf.py", src, "--outtype", outtype, "--outfile", out]
 import convert_hf_to_gguf as c
 try:
     from conversion import base as b
@@ -82,11 +82,12 @@ def check(trimmed: Path, record: dict[str, Any] | None) -> dict[str, Any]:
     return cfg
 
 
-def convert(trimmed: Path, out: Path) -> list[str]:
-    """Write `out` (F32 GGUF) from `trimmed` with llama.cpp's converter; returns its notes."""
+def convert(trimmed: Path, out: Path, outtype: str = "f32") -> list[str]:
+    """Write `out` (GGUF, `outtype`: f32, f16 or bf16) from `trimmed` with llama.cpp's converter; returns its
+    notes."""
     conv = converter_dir()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    r = subprocess.run([sys.executable, "-c", _DRIVER, str(conv), str(trimmed), str(out)], capture_output=True,
+    r = subprocess.run([sys.executable, "-c", _DRIVER, str(conv), str(trimmed), str(out), outtype], capture_output=True,
                        text=True, env=env)
     if r.returncode != 0 or not out.is_file():
         lines = [x for x in r.stderr.strip().splitlines() if x.strip()]

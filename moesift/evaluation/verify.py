@@ -21,10 +21,12 @@ from ..engines.hf import hf_progress, resolve_device
 from ..engines.mlx_native import check_mlx_model, is_mlx_model, open_mlx, quantization_note, restricted
 from ..engines.restrict import restrict
 from ..formats.checkpoint import CheckpointIndex, read_header
+from ..formats.gguf import is_gguf, read_gguf_record
 from ..formats.plan import Plan, as_plan, planned_offload
 from ..formats.trimmed import PLAN_FILE, read_trimmed_record
 from ..formats.workload import encode_prefix, read_documents
 from ..selection.offload_budget import simulate_layer
+from .verify_gguf import format_verify_gguf, verify_gguf
 
 
 def _read_prompts(paths: list[str], field: str | None, max_samples: int, tok: Any, max_length: int) -> list[Any]:
@@ -183,6 +185,7 @@ def verify(
     host_compute_max_tokens: int | None = None,
     force_plan: bool = False,
     engine: str = "transformers",
+    hf_model: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Run the full model restricted to `plan` and the trimmed model on held-out prompts; report top-1
     agreement over every prompt position, max absolute and relative logit differences, and whether greedy
@@ -203,7 +206,11 @@ def verify(
     Engines need a standard (uniform) trim. With an engine, greedy generations on both sides are plain
     argmax decoding of `max_new_tokens` tokens (end-of-sequence not special), each with its own KV cache.
     When `model` and `trimmed` are mlx-lm model folders (quantized MLX checkpoints and their trims), both run
-    in mlx-lm (`verify_mlx`), whatever `engine` says but llama.cpp."""
+    in mlx-lm (`verify_mlx`), whatever `engine` says but llama.cpp.
+    When `model` and `trimmed` are GGUF files, the trim is checked on the files themselves, link by link
+    (`verify_gguf`; `hf_model`: the transformers checkpoint they were converted from, for the converter link)."""
+    if _gguf_pair(model, trimmed, engine):
+        return verify_gguf(model, trimmed, plan=plan, hf_model=hf_model, force_plan=force_plan, progress=progress)
     device = resolve_device(device)
     max_new_tokens = check_int("--max-new-tokens", max_new_tokens, 1)
     max_samples = check_int("--max-samples", max_samples, 1)
@@ -250,20 +257,25 @@ def verify(
     n_full = sum(x.numel() for x in full.parameters())
     n_small = (sum(x.numel() for x in small.parameters()) if runner is None else _header_params(Path(trimmed)))
     result = {
-        "model": str(model),
-        "trimmed": str(trimmed),
-        "engine": engine_name,
+        "model": str(model), "trimmed": str(trimmed), "engine": engine_name,
         "engine_notes": engine_notes,  # e.g. how llama.cpp's converter wrote the tokenizer
-        "plan": p.source,
-        "data": source,
-        "prompts": len(prompts),
-        **cmp.result(),
-        "max_new_tokens": max_new_tokens,
-        "params_full": n_full,
-        "params_trimmed": n_small,
+        "plan": p.source, "data": source, "prompts": len(prompts), **cmp.result(),
+        "max_new_tokens": max_new_tokens, "params_full": n_full, "params_trimmed": n_small,
     }
     result["ok"] = result["top1_agreement"] >= 1.0 and result["generations_identical"]
     return result
+
+
+def _gguf_pair(model: Any, trimmed: Any, engine: str) -> bool:
+    """True when `model` and `trimmed` are GGUF files (checked on their bytes, `verify_gguf`); one error line
+    when only one of them is, or when an engine is asked for."""
+    if not (is_gguf(model) or (trimmed is not None and is_gguf(trimmed))):
+        return False
+    if not (is_gguf(model) and trimmed is not None and is_gguf(trimmed)):
+        raise MoesiftError("verify compares a GGUF model with its own trim: moesift verify BASE.gguf TRIM.gguf")
+    if engine != "transformers":
+        raise MoesiftError("GGUF files are verified on their bytes, link by link; drop --engine")
+    return True
 
 
 def _mlx_pair(model: Any, trimmed: Any, engine: str, dtype: str | None) -> bool:
@@ -459,7 +471,9 @@ def verify_offloaded(
 
 
 def format_verify(r: dict[str, Any]) -> str:
-    """What `moesift verify` prints of a `verify` result (trimmed or offloaded)."""
+    """What `moesift verify` prints of a `verify` result (trimmed, offloaded or GGUF)."""
+    if "links" in r:
+        return format_verify_gguf(r)
     lines = []
     if r["data"]["kind"] == "random":
         lines.append(r["data"]["note"])
@@ -490,7 +504,12 @@ def verify_files(trimmed: str | os.PathLike) -> dict[str, Any]:
     recorded algorithm (records written before it was named hold sha256). Each file is "ok", "mismatch" or
     "missing"; `ok` when all are "ok". A folder without a record, or a trim made without checksums, is refused."""
     shown = str(trimmed)
-    rec = read_trimmed_record(trimmed)
+    gguf = is_gguf(trimmed)
+    rec = read_gguf_record(trimmed) if gguf else read_trimmed_record(trimmed)
+    folder = Path(trimmed).parent if gguf else Path(trimmed)
+    if rec is None and gguf:
+        raise MoesiftError(f"{shown!r} has no record beside it (NAME.gguf.moesift.json): it was not written by "
+                           "moesift trim")
     if rec is None:
         raise MoesiftError(f"{shown!r} has no {PLAN_FILE}: it is not a checkpoint written by moesift trim")
     algorithm = rec.get("checksum", "sha256")
@@ -501,7 +520,7 @@ def verify_files(trimmed: str | os.PathLike) -> dict[str, Any]:
         raise MoesiftError(f"{shown!r} records checksums of an unknown algorithm {algorithm!r}")
     files = []
     for name, want in sorted(recorded.items()):
-        path = Path(trimmed) / name
+        path = folder / name
         if Path(name).name != name or not path.is_file():
             files.append({"file": name, "status": "missing", "expected": want, "actual": None})
             continue

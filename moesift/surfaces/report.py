@@ -32,6 +32,7 @@ from ..core.io import check_output_path, write_text
 from ..core.values import check_int
 from ..core.version import __version__
 from ..formats.checkpoint import CheckpointIndex
+from ..formats.gguf import is_gguf, read_gguf
 from ..formats.trace import Trace, merge
 from ..selection.planner import plan as make_plan
 from ..selection.planner import strategy_scores
@@ -83,8 +84,9 @@ def _same_model(traces) -> None:
 def savings(trace, model, analysis: dict[str, Any] | None = None) -> dict[str, Any]:
     """Bytes from the checkpoint headers of `model`: total, expert, non-expert, and the predicted checkpoint
     size at each budget (fractions of experts, and the sets sized for each coverage target). Router rows are
-    counted with their expert (trimming slices them). Quantized tensors count at their stored sizes."""
-    idx = CheckpointIndex.build(model)
+    counted with their expert (trimming slices them). Quantized tensors count at their stored sizes. `model` may
+    be a GGUF file (its header gives the bytes)."""
+    idx = read_gguf(model) if is_gguf(model) else CheckpointIndex.build(model)
     spec = idx.spec
     counts = trace.counts
     L, E = counts.shape
