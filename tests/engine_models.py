@@ -58,12 +58,25 @@ MLX_SIZES: dict[str, dict] = {
     "mixtral": dict(hidden_size=64, intermediate_size=64, head_dim=16),
 }
 
+# more families in mlx-lm (tests/test_mlx_families.py): DeepSeek-style gates, Granite's top-k gating, Qwen3-Next
+# (mlx-lm places full attention every full_attention_interval-th layer) and Phi-MoE (mlx-lm's build has attention
+# and output biases, as the hub checkpoint does)
+MLX_FAMILY_SIZES: dict[str, dict] = {
+    **{mt: dict(hidden_size=64, intermediate_size=64, moe_intermediate_size=64)
+       for mt in ("deepseek_v2", "deepseek_v3", "glm4_moe", "dots1")},
+    "granitemoe": dict(hidden_size=64, intermediate_size=64),
+    "qwen3_next": dict(hidden_size=64, intermediate_size=64, moe_intermediate_size=64,
+                       shared_expert_intermediate_size=64, full_attention_interval=2),
+    "phimoe": dict(hidden_size=64, intermediate_size=64, attention_bias=True, lm_head_bias=True),
+}
+
 
 def mlx_source(model_type: str, directory: Path, **overrides) -> Path:
     """The tiny transformers model of `model_type` at MLX-friendly sizes, with a byte-pair tokenizer, saved into
     `directory` (what `mlx_lm.convert` then converts)."""
     from tiny import save
 
-    save(model_type, directory, **{**MLX_SIZES.get(model_type, {}), **overrides})
+    sizes = MLX_SIZES.get(model_type) or MLX_FAMILY_SIZES.get(model_type, {})
+    save(model_type, directory, **{**sizes, **overrides})
     add_bpe_tokenizer(directory, 96)
     return directory
