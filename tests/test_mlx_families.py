@@ -348,3 +348,19 @@ def test_bad_mlx_folders_are_one_error_line(family, tmp_path, monkeypatch, capsy
         code, _, err = run_cli(args, monkeypatch, capsys)
         assert_one_error(code, err, "missing")
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("mt", ["deepseek_v3", "granitemoe"])
+def test_mlx_eval_of_a_plan_equals_the_trim_and_top_k_reaches_the_gate(family, mt, tmp_path):
+    """`eval --engine mlx`: the restricted full model's perplexity equals its trim's; --top-k sets the top-k the
+    family's router module selects with (a DeepSeek gate's, Granite's gating's)."""
+    from moesift.evaluation.evaluate import eval_model
+
+    root = family(mt)
+    out = moesift.trim(root / "q4", root / "plan.json", tmp_path / "t", progress=False)
+    kw = dict(max_length=12, batch_size=3, progress=False)
+    full = {r["name"]: r for r in eval_model(root / "q4", [root / "w.jsonl"], plans=[root / "plan.json"], top_k=[1],
+                                             **kw)["results"]}
+    small = eval_model(out, [root / "w.jsonl"], **kw)["results"][0]
+    assert full["plan plan.json"]["ppl"] == small["ppl"] and full["plan plan.json"]["tokens"] == small["tokens"]
+    assert full["top-k 1"]["ppl"] != full["full"]["ppl"] and full["top-k 1"]["mean_active"] == 1.0
