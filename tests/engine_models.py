@@ -80,3 +80,35 @@ def mlx_source(model_type: str, directory: Path, **overrides) -> Path:
     save(model_type, directory, **{**sizes, **overrides})
     add_bpe_tokenizer(directory, 96)
     return directory
+
+
+def mlx_gpt_oss_source(hf: Path, directory: Path) -> Path:
+    """The tiny transformers gpt-oss model saved into `hf`, and the same weights with its experts in mlx-lm's
+    layout in `directory` (what mlx-lm's gpt_oss reads as it is; its converter reads transformers' experts only
+    in the MXFP4 layout of the released checkpoints): gate_up_proj [E, H, 2I] split into its interleaved gate
+    (even) and up (odd) columns, each transposed to [E, I, H], down_proj transposed to [E, H, I]."""
+    import shutil
+
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    mlx_source("gpt_oss", hf, hidden_size=64, intermediate_size=64)
+    shutil.copytree(hf, directory)
+    w = load_file(str(hf / "model.safetensors"))
+    out = {}
+    for name, x in w.items():
+        base = name.rsplit(".", 1)[0] + "."
+        if name.endswith("experts.gate_up_proj"):
+            out[base + "gate_proj.weight"] = np.ascontiguousarray(x[:, :, ::2].transpose(0, 2, 1))
+            out[base + "up_proj.weight"] = np.ascontiguousarray(x[:, :, 1::2].transpose(0, 2, 1))
+        elif name.endswith("experts.gate_up_proj_bias"):
+            out[base + "gate_proj.bias"] = np.ascontiguousarray(x[:, ::2])
+            out[base + "up_proj.bias"] = np.ascontiguousarray(x[:, 1::2])
+        elif name.endswith("experts.down_proj"):
+            out[base + "down_proj.weight"] = np.ascontiguousarray(x.transpose(0, 2, 1))
+        elif name.endswith("experts.down_proj_bias"):
+            out[base + "down_proj.bias"] = x
+        else:
+            out[name] = x
+    save_file(out, str(directory / "model.safetensors"), metadata={"format": "mlx"})
+    return directory

@@ -1,6 +1,6 @@
 """mlx-lm model folders of more families (DeepSeek-V2's softmax gate with group-limited greedy; the sigmoid gates
 with a selection bias and expert groups of DeepSeek-V3, GLM-4.5 and dots1; Granite-MoE's top-k gating;
-Qwen3-Next's softmax router; Phi-MoE's SparseMixer), made by mlx-lm's own converter (4-bit, and 8-bit for two
+Qwen3-Next's softmax router; Phi-MoE's SparseMixer; gpt-oss's router with a bias), made by mlx-lm's own converter (4-bit, and 8-bit for two
 families):
 `trace --engine mlx` counts equal an independent recount of every layer's top-k from the router modules'
 outputs; the trim equals the full quantized model restricted by hand in the test; verify in mlx-lm agrees;
@@ -16,7 +16,7 @@ import shutil
 
 import numpy as np
 import pytest
-from engine_models import MLX_FAMILY_SIZES, mlx_source
+from engine_models import MLX_FAMILY_SIZES, mlx_gpt_oss_source, mlx_source
 from hostile import assert_one_error, run_cli
 
 import moesift
@@ -24,20 +24,22 @@ from moesift.evaluation.verify import verify
 
 pytest.importorskip("mlx_lm", reason="needs moesift[mlx]")
 
-FAMILIES = sorted(MLX_FAMILY_SIZES)
+FAMILIES = sorted([*MLX_FAMILY_SIZES, "gpt_oss"])
 Q8 = ("deepseek_v3", "granitemoe")
 CASES = [(mt, "q4") for mt in FAMILIES] + [(mt, "q8") for mt in Q8]
 CONVERSIONS = {"q4": dict(quantize=True, q_bits=4, q_group_size=64), "q8": dict(quantize=True, q_bits=8, q_group_size=32)}
 # (MoE block, router module) in mlx-lm's build of each family, and the config key of the expert count
-ROUTER = {"granitemoe": ("block_sparse_moe", "router"), "phimoe": ("block_sparse_moe", "gate")}
-EXPERTS_KEY = {"granitemoe": "num_local_experts", "phimoe": "num_local_experts", "qwen3_next": "num_experts"}
+ROUTER = {"granitemoe": ("block_sparse_moe", "router"), "phimoe": ("block_sparse_moe", "gate"), "gpt_oss": ("mlp", "router")}
+EXPERTS_KEY = {"granitemoe": "num_local_experts", "phimoe": "num_local_experts", "qwen3_next": "num_experts",
+               "gpt_oss": "num_local_experts"}
 BIASED = ("deepseek_v3", "glm4_moe", "dots1")  # sigmoid gates with e_score_correction_bias
 GATES = ("deepseek_v2", *BIASED)  # gates that select themselves from x @ weight.T
 # tensors with an expert dimension (first) in these mlx-lm folders, named here independently of moesift
-SLICED = re.compile(r"\.(mlp|block_sparse_moe)\.((gate|router\.layer)\.(weight|scales|biases)|gate\.e_score_correction_bias"
-                    r"|(switch_mlp|experts)\.(gate|up|down)_proj\.(weight|scales|biases))$")
+SLICED = re.compile(r"\.(mlp|block_sparse_moe)\.((gate|router|router\.layer)\.(weight|scales|biases|bias)"
+                    r"|gate\.e_score_correction_bias|(switch_mlp|experts)\.(gate|up|down)_proj\.(weight|scales|biases|bias))$")
 # the Linear whose output is the router logits, in mlx-lm's build of the other families
-LOGITS = {"granitemoe": "block_sparse_moe.router.layer", "qwen3_next": "mlp.gate", "phimoe": "block_sparse_moe.gate"}
+LOGITS = {"granitemoe": "block_sparse_moe.router.layer", "qwen3_next": "mlp.gate", "phimoe": "block_sparse_moe.gate",
+          "gpt_oss": "mlp.router"}
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +51,10 @@ def family(tmp_path_factory):
     def get(mt: str):
         if mt not in cache:
             root = tmp_path_factory.mktemp(mt)
-            mlx_source(mt, root / "hf")
+            if mt == "gpt_oss":  # mlx-lm converts gpt-oss experts from MXFP4 or its own layout only
+                src = mlx_gpt_oss_source(root / "hf", root / "src")
+            else:
+                src = mlx_source(mt, root / "hf")
             rng = np.random.default_rng(2)
             (root / "w.jsonl").write_text("\n".join(
                 json.dumps({"input_ids": [int(v) for v in rng.integers(0, 90, int(rng.integers(3, 24)))]})
@@ -57,7 +62,7 @@ def family(tmp_path_factory):
             moesift.trace(root / "hf", root / "w.jsonl", out=root / "hf.trace", max_length=32, progress=False)
             moesift.plan([root / "hf.trace"], out=root / "plan.json", keep=0.5)
             for q in ("q4", "q8") if mt in Q8 else ("q4",):
-                convert(str(root / "hf"), str(root / q), **CONVERSIONS[q])
+                convert(str(src), str(root / q), **CONVERSIONS[q])
             cache[mt] = root
         return cache[mt]
 

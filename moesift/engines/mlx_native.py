@@ -53,7 +53,7 @@ def check_runnable(index: CheckpointIndex) -> None:
     spec = index.spec
     if module_for(spec.model_type) is None:
         raise MoesiftError(f"mlx-lm {mlx_version()} has no implementation of model_type {spec.model_type!r}")
-    problems = index.adapter.engine_problems("mlx", index.config)
+    problems = index.adapter.mlx_folder_problems(index.config)
     if problems:
         raise MoesiftError(f"mlx cannot run {str(index.directory)!r} ({spec.model_type}): {'; '.join(problems)}")
 
