@@ -46,7 +46,7 @@ class GraniteMoe(StandardAdapter):
 @register
 class GraniteMoeVariants(GraniteMoe):
     """The shared-MLP, hybrid and sliding-window variants: the same MoE block; not run natively in mlx-lm
-    (mlx-lm 0.32 has no granitemoeshared / granitemoe_swa, and its granitemoehybrid is untested here)."""
+    (mlx-lm 0.32 has no granitemoeshared / granitemoe_swa, and moesift does not test its granitemoehybrid)."""
 
     model_types = ("granitemoeshared", "granitemoehybrid", "granitemoe_swa")
     mlx_router = None
