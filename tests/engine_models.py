@@ -58,12 +58,57 @@ MLX_SIZES: dict[str, dict] = {
     "mixtral": dict(hidden_size=64, intermediate_size=64, head_dim=16),
 }
 
+# more families in mlx-lm (tests/test_mlx_families.py): DeepSeek-style gates, Granite's top-k gating, Qwen3-Next
+# (mlx-lm places full attention every full_attention_interval-th layer) and Phi-MoE (mlx-lm's build has attention
+# and output biases, as the hub checkpoint does)
+MLX_FAMILY_SIZES: dict[str, dict] = {
+    **{mt: dict(hidden_size=64, intermediate_size=64, moe_intermediate_size=64)
+       for mt in ("deepseek_v2", "deepseek_v3", "glm4_moe", "dots1")},
+    "granitemoe": dict(hidden_size=64, intermediate_size=64),
+    "qwen3_next": dict(hidden_size=64, intermediate_size=64, moe_intermediate_size=64,
+                       shared_expert_intermediate_size=64, full_attention_interval=2),
+    "phimoe": dict(hidden_size=64, intermediate_size=64, attention_bias=True, lm_head_bias=True),
+}
+
 
 def mlx_source(model_type: str, directory: Path, **overrides) -> Path:
     """The tiny transformers model of `model_type` at MLX-friendly sizes, with a byte-pair tokenizer, saved into
     `directory` (what `mlx_lm.convert` then converts)."""
     from tiny import save
 
-    save(model_type, directory, **{**MLX_SIZES.get(model_type, {}), **overrides})
+    sizes = MLX_SIZES.get(model_type) or MLX_FAMILY_SIZES.get(model_type, {})
+    save(model_type, directory, **{**sizes, **overrides})
     add_bpe_tokenizer(directory, 96)
+    return directory
+
+
+def mlx_gpt_oss_source(hf: Path, directory: Path) -> Path:
+    """The tiny transformers gpt-oss model saved into `hf`, and the same weights with its experts in mlx-lm's
+    layout in `directory` (what mlx-lm's gpt_oss reads as it is; its converter reads transformers' experts only
+    in the MXFP4 layout of the released checkpoints): gate_up_proj [E, H, 2I] split into its interleaved gate
+    (even) and up (odd) columns, each transposed to [E, I, H], down_proj transposed to [E, H, I]."""
+    import shutil
+
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    mlx_source("gpt_oss", hf, hidden_size=64, intermediate_size=64)
+    shutil.copytree(hf, directory)
+    w = load_file(str(hf / "model.safetensors"))
+    out = {}
+    for name, x in w.items():
+        base = name.rsplit(".", 1)[0] + "."
+        if name.endswith("experts.gate_up_proj"):
+            out[base + "gate_proj.weight"] = np.ascontiguousarray(x[:, :, ::2].transpose(0, 2, 1))
+            out[base + "up_proj.weight"] = np.ascontiguousarray(x[:, :, 1::2].transpose(0, 2, 1))
+        elif name.endswith("experts.gate_up_proj_bias"):
+            out[base + "gate_proj.bias"] = np.ascontiguousarray(x[:, ::2])
+            out[base + "up_proj.bias"] = np.ascontiguousarray(x[:, 1::2])
+        elif name.endswith("experts.down_proj"):
+            out[base + "down_proj.weight"] = np.ascontiguousarray(x.transpose(0, 2, 1))
+        elif name.endswith("experts.down_proj_bias"):
+            out[base + "down_proj.bias"] = x
+        else:
+            out[name] = x
+    save_file(out, str(directory / "model.safetensors"), metadata={"format": "mlx"})
     return directory

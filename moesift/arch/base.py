@@ -111,6 +111,12 @@ class Adapter:
         `config` (its config.json) although it implements the model_type; empty when it can."""
         return []
 
+    def mlx_folder_problems(self, config: Mapping[str, Any]) -> list[str]:
+        """Why mlx-lm cannot run an mlx-lm model folder (`mlx_lm.convert` output) of this family with
+        `config`; by default what `engine_problems` says for "mlx" (a family whose problem is only the layout
+        of a transformers checkpoint says nothing here)."""
+        return self.engine_problems("mlx", config)
+
     def plan_problems(self, spec: MoESpec, resident: Mapping[int, Sequence[int]], standard: bool) -> list[str]:
         """Why `resident` cannot be served (empty list when it can). `standard`: must load in stock
         transformers (equal counts per layer, group rules). Generic rules are checked here."""

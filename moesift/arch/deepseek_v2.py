@@ -8,11 +8,11 @@ rules and the `n_group` rewrite live here.
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from ..core.values import int_or_none
 from .registry import register
-from .spec import Patterns, cfg_get, mlx_switch_patterns
+from .spec import MlxRouter, Patterns, cfg_get, mlx_switch_patterns
 from .standard import StandardAdapter
 
 L = r"model\.layers\.(?P<layer>\d+)\.mlp"
@@ -25,12 +25,34 @@ DEEPSEEK_PATTERNS = Patterns(
 )
 
 
+def mlx_select(gate: Any, logits: Any, mask: Any) -> tuple[Any, Any]:
+    """mlx-lm's DeepSeek-V2 gate (`MoEGate` of mlx_lm.models.deepseek_v2, the same operations) on the router
+    logits plus `mask`: softmax over all experts, group-limited greedy (a group's score is its best expert)
+    when `topk_method` says so, top-k, times `routed_scaling_factor`; no renormalisation."""
+    import mlx.core as mx
+
+    scores = mx.softmax(logits + mask.astype(logits.dtype), axis=-1, precise=True)
+    if gate.topk_method == "group_limited_greedy":
+        lead = scores.shape[:-1]
+        scores = scores.reshape(*lead, gate.n_group, -1)
+        group_scores = scores.max(axis=-1, keepdims=True)
+        k = gate.n_group - gate.topk_group
+        group_idx = mx.stop_gradient(mx.argpartition(group_scores, kth=k - 1, axis=-2)[..., :k, :])
+        scores = mx.put_along_axis(scores, group_idx, mx.array(0.0, scores.dtype), axis=-2)
+        scores = scores.reshape(*lead, -1)
+    k = gate.top_k
+    inds = mx.stop_gradient(mx.argpartition(-scores, kth=k - 1, axis=-1)[..., :k])
+    return inds, mx.take_along_axis(scores, inds, axis=-1) * gate.routed_scaling_factor
+
+
 @register
 class DeepseekV2(StandardAdapter):
     model_types = ("deepseek_v2",)
     n_experts_keys = ("n_routed_experts", "num_experts", "num_local_experts")
     patterns = DEEPSEEK_PATTERNS
     mlx_patterns = mlx_switch_patterns(L)
+    # mlx-lm: the gate `mlp.gate` selects itself (`MoEGate`: ids and weights), the block sums the experts
+    mlx_router = MlxRouter("mlp", select=mlx_select, top_k_at="gate")
     normalise_selection = False  # V2 scales its top-k probabilities, it never renormalises them
     # a group's score is the sum of its best `group_score_top` experts: 1 for V2 (max), 2 for V3-style routers
     group_score_top: ClassVar[int] = 1

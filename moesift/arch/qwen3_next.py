@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from .qwen2_moe import Qwen2Moe
 from .registry import register
+from .spec import MlxRouter
 
 
 @register
 class Qwen3Next(Qwen2Moe):
     model_types = ("qwen3_next",)
     dense_layers_unsupported = ()
-    mlx_router = None  # not recorded in mlx-lm (untested there)
+    mlx_router = MlxRouter("mlp", renorm="config")  # mlx-lm's qwen3_next block reads norm_topk_prob

@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -147,19 +147,40 @@ def mlx_switch_patterns(block: str) -> Patterns:
 
 @dataclass(frozen=True)
 class MlxRouter:
-    """How mlx-lm builds a softmax family's MoE block: the block is `block` of decoder layer i
-    (``model.layers.{i}.{block}``), its router module is `gate` (a Linear, or a QuantizedLinear in a quantized
-    folder) and the block selects from the router's logits by softmax over all experts, top-k, and then
-    renormalises the k weights as `renorm` says: "always", "never", or "config" (the config's
-    ``norm_topk_prob``)."""
+    """How mlx-lm builds a family's MoE block: the block is `block` of decoder layer i
+    (``model.layers.{i}.{block}``) and its router module is `gate` (a dotted path inside the block).
+
+    Two kinds of router module:
+      - `select` None: the module returns the router logits (a Linear, or a QuantizedLinear in a quantized
+        folder) and the block selects from them by softmax over all experts, top-k, and then renormalises the
+        k weights as `renorm` says: "always", "never", or "config" (the config's ``norm_topk_prob``);
+      - `select` set: the module selects itself from the logits ``x @ gate.weight.T`` and returns (ids [..., k],
+        weights [..., k]); ``select(gate, logits, mask)`` is the family's selection from those logits with the
+        additive expert mask `mask` (0 for resident experts, -inf else) applied wherever the family's own
+        restriction masks (the logits, and a selection bias when the family has one).
+    `pick`: for a logits router whose block selects otherwise than by softmax top-k, ``pick(block, logits)`` is
+    the block's own selection (ids, weights) from the router logits.
+    `top_k_at`: the module, relative to the block, whose integer attribute ``top_k`` or
+    ``num_experts_per_tok`` the block selects with ("": the block itself)."""
 
     block: str
-    renorm: str  # "always" | "never" | "config"
+    renorm: str = "always"  # "always" | "never" | "config"
     gate: str = "gate"
+    select: Callable[[Any, Any, Any], tuple[Any, Any]] | None = None
+    pick: Callable[[Any, Any], tuple[Any, Any]] | None = None
+    top_k_at: str = ""
 
     def gate_path(self, layer: int) -> str:
         """Module path of decoder layer `layer`'s router in the mlx-lm model."""
-        return f"model.layers.{layer}.{self.block}.{self.gate}"
+        return f"{self.block_path(layer)}.{self.gate}"
+
+    def block_path(self, layer: int) -> str:
+        """Module path of decoder layer `layer`'s MoE block in the mlx-lm model."""
+        return f"model.layers.{layer}.{self.block}"
+
+    def top_k_path(self, layer: int) -> str:
+        """Module path of the module holding decoder layer `layer`'s top-k attribute."""
+        return self.block_path(layer) + (f".{self.top_k_at}" if self.top_k_at else "")
 
     def renormalises(self, config: Any) -> bool:
         """Whether the block divides the k selected weights by their sum, for `config`."""

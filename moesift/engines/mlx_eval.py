@@ -43,7 +43,7 @@ def _blocks(model: Any, index: CheckpointIndex) -> list[tuple[Any, str]]:
     router = index.adapter.mlx_router
     out = []
     for layer in index.spec.moe_layers:
-        path = router.gate_path(layer).rsplit(".", 1)[0] if router else f"model.layers.{layer}.mlp"
+        path = router.top_k_path(layer) if router else f"model.layers.{layer}.mlp"
         block = get_path(model, path)
         attr = next((a for a in TOP_K_ATTRS if isinstance(getattr(block, a, None), int)), None)
         if attr is None:

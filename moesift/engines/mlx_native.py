@@ -1,7 +1,8 @@
 """mlx-lm model folders (what `mlx_lm.convert` writes, quantized or not) run in mlx-lm: recognise such a folder,
-load it with mlx-lm's own loader, and restrict the routing of a loaded model to resident experts (the router
-logits of every other expert are -inf before the family's softmax and top-k), so that an MLX model and its
-trim are compared on the same kernels and the same stored bytes."""
+load it with mlx-lm's own loader, and restrict the routing of a loaded model to resident experts with the
+masking of the transformers restriction (the router logits of every other expert are -inf before the family's
+scoring and top-k, and so is its selection bias where the family has one), so that an MLX model and its trim
+are compared on the same kernels and the same stored bytes."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from ..core.identity import load_config_dict
 from ..formats.checkpoint import CheckpointIndex
 from ..formats.trimmed import mlx_layout
 from .mlx import MlxRunner, mlx_version, module_for
+from .mlx_record import recordable_model_types, router_logits
 
 
 def is_mlx_model(path: str | Path) -> bool:
@@ -51,20 +53,18 @@ def check_runnable(index: CheckpointIndex) -> None:
     spec = index.spec
     if module_for(spec.model_type) is None:
         raise MoesiftError(f"mlx-lm {mlx_version()} has no implementation of model_type {spec.model_type!r}")
-    problems = index.adapter.engine_problems("mlx", index.config)
+    problems = index.adapter.mlx_folder_problems(index.config)
     if problems:
         raise MoesiftError(f"mlx cannot run {str(index.directory)!r} ({spec.model_type}): {'; '.join(problems)}")
 
 
 def check_mlx_model(index: CheckpointIndex) -> None:
-    """`check_runnable`, and one error line when moesift cannot restrict the router of `index` in mlx-lm (only
-    softmax routers without group limits are restricted by masking their logits)."""
+    """`check_runnable`, and one error line when moesift does not restrict the router of `index` in mlx-lm
+    (the family's adapter says where mlx-lm keeps the router: `Adapter.mlx_router`)."""
     check_runnable(index)
-    spec = index.spec
-    if spec.scoring != "softmax" or (spec.n_group or 1) > 1:
-        raise MoesiftError(f"verify of mlx-lm models restricts softmax routers only; {spec.model_type} routes with "
-                           f"{spec.scoring} scores{' and expert groups' if (spec.n_group or 1) > 1 else ''}, which "
-                           "moesift does not restrict in mlx-lm yet")
+    if index.adapter.mlx_router is None:
+        raise MoesiftError(f"moesift restricts the routing of mlx-lm models of {', '.join(recordable_model_types())} "
+                           f"only, not {index.spec.model_type}")
 
 
 def open_mlx(index: CheckpointIndex) -> MlxRunner:
@@ -89,28 +89,49 @@ def _masked(gate: Any, mask: Any) -> Any:
     return MaskedGate()
 
 
+def _masked_select(gate: Any, mask: Any, select: Any) -> Any:
+    """An mlx module that selects as the selecting router `gate` does, from its logits ``x @ gate.weight.T``,
+    with `mask` applied by the family's `select` (`moesift.arch.spec.MlxRouter`)."""
+    import mlx.nn as nn
+
+    class MaskedSelect(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = gate
+            self.mask = mask
+
+        def router_logits(self, x: Any) -> Any:
+            return router_logits(self.inner, x) + self.mask
+
+        def __call__(self, x: Any) -> Any:
+            return select(self.inner, router_logits(self.inner, x), self.mask)
+
+    return MaskedSelect()
+
+
 @contextlib.contextmanager
 def restricted(model: Any, index: CheckpointIndex, resident: Mapping[int, Sequence[int]]) -> Iterator[None]:
     """Within the block, the mlx-lm `model` of `index` routes every MoE layer in `resident` as if experts
-    outside the set did not exist: its router module (the module whose weight is the layer's router tensor)
-    is wrapped so that their logits are -inf before the family's softmax and top-k."""
+    outside the set did not exist: its router module (`Adapter.mlx_router`) is wrapped so that their router
+    logits are -inf before the family's scoring and top-k (and their selection bias -inf too, for families with
+    one)."""
     import mlx.core as mx
 
     check_mlx_model(index)
-    E = index.spec.n_experts
-    routers = {t.role.layer: t.name.rsplit(".", 1)[0] for t in index.tensors
-               if t.role.kind == "router" and t.name.endswith(".weight")}
+    router = index.adapter.mlx_router
+    E, moe = index.spec.n_experts, set(index.spec.moe_layers)
     saved: list[tuple[Any, str, Any]] = []
     try:
         for layer, ids in sorted(resident.items()):
-            if layer not in routers:
+            if layer not in moe:
                 raise MoesiftError(f"decoder layer {layer} has no router in {str(index.directory)!r}")
-            parent_path, attr = routers[layer].rsplit(".", 1)
+            parent_path, attr = router.gate_path(layer).rsplit(".", 1)
             parent = get_path(model, parent_path)
             gate = getattr(parent, attr)
             mask = np.full(E, -math.inf, dtype=np.float32)
             mask[list(ids)] = 0.0
-            setattr(parent, attr, _masked(gate, mx.array(mask)))
+            m = mx.array(mask)
+            setattr(parent, attr, _masked_select(gate, m, router.select) if router.select else _masked(gate, m))
             saved.append((parent, attr, gate))
         yield
     finally:

@@ -1,7 +1,9 @@
 """Read the routing of an mlx-lm model: each MoE block's router module (`gate`) is wrapped by a module that
-returns the router's logits unchanged (the model's output does not change) and, from the same logits,
-computes what the family's block computes (softmax over all experts, top-k, renormalisation as the family
-does; see `moesift.arch.spec.MlxRouter`): the selected expert ids and their routing weights."""
+returns the router's output unchanged (the model's output does not change) and keeps, per forward, the router
+logits and the selected expert ids and their routing weights (see `moesift.arch.spec.MlxRouter`). A router
+module that returns logits: the selection is what the family's block computes from them (softmax over all
+experts, top-k, renormalisation as the family does). A router module that selects itself (DeepSeek-style
+gates): its own ids and weights, and the logits ``x @ gate.weight.T`` it selected from."""
 
 from __future__ import annotations
 
@@ -26,8 +28,9 @@ class LayerRouting:
     logits: np.ndarray  # float32 [T, E]
 
 
-def _tap(gate: Any, k: int, renorm: bool, sink: list) -> Any:
-    """An mlx module that calls `gate` and appends (logits, ids, weights) of the call to `sink`."""
+def _tap(gate: Any, k: int, renorm: bool, sink: list, pick: Any = None) -> Any:
+    """An mlx module that calls the logits router `gate` and appends (logits, ids, weights) of the call to
+    `sink`; `pick()` (when given) selects from the logits instead of softmax top-k."""
     import mlx.core as mx
     import mlx.nn as nn
 
@@ -39,6 +42,10 @@ def _tap(gate: Any, k: int, renorm: bool, sink: list) -> Any:
         def __call__(self, x: Any) -> Any:
             logits = self.inner(x)
             flat = logits.reshape(-1, logits.shape[-1]).astype(mx.float32)
+            if pick is not None:
+                ids, w = pick(logits)
+                sink.append((flat, ids.reshape(-1, ids.shape[-1]), w.reshape(-1, w.shape[-1]).astype(mx.float32)))
+                return logits
             probs = mx.softmax(flat, axis=-1, precise=True)
             ids = mx.argpartition(-probs, kth=k - 1, axis=-1)[..., :k]
             w = mx.take_along_axis(probs, ids, axis=-1)
@@ -48,6 +55,35 @@ def _tap(gate: Any, k: int, renorm: bool, sink: list) -> Any:
             return logits
 
     return RouterTap()
+
+
+def router_logits(gate: Any, x: Any) -> Any:
+    """The logits a selecting router `gate` selects from: ``x @ gate.weight.T``, or what a wrapper of it (a
+    restriction) says they are."""
+    own = getattr(type(gate), "router_logits", None)
+    return own(gate, x) if own is not None else x @ gate.weight.T
+
+
+def _select_tap(gate: Any, sink: list) -> Any:
+    """An mlx module that calls the selecting router `gate` and appends (its logits ``x @ gate.weight.T``, its
+    ids, its weights) of the call to `sink`."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    class SelectTap(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = gate
+
+        def __call__(self, x: Any) -> Any:
+            ids, w = self.inner(x)
+            logits = router_logits(self.inner, x)
+            E = logits.shape[-1]
+            sink.append((logits.reshape(-1, E).astype(mx.float32), ids.reshape(-1, ids.shape[-1]),
+                         w.reshape(-1, w.shape[-1]).astype(mx.float32)))
+            return ids, w
+
+    return SelectTap()
 
 
 class RouterTaps:
@@ -76,9 +112,9 @@ class RouterTaps:
 
 def recordable_problem(model_type: str, router: MlxRouter | None, spec: MoESpec) -> str | None:
     """Why moesift does not record the routing of this family in mlx-lm, or None."""
-    if router is None or spec.scoring != "softmax" or (spec.n_group or 1) > 1:
-        return (f"moesift records routing in mlx-lm for softmax families ({', '.join(recordable_model_types())}) "
-                f"only, not {model_type}; trace the transformers checkpoint")
+    if router is None:
+        return (f"moesift records routing in mlx-lm for {', '.join(recordable_model_types())} only, not "
+                f"{model_type}; trace the transformers checkpoint")
     return None
 
 
@@ -102,7 +138,14 @@ def tapped(model: Any, spec: MoESpec, router: MlxRouter, config: Mapping[str, An
             except (AttributeError, IndexError, KeyError, TypeError):
                 raise MoesiftError(f"the mlx-lm model has no router module {router.gate_path(layer)!r} "
                                    f"(decoder layer {layer})") from None
-            setattr(parent, attr, _tap(gate, spec.top_k, renorm, taps.sinks[m]))
+            sink = taps.sinks[m]
+            if router.select:
+                tap = _select_tap(gate, sink)
+            else:
+                block = get_path(model, router.block_path(layer))
+                pick = (lambda lg, _b=block: router.pick(_b, lg)) if router.pick else None
+                tap = _tap(gate, spec.top_k, renorm, sink, pick)
+            setattr(parent, attr, tap)
             saved.append((parent, attr, gate))
         yield taps
     finally:
