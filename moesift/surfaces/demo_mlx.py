@@ -136,7 +136,7 @@ class MlxPipeline:
         res["eval"] = eval_summary(ev)
         res["eval"]["tokens_per_s"] = {r["name"]: r.get("tokens_per_s") for r in ev["results"]}
         cross = []
-        for d in assets.DOMAINS:
+        for d in ([domain] if self.quick else assets.DOMAINS):  # quick: the plan on its own workload only
             e = ev if d == domain else eval_model(self.mdir, ef[d], plans=[pl], **kw)
             cross.append({"domain": d, "ppl_full": e["results"][0]["ppl"], "ppl_plan": e["results"][1]["ppl"],
                           "ratio": e["results"][1]["ppl_ratio"]})
