@@ -223,3 +223,9 @@ def test_bad_input_is_one_error_line(family, monkeypatch, capsys):
     assert_one_error(code, err, "unknown engine")
     with pytest.raises(MoesiftError, match="converts qwen3moe-ref"):
         moesift.demo(model="deepseekv3-ref", engine="mlx", json=True, progress=False)
+    # a block whose experts are not mlx-lm's SwitchGLU / SwitchMLP: saliency cannot be read, said in one line
+    import moesift.engines.mlx_capture as capture
+
+    monkeypatch.setattr(capture, "expert_module", lambda block: None)
+    code, _, err = run_cli(["trace", root / "q4", "--data", root / "w.jsonl", "--saliency"], monkeypatch, capsys)
+    assert_one_error(code, err, "--saliency", "SwitchGLU")
