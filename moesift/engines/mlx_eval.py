@@ -150,6 +150,9 @@ def eval_mlx(index: CheckpointIndex, docs: list[dict[str, Any]], settings: Seque
     for st in settings:
         if st["kind"] == "plan":  # checked before any scoring: a wrong plan fails fast
             st["resident"] = as_plan(st["plan"]).resolve(spec, index.config, str(index.directory), force_plan)
+        elif st["kind"] == "top_p" and spec.scoring != "softmax":
+            raise MoesiftError(f"--top-p with --engine mlx masks softmax routers only; {spec.model_type} routes with "
+                               f"{spec.scoring} scores: evaluate the transformers checkpoint for top-p")
         elif st["kind"] not in ("full", "top_k", "top_p"):
             raise MoesiftError(f"--engine mlx evaluates the full model, --plan, --top-k and --top-p, not {st['name']}")
     wins, pad = _token_windows(index, docs, tokenizer, max_length)
