@@ -85,7 +85,7 @@ def test_4bit_perplexity_is_finite_and_a_plan_changes_it(family, monkeypatch, ca
 
 @pytest.mark.parametrize("args,needle", [
     (["--engine", "mlx"], "not one"),
-    (["--top-p", "0.5"], "--top-p"),
+    (["--top-p", "0"], "--top-p"),
     (["--dtype", "bfloat16"], "float32"),
     (["--engine", "vllm"], "unknown engine"),
 ])

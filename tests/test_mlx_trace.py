@@ -148,8 +148,5 @@ def test_bad_input_is_one_error_line(family, tmp_path, monkeypatch, capsys):
     (odd / "config.json").write_text(json.dumps(cfg))
     code, _, err = run_cli(["trace", odd, "--data", data, "--engine", "mlx"], monkeypatch, capsys)
     assert_one_error(code, err, "nf3", "affine")
-    for flag in (["--saliency"], ["--generate", "2"]):
-        code, _, err = run_cli(["trace", root / "q4", "--data", data, *flag], monkeypatch, capsys)
-        assert_one_error(code, err, flag[0], "--engine mlx")
     code, _, err = run_cli(["trace", root / "q4", "--data", data, "--engine", "vllm"], monkeypatch, capsys)
     assert_one_error(code, err, "unknown engine")

@@ -81,7 +81,7 @@ def eval_cmd(
     force_plan: bool = typer.Option(False, "--force-plan", help="Use a plan made for another config of the "
                                     "family (its config_hash differs) anyway."),
     engine: str = typer.Option("auto", "--engine", help="auto (mlx for an mlx-lm model folder), transformers, or "
-                               "mlx (full model, --plan and --top-k in mlx-lm, float32)."),
+                               "mlx (full model, --plan, --top-k and --top-p in mlx-lm, float32, with tokens/s)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Perplexity of the full model, restricted to plans, with fewer experts per token and with dynamic top-p
@@ -121,6 +121,8 @@ def sweep_cmd(
                                "`plan --help`)."),
     no_timing: bool = typer.Option(False, "--no-timing", help="Skip loading each resident model for timings."),
     force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists."),
+    engine: str = typer.Option("auto", "--engine", help="auto (mlx for an mlx-lm model folder), transformers, or "
+                               "mlx (bytes of the MLX trim, perplexity and tokens/s in mlx-lm; no resident timings)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Quality against memory and latency: for each strategy and budget, bytes, perplexity (x full), load time
@@ -128,7 +130,7 @@ def sweep_cmd(
     res = sweep(model, trace, data, keep=keep, strategy=strategy, json=json_out, out=out, max_length=max_length,
                 batch_size=batch_size, max_samples=max_samples, field=field, device=device, dtype=dtype, seed=seed,
                 uniform=uniform, timing=not no_timing, force=force, progress=not json_out, calib=calib or None,
-                calibration=calibration, groups=groups)
+                calibration=calibration, groups=groups, engine=engine)
     if json_out:
         emit_json(res)
     elif out:
@@ -139,10 +141,13 @@ def sweep_cmd(
 def demo_cmd(
     out: str = typer.Option(None, "--out", help="Output directory (default ./moesift-demo)."),
     quick: bool = typer.Option(False, "--quick", help="A smaller run (fewer prompts and points), for tests."),
+    engine: str = typer.Option("transformers", "--engine", help="transformers, or mlx: convert the Qwen3-MoE "
+                               "reference model with mlx_lm.convert (4-bit) and run every stage in mlx-lm "
+                               "(default --out ./moesift-demo-mlx)."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
 ) -> None:
     """The whole pipeline on the bundled reference models and workloads: trace, report, compare, plan, trim,
     verify, evaluate and sweep; writes one HTML report."""
-    res = demo(out=out, json=json_out, quick=quick, progress=not json_out)
+    res = demo(out=out, json=json_out, quick=quick, progress=not json_out, engine=engine)
     if json_out:
         emit_json(res)

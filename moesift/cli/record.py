@@ -40,8 +40,8 @@ def trace_cmd(
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own Python code."),
     force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists."),
     json_out: bool = typer.Option(False, "--json", help="Print the trace summary as JSON."),
-    engine: str = typer.Option("auto", "--engine", help="transformers, mlx (an mlx-lm model folder, prefill "
-                               "only), or auto (mlx for an mlx-lm model folder)."),
+    engine: str = typer.Option("auto", "--engine", help="transformers, mlx (an mlx-lm model folder, run in "
+                               "mlx-lm), or auto (mlx for an mlx-lm model folder)."),
 ) -> None:
     """Record which experts a workload selects, per MoE layer, with statistics kept on the device."""
     t = trace(model, data, out=out, label=label, max_samples=max_samples, max_length=max_length,

@@ -2,11 +2,13 @@
 float32: the same token windows as the transformers evaluation (`moesift.formats.workload`), scored for the
 full model, for routing restricted to a plan's resident experts (the router logits of every other expert are
 -inf before the family's softmax and top-k, as `moesift verify` restricts an mlx-lm model) and for k experts
-per token (the MoE block's own top-k attribute; the family's weight normalisation applies to the k chosen).
+per token (the MoE block's own top-k attribute; the family's weight normalisation applies to the k chosen) and
+for dynamic top-p routing (`moesift.engines.mlx_top_p`).
 
-The mean number of routed experts active per token is derived from the routing rule, not counted in the
-forward: k per MoE layer, or the layer's resident count when a plan keeps fewer than k experts (the
-experts beyond it get weight exp(-inf) = 0)."""
+The mean number of routed experts active per token is derived from the routing rule for the full model,
+plans and top-k: k per MoE layer, or the layer's resident count when a plan keeps fewer than k experts (the
+experts beyond it get weight exp(-inf) = 0); for top-p it is counted in the forward (the size of each real
+token's set, per MoE layer)."""
 
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from ..formats.plan import as_plan
 from ..formats.workload import batches, token_windows
 from .hf import load_tokenizer
 from .mlx_native import check_mlx_model, open_mlx, quantization_note, restricted
+from .mlx_top_p import TopPState, top_p_routed
 
 TOP_K_ATTRS = ("top_k", "num_experts_per_tok")
 
@@ -66,11 +69,15 @@ def top_k_set(model: Any, index: CheckpointIndex, k: int) -> Iterator[None]:
             setattr(b, a, v)
 
 
-def _routing(model: Any, index: CheckpointIndex, setting: Mapping[str, Any]) -> Any:
+def _routing(model: Any, index: CheckpointIndex, setting: Mapping[str, Any], state: TopPState) -> Any:
     if setting["kind"] == "plan":
         return restricted(model, index, setting["resident"])
     if setting["kind"] == "top_k":
         return top_k_set(model, index, setting["k"])
+    if setting["kind"] == "top_p":
+        router = index.adapter.mlx_router
+        return top_p_routed(_blocks(model, index), router.gate, router.renormalises(index.config), setting["p"],
+                            state)
     return contextlib.nullcontext()
 
 
@@ -102,11 +109,14 @@ def score(model: Any, index: CheckpointIndex, batch_list: list[tuple[np.ndarray,
     task = progress.add_task("evaluating", total=len(settings) * len(batch_list)) if progress else None
     for st in settings:
         nll_sum, n_tok, n_run = 0.0, 0, 0
+        state = TopPState()
         start = time.perf_counter()
-        with _routing(model, index, st):
+        with _routing(model, index, st, state):
             for ids, mask in batch_list:
+                state.mask = mx.array((mask.reshape(-1) > 0).astype(np.float32))
                 logits = model(mx.array(ids.astype(np.int32)))
                 s, n = batch_nll(mx, logits, ids, mask)
+                mx.eval(state.active, state.count)
                 nll_sum, n_tok, n_run = nll_sum + s, n_tok + n, n_run + int(mask.sum())
                 if progress:
                     progress.update(task, advance=1, description=f"evaluating {st['name']}")
@@ -114,7 +124,7 @@ def score(model: Any, index: CheckpointIndex, batch_list: list[tuple[np.ndarray,
         mean_nll = nll_sum / n_tok if n_tok else float("nan")
         r = {k: v for k, v in st.items() if k not in ("plan", "resident")}
         r.update({"nll": mean_nll, "ppl": math.exp(mean_nll) if n_tok else float("nan"), "tokens": n_tok,
-                  "mean_active": _mean_active(index.spec, st), "tokens_per_s": n_run / seconds if seconds else None})
+                  "mean_active": state.mean_active() if st["kind"] == "top_p" else _mean_active(index.spec, st), "tokens_per_s": n_run / seconds if seconds else None})
         results.append(r)
     full = next((r for r in results if r["kind"] == "full"), None)
     for r in results:
@@ -131,7 +141,8 @@ def eval_mlx(index: CheckpointIndex, docs: list[dict[str, Any]], settings: Seque
              max_length: int = 512, batch_size: int = 8, progress: bool = True, force_plan: bool = False,
              tokenizer: Any = None) -> dict[str, Any]:
     """Token-weighted perplexity of the mlx-lm model folder `index` on `docs` under each setting ("full",
-    "plan" with its plan, "top_k" with its k: the settings of `moesift.evaluation.evaluate`), in mlx-lm in
+    "plan" with its plan, "top_k" with its k, "top_p" with its p: the settings of
+    `moesift.evaluation.evaluate`), in mlx-lm in
     float32. The result has the keys of the transformers evaluation, plus `engine` and, per setting,
     `tokens_per_s` (tokens run through the model per second, padding included)."""
     spec = index.spec
@@ -139,8 +150,11 @@ def eval_mlx(index: CheckpointIndex, docs: list[dict[str, Any]], settings: Seque
     for st in settings:
         if st["kind"] == "plan":  # checked before any scoring: a wrong plan fails fast
             st["resident"] = as_plan(st["plan"]).resolve(spec, index.config, str(index.directory), force_plan)
-        elif st["kind"] not in ("full", "top_k"):
-            raise MoesiftError(f"--engine mlx evaluates the full model, --plan and --top-k, not {st['name']}")
+        elif st["kind"] == "top_p" and spec.scoring != "softmax":
+            raise MoesiftError(f"--top-p with --engine mlx masks softmax routers only; {spec.model_type} routes with "
+                               f"{spec.scoring} scores: evaluate the transformers checkpoint for top-p")
+        elif st["kind"] not in ("full", "top_k", "top_p"):
+            raise MoesiftError(f"--engine mlx evaluates the full model, --plan, --top-k and --top-p, not {st['name']}")
     wins, pad = _token_windows(index, docs, tokenizer, max_length)
     batch_list = [(ids.numpy(), mask.numpy()) for ids, mask in batches(wins, batch_size, pad_id=pad)]
     runner = open_mlx(index)
@@ -153,7 +167,7 @@ def eval_mlx(index: CheckpointIndex, docs: list[dict[str, Any]], settings: Seque
     return {
         "model": str(index.directory), "engine": name,
         "engine_notes": [f"mlx-lm in float32 ({quantization_note(index.config)}); a plan sets the router logits of "
-                         "non-resident experts to -inf"],
+                         "non-resident experts to -inf; top-p sets those of experts outside each token's set to -inf"],
         "documents": len(docs), "windows": len(wins), "tokens": results[0]["tokens"], "max_length": max_length,
         "model_spec": {"n_experts": spec.n_experts, "top_k": spec.top_k, "n_shared": spec.n_shared,
                        "moe_layers": len(spec.moe_layers), "scoring": spec.scoring},

@@ -248,13 +248,13 @@ def eval_model(
     `data`: workload file(s) (text, JSONL with `text` / `messages` / `input_ids`, parquet). A plan made for
     another config of the family is refused unless `force_plan`.
 
-    `engine`: "transformers", "mlx" (an mlx-lm model folder run in mlx-lm in float32: the full model, plans
-    and top-k; see `moesift.engines.mlx_eval`) or "auto" (mlx for an mlx-lm model folder)."""
+    `engine`: "transformers", "mlx" (an mlx-lm model folder run in mlx-lm in float32: the full model, plans,
+    top-k and top-p, with tokens per second; see `moesift.engines.mlx_eval`) or "auto" (mlx for an mlx-lm model folder)."""
     sources = data if isinstance(data, (list, tuple)) else [data]
-    if _use_mlx(model, engine, top_p, device, dtype):
+    if use_mlx(model, engine, device, dtype):
         docs = read_documents(sources, field=field, max_samples=max_samples)
         index = open_index(model)
-        res = eval_mlx(index, docs, _settings(plans, top_k, (), index.spec), max_length=max_length,
+        res = eval_mlx(index, docs, _settings(plans, top_k, top_p, index.spec), max_length=max_length,
                        batch_size=batch_size, progress=progress and not json, force_plan=force_plan,
                        tokenizer=tokenizer)
         return {"model": _model_name(model), "data": [str(d) for d in sources],
@@ -292,7 +292,7 @@ def eval_model(
     }
 
 
-def _use_mlx(model: Any, engine: str, top_p: Sequence[float], device: str, dtype: str | None) -> bool:
+def use_mlx(model: Any, engine: str, device: str, dtype: str | None) -> bool:
     """Whether `model` is evaluated in mlx-lm; one error line for an engine or option that cannot run there."""
     if engine not in ("auto", "transformers", "mlx"):
         raise MoesiftError(f"unknown engine {engine!r} for eval; choose one of auto, transformers, mlx")
@@ -303,8 +303,6 @@ def _use_mlx(model: Any, engine: str, top_p: Sequence[float], device: str, dtype
         raise MoesiftError(f"--engine mlx evaluates an mlx-lm model folder (mlx_lm.convert writes one); "
                            f"{str(model)!r} is not one")
     require("mlx")
-    if top_p:
-        raise MoesiftError("--top-p is not supported with --engine mlx; use --plan or --top-k")
     if dtype not in (None, "float32"):
         raise MoesiftError(f"mlx-lm model folders are evaluated in float32; drop --dtype {dtype}")
     if device not in ("auto", "cpu"):
@@ -315,13 +313,16 @@ def _use_mlx(model: Any, engine: str, top_p: Sequence[float], device: str, dtype
 def format_table(result: dict[str, Any]) -> Any:
     """A rich table of an eval result."""
     t = Table(title=f"perplexity on {result['tokens']} tokens ({result['windows']} windows)")
-    for c in ("setting", "ppl", "x full", "active experts / token"):
+    speed = any(r.get("tokens_per_s") for r in result["results"])  # measured by the mlx-lm evaluation
+    for c in ("setting", "ppl", "x full", "active experts / token") + (("tokens/s",) if speed else ()):
         t.add_column(c, justify="left" if c == "setting" else "right")
     for r in result["results"]:
         ratio = r.get("ppl_ratio")
         act = r.get("mean_active")
-        t.add_row(r["name"], f"{r['ppl']:.3f}", "" if ratio is None else f"{ratio:.3f}",
-                  "" if act is None else f"{act:.2f}")
+        row = [r["name"], f"{r['ppl']:.3f}", "" if ratio is None else f"{ratio:.3f}", "" if act is None else f"{act:.2f}"]
+        if speed:
+            row.append(f"{r['tokens_per_s']:.0f}" if r.get("tokens_per_s") else "")
+        t.add_row(*row)
     return t
 
 

@@ -10,6 +10,12 @@ and measures:
   prefill forward of a fixed prompt and the greedy choice of the next token (median of three runs right
   after loading).
 
+An mlx-lm model folder (``engine`` "mlx", or "auto" for such a folder) is measured in mlx-lm instead: bytes
+from the folder's own safetensors headers (what `moesift trim` writes for the plan, quantized companions
+included), perplexity of the full and the restricted MLX model (`moesift.engines.mlx_eval`), and the tokens
+per second of each perplexity run in place of load time and time to first token (resident loading is a
+transformers feature).
+
 The full model is one more point (strategy ``full``, keep 1.0). Points on the Pareto front are marked:
 ``pareto`` over (bytes, perplexity, time to first token), all minimised, and ``pareto_quality`` over
 (bytes, perplexity) alone, which timing noise cannot move. ``out`` writes a self-contained HTML page
@@ -37,12 +43,13 @@ from ..core.html import esc, figure, page, table
 from ..core.io import check_output_path, input_paths, write_text
 from ..core.progress import progress_bar
 from ..engines.hf import hf_progress, resolve_device
+from ..engines.mlx_eval import eval_mlx, open_index
 from ..formats.checkpoint import CheckpointIndex, resolve_model_dir
 from ..formats.plan import STRATEGIES
 from ..formats.trace import Trace
 from ..formats.workload import batches, encode_documents, read_documents, windows
 from ..selection.planner import plan as make_plan
-from .evaluate import perplexity_runs, prepare
+from .evaluate import perplexity_runs, prepare, use_mlx
 
 OBJECTIVES = ("bytes", "ppl", "ttft_s")
 
@@ -186,6 +193,7 @@ def sweep(
     calib_samples: int | None = 64,
     calib_length: int = 256,
     groups: str = "auto",
+    engine: str = "auto",
 ) -> dict[str, Any]:
     """Plans for every strategy x keep fraction from `trace` (path(s) or Trace objects of `model`), each
     measured for bytes, perplexity on `data` (and its ratio to the full model), load time and time to
@@ -195,35 +203,49 @@ def sweep(
     measured marginal loss (`plan --allocate`). ``calibrated`` ranks by `calibration`, or calibrates on
     `calib` (default: the trace's own workload files, when they are on disk; never `data`). ``winners``
     names, per budget, the strategy with the lowest perplexity on `data`. `groups`: how group-limited
-    routers keep experts (`plan`'s whole / equal / auto)."""
-    device = resolve_device(device)
+    routers keep experts (`plan`'s whole / equal / auto). `engine`: "transformers", "mlx" (an mlx-lm model
+    folder, measured in mlx-lm: bytes of its trim, perplexity and tokens per second, no resident timings) or
+    "auto" (mlx for an mlx-lm model folder)."""
+    mlx = use_mlx(model, engine, device, dtype)
+    device = "mlx" if mlx else resolve_device(device)
     keeps, strategies = _check_args(keep, strategy, out, force, input_paths(trace, data, calib, calibration))
+    if mlx and any(s.startswith("calibrated") for s in strategies):
+        raise MoesiftError("the calibrated strategy runs the transformers model; sweep the transformers checkpoint, "
+                           "or drop calibrated from --strategy with --engine mlx")
+    timing = timing and not mlx
     mdir = resolve_model_dir(model)
     traces = list(trace) if isinstance(trace, (list, tuple)) else [trace]
     calib = _calibration_prompts(strategies, traces, data, calib, calibration)
     # plans first (cheap, and errors surface before any model is loaded)
     plans, skipped = _plans(traces, strategies, keeps, mdir, calib, calibration, calib_samples, calib_length,
                             uniform, groups, seed, device, dtype, progress and not json)
-    runs, wins = _perplexities(mdir, data, plans, field, max_samples, max_length, batch_size, device, dtype,
-                               progress, json)
-    import torch
+    if mlx:
+        runs, n_windows, engine_name = _mlx_perplexities(mdir, data, plans, field, max_samples, max_length,
+                                                         batch_size, progress and not json)
+        prompt = None
+    else:
+        runs, wins = _perplexities(mdir, data, plans, field, max_samples, max_length, batch_size, device, dtype,
+                                   progress, json)
+        n_windows, engine_name = len(wins), "transformers"
+        import torch
 
-    prompt = torch.tensor([max(wins, key=len)[:prompt_tokens]], dtype=torch.long)
+        prompt = torch.tensor([max(wins, key=len)[:prompt_tokens]], dtype=torch.long)
     points = _points(mdir, plans, runs, prompt, device, dtype, timing)
     result = {
         "schema": "moesift-sweep/1",
         "model": str(model),
         "traces": [str(t) if isinstance(t, (str, os.PathLike)) else getattr(t, "label", "trace") for t in traces],
         "data": [str(d) for d in (data if isinstance(data, (list, tuple)) else [data])],
+        "engine": engine_name,
         "tokens": runs[0]["tokens"],
-        "windows": len(wins),
+        "windows": n_windows,
         "keep": keeps,
         "strategies": [s for s in strategies if s not in {x["strategy"] for x in skipped}],
         "skipped": skipped,
         "seed": seed,
         "device": device,
         "timing": bool(timing),
-        "prompt_tokens": int(prompt.shape[1]),
+        "prompt_tokens": int(prompt.shape[1]) if prompt is not None else 0,
         "points": points,
         "winners": winners(points),
     }
@@ -318,6 +340,19 @@ def _perplexities(mdir: Path, data: Any, plans: list[tuple[str, float, Any]], fi
     return runs, wins
 
 
+def _mlx_perplexities(mdir: Path, data: Any, plans: list[tuple[str, float, Any]], field: str | None,
+                      max_samples: int | None, max_length: int, batch_size: int,
+                      progress: bool) -> tuple[list[dict[str, Any]], int, str]:
+    """(perplexity run of the full MLX model then of every plan, in mlx-lm; windows scored; the engine)."""
+    docs = read_documents(data if isinstance(data, (list, tuple)) else [data], field=field, max_samples=max_samples)
+    settings = [{"name": "full", "kind": "full"}]
+    settings += [{"name": f"{s} {k:g}", "kind": "plan", "plan": p, "strategy": s, "keep": k} for s, k, p in plans]
+    res = eval_mlx(open_index(mdir), docs, settings, max_length=max_length, batch_size=batch_size, progress=progress)
+    if not res["windows"]:
+        raise MoesiftError("the data holds no document with at least 2 tokens; nothing to score")
+    return res["results"], res["windows"], res["engine"]
+
+
 def _points(mdir: Path, plans: list[tuple[str, float, Any]], runs: list[dict[str, Any]], prompt: Any, device: str,
             dtype: str | None, timing: bool) -> list[dict[str, Any]]:
     """One point per run (the full model first): bytes, perplexity, coverage, timings; Pareto fronts marked."""
@@ -327,6 +362,8 @@ def _points(mdir: Path, plans: list[tuple[str, float, Any]], runs: list[dict[str
           "ppl_ratio": 1.0, "coverage": 1.0, "heldout_coverage": 1.0}
     if timing:
         pt.update(time_resident(mdir, None, prompt, device, dtype))
+    if runs[0].get("tokens_per_s"):
+        pt["tokens_per_s"] = runs[0]["tokens_per_s"]
     points.append(pt)
     for (s, k, p), r in zip(plans, runs[1:], strict=True):
         pred = p.predictions
@@ -340,6 +377,8 @@ def _points(mdir: Path, plans: list[tuple[str, float, Any]], runs: list[dict[str
             pt["groups"] = p.provenance["groups"]  # group-limited routers: whole groups or equal counts
         if timing:
             pt.update(time_resident(mdir, p, prompt, device, dtype))
+        if r.get("tokens_per_s"):
+            pt["tokens_per_s"] = r["tokens_per_s"]
         points.append(pt)
     objs = [[p["bytes"], p["ppl"], p.get("ttft_s", float("nan")) if timing else 0.0] for p in points]
     for p, on in zip(points, pareto_front(objs), strict=True):
@@ -399,11 +438,15 @@ def _mb(b: float) -> str:
 
 def print_sweep(r: dict[str, Any]) -> None:
     """The sweep's table and notes on stdout."""
-    t = Table(title=f"sweep: {r['model']} on {r['tokens']} tokens (* = Pareto front: bytes, ppl, ttft; "
+    t = Table(title=f"sweep: {r['model']} ({r.get('engine', 'transformers')}) on {r['tokens']} tokens "
+                    f"(* = Pareto front: bytes, ppl, ttft; "
                     f"+ = front of bytes, ppl)")
+    speed = any(p.get("tokens_per_s") for p in r["points"])
     cols = ["strategy", "keep", "bytes", "ppl", "x full", "held-out cov"]
     if r["timing"]:
         cols += ["load s", "ttft s"]
+    if speed:
+        cols.append("tokens/s")
     cols.append("front")
     for c in cols:
         t.add_column(c, justify="left" if c == "strategy" else "right")
@@ -414,6 +457,8 @@ def print_sweep(r: dict[str, Any]) -> None:
                "" if hc is None else f"{hc:.3f}"]
         if r["timing"]:
             row += [f"{p['load_s']:.3f}", f"{p['ttft_s']:.4f}"]
+        if speed:
+            row.append(f"{p['tokens_per_s']:.0f}" if p.get("tokens_per_s") else "")
         row.append(("*" if p["pareto"] else "") + ("+" if p["pareto_quality"] else ""))
         t.add_row(*row)
     console = Console(stderr=False)
@@ -455,8 +500,12 @@ def sweep_sections(r: dict[str, Any], prefix: str = "sweep") -> list[str]:
     fig.update_layout(title="Perplexity (x full model) vs checkpoint bytes; large markers: Pareto front of bytes and "
                             "perplexity, outlined: front of bytes, perplexity and time to first token",
                       xaxis_title="MiB", yaxis_title="perplexity / full", height=480)
+    engine = r.get("engine", "transformers")
+    run_in = "" if engine == "transformers" else (
+        f" Measured in {esc(engine)}: bytes of the trimmed mlx-lm checkpoint (its safetensors headers, quantized "
+        "scales and biases included), perplexity of the restricted MLX model, tokens per second of each run.")
     parts = [f"<h2>Quality vs memory</h2><p>{r['tokens']:,} held-out tokens from {esc(', '.join(r['data']))}; traces "
-             f"{esc(', '.join(map(str, r['traces'])))}.</p>", figure(fig, f"{prefix}-quality")]
+             f"{esc(', '.join(map(str, r['traces'])))}.{run_in}</p>", figure(fig, f"{prefix}-quality")]
     if r["timing"]:
         fig2.update_layout(title=f"Load time and time to first token ({r['prompt_tokens']}-token prompt) of the "
                                  "resident-only model", xaxis_title="MiB", yaxis_title="ms", height=420)
@@ -482,8 +531,10 @@ def sweep_sections(r: dict[str, Any], prefix: str = "sweep") -> list[str]:
 
 def _points_table(r: dict[str, Any]) -> str:
     """The points as an HTML table; points on the bytes + perplexity front in bold."""
+    speed = any(p.get("tokens_per_s") for p in r["points"])
     head = ["strategy", "keep", "MiB", "ppl", "x full", "held-out coverage"]
     head += ["load s", "ttft s"] if r["timing"] else []
+    head += ["tokens/s"] if speed else []
     rows = []
     for p in r["points"]:
         hc = p.get("heldout_coverage")
@@ -491,6 +542,8 @@ def _points_table(r: dict[str, Any]) -> str:
                f"{p['ppl']:.3f}", f"{p['ppl_ratio']:.3f}", "" if hc is None else f"{hc:.3f}"]
         if r["timing"]:
             row += [f"{p['load_s']:.3f}", f"{p['ttft_s']:.4f}"]
+        if speed:
+            row.append(f"{p['tokens_per_s']:.0f}" if p.get("tokens_per_s") else "")
         row.append(f"{'all three' if p['pareto'] else ''}{' / ' if p['pareto'] and p['pareto_quality'] else ''}"
                    f"{'bytes+ppl' if p['pareto_quality'] else ''}")
         rows.append([f'<span class="front">{c}</span>' for c in row] if p["pareto_quality"] else row)

@@ -64,8 +64,8 @@ def trace(
 ) -> Trace:
     """Trace the routing of `model` (directory, hub id in the local cache, or a loaded transformers model
     with `tokenizer=`) on the workload files `data`; save to `out` when given (refuses to overwrite
-    unless `force`). `engine`: "transformers", "mlx" (an mlx-lm model folder, traced in mlx-lm, prefill
-    only; see moesift.record.mlx_trace) or "auto" (mlx for an mlx-lm model folder). Returns the Trace."""
+    unless `force`). `engine`: "transformers", "mlx" (an mlx-lm model folder, traced in mlx-lm; see
+    moesift.record.mlx_trace) or "auto" (mlx for an mlx-lm model folder). Returns the Trace."""
     device = resolve_device(device)
     max_length = check_int("max_length", max_length, 1)
     batch_size = check_int("batch_size", batch_size, 1)
@@ -80,7 +80,8 @@ def trace(
     docs = read_documents(paths, field=field, max_samples=max_samples)
     sources = source_info(paths)
     if engine == "mlx":
-        t = trace_mlx(model, docs, paths, sources, label, max_length, batch_size, folds, log_routing, progress)
+        t = trace_mlx(model, docs, paths, sources, label, max_length, batch_size, folds, log_routing, progress,
+                      generate, saliency)
     else:
         loaded = _load(model, tokenizer, device, dtype, trust_remote_code, progress)
         ids_list = _tokenize_workload(docs, loaded, max_length, generate, paths)

@@ -20,7 +20,6 @@ No network is used.
 from __future__ import annotations
 
 import json as _json
-import math
 import os
 import sys
 import time
@@ -31,37 +30,24 @@ from rich.console import Console
 
 from .. import assets
 from ..apply.trim import trim
-from ..arch.registry import adapter_for
 from ..core.errors import MoesiftError
 from ..core.html import esc, figure, page, table
 from ..core.io import OutputDir, json_default, write_text
+from ..engines.choose import require
 from ..engines.hf import hf_progress
 from ..evaluation.evaluate import eval_model, prepare
 from ..evaluation.sweep import sweep, sweep_sections
 from ..evaluation.verify import verify
-from ..formats.checkpoint import CheckpointIndex
 from ..record.tracer import trace
 from ..selection.planner import plan as make_plan
+from .demo_mlx import SOURCE, MlxPipeline
+from .demo_parts import MARKER, eval_summary, model_card, report_summary, settings
 from .report import compare as compare_traces
 from .report import report as report_traces
 
-MARKER = ".moesift-demo"
 DEFAULT_OUT = "moesift-demo"
-
-
-# ------------------------------------------------------------------------------------------------
-# Settings
-# ------------------------------------------------------------------------------------------------
-
-
-def _settings(quick: bool) -> dict[str, Any]:
-    if quick:
-        return {"trace_docs": 4, "trace_len": 64, "eval_docs": 1, "eval_len": 64, "keep": (0.5,),
-                "strategies": ("frequency", "random"), "top_p": (0.5, 0.9), "other_top": False, "verify_docs": 1,
-                "new_tokens": 4, "timing": True}
-    return {"trace_docs": 64, "trace_len": 256, "eval_docs": 16, "eval_len": 256, "keep": (0.25, 0.5, 0.75),
-            "strategies": ("frequency", "weighted", "saliency", "random"), "top_p": (0.5, 0.9), "other_top": True,
-            "verify_docs": 2, "new_tokens": 8, "timing": True}
+DEFAULT_OUT_MLX = "moesift-demo-mlx"
+ENGINES = ("transformers", "mlx")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -80,67 +66,6 @@ def _check_out(out: Path) -> None:
             raise MoesiftError(
                 f"{str(out)!r} exists and is not a moesift demo output; pass another --out (or remove it yourself)"
             )
-
-
-# ------------------------------------------------------------------------------------------------
-# Model cards
-# ------------------------------------------------------------------------------------------------
-
-
-def model_card(model_dir: Path) -> dict[str, Any]:
-    """What the reference model's files say about it: architecture, size, validation perplexity."""
-    cfg = _json.loads((model_dir / "config.json").read_text())
-
-    spec = adapter_for(cfg).spec(cfg)
-    idx = CheckpointIndex.build(model_dir)
-    card: dict[str, Any] = {
-        "name": model_dir.name, "model_type": cfg.get("model_type"), "moe_layers": len(spec.moe_layers),
-        "n_experts": spec.n_experts, "top_k": spec.top_k, "n_shared": spec.n_shared, "scoring": spec.scoring,
-        "n_group": spec.n_group, "bytes": int(idx.total_bytes()), "expert_bytes": int(idx.bytes_by_kind().get("expert", 0)),
-        "hidden_size": cfg.get("hidden_size"), "vocab_size": cfg.get("vocab_size"),
-    }
-    tj = model_dir / "training.json"
-    if tj.is_file():
-        try:
-            t = _json.loads(tj.read_text())
-        except ValueError:
-            t = {}
-        hist = t.get("history") or []
-        last = hist[-1] if hist else {}
-        vl = last.get("valid_loss") or {}
-        card["training"] = {k: t.get(k) for k in ("steps", "tokens_seen", "train_seconds", "final") if k in t}
-        if vl:
-            card["valid_ppl"] = {d: math.exp(v) for d, v in vl.items() if isinstance(v, (int, float))}
-        for key in ("unigram_ppl", "unigram_valid_ppl", "baseline_ppl"):
-            if isinstance(t.get(key), dict):
-                card["unigram_ppl"] = t[key]
-    readme = model_dir / "README.md"
-    if readme.is_file():
-        table = _cardtable(readme.read_text(encoding="utf-8", errors="replace"))
-        if table:  # the model card's evaluation (validation split) wins over the training log
-            card["valid_ppl"] = {d: v[0] for d, v in table.items()}
-            card["unigram_ppl"] = {d: v[1] for d, v in table.items()}
-            card["valid_source"] = "model card (validation split)"
-    return card
-
-
-def _cardtable(text: str) -> dict[str, tuple[float, float]]:
-    """{domain: (model ppl, unigram ppl)} from the first 'domain docs tokens model ppl unigram ppl' table of
-    a model card's validation section; {} when there is none."""
-    lines = text.splitlines()
-    out: dict[str, tuple[float, float]] = {}
-    for i, line in enumerate(lines):
-        if line.lower().startswith("validation split"):
-            for row in lines[i + 2:]:
-                parts = row.split()
-                if len(parts) < 6:
-                    break
-                try:
-                    out[parts[0]] = (float(parts[3]), float(parts[4]))
-                except ValueError:
-                    break
-            break
-    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -176,17 +101,27 @@ def demo(
     progress: bool = True,
     model: str = "qwen3moe-ref",
     domain: str = "code",
+    engine: str = "transformers",
 ) -> dict[str, Any]:
     """Run the pipeline on the bundled reference models and workloads; write ``index.html`` and the
-    artefacts into `out` (default ``./moesift-demo``); return the summary. `quick`: fewer prompts and sweep
-    points (for tests). `model` / `domain`: the model and workload the plan, trim, eval and sweep use."""
+    artefacts into `out` (default ``./moesift-demo``, ``./moesift-demo-mlx`` with mlx); return the summary.
+    `quick`: fewer prompts and sweep points (for tests). `model` / `domain`: the model and workload the plan,
+    trim, eval and sweep use. `engine` "mlx": the Qwen3-MoE reference model converted by `mlx_lm.convert`
+    (4-bit) and every stage run in mlx-lm (`moesift.surfaces.demo_mlx`)."""
+    if engine not in ENGINES:
+        raise MoesiftError(f"unknown engine {engine!r} for the demo; use one of {', '.join(ENGINES)}")
     if model not in assets.MODELS:
         raise MoesiftError(f"unknown reference model {model!r}; choose one of {', '.join(assets.MODELS)}")
     if domain not in assets.DOMAINS:
         raise MoesiftError(f"unknown workload {domain!r}; choose one of {', '.join(assets.DOMAINS)}")
-    out_dir = Path(out if out is not None else DEFAULT_OUT)
+    if engine == "mlx":
+        require("mlx")
+        if model != SOURCE:
+            raise MoesiftError(f"the mlx demo converts {SOURCE} (softmax routing, which moesift records in mlx-lm); "
+                               f"drop --model {model} or use --engine transformers")
+    out_dir = Path(out if out is not None else (DEFAULT_OUT_MLX if engine == "mlx" else DEFAULT_OUT))
     _check_out(out_dir)
-    run = _Pipeline(quick, model, domain)
+    run: Any = MlxPipeline(quick, domain) if engine == "mlx" else _Pipeline(quick, model, domain)
     verbose = progress and not json
 
     def say(msg: str) -> None:
@@ -203,7 +138,7 @@ def demo(
         pl = run.plan_trim_verify()
         run.evaluate(pl)
         run.sweep()
-        res = run.write()
+        res = _write(run)
         dest.commit()
     finally:
         dest.abort()
@@ -221,7 +156,7 @@ class _Pipeline:
 
     def __init__(self, quick: bool, model: str, domain: str) -> None:
         self.quick, self.model, self.domain = quick, model, domain
-        self.st = _settings(quick)
+        self.st = settings(quick)
         self.models = {name: assets.reference_model(name) for name in assets.MODELS}
         self.trace_files = {d: assets.workload(d, "trace") for d in assets.DOMAINS}
         self.eval_files = {d: assets.workload(d, "eval") for d in assets.DOMAINS}
@@ -262,7 +197,7 @@ class _Pipeline:
             rep = report_traces(paths, model=mdir, json=True, locality_tokens=None, cache_tokens=None)
             cmp_ = compare_traces(paths, keep=0.5, json=True)
             mres = self.res["models"][name]
-            mres["report"] = _report_summary(rep)
+            mres["report"] = report_summary(rep)
             mres["compare"] = {k: cmp_[k] for k in ("workloads", "keep", "experts_kept", "cross_coverage",
                                                     "jaccard", "target", "union") if k in cmp_}
             cc = cmp_["cross_coverage"]
@@ -299,7 +234,7 @@ class _Pipeline:
         ks = sorted({k for k in (spec_k // 2, spec_k // 4) if k >= 1}, reverse=True)
         ev = eval_model(m, ef[domain], plans=[pl], top_k=ks, top_p=st["top_p"], max_length=st["eval_len"],
                         max_samples=st["eval_docs"], tokenizer=tok, progress=False, json=True)
-        res["eval"] = _eval_summary(ev)
+        res["eval"] = eval_summary(ev)
         cross = []
         for d in assets.DOMAINS:
             e = ev if d == domain else eval_model(m, ef[d], plans=[pl], max_length=st["eval_len"],
@@ -319,7 +254,7 @@ class _Pipeline:
             oev = eval_model(om, ef[domain], plans=[opl], top_k=oks, top_p=st["top_p"] if st["other_top"] else (),
                              max_length=st["eval_len"],
                              max_samples=st["eval_docs"], tokenizer=otok, progress=False, json=True)
-            res["other_models"][name] = _eval_summary(oev)
+            res["other_models"][name] = eval_summary(oev)
         self.clock.stage("evaluated the other reference model")
         self.loaded.clear()
 
@@ -336,34 +271,17 @@ class _Pipeline:
         self.res["sweep"] = sw
         self.clock.stage("swept strategies x budgets")
 
-    def write(self) -> dict[str, Any]:
-        """The stage times, ``index.html`` and ``summary.json``; the summary."""
-        res = self.res
-        res["stages"] = self.clock.stages
-        res["seconds"] = self.clock.total
-        res["html"] = "index.html"
-        write_text(self.tmp / "index.html", render_html(res))
-        (self.tmp / "summary.json").write_text(_json.dumps(res, indent=2, default=json_default) + "\n")
-        return res
 
 
-def _report_summary(rep: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {"overall": rep.get("overall"), "tokens": rep.get("tokens")}
-    if rep.get("workloads"):
-        out["workloads"] = [{k: w.get(k) for k in ("label", "mean_fraction_for_90", "in_sample_coverage", "heldout_coverage")
-                             if k in w} for w in rep["workloads"]]
-    out["experts_for_90"] = [s["experts_for_coverage"]["90"] for s in rep.get("layers", [])]
-    if rep.get("coverage_curves") is not None:
-        out["coverage_curves"] = rep["coverage_curves"]
-    if rep.get("savings"):
-        out["savings"] = {k: rep["savings"].get(k) for k in ("total_bytes", "expert_bytes", "non_expert_bytes")}
-    return out
-
-
-def _eval_summary(ev: dict[str, Any]) -> dict[str, Any]:
-    return {"data": ev["data"], "tokens": ev["tokens"], "windows": ev["windows"],
-            "results": [{k: r.get(k) for k in ("name", "kind", "k", "p", "ppl", "ppl_ratio", "mean_active")
-                         if r.get(k) is not None} for r in ev["results"]]}
+def _write(run: Any) -> dict[str, Any]:
+    """The stage times, ``index.html`` and ``summary.json`` of a finished pipeline `run`; the summary."""
+    res = run.res
+    res["stages"] = run.clock.stages
+    res["seconds"] = run.clock.total
+    res["html"] = "index.html"
+    write_text(run.tmp / "index.html", render_html(res))
+    (run.tmp / "summary.json").write_text(_json.dumps(res, indent=2, default=json_default) + "\n")
+    return res
 
 
 # ------------------------------------------------------------------------------------------------
@@ -474,4 +392,10 @@ def render_html(res: dict[str, Any]) -> str:
     intro = ("<p>The moesift pipeline on two small trained reference MoE models and four bundled workloads: trace, "
              "report, compare, plan, trim, verify, evaluate and sweep. Everything here was computed offline by "
              "<code>moesift demo</code>.</p>")
+    if res.get("engine", "").startswith("mlx"):
+        intro = (f"<p>The moesift pipeline inside {esc(res['engine'])}: the bundled {esc(res['converted']['source'])} "
+                 f"reference model converted by <code>mlx_lm.convert</code> ({res['converted']['q_bits']}-bit, group "
+                 f"size {res['converted']['q_group_size']}), then trace, report, compare, plan, trim, verify, "
+                 "evaluate and sweep of that mlx-lm model folder, all run in mlx-lm, on the four bundled workloads. "
+                 "Everything here was computed offline by <code>moesift demo --engine mlx</code>.</p>")
     return page("moesift demo", parts, intro)
