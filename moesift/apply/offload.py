@@ -40,6 +40,7 @@ from ..arch.registry import adapter_for
 from ..core.errors import MoesiftError
 from ..core.progress import progress_bar
 from ..core.values import check_int
+from ..engines.assemble import meta_model
 from ..engines.hf import (
     config_like,
     config_obj,
@@ -50,7 +51,7 @@ from ..engines.hf import (
     parse_dtype,
     resolve_device,
 )
-from ..engines.tensors import read_layout
+from ..engines.tensors import layout_sources, read_layout, read_sources
 from ..formats.checkpoint import CheckpointIndex
 from ..formats.plan import as_plan, planned_offload
 from ..formats.trimmed import plan_layout
@@ -151,20 +152,25 @@ def _build_models(idx: Any, where: _Placement, dev: Any, dtype: str | None, prog
     with progress_bar(progress, transfer=True) as bar:
         task = bar.add_task("reading experts", total=idx.total_bytes())  # every byte once (slots: twice)
 
-        def read(layout: Sequence[Any]) -> dict[str, Any]:
-            return read_layout(idx, layout, "cpu", advance=lambda n: bar.advance(task, n))
+        def step(n: int) -> None:
+            bar.advance(task, n)
 
-        shared = read([t for t in plan_layout(idx, {}) if not is_expert(t)])
+        def read(layout: Sequence[Any], model: Any = None, shared: dict[str, Any] | None = None) -> dict[str, Any]:
+            specs, ready = layout_sources(idx, layout, step)
+            return read_sources(idx.directory, specs, ready, "cpu", model, step, before=shared)
+
+        shared = read_layout(idx, [t for t in plan_layout(idx, {}) if not is_expert(t)], "cpu", advance=step)
         with hf_progress(progress):
             cls, cfg = _experts_variant_class(idx.config, {layer: len(v) for layer, v in where.dev_keep.items()})
-            state = {**shared, **read([t for t in plan_layout(idx, where.dev_keep) if is_expert(t)])}
+            state = read([t for t in plan_layout(idx, where.dev_keep) if is_expert(t)], meta_model(cls, cfg), shared)
             m = from_pretrained_checked(cls, None, idx.directory, config=cfg, state_dict=state, **kw)
             del state
             m.eval()
             if dev.type != "cpu":
                 m.to(dev)
             hcls, hcfg = _experts_variant_class(idx.config, {layer: len(v) for layer, v in where.host_keep.items()})
-            state = {**shared, **read([t for t in plan_layout(idx, where.host_keep) if is_expert(t)])}
+            state = read([t for t in plan_layout(idx, where.host_keep) if is_expert(t)], meta_model(hcls, hcfg),
+                         shared)
             hm = from_pretrained_checked(hcls, None, idx.directory, config=hcfg, state_dict=state, **kw)
         del shared, state
     return m, hm

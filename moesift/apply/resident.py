@@ -3,8 +3,10 @@ uniform or not) or straight from the full checkpoint (`load_resident`, nothing w
 
 MoE layers may hold different numbers of experts. The model class of the family is built for the largest
 count, and the MoE block of every layer with another count is replaced, while the model is still on the
-meta device, by the block of a model built for that layer's count (adapter `replace_moe_block`); then
-transformers' own loader fills the weights, with its per-family conversions of on-disk names.
+meta device, by the block of a model built for that layer's count (adapter `replace_moe_block`). The reader
+lands every byte where the model holds it (per-expert tensors straight into their slots of the fused expert
+parameters, `moesift.engines.assemble`), so transformers' own loader (model built on the meta device, buffers
+computed, weights tied, dtype cast) only assigns the tensors under their final names.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 
 from ..arch.registry import adapter_for
 from ..core.errors import MoesiftError
+from ..engines.assemble import meta_model
 from ..engines.hf import (
     check_device,
     config_like,
@@ -29,7 +32,7 @@ from ..engines.hf import (
     require_accelerate,
     resolve_device,
 )
-from ..engines.tensors import read_layout, read_tensors
+from ..engines.tensors import read_layout, read_sources
 from ..formats.checkpoint import (
     CheckpointIndex,
     checked_headers,
@@ -101,7 +104,7 @@ def load_trimmed(
 ) -> tuple[Any, Any]:
     """(model, tokenizer or None) of a checkpoint written by `moesift.trim`, uniform or not (also any
     standard checkpoint). The model carries `moesift_resident` {layer: original ids} when known. Tensors
-    are read in large sequential reads straight into tensors on `device` (see `read_tensors`)."""
+    are read in large sequential reads straight into tensors on `device` (see `read_sources`)."""
     device = resolve_device(device)
     from transformers import GenerationConfig
 
@@ -128,7 +131,7 @@ def load_trimmed(
         cls = model_class(base_cfg)
         resident = {int(k): v for k, v in (record or {}).get("id_map", {}).items()}
     dev = _read_device(device)
-    state = read_tensors(d, tensors, dev)
+    state = read_sources(d, tensors, {}, dev, meta_model(cls, base_cfg))
     try:
         model = from_pretrained_checked(cls, None, d, config=base_cfg, state_dict=state,
                                         **_load_kwargs(device, dtype, dev))
@@ -148,7 +151,7 @@ def load_resident(
 ) -> Any:
     """Load `model` with only `plan`'s resident experts in memory (router rows and selection biases sliced
     with them), read from the full checkpoint's byte ranges of those experts alone, in large sequential
-    reads straight into tensors on `device` (see `read_tensors`); nothing is written. Routing is thereby
+    reads straight into tensors on `device` (see `read_sources`); nothing is written. Routing is thereby
     restricted to the resident experts; the result computes what `restrict(full_model, plan)` computes.
     A plan made for another config of the family is refused unless `force_plan`."""
     device = resolve_device(device)
@@ -163,8 +166,8 @@ def load_resident(
     if problems:
         raise MoesiftError("cannot load this plan: " + "; ".join(problems[:4]))
     dev = _read_device(device)
-    state = read_layout(idx, plan_layout(idx, resident), dev)
     cls, base_cfg = variable_expert_class(idx.config, full)
+    state = read_layout(idx, plan_layout(idx, resident), dev, model=meta_model(cls, base_cfg))
     m = from_pretrained_checked(cls, None, idx.directory, config=base_cfg, state_dict=state,
                                 **_load_kwargs(device, dtype, dev))
     del state

@@ -202,6 +202,24 @@ class _Writer:
         return self.h.hexdigest() if self.h is not None else None
 
 
+class _Batched:
+    """A progress callback called once per `step` bytes instead of once per range (a per-expert checkpoint
+    has thousands of ranges; each call into the progress display costs tens of microseconds)."""
+
+    def __init__(self, advance: Any, step: int = 64 << 20):
+        self.advance, self.step, self.n = advance, step, 0
+
+    def __call__(self, n: int) -> None:
+        self.n += n
+        if self.n >= self.step:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.n:
+            self.advance(self.n)
+            self.n = 0
+
+
 def _copy_range(src_fd: int, w: _Writer, off: int, n: int, name: str, advance: Any) -> None:
     w.copy(src_fd, off, n, name)
     advance(n)
@@ -299,6 +317,7 @@ def _write_shards(idx: Any, tmp: Path, names: list[str], shards: list[list[OutTe
     # 1-2 GB/s on one core, slower than a kernel copy); at most `lag` shards hash behind the one being written
     lag = max(1, (os.cpu_count() or 1) - 1)
     hashing: list[tuple[str, _Writer]] = []
+    advance = _Batched(advance)
     try:
         for fname, tensors in zip(names, shards, strict=True):
             w = _Writer(tmp / fname, checksum=checksum)
@@ -318,6 +337,7 @@ def _write_shards(idx: Any, tmp: Path, names: list[str], shards: list[list[OutTe
                 for off, k in t.ranges:
                     _copy_range(fd, w, off, k, t.src_file, advance)
             w.finish()
+            advance.flush()
             while len(hashing) > lag:
                 f0, w0 = hashing.pop(0)
                 hashes[f0] = w0.close()

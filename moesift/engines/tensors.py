@@ -3,7 +3,8 @@
 `read_tensors` is the one reader of checkpoint data into models: large sequential reads per file, several
 in flight, landing in place on the CPU or through a few pinned staging buffers on an accelerator.
 `read_layout` reads the tensors of a checkpoint layout (`formats.trimmed.plan_layout`) with it, and the
-tensors the adapter must slice (read whole, sliced, then moved)."""
+tensors the adapter must slice (read whole, sliced, then moved); given the model that will hold them, in
+that model's own layout (`moesift.engines.assemble`)."""
 
 from __future__ import annotations
 
@@ -18,13 +19,12 @@ from typing import Any
 
 from ..core.errors import MoesiftError
 from ..formats.trimmed import OutTensor, sliced_bytes
+from .assemble import TensorSpec, model_sources
 from .hf import TORCH_DTYPES
 
 _GAP = 1 << 20  # bytes of unneeded data read through rather than starting a new read
 _CHUNK = 64 << 20  # one read; also the size of a pinned staging buffer
 _IN_FLIGHT = 4  # reads in flight (staging buffers)
-
-TensorSpec = tuple[str, str, list[int], list[tuple[str, int, int]]]
 
 
 @dataclass
@@ -182,22 +182,51 @@ def read_tensors(directory: Path, tensors: Sequence[TensorSpec], device: Any, st
     return out
 
 
-def read_layout(index: Any, layout: Sequence[OutTensor], device: Any,
-                advance: Callable[[int], Any] | None = None) -> dict[str, Any]:
-    """{name: tensor on `device`} of the layout tensors of checkpoint `index` (a `CheckpointIndex`): byte
-    ranges through `read_tensors`; a tensor the adapter slices is read whole, sliced, then moved."""
+def layout_sources(index: Any, layout: Sequence[OutTensor],
+                   advance: Callable[[int], Any] | None = None) -> tuple[list[TensorSpec], dict[str, Any]]:
+    """(specs of the byte ranges of the layout tensors of checkpoint `index` (a `CheckpointIndex`), the
+    tensors the adapter slices: read whole, sliced, on the host)."""
     import torch
 
     for t in layout:
         torch_dtype(t.dtype, t.src_name)
-    state = read_tensors(index.directory, [(t.name, t.dtype, t.shape, [(t.src_file, o, n) for o, n in t.ranges])
-                                           for t in layout if t.slice_keep is None], device, advance=advance)
+    specs = [(t.name, t.dtype, t.shape, [(t.src_file, o, n) for o, n in t.ranges]) for t in layout
+             if t.slice_keep is None]
+    ready: dict[str, Any] = {}
     for t in layout:
         if t.slice_keep is not None:
             raw = bytearray(sliced_bytes(index.directory, t, index.adapter, index.config))
             x = torch.frombuffer(raw, dtype=torch_dtype(t.dtype, t.src_name)) if raw else \
                 torch.empty(0, dtype=torch_dtype(t.dtype, t.src_name))
-            state[t.name] = x.reshape(t.shape).to(device)
+            ready[t.name] = x.reshape(t.shape)
             if advance is not None:
                 advance(t.nbytes)
+    return specs, ready
+
+
+def read_sources(directory: Path, specs: Sequence[TensorSpec], ready: dict[str, Any], device: Any,
+                 model: Any = None, advance: Callable[[int], Any] | None = None,
+                 before: dict[str, Any] | None = None) -> dict[str, Any]:
+    """{name: tensor on `device`}: tensors in memory `before` (moved to `device`), `specs` read with
+    `read_tensors`, then `ready` (host tensors) moved there, in that order. With `model` (a meta model of
+    the class that will hold them, `assemble.meta_model`) the tensors come in that model's own layout and
+    names where `assemble.model_sources` can arrange them, else as they are."""
+    before = before or {}
+    if model is not None:
+        arranged = model_sources(model, specs, ready, before)
+        if arranged is not None:
+            specs, ready, before = arranged
+    state = {name: x.to(device) for name, x in before.items()}
+    state.update(read_tensors(directory, specs, device, advance=advance))
+    for name, x in ready.items():
+        state[name] = x.to(device)
     return state
+
+
+def read_layout(index: Any, layout: Sequence[OutTensor], device: Any,
+                advance: Callable[[int], Any] | None = None, model: Any = None) -> dict[str, Any]:
+    """{name: tensor on `device`} of the layout tensors of checkpoint `index` (a `CheckpointIndex`): byte
+    ranges through `read_tensors`; a tensor the adapter slices is read whole, sliced, then moved. With
+    `model`, in that model's layout (see `read_sources`)."""
+    specs, ready = layout_sources(index, layout, advance)
+    return read_sources(index.directory, specs, ready, device, model, advance)
