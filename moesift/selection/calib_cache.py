@@ -196,7 +196,7 @@ class CachedScorer:
         coef = torch.cat([c.gather(1, ids_a), c.gather(1, ids_b).masked_fill(dup, 0.0)], dim=1)
         sup = torch.cat([ids_a, ids_b], dim=1)
         at = (idx * (self.E * self.E)).view(n, 1, 1) + sup.unsqueeze(-1) * self.E + sup.unsqueeze(1)
-        g = self.flat.take(at).double()  # [n, 2K, 2K]
+        g = self.flat.index_select(0, at.reshape(-1)).view(n, 2 * K, 2 * K).double()
         return (torch.bmm(g, coef.unsqueeze(-1)).squeeze(-1) * coef).sum(dim=1).clamp(min=0.0)
 
 
