@@ -1,20 +1,27 @@
-"""Calibration cost of `--strategy calibrated` per MoE layer at Qwen3-30B-A3B's shapes, and its estimate for
-the whole model.
+"""Calibration cost of `--strategy calibrated` per MoE layer, against its lower bound, side by side.
 
-One Qwen3-MoE sparse block (hidden 2048, 128 experts of moe_intermediate 768, top-8, renormalised top-k) is
-built with random weights in the given dtype on the given device, exactly the way `moesift.calibrate`
-builds a block (the family's class on the meta device, this block materialised). Its routing is made as
-uneven as a trained router's (router rows scaled so that a few experts take most routes) unless
-``--flat-router``. Then the greedy removal `moesift.calibrate` runs on each layer (every candidate measured
-on the first step, lazily afterwards, re-routing through the family's own restriction) runs on N
-calibration tokens of random hidden states, down to the top-k floor. Printed: the seconds for the
-layer, the block forwards it took, the seconds of one full forward of the block on the N tokens (the
-ratio says how many full forwards the greedy cost), and the estimate for the 48 MoE layers of
-Qwen3-30B-A3B: 48 x the measured layer (+ the capture phase: one forward of the model over the
-calibration prompts, not measured here; it costs what one pass of `moesift trace` costs).
+One Qwen3-MoE sparse block (top-8, renormalised top-k; hidden and moe_intermediate as given) is built with
+random weights in the given dtype on the given device, exactly the way `moesift.calibrate` builds a block
+(the family's class on the meta device, this block materialised). Its routing is made as uneven as a
+trained router's (router rows scaled so that a few experts take most routes) unless ``--flat-router``.
+For every (experts, tokens) pair of the grid, on random hidden states:
 
-    python bench/calibrate_speed.py --device cuda --tokens 4096      # the H200 check, well under 60 s
-    python bench/calibrate_speed.py --device cpu --tokens 512 --experts 32   # a CPU smoke run
+- lower bound: every expert run on every calibration token once (one call of the experts module per
+  expert on all the tokens), the least any calibration that looks at every expert's output can cost;
+- calibrated: the greedy removal `moesift.calibrate` runs on each layer, down to the top-k floor, with the
+  cached scorer (`moesift.selection.calib_cache`: every expert on every token once, reduced to per-token
+  Gram matrices; every candidate re-routed over the router's logits), all included: the full block
+  forward, the check forwards, the expert outputs and the greedy;
+- with ``--block``: the same greedy scoring every candidate by running the block restricted to it (the
+  reference scorer), its time, and whether both gave the same removal order.
+
+Printed per pair: the seconds (the fastest of ``--repeat`` runs, the lower bound's and the calibrated
+runs interleaved), calibrated / lower bound, and with ``--block`` the block scorer's seconds (one run) and
+its time over the cached one. Then an estimate for a model of ``--layers`` MoE layers at the largest pair.
+
+    python bench/calibrate_speed.py --threads 1                        # the CPU grid (hidden 512, ffn 256)
+    python bench/calibrate_speed.py --threads 1 --block --experts 64   # and the block scorer beside it
+    python bench/calibrate_speed.py --device cuda --hidden 2048 --moe-intermediate 768 --block  # Qwen3-30B-A3B
 """
 
 from __future__ import annotations
@@ -27,18 +34,28 @@ from pathlib import Path
 
 from hostinfo import cpu_name, usable_cores  # bench/hostinfo.py, beside this script
 
-QWEN3_30B = {"model_type": "qwen3_moe", "hidden_size": 2048, "moe_intermediate_size": 768, "num_experts": 128,
-             "num_experts_per_tok": 8, "norm_topk_prob": True, "num_hidden_layers": 1, "intermediate_size": 6144,
-             "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128, "vocab_size": 1024,
+QWEN3_MOE = {"model_type": "qwen3_moe", "hidden_size": 512, "moe_intermediate_size": 256, "num_experts": 64,
+             "num_experts_per_tok": 8, "norm_topk_prob": True, "num_hidden_layers": 1, "intermediate_size": 1024,
+             "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 64, "vocab_size": 1024,
              "mlp_only_layers": [], "decoder_sparse_step": 1}
+
+
+def _ints(s: str) -> list[int]:
+    return [int(v) for v in s.split(",") if v.strip()]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if _cuda() else "cpu")
-    ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--tokens", type=int, default=4096, help="calibration tokens per layer (4096 = 16 x 256)")
-    ap.add_argument("--experts", type=int, default=128, help="experts per layer (128 for Qwen3-30B-A3B)")
+    ap.add_argument("--dtype", default=None, help="float32 on the CPU, bfloat16 on CUDA unless given")
+    ap.add_argument("--experts", type=_ints, default=[64, 128], help="experts per layer (comma list)")
+    ap.add_argument("--tokens", type=_ints, default=[1024, 4096], help="calibration tokens (comma list)")
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--moe-intermediate", type=int, default=256)
+    ap.add_argument("--top-k", type=int, default=8)
+    ap.add_argument("--block", action="store_true", help="also run the block scorer and compare the orders")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (a shared machine: 1)")
+    ap.add_argument("--repeat", type=int, default=2, help="runs of each measurement; the fastest is kept (2)")
     ap.add_argument("--layers", type=int, default=48, help="MoE layers of the model the estimate is for (48)")
     ap.add_argument("--flat-router", action="store_true", help="random router rows as they come (near-uniform routing)")
     ap.add_argument("--seed", type=int, default=0)
@@ -47,12 +64,47 @@ def main() -> None:
 
     import torch
 
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    dtype = getattr(torch, a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32"))
+    dev = torch.cuda.get_device_name(0) if a.device.startswith("cuda") else \
+        f"{cpu_name()} ({usable_cores()} usable cores, {torch.get_num_threads()} torch threads)"
+    print(f"device: {dev}; torch {torch.__version__}; {dtype}; {'flat' if a.flat_router else 'uneven'} router")
+    print(f"one Qwen3-MoE layer: hidden {a.hidden}, moe_intermediate {a.moe_intermediate}, top-{a.top_k}")
+    rows = []
+    for E in a.experts:
+        for T in a.tokens:
+            r = _one(a, E, T, dtype)
+            rows.append(r)
+            line = (f"  {E:4d} experts, {T:5d} tokens: lower bound {r['lower_bound_s']:7.2f} s, calibrated "
+                    f"{r['cached_s']:7.2f} s = {r['cached_s'] / r['lower_bound_s']:.2f}x the lower bound "
+                    f"({r['evaluations']} candidate scorings, {r['forwards']} block forwards)")
+            if a.block:
+                line += (f"; block scorer {r['block_s']:7.2f} s = {r['block_s'] / r['cached_s']:.1f}x the cached, "
+                         f"same order: {r['same_order']}")
+            print(line)
+            sys.stdout.flush()
+    big = rows[-1]
+    print(f"estimate for {a.layers} MoE layers at {big['experts']} experts, {big['tokens']} tokens: "
+          f"{a.layers * big['cached_s']:.0f} s of greedy (+ reading each block and the capture forward)")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"device": dev, "torch": torch.__version__, "dtype": str(dtype),
+                                            "hidden": a.hidden, "moe_intermediate": a.moe_intermediate,
+                                            "top_k": a.top_k, "rows": rows}, indent=1))
+
+
+def _one(a: argparse.Namespace, E: int, T: int, dtype) -> dict:
+    """Lower bound, cached greedy (and block greedy) on one random block of E experts and T tokens."""
+    import torch
+
     from moesift.arch import adapter_for
-    from moesift.selection.calibrate import _Block, floor_units, greedy_layer, skeleton, units_of
+    from moesift.selection.calib_cache import BlockRunner
+    from moesift.selection.calib_greedy import greedy_layer
+    from moesift.selection.calibrate import floor_units, skeleton, units_of
 
     torch.manual_seed(a.seed)
-    dtype = getattr(torch, a.dtype)
-    cfg = dict(QWEN3_30B, num_experts=a.experts)
+    cfg = dict(QWEN3_MOE, num_experts=E, hidden_size=a.hidden, moe_intermediate_size=a.moe_intermediate,
+               num_experts_per_tok=a.top_k)
     ad = adapter_for(cfg)
     spec = ad.spec(cfg)
     frame = skeleton(cfg)
@@ -63,11 +115,11 @@ def main() -> None:
             p.normal_(0.0, 0.02)
         if not a.flat_router:  # trained routers are uneven: a few experts take most routes
             w = ad.router_weight(ad.router(frame, 0))
-            scale = torch.logspace(0, 1, a.experts, device=w.device)[torch.randperm(a.experts, device=w.device)]
+            scale = torch.logspace(0, 1, E, device=w.device)[torch.randperm(E, device=w.device)]
             w.mul_(scale[:, None].to(w.dtype) * 3)
     block.to(dtype)
-    x = torch.randn(a.tokens, cfg["hidden_size"], device=a.device, dtype=dtype)
-    blk = _Block(frame, ad, spec, 0)
+    x = torch.randn(T, a.hidden, device=a.device, dtype=dtype)
+    blk = BlockRunner(frame, ad, spec, 0)
     units = units_of(spec)
     n_floor = floor_units(spec, units)
 
@@ -75,35 +127,30 @@ def main() -> None:
         if a.device.startswith("cuda"):
             torch.cuda.synchronize()
 
+    def lower_bound() -> None:  # every expert on every token once
+        with torch.no_grad():
+            for e in range(E):
+                ad.expert_output(frame, 0, x, torch.full((T, 1), e, dtype=torch.long, device=x.device))
+
+    def timed(f):  # (seconds, result) of one run
+        t = time.perf_counter()
+        out = f()
+        sync()
+        return time.perf_counter() - t, out
+
     blk.run(x[:64], None)  # warm-up (kernels, allocator)
     sync()
-    t = time.perf_counter()
-    reps = 3
-    for _ in range(reps):
-        blk.run(x, None)
-    sync()
-    one = (time.perf_counter() - t) / reps
-    t = time.perf_counter()
-    r = greedy_layer(blk, x, units, n_floor)
-    sync()
-    layer_s = time.perf_counter() - t
-    dev = torch.cuda.get_device_name(0) if a.device.startswith("cuda") else f"{cpu_name()} ({usable_cores()} usable cores)"
-    print(f"device: {dev}; torch {torch.__version__}; {a.dtype}; {'flat' if a.flat_router else 'uneven'} router")
-    print(f"one MoE layer at Qwen3-30B-A3B shapes: hidden {cfg['hidden_size']}, {a.experts} experts x moe_intermediate "
-          f"{cfg['moe_intermediate_size']}, top-{cfg['num_experts_per_tok']}; {a.tokens} calibration tokens")
-    print(f"  full block forward on the {a.tokens} tokens: {one * 1000:.1f} ms")
-    print(f"  greedy removal {a.experts} -> {len(r['floor'])} experts: {layer_s:.2f} s, {r['forwards']} block "
-          f"forwards (on subsets of the tokens), = {layer_s / one:.0f} full forwards; measured on "
-          f"{'each candidate own tokens' if r['local'] else 'every token'}")
-    print(f"  estimate for Qwen3-30B-A3B ({a.layers} MoE layers): {a.layers * layer_s:.0f} s "
-          f"= {a.layers * layer_s / 60:.1f} min of greedy, plus loading each block from disk and one forward "
-          "of the model over the calibration prompts (capture)")
-    sys.stdout.flush()
-    if a.json:
-        Path(a.json).write_text(json.dumps({
-            "device": dev, "torch": torch.__version__, "dtype": a.dtype, "experts": a.experts, "tokens": a.tokens,
-            "kept": len(r["floor"]), "block_forward_ms": one * 1000, "layer_s": layer_s, "forwards": r["forwards"],
-            "layers": a.layers, "estimate_s": a.layers * layer_s}, indent=1))
+    lb, cached, r = float("inf"), float("inf"), None
+    for _ in range(max(1, a.repeat)):
+        lb = min(lb, timed(lower_bound)[0])
+        s, r = timed(lambda: greedy_layer(blk, x, units, n_floor, scorer="cache"))
+        cached = min(cached, s)
+    out = {"experts": E, "tokens": T, "lower_bound_s": lb, "cached_s": cached, "evaluations": r["evaluations"],
+           "forwards": r["forwards"], "scorer": r["scorer"], "kept": len(r["floor"])}
+    if a.block:  # one run: it is the slow one
+        s, q = timed(lambda: greedy_layer(blk, x, units, n_floor, scorer="block"))
+        out.update(block_s=s, same_order=q["order"] == r["order"], block_forwards=q["forwards"])
+    return out
 
 
 def _cuda() -> bool:

@@ -20,6 +20,13 @@ The greedy is lazy (as in CELF): every candidate is measured on the first step, 
 exact; afterwards a candidate is re-measured only when the tokens it serves changed and it reaches the top
 of the queue (a removal that gets cheaper as others go is the exception it can miss).
 
+A candidate is measured without running the block (`moesift.selection.calib_cache`): every expert runs on
+every calibration token once and each token keeps the Gram matrix of its experts' outputs; a restriction is
+re-routed over the router's recorded logits as the family's router does it, and its error is a quadratic
+form in the changed weights. That the re-routing reproduces the block is checked per layer against
+restricted block forwards; a layer where it does not (or whose Gram matrices exceed the cache bound) runs
+the block for every candidate, as `SCORER = "block"` does everywhere (`moesift.selection.calib_greedy`).
+
 Only the tokens an expert currently serves change when it is removed, for routers whose weights are
 renormalised over the selection (or do not depend on the other experts); for those, a candidate's error is
 measured on its tokens alone, which is exact. Whether a router is such is measured, not assumed: on the
@@ -48,19 +55,16 @@ most routed experts, by the model's KL.
 
 from __future__ import annotations
 
-import contextlib
-import heapq
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from safetensors import safe_open
 
-from ..arch.spec import equal_group_floor, expert_args
+from ..arch.spec import equal_group_floor
 from ..core.errors import MoesiftError
 from ..core.io import check_output_path, input_paths, sha256_file
 from ..core.progress import progress_bar
@@ -68,7 +72,14 @@ from ..engines.hf import config_obj, hf_progress, load_model, model_class, parse
 from ..formats.calibration import Calibration
 from ..formats.checkpoint import CheckpointIndex
 from ..formats.workload import batches, encode_documents, read_documents
+from .calib_cache import BlockRunner, make_scorer
+from .calib_greedy import greedy_layer
 from .endtoend import choose_end_to_end
+
+# how the greedy scores a candidate restriction: "cache" (every expert run on every calibration token once,
+# restrictions re-routed over the router's logits; `moesift.selection.calib_cache`) or "block" (the block
+# run under every candidate restriction: the reference the cache is checked against)
+SCORER = "cache"
 
 # ------------------------------------------------------------------------------------------------
 # Phase 1: capture each MoE block's inputs
@@ -166,42 +177,6 @@ def unload_block(frame: Any, adapter: Any, layer: int) -> None:
     adapter.moe_block(frame, layer).to("meta")
 
 
-class _Block:
-    """Runs one MoE block, restricted or not, and reports the experts each token was routed to."""
-
-    def __init__(self, frame: Any, adapter: Any, spec: Any, layer: int):
-        self.frame, self.ad, self.layer = frame, adapter, layer
-        self.block = adapter.moe_block(frame, layer)
-        self.m = spec.moe_layers.index(layer)
-        self.E = spec.n_experts
-        self.ids = None
-        self.probs = None
-
-    def run(self, x: Any, resident: Sequence[int] | None, chunk: int = 8192) -> tuple[Any, Any]:
-        """(output [n, H] float32, routed ids [n, K]) of the block on x [n, H] restricted to `resident`."""
-        import torch
-
-        outs, ids = [], []
-        experts = self.ad.experts(self.frame, self.layer)
-
-        def pre(mod, args, kwargs):
-            _, i, _w = expert_args(args, kwargs)
-            ids.append(i.reshape(-1, i.shape[-1]))
-
-        h = experts.register_forward_pre_hook(pre, with_kwargs=True)
-        ctx = self.ad.restrict(self.frame, {self.layer: list(resident)}) if resident is not None \
-            and len(resident) < self.E else contextlib.nullcontext()
-        try:
-            with ctx, torch.no_grad():
-                for s in range(0, x.shape[0], chunk):
-                    y = self.block(x[s: s + chunk].unsqueeze(0))
-                    y = y[0] if isinstance(y, tuple) else y
-                    outs.append(y.reshape(-1, y.shape[-1]).float())
-        finally:
-            h.remove()
-        return torch.cat(outs), torch.cat(ids)
-
-
 def units_of(spec: Any) -> list[list[int]]:
     """Selection units: experts, or whole groups for group-limited routers (as the planner keeps them)."""
     if spec.n_group and spec.n_group > 1:
@@ -217,122 +192,6 @@ def floor_units(spec: Any, units: list[list[int]]) -> int:
     if spec.n_group and spec.n_group > 1 and spec.topk_group:
         n = max(n, int(spec.topk_group))
     return min(n, len(units))
-
-
-def greedy_layer(blk: _Block, x: Any, units: list[list[int]], n_floor: int,
-                 tick: Callable[[], None] | None = None, balance: Sequence[int] | None = None) -> dict[str, Any]:
-    """Greedy removal on one layer (see the module docstring). Returns order (units removed, first first),
-    floor (units left), error (relative error after each removal, error[0] = 0), local (candidates measured
-    on their own tokens) and forwards (block calls).
-
-    `balance` (group of each unit): removal goes in rounds that take one unit from every group, so after
-    every round each group holds the same number (the "equal" group mode; measured on every token, since
-    a group's score depends on all of its experts)."""
-    import torch
-
-    full, ids_full = blk.run(x, None)
-    norm2 = float((full.double() ** 2).sum()) or 1.0
-    N = x.shape[0]
-    remaining = list(range(len(units)))
-    resident = set(range(blk.E))
-    cur_ids = ids_full.clone()
-    err_tok = torch.zeros(N, dtype=torch.float64, device=full.device)
-    # tie-break (unused experts): lower routed count first
-    used = torch.bincount(ids_full.reshape(-1).long(), minlength=blk.E).cpu().numpy()
-    grouped = len(units[0]) > 1 or balance is not None
-    forwards = 1
-    local = not grouped
-    if local and len(units) > n_floor:
-        # does removing one expert move the outputs of tokens it does not serve? (then measure on all tokens)
-        forwards += 1
-        local = not _moves_others(blk, x, full, cur_ids, resident, used)
-
-    def measure(u: int) -> float:
-        nonlocal forwards
-        R = sorted(resident - set(units[u]))
-        forwards += 1
-        if local:
-            idx = _served(cur_ids, units[u])
-            if idx.numel() == 0:
-                forwards -= 1
-                return 0.0
-            out, _ = blk.run(x[idx.to(x.device)], R)
-            return float(((full[idx] - out).double() ** 2).sum() - err_tok[idx].sum())
-        out, _ = blk.run(x, R)
-        return float(((full - out).double() ** 2).sum()) - total
-
-    def key(u: int, d: float) -> tuple[float, int, int]:
-        return (d, int(sum(used[e] for e in units[u])), u)
-
-    # lazy greedy: every candidate is measured on the first step; afterwards only candidates whose tokens
-    # changed are stale, and a stale candidate is re-measured only when it reaches the top of the heap
-    order, errors = [], [0.0]
-    total = 0.0
-    heap = [key(u, measure(u)) for u in remaining]
-    heapq.heapify(heap)
-    stale: set[int] = set()
-    n_groups = len(set(balance)) if balance is not None else 0
-    taken: set[int] = set()  # groups that gave a unit in this round
-    while len(remaining) > n_floor:
-        held = []
-        while True:
-            d, _, best = heapq.heappop(heap)
-            if balance is not None and balance[best] in taken:
-                held.append((d, _, best))  # its group already gave one this round
-                continue
-            if best not in stale:
-                break
-            stale.discard(best)
-            heapq.heappush(heap, key(best, measure(best)))
-        for h in held:
-            heapq.heappush(heap, h)
-        if balance is not None:
-            taken.add(balance[best])
-            if len(taken) == n_groups:
-                taken = set()
-        gone = set(units[best])
-        resident -= gone
-        remaining.remove(best)
-        order.append(units[best])
-        if local:
-            idx = _served(cur_ids, units[best])
-            if idx.numel():
-                out, new_ids = blk.run(x[idx.to(x.device)], sorted(resident))
-                forwards += 1
-                old = cur_ids[idx]
-                cur_ids[idx] = new_ids.to(cur_ids.dtype)
-                err_tok[idx] = ((full[idx] - out).double() ** 2).sum(dim=1)
-                touched = set(torch.unique(torch.cat([old.reshape(-1), new_ids.reshape(-1).to(old.dtype)])).tolist())
-                stale |= {u for u in remaining if any(e in touched for e in units[u])}
-            total = float(err_tok.sum())
-        else:
-            total += d
-            stale = set(remaining)
-        errors.append(total / norm2)
-        if tick:
-            tick()
-    floor = [units[u] for u in remaining]
-    return {"order": order, "floor": floor, "error": errors, "local": local, "forwards": forwards,
-            "output_norm2": norm2, "tokens": int(N), "routed": [int(v) for v in used]}
-
-
-def _moves_others(blk: _Block, x: Any, full: Any, cur_ids: Any, resident: set[int], used: np.ndarray) -> bool:
-    """Whether removing the most used expert moves the outputs of tokens it does not serve (one forward).
-    Renormalising routers leave the other tokens as they were up to rounding (bf16: ~1e-5 of the served
-    tokens' change); routers that do not renormalise move them by the removed expert's probability share."""
-    probe = int(np.argmax(used))
-    out, _ = blk.run(x, sorted(resident - {probe}))
-    served = (cur_ids == probe).any(dim=1)
-    change = ((out - full).double() ** 2).sum(dim=1)
-    return bool((~served).any() and served.any() and float(change[~served].mean()) > 1e-4 * float(change[served].mean()))
-
-
-def _served(cur_ids: Any, unit: list[int]) -> Any:
-    """Indices of the tokens routed to an expert of `unit` (cur_ids [n, K])."""
-    import torch
-
-    sel = (cur_ids.unsqueeze(-1) == torch.as_tensor(unit, device=cur_ids.device)).any(-1).any(-1)
-    return sel.nonzero().reshape(-1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -399,7 +258,7 @@ def calibrate(
         if loaded is None and not e2e_wanted:
             del m
         run_dev = resolve_device("auto" if device == "spread" else device)
-        equal = _equal_units(spec, index.adapter)
+        equal = equal_units(spec, index.adapter)
         layers_out, per_layer_s = _calibrate_layers(index, inputs, units, n_floor, equal, run_dev, work_dtype, bar)
         e2e = None
         if e2e_wanted:
@@ -436,7 +295,7 @@ def _check_settings(kl_top: int, end_to_end_loss: str, max_length: int) -> None:
         raise MoesiftError(f"--calib-length must be at least 2 (got {max_length})")
 
 
-def _equal_units(spec: Any, ad: Any) -> tuple[int, list[list[int]], list[int]]:
+def equal_units(spec: Any, ad: Any) -> tuple[int, list[list[int]], list[int]]:
     """Group-limited routers: (fewest experts kept in all when every group keeps the same number, single
     experts as units, the group of each); (0, [], []) for other routers."""
     if not (spec.n_group and spec.n_group > 1):
@@ -471,15 +330,18 @@ def _calibrate_layers(index: Any, inputs: dict[int, Any], units: list[list[int]]
         bar.update(task, description=f"calibrating layer {layer} ({p + 1}/{len(spec.moe_layers)})")
         ts = time.perf_counter()
         load_block(index, frame, layer, device=run_dev, dtype=work_dtype)
-        blk = _Block(frame, ad, spec, layer)
+        blk = BlockRunner(frame, ad, spec, layer)
         x = inputs.pop(layer).to(run_dev, dtype=work_dtype)
-        r = greedy_layer(blk, x, units, n_floor, tick=lambda: bar.update(task, advance=1))
+        sc = make_scorer(blk, x, SCORER)  # one per layer, for both orders
+        built = sc.forwards  # the block forwards that built and checked it
+        r = greedy_layer(blk, x, units, n_floor, tick=lambda: bar.update(task, advance=1), scorer=sc)
+        r["forwards"] += built
         if eq_floor:
             q = greedy_layer(blk, x, eq_units, eq_floor, tick=lambda: bar.update(task, advance=1),
-                             balance=eq_balance)
+                             balance=eq_balance, scorer=sc)
             r["equal"] = {**{k: q[k] for k in ("order", "floor", "error", "forwards")}, "groups": spec.n_group}
         unload_block(frame, ad, layer)
-        del x
+        del x, sc
         if run_dev.startswith("cuda"):
             torch.cuda.synchronize()
         dt = time.perf_counter() - ts

@@ -1,0 +1,160 @@
+"""The greedy removal of calibrated selection on one MoE layer.
+
+`greedy_layer` removes selection units one at a time, least damage first to the layer's output on the
+calibration tokens (see `moesift.selection.calibrate`). How a candidate restriction is scored is a scorer
+(`moesift.selection.calib_cache`): `CachedScorer` (the default: every expert run on every token once, the
+restriction re-routed over the router's logits) or `BlockScorer` (the block itself run under the family's
+restriction for every candidate; the reference, and what a layer the cached scorer does not reproduce
+gets). Both feed the same lazy greedy, so the two give the same removal order wherever their scores agree
+beyond rounding.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from .calib_cache import BlockRunner, make_scorer
+
+# damages below this fraction of the layer's output energy (sum_t ||y_full||^2) are rounding, not damage
+# (float32 outputs differ by ~1e-7 of their size, so such scores are ~1e-14 of it): they tie
+TIE = 1e-12
+
+
+def greedy_layer(blk: BlockRunner, x: Any, units: list[list[int]], n_floor: int,
+                 tick: Callable[[], None] | None = None, balance: Sequence[int] | None = None,
+                 scorer: Any = "cache") -> dict[str, Any]:
+    """Greedy removal on one layer (see `moesift.selection.calibrate`). Returns order (units removed, first
+    first), floor (units left), error (relative error after each removal, error[0] = 0), local (candidates
+    measured on their own tokens), forwards (block calls), evaluations (candidate restrictions scored) and
+    scorer ("cache" or "block").
+
+    `balance` (group of each unit): removal goes in rounds that take one unit from every group, so after
+    every round each group holds the same number (the "equal" group mode; measured on every token, since
+    a group's score depends on all of its experts).
+
+    `scorer`: "cache" (`moesift.selection.calib_cache.CachedScorer`, falling back to the block where it does
+    not reproduce it), "block" (`BlockScorer`), or a scorer already built for this layer and `x`."""
+    import torch
+
+    sc = make_scorer(blk, x, scorer)
+    ids_full = sc.full_ids
+    norm2 = sc.norm2
+    N = x.shape[0]
+    remaining = list(range(len(units)))
+    resident = set(range(blk.E))
+    cur_ids = ids_full.clone()
+    err_tok = torch.zeros(N, dtype=torch.float64, device=ids_full.device)
+    # tie-break (unused experts): lower routed count first
+    used = torch.bincount(ids_full.reshape(-1).long(), minlength=blk.E).cpu().numpy()
+    grouped = len(units[0]) > 1 or balance is not None
+    forwards0 = sc.forwards
+    evaluations = 0
+    local = not grouped
+    if local and len(units) > n_floor:
+        # does removing one expert move the outputs of tokens it does not serve? (then measure on all tokens)
+        evaluations += 1
+        local = not _moves_others(sc, cur_ids, resident, used)
+
+    def measure(u: int) -> float:
+        nonlocal evaluations
+        R = sorted(resident - set(units[u]))
+        if local:
+            idx = _served(cur_ids, units[u])
+            if idx.numel() == 0:
+                return 0.0
+            evaluations += 1
+            err, _ = sc.rows(idx, R)
+            return float(err.sum() - err_tok[idx].sum())
+        evaluations += 1
+        err, _ = sc.rows(None, R)
+        return float(err.sum()) - total
+
+    tie = TIE * norm2
+
+    def key(u: int, d: float) -> tuple[float, int, int, float]:
+        # a damage below rounding is no damage: such candidates go by routed count, then id, whatever
+        # the last bits of their (noise) scores say
+        return (d if d > tie else 0.0, int(sum(used[e] for e in units[u])), u, d)
+
+    # lazy greedy: every candidate is measured on the first step; afterwards only candidates whose tokens
+    # changed are stale, and a stale candidate is re-measured only when it reaches the top of the heap
+    order, errors = [], [0.0]
+    total = 0.0
+    heap = [key(u, measure(u)) for u in remaining]
+    heapq.heapify(heap)
+    stale: set[int] = set()
+    n_groups = len(set(balance)) if balance is not None else 0
+    taken: set[int] = set()  # groups that gave a unit in this round
+    while len(remaining) > n_floor:
+        d, best = _pop_best(heap, stale, balance, taken, measure, key)
+        if balance is not None:
+            taken.add(balance[best])
+            if len(taken) == n_groups:
+                taken = set()
+        resident -= set(units[best])
+        remaining.remove(best)
+        order.append(units[best])
+        if local:
+            idx = _served(cur_ids, units[best])
+            if idx.numel():
+                err, new_ids = sc.rows(idx, sorted(resident))
+                evaluations += 1
+                old = cur_ids[idx]
+                cur_ids[idx] = new_ids.to(cur_ids.dtype)
+                err_tok[idx] = err
+                touched = set(torch.unique(torch.cat([old.reshape(-1), new_ids.reshape(-1).to(old.dtype)])).tolist())
+                stale |= {u for u in remaining if any(e in touched for e in units[u])}
+            total = float(err_tok.sum())
+        else:
+            total += d
+            stale = set(remaining)
+        errors.append(total / norm2)
+        if tick:
+            tick()
+    floor = [units[u] for u in remaining]
+    return {"order": order, "floor": floor, "error": errors, "local": local,
+            "forwards": sc.forwards - (0 if isinstance(scorer, str) else forwards0),
+            "evaluations": evaluations, "scorer": sc.kind, "output_norm2": norm2, "tokens": int(N),
+            "routed": [int(v) for v in used], **({"scorer_note": sc.note} if sc.note else {})}
+
+
+def _pop_best(heap: list, stale: set[int], balance: Sequence[int] | None, taken: set[int],
+              measure: Callable[[int], float], key: Callable[[int, float], tuple]) -> tuple[float, int]:
+    """(damage, unit) of the next removal: the heap's best unit whose measure is fresh (a stale one is
+    re-measured and pushed back), skipping units whose group already gave one this round."""
+    held = []
+    while True:
+        top = heapq.heappop(heap)
+        d, best = top[3], top[2]
+        if balance is not None and balance[best] in taken:
+            held.append(top)  # its group already gave one this round
+            continue
+        if best not in stale:
+            break
+        stale.discard(best)
+        heapq.heappush(heap, key(best, measure(best)))
+    for h in held:
+        heapq.heappush(heap, h)
+    return d, best
+
+
+def _moves_others(sc: Any, cur_ids: Any, resident: set[int], used: np.ndarray) -> bool:
+    """Whether removing the most used expert moves the outputs of tokens it does not serve (one forward).
+    Renormalising routers leave the other tokens as they were up to rounding (bf16: ~1e-5 of the served
+    tokens' change); routers that do not renormalise move them by the removed expert's probability share."""
+    probe = int(np.argmax(used))
+    change, _ = sc.rows(None, sorted(resident - {probe}))
+    served = (cur_ids == probe).any(dim=1).to(change.device)
+    return bool((~served).any() and served.any() and float(change[~served].mean()) > 1e-4 * float(change[served].mean()))
+
+
+def _served(cur_ids: Any, unit: list[int]) -> Any:
+    """Indices of the tokens routed to an expert of `unit` (cur_ids [n, K])."""
+    import torch
+
+    sel = (cur_ids.unsqueeze(-1) == torch.as_tensor(unit, device=cur_ids.device)).any(-1).any(-1)
+    return sel.nonzero().reshape(-1)
