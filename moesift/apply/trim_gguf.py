@@ -12,11 +12,9 @@ re-checks."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import struct
-from collections.abc import Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +37,7 @@ from ..formats.gguf import (
     record_path,
     split_name,
 )
+from ..formats.gguf_identity import gguf_index_for, plan_differences  # noqa: F401 - re-exported
 from ..formats.plan import as_plan
 from ..formats.trimmed import FORMAT
 
@@ -56,46 +55,13 @@ class _Out:
     ranges: list[tuple[int, int]] = field(default_factory=list)
 
 
-def plan_differences(idx: GGUFIndex, model: Mapping[str, Any]) -> list[str]:
-    """`field: plan vs file` for every identity field a plan's model section names that the GGUF model does
-    not match: architecture (the plan's model_type against the types llama.cpp converts to this
-    architecture), decoder blocks, experts, top-k, embedding length, MoE layers."""
-    shape = idx.model_shape()
-    diffs = []
-    mt = model.get("model_type")
-    if mt and mt not in idx.family.model_types:
-        diffs.append(f"model_type: {mt} vs {idx.arch} (llama.cpp's name for {'/'.join(idx.family.model_types)})")
-    cfg = model.get("config")
-    if isinstance(cfg, Mapping) and mt:
-        try:
-            ms = adapter_for({"model_type": mt}).model_shape(cfg)
-        except MoesiftError:
-            ms = {}
-        for k in ("num_hidden_layers", "hidden_size"):
-            if ms.get(k) is not None and shape[k] is not None and int(ms[k]) != int(shape[k]):
-                diffs.append(f"{k}: {ms[k]} vs {shape[k]}")
-    for k in ("n_experts", "top_k"):
-        if model.get(k) is not None and int(model[k]) != shape[k]:
-            diffs.append(f"{k}: {model[k]} vs {shape[k]}")
-    ml = model.get("moe_layers")
-    if ml is not None and model.get("layer_index") != "moe_position" and list(ml) != shape["moe_layers"]:
-        diffs.append(f"moe_layers: {list(ml)[:8]} vs {shape['moe_layers'][:8]}")
-    return diffs
-
-
 def gguf_resident(idx: GGUFIndex, plan: Any, force_plan: bool = False) -> tuple[Any, dict[int, list[int]]]:
     """(the plan, {block: resident ids} for every MoE block) of `plan` applied to the GGUF model `idx`; a plan
     for another model, a plan with different counts per layer and one the router cannot serve are refused."""
     p = as_plan(plan)
     shown = str(idx.directory)
     where = f"plan {p.source!r}" if p.source else "the plan"
-    diffs = plan_differences(idx, p.model)
-    if diffs and not (force_plan and not any(d.split(":")[0] in ("n_experts", "model_type", "moe_layers")
-                                             for d in diffs)):
-        raise MoesiftError(f"{where} was made for another model than {shown!r}: {'; '.join(diffs)} (plan vs file); "
-                           "plan again for this model")
-    mt = p.model.get("model_type")
-    spec = idx.spec if not mt or mt == idx.spec.model_type else dataclasses.replace(idx.spec, model_type=mt)
+    spec = gguf_index_for(idx, p.model, where, force_plan).spec
     resident = p.resolve(spec)
     full = {layer: sorted(resident.get(layer, range(spec.n_experts))) for layer in spec.moe_layers}
     counts = sorted({len(v) for v in full.values()})
