@@ -12,10 +12,10 @@ re-checks."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ from typing import Any
 from ..arch import gguf as names
 from ..arch.registry import adapter_for
 from ..core.errors import MoesiftError
-from ..core.io import CHECKSUMS, atomic_path, check_output_path, file_checksum
+from ..core.io import CHECKSUMS, atomic_path, check_output_path
 from ..core.progress import progress_bar
 from ..core.version import __version__
 from ..formats.gguf import (
@@ -40,8 +40,7 @@ from ..formats.gguf import (
 from ..formats.gguf_identity import gguf_index_for, plan_differences  # noqa: F401 - re-exported
 from ..formats.plan import as_plan
 from ..formats.trimmed import FORMAT
-
-_BUF = 8 << 20
+from .writer import RangeWriter
 
 
 @dataclass
@@ -142,34 +141,28 @@ def _header(f: GGUFFile, tensors: list[_Out], rewrites: dict[str, Any]) -> bytes
     return head + b"\0" * ((-len(head)) % f.alignment)
 
 
-def _copy(src_fd: int, dst_fd: int, off: int, n: int, name: str) -> None:
-    while n > 0:
-        try:
-            k = os.copy_file_range(src_fd, dst_fd, min(n, 1 << 30), off)
-        except OSError:
-            chunk = os.pread(src_fd, min(n, _BUF), off)
-            k = os.write(dst_fd, chunk) if chunk else 0
-        if k <= 0:
-            raise MoesiftError(f"{name!r} ended early (truncated?); the source GGUF file is damaged")
-        off += k
-        n -= k
-
-
-def _write_file(path: Path, f: GGUFFile, header: bytes, tensors: list[_Out], advance: Any) -> None:
-    fd = os.open(path, os.O_WRONLY)  # a new empty file (no O_TRUNC: ext4 would flush it on close)
+def _write_file(path: Path, f: GGUFFile, header: bytes, tensors: list[_Out], advance: Any,
+                checksum: str | None) -> str | None:
+    """Write the output file `path` (an empty file claimed for it) from the source `f`; returns its checksum,
+    computed while the file is written."""
     src = os.open(f.path, os.O_RDONLY)
+    w = None
     try:
-        os.write(fd, header)
+        w = RangeWriter(path, checksum, existing=True, source="GGUF file")
+        w.write(header)
         for t in tensors:
             for off, n in t.ranges:
-                _copy(src, fd, off, n, str(f.path))
+                w.copy(src, off, n, str(f.path))
                 advance(n)
             pad = (-t.nbytes) % f.alignment
             if pad:
-                os.write(fd, b"\0" * pad)
+                w.write(b"\0" * pad)
+        return w.close()
     finally:
+        if w is not None:  # after an error: stop the checksum thread before the source closes
+            with contextlib.suppress(Exception):
+                w.close()
         os.close(src)
-        os.close(fd)
 
 
 def output_paths(idx: GGUFIndex, out: Path) -> list[Path]:
@@ -205,7 +198,7 @@ def trim_gguf(model: str | os.PathLike, plan: Any, out: str | os.PathLike, force
     if written != predicted:
         raise MoesiftError(f"internal check failed: the layout has {written} tensor bytes, the plan predicts {predicted}")
     hashes: dict[str, str | None] = {}
-    with ExitStack() as stack, progress_bar(progress, transfer=True, remaining=True) as bar:
+    with contextlib.ExitStack() as stack, progress_bar(progress, transfer=True, remaining=True) as bar:
         task = bar.add_task("trimming", total=written)
         rec_tmp = stack.enter_context(atomic_path(record_file, force, inputs=inputs))  # renamed last
         for f, o, ts in zip(idx.files, outs, layouts, strict=True):
@@ -213,8 +206,7 @@ def trim_gguf(model: str | os.PathLike, plan: Any, out: str | os.PathLike, force
             rw = dict(rewrites) if f is idx.files[0] else {k: v for k, v in rewrites.items() if k in f.kv}
             if SPLIT_TENSORS in f.kv and drop:
                 rw[SPLIT_TENSORS] = total
-            _write_file(tmp, f, _header(f, ts, rw), ts, lambda k: bar.advance(task, k))
-            hashes[o.name] = file_checksum(tmp, checksum) if checksum else None
+            hashes[o.name] = _write_file(tmp, f, _header(f, ts, rw), ts, lambda k: bar.advance(task, k), checksum)
         rec = _record(idx, p, full, rewrites, drop, written, predicted, hashes, checksum, outs)
         rec_tmp.write_text(json.dumps(rec, indent=2) + "\n")
     return outs[0]
