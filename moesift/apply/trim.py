@@ -24,11 +24,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import queue
 import shutil
 import struct
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +35,6 @@ from ..core.io import (
     OutputDir,
     check_output_path,
     file_checksum,
-    new_checksum,
     sha256_file,
     write_failed,
 )
@@ -60,9 +57,9 @@ from ..formats.trimmed import (
     stored_output,
 )
 from .trim_gguf import checksum_or_none, trim_gguf
+from .writer import RangeWriter
 
 DEFAULT_SHARD_SIZE = 5 * 1000**3
-_BUF = 8 << 20  # read-back buffer of the checksum thread
 # files of the source directory that are not copied: weights (rewritten), config (rewritten), pickles
 _SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 _SKIP_NAMES = {"config.json", INDEX_FILE, PLAN_FILE, "pytorch_model.bin.index.json"}
@@ -92,116 +89,6 @@ def _header_bytes(tensors: list[OutTensor], fmt: str = "pt") -> bytes:
     return struct.pack("<Q", len(hb)) + hb
 
 
-class _Writer:
-    """Writes one output file. Byte ranges of the source are copied by the kernel (`copy_file_range`, no
-    trip through this process's memory); the checksum of the file (`checksum`: an algorithm of CHECKSUMS, or
-    None) is computed in a second thread that reads the same ranges back (`preadv` into a fixed buffer) while
-    the copy proceeds, so hashing overlaps copying and memory stays bounded."""
-
-    def __init__(self, path: Path, checksum: str | None = "blake3"):
-        self.h = new_checksum(checksum, threads=False) if checksum else None  # the copy runs beside it
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
-        self.q: queue.Queue = queue.Queue(maxsize=64)
-        self.error: BaseException | None = None
-        self.t = threading.Thread(target=self._hash, daemon=True) if checksum else None
-        if self.t:
-            self.t.start()
-        self.closed = False
-        self.kernel_copy = True
-        self.pending: tuple[int, int, int, str] | None = None
-
-    def _hash(self) -> None:
-        buf = bytearray(_BUF)
-        mv = memoryview(buf)
-        try:
-            while True:
-                item = self.q.get()
-                if item is None:
-                    return
-                if isinstance(item, tuple):
-                    fd, off, n = item
-                    while n > 0:
-                        k = os.preadv(fd, [mv[: min(n, _BUF)]], off)
-                        if k <= 0:
-                            raise OSError(f"short read at {off}")
-                        self.h.update(mv[:k])
-                        off += k
-                        n -= k
-                else:
-                    self.h.update(item)
-        except BaseException as e:  # noqa: BLE001 - reported by close()
-            self.error = e
-            while self.q.get() is not None:
-                pass
-
-    def _write_all(self, data: Any) -> None:
-        mv = memoryview(data)
-        n = 0
-        while n < len(mv):
-            n += os.write(self.fd, mv[n:])
-
-    def write(self, data: bytes) -> None:
-        self.flush()
-        self._write_all(data)
-        if self.h is not None:
-            self.q.put(data)
-
-    def copy(self, src_fd: int, off: int, n: int, name: str) -> None:
-        """Append bytes [off, off + n) of the open source file `src_fd` (contiguous ranges are joined and
-        copied in one go: neighbouring resident experts are neighbours on disk)."""
-        p = self.pending
-        if p is not None and p[0] == src_fd and p[1] + p[2] == off and p[2] < (1 << 30):
-            self.pending = (src_fd, p[1], p[2] + n, name)
-            return
-        self.flush()
-        self.pending = (src_fd, off, n, name)
-
-    def flush(self) -> None:
-        if self.pending is None:
-            return
-        src_fd, off, n, name = self.pending
-        self.pending = None
-        start, left = off, n
-        while left > 0:
-            k = 0
-            if self.kernel_copy:
-                try:
-                    k = os.copy_file_range(src_fd, self.fd, min(left, 1 << 30), start)
-                except OSError:
-                    self.kernel_copy = False  # other filesystems: plain reads and writes
-            if not self.kernel_copy:
-                chunk = os.pread(src_fd, min(left, _BUF), start)
-                k = len(chunk)
-                if k:
-                    self._write_all(chunk)
-            if k <= 0:
-                raise MoesiftError(f"{name!r} ended early (truncated shard?); the source checkpoint is damaged")
-            start += k
-            left -= k
-        if self.h is not None:
-            self.q.put((src_fd, off, n))
-
-    def finish(self) -> None:
-        """Write what is pending and close the file; its hash may still be computing (close() waits)."""
-        if not self.closed:
-            self.closed = True
-            try:
-                self.flush()
-            finally:
-                if self.t:
-                    self.q.put(None)
-                os.close(self.fd)
-
-    def close(self) -> str | None:
-        """finish(), wait for the hash, and return its hex digest (None without checksums)."""
-        self.finish()
-        if self.t:
-            self.t.join()
-        if self.error is not None:
-            raise MoesiftError(f"could not checksum the output: {self.error}")
-        return self.h.hexdigest() if self.h is not None else None
-
-
 class _Batched:
     """A progress callback called once per `step` bytes instead of once per range (a per-expert checkpoint
     has thousands of ranges; each call into the progress display costs tens of microseconds)."""
@@ -220,7 +107,7 @@ class _Batched:
             self.n = 0
 
 
-def _copy_range(src_fd: int, w: _Writer, off: int, n: int, name: str, advance: Any) -> None:
+def _copy_range(src_fd: int, w: RangeWriter, off: int, n: int, name: str, advance: Any) -> None:
     w.copy(src_fd, off, n, name)
     advance(n)
 
@@ -316,11 +203,11 @@ def _write_shards(idx: Any, tmp: Path, names: list[str], shards: list[list[OutTe
     # a finished shard's checksum may still be computing while the next shard is copied (sha256 runs at about
     # 1-2 GB/s on one core, slower than a kernel copy); at most `lag` shards hash behind the one being written
     lag = max(1, (os.cpu_count() or 1) - 1)
-    hashing: list[tuple[str, _Writer]] = []
+    hashing: list[tuple[str, RangeWriter]] = []
     advance = _Batched(advance)
     try:
         for fname, tensors in zip(names, shards, strict=True):
-            w = _Writer(tmp / fname, checksum=checksum)
+            w = RangeWriter(tmp / fname, checksum=checksum)
             hashing.append((fname, w))
             w.write(_header_bytes(tensors, fmt))
             for t in tensors:

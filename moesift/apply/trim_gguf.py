@@ -12,12 +12,10 @@ re-checks."""
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import json
 import os
 import struct
-from collections.abc import Mapping
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +23,7 @@ from typing import Any
 from ..arch import gguf as names
 from ..arch.registry import adapter_for
 from ..core.errors import MoesiftError
-from ..core.io import CHECKSUMS, atomic_path, check_output_path, file_checksum
+from ..core.io import CHECKSUMS, atomic_path, check_output_path
 from ..core.progress import progress_bar
 from ..core.version import __version__
 from ..formats.gguf import (
@@ -39,10 +37,10 @@ from ..formats.gguf import (
     record_path,
     split_name,
 )
+from ..formats.gguf_identity import gguf_index_for, plan_differences  # noqa: F401 - re-exported
 from ..formats.plan import as_plan
 from ..formats.trimmed import FORMAT
-
-_BUF = 8 << 20
+from .writer import RangeWriter
 
 
 @dataclass
@@ -56,46 +54,13 @@ class _Out:
     ranges: list[tuple[int, int]] = field(default_factory=list)
 
 
-def plan_differences(idx: GGUFIndex, model: Mapping[str, Any]) -> list[str]:
-    """`field: plan vs file` for every identity field a plan's model section names that the GGUF model does
-    not match: architecture (the plan's model_type against the types llama.cpp converts to this
-    architecture), decoder blocks, experts, top-k, embedding length, MoE layers."""
-    shape = idx.model_shape()
-    diffs = []
-    mt = model.get("model_type")
-    if mt and mt not in idx.family.model_types:
-        diffs.append(f"model_type: {mt} vs {idx.arch} (llama.cpp's name for {'/'.join(idx.family.model_types)})")
-    cfg = model.get("config")
-    if isinstance(cfg, Mapping) and mt:
-        try:
-            ms = adapter_for({"model_type": mt}).model_shape(cfg)
-        except MoesiftError:
-            ms = {}
-        for k in ("num_hidden_layers", "hidden_size"):
-            if ms.get(k) is not None and shape[k] is not None and int(ms[k]) != int(shape[k]):
-                diffs.append(f"{k}: {ms[k]} vs {shape[k]}")
-    for k in ("n_experts", "top_k"):
-        if model.get(k) is not None and int(model[k]) != shape[k]:
-            diffs.append(f"{k}: {model[k]} vs {shape[k]}")
-    ml = model.get("moe_layers")
-    if ml is not None and model.get("layer_index") != "moe_position" and list(ml) != shape["moe_layers"]:
-        diffs.append(f"moe_layers: {list(ml)[:8]} vs {shape['moe_layers'][:8]}")
-    return diffs
-
-
 def gguf_resident(idx: GGUFIndex, plan: Any, force_plan: bool = False) -> tuple[Any, dict[int, list[int]]]:
     """(the plan, {block: resident ids} for every MoE block) of `plan` applied to the GGUF model `idx`; a plan
     for another model, a plan with different counts per layer and one the router cannot serve are refused."""
     p = as_plan(plan)
     shown = str(idx.directory)
     where = f"plan {p.source!r}" if p.source else "the plan"
-    diffs = plan_differences(idx, p.model)
-    if diffs and not (force_plan and not any(d.split(":")[0] in ("n_experts", "model_type", "moe_layers")
-                                             for d in diffs)):
-        raise MoesiftError(f"{where} was made for another model than {shown!r}: {'; '.join(diffs)} (plan vs file); "
-                           "plan again for this model")
-    mt = p.model.get("model_type")
-    spec = idx.spec if not mt or mt == idx.spec.model_type else dataclasses.replace(idx.spec, model_type=mt)
+    spec = gguf_index_for(idx, p.model, where, force_plan).spec
     resident = p.resolve(spec)
     full = {layer: sorted(resident.get(layer, range(spec.n_experts))) for layer in spec.moe_layers}
     counts = sorted({len(v) for v in full.values()})
@@ -176,34 +141,28 @@ def _header(f: GGUFFile, tensors: list[_Out], rewrites: dict[str, Any]) -> bytes
     return head + b"\0" * ((-len(head)) % f.alignment)
 
 
-def _copy(src_fd: int, dst_fd: int, off: int, n: int, name: str) -> None:
-    while n > 0:
-        try:
-            k = os.copy_file_range(src_fd, dst_fd, min(n, 1 << 30), off)
-        except OSError:
-            chunk = os.pread(src_fd, min(n, _BUF), off)
-            k = os.write(dst_fd, chunk) if chunk else 0
-        if k <= 0:
-            raise MoesiftError(f"{name!r} ended early (truncated?); the source GGUF file is damaged")
-        off += k
-        n -= k
-
-
-def _write_file(path: Path, f: GGUFFile, header: bytes, tensors: list[_Out], advance: Any) -> None:
-    fd = os.open(path, os.O_WRONLY)  # a new empty file (no O_TRUNC: ext4 would flush it on close)
+def _write_file(path: Path, f: GGUFFile, header: bytes, tensors: list[_Out], advance: Any,
+                checksum: str | None) -> str | None:
+    """Write the output file `path` (an empty file claimed for it) from the source `f`; returns its checksum,
+    computed while the file is written."""
     src = os.open(f.path, os.O_RDONLY)
+    w = None
     try:
-        os.write(fd, header)
+        w = RangeWriter(path, checksum, existing=True, source="GGUF file")
+        w.write(header)
         for t in tensors:
             for off, n in t.ranges:
-                _copy(src, fd, off, n, str(f.path))
+                w.copy(src, off, n, str(f.path))
                 advance(n)
             pad = (-t.nbytes) % f.alignment
             if pad:
-                os.write(fd, b"\0" * pad)
+                w.write(b"\0" * pad)
+        return w.close()
     finally:
+        if w is not None:  # after an error: stop the checksum thread before the source closes
+            with contextlib.suppress(Exception):
+                w.close()
         os.close(src)
-        os.close(fd)
 
 
 def output_paths(idx: GGUFIndex, out: Path) -> list[Path]:
@@ -239,7 +198,7 @@ def trim_gguf(model: str | os.PathLike, plan: Any, out: str | os.PathLike, force
     if written != predicted:
         raise MoesiftError(f"internal check failed: the layout has {written} tensor bytes, the plan predicts {predicted}")
     hashes: dict[str, str | None] = {}
-    with ExitStack() as stack, progress_bar(progress, transfer=True, remaining=True) as bar:
+    with contextlib.ExitStack() as stack, progress_bar(progress, transfer=True, remaining=True) as bar:
         task = bar.add_task("trimming", total=written)
         rec_tmp = stack.enter_context(atomic_path(record_file, force, inputs=inputs))  # renamed last
         for f, o, ts in zip(idx.files, outs, layouts, strict=True):
@@ -247,8 +206,7 @@ def trim_gguf(model: str | os.PathLike, plan: Any, out: str | os.PathLike, force
             rw = dict(rewrites) if f is idx.files[0] else {k: v for k, v in rewrites.items() if k in f.kv}
             if SPLIT_TENSORS in f.kv and drop:
                 rw[SPLIT_TENSORS] = total
-            _write_file(tmp, f, _header(f, ts, rw), ts, lambda k: bar.advance(task, k))
-            hashes[o.name] = file_checksum(tmp, checksum) if checksum else None
+            hashes[o.name] = _write_file(tmp, f, _header(f, ts, rw), ts, lambda k: bar.advance(task, k), checksum)
         rec = _record(idx, p, full, rewrites, drop, written, predicted, hashes, checksum, outs)
         rec_tmp.write_text(json.dumps(rec, indent=2) + "\n")
     return outs[0]

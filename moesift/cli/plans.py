@@ -21,7 +21,7 @@ def plan_cmd(
     keep_experts: int = typer.Option(None, "--keep-experts", help="Experts kept per MoE layer."),
     coverage: float = typer.Option(None, "--coverage", help="Smallest set per layer covering this share of routes."),
     memory: str = typer.Option(None, "--memory", help="Target checkpoint size, e.g. 20GiB (needs --model)."),
-    model: str = typer.Option(None, "--model", help="Model directory or hub id (bytes from its headers)."),
+    model: str = typer.Option(None, "--model", help="Model directory, hub id or GGUF file (bytes from its headers)."),
     strategy: str = typer.Option(
         "frequency", "--strategy",
         help="frequency (selection counts) | weighted (router-weight mass) | contribution (summed gate x expert "

@@ -7,6 +7,8 @@ are compared on the same kernels and the same stored bytes."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -109,22 +111,47 @@ def _masked_select(gate: Any, mask: Any, select: Any) -> Any:
     return MaskedSelect()
 
 
+def is_loaded_mlx_model(model: Any) -> bool:
+    """True when `model` is a model built by mlx-lm (what `mlx_lm.load` returns); never imports mlx."""
+    return type(model).__module__.split(".")[0] == "mlx_lm"
+
+
+def loaded_mlx_config(model: Any) -> dict[str, Any]:
+    """The config of a model built by mlx-lm, as a dict of plain JSON values: the fields of its `args`
+    (mlx-lm's ModelArgs, read from the folder's config.json; keys mlx-lm does not read are not there, and
+    the quantization entry is not, which the plan's identity check ignores anyway) and its model_type."""
+    args = getattr(model, "args", None)
+    if args is None:
+        raise MoesiftError(f"{type(model).__module__}.{type(model).__name__} keeps no `args`: not a model "
+                           "built by mlx_lm.load")
+    cfg = dataclasses.asdict(args) if dataclasses.is_dataclass(args) else dict(vars(args))
+    mt = getattr(model, "model_type", None) or cfg.get("model_type")
+    if not mt:
+        raise MoesiftError(f"{type(model).__module__}.{type(model).__name__} does not say its model_type")
+    cfg["model_type"] = mt
+    return json.loads(json.dumps(cfg, default=str))
+
+
 @contextlib.contextmanager
-def restricted(model: Any, index: CheckpointIndex, resident: Mapping[int, Sequence[int]]) -> Iterator[None]:
-    """Within the block, the mlx-lm `model` of `index` routes every MoE layer in `resident` as if experts
-    outside the set did not exist: its router module (`Adapter.mlx_router`) is wrapped so that their router
-    logits are -inf before the family's scoring and top-k (and their selection bias -inf too, for families with
-    one)."""
+def masked_routers(model: Any, adapter: Any, spec: Any, resident: Mapping[int, Sequence[int]],
+                   where: str) -> Iterator[None]:
+    """Within the block, the mlx-lm `model` (of the family of `adapter`, shapes `spec`) routes every MoE layer
+    in `resident` as if experts outside the set did not exist: its router module (`Adapter.mlx_router`) is
+    wrapped so that their router logits are -inf before the family's scoring and top-k (and their selection
+    bias -inf too, for families with one). Leaving the block puts the original modules back. `where` names
+    the model in errors."""
     import mlx.core as mx
 
-    check_mlx_model(index)
-    router = index.adapter.mlx_router
-    E, moe = index.spec.n_experts, set(index.spec.moe_layers)
+    router = adapter.mlx_router
+    if router is None:
+        raise MoesiftError(f"moesift restricts the routing of mlx-lm models of {', '.join(recordable_model_types())} "
+                           f"only, not {spec.model_type}")
+    E, moe = spec.n_experts, set(spec.moe_layers)
     saved: list[tuple[Any, str, Any]] = []
     try:
         for layer, ids in sorted(resident.items()):
             if layer not in moe:
-                raise MoesiftError(f"decoder layer {layer} has no router in {str(index.directory)!r}")
+                raise MoesiftError(f"decoder layer {layer} has no router in {where}")
             parent_path, attr = router.gate_path(layer).rsplit(".", 1)
             parent = get_path(model, parent_path)
             gate = getattr(parent, attr)
@@ -137,3 +164,12 @@ def restricted(model: Any, index: CheckpointIndex, resident: Mapping[int, Sequen
     finally:
         for parent, attr, gate in reversed(saved):
             setattr(parent, attr, gate)
+
+
+@contextlib.contextmanager
+def restricted(model: Any, index: CheckpointIndex, resident: Mapping[int, Sequence[int]]) -> Iterator[None]:
+    """Within the block, the mlx-lm `model` of `index` routes every MoE layer in `resident` as if experts
+    outside the set did not exist (`masked_routers`)."""
+    check_mlx_model(index)
+    with masked_routers(model, index.adapter, index.spec, resident, repr(str(index.directory))):
+        yield

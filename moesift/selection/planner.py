@@ -31,6 +31,8 @@ from ..core.io import check_output_path, input_paths, sha256_file
 from ..core.version import __version__
 from ..formats.calibration import Calibration, check_layer
 from ..formats.checkpoint import CheckpointIndex
+from ..formats.gguf import GGUFIndex, is_gguf, read_gguf
+from ..formats.gguf_identity import gguf_index_for
 from ..formats.plan import STRATEGIES, Plan, check_plan_config, parse_bytes
 from ..formats.trace import Trace
 from .allocate import auto_group_modes, gain_function, select_resident
@@ -284,6 +286,7 @@ def plan(
     layers, pred = predictions(sp, bank, share, resident, strategy, scores, cal, note)
     model_id = _model_id(bank, sp)
     if index is not None:
+        _check_gguf_counts(index, resident)
         res = {sp.moe_layers[p]: resident[p] for p in range(len(resident))}
         pred["bytes"] = int(index.predicted_bytes(res))
         pred["bytes_full"] = int(index.total_bytes())
@@ -325,16 +328,34 @@ def _budget(keep: Any, keep_experts: Any, coverage: Any, memory: Any, strategy: 
 def _bank_and_spec(traces: Any, model: Any, force_plan: bool, groups: str) -> tuple[Bank, Any, SelectionSpec]:
     """The bank of traces, the checkpoint index (None without `model`) and what selection knows of the model."""
     bank = _load_bank(traces)
-    index = None
-    if model is not None:
-        index = CheckpointIndex.build(model)
-        probe = Plan(model=bank.model, layers=[], source=bank.sources[0].get("path", bank.sources[0]["label"]))
-        check_plan_config(probe, index.config, str(model), force_plan, what="trace")
+    index = _model_index(model, bank, force_plan) if model is not None else None
     sp = spec_from(bank, index)
     if not sp.grouped and groups != "auto":
         raise MoesiftError(f"--groups {groups} is for group-limited routers (DeepSeek-V3-style expert groups); "
                            "this model's router has no groups")
     return bank, index, sp
+
+
+def _model_index(model: Any, bank: Bank, force_plan: bool) -> Any:
+    """The headers of the model whose bytes a --memory budget counts: a safetensors checkpoint folder
+    (CheckpointIndex) or a GGUF file (GGUFIndex, trimmed by `moesift trim` to one expert count per layer),
+    checked against the model the traces were recorded on."""
+    source = bank.sources[0].get("path", bank.sources[0]["label"])
+    if is_gguf(model):
+        return gguf_index_for(read_gguf(model), bank.model, f"trace {source!r}", force_plan, what="trace",
+                              fix="trace this model, or a model it was converted from")
+    index = CheckpointIndex.build(model)
+    check_plan_config(Plan(model=bank.model, layers=[], source=source), index.config, str(model), force_plan,
+                      what="trace")
+    return index
+
+
+def _check_gguf_counts(index: Any, resident: list[list[int]]) -> None:
+    """A GGUF file has one expert count: a plan for one keeps the same count in every MoE layer."""
+    counts = sorted({len(r) for r in resident})
+    if isinstance(index, GGUFIndex) and len(counts) > 1:
+        raise MoesiftError(f"this plan keeps a different number of experts per layer ({', '.join(map(str, counts))}), "
+                           f"and the GGUF file {str(index.directory)!r} has one expert count; plan with --uniform")
 
 
 def _budget_value(kind: str, value: Any, offload: bool, index: Any,
@@ -347,6 +368,9 @@ def _budget_value(kind: str, value: Any, offload: bool, index: Any,
     if offload:
         if kind != "memory" or index is None:
             raise MoesiftError("--offload plans for a device budget: give --memory GiB and --model")
+        if isinstance(index, GGUFIndex):
+            raise MoesiftError("--offload plans for moesift.load_offloaded, which loads safetensors checkpoints, "
+                               "not a GGUF file")
         budget["value"], cache_slots = offload_budget(index, budget["value"], cache_slots)
     return budget, cache_slots
 

@@ -1,0 +1,132 @@
+"""Write one output file of a trim from header bytes and byte ranges of the source files, with its checksum
+computed beside the copy (`RangeWriter`; used by the safetensors and the GGUF trim)."""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from pathlib import Path
+from typing import Any
+
+from ..core.errors import MoesiftError
+from ..core.io import new_checksum
+
+_BUF = 8 << 20  # read-back buffer of the checksum thread; the copy buffer where the kernel cannot copy
+
+
+class RangeWriter:
+    """Writes one output file from bytes (`write`) and byte ranges of open source files (`copy`). Byte ranges
+    are copied by the kernel (`copy_file_range`, no trip through this process's memory; plain reads and
+    writes where the filesystem cannot); the checksum of the file (`checksum`: an algorithm of CHECKSUMS, or
+    None) is computed in a second thread that reads the same ranges back from the source (`preadv` into a
+    fixed buffer) while the copy proceeds, so hashing overlaps copying and memory stays bounded.
+    `existing`: `path` is an empty file already claimed for the output (opened without truncation: ext4
+    would write a file truncated on open back to disk when it is closed); else it is created or truncated.
+    `source` names the input in the error a short source file gives."""
+
+    def __init__(self, path: Path, checksum: str | None = "blake3", existing: bool = False,
+                 source: str = "checkpoint"):
+        self.h = new_checksum(checksum, threads=False) if checksum else None  # the copy runs beside it
+        flags = os.O_WRONLY if existing else os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        self.fd = os.open(path, flags, 0o666)
+        self.source = source
+        self.q: queue.Queue = queue.Queue(maxsize=64)
+        self.error: BaseException | None = None
+        self.t = threading.Thread(target=self._hash, daemon=True) if checksum else None
+        if self.t:
+            self.t.start()
+        self.closed = False
+        self.kernel_copy = True
+        self.pending: tuple[int, int, int, str] | None = None
+
+    def _hash(self) -> None:
+        buf = bytearray(_BUF)
+        mv = memoryview(buf)
+        try:
+            while True:
+                item = self.q.get()
+                if item is None:
+                    return
+                if isinstance(item, tuple):
+                    fd, off, n = item
+                    while n > 0:
+                        k = os.preadv(fd, [mv[: min(n, _BUF)]], off)
+                        if k <= 0:
+                            raise OSError(f"short read at {off}")
+                        self.h.update(mv[:k])
+                        off += k
+                        n -= k
+                else:
+                    self.h.update(item)
+        except BaseException as e:  # noqa: BLE001 - reported by close()
+            self.error = e
+            while self.q.get() is not None:
+                pass
+
+    def _write_all(self, data: Any) -> None:
+        mv = memoryview(data)
+        n = 0
+        while n < len(mv):
+            n += os.write(self.fd, mv[n:])
+
+    def write(self, data: bytes) -> None:
+        self.flush()
+        self._write_all(data)
+        if self.h is not None:
+            self.q.put(data)
+
+    def copy(self, src_fd: int, off: int, n: int, name: str) -> None:
+        """Append bytes [off, off + n) of the open source file `src_fd` (contiguous ranges are joined and
+        copied in one go: neighbouring resident experts are neighbours on disk)."""
+        p = self.pending
+        if p is not None and p[0] == src_fd and p[1] + p[2] == off and p[2] < (1 << 30):
+            self.pending = (src_fd, p[1], p[2] + n, name)
+            return
+        self.flush()
+        self.pending = (src_fd, off, n, name)
+
+    def flush(self) -> None:
+        if self.pending is None:
+            return
+        src_fd, off, n, name = self.pending
+        self.pending = None
+        start, left = off, n
+        while left > 0:
+            k = 0
+            if self.kernel_copy:
+                try:
+                    k = os.copy_file_range(src_fd, self.fd, min(left, 1 << 30), start)
+                except OSError:
+                    self.kernel_copy = False  # other filesystems: plain reads and writes
+            if not self.kernel_copy:
+                chunk = os.pread(src_fd, min(left, _BUF), start)
+                k = len(chunk)
+                if k:
+                    self._write_all(chunk)
+            if k <= 0:
+                raise MoesiftError(f"{name!r} ended early (truncated?); the source {self.source} is damaged")
+            start += k
+            left -= k
+        if self.h is not None:
+            self.q.put((src_fd, off, n))
+
+    def finish(self) -> None:
+        """Write what is pending and close the file; its hash may still be computing (close() waits)."""
+        if not self.closed:
+            self.closed = True
+            try:
+                self.flush()
+            finally:
+                if self.t:
+                    self.q.put(None)
+                os.close(self.fd)
+
+    def close(self) -> str | None:
+        """finish(), wait for the hash, and return its hex digest (None without checksums)."""
+        self.finish()
+        if self.t:
+            self.t.join()
+        if self.error is not None:
+            raise MoesiftError(f"could not checksum the output: {self.error}")
+        return self.h.hexdigest() if self.h is not None else None
