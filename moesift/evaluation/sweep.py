@@ -42,7 +42,9 @@ from ..formats.plan import STRATEGIES
 from ..formats.trace import Trace
 from ..formats.workload import batches, encode_documents, read_documents, windows
 from ..selection.planner import plan as make_plan
+from .eval_gguf import uses_llamacpp
 from .evaluate import perplexity_runs, prepare
+from .sweep_gguf import sweep_llamacpp
 
 OBJECTIVES = ("bytes", "ppl", "ttft_s")
 
@@ -186,6 +188,8 @@ def sweep(
     calib_samples: int | None = 64,
     calib_length: int = 256,
     groups: str = "auto",
+    engine: str = "auto",
+    hf_model: Any = None,
 ) -> dict[str, Any]:
     """Plans for every strategy x keep fraction from `trace` (path(s) or Trace objects of `model`), each
     measured for bytes, perplexity on `data` (and its ratio to the full model), load time and time to
@@ -195,9 +199,18 @@ def sweep(
     measured marginal loss (`plan --allocate`). ``calibrated`` ranks by `calibration`, or calibrates on
     `calib` (default: the trace's own workload files, when they are on disk; never `data`). ``winners``
     names, per budget, the strategy with the lowest perplexity on `data`. `groups`: how group-limited
-    routers keep experts (`plan`'s whole / equal / auto)."""
-    device = resolve_device(device)
+    routers keep experts (`plan`'s whole / equal / auto). `engine` "llama.cpp" (or "auto" and a GGUF file):
+    each plan is a GGUF trim run in llama.cpp (moesift.evaluation.sweep_gguf; `hf_model` tokenizes)."""
     keeps, strategies = _check_args(keep, strategy, out, force, input_paths(trace, data, calib, calibration))
+    if uses_llamacpp(model, engine, (), device, dtype):
+        traces = list(trace) if isinstance(trace, (list, tuple)) else [trace]
+        result = sweep_llamacpp(model, traces, data, keeps, strategies, max_length=max_length, max_samples=max_samples,
+                                field=field, seed=seed, groups=groups, hf_model=hf_model, progress=progress and not json)
+        for p, on in zip(result["points"], pareto_front([[p["bytes"], p["ppl"]] for p in result["points"]]), strict=True):
+            p["pareto"] = p["pareto_quality"] = on
+        result["winners"] = winners(result["points"])
+        return _output(result, out, force, json, input_paths(trace, data, calib, calibration))
+    device = resolve_device(device)
     mdir = resolve_model_dir(model)
     traces = list(trace) if isinstance(trace, (list, tuple)) else [trace]
     calib = _calibration_prompts(strategies, traces, data, calib, calibration)
@@ -229,9 +242,13 @@ def sweep(
     }
     if timing:
         result["ttft_method"] = TTFT_METHOD.format(warmup=TTFT_WARMUP, repeats=TTFT_REPEATS)
+    return _output(result, out, force, json, input_paths(trace, data, calib, calibration))
+
+
+def _output(result: dict[str, Any], out: Any, force: bool, json: bool, inputs: Any) -> dict[str, Any]:
+    """Write the HTML page (`out`) and print the table (unless `json`)."""
     if out is not None:
-        write_text(out, page("moesift sweep", sweep_sections(result)), force=force,
-                   inputs=input_paths(trace, data, calib, calibration))
+        write_text(out, page("moesift sweep", sweep_sections(result)), force=force, inputs=inputs)
         result["html"] = str(out)
     if not json:
         print_sweep(result)
