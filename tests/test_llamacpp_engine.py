@@ -135,3 +135,19 @@ def test_eval_perplexity_equals_transformers_on_f32(llama, tmp_path, monkeypatch
     assert code == 0, err
     r = json.loads(out)
     assert r["engine"].startswith("llama.cpp") and [x["name"] for x in r["results"]] == ["full", "top-k 1"]
+
+
+@needs_llama
+def test_sweep_trims_the_gguf_file_per_budget(llama, tmp_path):
+    from moesift.evaluation.sweep import sweep
+    from moesift.record.tracer import trace
+
+    src, gguf_file = _f32_gguf("olmoe", tmp_path)
+    t = trace(gguf_file, _workload(tmp_path / "w.jsonl"), max_length=32, hf_model=src, progress=False)
+    data = _workload(tmp_path / "e.jsonl", 2)
+    r = sweep(gguf_file, [t], data, keep="0.5", strategy="frequency,calibrated", max_length=16, hf_model=src,
+              json=True, progress=False)
+    full, half = r["points"]
+    assert (full["strategy"], half["strategy"], half["keep"]) == ("full", "frequency", 0.5)
+    assert half["bytes"] < full["bytes"] and half["experts_resident"] == t.n_experts // 2
+    assert half["ppl"] > 0 and half["decode_tokens_per_s"] > 0 and r["skipped"][0]["strategy"] == "calibrated"
