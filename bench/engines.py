@@ -92,6 +92,8 @@ def quantize(src: Path, dst: Path, ftype: int) -> Path:
 
     import llama_cpp
 
+    quiet = llama_cpp.llama_log_callback(lambda level, text, user: None)
+    llama_cpp.llama_log_set(quiet, None)
     p = llama_cpp.llama_model_quantize_default_params()
     p.ftype = ftype
     p.nthread = usable_cores()
@@ -101,12 +103,13 @@ def quantize(src: Path, dst: Path, ftype: int) -> Path:
     return dst
 
 
-def eval_table(work: Path, max_length: int = 128, decode_tokens: int = 32) -> None:
+def eval_table(work: Path, max_length: int = 128, decode_tokens: int = 32, repeats: int = 9) -> None:
     """The llama.cpp eval table of qwen3moe-ref (see the module docstring)."""
     import llama_cpp
 
     from moesift.assets import reference_model, workload
     from moesift.engines.llamacpp import convert
+    from moesift.evaluation.eval_gguf import eval_llamacpp
     from moesift.evaluation.evaluate import eval_model
     from moesift.record.tracer import trace
     from moesift.selection.planner import plan
@@ -125,12 +128,12 @@ def eval_table(work: Path, max_length: int = 128, decode_tokens: int = 32) -> No
                     progress=False)
     hf_ppl = {r["name"]: r["ppl"] for r in hf["results"]}
     print(f"qwen3moe-ref (top-4 of 32 experts), {hf['tokens']} tokens of prose.eval in {hf['windows']} windows of "
-          f"<= {max_length}; tokens/s: median of 3, prefill of the longest window, {decode_tokens} greedy tokens")
+          f"<= {max_length}; tokens/s: median of {repeats}, prefill of the longest window, {decode_tokens} greedy tokens")
     print(f"{'file':<5} {'setting':<9} {'ppl':>8} {'x full':>7} {'transformers':>12} {'MB':>6} {'prefill t/s':>11} "
           f"{'decode t/s':>10}")
     for name, f in files.items():
-        r = eval_model(f, data, plans=plans, top_k=[2, 1], max_length=max_length, engine="llama.cpp", hf_model=ref,
-                       progress=False)
+        r = eval_llamacpp(f, data, plans=plans, top_k=[2, 1], max_length=max_length, hf_model=ref, progress=False,
+                          decode_tokens=decode_tokens, repeats=repeats)
         for x in r["results"]:
             setting = "top-k 4" if x["kind"] == "full" else x["name"].replace("plan ", "keep ")
             print(f"{name:<5} {setting:<9} {x['ppl']:>8.3f} {x['ppl_ratio']:>7.3f} {hf_ppl[x['name']]:>12.3f} "

@@ -7,8 +7,8 @@ Each run is one GGUF file (the full model, or a trimmed one) at its own top-k or
 through llama.cpp's `{arch}.expert_used_count` override (the family's weight normalisation then applies to the
 k chosen, as llama.cpp builds it). Beside the perplexity: the file's bytes, and tokens per second of prefill
 (the longest window, only its last token's logits computed) and of greedy decode (`decode_tokens` tokens one
-at a time after it), each the median of `repeats` runs. The mean number of routed experts per token and MoE
-layer is derived from the rule: k, or the file's expert count when it holds fewer."""
+at a time after it), each the median of `repeats` runs (5 by default) after one warm-up run. The mean number
+of routed experts per token and MoE layer is derived from the rule: k, or the file's expert count when it holds fewer."""
 
 from __future__ import annotations
 
@@ -40,6 +40,7 @@ def windows_for(idx: GGUFIndex, docs: list[dict[str, Any]], tokenizer: Any, max_
 
 
 def _median_speed(s: GGUFSession, prompt: list[int], n: int, repeats: int) -> dict[str, float]:
+    s.speed(prompt, n)  # warm-up: the first run of a shape allocates llama.cpp's compute graph
     runs = [s.speed(prompt, n) for _ in range(max(1, repeats))]
     pre = statistics.median(r["prefill_tokens"] / r["prefill_s"] for r in runs)
     dec = statistics.median(r["decode_tokens"] / r["decode_s"] for r in runs) if n else float("nan")
@@ -47,7 +48,7 @@ def _median_speed(s: GGUFSession, prompt: list[int], n: int, repeats: int) -> di
 
 
 def score_file(idx: GGUFIndex, wins: list[list[int]], k: int | None, work: Path, decode_tokens: int = 32,
-               repeats: int = 3, bar: Any = None, task: Any = None, name: str = "") -> dict[str, Any]:
+               repeats: int = 5, bar: Any = None, task: Any = None, name: str = "") -> dict[str, Any]:
     """Perplexity of the GGUF model `idx` on `wins` (at k experts per token when `k`), its bytes and speed."""
     longest = max(wins, key=len)
     n_ctx = max(64, len(longest) + decode_tokens + 8)
@@ -66,7 +67,7 @@ def score_file(idx: GGUFIndex, wins: list[list[int]], k: int | None, work: Path,
 
 
 def eval_files(runs: Sequence[dict[str, Any]], docs: list[dict[str, Any]], tokenizer: Any = None,
-               max_length: int = 512, decode_tokens: int = 32, repeats: int = 3, progress: bool = True) -> dict[str, Any]:
+               max_length: int = 512, decode_tokens: int = 32, repeats: int = 5, progress: bool = True) -> dict[str, Any]:
     """Score every run (a dict with "name", "kind", "path": a GGUF file, optionally "k") on the windows of
     `docs`; the first run's file tokenizes when no `tokenizer` is given. Returns the windows count, engine name
     and one result per run (the run's keys, the scores, `ppl_ratio` against the first "full" run)."""

@@ -69,7 +69,7 @@ def _runs(idx: Any, plans: Sequence[Any], top_k: Sequence[int], work: Path, forc
 def eval_llamacpp(model: str | os.PathLike, data: Sequence[Any], plans: Sequence[Any] = (), top_k: Sequence[int] = (),
                   max_length: int = 512, max_samples: int | None = None, field: str | None = None,
                   hf_model: Any = None, tokenizer: Any = None, force_plan: bool = False, progress: bool = True,
-                  decode_tokens: int = 32) -> dict[str, Any]:
+                  decode_tokens: int = 32, repeats: int = 5) -> dict[str, Any]:
     """The eval result (the keys of `moesift.evaluation.evaluate.eval_model`, plus `engine`, and per setting
     `bytes`, `bytes_ratio`, `prefill_tokens_per_s`, `decode_tokens_per_s`) of the GGUF file `model`."""
     idx = read_gguf(model)
@@ -81,7 +81,7 @@ def eval_llamacpp(model: str | os.PathLike, data: Sequence[Any], plans: Sequence
     with tempfile.TemporaryDirectory(prefix="moesift-eval-gguf-") as tmp:
         runs = _runs(idx, plans, top_k, Path(tmp), force_plan, progress)
         res = eval_files(runs, docs, tokenizer=tokenizer, max_length=max_length, decode_tokens=decode_tokens,
-                         progress=progress)
+                         repeats=repeats, progress=progress)
     spec = idx.spec
     for r in res["results"]:
         if r.get("trimmed") == "here":
