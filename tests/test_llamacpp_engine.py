@@ -79,7 +79,7 @@ def _f32_gguf(model_type, tmp_path):
 
 
 @needs_llama
-@pytest.mark.parametrize("model_type", ["qwen3_moe", "olmoe", "mixtral"])
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "olmoe", "mixtral", "deepseek_v3"])
 def test_trace_counts_equal_transformers_on_f32(model_type, llama, tmp_path):
     from moesift.formats.trace import merge
     from moesift.record.tracer import trace

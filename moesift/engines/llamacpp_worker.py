@@ -6,7 +6,8 @@ Routing is read with llama.cpp's graph evaluation callback (`cb_eval` of the con
 callback claims only the tensors build_moe_ffn (src/llama-graph.cpp) names, per decoder block N,
 ``ffn_moe_argsort-N`` (every expert by descending selection score, [n_expert, n_tokens] int32; the first
 `expert_used_count` are the selected ones), ``ffn_moe_weights-N`` / ``ffn_moe_weights_softmax-N`` /
-``ffn_moe_weights_norm-N`` (the routing weights, the last one of them the graph computes) and
+``ffn_moe_weights_norm-N`` / ``ffn_moe_weights_scaled-N`` (the routing weights: the last one of them the graph
+computes, the weights the experts' outputs are multiplied by) and
 ``ffn_moe_logits-N`` / ``ffn_moe_logits_biased-N`` (router logits), and copies each with
 ggml_backend_tensor_get once computed. Every token's output is requested, so the last block (which llama.cpp
 otherwise runs on the output tokens only) routes every token. The KV cache is float32."""
@@ -22,7 +23,7 @@ import time
 import numpy as np
 
 SELECTION = b"ffn_moe_argsort"
-WEIGHTS = (b"ffn_moe_weights", b"ffn_moe_weights_softmax", b"ffn_moe_weights_norm")
+WEIGHTS = (b"ffn_moe_weights", b"ffn_moe_weights_softmax", b"ffn_moe_weights_norm", b"ffn_moe_weights_scaled")
 LOGITS = (b"ffn_moe_logits", b"ffn_moe_logits_biased")
 WANTED = {SELECTION, *WEIGHTS, *LOGITS}
 GGML_F32, GGML_I32 = 0, 26
