@@ -66,7 +66,7 @@ def verify_cmd(
 
 @app.command("eval")
 def eval_cmd(
-    model: str = typer.Argument(..., help="Model directory, or a hub id in the local Hugging Face cache."),
+    model: str = typer.Argument(..., help="Model directory, a hub id in the local Hugging Face cache, or a GGUF file."),
     data: list[str] = typer.Option(..., "--data", help="Held-out text (text, JSONL, parquet); repeatable."),
     plan: list[str] = typer.Option(None, "--plan", help="Also evaluate routing restricted to this plan; repeatable."),
     top_k: list[str] = typer.Option(None, "--top-k", help="Also evaluate with K experts per token (e.g. 4,2,1)."),
@@ -80,8 +80,12 @@ def eval_cmd(
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own Python code."),
     force_plan: bool = typer.Option(False, "--force-plan", help="Use a plan made for another config of the "
                                     "family (its config_hash differs) anyway."),
-    engine: str = typer.Option("auto", "--engine", help="auto (mlx for an mlx-lm model folder), transformers, or "
-                               "mlx (full model, --plan, --top-k and --top-p in mlx-lm, float32, with tokens/s)."),
+    engine: str = typer.Option("auto", "--engine", help="auto (mlx for an mlx-lm model folder, llama.cpp for a GGUF "
+                               "file), transformers, mlx (full model, --plan, --top-k and --top-p in mlx-lm, float32, with tokens/s), or "
+                               "llama.cpp (a GGUF file in llama-cpp-python: full file, --plan (trimmed here, or a "
+                               "trimmed .gguf) and --top-k, with bytes and tokens/s; needs moesift\\[gguf])."),
+    hf_model: str = typer.Option(None, "--hf-model", help="GGUF files: tokenize with this transformers "
+                                 "checkpoint's tokenizer (default: the GGUF file's own)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Perplexity of the full model, restricted to plans, with fewer experts per token and with dynamic top-p
@@ -89,7 +93,8 @@ def eval_cmd(
     res = eval_model(model, data, plans=plan or (), top_k=split_values(top_k, int, "--top-k"),
                      top_p=split_values(top_p, float, "--top-p"), max_length=max_length, batch_size=batch_size,
                      device=device, dtype=dtype, json=json_out, progress=not json_out, max_samples=max_samples,
-                     field=field, trust_remote_code=trust_remote_code, force_plan=force_plan, engine=engine)
+                     field=field, trust_remote_code=trust_remote_code, force_plan=force_plan, engine=engine,
+                     hf_model=hf_model)
     if json_out:
         emit_json(res)
     else:
@@ -120,9 +125,13 @@ def sweep_cmd(
     groups: str = typer.Option("auto", "--groups", help="Group-limited routers: whole | equal | auto (see "
                                "`plan --help`)."),
     no_timing: bool = typer.Option(False, "--no-timing", help="Skip loading each resident model for timings."),
+    hf_model: str = typer.Option(None, "--hf-model", help="GGUF files: tokenize with this transformers "
+                                 "checkpoint's tokenizer (default: the GGUF file's own)."),
     force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists."),
-    engine: str = typer.Option("auto", "--engine", help="auto (mlx for an mlx-lm model folder), transformers, or "
-                               "mlx (bytes of the MLX trim, perplexity and tokens/s in mlx-lm; no resident timings)."),
+    engine: str = typer.Option("auto", "--engine", help="auto (mlx for an mlx-lm model folder, llama.cpp for a GGUF "
+                               "file), transformers, mlx (bytes of the MLX trim, perplexity and tokens/s in mlx-lm; no "
+                               "resident timings), or llama.cpp (each plan, one count in every layer, trims the GGUF "
+                               "file and runs in llama-cpp-python: bytes, perplexity, tokens/s)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Quality against memory and latency: for each strategy and budget, bytes, perplexity (x full), load time
@@ -130,7 +139,7 @@ def sweep_cmd(
     res = sweep(model, trace, data, keep=keep, strategy=strategy, json=json_out, out=out, max_length=max_length,
                 batch_size=batch_size, max_samples=max_samples, field=field, device=device, dtype=dtype, seed=seed,
                 uniform=uniform, timing=not no_timing, force=force, progress=not json_out, calib=calib or None,
-                calibration=calibration, groups=groups, engine=engine)
+                calibration=calibration, groups=groups, engine=engine, hf_model=hf_model)
     if json_out:
         emit_json(res)
     elif out:

@@ -23,7 +23,7 @@ from .app import app, emit_json
 
 @app.command("trace")
 def trace_cmd(
-    model: str = typer.Argument(..., help="Model directory, or a hub id in the local Hugging Face cache."),
+    model: str = typer.Argument(..., help="Model directory, a hub id in the local Hugging Face cache, an mlx-lm folder or a GGUF file."),
     data: list[str] = typer.Option(..., "--data", help="Workload file (text, JSONL, parquet, saved dataset); repeatable."),
     out: str = typer.Option(None, "--out", help="Write the trace (moesift-trace/1 safetensors) here."),
     label: str = typer.Option(None, "--label", help="Workload name (default: first file's stem)."),
@@ -41,13 +41,17 @@ def trace_cmd(
     force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists."),
     json_out: bool = typer.Option(False, "--json", help="Print the trace summary as JSON."),
     engine: str = typer.Option("auto", "--engine", help="transformers, mlx (an mlx-lm model folder, run in "
-                               "mlx-lm), or auto (mlx for an mlx-lm model folder)."),
+                               "mlx-lm), llama.cpp (a GGUF file, run in llama-cpp-python: needs moesift\\[gguf]), or "
+                               "auto (mlx for an mlx-lm model folder, llama.cpp for a GGUF file)."),
+    hf_model: str = typer.Option(None, "--hf-model", help="GGUF files: the transformers checkpoint MODEL was "
+                                 "converted from; its tokenizer tokenizes the workload and its config identifies "
+                                 "the trace, so it merges and compares with transformers traces."),
 ) -> None:
     """Record which experts a workload selects, per MoE layer, with statistics kept on the device."""
     t = trace(model, data, out=out, label=label, max_samples=max_samples, max_length=max_length,
               batch_size=batch_size, generate=generate, folds=folds, saliency=saliency, log_routing=log_routing,
               device=device, dtype=dtype, field=field, trust_remote_code=trust_remote_code, force=force,
-              progress=not json_out, engine=engine)
+              progress=not json_out, engine=engine, hf_model=hf_model)
     if json_out:
         emit_json(trace_summary(t, out))
     else:

@@ -44,6 +44,7 @@ from ..engines.mlx_native import is_mlx_model
 from ..engines.restrict import restrict
 from ..formats.plan import as_plan, resident_for
 from ..formats.workload import batches, read_documents, token_windows
+from .eval_gguf import eval_llamacpp, uses_llamacpp
 
 # ------------------------------------------------------------------------------------------------
 # Data
@@ -239,6 +240,7 @@ def eval_model(
     trust_remote_code: bool = False,
     force_plan: bool = False,
     engine: str = "auto",
+    hf_model: Any = None,
 ) -> dict[str, Any]:
     """Token-weighted perplexity of `model` on `data` for the full model, each plan in `plans` (routing
     restricted to its resident experts), each k in `top_k` (experts per token) and each p in `top_p`
@@ -249,8 +251,16 @@ def eval_model(
     another config of the family is refused unless `force_plan`.
 
     `engine`: "transformers", "mlx" (an mlx-lm model folder run in mlx-lm in float32: the full model, plans,
-    top-k and top-p, with tokens per second; see `moesift.engines.mlx_eval`) or "auto" (mlx for an mlx-lm model folder)."""
+    top-k and top-p, with tokens per second; see `moesift.engines.mlx_eval`), "llama.cpp" (a GGUF file run in
+    llama-cpp-python: the full file, plans trimmed with moesift's GGUF trim or trimmed GGUF files, top-k through
+    llama.cpp's expert-count override, with bytes and tokens/s; `hf_model`: the transformers checkpoint whose
+    tokenizer tokenizes; see `moesift.evaluation.eval_gguf`) or "auto" (mlx for an mlx-lm model folder,
+    llama.cpp for a GGUF file)."""
     sources = data if isinstance(data, (list, tuple)) else [data]
+    if uses_llamacpp(model, engine, top_p, device, dtype):
+        return eval_llamacpp(model, sources, plans, top_k, max_length=max_length, max_samples=max_samples,
+                             field=field, hf_model=hf_model, tokenizer=tokenizer, force_plan=force_plan,
+                             progress=progress and not json)
     if use_mlx(model, engine, device, dtype):
         docs = read_documents(sources, field=field, max_samples=max_samples)
         index = open_index(model)
@@ -295,7 +305,7 @@ def eval_model(
 def use_mlx(model: Any, engine: str, device: str, dtype: str | None) -> bool:
     """Whether `model` is evaluated in mlx-lm; one error line for an engine or option that cannot run there."""
     if engine not in ("auto", "transformers", "mlx"):
-        raise MoesiftError(f"unknown engine {engine!r} for eval; choose one of auto, transformers, mlx")
+        raise MoesiftError(f"unknown engine {engine!r} for eval; choose one of auto, transformers, mlx, llama.cpp")
     folder = isinstance(model, (str, os.PathLike)) and is_mlx_model(model)
     if engine == "transformers" or (engine == "auto" and not folder):
         return False
@@ -314,7 +324,10 @@ def format_table(result: dict[str, Any]) -> Any:
     """A rich table of an eval result."""
     t = Table(title=f"perplexity on {result['tokens']} tokens ({result['windows']} windows)")
     speed = any(r.get("tokens_per_s") for r in result["results"])  # measured by the mlx-lm evaluation
-    for c in ("setting", "ppl", "x full", "active experts / token") + (("tokens/s",) if speed else ()):
+    engine = "bytes" in result["results"][0]  # llama.cpp: file bytes and speed beside each setting
+    cols = ("setting", "ppl", "x full", "active experts / token") + (("tokens/s",) if speed else ()) + (
+        ("MB", "prefill tok/s", "decode tok/s") if engine else ())
+    for c in cols:
         t.add_column(c, justify="left" if c == "setting" else "right")
     for r in result["results"]:
         ratio = r.get("ppl_ratio")
@@ -322,6 +335,8 @@ def format_table(result: dict[str, Any]) -> Any:
         row = [r["name"], f"{r['ppl']:.3f}", "" if ratio is None else f"{ratio:.3f}", "" if act is None else f"{act:.2f}"]
         if speed:
             row.append(f"{r['tokens_per_s']:.0f}" if r.get("tokens_per_s") else "")
+        if engine:
+            row += [f"{r['bytes'] / 1e6:.2f}", f"{r['prefill_tokens_per_s']:.0f}", f"{r['decode_tokens_per_s']:.1f}"]
         t.add_row(*row)
     return t
 

@@ -49,7 +49,9 @@ from ..formats.plan import STRATEGIES
 from ..formats.trace import Trace
 from ..formats.workload import batches, encode_documents, read_documents, windows
 from ..selection.planner import plan as make_plan
+from .eval_gguf import uses_llamacpp
 from .evaluate import perplexity_runs, prepare, use_mlx
+from .sweep_gguf import sweep_llamacpp
 
 OBJECTIVES = ("bytes", "ppl", "ttft_s")
 
@@ -194,6 +196,7 @@ def sweep(
     calib_length: int = 256,
     groups: str = "auto",
     engine: str = "auto",
+    hf_model: Any = None,
 ) -> dict[str, Any]:
     """Plans for every strategy x keep fraction from `trace` (path(s) or Trace objects of `model`), each
     measured for bytes, perplexity on `data` (and its ratio to the full model), load time and time to
@@ -204,11 +207,20 @@ def sweep(
     `calib` (default: the trace's own workload files, when they are on disk; never `data`). ``winners``
     names, per budget, the strategy with the lowest perplexity on `data`. `groups`: how group-limited
     routers keep experts (`plan`'s whole / equal / auto). `engine`: "transformers", "mlx" (an mlx-lm model
-    folder, measured in mlx-lm: bytes of its trim, perplexity and tokens per second, no resident timings) or
-    "auto" (mlx for an mlx-lm model folder)."""
+    folder, measured in mlx-lm: bytes of its trim, perplexity and tokens per second, no resident timings),
+    "llama.cpp" (a GGUF file: each plan is a GGUF trim run in llama.cpp, moesift.evaluation.sweep_gguf;
+    `hf_model` tokenizes) or "auto" (mlx for an mlx-lm model folder, llama.cpp for a GGUF file)."""
+    keeps, strategies = _check_args(keep, strategy, out, force, input_paths(trace, data, calib, calibration))
+    if uses_llamacpp(model, engine, (), device, dtype):
+        traces = list(trace) if isinstance(trace, (list, tuple)) else [trace]
+        result = sweep_llamacpp(model, traces, data, keeps, strategies, max_length=max_length, max_samples=max_samples,
+                                field=field, seed=seed, groups=groups, hf_model=hf_model, progress=progress and not json)
+        for p, on in zip(result["points"], pareto_front([[p["bytes"], p["ppl"]] for p in result["points"]]), strict=True):
+            p["pareto"] = p["pareto_quality"] = on
+        result["winners"] = winners(result["points"])
+        return _output(result, out, force, json, input_paths(trace, data, calib, calibration))
     mlx = use_mlx(model, engine, device, dtype)
     device = "mlx" if mlx else resolve_device(device)
-    keeps, strategies = _check_args(keep, strategy, out, force, input_paths(trace, data, calib, calibration))
     if mlx and any(s.startswith("calibrated") for s in strategies):
         raise MoesiftError("the calibrated strategy runs the transformers model; sweep the transformers checkpoint, "
                            "or drop calibrated from --strategy with --engine mlx")
@@ -251,9 +263,13 @@ def sweep(
     }
     if timing:
         result["ttft_method"] = TTFT_METHOD.format(warmup=TTFT_WARMUP, repeats=TTFT_REPEATS)
+    return _output(result, out, force, json, input_paths(trace, data, calib, calibration))
+
+
+def _output(result: dict[str, Any], out: Any, force: bool, json: bool, inputs: Any) -> dict[str, Any]:
+    """Write the HTML page (`out`) and print the table (unless `json`)."""
     if out is not None:
-        write_text(out, page("moesift sweep", sweep_sections(result)), force=force,
-                   inputs=input_paths(trace, data, calib, calibration))
+        write_text(out, page("moesift sweep", sweep_sections(result)), force=force, inputs=inputs)
         result["html"] = str(out)
     if not json:
         print_sweep(result)

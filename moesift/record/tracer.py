@@ -37,6 +37,7 @@ from ..formats.trace import SCHEMA, Trace, merge
 from ..formats.wcer import dump_expert_trace
 from ..formats.workload import read_documents, source_info
 from .documents import log_arrays, model_section, split_log, tokenize_workload, workload_section
+from .gguf_trace import trace_gguf, uses_llamacpp
 from .mlx_trace import trace_engine, trace_mlx
 from .recorder import Recorder
 
@@ -61,11 +62,15 @@ def trace(
     progress: bool = True,
     tokenizer: Any = None,
     engine: str = "auto",
+    hf_model: str | os.PathLike | None = None,
 ) -> Trace:
     """Trace the routing of `model` (directory, hub id in the local cache, or a loaded transformers model
     with `tokenizer=`) on the workload files `data`; save to `out` when given (refuses to overwrite
     unless `force`). `engine`: "transformers", "mlx" (an mlx-lm model folder, traced in mlx-lm; see
-    moesift.record.mlx_trace) or "auto" (mlx for an mlx-lm model folder). Returns the Trace."""
+    moesift.record.mlx_trace), "llama.cpp" (a GGUF file run in llama-cpp-python; `hf_model`: the
+    transformers checkpoint it was converted from, for its identity and tokenizer; see
+    moesift.record.gguf_trace) or "auto" (mlx for an mlx-lm model folder, llama.cpp for a GGUF file).
+    Returns the Trace."""
     device = resolve_device(device)
     max_length = check_int("max_length", max_length, 1)
     batch_size = check_int("batch_size", batch_size, 1)
@@ -73,13 +78,16 @@ def trace(
     folds = check_int("folds", folds, 1)
     if max_samples is not None:
         max_samples = check_int("max_samples", max_samples, 1)
-    engine = trace_engine(model, engine, generate, saliency)
+    engine = "llama.cpp" if uses_llamacpp(model, engine, saliency) else trace_engine(model, engine, generate, saliency)
     paths = [data] if isinstance(data, (str, os.PathLike)) else list(data)
     if out is not None:
         check_output_path(out, force, inputs=paths)
     docs = read_documents(paths, field=field, max_samples=max_samples)
     sources = source_info(paths)
-    if engine == "mlx":
+    if engine == "llama.cpp":
+        t = trace_gguf(model, docs, paths, sources, label, max_length, generate, folds, log_routing, progress,
+                       hf_model)
+    elif engine == "mlx":
         t = trace_mlx(model, docs, paths, sources, label, max_length, batch_size, folds, log_routing, progress,
                       generate, saliency)
     else:
