@@ -98,6 +98,11 @@ def _normalise_rows(a: np.ndarray) -> np.ndarray:
     return np.divide(a, s, out=np.zeros_like(a, dtype=np.float64), where=s > 0)
 
 
+def _normalise_total(a: np.ndarray) -> np.ndarray:
+    m = float(a.sum(axis=-1).mean()) if a.size else 0.0
+    return a / m if m > 0 else np.zeros_like(a, dtype=np.float64)
+
+
 def _parse_trace_arg(t: Any) -> tuple[Any, float]:
     """(path or Trace, weight) from "path:0.7", a path, a Trace, or a (trace, weight) pair."""
     if isinstance(t, tuple) and len(t) == 2:
@@ -128,9 +133,14 @@ class Bank:
         """Weighted share of routes [L, E] (each layer sums to 1 when the layer saw routes)."""
         return sum(w * _normalise_rows(t.counts.astype(np.float64)) for t, w in zip(self.traces, self.weights, strict=True))
 
-    def scores(self, strategy: str, seed: int) -> np.ndarray:
+    def scores(self, strategy: str, seed: int, one_scale: bool = False) -> np.ndarray:
+        """The strategy's scores [L, E], each trace normalised per layer (every layer sums to 1), or with
+        `one_scale` by its mean layer total (layers keep their relative sizes: contribution's scale)."""
         if strategy == "random":
             return strategy_scores(self.traces[0], "random", seed)
+        if one_scale:
+            return sum(w * _normalise_total(strategy_scores(t, strategy, seed))
+                       for t, w in zip(self.traces, self.weights, strict=True))
         return sum(w * _normalise_rows(strategy_scores(t, strategy, seed)) for t, w in zip(self.traces, self.weights, strict=True))
 
     def fold_counts(self) -> np.ndarray | None:
@@ -394,7 +404,10 @@ def _select_sets(sp: SelectionSpec, bank: Bank, share: np.ndarray, budget: dict[
     for i, mode in enumerate(modes):
         sp = dataclasses.replace(sp, group_mode=mode)
         scores = cal.scores(sp.n_experts, mode) if cal is not None else bank.scores(strategy, seed)
-        gain = gain_function(sp, scores, cal) if allocate else None
+        gain = None
+        if allocate:  # contribution's scores are on one scale across layers: spend by them as they are
+            one = strategy == "contribution" and cal is None
+            gain = gain_function(sp, bank.scores(strategy, seed, one_scale=True) if one else scores, cal, absolute=one)
         try:
             resident = select_resident(sp, scores, share, budget, uniform, index, gain)
             break
