@@ -30,6 +30,7 @@ the applied routing weights, else `frequency`; one line on stderr says so.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -187,8 +188,6 @@ def _fit_round(model: Any, m: Any, tok: Any, path: Path, fit_docs: list[dict[str
 def window_nll(m: Any, batch_list: list[tuple[Any, Any]], resident: dict[int, list[int]] | None = None) -> np.ndarray:
     """[windows, 2]: summed next-token NLL and scored tokens of every window (batch order), under the
     restriction to `resident` ({decoder layer: ids}) when given."""
-    import contextlib
-
     import torch
     import torch.nn.functional as F
 
