@@ -3,8 +3,8 @@ domain, at 25/50/75%: perplexity ratio to the full model with paired standard er
 
 For each model and domain: the domain's trace split is traced (``--trace-docs`` prompts, saliency recorded)
 and calibrated once on the same prompts (``moesift.calibrate``, what `calibrated` ranks by); `auto` plans with
-the same prompts as its calibration text (``moesift.plan(strategy="auto", calib=...)``: its own fit on folds
-of them, never the eval split). Every plan is scored on the same windows of the domain's eval split
+the same prompts as its calibration text (``moesift.plan(strategy="auto", calib=..., calibration=...)``: its
+own fit on folds of them, never the eval split; the whole calibration where `calibrated` wins). Every plan is scored on the same windows of the domain's eval split
 (``--eval-docs`` texts, ``--max-length`` tokens, float32, CPU), one forward per batch of windows under
 ``moesift.restrict``. Per point: the perplexity ratio to the full model, and for every strategy its gap in mean
 log-perplexity to the point's best strategy with the paired standard error (windows as the units, the
@@ -12,8 +12,9 @@ linearised ratio estimator of ``bench/paired_gap.py``). `auto` is "within" when 
 standard errors (inside the paired 95% interval of the best) or it is the best.
 
 Cost per model and domain (seconds, same run): trace-scored strategies the trace; `calibrated` the trace and
-the calibration; `auto` the trace and its own fit (model load, trace and calibration of the fit folds, the
-full model on the held-out fold) and its validations at every budget. With ``--in-sample`` every plan is also
+the calibration; `auto` the trace, its own fit (model load, trace and calibration of the fit folds, the
+full model on the held-out fold), its validations at every budget, and the calibration where it chose
+`calibrated`. With ``--in-sample`` every plan is also
 scored on the calibration prompts themselves (what the calibrated greedy saw): the gap between that and the
 eval split is how much a strategy overfits its calibration tokens.
 
@@ -105,6 +106,7 @@ def run_domain(name: str, m: Any, tok: Any, mdir: Path, tr_file: Path, ev_file: 
             t0 = time.perf_counter()
             if base == "auto":
                 p = moesift.plan(tr, keep=k, strategy="auto", model=mdir, calib=str(tr_file), allocate=alloc,
+                                 calibration=cal,
                                  calib_samples=st["trace_docs"], calib_length=L, seed=st["seed"], device="cpu",
                                  dtype="float32", progress=False)
                 a = p.provenance["auto"]
@@ -118,8 +120,11 @@ def run_domain(name: str, m: Any, tok: Any, mdir: Path, tr_file: Path, ev_file: 
             for w, (bl, _) in sets.items():
                 nll[w][s] = window_nll(m, bl, resident)[:, 0]
         res["points"][f"{k:g}"] = {w: point(sets[w][1], nll[w]) for w in sets}
+    # auto's own fit and validations, and the whole calibration where calibrated won (given here, not rerun)
+    used_cal = any(a["chosen"].startswith("calibrated") for a in res["auto"].values())
     res["seconds"] = {"trace": t_trace, "calibrate": t_cal, "auto_extra": auto_s,
-                      "cost": {"trace-scored": t_trace, "calibrated": t_trace + t_cal, "auto": t_trace + auto_s}}
+                      "cost": {"trace-scored": t_trace, "calibrated": t_trace + t_cal,
+                               "auto": t_trace + auto_s + (t_cal if used_cal else 0.0)}}
     res["eval_tokens"] = int(sets["eval"][1][:, 1].sum())
     res["eval_windows"] = int(len(sets["eval"][1]))
     return res
@@ -182,9 +187,10 @@ def main() -> None:
             t0 = time.perf_counter()
             r["domains"][d] = run_domain(name, m, tok, mdir, tr_file, ev_file, st)
             say(f"{name} {d}: {time.perf_counter() - t0:.0f} s")
-        label = Path(name).name
-        result["models"][label] = r
-        print_model(label, r, st["strategies"])
+            result["models"][Path(name).name] = r
+            print_model(Path(name).name, {"domains": {d: r["domains"][d]}}, st["strategies"])
+            if a.json_out:  # every finished domain, in case the run is cut short
+                a.json_out.write_text(json.dumps(result, indent=1, default=json_default) + "\n")
         del m
     within = [pt["eval"]["auto_within"] for r in result["models"].values() for x in r["domains"].values()
               for pt in x["points"].values() if "auto_within" in pt["eval"]]

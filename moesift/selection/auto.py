@@ -16,8 +16,8 @@ calibration text itself, never on the evaluation data:
    tokens per document). The candidate with the lowest held-out perplexity is chosen; ties go to the
    cheaper candidate (the order above).
 4. The plan is then built by the chosen candidate: from the given traces for a trace-scored strategy, and
-   from the fit calibration of the first round for `calibrated` (the model is calibrated once per
-   round, never again for the plan).
+   for `calibrated` from a calibration on all the calibration documents (the given `calibration`, else
+   calibrated once, when `calibrated` wins: fewer calibration tokens make worse calibrated sets).
 
 The choice, every candidate's held-out perplexity ratio to the full model, its gap in mean log-perplexity
 to the chosen one with a paired standard error (windows as the units), and the cost of each step are
@@ -213,8 +213,8 @@ def window_nll(m: Any, batch_list: list[tuple[Any, Any]], resident: dict[int, li
 
 @dataclass
 class Choice:
-    """What `auto` chose: the strategy, --allocate, the calibration the plan ranks by (the first round's
-    fit calibration when calibrated wins) and the record kept in the plan's provenance."""
+    """What `auto` chose: the strategy, --allocate, the calibration the plan ranks by (None: for calibrated,
+    the one on all the calibration documents) and the record kept in the plan's provenance."""
 
     strategy: str
     allocate: bool
@@ -271,8 +271,9 @@ def choose(bank: Any, select: Callable[[Any, str, bool, Any], list[list[int]]], 
               "note": ("held-out perplexity of each candidate's sets chosen from the other folds, as a ratio to the "
                        "full model; gap: mean log-perplexity minus the chosen one's, se: its paired standard error "
                        "(windows as units)")}
-    cal = f.rounds[0].calibration if s_best == "calibrated" else None
-    return Choice(s_best, a_best, cal, record)
+    if s_best == "calibrated":
+        record["final_calibration"] = "all the calibration documents"
+    return Choice(s_best, a_best, None, record)
 
 
 def _round_seconds(f: _Fit) -> dict[str, float]:
