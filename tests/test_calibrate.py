@@ -13,6 +13,7 @@ import moesift
 from moesift import assets
 from moesift.core.errors import MoesiftError
 from moesift.formats.checkpoint import CheckpointIndex
+from moesift.selection.allocate import layer_error_scales
 from moesift.selection.planner import plan
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
@@ -140,16 +141,23 @@ def test_calibrated_plan_allocate_and_cli(tiny_dir, tmp_path, monkeypatch, capsy
         assert e["calibrated_error"] == pytest.approx(c["error"][len(c["order"]) - 2])
     a = plan(t, keep=0.5, strategy="calibrated", calibration=cal, allocate=True)
     assert sum(a.counts()) == sum(p.counts())
-    assert a.predictions["calibrated_error"] <= p.predictions["calibrated_error"] + 1e-12
+    # --allocate spends on one scale across layers: the squared error each layer adds to the residual stream
+    scale = layer_error_scales(cal)
+    assert scale == [c["output_norm2"] / c["tokens"] for c in cal.layers]
+
+    def spent(pl):
+        return np.mean([s * e["calibrated_error"] for s, e in zip(scale, pl.layers, strict=True)])
+
+    assert spent(a) <= spent(p) + 1e-12
     # greedy spending is optimal here (errors in the removal order): check against every split of the total
-    errs = [c["error"] for c in cal.layers]
+    errs = [np.asarray(c["error"]) * s for c, s in zip(cal.layers, scale, strict=True)]
     n_min = [len(c["floor"]) for c in cal.layers]
     total = sum(p.counts())
     E = spec.n_experts
     splits = [(k0, total - k0) for k0 in range(n_min[0], E + 1) if n_min[1] <= total - k0 <= E]
     best = min(np.mean([errs[i][E - k[i]] for i in range(2)]) for k in splits)
     if all(np.all(np.diff(np.diff(e)) >= -1e-12) for e in errs):  # convex curves: greedy is exact
-        assert a.predictions["calibrated_error"] == pytest.approx(best)
+        assert spent(a) == pytest.approx(best)
     # the same plan from the CLI, with --calib (calibrates inline)
     code, out, err = run_cli(["plan", str(tp), "--keep", "0.5", "--strategy", "calibrated", "--calib", str(data),
                               "--calib-length", "24", "--model", str(src), "--allocate", "--json"], monkeypatch, capsys)

@@ -215,7 +215,8 @@ def test_cli_plan_contract_and_diff(tiny_dir, tmp_path, monkeypatch, capsys):
     assert d["schema"] == "moesift-plan/1"
     assert [e["layer"] for e in d["layers"]] == list(spec.moe_layers)
     assert all(e["resident"] == sorted(e["resident"]) for e in d["layers"])
-    assert d["provenance"]["strategy"] == "frequency" and d["provenance"]["budget"] == {"keep": 0.5}
+    assert d["provenance"]["strategy"] == "auto" and d["provenance"]["chosen"] == "frequency"  # no saliency, no weights
+    assert d["provenance"]["budget"] == {"keep": 0.5}
     assert d["predictions"]["heldout_coverage"] is not None
     code, _, err = run_cli(["plan", str(tp), "--keep", "0.5", "--out", str(tmp_path / "a.json")], monkeypatch, capsys)
     assert code == 2 and "--force" in err
@@ -286,7 +287,7 @@ def test_weighted_plan_does_not_quote_another_sets_heldout_coverage():
     assert p.predictions["heldout_coverage"] is None
     assert all("heldout_coverage" not in e for e in p.layers)
     gap = p.predictions["frequency_insample_minus_heldout"]
-    f = plan(t, keep_experts=3)  # the count-chosen set of the same size: its own optimism
+    f = plan(t, keep_experts=3, strategy="frequency")  # the count-chosen set of the same size: its own optimism
     assert gap == pytest.approx(f.predictions["coverage"] - f.predictions["heldout_coverage"])
     assert "cannot be measured" in p.predictions["heldout_note"]
 

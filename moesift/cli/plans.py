@@ -23,8 +23,10 @@ def plan_cmd(
     memory: str = typer.Option(None, "--memory", help="Target checkpoint size, e.g. 20GiB (needs --model)."),
     model: str = typer.Option(None, "--model", help="Model directory, hub id or GGUF file (bytes from its headers)."),
     strategy: str = typer.Option(
-        "frequency", "--strategy",
-        help="frequency (selection counts) | weighted (router-weight mass) | contribution (summed gate x expert "
+        "auto", "--strategy",
+        help="auto (the default: per budget, the strategy below, with or without --allocate, whose sets score the "
+        "lowest perplexity on held-out folds of --calib, with --model; without them contribution for a --saliency "
+        "trace, else weighted) | frequency (selection counts) | weighted (router-weight mass) | contribution (summed gate x expert "
         "output norm over this workload's routed tokens; needs a --saliency trace: the score for a workload's "
         "resident set) | saliency (REAP's mean of gate x output norm per routed token: pruning for all traffic, "
         "blind to how often an expert is used) | calibrated (greedy removal by measured layer-output error on "
@@ -37,7 +39,7 @@ def plan_cmd(
     calibration: str = typer.Option(None, "--calibration", help="Calibration file from `moesift calibrate` "
                                     "(for --strategy calibrated)."),
     calib: list[str] = typer.Option(None, "--calib", help="Calibration prompts (workload file, repeatable) to "
-                                    "calibrate --model on for --strategy calibrated; never the evaluation data."),
+                                    "calibrate --model on for --strategy calibrated or auto; never the evaluation data."),
     calib_samples: int = typer.Option(64, "--calib-samples", help="Calibration documents used."),
     calib_length: int = typer.Option(256, "--calib-length", help="Tokens per calibration document."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
@@ -48,7 +50,11 @@ def plan_cmd(
         "is below the whole-group floor, or only equal counts fit --memory; for --strategy calibrated, where "
         "both keep the same count, the layout the calibration measured at the lower KL). Both give standard "
         "checkpoints."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the random strategy."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random strategy and of auto's folds."),
+    auto_folds: int = typer.Option(4, "--auto-folds", help="auto: folds of the calibration documents; one is "
+                                   "held out for validation, the others fit every candidate."),
+    auto_rounds: int = typer.Option(1, "--auto-rounds", help="auto: how many folds are held out in turn (up to "
+                                    "--auto-folds: full cross-validation, one calibration per round)."),
     force: bool = typer.Option(False, "--force", help="Overwrite --out."),
     offload: bool = typer.Option(False, "--offload", help="Plan for `moesift generate` / load_offloaded: --memory "
                                  "is device memory for non-expert weights + resident experts + cache slots; "
@@ -74,6 +80,7 @@ def plan_cmd(
              strategy=strategy, uniform=uniform, seed=seed, force=force, force_plan=force_plan,
              allocate=allocate, calibration=calibration, calib=calib or None, calib_samples=calib_samples,
              calib_length=calib_length, device=device, dtype=dtype, progress=not json_out, groups=groups,
+             auto_folds=auto_folds, auto_rounds=auto_rounds,
              **({"offload": True, "cache_slots": cache_slots, "policy": policy} if offload else {}))
     if json_out:
         emit_json(p.to_dict())

@@ -107,10 +107,11 @@ def sweep_cmd(
     trace: list[str] = typer.Option(..., "--trace", help="Trace(s) to plan from (PATH or PATH:WEIGHT); repeatable."),
     data: list[str] = typer.Option(..., "--data", help="Held-out text for perplexity; repeatable."),
     keep: str = typer.Option("0.25,0.5,0.75", "--keep", help="Fractions of experts kept per MoE layer."),
-    strategy: str = typer.Option("frequency,weighted,contribution,saliency,random", "--strategy",
-                                 help="Selection strategies (see `plan --help`); NAME+allocate spreads each budget "
-                                 "over layers, e.g. calibrated+allocate."),
-    calib: list[str] = typer.Option(None, "--calib", help="Calibration prompts for the calibrated strategy "
+    strategy: str = typer.Option("auto", "--strategy",
+                                 help="Selection strategies (see `plan --help`; auto chooses per budget on held-out "
+                                 "folds of the calibration prompts); NAME+allocate spreads each budget over layers, "
+                                 "e.g. calibrated+allocate."),
+    calib: list[str] = typer.Option(None, "--calib", help="Calibration prompts for the calibrated and auto strategies "
                                     "(default: the trace's own workload files; never --data)."),
     calibration: str = typer.Option(None, "--calibration", help="Calibration file from `moesift calibrate`."),
     out: str = typer.Option(None, "--out", help="Write a self-contained HTML page here."),

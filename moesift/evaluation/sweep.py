@@ -48,6 +48,7 @@ from ..formats.checkpoint import CheckpointIndex, resolve_model_dir
 from ..formats.plan import STRATEGIES
 from ..formats.trace import Trace
 from ..formats.workload import batches, encode_documents, read_documents, windows
+from ..selection.auto import AUTO
 from ..selection.planner import plan as make_plan
 from .eval_gguf import uses_llamacpp
 from .evaluate import perplexity_runs, prepare, use_mlx
@@ -175,7 +176,7 @@ def sweep(
     trace: Any,
     data: Any,
     keep: Sequence[float] | str = (0.25, 0.5, 0.75),
-    strategy: Sequence[str] | str = ("frequency", "weighted", "contribution", "saliency", "random"),
+    strategy: Sequence[str] | str = ("auto",),
     json: bool = False,
     out: str | os.PathLike | None = None,
     max_length: int = 512,
@@ -197,6 +198,8 @@ def sweep(
     groups: str = "auto",
     engine: str = "auto",
     hf_model: Any = None,
+    auto_folds: int = 4,
+    auto_rounds: int = 1,
 ) -> dict[str, Any]:
     """Plans for every strategy x keep fraction from `trace` (path(s) or Trace objects of `model`), each
     measured for bytes, perplexity on `data` (and its ratio to the full model), load time and time to
@@ -209,7 +212,10 @@ def sweep(
     routers keep experts (`plan`'s whole / equal / auto). `engine`: "transformers", "mlx" (an mlx-lm model
     folder, measured in mlx-lm: bytes of its trim, perplexity and tokens per second, no resident timings),
     "llama.cpp" (a GGUF file: each plan is a GGUF trim run in llama.cpp, moesift.evaluation.sweep_gguf;
-    `hf_model` tokenizes) or "auto" (mlx for an mlx-lm model folder, llama.cpp for a GGUF file)."""
+    `hf_model` tokenizes) or "auto" (mlx for an mlx-lm model folder, llama.cpp for a GGUF file). ``auto`` (the default) chooses per
+    budget by perplexity on held-out folds of the calibration prompts (`auto_folds`, `auto_rounds`: see
+    `moesift.plan`); its point records the strategy it chose. In mlx-lm and llama.cpp, where no transformers
+    model is run for calibration, ``auto`` chooses among the trace-only strategies."""
     keeps, strategies = _check_args(keep, strategy, out, force, input_paths(trace, data, calib, calibration))
     if uses_llamacpp(model, engine, (), device, dtype):
         traces = list(trace) if isinstance(trace, (list, tuple)) else [trace]
@@ -227,10 +233,13 @@ def sweep(
     timing = timing and not mlx
     mdir = resolve_model_dir(model)
     traces = list(trace) if isinstance(trace, (list, tuple)) else [trace]
-    calib = _calibration_prompts(strategies, traces, data, calib, calibration)
+    if mlx:  # no transformers model runs here: auto picks among the trace-only strategies
+        calib = calibration = None
+    else:
+        calib = _calibration_prompts(strategies, traces, data, calib, calibration)
     # plans first (cheap, and errors surface before any model is loaded)
     plans, skipped = _plans(traces, strategies, keeps, mdir, calib, calibration, calib_samples, calib_length,
-                            uniform, groups, seed, device, dtype, progress and not json)
+                            uniform, groups, seed, device, dtype, progress and not json, (auto_folds, auto_rounds))
     if mlx:
         runs, n_windows, engine_name = _mlx_perplexities(mdir, data, plans, field, max_samples, max_length,
                                                          batch_size, progress and not json)
@@ -287,8 +296,8 @@ def _check_args(keep: Any, strategy: Any, out: Any, force: bool,
         if not 0 < k <= 1:
             raise MoesiftError(f"--keep fractions must be in (0, 1]; got {k}")
     for s in strategies:
-        if s.removesuffix("+allocate") not in STRATEGIES:
-            raise MoesiftError(f"unknown strategy {s!r}; use one of {', '.join(STRATEGIES)} (NAME+allocate spreads "
+        if s.removesuffix("+allocate") not in (AUTO, *STRATEGIES):
+            raise MoesiftError(f"unknown strategy {s!r}; use one of {AUTO}, {', '.join(STRATEGIES)} (NAME+allocate spreads "
                                "the budget over layers)")
     if out is not None:
         check_output_path(out, force, inputs=inputs)
@@ -296,9 +305,10 @@ def _check_args(keep: Any, strategy: Any, out: Any, force: bool,
 
 
 def _calibration_prompts(strategies: list[str], traces: list[Any], data: Any, calib: Any, calibration: Any) -> Any:
-    """The calibration prompts of the calibrated strategies (default: the traces' own workload files), never
-    the evaluation data."""
-    if any(s.startswith("calibrated") for s in strategies) and calibration is None and calib is None:
+    """The calibration prompts of the calibrated and auto strategies (default: the traces' own workload files),
+    never the evaluation data."""
+    if calib is None and any(s.startswith(AUTO) or (s.startswith("calibrated") and calibration is None)
+                             for s in strategies):
         calib = _trace_sources(traces)
     data_paths = {str(Path(d).resolve()) for d in (data if isinstance(data, (list, tuple)) else [data])}
     if calib is not None and any(str(Path(c).resolve()) in data_paths
@@ -310,7 +320,8 @@ def _calibration_prompts(strategies: list[str], traces: list[Any], data: Any, ca
 
 def _plans(traces: list[Any], strategies: list[str], keeps: list[float], mdir: Path, calib: Any, calibration: Any,
            calib_samples: int | None, calib_length: int, uniform: bool, groups: str, seed: int, device: str,
-           dtype: str | None, progress: bool) -> tuple[list[tuple[str, float, Any]], list[dict[str, str]]]:
+           dtype: str | None, progress: bool,
+           auto: tuple[int, int] = (4, 1)) -> tuple[list[tuple[str, float, Any]], list[dict[str, str]]]:
     """(strategy, keep, plan) of every point, and the strategies the traces cannot support (skipped)."""
     plans: list[tuple[str, float, Any]] = []
     skipped: list[dict[str, str]] = []
@@ -322,7 +333,8 @@ def _plans(traces: list[Any], strategies: list[str], keeps: list[float], mdir: P
                                               uniform=uniform and not alloc, allocate=alloc, calib=calib,
                                               calibration=calibration, calib_samples=calib_samples,
                                               calib_length=calib_length, device=device, dtype=dtype,
-                                              progress=progress, groups=groups)))
+                                              progress=progress, groups=groups, auto_folds=auto[0],
+                                              auto_rounds=auto[1])))
             except MoesiftError as e:
                 if (base in ("saliency", "contribution") and "saliency" in str(e)) or \
                         (base == "calibrated" and "calibrat" in str(e) and calib is None and calibration is None):
@@ -391,6 +403,9 @@ def _points(mdir: Path, plans: list[tuple[str, float, Any]], runs: list[dict[str
             pt["budget_note"] = pred["budget_note"]  # the planner kept more than `keep` asks (groups, hash layers)
         if p.provenance.get("groups"):
             pt["groups"] = p.provenance["groups"]  # group-limited routers: whole groups or equal counts
+        if p.provenance.get("auto"):
+            pt["chosen"] = p.provenance["chosen"]  # auto: the strategy chosen on the calibration folds
+            pt["auto"] = p.provenance["auto"]
         if timing:
             pt.update(time_resident(mdir, p, prompt, device, dtype))
         if r.get("tokens_per_s"):
@@ -445,7 +460,8 @@ EQUAL_NOTE = ("(equal groups): the plan keeps the same number of experts in ever
 
 def _label(p: dict[str, Any]) -> str:
     """A point's strategy, marked when a group-limited router keeps the same count in every group."""
-    return p["strategy"] + (" (equal groups)" if p.get("groups") == "equal" else "")
+    return (p["strategy"] + (f" ({p['chosen']})" if p.get("chosen") else "")
+            + (" (equal groups)" if p.get("groups") == "equal" else ""))
 
 
 def _mb(b: float) -> str:

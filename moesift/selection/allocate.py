@@ -168,23 +168,41 @@ def _allocate_count(sp: SelectionSpec, units: list[list[list[int]]], mins: list[
     return counts
 
 
-def gain_function(sp: SelectionSpec, scores: np.ndarray, calibration: Any = None) -> Any:
+def layer_error_scales(calibration: Any, mode: str = "whole") -> list[float]:
+    """Per MoE layer, what turns the calibration's relative layer error (``||y_full - y_R||^2 / ||y_full||^2``)
+    into the squared error the layer adds to the residual stream per calibration token (its output's mean
+    squared norm), so that one total is spent on one scale across layers; 1.0 where the layer's gains are
+    already the model's KL (sets chosen end to end) or the norm is not recorded."""
+    out = []
+    for e in calibration.layers:
+        kl = e.get("e2e") if mode != "equal" else (e.get("equal") or {}).get("alone")
+        n2, tok = e.get("output_norm2"), e.get("tokens")
+        out.append(1.0 if kl or not n2 or not tok else float(n2) / float(tok))
+    return out
+
+
+def gain_function(sp: SelectionSpec, scores: np.ndarray, calibration: Any = None, absolute: bool = False) -> Any:
     """gain(p, i) for --allocate: the calibrated error the i-th unit of layer p saves when kept (from the
-    calibration's greedy removal), or else the unit's share of the layer's scores (for frequency: its
-    share of the routes, i.e. coverage)."""
+    calibration's greedy removal, on one scale across layers: the squared error added to the residual
+    stream, see `layer_error_scales`), or else the unit's share of the layer's scores (for frequency: its
+    share of the routes, i.e. coverage); `absolute`: the unit's score itself, for scores on one scale across
+    layers (contribution: gate x expert output norm, summed over the routed tokens)."""
     L = scores.shape[0]
     units = [selection_units(sp, p, scores[p]) for p in range(L)]
     if calibration is not None:
         gains = calibration.unit_gains(sp.group_mode)
         floors = calibration.floor_units(sp.group_mode)
+        scale = layer_error_scales(calibration, sp.group_mode)
 
         def cal_gain(p: int, i: int) -> float:
             g = gains[p]
             j = i - floors[p]
-            return float(g[j]) if g is not None and 0 <= j < len(g) else 0.0
+            return float(g[j]) * scale[p] if g is not None and 0 <= j < len(g) else 0.0
 
         return cal_gain
     tot = scores.sum(axis=1)
+    if absolute:
+        tot = np.full(L, float(tot.mean()))  # one scale for every layer
 
     def score_gain(p: int, i: int) -> float:
         return float(scores[p, units[p][i]].sum() / tot[p]) if tot[p] > 0 else 0.0

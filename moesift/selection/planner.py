@@ -36,6 +36,7 @@ from ..formats.gguf_identity import gguf_index_for
 from ..formats.plan import STRATEGIES, Plan, check_plan_config, parse_bytes
 from ..formats.trace import Trace
 from .allocate import auto_group_modes, gain_function, select_resident
+from .auto import AUTO, choose, format_choice
 from .calibrate import calibrate
 from .offload_budget import offload_budget, offload_prediction
 from .predict import budget_note, predictions
@@ -99,6 +100,11 @@ def _normalise_rows(a: np.ndarray) -> np.ndarray:
     return np.divide(a, s, out=np.zeros_like(a, dtype=np.float64), where=s > 0)
 
 
+def _normalise_total(a: np.ndarray) -> np.ndarray:
+    m = float(a.sum(axis=-1).mean()) if a.size else 0.0
+    return a / m if m > 0 else np.zeros_like(a, dtype=np.float64)
+
+
 def _parse_trace_arg(t: Any) -> tuple[Any, float]:
     """(path or Trace, weight) from "path:0.7", a path, a Trace, or a (trace, weight) pair."""
     if isinstance(t, tuple) and len(t) == 2:
@@ -129,9 +135,14 @@ class Bank:
         """Weighted share of routes [L, E] (each layer sums to 1 when the layer saw routes)."""
         return sum(w * _normalise_rows(t.counts.astype(np.float64)) for t, w in zip(self.traces, self.weights, strict=True))
 
-    def scores(self, strategy: str, seed: int) -> np.ndarray:
+    def scores(self, strategy: str, seed: int, one_scale: bool = False) -> np.ndarray:
+        """The strategy's scores [L, E], each trace normalised per layer (every layer sums to 1), or with
+        `one_scale` by its mean layer total (layers keep their relative sizes: contribution's scale)."""
         if strategy == "random":
             return strategy_scores(self.traces[0], "random", seed)
+        if one_scale:
+            return sum(w * _normalise_total(strategy_scores(t, strategy, seed))
+                       for t, w in zip(self.traces, self.weights, strict=True))
         return sum(w * _normalise_rows(strategy_scores(t, strategy, seed)) for t, w in zip(self.traces, self.weights, strict=True))
 
     def fold_counts(self) -> np.ndarray | None:
@@ -234,7 +245,7 @@ def plan(
     coverage: float | None = None,
     memory: str | int | None = None,
     model: str | os.PathLike | None = None,
-    strategy: str = "frequency",
+    strategy: str = "auto",
     uniform: bool = False,
     seed: int = 0,
     force: bool = False,
@@ -251,6 +262,8 @@ def plan(
     dtype: str | None = None,
     progress: bool = True,
     groups: str = "auto",
+    auto_folds: int = 4,
+    auto_rounds: int = 1,
 ) -> Plan:
     """Choose the resident experts of every MoE layer from one or more traces (a bank) under one budget.
 
@@ -268,7 +281,10 @@ def plan(
     every group; "auto" keeps whole groups unless the same count in every group comes closer to a --keep /
     --keep-experts budget (below the whole-group floor) or only it fits --memory, and for the calibrated
     strategy, where both keep the same count, takes the layout whose sets the calibration measured at the
-    lower KL."""
+    lower KL.
+    `strategy="auto"` chooses per budget among frequency, weighted, contribution and calibrated, with and
+    without --allocate, by perplexity on held-out folds of `calib` (`auto_folds` folds, `auto_rounds` of them
+    held out in turn; see `moesift.selection.auto`); without `calib` and `model`, from the traces alone."""
     kind, value = _budget(keep, keep_experts, coverage, memory, strategy, allocate, uniform, groups)
     inputs = input_paths(traces, calibration, calib)
     if out is not None:
@@ -276,8 +292,13 @@ def plan(
     bank, index, sp = _bank_and_spec(traces, model, force_plan, groups)
     share = bank.counts()
     budget, cache_slots = _budget_value(kind, value, offload, index, cache_slots)
-    cal = None
-    if strategy == "calibrated":
+    cal, auto = None, None
+    if strategy == AUTO:
+        choice = _choose_auto(bank, sp, budget, kind, seed, groups, allocate, uniform, index, offload, cache_slots,
+                              model, calib, calib_samples, calib_length, auto_folds, auto_rounds, device, dtype,
+                              progress)
+        strategy, allocate, cal, auto = choice.strategy, choice.allocate, choice.calibration, choice.record
+    if strategy == "calibrated" and cal is None:
         cal = _calibration_for(sp, calibration, calib, model, calib_samples, calib_length, device, dtype, progress)
     sp, scores, resident = _select_sets(sp, bank, share, budget, strategy, seed, groups, cal, allocate, uniform,
                                         index, offload, cache_slots)
@@ -297,6 +318,8 @@ def plan(
                                              sp.moe_layers)
         pred["offload"]["memory_bytes"] = parse_bytes(value)
     prov = _provenance(bank, sp, strategy, kind, value, budget, uniform, allocate, seed, cal)
+    if auto is not None:
+        prov.update(strategy=AUTO, chosen=auto["chosen"], auto=auto)
     result = Plan(model=model_id, layers=layers, provenance=prov, predictions=pred)
     if out is not None:
         result.save(out, force=force, inputs=inputs)
@@ -314,8 +337,8 @@ def _budget(keep: Any, keep_experts: Any, coverage: Any, memory: Any, strategy: 
     kind, value = next(iter(given.items()))
     if kind == "keep" and not 0 < float(value) <= 1:
         raise MoesiftError(f"--keep is a fraction of experts in (0, 1]; got {value}")
-    if strategy not in STRATEGIES:
-        raise MoesiftError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
+    if strategy not in STRATEGIES and strategy != AUTO:
+        raise MoesiftError(f"unknown strategy {strategy!r}; use one of {AUTO}, {', '.join(STRATEGIES)}")
     if allocate and kind == "coverage":
         raise MoesiftError("--allocate spreads a total (--keep, --keep-experts or --memory); --coverage is per layer")
     if allocate and uniform:
@@ -323,6 +346,23 @@ def _budget(keep: Any, keep_experts: Any, coverage: Any, memory: Any, strategy: 
     if groups not in GROUP_MODES:
         raise MoesiftError(f"unknown --groups {groups!r}; use one of {', '.join(GROUP_MODES)}")
     return kind, value
+
+
+def _choose_auto(bank: Bank, sp: SelectionSpec, budget: dict[str, Any], kind: str, seed: int, groups: str,
+                 allocate: bool, uniform: bool, index: Any, offload: bool, cache_slots: int | None, model: Any,
+                 calib: Any, calib_samples: int | None, calib_length: int, folds: int, rounds: int, device: str,
+                 dtype: str | None, progress: bool) -> Any:
+    """`auto`'s choice (`moesift.selection.auto.choose`), every candidate selected as `plan` selects it."""
+
+    def select(b: Bank, strategy: str, alloc: bool, cal: Any) -> list[list[int]]:
+        sp2, _, resident = _select_sets(sp, b, b.counts(), budget, strategy, seed, groups, cal, alloc, uniform,
+                                        index, offload, cache_slots)
+        _check_constraints(sp2, resident, uniform)
+        return resident
+
+    layers = [int(x) if x is not None else p for p, x in enumerate(sp.moe_layers)]
+    return choose(bank, select, layers, model, calib, allocate, not uniform and kind != "coverage", calib_samples,
+                  calib_length, folds, rounds, seed, device, dtype, progress, lambda t: _load_bank([t]))
 
 
 def _bank_and_spec(traces: Any, model: Any, force_plan: bool, groups: str) -> tuple[Bank, Any, SelectionSpec]:
@@ -388,7 +428,10 @@ def _select_sets(sp: SelectionSpec, bank: Bank, share: np.ndarray, budget: dict[
     for i, mode in enumerate(modes):
         sp = dataclasses.replace(sp, group_mode=mode)
         scores = cal.scores(sp.n_experts, mode) if cal is not None else bank.scores(strategy, seed)
-        gain = gain_function(sp, scores, cal) if allocate else None
+        gain = None
+        if allocate:  # contribution's scores are on one scale across layers: spend by them as they are
+            one = strategy == "contribution" and cal is None
+            gain = gain_function(sp, bank.scores(strategy, seed, one_scale=True) if one else scores, cal, absolute=one)
         try:
             resident = select_resident(sp, scores, share, budget, uniform, index, gain)
             break
@@ -478,6 +521,8 @@ def format_plan(p: Plan, out: Any = None) -> str:
                                      "the same number of experts kept in every group"))
     if pr.get("strategy_note"):
         lines.append(f"  strategy: {pr['strategy_note']}")
+    if p.provenance.get("auto"):
+        lines += format_choice(p.provenance["auto"])
     if held is None and pr.get("heldout_note"):
         lines.append(f"  held-out: {pr['heldout_note']}")
     if "bytes" in pr:

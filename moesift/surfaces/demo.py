@@ -211,7 +211,7 @@ class _Pipeline:
         model, domain, tmp, st = self.model, self.domain, self.tmp, self.st
         mdir = self.models[model]
         plan_path = tmp / f"plan-{domain}-50.json"
-        pl = make_plan(self.traces[model][domain], keep=0.5, model=mdir, out=plan_path)
+        pl = make_plan(self.traces[model][domain], keep=0.5, model=mdir, out=plan_path, strategy="frequency")
         trimmed = trim(mdir, pl, tmp / f"{model}-{domain}-50", progress=False)
         trimmed_bytes = sum(f.stat().st_size for f in Path(trimmed).glob("*.safetensors"))
         ver = verify(mdir, trimmed, data=self.eval_files[domain], max_new_tokens=st["new_tokens"],
@@ -246,7 +246,7 @@ class _Pipeline:
         res["other_models"] = {}
         for name in [n for n in self.models if n != model]:
             om, otok = self.loaded[name]
-            opl = make_plan(self.traces[name][domain], keep=0.5, model=self.models[name])
+            opl = make_plan(self.traces[name][domain], keep=0.5, model=self.models[name], strategy="frequency")
             ocard = res["models"][name]["card"]
             oks = sorted({k for k in (ocard["top_k"] // 2, ocard["top_k"] // 4) if k >= 1}, reverse=True)
             if not st["other_top"]:

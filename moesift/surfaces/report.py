@@ -192,7 +192,7 @@ def _compare(traces, labels, keep: float, target: float) -> dict[str, Any]:
     # selected experts (for group-limited routers: whole groups, or the same count in every group, as
     # `plan --groups auto` chooses), hash-routed layers whole
 
-    plans = [make_plan(t, keep=keep) for t in traces]
+    plans = [make_plan(t, keep=keep, strategy="frequency") for t in traces]
     sets = [[np.asarray(e["resident"], dtype=np.int64) for e in p.layers] for p in plans]
     notes = sorted({p.predictions["budget_note"] for p in plans if p.predictions.get("budget_note")})
     cross = np.zeros((W, W))

@@ -1,0 +1,207 @@
+"""The selection table: every strategy, with and without --allocate, and `auto`, on reference models, every
+domain, at 25/50/75%: perplexity ratio to the full model with paired standard errors, and cost in seconds.
+
+For each model and domain: the domain's trace split is traced (``--trace-docs`` prompts, saliency recorded)
+and calibrated once on the same prompts (``moesift.calibrate``, what `calibrated` ranks by); `auto` plans with
+the same prompts as its calibration text (``moesift.plan(strategy="auto", calib=..., calibration=...)``: its
+own fit on folds of them, never the eval split; the whole calibration where `calibrated` wins). Every plan is scored on the same windows of the domain's eval split
+(``--eval-docs`` texts, ``--max-length`` tokens, float32, CPU), one forward per batch of windows under
+``moesift.restrict``. Per point: the perplexity ratio to the full model, and for every strategy its gap in mean
+log-perplexity to the point's best strategy with the paired standard error (windows as the units, the
+linearised ratio estimator of ``bench/paired_gap.py``). `auto` is "within" when its gap is at most 1.96
+standard errors (inside the paired 95% interval of the best) or it is the best.
+
+Cost per model and domain (seconds, same run): trace-scored strategies the trace; `calibrated` the trace and
+the calibration; `auto` the trace, its own fit (model load, trace and calibration of the fit folds, the
+full model on the held-out fold), its validations at every budget, and the calibration where it chose
+`calibrated`. With ``--in-sample`` every plan is also
+scored on the calibration prompts themselves (what the calibrated greedy saw): the gap between that and the
+eval split is how much a strategy overfits its calibration tokens.
+
+Models: bundled names (``qwen3moe-ref``, ``deepseekv3-ref``; workloads from ``moesift/assets/workloads``)
+or model directories (workloads ``{domain}.trace.jsonl`` / ``{domain}.eval.jsonl`` from ``--corpus``).
+
+    OMP_NUM_THREADS=2 python bench/selection_table.py --models qwen3moe-ref deepseekv3-ref \\
+        build/models/olmoe-ref build/models/qwen2moe-ref --corpus build/corpus --json-out table.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import moesift
+from moesift import assets
+from moesift.core.io import json_default
+from moesift.formats.workload import batches, encode_documents, read_documents, windows
+from moesift.selection import auto as auto_mod
+from moesift.selection.auto import paired_gap, window_nll
+
+KEEPS = (0.25, 0.5, 0.75)
+STRATEGIES = ["frequency", "weighted", "contribution", "calibrated", "frequency+allocate", "weighted+allocate",
+              "contribution+allocate", "calibrated+allocate", "auto"]
+T0 = time.perf_counter()
+
+
+def say(msg: str) -> None:
+    sys.stderr.write(f"[{time.perf_counter() - T0:7.1f}s] {msg}\n")
+    sys.stderr.flush()
+
+
+def workload_files(model: str, domain: str, corpus: Path) -> tuple[Path, Path, Path]:
+    if model in assets.MODELS:
+        return assets.reference_model(model), assets.workload(domain, "trace"), assets.workload(domain, "eval")
+    return Path(model), corpus / f"{domain}.trace.jsonl", corpus / f"{domain}.eval.jsonl"
+
+
+def scored(m: Any, tok: Any, path: Path, n: int, length: int) -> list:
+    docs = read_documents([path], max_samples=n)
+    wins = windows([ids[:length] for ids in encode_documents(docs, tok)], length)
+    pad = getattr(tok, "pad_token_id", None)
+    return batches(wins, 8, pad_id=int(pad) if pad is not None else 0)
+
+
+def point(full: np.ndarray, nll: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Ratios, the best strategy and every strategy's paired gap to it."""
+    T = full[:, 1]
+    ratio = {s: math.exp((x.sum() - full[:, 0].sum()) / T.sum()) for s, x in nll.items()}
+    best = min((s for s in nll if s != "auto"), key=lambda s: nll[s].sum())
+    gaps = {s: dict(zip(("gap", "se"), paired_gap(nll[best], x, T), strict=True)) for s, x in nll.items()}
+    out = {"ratio": ratio, "best": best, "gaps": gaps}
+    if "auto" in nll:
+        g = gaps["auto"]
+        out["auto_within"] = bool(g["gap"] <= 1.96 * g["se"] + 1e-12)
+    return out
+
+
+def run_domain(name: str, m: Any, tok: Any, mdir: Path, tr_file: Path, ev_file: Path, st: dict[str, Any]) -> dict:
+    L = st["max_length"]
+    t0 = time.perf_counter()
+    tr = moesift.trace(m, tr_file, label="t", max_samples=st["trace_docs"], max_length=L, saliency=True,
+                       progress=False, tokenizer=tok)
+    t_trace = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    cal = moesift.calibrate(mdir, tr_file, max_samples=st["trace_docs"], max_length=L, progress=False,
+                            loaded=(m, tok), dtype="float32", device="cpu")
+    t_cal = time.perf_counter() - t0
+    ev = scored(m, tok, ev_file, st["eval_docs"], L)
+    sets = {"eval": (ev, window_nll(m, ev))}
+    if st["in_sample"]:
+        ins = scored(m, tok, tr_file, st["trace_docs"], L)
+        sets["calibration"] = (ins, window_nll(m, ins))
+    auto_mod._FITS.clear()
+    res: dict[str, Any] = {"points": {}, "auto": {}, "experts": {}}
+    auto_s = 0.0
+    for k in KEEPS:
+        nll: dict[str, dict[str, np.ndarray]] = {w: {} for w in sets}
+        for s in st["strategies"]:
+            base, alloc = s.removesuffix("+allocate"), s.endswith("+allocate")
+            t0 = time.perf_counter()
+            if base == "auto":
+                p = moesift.plan(tr, keep=k, strategy="auto", model=mdir, calib=str(tr_file), allocate=alloc,
+                                 calibration=cal,
+                                 calib_samples=st["trace_docs"], calib_length=L, seed=st["seed"], device="cpu",
+                                 dtype="float32", progress=False)
+                a = p.provenance["auto"]
+                res["auto"][f"{k:g}"] = {"chosen": a["chosen"], "candidates": a["candidates"]}
+                auto_s += time.perf_counter() - t0
+            else:
+                p = moesift.plan(tr, keep=k, strategy=base, model=mdir, allocate=alloc,
+                                 calibration=cal if base == "calibrated" else None)
+            res["experts"][f"{s} {k:g}"] = p.counts()
+            resident = {e["layer"]: e["resident"] for e in p.layers}
+            for w, (bl, _) in sets.items():
+                nll[w][s] = window_nll(m, bl, resident)[:, 0]
+        res["points"][f"{k:g}"] = {w: point(sets[w][1], nll[w]) for w in sets}
+    # auto's own fit and validations, and the whole calibration where calibrated won (given here, not rerun)
+    used_cal = any(a["chosen"].startswith("calibrated") for a in res["auto"].values())
+    res["seconds"] = {"trace": t_trace, "calibrate": t_cal, "auto_extra": auto_s,
+                      "cost": {"trace-scored": t_trace, "calibrated": t_trace + t_cal,
+                               "auto": t_trace + auto_s + (t_cal if used_cal else 0.0)}}
+    res["eval_tokens"] = int(sets["eval"][1][:, 1].sum())
+    res["eval_windows"] = int(len(sets["eval"][1]))
+    return res
+
+
+def print_model(name: str, r: dict[str, Any], strategies: list[str]) -> None:
+    short = {s: s.replace("contribution", "contrib").replace("calibrated", "calib").replace("frequency", "freq")
+             .replace("weighted", "weight").replace("+allocate", "+a") for s in strategies}
+    print(f"=== {name}: perplexity on the eval split / full model (* best non-auto; auto: chosen candidate, gap to "
+          "the best in mean log-ppl +- 1.96 paired se)", flush=True)
+    print("    " + "domain".ljust(11) + "keep".ljust(6) + "".join(f"{short[s]:>10}" for s in strategies)
+          + "   auto chose / gap / within", flush=True)
+    for d, x in r["domains"].items():
+        for k in KEEPS:
+            pt = x["points"][f"{k:g}"]["eval"]
+            cells = [f"{pt['ratio'][s]:.3f}" + ("*" if s == pt["best"] else " ") for s in strategies]
+            tail = ""
+            if "auto" in pt["ratio"]:
+                g = pt["gaps"]["auto"]
+                tail = (f"   {x['auto'][f'{k:g}']['chosen']} / {g['gap']:+.4f} +- {1.96 * g['se']:.4f} / "
+                        f"{'yes' if pt['auto_within'] else 'NO'}")
+            print("    " + d.ljust(11) + f"{k:<6g}" + "".join(f"{c:>10}" for c in cells) + tail, flush=True)
+        c = x["seconds"]["cost"]
+        print(f"    {'':11}cost s: trace-scored {c['trace-scored']:.1f}, calibrated {c['calibrated']:.1f}, auto "
+              f"{c['auto']:.1f}; {x['eval_windows']} eval windows, {x['eval_tokens']} tokens", flush=True)
+        if "calibration" in x["points"]["0.25"]:
+            for k in KEEPS:
+                pt = x["points"][f"{k:g}"]["calibration"]
+                print("    " + "(in-sample)".ljust(11) + f"{k:<6g}" + "".join(
+                    f"{pt['ratio'][s]:.3f}{'*' if s == pt['best'] else ' '}".rjust(10) for s in strategies), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=list(assets.MODELS))
+    ap.add_argument("--domains", nargs="+", default=list(assets.DOMAINS))
+    ap.add_argument("--corpus", type=Path, default=Path("build/corpus"),
+                    help="workloads of models given as directories: {domain}.trace.jsonl, {domain}.eval.jsonl")
+    ap.add_argument("--strategies", default=",".join(STRATEGIES))
+    ap.add_argument("--trace-docs", type=int, default=32, help="trace = calibration prompts per domain (32)")
+    ap.add_argument("--eval-docs", type=int, default=12, help="eval texts per domain (12)")
+    ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--seed", type=int, default=0, help="auto's fold seed")
+    ap.add_argument("--in-sample", action="store_true", help="also score every plan on the calibration prompts")
+    ap.add_argument("--json-out", type=Path)
+    a = ap.parse_args()
+    import torch
+
+    st = {"trace_docs": a.trace_docs, "eval_docs": a.eval_docs, "max_length": a.max_length, "seed": a.seed,
+          "in_sample": a.in_sample, "strategies": a.strategies.split(",")}
+    print(f"selection table: {st['trace_docs']} trace = calibration prompts, {st['eval_docs']} eval texts, "
+          f"{st['max_length']} tokens, float32, CPU, torch threads {torch.get_num_threads()}", flush=True)
+    result: dict[str, Any] = {"settings": st, "models": {}}
+    for name in a.models:
+        mdir = workload_files(name, a.domains[0], a.corpus)[0]
+        m, tok = moesift.load_model(mdir, device="cpu", dtype="float32")
+        r: dict[str, Any] = {"domains": {}}
+        for d in a.domains:
+            _, tr_file, ev_file = workload_files(name, d, a.corpus)
+            t0 = time.perf_counter()
+            r["domains"][d] = run_domain(name, m, tok, mdir, tr_file, ev_file, st)
+            say(f"{name} {d}: {time.perf_counter() - t0:.0f} s")
+            result["models"][Path(name).name] = r
+            print_model(Path(name).name, {"domains": {d: r["domains"][d]}}, st["strategies"])
+            if a.json_out:  # every finished domain, in case the run is cut short
+                a.json_out.write_text(json.dumps(result, indent=1, default=json_default) + "\n")
+        del m
+    within = [pt["eval"]["auto_within"] for r in result["models"].values() for x in r["domains"].values()
+              for pt in x["points"].values() if "auto_within" in pt["eval"]]
+    if within:
+        print(f"auto within the paired 95% interval of the best (or best) at {sum(within)} of {len(within)} points",
+              flush=True)
+    result["seconds"] = time.perf_counter() - T0
+    print(f"total wall time {result['seconds']:.0f} s", flush=True)
+    if a.json_out:
+        a.json_out.write_text(json.dumps(result, indent=1, default=json_default) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,309 @@
+"""`--strategy auto`: choose the selection strategy per budget by perplexity on held-out calibration text.
+
+No strategy wins everywhere: counting routes (frequency, weighted, contribution) and measuring what
+restriction does (calibrated) trade places with the model, the workload and the budget, and spreading the
+budget over layers (`--allocate`) helps at some budgets and hurts at others. `auto` measures it on the
+calibration text itself, never on the evaluation data:
+
+1. The calibration documents (`calib`, the first `calib_samples`) are shuffled with `seed` and dealt into
+   `folds` folds. In each of `rounds` rounds (1 by default; `rounds=folds` is full cross-validation) one
+   fold is held out for validation and the others are the fit documents.
+2. On the fit documents the model is traced (with saliency) and calibrated once (`moesift.calibrate`): the
+   statistics every candidate ranks by.
+3. Per budget, every candidate (frequency, weighted, contribution, calibrated, each with and without
+   `--allocate`, as far as the budget and the traces allow) chooses its sets from the fit statistics,
+   and the model restricted to each set scores the held-out documents (one window of `calib_length`
+   tokens per document). The candidate with the lowest held-out perplexity is chosen; ties go to the
+   cheaper candidate (the order above).
+4. The plan is then built by the chosen candidate: from the given traces for a trace-scored strategy, and
+   for `calibrated` from a calibration on all the calibration documents (the given `calibration`, else
+   calibrated once, when `calibrated` wins: fewer calibration tokens make worse calibrated sets).
+
+The choice, every candidate's held-out perplexity ratio to the full model, its gap in mean log-perplexity
+to the chosen one with a paired standard error (windows as the units), and the cost of each step are
+recorded in the plan's provenance (``auto``).
+
+Without calibration text (no `calib`, or no `model` to score it with) `auto` chooses from the traces alone:
+`contribution` when every trace records saliency (``trace --saliency``), else `weighted` when they record
+the applied routing weights, else `frequency`; one line on stderr says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..core.errors import MoesiftError
+from ..engines.hf import load_model, resolve_device
+from ..engines.restrict import restrict
+from ..formats.workload import batches, encode_documents, read_documents
+from ..record.tracer import trace as record_trace
+from .calibrate import calibrate
+
+AUTO = "auto"
+CANDIDATES = ("frequency", "weighted", "contribution", "calibrated")
+_NOTED: set[str] = set()
+
+
+@dataclass
+class _Round:
+    """What one round fits and validates on: the fit trace and calibration, the held-out batches and the
+    full model's NLL on each held-out window."""
+
+    trace: Any
+    calibration: Any
+    batches: list[tuple[Any, Any]]
+    full: np.ndarray  # [windows, 2]: summed NLL, scored tokens
+    fit_documents: int
+    validation_documents: int
+    seconds: dict[str, float]
+
+
+@dataclass
+class _Fit:
+    model: Any
+    rounds: list[_Round]
+    settings: dict[str, Any]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+_FITS: dict[tuple, _Fit] = {}
+
+
+def trace_only_choice(bank: Any) -> str:
+    """The strategy `auto` takes without calibration text: contribution when every trace records saliency,
+    else weighted when every trace records the applied routing weights, else frequency."""
+    if all(t.get("saliency_sum") is not None for t in bank.traces):
+        return "contribution"
+    if all(t.get("weight_mass") is not None for t in bank.traces):
+        return "weighted"
+    return "frequency"
+
+
+def note_once(msg: str) -> None:
+    """One line on stderr, once per process (a sweep plans several budgets)."""
+    if msg not in _NOTED:
+        _NOTED.add(msg)
+        sys.stderr.write(f"moesift: {msg}\n")
+        sys.stderr.flush()
+
+
+def candidates(bank: Any, allocate: bool, allow_allocate: bool) -> list[tuple[str, bool]]:
+    """(strategy, allocate) pairs `auto` compares: the trace-scored strategies the traces support, and
+    calibrated; each without and with --allocate (only with it when `allocate` is asked, only without
+    when the budget or --uniform excludes it)."""
+    usable = ["frequency"]
+    if all(t.get("weight_mass") is not None for t in bank.traces):
+        usable.append("weighted")
+    if all(t.get("saliency_sum") is not None for t in bank.traces):
+        usable.append("contribution")
+    usable.append("calibrated")
+    allocs = [True] if allocate else ([False, True] if allow_allocate else [False])
+    return [(s, a) for a in allocs for s in usable]
+
+
+def label(strategy: str, allocate: bool) -> str:
+    return strategy + ("+allocate" if allocate else "")
+
+
+# ------------------------------------------------------------------------------------------------
+# Fitting on the calibration folds
+# ------------------------------------------------------------------------------------------------
+
+
+def fit(model: Any, calib: Any, calib_samples: int | None, calib_length: int, folds: int, rounds: int, seed: int,
+        device: str, dtype: str | None, progress: bool) -> _Fit:
+    """The fit statistics and held-out windows of every round (kept for the process: a sweep plans many
+    budgets from one fit)."""
+    if folds < 2:
+        raise MoesiftError(f"auto needs at least 2 folds of the calibration documents (got {folds})")
+    if not 1 <= rounds <= folds:
+        raise MoesiftError(f"auto rounds must be between 1 and the number of folds {folds} (got {rounds})")
+    files = tuple(str(x) for x in ([calib] if isinstance(calib, (str, os.PathLike)) else calib))
+    device = resolve_device(device)
+    key = (str(Path(str(model)).resolve()), files, calib_samples, calib_length, folds, rounds, seed, device, dtype)
+    if key in _FITS:
+        return _FITS[key]
+    _FITS.clear()  # one model held at a time
+    docs = [{k: v for k, v in d.items() if k != "source"} for d in read_documents(list(files), max_samples=calib_samples)]
+    if len(docs) < folds:
+        raise MoesiftError(f"auto deals the calibration documents into {folds} folds but got {len(docs)} documents; "
+                           "give more calibration text")
+    t0 = time.perf_counter()
+    m, tok = load_model(model, device=device, dtype=dtype)
+    m.eval()
+    order = np.random.default_rng(seed).permutation(len(docs))
+    fold_of = np.empty(len(docs), dtype=np.int64)
+    fold_of[order] = np.arange(len(docs)) % folds
+    out = _Fit(model=m, rounds=[], settings={
+        "calibration_data": list(files), "documents": len(docs), "folds": folds, "rounds": rounds, "seed": seed,
+        "max_length": calib_length, "device": device})
+    out.seconds["load_s"] = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory(prefix="moesift-auto-") as tmp:
+        for r in range(rounds):
+            fit_docs = [d for i, d in enumerate(docs) if fold_of[i] != r]
+            val_docs = [d for i, d in enumerate(docs) if fold_of[i] == r]
+            out.rounds.append(_fit_round(model, m, tok, Path(tmp) / f"fit{r}.jsonl", fit_docs, val_docs,
+                                         calib_length, device, dtype, progress))
+    _FITS[key] = out
+    return out
+
+
+def _fit_round(model: Any, m: Any, tok: Any, path: Path, fit_docs: list[dict[str, Any]],
+               val_docs: list[dict[str, Any]], length: int, device: str, dtype: str | None, progress: bool) -> _Round:
+    """Trace and calibrate on the fit documents; the held-out windows and the full model's NLL on them."""
+    with open(path, "w", encoding="utf-8") as f:
+        for d in fit_docs:
+            f.write(json.dumps(d) + "\n")
+    t0 = time.perf_counter()
+    tr = record_trace(m, path, max_length=length, saliency=True, progress=False, tokenizer=tok, label="auto-fit",
+                      folds=min(8, len(fit_docs)))
+    t1 = time.perf_counter()
+    cal = calibrate(model, path, max_samples=None, max_length=length, device=device, dtype=dtype, progress=progress,
+                    loaded=(m, tok))
+    t2 = time.perf_counter()
+    wins = [ids[:length] for ids in encode_documents(val_docs, tok)]
+    wins = [w for w in wins if len(w) >= 2]
+    if not wins:
+        raise MoesiftError("auto's held-out calibration documents tokenized to nothing; give more calibration text")
+    pad = getattr(tok, "pad_token_id", None) if tok is not None else None
+    bl = batches(wins, 8, pad_id=int(pad) if pad is not None else 0)
+    full = window_nll(m, bl)
+    return _Round(trace=tr, calibration=cal, batches=bl, full=full, fit_documents=len(fit_docs),
+                  validation_documents=len(val_docs),
+                  seconds={"trace_s": t1 - t0, "calibrate_s": t2 - t1, "full_s": time.perf_counter() - t2})
+
+
+def window_nll(m: Any, batch_list: list[tuple[Any, Any]], resident: dict[int, list[int]] | None = None) -> np.ndarray:
+    """[windows, 2]: summed next-token NLL and scored tokens of every window (batch order), under the
+    restriction to `resident` ({decoder layer: ids}) when given."""
+    import torch
+    import torch.nn.functional as F
+
+    dev = next(m.parameters()).device
+    rows = []
+    ctx = restrict(m, resident) if resident is not None else contextlib.nullcontext()
+    with ctx, torch.no_grad():
+        for ids, mask in batch_list:
+            ids, mask = ids.to(dev), mask.to(dev)
+            logits = m(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
+            tgt = ids[:, 1:]
+            valid = (mask[:, 1:] > 0) & (mask[:, :-1] > 0)
+            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="none")
+            nll = (nll.reshape(tgt.shape) * valid).sum(dim=1, dtype=torch.float64)
+            rows += list(zip(nll.cpu().tolist(), valid.sum(dim=1).cpu().tolist(), strict=True))
+    return np.asarray(rows, dtype=np.float64)
+
+
+# ------------------------------------------------------------------------------------------------
+# The choice per budget
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Choice:
+    """What `auto` chose: the strategy, --allocate, the calibration the plan ranks by (None: for calibrated,
+    the one on all the calibration documents) and the record kept in the plan's provenance."""
+
+    strategy: str
+    allocate: bool
+    calibration: Any
+    record: dict[str, Any]
+
+
+def choose(bank: Any, select: Callable[[Any, str, bool, Any], list[list[int]]], moe_layers: list[int],
+           model: Any, calib: Any, allocate: bool, allow_allocate: bool, calib_samples: int | None,
+           calib_length: int, folds: int, rounds: int, seed: int, device: str, dtype: str | None,
+           progress: bool, make_bank: Callable[[Any], Any]) -> Choice:
+    """The candidate with the lowest perplexity on the held-out calibration folds. `select(bank, strategy,
+    allocate, calibration)` gives a candidate's resident ids per MoE layer under the plan's budget;
+    `make_bank(trace)` the bank of one fit trace. Without `calib` or `model`: the trace-only choice."""
+    if calib is None or model is None:
+        s = trace_only_choice(bank)
+        why = "no calibration text (--calib)" if calib is None else "no --model to score the calibration text with"
+        note_once(f"auto: {why}: chose {s} from the traces alone (contribution with saliency traces, else weighted, "
+                  "else frequency), without validation")
+        return Choice(s, allocate, None, {"chosen": label(s, allocate), "validated": False, "reason": why})
+    f = fit(model, calib, calib_samples, calib_length, folds, rounds, seed, device, dtype, progress)
+    t0 = time.perf_counter()
+    full = np.concatenate([r.full for r in f.rounds])
+    rows: list[dict[str, Any]] = []
+    nll: dict[str, np.ndarray] = {}
+    for s, a in candidates(bank, allocate, allow_allocate):
+        name = label(s, a)
+        try:
+            per = []
+            for r in f.rounds:
+                res = select(make_bank(r.trace), s, a, r.calibration if s == "calibrated" else None)
+                per.append(window_nll(f.model, r.batches, {moe_layers[p]: ids for p, ids in enumerate(res)}))
+        except MoesiftError as e:
+            rows.append({"strategy": name, "skipped": str(e)})
+            continue
+        x = np.concatenate(per)
+        nll[name] = x[:, 0]
+        rows.append({"strategy": name, "ppl_ratio": math.exp((x[:, 0].sum() - full[:, 0].sum()) / full[:, 1].sum())})
+    if not nll:
+        raise MoesiftError("auto: no candidate strategy could meet the plan: "
+                           + "; ".join(r["skipped"] for r in rows if "skipped" in r))
+    best = min(nll, key=lambda k: nll[k].sum())  # dict order: the cheaper candidate first on ties
+    T = full[:, 1]
+    for row in rows:
+        if row["strategy"] in nll:
+            row["gap"], row["se"] = paired_gap(nll[best], nll[row["strategy"]], T)
+    s_best, a_best = best.removesuffix("+allocate"), best.endswith("+allocate")
+    record = {"chosen": best, "validated": True, "candidates": rows,
+              "validation_windows": int(len(T)), "validation_tokens": int(T.sum()),
+              "fit_documents": [r.fit_documents for r in f.rounds],
+              "validation_documents": [r.validation_documents for r in f.rounds],
+              **f.settings,
+              "seconds": {**f.seconds, **_round_seconds(f), "validate_s": time.perf_counter() - t0},
+              "note": ("held-out perplexity of each candidate's sets chosen from the other folds, as a ratio to the "
+                       "full model; gap: mean log-perplexity minus the chosen one's, se: its paired standard error "
+                       "(windows as units)")}
+    if s_best == "calibrated":
+        record["final_calibration"] = "all the calibration documents"
+    return Choice(s_best, a_best, None, record)
+
+
+def _round_seconds(f: _Fit) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for r in f.rounds:
+        for k, v in r.seconds.items():
+            out[k] = out.get(k, 0.0) + v
+    return out
+
+
+def paired_gap(a: np.ndarray, b: np.ndarray, tokens: np.ndarray) -> tuple[float, float]:
+    """(mean log-perplexity of b minus a, token-weighted; its paired standard error with windows as units,
+    linearised ratio estimator)."""
+    d = b - a
+    T = float(tokens.sum())
+    gap = float(d.sum() / T)
+    n = len(d)
+    se = math.sqrt(n / (n - 1) * float(((d - gap * tokens) ** 2).sum())) / T if n > 1 else float("nan")
+    return gap, se
+
+
+def format_choice(record: dict[str, Any]) -> list[str]:
+    """Lines about an `auto` choice for `format_plan`."""
+    if not record.get("validated"):
+        return [f"  auto: chose {record['chosen']} from the traces alone ({record.get('reason')})"]
+    lines = [f"  auto: chose {record['chosen']} by held-out perplexity on {record['validation_windows']} windows "
+             f"({record['validation_tokens']} tokens) of the calibration text:"]
+    for r in record["candidates"]:
+        if "skipped" in r:
+            lines.append(f"    {r['strategy']:<24} skipped: {r['skipped']}")
+        else:
+            lines.append(f"    {r['strategy']:<24} x{r['ppl_ratio']:.4f}  gap {r['gap']:+.5f} (se {r['se']:.5f})")
+    return lines

@@ -1,0 +1,93 @@
+"""`--strategy auto`: the choice comes from held-out folds of the calibration text only, is reproducible,
+is recorded with every candidate's validation figures, and falls back to the traces alone without text."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+import moesift
+from moesift.core.errors import MoesiftError
+from moesift.evaluation.sweep import sweep
+from moesift.selection import auto
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory, tiny_dir):
+    d = tmp_path_factory.mktemp("auto")
+    rng = random.Random(11)
+    for name, n in (("calib", 16), ("eval", 4)):
+        with open(d / f"{name}.jsonl", "w") as f:
+            for _ in range(n):
+                f.write(json.dumps({"input_ids": [rng.randrange(96) for _ in range(rng.randint(8, 24))]}) + "\n")
+    model = tiny_dir("qwen3_moe")
+    moesift.trace(model, d / "calib.jsonl", out=d / "sal.trace", saliency=True, progress=False)
+    moesift.trace(model, d / "eval.jsonl", out=d / "eval.trace", progress=False)
+    return model, d
+
+
+def _auto_plan(model, d, seed=0):
+    auto._FITS.clear()  # a fresh fit: nothing carried over from another call
+    return moesift.plan(d / "sal.trace", keep=0.5, model=model, calib=str(d / "calib.jsonl"), calib_length=32,
+                        seed=seed, device="cpu", progress=False)
+
+
+def test_auto_records_every_candidate_and_is_reproducible(work):
+    model, d = work
+    p = _auto_plan(model, d)
+    prov = p.provenance
+    a = prov["auto"]
+    assert prov["strategy"] == "auto" and a["validated"] and prov["chosen"] == a["chosen"]
+    names = [c["strategy"] for c in a["candidates"]]
+    assert names == ["frequency", "weighted", "contribution", "calibrated", "frequency+allocate",
+                     "weighted+allocate", "contribution+allocate", "calibrated+allocate"]
+    scored = [c for c in a["candidates"] if "ppl_ratio" in c]
+    assert scored and all(c["ppl_ratio"] > 0 and c["se"] >= 0 for c in scored)
+    best = min(scored, key=lambda c: c["gap"])
+    assert best["strategy"] == a["chosen"] and best["gap"] == 0.0 and all(c["gap"] >= 0 for c in scored)
+    assert prov["allocate"] == a["chosen"].endswith("+allocate")
+    assert a["fit_documents"] == [12] and a["validation_documents"] == [4] and a["seed"] == 0
+    # the same seed gives the same choice, figures and sets; the plan file keeps the record
+    q = _auto_plan(model, d)
+    assert q.provenance["auto"]["candidates"] == a["candidates"] and q.layers == p.layers
+    p.save(d / "auto.json")
+    assert json.loads((d / "auto.json").read_text())["provenance"]["auto"]["chosen"] == a["chosen"]
+    # another seed deals other folds
+    r = _auto_plan(model, d, seed=1)
+    assert r.provenance["auto"]["candidates"] != a["candidates"]
+
+
+def test_auto_never_reads_the_evaluation_data(work, monkeypatch):
+    model, d = work
+    read: list[str] = []
+    real = auto.read_documents
+
+    def spy(paths, *args, **kwargs):
+        read.extend(str(p) for p in paths)
+        return real(paths, *args, **kwargs)
+
+    monkeypatch.setattr(auto, "read_documents", spy)
+    auto._FITS.clear()
+    r = sweep(model, d / "sal.trace", d / "eval.jsonl", keep="0.5", calib=str(d / "calib.jsonl"), json=True,
+              progress=False, timing=False, max_length=32, calib_length=32, device="cpu")
+    pt = r["points"][1]
+    assert pt["strategy"] == "auto" and pt["chosen"] == pt["auto"]["chosen"]
+    assert read == [str(d / "calib.jsonl")] and pt["auto"]["calibration_data"] == [str(d / "calib.jsonl")]
+    # by default auto calibrates on the trace's own workload files: refused when they are the evaluation data
+    with pytest.raises(MoesiftError, match="evaluation data"):
+        sweep(model, d / "eval.trace", d / "eval.jsonl", keep="0.5", json=True, progress=False, timing=False,
+              max_length=32)
+
+
+def test_auto_without_calibration_text_falls_back_in_one_line(work, capsys):
+    model, d = work
+    auto._NOTED.clear()
+    p = moesift.plan(d / "sal.trace", keep=0.5)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "auto" in err and "contribution" in err
+    assert p.provenance["chosen"] == "contribution" and not p.provenance["auto"]["validated"]
+    plain = moesift.plan(d / "eval.trace", keep=0.5, model=model)  # no saliency: weighted
+    assert plain.provenance["chosen"] == "weighted"
+    assert "weighted" in capsys.readouterr().err
