@@ -218,12 +218,8 @@ def sweep(
     model is run for calibration, ``auto`` chooses among the trace-only strategies."""
     keeps, strategies = _check_args(keep, strategy, out, force, input_paths(trace, data, calib, calibration))
     if uses_llamacpp(model, engine, (), device, dtype):
-        traces = list(trace) if isinstance(trace, (list, tuple)) else [trace]
-        result = sweep_llamacpp(model, traces, data, keeps, strategies, max_length=max_length, max_samples=max_samples,
-                                field=field, seed=seed, groups=groups, hf_model=hf_model, progress=progress and not json)
-        for p, on in zip(result["points"], pareto_front([[p["bytes"], p["ppl"]] for p in result["points"]]), strict=True):
-            p["pareto"] = p["pareto_quality"] = on
-        result["winners"] = winners(result["points"])
+        result = _llamacpp_result(model, trace, data, keeps, strategies, max_length, max_samples, field, seed, groups,
+                                  hf_model, progress and not json)
         return _output(result, out, force, json, input_paths(trace, data, calib, calibration))
     mlx = use_mlx(model, engine, device, dtype)
     device = "mlx" if mlx else resolve_device(device)
@@ -273,6 +269,19 @@ def sweep(
     if timing:
         result["ttft_method"] = TTFT_METHOD.format(warmup=TTFT_WARMUP, repeats=TTFT_REPEATS)
     return _output(result, out, force, json, input_paths(trace, data, calib, calibration))
+
+
+def _llamacpp_result(model: Any, trace: Any, data: Any, keeps: list[float], strategies: list[str], max_length: int,
+                     max_samples: int | None, field: Any, seed: int, groups: str, hf_model: Any,
+                     progress: bool) -> dict[str, Any]:
+    """The sweep of a GGUF file in llama.cpp, with its Pareto front and winners marked."""
+    traces = list(trace) if isinstance(trace, (list, tuple)) else [trace]
+    result = sweep_llamacpp(model, traces, data, keeps, strategies, max_length=max_length, max_samples=max_samples,
+                            field=field, seed=seed, groups=groups, hf_model=hf_model, progress=progress)
+    for p, on in zip(result["points"], pareto_front([[p["bytes"], p["ppl"]] for p in result["points"]]), strict=True):
+        p["pareto"] = p["pareto_quality"] = on
+    result["winners"] = winners(result["points"])
+    return result
 
 
 def _output(result: dict[str, Any], out: Any, force: bool, json: bool, inputs: Any) -> dict[str, Any]:
