@@ -16,6 +16,8 @@ EXPECTED = {
     # name: (model_type, n_shared, scoring, grouped)
     "qwen3moe-ref": ("qwen3_moe", 0, "softmax", False),
     "deepseekv3-ref": ("deepseek_v3", 1, "sigmoid", True),
+    "olmoe-ref": ("olmoe", 0, "softmax", False),
+    "qwen2moe-ref": ("qwen2_moe", 1, "softmax", False),
 }
 
 

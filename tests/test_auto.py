@@ -91,3 +91,25 @@ def test_auto_without_calibration_text_falls_back_in_one_line(work, capsys):
     plain = moesift.plan(d / "eval.trace", keep=0.5, model=model)  # no saliency: weighted
     assert plain.provenance["chosen"] == "weighted"
     assert "weighted" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["olmoe-ref", "qwen2moe-ref"])
+def test_auto_on_the_trained_models_of_other_families(name, tmp_path):
+    """The trained OLMoE-like (64 small experts, top-8) and Qwen2-MoE-like (gated shared expert) models: auto
+    validates every candidate on held-out calibration documents and keeps the one with the lowest perplexity."""
+    from moesift.assets import reference_model, workload
+
+    model = reference_model(name)
+    t = moesift.trace(model, workload("code", "trace"), out=tmp_path / "code.trace", saliency=True, max_samples=8,
+                      max_length=64, progress=False)
+    auto._FITS.clear()
+    p = moesift.plan(t, keep=0.25, model=model, calib=str(workload("code", "trace")), calib_samples=16,
+                     calib_length=64, device="cpu", progress=False)
+    a = p.provenance["auto"]
+    scored = [c for c in a["candidates"] if "ppl_ratio" in c]
+    assert len(scored) == 8 and a["chosen"] == min(scored, key=lambda c: (c["gap"], c["ppl_ratio"]))["strategy"]
+    assert p.provenance["chosen"] == a["chosen"]
+    # the plan keeps a quarter of the experts (allocated plans spread it over layers)
+    kept = sum(len(layer["resident"]) for layer in p.to_dict()["layers"])
+    n_experts = json.loads((model / "config.json").read_text())["num_experts"]
+    assert kept == pytest.approx(0.25 * n_experts * len(p.layers), abs=len(p.layers))

@@ -58,10 +58,10 @@ def test_bundled_configs_use_hub_key_names(name):
     cfg = json.loads((reference_model(name) / "config.json").read_text())
     assert adapter_for(cfg).hub_config(cfg) == cfg  # nothing left to rename or add
     assert "rope_theta" in cfg and "rope_scaling" in cfg
-    if cfg["model_type"] == "qwen3_moe":
-        assert cfg["num_experts"] == 32
-    else:
+    if cfg["model_type"] == "deepseek_v3":
         assert (cfg["topk_method"], cfg["scoring_func"], cfg["n_routed_experts"]) == ("noaux_tc", "sigmoid", 32)
+    else:
+        assert cfg["num_experts"] == {"qwen3_moe": 32, "qwen2_moe": 32, "olmoe": 64}[cfg["model_type"]]
 
 
 def _check_keys_kept(src, out):
@@ -106,7 +106,7 @@ def test_bundled_models_compute_what_their_transformers5_form_computes(name, tmp
     cfg = json.loads((src / "config.json").read_text())
     for k in ("rope_theta", "rope_scaling", *adapter_for(cfg).hub_defaults):
         cfg.pop(k, None)
-    if "num_experts" in cfg:
+    if "num_experts" in cfg and cfg["model_type"] == "qwen3_moe":  # transformers 5 names it so
         cfg["num_local_experts"] = cfg.pop("num_experts")
     tensors = load_file(old / "model.safetensors")
     if "lm_head.weight" in tensors:

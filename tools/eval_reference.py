@@ -121,6 +121,13 @@ FAMILY = {
                     "shared expert per MoE layer, first {first_k_dense_replace} layer(s) dense; multi-head latent "
                     "attention. The selection bias was trained without an auxiliary loss: after every step, "
                     "`bias += {bias_rate} * sign(mean_load - load)` per layer from that step's selection counts."),
+    "olmoe": ("OLMoE (`OlmoeForCausalLM`)",
+              "softmax router over {num_experts} small experts, top-{num_experts_per_tok} without renormalising the "
+              "weights, no shared expert; trained with the load-balancing auxiliary loss (coefficient {aux_coef})."),
+    "qwen2_moe": ("Qwen2-MoE (`Qwen2MoeForCausalLM`)",
+                  "softmax router, top-{num_experts_per_tok} of {num_experts} without renormalising the weights, "
+                  "and a shared expert whose output is scaled by a sigmoid gate; trained with the load-balancing "
+                  "auxiliary loss (coefficient {aux_coef})."),
 }
 
 
@@ -147,7 +154,7 @@ def write_card(model_dir: Path, res: dict, table: str, command: str) -> Path:
             f"{cfg['q_lora_rank']}, qk_nope/qk_rope/v head dims {cfg['qk_nope_head_dim']}/{cfg['qk_rope_head_dim']}/"
             f"{cfg['v_head_dim']}" if mt == "deepseek_v3" else
             f"{cfg['num_attention_heads']} query heads, {cfg['num_key_value_heads']} key/value heads, head dim "
-            f"{cfg.get('head_dim')}")
+            f"{cfg.get('head_dim') or cfg['hidden_size'] // cfg['num_attention_heads']}")
     hist = tr.get("history", [])
     curve = "\n".join(
         f"| {h['step']} | {h['tokens'] / 1e6:.2f}M | {h['minutes']} | "

@@ -1,8 +1,10 @@
 """Bundled reference MoE models and workloads (shipped inside the package, usable offline).
 
 - ``reference_model(name)``: directory of a small trained MoE (config.json, model.safetensors, tokenizer files,
-  README.md model card). Names in ``MODELS``: ``qwen3moe-ref`` (Qwen3-MoE: softmax routing, no shared expert)
-  and ``deepseekv3-ref`` (DeepSeek-V3: shared expert, sigmoid routing with a selection bias, group-limited).
+  README.md model card). Names in ``MODELS``: ``qwen3moe-ref`` (Qwen3-MoE: softmax routing, no shared expert),
+  ``deepseekv3-ref`` (DeepSeek-V3: shared expert, sigmoid routing with a selection bias, group-limited),
+  ``olmoe-ref`` (OLMoE: 64 small experts, top-8, no shared expert) and ``qwen2moe-ref`` (Qwen2-MoE: a gated
+  shared expert, un-normalised top-k weights).
 - ``workload(domain, split)``: JSONL file with a ``text`` field. Domains in ``DOMAINS``: code, prose,
   literature, math. Splits in ``SPLITS``: ``trace`` (prompts for tracing) and ``eval`` (held-out texts, disjoint
   from the trace prompts and from the models' training data).
@@ -17,7 +19,7 @@ from pathlib import Path
 from ..core.errors import MoesiftError
 
 ROOT = Path(__file__).resolve().parent
-MODELS = ("qwen3moe-ref", "deepseekv3-ref")
+MODELS = ("qwen3moe-ref", "deepseekv3-ref", "olmoe-ref", "qwen2moe-ref")
 DOMAINS = ("code", "prose", "literature", "math")
 SPLITS = ("trace", "eval")
 
