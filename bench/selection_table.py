@@ -18,11 +18,12 @@ full model on the held-out fold), its validations at every budget, and the calib
 scored on the calibration prompts themselves (what the calibrated greedy saw): the gap between that and the
 eval split is how much a strategy overfits its calibration tokens.
 
-Models: bundled names (``qwen3moe-ref``, ``deepseekv3-ref``; workloads from ``moesift/assets/workloads``)
-or model directories (workloads ``{domain}.trace.jsonl`` / ``{domain}.eval.jsonl`` from ``--corpus``).
+Models: bundled names (``qwen3moe-ref``, ``deepseekv3-ref``, ``olmoe-ref``, ``qwen2moe-ref``; workloads from
+``moesift/assets/workloads``) or model directories (workloads ``{domain}.trace.jsonl`` / ``{domain}.eval.jsonl``
+from ``--corpus``, as docs/planning.md's table reads them for the OLMoE- and Qwen2-MoE-like models).
 
-    OMP_NUM_THREADS=2 python bench/selection_table.py --models qwen3moe-ref deepseekv3-ref \\
-        build/models/olmoe-ref build/models/qwen2moe-ref --corpus build/corpus --json-out table.json
+    OMP_NUM_THREADS=1 python bench/selection_table.py --models qwen3moe-ref deepseekv3-ref \\
+        moesift/assets/models/olmoe-ref moesift/assets/models/qwen2moe-ref --corpus build/corpus --json-out table.json
 """
 
 from __future__ import annotations
