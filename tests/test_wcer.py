@@ -163,4 +163,4 @@ def test_weighted_plan_says_it_uses_the_applied_weights():
     t.arrays["weight_mass"] = t.counts * 0.5
     p = moesift.plan(t, keep=0.5, strategy="weighted")
     assert "applied" in p.predictions["strategy_note"] and "selected_prob_mass" in p.predictions["strategy_note"]
-    assert "strategy_note" not in moesift.plan(t, keep=0.5).predictions
+    assert "strategy_note" not in moesift.plan(t, keep=0.5, strategy="frequency").predictions
