@@ -9,7 +9,6 @@ changes how text would be split into tokens but nothing the comparison looks at:
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from ..core.errors import MoesiftError
+from .llamacpp_child import LlamaChild
 from .runner import standard_config
 
 ENV = "MOESIFT_LLAMA_CPP"
@@ -145,54 +145,24 @@ class LlamaCppRunner:
         self.notes: list[str] = []
         self.work = work_dir
         self.n = 0
-        self.err_path = work_dir / "llama.stderr"
-        self.err = self.err_path.open("w")
-        env = {**os.environ, "GGML_NO_BACKTRACE": "1"}
-        self.proc = subprocess.Popen([sys.executable, "-c", _WORKER, str(gguf_path), str(n_ctx)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=self.err, text=True, env=env)
-        msg = self._read()
+        self.child = LlamaChild(["-c", _WORKER, str(gguf_path), str(n_ctx)], work_dir / "llama.stderr",
+                                "the converted checkpoint")
+        msg = self.child.read()
         if "error" in msg:
             self.close()
             raise MoesiftError(f"llama.cpp cannot load the GGUF file converted from the checkpoint: {msg['error']}")
 
-    def _read(self) -> dict[str, Any]:
-        line = self.proc.stdout.readline() if self.proc.stdout else ""
-        if not line:
-            self.proc.wait()
-            self.err.flush()
-            lines = [x for x in self.err_path.read_text(errors="replace").splitlines() if x.strip()]
-            why = next((x for x in lines if "GGML_ASSERT" in x or "error" in x.lower()), lines[-1] if lines else "")
-            self.close()
-            raise MoesiftError(f"llama.cpp stopped (exit code {self.proc.returncode}) running the converted checkpoint: "
-                               f"{' '.join(why.split())[:300]}")
-        return json.loads(line)
-
     def run(self, ids: list[int], n: int) -> tuple[Any, list[int]]:
         self.n += 1
         out = self.work / f"logits-{self.n}.npy"
-        assert self.proc.stdin is not None
-        try:
-            self.proc.stdin.write(json.dumps({"ids": list(ids), "n": n, "out": str(out)}) + "\n")
-            self.proc.stdin.flush()
-        except BrokenPipeError:
-            pass  # the child died; _read says why
-        greedy = self._read()["greedy"]
+        self.child.send({"ids": list(ids), "n": n, "out": str(out)})
+        greedy = self.child.read()["greedy"]
         logits = np.load(out)
         out.unlink()
         return logits, greedy
 
     def close(self) -> None:
-        proc = getattr(self, "proc", None)
-        if proc is not None and proc.poll() is None:
-            if proc.stdin:
-                proc.stdin.close()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if not self.err.closed:
-            self.err.close()
+        self.child.close()
 
 
 def open(trimmed: Path, record: dict[str, Any] | None, work_dir: Path, max_tokens: int) -> LlamaCppRunner:  # noqa: A001

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -18,6 +16,7 @@ import numpy as np
 from ..core.errors import MoesiftError
 from ..formats.gguf import GGUFIndex
 from .choose import require
+from .llamacpp_child import LlamaChild
 
 WORKER = Path(__file__).with_name("llamacpp_worker.py")
 
@@ -43,37 +42,17 @@ class GGUFSession:
                                "layers": list(spec.moe_layers) if route else [],
                                "overrides": {index.key("expert_used_count"): k} if top_k else {}}
         self.name = f"llama.cpp (llama-cpp-python {llama_cpp_version()})"
-        self.err_path = work_dir / f"llama-{os.getpid()}-{id(self)}.stderr"
-        self.err = self.err_path.open("w")
-        env = {**os.environ, "GGML_NO_BACKTRACE": "1"}
-        self.proc = subprocess.Popen([sys.executable, str(WORKER), json.dumps(cfg)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=self.err, text=True, env=env)
-        msg = self._read()
+        self.child = LlamaChild([str(WORKER), json.dumps(cfg)], work_dir / f"llama-{os.getpid()}-{id(self)}.stderr",
+                                repr(str(index.directory)))
+        msg = self.child.read()
         if "error" in msg:
             self.close()
             raise MoesiftError(f"llama.cpp cannot load {str(index.directory)!r}: {msg['error']}")
         self.n_vocab = int(msg["n_vocab"])
 
-    def _read(self) -> dict[str, Any]:
-        line = self.proc.stdout.readline() if self.proc.stdout else ""
-        if not line:
-            self.proc.wait()
-            self.err.flush()
-            lines = [x for x in self.err_path.read_text(errors="replace").splitlines() if x.strip()]
-            why = next((x for x in lines if "GGML_ASSERT" in x or "error" in x.lower()), lines[-1] if lines else "")
-            self.close()
-            raise MoesiftError(f"llama.cpp stopped (exit code {self.proc.returncode}) running "
-                               f"{str(self.index.directory)!r}: {' '.join(why.split())[:300]}")
-        return json.loads(line)
-
     def ask(self, req: dict[str, Any]) -> dict[str, Any]:
-        assert self.proc.stdin is not None
-        try:
-            self.proc.stdin.write(json.dumps(req) + "\n")
-            self.proc.stdin.flush()
-        except BrokenPipeError:
-            pass  # the child died; _read says why
-        ans = self._read()
+        self.child.send(req)
+        ans = self.child.read()
         if "error" in ans:
             raise MoesiftError(f"llama.cpp failed on {str(self.index.directory)!r}: {ans['error']}")
         return ans
@@ -107,18 +86,7 @@ class GGUFSession:
         self.close()
 
     def close(self) -> None:
-        proc = getattr(self, "proc", None)
-        if proc is not None and proc.poll() is None:
-            if proc.stdin:
-                proc.stdin.close()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if not self.err.closed:
-            self.err.close()
-        self.err_path.unlink(missing_ok=True)
+        self.child.close()
 
 
 class GGUFTokenizer:
