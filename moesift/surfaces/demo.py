@@ -41,7 +41,17 @@ from ..evaluation.verify import verify
 from ..record.tracer import trace
 from ..selection.planner import plan as make_plan
 from .demo_mlx import SOURCE, MlxPipeline
-from .demo_parts import MARKER, eval_summary, model_card, report_summary, settings
+from .demo_parts import (
+    MARKER,
+    domain_row,
+    eval_summary,
+    fewer_experts,
+    model_card,
+    plan_summary,
+    settings,
+    sweep_summary,
+    workloads_summary,
+)
 from .report import compare as compare_traces
 from .report import report as report_traces
 
@@ -195,15 +205,7 @@ class _Pipeline:
         for name, mdir in self.models.items():
             paths = [self.traces[name][d] for d in assets.DOMAINS]
             rep = report_traces(paths, model=mdir, json=True, locality_tokens=None, cache_tokens=None)
-            cmp_ = compare_traces(paths, keep=0.5, json=True)
-            mres = self.res["models"][name]
-            mres["report"] = report_summary(rep)
-            mres["compare"] = {k: cmp_[k] for k in ("workloads", "keep", "experts_kept", "cross_coverage",
-                                                    "jaccard", "target", "union") if k in cmp_}
-            cc = cmp_["cross_coverage"]
-            n = len(cc)
-            mres["self_coverage"] = sum(cc[i][i] for i in range(n)) / n
-            mres["cross_coverage_mean"] = sum(cc[i][j] for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+            self.res["models"][name].update(workloads_summary(rep, compare_traces(paths, keep=0.5, json=True)))
         self.clock.stage("reported and compared the workloads")
 
     def plan_trim_verify(self) -> Any:
@@ -213,15 +215,12 @@ class _Pipeline:
         plan_path = tmp / f"plan-{domain}-50.json"
         pl = make_plan(self.traces[model][domain], keep=0.5, model=mdir, out=plan_path, strategy="frequency")
         trimmed = trim(mdir, pl, tmp / f"{model}-{domain}-50", progress=False)
-        trimmed_bytes = sum(f.stat().st_size for f in Path(trimmed).glob("*.safetensors"))
         ver = verify(mdir, trimmed, data=self.eval_files[domain], max_new_tokens=st["new_tokens"],
                      max_samples=st["verify_docs"], dtype="float32", progress=False)
-        self.res["plan"] = {"file": plan_path.name, "keep": 0.5, "strategy": "frequency", "predictions": pl.predictions,
-                            "trimmed_dir": Path(trimmed).name, "trimmed_safetensors_bytes": trimmed_bytes,
-                            "verify": {k: ver.get(k) for k in ("top1_agreement", "max_abs_logit_diff",
-                                                               "max_rel_logit_diff", "generations_identical", "ok",
-                                                               "prompts", "tokens", "params_full", "params_trimmed")
-                                       if k in ver}}
+        self.res["plan"] = plan_summary(plan_path, pl, trimmed, ver, ("top1_agreement", "max_abs_logit_diff",
+                                                                      "max_rel_logit_diff", "generations_identical",
+                                                                      "ok", "prompts", "tokens", "params_full",
+                                                                      "params_trimmed"))
         self.clock.stage(f"planned 50% of {model}'s experts for {domain}, trimmed and verified")
         return pl
 
@@ -230,27 +229,21 @@ class _Pipeline:
         on the other model with its own plan."""
         model, domain, st, res, ef = self.model, self.domain, self.st, self.res, self.eval_files
         m, tok = self.loaded[model]
-        spec_k = res["models"][model]["card"]["top_k"]
-        ks = sorted({k for k in (spec_k // 2, spec_k // 4) if k >= 1}, reverse=True)
-        ev = eval_model(m, ef[domain], plans=[pl], top_k=ks, top_p=st["top_p"], max_length=st["eval_len"],
+        ev = eval_model(m, ef[domain], plans=[pl], top_k=fewer_experts(res["models"][model]["card"]["top_k"]), top_p=st["top_p"], max_length=st["eval_len"],
                         max_samples=st["eval_docs"], tokenizer=tok, progress=False, json=True)
         res["eval"] = eval_summary(ev)
         cross = []
         for d in assets.DOMAINS:
             e = ev if d == domain else eval_model(m, ef[d], plans=[pl], max_length=st["eval_len"],
                                                   max_samples=st["eval_docs"], tokenizer=tok, progress=False, json=True)
-            cross.append({"domain": d, "ppl_full": e["results"][0]["ppl"], "ppl_plan": e["results"][1]["ppl"],
-                          "ratio": e["results"][1]["ppl_ratio"]})
+            cross.append(domain_row(d, e))
         res["plan_on_each_domain"] = cross
         self.clock.stage("evaluated perplexity (full, plan, top-k, top-p, plan across domains)")
         res["other_models"] = {}
         for name in [n for n in self.models if n != model]:
             om, otok = self.loaded[name]
             opl = make_plan(self.traces[name][domain], keep=0.5, model=self.models[name], strategy="frequency")
-            ocard = res["models"][name]["card"]
-            oks = sorted({k for k in (ocard["top_k"] // 2, ocard["top_k"] // 4) if k >= 1}, reverse=True)
-            if not st["other_top"]:
-                oks = []
+            oks = fewer_experts(res["models"][name]["card"]["top_k"]) if st["other_top"] else []
             oev = eval_model(om, ef[domain], plans=[opl], top_k=oks, top_p=st["top_p"] if st["other_top"] else (),
                              max_length=st["eval_len"],
                              max_samples=st["eval_docs"], tokenizer=otok, progress=False, json=True)
@@ -264,11 +257,7 @@ class _Pipeline:
         sw = sweep(self.models[model], self.traces[model][domain], ef[domain], keep=st["keep"],
                    strategy=st["strategies"], json=True, max_length=st["eval_len"], max_samples=st["eval_docs"],
                    timing=st["timing"], dtype="float32", progress=False)
-        for p in sw["points"]:
-            p.pop("plan", None)
-        sw["traces"] = [f"traces/{model}.{domain}.trace"]
-        sw["data"] = [f"bundled {domain} held-out texts ({ef[domain].name})"]
-        self.res["sweep"] = sw
+        self.res["sweep"] = sweep_summary(sw, model, domain, ef[domain])
         self.clock.stage("swept strategies x budgets")
 
 

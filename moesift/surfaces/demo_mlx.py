@@ -25,7 +25,17 @@ from ..evaluation.verify import verify
 from ..formats.checkpoint import CheckpointIndex
 from ..record.tracer import trace
 from ..selection.planner import plan as make_plan
-from .demo_parts import MARKER, eval_summary, model_card, report_summary, settings
+from .demo_parts import (
+    MARKER,
+    domain_row,
+    eval_summary,
+    fewer_experts,
+    model_card,
+    plan_summary,
+    settings,
+    sweep_summary,
+    workloads_summary,
+)
 from .report import compare as compare_traces
 from .report import report as report_traces
 
@@ -98,15 +108,7 @@ class MlxPipeline:
         """Report and compare the four workloads."""
         paths = [self.traces[d] for d in assets.DOMAINS]
         rep = report_traces(paths, model=self.mdir, json=True, locality_tokens=None, cache_tokens=None)
-        cmp_ = compare_traces(paths, keep=0.5, json=True)
-        mres = self.res["models"][self.name]
-        mres["report"] = report_summary(rep)
-        mres["compare"] = {k: cmp_[k] for k in ("workloads", "keep", "experts_kept", "cross_coverage", "jaccard",
-                                                "target", "union") if k in cmp_}
-        cc = cmp_["cross_coverage"]
-        n = len(cc)
-        mres["self_coverage"] = sum(cc[i][i] for i in range(n)) / n
-        mres["cross_coverage_mean"] = sum(cc[i][j] for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+        self.res["models"][self.name].update(workloads_summary(rep, compare_traces(paths, keep=0.5, json=True)))
         self.clock.stage("reported and compared the workloads")
 
     def plan_trim_verify(self) -> Any:
@@ -115,22 +117,18 @@ class MlxPipeline:
         plan_path = tmp / f"plan-{domain}-50.json"
         pl = make_plan(self.traces[domain], keep=0.5, model=self.mdir, uniform=True, out=plan_path)
         trimmed = trim(self.mdir, pl, tmp / f"{self.name}-{domain}-50", progress=False)
-        trimmed_bytes = sum(f.stat().st_size for f in Path(trimmed).glob("*.safetensors"))
         ver = verify(self.mdir, trimmed, data=self.eval_files[domain], max_new_tokens=st["new_tokens"],
                      max_samples=st["verify_docs"], progress=False)
-        self.res["plan"] = {"file": plan_path.name, "keep": 0.5, "strategy": "frequency", "predictions": pl.predictions,
-                            "trimmed_dir": Path(trimmed).name, "trimmed_safetensors_bytes": trimmed_bytes,
-                            "verify": {k: ver.get(k) for k in ("top1_agreement", "max_abs_logit_diff",
-                                                               "max_rel_logit_diff", "generations_identical", "ok",
-                                                               "prompts", "tokens", "engine") if k in ver}}
+        self.res["plan"] = plan_summary(plan_path, pl, trimmed, ver, ("top1_agreement", "max_abs_logit_diff",
+                                                                      "max_rel_logit_diff", "generations_identical",
+                                                                      "ok", "prompts", "tokens", "engine"))
         self.clock.stage(f"planned 50% of the experts for {domain}, trimmed the MLX folder and verified in mlx-lm")
         return pl
 
     def evaluate(self, pl: Any) -> None:
         """Perplexity in mlx-lm: full, plan, fewer experts, top-p; the plan on every workload."""
         domain, st, res, ef = self.domain, self.st, self.res, self.eval_files
-        k = res["models"][self.name]["card"]["top_k"]
-        ks = sorted({x for x in (k // 2, k // 4) if x >= 1}, reverse=True)
+        ks = fewer_experts(res["models"][self.name]["card"]["top_k"])
         kw = dict(max_length=st["eval_len"], max_samples=st["eval_docs"], progress=False, json=True, engine="mlx")
         ev = eval_model(self.mdir, ef[domain], plans=[pl], top_k=ks, top_p=st["top_p"], **kw)
         res["eval"] = eval_summary(ev)
@@ -138,8 +136,7 @@ class MlxPipeline:
         cross = []
         for d in ([domain] if self.quick else assets.DOMAINS):  # quick: the plan on its own workload only
             e = ev if d == domain else eval_model(self.mdir, ef[d], plans=[pl], **kw)
-            cross.append({"domain": d, "ppl_full": e["results"][0]["ppl"], "ppl_plan": e["results"][1]["ppl"],
-                          "ratio": e["results"][1]["ppl_ratio"]})
+            cross.append(domain_row(d, e))
         res["plan_on_each_domain"] = cross
         res["other_models"] = {}
         self.clock.stage("evaluated perplexity in mlx-lm (full, plan, top-k, top-p, plan across domains)")
@@ -150,9 +147,5 @@ class MlxPipeline:
         sw = sweep(self.mdir, self.traces[domain], ef[domain], keep=st["keep"], strategy=st["strategies"], json=True,
                    max_length=st["eval_len"], max_samples=st["eval_docs"], uniform=True, progress=False,
                    engine="mlx")
-        for p in sw["points"]:
-            p.pop("plan", None)
-        sw["traces"] = [f"traces/{self.name}.{domain}.trace"]
-        sw["data"] = [f"bundled {domain} held-out texts ({ef[domain].name})"]
-        self.res["sweep"] = sw
+        self.res["sweep"] = sweep_summary(sw, self.name, domain, ef[domain])
         self.clock.stage("swept strategies x budgets in mlx-lm")

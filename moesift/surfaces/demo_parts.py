@@ -97,3 +97,43 @@ def eval_summary(ev: dict[str, Any]) -> dict[str, Any]:
     return {"data": ev["data"], "tokens": ev["tokens"], "windows": ev["windows"],
             "results": [{k: r.get(k) for k in ("name", "kind", "k", "p", "ppl", "ppl_ratio", "mean_active")
                          if r.get(k) is not None} for r in ev["results"]]}
+
+
+def workloads_summary(rep: dict[str, Any], cmp_: dict[str, Any]) -> dict[str, Any]:
+    """A model's report and comparison of its workloads, with the mean coverage of a workload's own set and of
+    the other workloads' sets."""
+    cc = cmp_["cross_coverage"]
+    n = len(cc)
+    return {"report": report_summary(rep),
+            "compare": {k: cmp_[k] for k in ("workloads", "keep", "experts_kept", "cross_coverage", "jaccard",
+                                             "target", "union") if k in cmp_},
+            "self_coverage": sum(cc[i][i] for i in range(n)) / n,
+            "cross_coverage_mean": sum(cc[i][j] for i in range(n) for j in range(n) if i != j) / (n * (n - 1))}
+
+
+def plan_summary(plan_path: Path, pl: Any, trimmed: Path, ver: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    """The demo's plan, the bytes of its trimmed safetensors and the figures `keys` of its verify."""
+    return {"file": plan_path.name, "keep": 0.5, "strategy": "frequency", "predictions": pl.predictions,
+            "trimmed_dir": Path(trimmed).name,
+            "trimmed_safetensors_bytes": sum(f.stat().st_size for f in Path(trimmed).glob("*.safetensors")),
+            "verify": {k: ver.get(k) for k in keys if k in ver}}
+
+
+def fewer_experts(top_k: int) -> list[int]:
+    """The top-k values the demo evaluates below the model's own: half and a quarter of it, at least 1."""
+    return sorted({k for k in (top_k // 2, top_k // 4) if k >= 1}, reverse=True)
+
+
+def domain_row(domain: str, ev: dict[str, Any]) -> dict[str, Any]:
+    """Full and plan perplexity of an eval with one plan, on one workload."""
+    return {"domain": domain, "ppl_full": ev["results"][0]["ppl"], "ppl_plan": ev["results"][1]["ppl"],
+            "ratio": ev["results"][1]["ppl_ratio"]}
+
+
+def sweep_summary(sw: dict[str, Any], trace_name: str, domain: str, eval_file: Path) -> dict[str, Any]:
+    """A sweep result for the demo's summary: points without their plans, inputs named as the page shows them."""
+    for p in sw["points"]:
+        p.pop("plan", None)
+    sw["traces"] = [f"traces/{trace_name}.{domain}.trace"]
+    sw["data"] = [f"bundled {domain} held-out texts ({eval_file.name})"]
+    return sw
