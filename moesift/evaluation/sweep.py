@@ -52,6 +52,7 @@ from ..selection.auto import AUTO
 from ..selection.planner import plan as make_plan
 from .eval_gguf import uses_llamacpp
 from .evaluate import perplexity_runs, prepare, use_mlx
+from .plan_grid import plan_grid
 from .sweep_gguf import sweep_llamacpp
 
 OBJECTIVES = ("bytes", "ppl", "ttft_s")
@@ -332,27 +333,20 @@ def _plans(traces: list[Any], strategies: list[str], keeps: list[float], mdir: P
            dtype: str | None, progress: bool,
            auto: tuple[int, int] = (4, 1)) -> tuple[list[tuple[str, float, Any]], list[dict[str, str]]]:
     """(strategy, keep, plan) of every point, and the strategies the traces cannot support (skipped)."""
-    plans: list[tuple[str, float, Any]] = []
-    skipped: list[dict[str, str]] = []
-    for s in strategies:
+
+    def build(s: str, k: float) -> Any:
         base, alloc = s.removesuffix("+allocate"), s.endswith("+allocate")
-        for k in keeps:
-            try:
-                plans.append((s, k, make_plan(traces, keep=k, strategy=base, model=mdir, seed=seed,
-                                              uniform=uniform and not alloc, allocate=alloc, calib=calib,
-                                              calibration=calibration, calib_samples=calib_samples,
-                                              calib_length=calib_length, device=device, dtype=dtype,
-                                              progress=progress, groups=groups, auto_folds=auto[0],
-                                              auto_rounds=auto[1])))
-            except MoesiftError as e:
-                if (base in ("saliency", "contribution") and "saliency" in str(e)) or \
-                        (base == "calibrated" and "calibrat" in str(e) and calib is None and calibration is None):
-                    skipped.append({"strategy": s, "reason": str(e)})
-                    break
-                raise
-    if not plans:
-        raise MoesiftError("no plan could be built: " + "; ".join(x["reason"] for x in skipped))
-    return plans, skipped
+        return make_plan(traces, keep=k, strategy=base, model=mdir, seed=seed, uniform=uniform and not alloc,
+                         allocate=alloc, calib=calib, calibration=calibration, calib_samples=calib_samples,
+                         calib_length=calib_length, device=device, dtype=dtype, progress=progress, groups=groups,
+                         auto_folds=auto[0], auto_rounds=auto[1])
+
+    def skippable(s: str, e: MoesiftError) -> bool:
+        base = s.removesuffix("+allocate")
+        return (base in ("saliency", "contribution") and "saliency" in str(e)) or \
+            (base == "calibrated" and "calibrat" in str(e) and calib is None and calibration is None)
+
+    return plan_grid(strategies, keeps, build, skippable)
 
 
 def _perplexities(mdir: Path, data: Any, plans: list[tuple[str, float, Any]], field: str | None,

@@ -9,33 +9,25 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ..core.errors import MoesiftError
 from ..selection.planner import plan as make_plan
 from .eval_gguf import eval_llamacpp
+from .plan_grid import plan_grid
+
+
+def _refused(s: str) -> str | None:
+    if s.endswith("+allocate") or s.startswith("calibrated"):
+        why = ("spreads the budget unevenly over layers, and a GGUF file has one expert count"
+               if s.endswith("+allocate") else "calibrates the transformers checkpoint; plan it there")
+        return f"not with --engine llama.cpp: {why}"
+    return None
 
 
 def _plans(traces: list[Any], strategies: list[str], keeps: list[float], seed: int, groups: str,
            progress: bool) -> tuple[list[tuple[str, float, Any]], list[dict[str, str]]]:
-    plans: list[tuple[str, float, Any]] = []
-    skipped: list[dict[str, str]] = []
-    for s in strategies:
-        if s.endswith("+allocate") or s.startswith("calibrated"):
-            why = ("spreads the budget unevenly over layers, and a GGUF file has one expert count"
-                   if s.endswith("+allocate") else "calibrates the transformers checkpoint; plan it there")
-            skipped.append({"strategy": s, "reason": f"not with --engine llama.cpp: {why}"})
-            continue
-        for k in keeps:
-            try:
-                plans.append((s, k, make_plan(traces, keep=k, strategy=s, seed=seed, uniform=True, groups=groups,
-                                              progress=progress)))
-            except MoesiftError as e:
-                if s in ("saliency", "contribution") and "saliency" in str(e):
-                    skipped.append({"strategy": s, "reason": str(e)})
-                    break
-                raise
-    if not plans:
-        raise MoesiftError("no plan could be built: " + "; ".join(x["reason"] for x in skipped))
-    return plans, skipped
+    return plan_grid(strategies, keeps,
+                     lambda s, k: make_plan(traces, keep=k, strategy=s, seed=seed, uniform=True, groups=groups,
+                                            progress=progress),
+                     lambda s, e: s in ("saliency", "contribution") and "saliency" in str(e), _refused)
 
 
 def sweep_llamacpp(model: str | os.PathLike, traces: list[Any], data: Any, keeps: list[float], strategies: list[str],
