@@ -34,3 +34,10 @@ def tiny_dir(tmp_path_factory):
         return cache[model_type]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def llama():
+    """Skips a test without llama-cpp-python and gguf-py (moesift[gguf])."""
+    pytest.importorskip("llama_cpp", reason="needs moesift[gguf] (llama-cpp-python)")
+    pytest.importorskip("gguf", reason="needs moesift[gguf]")

@@ -4,7 +4,15 @@ anyway), and a small byte-pair tokenizer, since llama.cpp's converter writes the
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+import pytest
+
+# llama.cpp's tests need llama-cpp-python (it builds llama.cpp from source) and llama.cpp's converter, whose
+# tree MOESIFT_LLAMA_CPP names; CI has neither, bench/engines.py sets both up
+needs_llama = pytest.mark.skipif(
+    not os.environ.get("MOESIFT_LLAMA_CPP"), reason="needs moesift[gguf] and MOESIFT_LLAMA_CPP (bench/engines.py)")
 
 # engine -> {family: config overrides of the tiny model}
 ENGINE_FAMILIES: dict[str, dict[str, dict]] = {

@@ -36,6 +36,18 @@ def assert_one_error(code: int, err: str, *needles: str) -> None:
         assert n in lines[0], (n, lines[0])
 
 
+def cli_one_error_line(args: list[str], monkeypatch, capsys, *needles: str) -> str:
+    """`moesift ARGS` exits 2 with nothing on stdout and one `moesift: error:` line alone on stderr,
+    mentioning each needle; that line."""
+    code, stdout, err = run_cli(args, monkeypatch, capsys)
+    assert code == 2 and not stdout
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("moesift: error: "), err
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
 def with_tokenizer(dst: Path, vocab_size: int) -> None:
     """Save a word-level tokenizer over the vocabulary ("w2" .. "wN") into `dst`."""
     from tokenizers import Tokenizer

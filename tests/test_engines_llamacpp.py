@@ -5,12 +5,11 @@ bench/engines.py sets them up and runs them."""
 
 from __future__ import annotations
 
-import os
 import sys
 
 import pytest
-from engine_models import ENGINE_FAMILIES, engine_model
-from hostile import run_cli
+from engine_models import ENGINE_FAMILIES, engine_model, needs_llama
+from hostile import cli_one_error_line, run_cli
 from test_trim import plan_for
 
 from moesift.apply.trim import trim
@@ -19,29 +18,11 @@ from moesift.evaluation.verify import verify
 from moesift.formats.checkpoint import CheckpointIndex
 
 
-def _one_error_line(args, monkeypatch, capsys, *needles):
-    code, stdout, err = run_cli(args, monkeypatch, capsys)
-    lines = err.strip().splitlines()
-    assert code == 2 and not stdout and len(lines) == 1 and lines[0].startswith("moesift: error: "), err
-    for n in needles:
-        assert n in lines[0], lines[0]
-
-
 def test_missing_extra_names_it(tiny_dir, tmp_path, monkeypatch, capsys):
     """Runs everywhere: with llama_cpp hidden, --engine llama.cpp says which extra to install."""
     monkeypatch.setitem(sys.modules, "llama_cpp", None)
-    _one_error_line(["verify", str(tiny_dir("olmoe")), str(tmp_path), "--engine", "llama.cpp"], monkeypatch, capsys,
-                    "moesift[gguf]", "'llama_cpp'")
-
-
-needs_llama = pytest.mark.skipif(
-    not os.environ.get("MOESIFT_LLAMA_CPP"), reason="needs moesift[gguf] and MOESIFT_LLAMA_CPP (bench/engines.py)")
-
-
-@pytest.fixture(scope="module")
-def llama():
-    pytest.importorskip("llama_cpp", reason="needs moesift[gguf] (llama-cpp-python)")
-    pytest.importorskip("gguf", reason="needs moesift[gguf]")
+    cli_one_error_line(["verify", str(tiny_dir("olmoe")), str(tmp_path), "--engine", "llama.cpp"], monkeypatch, capsys,
+                       "moesift[gguf]", "'llama_cpp'")
 
 
 def _uniform_trim(src, out):
@@ -92,19 +73,19 @@ def test_what_llamacpp_cannot_run_is_one_line(llama, tiny_dir, tmp_path, monkeyp
 
     d = reference_model("deepseekv3-ref")  # no q_lora_rank
     out = _uniform_trim(d, tmp_path / "ds")
-    _one_error_line(["verify", str(d), str(out), "--engine", "llama.cpp"], monkeypatch, capsys, "q_lora_rank")
+    cli_one_error_line(["verify", str(d), str(out), "--engine", "llama.cpp"], monkeypatch, capsys, "q_lora_rank")
     src = tiny_dir("qwen3_moe")  # a dense layer
     out = _uniform_trim(src, tmp_path / "q")
-    _one_error_line(["verify", str(src), str(out), "--engine", "llama.cpp"], monkeypatch, capsys, "dense layers")
+    cli_one_error_line(["verify", str(src), str(out), "--engine", "llama.cpp"], monkeypatch, capsys, "dense layers")
     out = trim(src, plan_for(CheckpointIndex.build(src).spec, uniform=False), tmp_path / "nu", progress=False)
-    _one_error_line(["verify", str(src), str(out), "--engine", "llama.cpp"], monkeypatch, capsys, "--uniform")
+    cli_one_error_line(["verify", str(src), str(out), "--engine", "llama.cpp"], monkeypatch, capsys, "--uniform")
 
 
 @needs_llama
 def test_missing_converter_or_tokenizer_is_one_line(llama, tmp_path, monkeypatch, capsys):
     src = engine_model("llama.cpp", "olmoe", tmp_path / "src")  # no tokenizer files
     out = _uniform_trim(src, tmp_path / "t")
-    _one_error_line(["verify", str(src), str(out), "--engine", "llama.cpp"], monkeypatch, capsys, "tokenizer")
+    cli_one_error_line(["verify", str(src), str(out), "--engine", "llama.cpp"], monkeypatch, capsys, "tokenizer")
     monkeypatch.setenv("MOESIFT_LLAMA_CPP", str(tmp_path))
     with pytest.raises(MoesiftError, match="convert_hf_to_gguf.py"):
         verify(src, out, engine="llama.cpp", progress=False)

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 from engine_models import ENGINE_FAMILIES, engine_model
-from hostile import run_cli
+from hostile import cli_one_error_line, run_cli
 from test_trim import plan_for
 
 from moesift.apply.trim import trim
@@ -94,21 +94,11 @@ def test_cli_json_has_the_keys_of_the_transformers_check(tiny_dir, tmp_path, mon
     assert code == 0 and "mlx-lm" in stdout and "OK" in stdout
 
 
-def _one_error_line(args, monkeypatch, capsys, *needles):
-    code, stdout, err = run_cli(args, monkeypatch, capsys)
-    assert code == 2 and not stdout
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("moesift: error: "), err
-    for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
-
-
 def test_nonuniform_trim_is_refused_in_one_line(tiny_dir, tmp_path, monkeypatch, capsys):
     src = tiny_dir("qwen3_moe")
     out = trim(src, plan_for(CheckpointIndex.build(src).spec, uniform=False), tmp_path / "t", progress=False)
-    _one_error_line(["verify", str(src), str(out), "--engine", "mlx"], monkeypatch, capsys,
-                    "different number of experts per layer", "--uniform")
+    cli_one_error_line(["verify", str(src), str(out), "--engine", "mlx"], monkeypatch, capsys,
+                       "different number of experts per layer", "--uniform")
 
 
 @pytest.mark.parametrize("model_type,needle", [
@@ -119,19 +109,19 @@ def test_nonuniform_trim_is_refused_in_one_line(tiny_dir, tmp_path, monkeypatch,
 def test_what_mlx_cannot_run_is_one_line(model_type, needle, tiny_dir, tmp_path, monkeypatch, capsys):
     src = tiny_dir(model_type)
     out = _uniform_trim(src, tmp_path / "t")
-    _one_error_line(["verify", str(src), str(out), "--engine", "mlx"], monkeypatch, capsys, needle)
+    cli_one_error_line(["verify", str(src), str(out), "--engine", "mlx"], monkeypatch, capsys, needle)
 
 
 @pytest.mark.parametrize("hidden", ["mlx_lm", "mlx"])
 def test_missing_extra_names_it(hidden, tiny_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, hidden, None)  # import of a None entry raises ImportError
-    line = _one_error_line(["verify", str(tiny_dir("olmoe")), str(tmp_path / "nowhere"), "--engine", "mlx"],
-                           monkeypatch, capsys, "moesift[mlx]", repr(hidden))
+    line = cli_one_error_line(["verify", str(tiny_dir("olmoe")), str(tmp_path / "nowhere"), "--engine", "mlx"],
+                              monkeypatch, capsys, "moesift[mlx]", repr(hidden))
     assert "Traceback" not in line
     with pytest.raises(MoesiftError, match=r"moesift\[mlx\]"):
         verify(tiny_dir("olmoe"), tmp_path / "nowhere", engine="mlx")
 
 
 def test_unknown_engine(tiny_dir, tmp_path, monkeypatch, capsys):
-    _one_error_line(["verify", str(tiny_dir("olmoe")), str(tmp_path), "--engine", "vllm"], monkeypatch, capsys,
-                    "unknown engine", "mlx", "llama.cpp")
+    cli_one_error_line(["verify", str(tiny_dir("olmoe")), str(tmp_path), "--engine", "vllm"], monkeypatch, capsys,
+                       "unknown engine", "mlx", "llama.cpp")

@@ -9,24 +9,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 
 import numpy as np
 import pytest
-from engine_models import engine_model
-from hostile import run_cli
+from engine_models import engine_model, needs_llama
+from hostile import cli_one_error_line, run_cli
 from test_trim import plan_for
 
 from moesift.formats.checkpoint import CheckpointIndex
-
-
-def _one_error_line(args, monkeypatch, capsys, *needles):
-    code, stdout, err = run_cli(args, monkeypatch, capsys)
-    lines = err.strip().splitlines()
-    assert code == 2 and not stdout and len(lines) == 1 and lines[0].startswith("moesift: error: "), err
-    for n in needles:
-        assert n in lines[0], lines[0]
 
 
 def _workload(path, n=4):
@@ -42,30 +33,20 @@ def test_missing_llama_cpp_names_the_extra(tmp_path, monkeypatch, capsys):
     data = _workload(tmp_path / "w.jsonl")
     for cmd in (["trace", str(tmp_path / "m.gguf"), "--data", str(data)],
                 ["eval", str(tmp_path / "m.gguf"), "--data", str(data), "--engine", "llama.cpp"]):
-        _one_error_line(cmd, monkeypatch, capsys, "moesift[gguf]", "'llama_cpp'")
+        cli_one_error_line(cmd, monkeypatch, capsys, "moesift[gguf]", "'llama_cpp'")
 
 
 def test_what_llamacpp_tracing_refuses_is_one_line(tiny_dir, tmp_path, monkeypatch, capsys):
     """Runs everywhere: the checks made before llama.cpp is needed."""
     data = _workload(tmp_path / "w.jsonl")
-    _one_error_line(["trace", str(tiny_dir("olmoe")), "--data", str(data), "--engine", "llama.cpp"], monkeypatch,
-                    capsys, "GGUF file")
-    _one_error_line(["trace", str(tmp_path / "m.gguf"), "--data", str(data), "--saliency"], monkeypatch, capsys,
-                    "--saliency")
-    _one_error_line(["eval", str(tmp_path / "m.gguf"), "--data", str(data), "--top-p", "0.5"], monkeypatch, capsys,
-                    "--top-p")
-    _one_error_line(["eval", str(tmp_path / "m.gguf"), "--data", str(data), "--dtype", "bfloat16"], monkeypatch,
-                    capsys, "--dtype")
-
-
-needs_llama = pytest.mark.skipif(
-    not os.environ.get("MOESIFT_LLAMA_CPP"), reason="needs moesift[gguf] and MOESIFT_LLAMA_CPP (bench/engines.py)")
-
-
-@pytest.fixture(scope="module")
-def llama():
-    pytest.importorskip("llama_cpp", reason="needs moesift[gguf] (llama-cpp-python)")
-    pytest.importorskip("gguf", reason="needs moesift[gguf]")
+    cli_one_error_line(["trace", str(tiny_dir("olmoe")), "--data", str(data), "--engine", "llama.cpp"], monkeypatch,
+                       capsys, "GGUF file")
+    cli_one_error_line(["trace", str(tmp_path / "m.gguf"), "--data", str(data), "--saliency"], monkeypatch, capsys,
+                       "--saliency")
+    cli_one_error_line(["eval", str(tmp_path / "m.gguf"), "--data", str(data), "--top-p", "0.5"], monkeypatch, capsys,
+                       "--top-p")
+    cli_one_error_line(["eval", str(tmp_path / "m.gguf"), "--data", str(data), "--dtype", "bfloat16"], monkeypatch,
+                       capsys, "--dtype")
 
 
 def _f32_gguf(model_type, tmp_path):
