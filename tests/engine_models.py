@@ -14,6 +14,34 @@ import pytest
 needs_llama = pytest.mark.skipif(
     not os.environ.get("MOESIFT_LLAMA_CPP"), reason="needs moesift[gguf] and MOESIFT_LLAMA_CPP (bench/engines.py)")
 
+# mlx_lm.convert settings of the tests' mlx-lm folders, by folder name
+MLX_CONVERSIONS: dict[str, dict] = {"q4": dict(quantize=True, q_bits=4, q_group_size=64),
+                                    "q8": dict(quantize=True, q_bits=8, q_group_size=32), "f32": {}}
+
+
+def mlx_convert(src: Path, root: Path, *names: str) -> dict[str, Path]:
+    """{name: root/name}: the transformers checkpoint `src` converted by mlx_lm.convert as MLX_CONVERSIONS
+    names."""
+    from mlx_lm import convert
+
+    for name in names:
+        convert(str(src), str(root / name), **MLX_CONVERSIONS[name])
+    return {name: root / name for name in names}
+
+
+def per_family(tmp_path_factory, build):
+    """family(model_type) -> build(model_type, a fresh folder), built once per model type (a module fixture's
+    value)."""
+    cache: dict = {}
+
+    def get(mt: str):
+        if mt not in cache:
+            cache[mt] = build(mt, tmp_path_factory.mktemp(mt))
+        return cache[mt]
+
+    return get
+
+
 # engine -> {family: config overrides of the tiny model}
 ENGINE_FAMILIES: dict[str, dict[str, dict]] = {
     "mlx": {

@@ -9,7 +9,7 @@ import json
 import math
 
 import pytest
-from engine_models import MLX_SIZES, mlx_source
+from engine_models import MLX_SIZES, mlx_convert, mlx_source, per_family
 from hostile import assert_one_error, run_cli
 
 import moesift
@@ -25,25 +25,17 @@ TEXT = ("the quick brown fox jumps over the lazy dog\n\nexperts route tokens to 
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
     """family(model_type) -> (root with hf/, f32/, q4/, plan.json and the data files)."""
-    from mlx_lm import convert
-    cache: dict = {}
+    def build(mt, root):
+        mlx_source(mt, root / "hf")
+        (root / "w.jsonl").write_text("\n".join(json.dumps({"input_ids": [(7 * i + j) % 90 for j in range(3 + 2 * i)]})
+                                                for i in range(10)))
+        (root / "t.txt").write_text(TEXT)
+        moesift.trace(root / "hf", root / "w.jsonl", out=root / "w.trace", max_length=32, progress=False)
+        moesift.plan([root / "w.trace"], out=root / "plan.json", keep=0.5)
+        mlx_convert(root / "hf", root, "f32", *(("q4",) if mt == "qwen3_moe" else ()))
+        return root
 
-    def get(mt: str):
-        if mt not in cache:
-            root = tmp_path_factory.mktemp(mt)
-            mlx_source(mt, root / "hf")
-            (root / "w.jsonl").write_text("\n".join(json.dumps({"input_ids": [(7 * i + j) % 90 for j in range(3 + 2 * i)]})
-                                                    for i in range(10)))
-            (root / "t.txt").write_text(TEXT)
-            moesift.trace(root / "hf", root / "w.jsonl", out=root / "w.trace", max_length=32, progress=False)
-            moesift.plan([root / "w.trace"], out=root / "plan.json", keep=0.5)
-            convert(str(root / "hf"), str(root / "f32"))
-            if mt == "qwen3_moe":
-                convert(str(root / "hf"), str(root / "q4"), quantize=True, q_bits=4, q_group_size=64)
-            cache[mt] = root
-        return cache[mt]
-
-    return get
+    return per_family(tmp_path_factory, build)
 
 
 def _by_name(res):

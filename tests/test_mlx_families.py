@@ -16,7 +16,14 @@ import shutil
 
 import numpy as np
 import pytest
-from engine_models import MLX_FAMILY_SIZES, mlx_gpt_oss_source, mlx_source
+from engine_models import (
+    MLX_CONVERSIONS,
+    MLX_FAMILY_SIZES,
+    mlx_convert,
+    mlx_gpt_oss_source,
+    mlx_source,
+    per_family,
+)
 from hostile import assert_one_error, run_cli
 
 import moesift
@@ -27,7 +34,6 @@ pytest.importorskip("mlx_lm", reason="needs moesift[mlx]")
 FAMILIES = sorted([*MLX_FAMILY_SIZES, "gpt_oss"])
 Q8 = ("deepseek_v3", "granitemoe")
 CASES = [(mt, "q4") for mt in FAMILIES] + [(mt, "q8") for mt in Q8]
-CONVERSIONS = {"q4": dict(quantize=True, q_bits=4, q_group_size=64), "q8": dict(quantize=True, q_bits=8, q_group_size=32)}
 # (MoE block, router module) in mlx-lm's build of each family, and the config key of the expert count
 ROUTER = {"granitemoe": ("block_sparse_moe", "router"), "phimoe": ("block_sparse_moe", "gate"), "gpt_oss": ("mlp", "router")}
 EXPERTS_KEY = {"granitemoe": "num_local_experts", "phimoe": "num_local_experts", "qwen3_next": "num_experts",
@@ -45,28 +51,21 @@ LOGITS = {"granitemoe": "block_sparse_moe.router.layer", "qwen3_next": "mlp.gate
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
     """family(model_type) -> (root with hf/, q4/ (q8/), w.jsonl, hf.trace, plan.json traced on hf/)."""
-    from mlx_lm import convert
-    cache: dict = {}
+    def build(mt, root):
+        if mt == "gpt_oss":  # mlx-lm converts gpt-oss experts from MXFP4 or its own layout only
+            src = mlx_gpt_oss_source(root / "hf", root / "src")
+        else:
+            src = mlx_source(mt, root / "hf")
+        rng = np.random.default_rng(2)
+        (root / "w.jsonl").write_text("\n".join(
+            json.dumps({"input_ids": [int(v) for v in rng.integers(0, 90, int(rng.integers(3, 24)))]})
+            for _ in range(8)))
+        moesift.trace(root / "hf", root / "w.jsonl", out=root / "hf.trace", max_length=32, progress=False)
+        moesift.plan([root / "hf.trace"], out=root / "plan.json", keep=0.5)
+        mlx_convert(src, root, *(("q4", "q8") if mt in Q8 else ("q4",)))
+        return root
 
-    def get(mt: str):
-        if mt not in cache:
-            root = tmp_path_factory.mktemp(mt)
-            if mt == "gpt_oss":  # mlx-lm converts gpt-oss experts from MXFP4 or its own layout only
-                src = mlx_gpt_oss_source(root / "hf", root / "src")
-            else:
-                src = mlx_source(mt, root / "hf")
-            rng = np.random.default_rng(2)
-            (root / "w.jsonl").write_text("\n".join(
-                json.dumps({"input_ids": [int(v) for v in rng.integers(0, 90, int(rng.integers(3, 24)))]})
-                for _ in range(8)))
-            moesift.trace(root / "hf", root / "w.jsonl", out=root / "hf.trace", max_length=32, progress=False)
-            moesift.plan([root / "hf.trace"], out=root / "plan.json", keep=0.5)
-            for q in ("q4", "q8") if mt in Q8 else ("q4",):
-                convert(str(src), str(root / q), **CONVERSIONS[q])
-            cache[mt] = root
-        return cache[mt]
-
-    return get
+    return per_family(tmp_path_factory, build)
 
 
 def _resident(plan_file):
@@ -157,7 +156,7 @@ def _recount(folder, mt: str, docs: list[list[int]], layers: list[int], E: int):
 def test_mlx_trace_counts_equal_independent_recount(family, mt, q):
     root = family(mt)
     t = moesift.trace(root / q, root / "w.jsonl", batch_size=3, log_routing=True, progress=False, engine="mlx")
-    assert t.tool["engine"].startswith("mlx-lm") and f"{CONVERSIONS[q]['q_bits']}-bit" in t.tool["weights"]
+    assert t.tool["engine"].startswith("mlx-lm") and f"{MLX_CONVERSIONS[q]['q_bits']}-bit" in t.tool["weights"]
     docs = [json.loads(line)["input_ids"] for line in (root / "w.jsonl").read_text().splitlines()]
     counts, sel = _recount(root / q, mt, docs, t.model["moe_layers"], t.n_experts)
     np.testing.assert_array_equal(t.arrays["prefill_counts"], counts)

@@ -13,7 +13,7 @@ import shutil
 
 import numpy as np
 import pytest
-from engine_models import mlx_source
+from engine_models import mlx_convert, mlx_source, per_family
 from hostile import assert_one_error, run_cli
 
 import moesift
@@ -29,26 +29,18 @@ GEN = 4
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
     """family(model_type) -> root with hf/, f32/ (and q4/ for qwen3_moe), w.jsonl and a half plan."""
-    from mlx_lm import convert
-    cache: dict = {}
+    def build(mt, root):
+        mlx_source(mt, root / "hf")
+        rng = np.random.default_rng(3)
+        (root / "w.jsonl").write_text("\n".join(
+            json.dumps({"input_ids": [int(v) for v in rng.integers(0, 90, int(rng.integers(2, 20)))]})
+            for _ in range(7)))
+        mlx_convert(root / "hf", root, "f32", *(("q4",) if mt == "qwen3_moe" else ()))
+        moesift.trace(root / "hf", root / "w.jsonl", out=root / "w.trace", progress=False)
+        moesift.plan(root / "w.trace", keep=0.5, uniform=True, out=root / "plan.json")
+        return root
 
-    def get(mt: str):
-        if mt not in cache:
-            root = tmp_path_factory.mktemp(mt)
-            mlx_source(mt, root / "hf")
-            rng = np.random.default_rng(3)
-            (root / "w.jsonl").write_text("\n".join(
-                json.dumps({"input_ids": [int(v) for v in rng.integers(0, 90, int(rng.integers(2, 20)))]})
-                for _ in range(7)))
-            convert(str(root / "hf"), str(root / "f32"))
-            if mt == "qwen3_moe":
-                convert(str(root / "hf"), str(root / "q4"), quantize=True, q_bits=4, q_group_size=64)
-            moesift.trace(root / "hf", root / "w.jsonl", out=root / "w.trace", progress=False)
-            moesift.plan(root / "w.trace", keep=0.5, uniform=True, out=root / "plan.json")
-            cache[mt] = root
-        return cache[mt]
-
-    return get
+    return per_family(tmp_path_factory, build)
 
 
 def _greedy_recount(folder, docs, layers, E, K, n_new, eos):

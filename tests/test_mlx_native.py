@@ -11,7 +11,7 @@ import shutil
 
 import numpy as np
 import pytest
-from engine_models import MLX_SIZES, mlx_source
+from engine_models import MLX_CONVERSIONS, MLX_SIZES, mlx_convert, mlx_source, per_family
 from hostile import assert_one_error, run_cli
 
 import moesift
@@ -21,8 +21,6 @@ from moesift.evaluation.verify import verify
 pytest.importorskip("mlx_lm", reason="needs moesift[mlx]")
 
 SIZES = MLX_SIZES
-CONVERSIONS = {"q4": dict(quantize=True, q_bits=4, q_group_size=64), "q8": dict(quantize=True, q_bits=8, q_group_size=32),
-               "f32": {}}
 # tensors with an expert dimension (first) in an mlx-lm folder, named here independently of moesift
 SLICED = re.compile(r"model\.layers\.\d+\.(mlp|block_sparse_moe)\.((gate|switch_mlp\.(gate|up|down)_proj)\."
                     r"(weight|scales|biases)|gate\.e_score_correction_bias)")
@@ -31,26 +29,16 @@ SLICED = re.compile(r"model\.layers\.\d+\.(mlp|block_sparse_moe)\.((gate|switch_
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
     """family(model_type) -> (transformers model dir, plan file traced on it, {conversion: mlx-lm folder})."""
-    from mlx_lm import convert
-    cache: dict = {}
+    def build(mt, root):
+        mlx_source(mt, root / "hf")
+        data = root / "w.jsonl"
+        data.write_text("\n".join(json.dumps({"input_ids": [(7 * i + j) % 90 for j in range(24)]})
+                                  for i in range(12)))
+        moesift.trace(root / "hf", data, out=root / "w.trace", max_length=32, progress=False)
+        moesift.plan([root / "w.trace"], out=root / "plan.json", keep=0.5)
+        return root / "hf", root / "plan.json", mlx_convert(root / "hf", root, *MLX_CONVERSIONS)
 
-    def get(mt: str):
-        if mt not in cache:
-            root = tmp_path_factory.mktemp(mt)
-            mlx_source(mt, root / "hf")
-            data = root / "w.jsonl"
-            data.write_text("\n".join(json.dumps({"input_ids": [(7 * i + j) % 90 for j in range(24)]})
-                                      for i in range(12)))
-            moesift.trace(root / "hf", data, out=root / "w.trace", max_length=32, progress=False)
-            moesift.plan([root / "w.trace"], out=root / "plan.json", keep=0.5)
-            folders = {}
-            for name, kw in CONVERSIONS.items():
-                convert(str(root / "hf"), str(root / name), **kw)
-                folders[name] = root / name
-            cache[mt] = (root / "hf", root / "plan.json", folders)
-        return cache[mt]
-
-    return get
+    return per_family(tmp_path_factory, build)
 
 
 def _tensors(d):
@@ -116,7 +104,7 @@ def test_verify_of_an_mlx_trim_in_mlx(model_type, conversion, family, tmp_path):
     assert r["engine"].startswith("mlx-lm ") and r["ok"] and r["generations_identical"], r
     assert r["top1_agreement"] == 1.0 and r["max_rel_logit_diff"] <= 1e-6  # measured: 0.0 (same kernels, bytes)
     assert r["params_trimmed"] < r["params_full"]
-    bits = "unquantized" if conversion == "f32" else f"{CONVERSIONS[conversion]['q_bits']}-bit"
+    bits = "unquantized" if conversion == "f32" else f"{MLX_CONVERSIONS[conversion]['q_bits']}-bit"
     assert bits in r["engine_notes"][0]
 
 

@@ -8,7 +8,7 @@ import json
 
 import numpy as np
 import pytest
-from engine_models import mlx_source
+from engine_models import mlx_convert, mlx_source, per_family
 
 import moesift
 from moesift.core.errors import MoesiftError
@@ -22,22 +22,15 @@ PROMPTS = [[3, 17, 42, 8, 91, 5, 60, 23, 11], [70, 2, 33, 33, 9, 48]]
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
     """family(model_type) -> (plan file traced on the transformers model, its 4-bit mlx-lm conversion)."""
-    from mlx_lm import convert
-    cache: dict = {}
+    def build(mt, root):
+        mlx_source(mt, root / "hf")
+        (root / "w.jsonl").write_text("\n".join(
+            json.dumps({"input_ids": [(5 * i + 3 * j) % 90 for j in range(20)]}) for i in range(8)))
+        moesift.trace(root / "hf", root / "w.jsonl", out=root / "w.trace", max_length=32, progress=False)
+        moesift.plan([root / "w.trace"], out=root / "plan.json", keep=0.5)
+        return root / "plan.json", mlx_convert(root / "hf", root, "q4")["q4"]
 
-    def get(mt: str):
-        if mt not in cache:
-            root = tmp_path_factory.mktemp(mt)
-            mlx_source(mt, root / "hf")
-            (root / "w.jsonl").write_text("\n".join(
-                json.dumps({"input_ids": [(5 * i + 3 * j) % 90 for j in range(20)]}) for i in range(8)))
-            moesift.trace(root / "hf", root / "w.jsonl", out=root / "w.trace", max_length=32, progress=False)
-            moesift.plan([root / "w.trace"], out=root / "plan.json", keep=0.5)
-            convert(str(root / "hf"), str(root / "q4"), quantize=True, q_bits=4, q_group_size=64)
-            cache[mt] = (root / "plan.json", root / "q4")
-        return cache[mt]
-
-    return get
+    return per_family(tmp_path_factory, build)
 
 
 def _logits(model, ids):

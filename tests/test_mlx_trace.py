@@ -11,7 +11,7 @@ import shutil
 
 import numpy as np
 import pytest
-from engine_models import MLX_SIZES, mlx_source
+from engine_models import MLX_SIZES, mlx_convert, mlx_source, per_family
 from hostile import assert_one_error, run_cli
 
 import moesift
@@ -28,25 +28,18 @@ BATCH = 4  # documents of different lengths per forward: right padding is exerci
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
     """family(model_type) -> (root with hf/, f32/, q4/ and the workload w.jsonl, transformers trace)."""
-    from mlx_lm import convert
-    cache: dict = {}
+    def build(mt, root):
+        mlx_source(mt, root / "hf")
+        rng = np.random.default_rng(1)
+        (root / "w.jsonl").write_text("\n".join(
+            json.dumps({"input_ids": [int(v) for v in rng.integers(0, 90, int(rng.integers(2, 28)))]})
+            for _ in range(10)))
+        mlx_convert(root / "hf", root, "f32", "q4")
+        hf = moesift.trace(root / "hf", root / "w.jsonl", out=root / "hf.trace", batch_size=BATCH, folds=3,
+                           log_routing=True, progress=False)
+        return root, hf
 
-    def get(mt: str):
-        if mt not in cache:
-            root = tmp_path_factory.mktemp(mt)
-            mlx_source(mt, root / "hf")
-            rng = np.random.default_rng(1)
-            (root / "w.jsonl").write_text("\n".join(
-                json.dumps({"input_ids": [int(v) for v in rng.integers(0, 90, int(rng.integers(2, 28)))]})
-                for _ in range(10)))
-            convert(str(root / "hf"), str(root / "f32"))
-            convert(str(root / "hf"), str(root / "q4"), quantize=True, q_bits=4, q_group_size=64)
-            hf = moesift.trace(root / "hf", root / "w.jsonl", out=root / "hf.trace", batch_size=BATCH, folds=3,
-                               log_routing=True, progress=False)
-            cache[mt] = (root, hf)
-        return cache[mt]
-
-    return get
+    return per_family(tmp_path_factory, build)
 
 
 @pytest.mark.parametrize("mt", FAMILIES)
