@@ -113,3 +113,22 @@ def test_auto_on_the_trained_models_of_other_families(name, tmp_path):
     kept = sum(len(layer["resident"]) for layer in p.to_dict()["layers"])
     n_experts = json.loads((model / "config.json").read_text())["num_experts"]
     assert kept == pytest.approx(0.25 * n_experts * len(p.layers), abs=len(p.layers))
+
+
+def test_a_kept_fit_is_not_used_once_its_calibration_text_changed(work, tmp_path):
+    """The fit kept for the process (a sweep plans every budget from one) is used again only while the
+    calibration text it was made from is unchanged."""
+    model, d = work
+    calib = tmp_path / "c.jsonl"
+    lines = (d / "calib.jsonl").read_text().splitlines(keepends=True)
+    calib.write_text("".join(lines))
+    auto._FITS.clear()
+
+    def fit_docs():
+        p = moesift.plan(d / "sal.trace", keep=0.5, model=model, calib=str(calib), calib_length=32, device="cpu",
+                         progress=False)
+        return p.provenance["auto"]["fit_documents"]
+
+    assert fit_docs() == [12]
+    calib.write_text("".join(lines[:12]))  # fewer documents: 9 to fit, 3 held out
+    assert fit_docs() == [9]

@@ -81,6 +81,20 @@ class _Fit:
 _FITS: dict[tuple, _Fit] = {}
 
 
+def _stamp(paths: Any) -> tuple:
+    """Path, size and modification time of every file behind `paths` (a model directory: its config and
+    safetensors): a fit kept for the process is used again only while its inputs are unchanged."""
+    out = []
+    for p in map(Path, paths):
+        for f in (sorted(p.glob("*.safetensors")) + [p / "config.json"]) if p.is_dir() else [p]:
+            try:
+                st = f.stat()
+                out.append((str(f.resolve()), st.st_size, st.st_mtime_ns))
+            except OSError:
+                out.append((str(f), None, None))
+    return tuple(out)
+
+
 def trace_only_choice(bank: Any) -> str:
     """The strategy `auto` takes without calibration text: contribution when every trace records saliency,
     else weighted when every trace records the applied routing weights, else frequency."""
@@ -132,7 +146,8 @@ def fit(model: Any, calib: Any, calib_samples: int | None, calib_length: int, fo
         raise MoesiftError(f"auto rounds must be between 1 and the number of folds {folds} (got {rounds})")
     files = tuple(str(x) for x in ([calib] if isinstance(calib, (str, os.PathLike)) else calib))
     device = resolve_device(device)
-    key = (str(Path(str(model)).resolve()), files, calib_samples, calib_length, folds, rounds, seed, device, dtype)
+    key = (str(Path(str(model)).resolve()), files, _stamp([str(model), *files]), calib_samples, calib_length, folds,
+           rounds, seed, device, dtype)
     if key in _FITS:
         return _FITS[key]
     _FITS.clear()  # one model held at a time
