@@ -1,14 +1,16 @@
 """Trim speed and memory on a synthetic multi-shard checkpoint.
 
 Writes a qwen3_moe-style checkpoint of random bytes (per-expert tensors, several shards, a large embedding),
-plans 50% of the experts of every layer, then, in fresh subprocesses and alternating, with a warm page cache
-and with a cold one:
+plans 50% of the experts of every layer, then, in fresh subprocesses, round after round in an order shuffled
+per round (seed 0), with a warm page cache and with a cold one:
   - trims it (`moesift.trim`) with the blake3 checksum of every output file (the default), with sha256, and
     without checksums,
   - copies as many bytes as the trim writes from the source shards (`copy_file_range`), and
   - runs `cp` of the trimmed shards (the same bytes),
-and reports MB/s of bytes written side by side, as ratios to `cp`, and the trimming process's peak RSS
-(getrusage) against the target "1 GB plus the largest tensor". Nothing is timed in the test suite.
+and reports MB/s of bytes written side by side, as ratios to `cp` (of the medians, and the median of the
+ratios within a round: a shared machine's slow spells hit both sides of a pair), and the trimming process's
+peak RSS (getrusage) against the target "1 GB plus the largest tensor". The target is met when both ratios
+of the default trim are at most 1.25x. Nothing is timed in the test suite.
 
 Before every timed run `os.sync()` writes back what earlier runs left dirty (it is not charged to the next
 run); then, cold cache: `os.posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED)` evicts every file the run reads
@@ -31,6 +33,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import shutil
 import statistics
 import subprocess
@@ -147,20 +150,24 @@ def cached_bytes(d: Path) -> int | None:
 
 
 def one_round(cold: bool, src: Path, work: Path, out: Path, copy_dst: Path, out_bytes: int,
-              max_shard: str) -> tuple[dict[str, float], int, float]:
-    """One timed run of every mode (trim per checksum, kernel copy, cp); (seconds per mode, peak RSS, start-up)."""
+              max_shard: str, order: list[str]) -> tuple[dict[str, float], int, float]:
+    """One timed run of every mode (trim per checksum, kernel copy, cp), in `order` (shuffled per round, so
+    that no mode always runs first or right after another); (seconds per mode, peak RSS, start-up)."""
     plan = str(work / "plan.json")
     times: dict[str, float] = {}
     rss, startup = 0, 0.0
-    for mode in MODES:
-        prepare(src, cold)
-        r = _run(TRIM, str(src), plan, str(out), mode, max_shard)
-        times[f"trim_{mode}"] = r["wall"]
-        rss, startup = max(rss, r["maxrss"]), r["startup"]
-    prepare(src, cold)
-    times["copy"] = _run(COPY, str(src), str(copy_dst), str(out_bytes))["wall"]
-    prepare(out, cold)
-    times["cp"] = _cp(out, copy_dst)
+    for key in order:
+        if key.startswith("trim_"):
+            prepare(src, cold)
+            r = _run(TRIM, str(src), plan, str(out), key.removeprefix("trim_"), max_shard)
+            times[key] = r["wall"]
+            rss, startup = max(rss, r["maxrss"]), r["startup"]
+        elif key == "copy":
+            prepare(src, cold)
+            times["copy"] = _run(COPY, str(src), str(copy_dst), str(out_bytes))["wall"]
+        else:
+            prepare(out, cold)
+            times["cp"] = _cp(out, copy_dst)
     return times, rss, startup
 
 
@@ -169,7 +176,8 @@ def _row(label: str, key: str, res: dict, caches: list[str]) -> str:
     for c in caches:
         m = res[c]
         runs = f"({', '.join(f'{t:.2f}' for t in m[key + '_s'])} s)"
-        cells.append(f"{m[key + '_mb_s']:5.0f} MB/s {m[key + '_to_cp']:5.2f}x {runs:24}")
+        cells.append(f"{m[key + '_mb_s']:5.0f} MB/s {m[key + '_to_cp']:5.2f}x {m[key + '_paired_to_cp']:5.2f}x "
+                     f"{runs:24}")
     return f"{label:34}" + "   ".join(cells)
 
 
@@ -331,9 +339,13 @@ def main() -> None:
         runs: dict[str, list[dict[str, float]]] = {c: [] for c in caches}
         rss, startups = 0, []
         evicted_left = None
+        shuffle = random.Random(0)
         for _ in range(args.repeat):
             for c in caches:
-                times, r, st = one_round(c == "cold", src, work, out, copy_dst, out_bytes, args.max_shard_size)
+                order = [*(f"trim_{x}" for x in MODES), "copy", "cp"]
+                shuffle.shuffle(order)
+                times, r, st = one_round(c == "cold", src, work, out, copy_dst, out_bytes, args.max_shard_size,
+                                         order)
                 runs[c].append(times)
                 rss, startups = max(rss, r), [*startups, st]
         if "cold" in caches:
@@ -373,7 +385,8 @@ def summarize(args: argparse.Namespace, runs: dict[str, list[dict[str, float]]],
             ts = [r[key] for r in runs[c]]
             med = statistics.median(ts)
             m.update({f"{key}_s": ts, f"{key}_median_s": med, f"{key}_mb_s": out_bytes / 1e6 / med,
-                      f"{key}_to_cp": med / cp})
+                      f"{key}_to_cp": med / cp,
+                      f"{key}_paired_to_cp": statistics.median(r[key] / r["cp"] for r in runs[c])})
         res[c] = m
     w = res["warm"]
     res.update({
@@ -386,7 +399,7 @@ def summarize(args: argparse.Namespace, runs: dict[str, list[dict[str, float]]],
         "ratio_trim_to_copy": w["trim_blake3_median_s"] / w["copy_median_s"],
         "ratio_trim_no_checksums_to_copy": w["trim_none_median_s"] / w["copy_median_s"],
     })
-    res["ok"] = all(res[c]["trim_blake3_to_cp"] <= 1.25 for c in caches)
+    res["ok"] = all(max(res[c]["trim_blake3_to_cp"], res[c]["trim_blake3_paired_to_cp"]) <= 1.25 for c in caches)
     return res
 
 
@@ -400,7 +413,8 @@ def report(res: dict, caches: list[str]) -> str:
         f"MB/s of bytes written (median), time / cp time, and every run's seconds; cold: {res['cold_method']}"
         + (f" ({res['cold_cache_bytes_left_after_evict'] / 2**20:.0f} MiB of the source still cached after one "
            "eviction, per fincore)" if res.get("cold_cache_bytes_left_after_evict") is not None else ""),
-        f"{'':34}" + "   ".join(f"{c + ' cache: MB/s, x cp, runs':47}" for c in caches),
+        "x cp: median time over median cp time; paired: median over rounds of time / cp time in the same round",
+        f"{'':34}" + "   ".join(f"{c + ' cache: MB/s, x cp, paired, runs':54}" for c in caches),
     ]
     for label, key in [("trim, blake3 (default)", "trim_blake3"), ("trim, sha256", "trim_sha256"),
                        ("trim, no checksums", "trim_none"), ("kernel copy of as many bytes", "copy"),

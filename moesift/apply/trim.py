@@ -2,7 +2,9 @@
 
 Streaming, tensor by tensor, from the source safetensors: the output layout (names, shapes, byte ranges,
 shard of every tensor) is computed from the source headers before any data moves, each output shard's
-header is written first and the data follows. Tensors without an expert dimension are copied byte for
+header is written first and the data follows. Each source shard gives one output shard (packed to the
+maximum shard size instead when one is larger), its header padded so that kept bytes keep their offset
+within a page: the kernel copies such ranges page by page. Tensors without an expert dimension are copied byte for
 byte; per-expert tensors of resident experts are copied and renamed to 0..n-1 in original-id order;
 tensors with an expert dimension (router rows, selection biases, fused experts and their quantized
 companions) keep the resident rows: when the expert dimension is the outermost non-trivial one the rows
@@ -66,7 +68,19 @@ _SKIP_NAMES = {"config.json", INDEX_FILE, PLAN_FILE, "pytorch_model.bin.index.js
 _MAX_COPIED_FILE = 256 << 20
 
 
+_PAGE = 4096
+
+
 def _shards(tensors: list[OutTensor], max_shard_size: int) -> list[list[OutTensor]]:
+    """Output shards: one per source shard (the tensors it keeps, in source order) when each fits in
+    `max_shard_size`, so that kept bytes keep their offset within a page (`_header_bytes` pads the header to
+    match) and the kernel copies them page for page; else tensors packed in order up to `max_shard_size`."""
+    by_file: dict[str, list[OutTensor]] = {}
+    for t in tensors:
+        by_file.setdefault(t.src_file, []).append(t)
+    groups = list(by_file.values())
+    if all(sum(t.nbytes for t in g) <= max_shard_size for g in groups):
+        return groups or [[]]
     shards: list[list[OutTensor]] = [[]]
     size = 0
     for t in tensors:
@@ -79,13 +93,23 @@ def _shards(tensors: list[OutTensor], max_shard_size: int) -> list[list[OutTenso
 
 
 def _header_bytes(tensors: list[OutTensor], fmt: str = "pt") -> bytes:
+    """The safetensors header of a shard holding `tensors` in order. The JSON is padded with spaces (as the
+    format allows) so that the first tensor copied from a source file lands at the same offset within a page
+    as it has there, when that takes a padding of a multiple of 8 bytes (the data stays 8-byte aligned)."""
     header: dict[str, Any] = {"__metadata__": {"format": fmt}}
     off = 0
+    first: tuple[int, int] | None = None  # (offset in the data, offset in its source file)
     for t in tensors:
         header[t.name] = {"dtype": t.dtype, "shape": t.shape, "data_offsets": [off, off + t.nbytes]}
+        if first is None and t.slice_keep is None and t.ranges:
+            first = (off, t.ranges[0][0])
         off += t.nbytes
     hb = json.dumps(header, separators=(",", ":")).encode()
     hb += b" " * ((-len(hb)) % 8)
+    if first is not None:
+        pad = (first[1] - 8 - len(hb) - first[0]) % _PAGE
+        if pad % 8 == 0:
+            hb += b" " * pad
     return struct.pack("<Q", len(hb)) + hb
 
 
@@ -211,6 +235,10 @@ def _write_shards(idx: Any, tmp: Path, names: list[str], shards: list[list[OutTe
             hashing.append((fname, w))
             w.write(_header_bytes(tensors, fmt))
             for t in tensors:
+                if t.slice_keep is None and t.src_file not in fds:
+                    fds[t.src_file] = os.open(src / t.src_file, os.O_RDONLY)
+            w.expect([(fds[t.src_file], off, k) for t in tensors if t.slice_keep is None for off, k in t.ranges])
+            for t in tensors:
                 weight_map[t.name] = fname
                 if t.slice_keep is not None:
                     b = sliced_bytes(src, t, ad, cfg)
@@ -218,9 +246,7 @@ def _write_shards(idx: Any, tmp: Path, names: list[str], shards: list[list[OutTe
                     advance(len(b))
                     del b
                     continue
-                fd = fds.get(t.src_file)
-                if fd is None:
-                    fd = fds[t.src_file] = os.open(src / t.src_file, os.O_RDONLY)
+                fd = fds[t.src_file]
                 for off, k in t.ranges:
                     _copy_range(fd, w, off, k, t.src_file, advance)
             w.finish()

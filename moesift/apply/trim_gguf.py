@@ -150,6 +150,7 @@ def _write_file(path: Path, f: GGUFFile, header: bytes, tensors: list[_Out], adv
     try:
         w = RangeWriter(path, checksum, existing=True, source="GGUF file")
         w.write(header)
+        w.expect([(src, off, n) for t in tensors for off, n in t.ranges])
         for t in tensors:
             for off, n in t.ranges:
                 w.copy(src, off, n, str(f.path))

@@ -12,7 +12,10 @@ from typing import Any
 from ..core.errors import MoesiftError
 from ..core.io import new_checksum
 
-_BUF = 8 << 20  # read-back buffer of the checksum thread; the copy buffer where the kernel cannot copy
+_BUF = 8 << 20  # the copy buffer where the kernel cannot copy
+_HASH_BUF = 1 << 20  # read-back buffer of the checksum thread: hashed while it is still in the core's L2 cache
+_AHEAD = 128 << 20  # source bytes asked of the kernel ahead of the copy (`expect`)
+_ADVISE = getattr(os, "posix_fadvise", None)  # not on macOS: no read-ahead hints there
 
 
 class RangeWriter:
@@ -39,9 +42,17 @@ class RangeWriter:
         self.closed = False
         self.kernel_copy = True
         self.pending: tuple[int, int, int, str] | None = None
+        self.ahead: list[tuple[int, int, int]] = []
+        self.ahead_i, self.advised, self.copied = 0, 0, 0
+
+    def expect(self, ranges: list[tuple[int, int, int]]) -> None:
+        """The source ranges (fd, offset, length) that `copy` will be given next, in order. Each is asked of
+        the kernel (POSIX_FADV_WILLNEED) a window ahead of the copy, so that from a cold page cache the reads
+        of scattered experts queue up on the disk instead of waiting one range at a time."""
+        self.ahead, self.ahead_i, self.advised, self.copied = list(ranges), 0, 0, 0
 
     def _hash(self) -> None:
-        buf = bytearray(_BUF)
+        buf = bytearray(_HASH_BUF)
         mv = memoryview(buf)
         try:
             while True:
@@ -51,7 +62,7 @@ class RangeWriter:
                 if isinstance(item, tuple):
                     fd, off, n = item
                     while n > 0:
-                        k = os.preadv(fd, [mv[: min(n, _BUF)]], off)
+                        k = os.preadv(fd, [mv[: min(n, _HASH_BUF)]], off)
                         if k <= 0:
                             raise OSError(f"short read at {off}")
                         self.h.update(mv[:k])
@@ -79,12 +90,27 @@ class RangeWriter:
     def copy(self, src_fd: int, off: int, n: int, name: str) -> None:
         """Append bytes [off, off + n) of the open source file `src_fd` (contiguous ranges are joined and
         copied in one go: neighbouring resident experts are neighbours on disk)."""
+        if self.ahead_i < len(self.ahead):
+            self._advise(n)
         p = self.pending
         if p is not None and p[0] == src_fd and p[1] + p[2] == off and p[2] < (1 << 30):
             self.pending = (src_fd, p[1], p[2] + n, name)
             return
         self.flush()
         self.pending = (src_fd, off, n, name)
+
+    def _advise(self, n: int) -> None:
+        self.copied += n
+        while self.ahead_i < len(self.ahead) and self.advised < self.copied + _AHEAD:
+            fd, off, k = self.ahead[self.ahead_i]
+            self.ahead_i += 1
+            self.advised += k
+            if _ADVISE is not None:
+                try:
+                    _ADVISE(fd, off, k, os.POSIX_FADV_WILLNEED)
+                except OSError:
+                    self.ahead = []  # a file system without the hint: copy without it
+                    return
 
     def flush(self) -> None:
         if self.pending is None:
