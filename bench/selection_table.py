@@ -3,18 +3,18 @@ domain, at 25/50/75%: perplexity ratio to the full model with paired standard er
 
 For each model and domain: the domain's trace split is traced (``--trace-docs`` prompts, saliency recorded)
 and calibrated once on the same prompts (``moesift.calibrate``, what `calibrated` ranks by); `auto` plans with
-the same prompts as its calibration text (``moesift.plan(strategy="auto", calib=..., calibration=...)``: its
-own fit on folds of them, never the eval split; the whole calibration where `calibrated` wins). Every plan is scored on the same windows of the domain's eval split
+the same prompts as its calibration text (``moesift.plan(strategy="auto", calib=...)``: its own fit on folds
+of them, never the eval split, and where `calibrated` wins the fit calibration). Every plan is scored on the
+same windows of the domain's eval split
 (``--eval-docs`` texts, ``--max-length`` tokens, float32, CPU), one forward per batch of windows under
 ``moesift.restrict``. Per point: the perplexity ratio to the full model, and for every strategy its gap in mean
 log-perplexity to the point's best strategy with the paired standard error (windows as the units, the
 linearised ratio estimator of ``bench/paired_gap.py``). `auto` is "within" when its gap is at most 1.96
 standard errors (inside the paired 95% interval of the best) or it is the best.
 
-Cost per model and domain (seconds, same run): trace-scored strategies the trace; `calibrated` the trace and
-the calibration; `auto` the trace, its own fit (model load, trace and calibration of the fit folds, the
-full model on the held-out fold), its validations at every budget, and the calibration where it chose
-`calibrated`. With ``--in-sample`` every plan is also
+Cost per model and domain (seconds, same run): trace-scored strategies the trace; `calibrated` the trace, a
+load of the model and the calibration; `auto` the trace, its own fit (model load, trace and calibration of the fit folds, the
+full model on the held-out fold) and its validations at every budget. With ``--in-sample`` every plan is also
 scored on the calibration prompts themselves (what the calibrated greedy saw): the gap between that and the
 eval split is how much a strategy overfits its calibration tokens.
 
@@ -73,7 +73,7 @@ def point(full: np.ndarray, nll: dict[str, np.ndarray]) -> dict[str, Any]:
     """Ratios, the best strategy and every strategy's paired gap to it."""
     T = full[:, 1]
     ratio = {s: math.exp((x.sum() - full[:, 0].sum()) / T.sum()) for s, x in nll.items()}
-    best = min((s for s in nll if s != "auto"), key=lambda s: nll[s].sum())
+    best = min((s for s in nll if not s.startswith("auto")), key=lambda s: nll[s].sum())
     gaps = {s: dict(zip(("gap", "se"), paired_gap(nll[best], x, T), strict=True)) for s, x in nll.items()}
     out = {"ratio": ratio, "best": best, "gaps": gaps}
     if "auto" in nll:
@@ -92,6 +92,10 @@ def run_domain(name: str, m: Any, tok: Any, mdir: Path, tr_file: Path, ev_file: 
     cal = moesift.calibrate(mdir, tr_file, max_samples=st["trace_docs"], max_length=L, progress=False,
                             loaded=(m, tok), dtype="float32", device="cpu")
     t_cal = time.perf_counter() - t0
+    t0 = time.perf_counter()  # `plan --strategy calibrated` loads the model once, as auto's fit does
+    del_me = moesift.load_model(mdir, device="cpu", dtype="float32")
+    t_load = time.perf_counter() - t0
+    del del_me
     ev = scored(m, tok, ev_file, st["eval_docs"], L)
     sets = {"eval": (ev, window_nll(m, ev))}
     if st["in_sample"]:
@@ -99,7 +103,22 @@ def run_domain(name: str, m: Any, tok: Any, mdir: Path, tr_file: Path, ev_file: 
         sets["calibration"] = (ins, window_nll(m, ins))
     auto_mod._FITS.clear()
     res: dict[str, Any] = {"points": {}, "auto": {}, "experts": {}}
-    auto_s = 0.0
+    with auto_mod.keep_fits():  # auto's fit keeps its model for every budget, as in a sweep
+        points(res, tr, cal, mdir, tr_file, sets, st, m)
+    auto_s = sum(x.pop("timed") for x in res["auto"].values())
+    # auto: the trace (what its trace-scored candidates rank by), its own fit and its validations
+    res["seconds"] = {"trace": t_trace, "calibrate": t_cal, "load": t_load, "auto_extra": auto_s,
+                      "cost": {"trace-scored": t_trace, "calibrated": t_trace + t_load + t_cal,
+                               "auto": t_trace + auto_s}}
+    res["eval_tokens"] = int(sets["eval"][1][:, 1].sum())
+    res["eval_windows"] = int(len(sets["eval"][1]))
+    return res
+
+
+def points(res: dict[str, Any], tr: Any, cal: Any, mdir: Path, tr_file: Path, sets: dict, st: dict[str, Any],
+           m: Any) -> None:
+    """Every strategy's plan at every budget, scored on every window set (into `res`)."""
+    L = st["max_length"]
     for k in KEEPS:
         nll: dict[str, dict[str, np.ndarray]] = {w: {} for w in sets}
         for s in st["strategies"]:
@@ -107,12 +126,19 @@ def run_domain(name: str, m: Any, tok: Any, mdir: Path, tr_file: Path, ev_file: 
             t0 = time.perf_counter()
             if base == "auto":
                 p = moesift.plan(tr, keep=k, strategy="auto", model=mdir, calib=str(tr_file), allocate=alloc,
-                                 calibration=cal,
                                  calib_samples=st["trace_docs"], calib_length=L, seed=st["seed"], device="cpu",
                                  dtype="float32", progress=False)
                 a = p.provenance["auto"]
-                res["auto"][f"{k:g}"] = {"chosen": a["chosen"], "candidates": a["candidates"]}
-                auto_s += time.perf_counter() - t0
+                res["auto"][f"{k:g}"] = {"chosen": a["chosen"], "candidates": a["candidates"],
+                                         "seconds": a["seconds"], "timed": time.perf_counter() - t0}
+                # not timed: auto's own calibrated candidates (its fit calibration) scored on the eval split too,
+                # so that other choice rules can be checked against the table offline
+                fit_cal = next(iter(auto_mod._FITS.values())).rounds[0].calibration
+                for fa in (False, True):
+                    q = moesift.plan(tr, keep=k, strategy="calibrated", model=mdir, allocate=fa, calibration=fit_cal)
+                    for w, (bl, _) in sets.items():
+                        nll[w]["auto-fit:calibrated" + ("+allocate" if fa else "")] = window_nll(
+                            m, bl, {e["layer"]: e["resident"] for e in q.layers})[:, 0]
             else:
                 p = moesift.plan(tr, keep=k, strategy=base, model=mdir, allocate=alloc,
                                  calibration=cal if base == "calibrated" else None)
@@ -121,14 +147,6 @@ def run_domain(name: str, m: Any, tok: Any, mdir: Path, tr_file: Path, ev_file: 
             for w, (bl, _) in sets.items():
                 nll[w][s] = window_nll(m, bl, resident)[:, 0]
         res["points"][f"{k:g}"] = {w: point(sets[w][1], nll[w]) for w in sets}
-    # auto's own fit and validations, and the whole calibration where calibrated won (given here, not rerun)
-    used_cal = any(a["chosen"].startswith("calibrated") for a in res["auto"].values())
-    res["seconds"] = {"trace": t_trace, "calibrate": t_cal, "auto_extra": auto_s,
-                      "cost": {"trace-scored": t_trace, "calibrated": t_trace + t_cal,
-                               "auto": t_trace + auto_s + (t_cal if used_cal else 0.0)}}
-    res["eval_tokens"] = int(sets["eval"][1][:, 1].sum())
-    res["eval_windows"] = int(len(sets["eval"][1]))
-    return res
 
 
 def print_model(name: str, r: dict[str, Any], strategies: list[str]) -> None:
@@ -198,6 +216,13 @@ def main() -> None:
     if within:
         print(f"auto within the paired 95% interval of the best (or best) at {sum(within)} of {len(within)} points",
               flush=True)
+        cost = [x["seconds"] for r in result["models"].values() for x in r["domains"].values()]
+        t_auto = sum(c["cost"]["auto"] for c in cost)
+        t_cal = sum(c["cost"]["calibrated"] for c in cost)
+        t_all = sum(c["cost"]["calibrated"] + c["load"] + c["calibrate"] for c in cost)
+        print(f"cost over the table: auto {t_auto:.0f} s; calibrated {t_cal:.0f} s (auto {t_auto / t_cal:.2f}x); the "
+              f"strategies auto compares, each planned on its own (the trace, and a load and a calibration each for "
+              f"calibrated and calibrated+allocate) {t_all:.0f} s (auto {t_auto / t_all:.2f}x)", flush=True)
     result["seconds"] = time.perf_counter() - T0
     print(f"total wall time {result['seconds']:.0f} s", flush=True)
     if a.json_out:

@@ -132,3 +132,50 @@ def test_a_kept_fit_is_not_used_once_its_calibration_text_changed(work, tmp_path
     assert fit_docs() == [12]
     calib.write_text("".join(lines[:12]))  # fewer documents: 9 to fit, 3 held out
     assert fit_docs() == [9]
+
+
+def test_auto_ranks_by_its_fit_calibration_and_calibrates_once(work, monkeypatch):
+    """Where calibrated wins, the plan ranks by the calibration of the fit documents (the sets that were
+    validated; no second calibration); a given calibration is used instead when there is one."""
+    model, d = work
+    calls: list[int] = []
+    real = auto.calibrate
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(auto, "calibrate", counting)
+    monkeypatch.setattr(auto, "candidates", lambda bank, allocate, allow: [("calibrated", False)])
+    p = _auto_plan(model, d)
+    a = p.provenance["auto"]
+    assert calls == [1] and a["chosen"] == "calibrated" and a["final_calibration"] == "the fit documents"
+    fit_cal = next(iter(auto._FITS.values())).rounds[0].calibration
+    ref = moesift.plan(d / "sal.trace", keep=0.5, model=model, strategy="calibrated", calibration=fit_cal)
+    assert [e["resident"] for e in p.layers] == [e["resident"] for e in ref.layers]
+    # a given calibration (here one of all 16 documents, saved) ranks the plan instead
+    full = moesift.calibrate(model, d / "calib.jsonl", out=d / "all.calib", max_length=32, progress=False)
+    auto._FITS.clear()
+    q = moesift.plan(d / "sal.trace", keep=0.5, model=model, calib=str(d / "calib.jsonl"), calib_length=32,
+                     calibration=d / "all.calib", device="cpu", progress=False)
+    ref2 = moesift.plan(d / "sal.trace", keep=0.5, model=model, strategy="calibrated", calibration=full)
+    assert q.provenance["auto"]["final_calibration"] == str(d / "all.calib")
+    assert [e["resident"] for e in q.layers] == [e["resident"] for e in ref2.layers]
+
+
+def test_plan_lets_the_model_go_and_a_sweep_keeps_it(work):
+    """`moesift.plan` does not hold the loaded model once it returns (a kept fit keeps only its statistics and
+    loads the model again when asked for another budget); inside `keep_fits` (a sweep) the model stays."""
+    model, d = work
+    p = _auto_plan(model, d)
+    f = next(iter(auto._FITS.values()))
+    assert f.model is None and f.rounds and f.rounds[0].calibration is not None
+    again = moesift.plan(d / "sal.trace", keep=0.5, model=model, calib=str(d / "calib.jsonl"), calib_length=32,
+                         device="cpu", progress=False)  # the kept fit, the model loaded again
+    assert next(iter(auto._FITS.values())) is f and f.model is None
+    assert again.provenance["auto"]["candidates"] == p.provenance["auto"]["candidates"] and again.layers == p.layers
+    with auto.keep_fits():
+        moesift.plan(d / "sal.trace", keep=0.25, model=model, calib=str(d / "calib.jsonl"), calib_length=32,
+                     device="cpu", progress=False)
+        assert f.model is not None
+    assert f.model is None

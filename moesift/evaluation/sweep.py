@@ -48,7 +48,7 @@ from ..formats.checkpoint import CheckpointIndex, resolve_model_dir
 from ..formats.plan import STRATEGIES
 from ..formats.trace import Trace
 from ..formats.workload import batches, encode_documents, read_documents, windows
-from ..selection.auto import AUTO
+from ..selection.auto import AUTO, keep_fits
 from ..selection.planner import plan as make_plan
 from .eval_gguf import uses_llamacpp
 from .evaluate import perplexity_runs, prepare, use_mlx
@@ -235,8 +235,9 @@ def sweep(
     else:
         calib = _calibration_prompts(strategies, traces, data, calib, calibration)
     # plans first (cheap, and errors surface before any model is loaded)
-    plans, skipped = _plans(traces, strategies, keeps, mdir, calib, calibration, calib_samples, calib_length,
-                            uniform, groups, seed, device, dtype, progress and not json, (auto_folds, auto_rounds))
+    with keep_fits():  # auto: one fit, its model held, for every budget
+        plans, skipped = _plans(traces, strategies, keeps, mdir, calib, calibration, calib_samples, calib_length,
+                                uniform, groups, seed, device, dtype, progress and not json, (auto_folds, auto_rounds))
     if mlx:
         runs, n_windows, engine_name = _mlx_perplexities(mdir, data, plans, field, max_samples, max_length,
                                                          batch_size, progress and not json)

@@ -12,12 +12,14 @@ calibration text itself, never on the evaluation data:
    statistics every candidate ranks by.
 3. Per budget, every candidate (frequency, weighted, contribution, calibrated, each with and without
    `--allocate`, as far as the budget and the traces allow) chooses its sets from the fit statistics,
-   and the model restricted to each set scores the held-out documents (one window of `calib_length`
-   tokens per document). The candidate with the lowest held-out perplexity is chosen; ties go to the
-   cheaper candidate (the order above).
+   and the model restricted to each set scores the held-out documents, whole, in windows of `calib_length`
+   tokens. The candidate with the lowest held-out perplexity is chosen; ties go to the cheaper candidate
+   (the order above).
 4. The plan is then built by the chosen candidate: from the given traces for a trace-scored strategy, and
-   for `calibrated` from a calibration on all the calibration documents (the given `calibration`, else
-   calibrated once, when `calibrated` wins: fewer calibration tokens make worse calibrated sets).
+   for `calibrated` from the fit calibration of step 2 (with one round; a given `calibration` instead, and
+   with several rounds a calibration on all the calibration documents). So with one round `auto` costs a
+   trace and a calibration of the fit documents plus one forward per candidate over the held-out ones: less
+   than `calibrated` on all the documents.
 
 The choice, every candidate's held-out perplexity ratio to the full model, its gap in mean log-perplexity
 to the chosen one with a paired standard error (windows as the units), and the cost of each step are
@@ -79,6 +81,22 @@ class _Fit:
 
 
 _FITS: dict[tuple, _Fit] = {}
+_KEEP = [0]  # open `keep_fits` blocks
+
+
+@contextlib.contextmanager
+def keep_fits() -> Any:
+    """Within this block a fit keeps its loaded model between choices (a sweep plans every budget from one
+    fit). Outside it the model is let go after each choice, so that `moesift.plan` does not hold a large
+    model after it returns; the fit's statistics stay, and a later choice from them loads the model again."""
+    _KEEP[0] += 1
+    try:
+        yield
+    finally:
+        _KEEP[0] -= 1
+        if not _KEEP[0]:
+            for f in _FITS.values():
+                f.model = None
 
 
 def _stamp(paths: Any) -> tuple:
@@ -188,7 +206,7 @@ def _fit_round(model: Any, m: Any, tok: Any, path: Path, fit_docs: list[dict[str
     cal = calibrate(model, path, max_samples=None, max_length=length, device=device, dtype=dtype, progress=progress,
                     loaded=(m, tok))
     t2 = time.perf_counter()
-    wins = [ids[:length] for ids in encode_documents(val_docs, tok)]
+    wins = [ids[i:i + length] for ids in encode_documents(val_docs, tok) for i in range(0, len(ids), length)]
     wins = [w for w in wins if len(w) >= 2]
     if not wins:
         raise MoesiftError("auto's held-out calibration documents tokenized to nothing; give more calibration text")
@@ -228,8 +246,9 @@ def window_nll(m: Any, batch_list: list[tuple[Any, Any]], resident: dict[int, li
 
 @dataclass
 class Choice:
-    """What `auto` chose: the strategy, --allocate, the calibration the plan ranks by (None: for calibrated,
-    the one on all the calibration documents) and the record kept in the plan's provenance."""
+    """What `auto` chose: the strategy, --allocate, the calibration the plan ranks by (for calibrated: the fit
+    round's with one round, else None: one on all the calibration documents) and the record kept in the plan's
+    provenance."""
 
     strategy: str
     allocate: bool
@@ -252,25 +271,13 @@ def choose(bank: Any, select: Callable[[Any, str, bool, Any], list[list[int]]], 
         return Choice(s, allocate, None, {"chosen": label(s, allocate), "validated": False, "reason": why})
     f = fit(model, calib, calib_samples, calib_length, folds, rounds, seed, device, dtype, progress)
     t0 = time.perf_counter()
-    full = np.concatenate([r.full for r in f.rounds])
-    rows: list[dict[str, Any]] = []
-    nll: dict[str, np.ndarray] = {}
-    for s, a in candidates(bank, allocate, allow_allocate):
-        name = label(s, a)
-        try:
-            per = []
-            for r in f.rounds:
-                res = select(make_bank(r.trace), s, a, r.calibration if s == "calibrated" else None)
-                per.append(window_nll(f.model, r.batches, {moe_layers[p]: ids for p, ids in enumerate(res)}))
-        except MoesiftError as e:
-            rows.append({"strategy": name, "skipped": str(e)})
-            continue
-        x = np.concatenate(per)
-        nll[name] = x[:, 0]
-        rows.append({"strategy": name, "ppl_ratio": math.exp((x[:, 0].sum() - full[:, 0].sum()) / full[:, 1].sum())})
-    if not nll:
-        raise MoesiftError("auto: no candidate strategy could meet the plan: "
-                           + "; ".join(r["skipped"] for r in rows if "skipped" in r))
+    if f.model is None:  # let go after an earlier choice
+        f.model = load_model(model, device=f.settings["device"], dtype=dtype)[0].eval()
+    try:
+        rows, nll, full = _validate(f, bank, select, moe_layers, allocate, allow_allocate, make_bank)
+    finally:
+        if not _KEEP[0]:
+            f.model = None
     best = min(nll, key=lambda k: nll[k].sum())  # dict order: the cheaper candidate first on ties
     T = full[:, 1]
     for row in rows:
@@ -286,9 +293,42 @@ def choose(bank: Any, select: Callable[[Any, str, bool, Any], list[list[int]]], 
               "note": ("held-out perplexity of each candidate's sets chosen from the other folds, as a ratio to the "
                        "full model; gap: mean log-perplexity minus the chosen one's, se: its paired standard error "
                        "(windows as units)")}
+    cal = None
     if s_best == "calibrated":
-        record["final_calibration"] = "all the calibration documents"
-    return Choice(s_best, a_best, None, record)
+        one = len(f.rounds) == 1
+        record["final_calibration"] = "the fit documents" if one else "all the calibration documents"
+        cal = f.rounds[0].calibration if one else None
+    return Choice(s_best, a_best, cal, record)
+
+
+def _validate(f: _Fit, bank: Any, select: Callable[[Any, str, bool, Any], list[list[int]]], moe_layers: list[int],
+              allocate: bool, allow_allocate: bool,
+              make_bank: Callable[[Any], Any]) -> tuple[list[dict[str, Any]], dict[str, np.ndarray], np.ndarray]:
+    """(a row per candidate, each scored candidate's held-out NLL per window, the full model's [windows, 2])."""
+    full = np.concatenate([r.full for r in f.rounds])
+    rows: list[dict[str, Any]] = []
+    nll: dict[str, np.ndarray] = {}
+    scored: dict[tuple, np.ndarray] = {}  # candidates that choose the same sets are scored once
+    for s, a in candidates(bank, allocate, allow_allocate):
+        name = label(s, a)
+        try:
+            per = []
+            for i, r in enumerate(f.rounds):
+                res = select(make_bank(r.trace), s, a, r.calibration if s == "calibrated" else None)
+                key = (i, tuple(tuple(sorted(ids)) for ids in res))
+                if key not in scored:
+                    scored[key] = window_nll(f.model, r.batches, {moe_layers[p]: ids for p, ids in enumerate(res)})
+                per.append(scored[key])
+        except MoesiftError as e:
+            rows.append({"strategy": name, "skipped": str(e)})
+            continue
+        x = np.concatenate(per)
+        nll[name] = x[:, 0]
+        rows.append({"strategy": name, "ppl_ratio": math.exp((x[:, 0].sum() - full[:, 0].sum()) / full[:, 1].sum())})
+    if not nll:
+        raise MoesiftError("auto: no candidate strategy could meet the plan: "
+                           + "; ".join(r["skipped"] for r in rows if "skipped" in r))
+    return rows, nll, full
 
 
 def _round_seconds(f: _Fit) -> dict[str, float]:

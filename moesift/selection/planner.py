@@ -298,6 +298,8 @@ def plan(
                               model, calib, calib_samples, calib_length, auto_folds, auto_rounds, device, dtype,
                               progress)
         strategy, allocate, cal, auto = choice.strategy, choice.allocate, choice.calibration, choice.record
+        if calibration is not None and strategy == "calibrated":
+            cal, auto["final_calibration"] = None, str(calibration)  # the given calibration
     if strategy == "calibrated" and cal is None:
         cal = _calibration_for(sp, calibration, calib, model, calib_samples, calib_length, device, dtype, progress)
     sp, scores, resident = _select_sets(sp, bank, share, budget, strategy, seed, groups, cal, allocate, uniform,
