@@ -4,8 +4,8 @@ Streaming, tensor by tensor, from the source safetensors: the output layout (nam
 shard of every tensor) is computed from the source headers before any data moves, each output shard's
 header is written first and the data follows. Each source shard gives one output shard (packed to the
 maximum shard size instead when one is larger), its header padded so that kept bytes keep their offset
-within a page: the kernel copies such ranges page by page. Tensors without an expert dimension are copied byte for
-byte; per-expert tensors of resident experts are copied and renamed to 0..n-1 in original-id order;
+within a page: the kernel copies such ranges page by page. Tensors without an expert dimension are copied
+byte for byte; per-expert tensors of resident experts are copied and renamed to 0..n-1 in original-id order;
 tensors with an expert dimension (router rows, selection biases, fused experts and their quantized
 companions) keep the resident rows: when the expert dimension is the outermost non-trivial one the rows
 are contiguous byte ranges and are copied as bytes; otherwise the one tensor is read and sliced by the
@@ -66,9 +66,7 @@ DEFAULT_SHARD_SIZE = 5 * 1000**3
 _SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 _SKIP_NAMES = {"config.json", INDEX_FILE, PLAN_FILE, "pytorch_model.bin.index.json"}
 _MAX_COPIED_FILE = 256 << 20
-
-
-_PAGE = 4096
+_PAGE = 4096  # kept bytes land at their source offset within a page of this size
 
 
 def _shards(tensors: list[OutTensor], max_shard_size: int) -> list[list[OutTensor]]:

@@ -1,0 +1,71 @@
+"""Where a trim puts its bytes: one output shard per source shard that keeps tensors, its tensors in source
+order and the first at the same offset within a 4 KiB page as in the source (the header is padded with
+spaces, as safetensors allows), so that the kernel copies pages whole; packed shards otherwise."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import torch
+from hostile import make_saved
+from safetensors import safe_open
+
+from moesift.apply.trim import trim
+from moesift.formats.checkpoint import CheckpointIndex
+from moesift.formats.trimmed import INDEX_FILE, PLAN_FILE
+
+
+def _offsets(path: Path) -> tuple[int, dict[str, tuple[int, int]]]:
+    """(bytes before the data, {tensor: (absolute start, length)}) from a safetensors header, read here."""
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+    base = 8 + n
+    return base, {k: (base + v["data_offsets"][0], v["data_offsets"][1] - v["data_offsets"][0])
+                  for k, v in header.items() if k != "__metadata__"}
+
+
+def _source_name(name: str, id_map: dict[str, list[int]]) -> str:
+    """The source tensor a trimmed per-expert tensor was copied from (new expert id -> original id)."""
+    parts = name.split(".")
+    if "experts" in parts and parts[parts.index("experts") + 1].isdigit():
+        i = parts.index("experts")
+        parts[i + 1] = str(id_map[parts[2]][int(parts[i + 1])])
+    return ".".join(parts)
+
+
+def test_one_shard_per_source_shard_and_page_offsets_kept(tmp_path):
+    src = make_saved(tmp_path / "src", max_shard_size="60KB")
+    idx = CheckpointIndex.build(src)
+    spec = idx.spec
+    keep = max(spec.top_k, spec.n_experts // 2)
+    resident = {layer: list(range(1, 1 + 2 * keep, 2))[:keep] for layer in spec.moe_layers}
+    out = trim(src, resident, tmp_path / "out", progress=False)
+    src_files = sorted({t.file for t in idx.tensors})
+    out_files = sorted(json.loads((out / INDEX_FILE).read_text())["weight_map"].values())
+    assert len(src_files) >= 3 and len(set(out_files)) == len(src_files)
+    id_map = json.loads((out / PLAN_FILE).read_text())["id_map"]
+    where = {}
+    for f in src_files:
+        where.update({k: (f, *v) for k, v in _offsets(src / f)[1].items()})
+    for f in sorted(set(out_files)):
+        _, tensors = _offsets(out / f)
+        with safe_open(str(out / f), "pt") as so:  # the padded header reads as any other
+            assert sorted(so.keys()) == sorted(tensors)
+        order = sorted(tensors, key=lambda k: tensors[k][0])
+        srcs = [where[_source_name(k, id_map)] for k in order]
+        assert len({s[0] for s in srcs}) == 1 and [s[1] for s in srcs] == sorted(s[1] for s in srcs), f
+        # the first tensor copied whole lands at its source's offset within a page; the rest follow in source
+        # order, so they keep it wherever what was left out between them is whole pages (real experts are)
+        first = next(k for k, s in zip(order, srcs, strict=True) if s[2] == tensors[k][1])
+        assert (tensors[first][0] - where[_source_name(first, id_map)][1]) % 4096 == 0, f
+    # a shard size below the source's packs the tensors in order, as before
+    small = trim(src, resident, tmp_path / "small", progress=False, max_shard_size="20KB")
+    assert len(set(json.loads((small / INDEX_FILE).read_text())["weight_map"].values())) > len(src_files)
+    for f in sorted(small.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as a:
+            for k in a.keys():
+                with safe_open(str(out / json.loads((out / INDEX_FILE).read_text())["weight_map"][k]), "pt") as b:
+                    assert torch.equal(a.get_tensor(k), b.get_tensor(k)), k
