@@ -127,6 +127,7 @@ def points(res: dict[str, Any], tr: Any, cal: Any, mdir: Path, tr_file: Path, se
             if base == "auto":
                 p = moesift.plan(tr, keep=k, strategy="auto", model=mdir, calib=str(tr_file), allocate=alloc,
                                  calib_samples=st["trace_docs"], calib_length=L, seed=st["seed"], device="cpu",
+                                 auto_rounds=st["auto_rounds"],
                                  dtype="float32", progress=False)
                 a = p.provenance["auto"]
                 res["auto"][f"{k:g}"] = {"chosen": a["chosen"], "candidates": a["candidates"],
@@ -187,13 +188,14 @@ def main() -> None:
     ap.add_argument("--eval-docs", type=int, default=12, help="eval texts per domain (12)")
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0, help="auto's fold seed")
+    ap.add_argument("--auto-rounds", type=int, default=1, help="auto's rounds (folds held out in turn; 1)")
     ap.add_argument("--in-sample", action="store_true", help="also score every plan on the calibration prompts")
     ap.add_argument("--json-out", type=Path)
     a = ap.parse_args()
     import torch
 
     st = {"trace_docs": a.trace_docs, "eval_docs": a.eval_docs, "max_length": a.max_length, "seed": a.seed,
-          "in_sample": a.in_sample, "strategies": a.strategies.split(",")}
+          "auto_rounds": a.auto_rounds, "in_sample": a.in_sample, "strategies": a.strategies.split(",")}
     print(f"selection table: {st['trace_docs']} trace = calibration prompts, {st['eval_docs']} eval texts, "
           f"{st['max_length']} tokens, float32, CPU, torch threads {torch.get_num_threads()}", flush=True)
     result: dict[str, Any] = {"settings": st, "models": {}}

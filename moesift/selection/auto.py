@@ -18,8 +18,8 @@ calibration text itself, never on the evaluation data:
 4. The plan is then built by the chosen candidate: from the given traces for a trace-scored strategy, and
    for `calibrated` from the fit calibration of step 2 (with one round; a given `calibration` instead, and
    with several rounds a calibration on all the calibration documents). So with one round `auto` costs a
-   trace and a calibration of the fit documents plus one forward per candidate over the held-out ones: less
-   than `calibrated` on all the documents.
+   trace and a calibration of the fit documents plus, per budget, one forward over the held-out documents
+   per distinct candidate set.
 
 The choice, every candidate's held-out perplexity ratio to the full model, its gap in mean log-perplexity
 to the chosen one with a paired standard error (windows as the units), and the cost of each step are
