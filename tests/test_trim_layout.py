@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 from moesift.apply.trim import trim
 from moesift.formats.checkpoint import CheckpointIndex
-from moesift.formats.trimmed import INDEX_FILE, PLAN_FILE
+from moesift.formats.trimmed import INDEX_FILE, PLAN_FILE, plan_layout
 
 
 def _offsets(path: Path) -> tuple[int, dict[str, tuple[int, int]]]:
@@ -69,3 +69,30 @@ def test_one_shard_per_source_shard_and_page_offsets_kept(tmp_path):
             for k in a.keys():
                 with safe_open(str(out / json.loads((out / INDEX_FILE).read_text())["weight_map"][k]), "pt") as b:
                     assert torch.equal(a.get_tensor(k), b.get_tensor(k)), k
+
+
+def test_read_ahead_hints_change_nothing_and_their_absence_is_fine(tmp_path, monkeypatch):
+    """The writer asks the kernel for the ranges ahead of the copy; where the hint is missing (macOS) or
+    refused by the file system, the same bytes are written."""
+    import moesift.apply.writer as writer
+
+    src = make_saved(tmp_path / "src", max_shard_size="60KB")
+    spec = CheckpointIndex.build(src).spec
+    resident = {layer: list(range(0, spec.n_experts, 2)) for layer in spec.moe_layers}
+    asked: list[tuple[int, int]] = []
+    real = writer._ADVISE
+    monkeypatch.setattr(writer, "_ADVISE", lambda fd, off, n, advice: (asked.append((off, n)), real(fd, off, n, advice)))
+    base = trim(src, resident, tmp_path / "base", progress=False)
+    layout = plan_layout(CheckpointIndex.build(src), resident)
+    copied = sorted((off, k) for t in layout if t.slice_keep is None for off, k in t.ranges)
+    assert sorted(asked) == copied  # every copied range hinted once
+    outs = [base]
+
+    def refuse(fd, off, n, advice):
+        raise OSError("not supported")
+
+    for i, hint in enumerate((None, refuse)):
+        monkeypatch.setattr(writer, "_ADVISE", hint)
+        outs.append(trim(src, resident, tmp_path / f"o{i}", progress=False))
+    for f in sorted(base.glob("*.safetensors")):
+        assert all((o / f.name).read_bytes() == f.read_bytes() for o in outs[1:]), f.name
