@@ -37,7 +37,8 @@ def plan_cmd(
         "marginal loss (calibrated error, or the strategy's score share: coverage for frequency) per byte, "
         "instead of the same count in every layer."),
     calibration: str = typer.Option(None, "--calibration", help="Calibration file from `moesift calibrate` "
-                                    "(for --strategy calibrated)."),
+                                    "(for --strategy calibrated; with auto, what a calibrated choice ranks by "
+                                    "instead of auto's own calibration of its fit folds)."),
     calib: list[str] = typer.Option(None, "--calib", help="Calibration prompts (workload file, repeatable) to "
                                     "calibrate --model on for --strategy calibrated or auto; never the evaluation data."),
     calib_samples: int = typer.Option(64, "--calib-samples", help="Calibration documents used."),
