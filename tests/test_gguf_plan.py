@@ -15,6 +15,7 @@ from hostile import assert_one_error, run_cli  # noqa: E402
 from test_plan import make_trace  # noqa: E402
 
 import moesift  # noqa: E402
+from moesift.core.errors import MoesiftError  # noqa: E402
 from moesift.formats.gguf import read_gguf  # noqa: E402
 
 # llama.cpp architecture -> (model_type of the traced model, expert type)
@@ -77,3 +78,17 @@ def test_gguf_memory_plan_in_the_cli_and_refusals(tmp_path, monkeypatch, capsys)
         code, out, err = run_cli(["plan", tmp_path / "w.trace", *args, "--out", tmp_path / "x.json"], monkeypatch, capsys)
         assert_one_error(code, err, *needles)
     assert not (tmp_path / "x.json").exists()
+
+
+def test_llamacpp_engine_refuses_a_folder_in_one_line(tiny_dir):
+    """`--engine llama.cpp` on something that is not a GGUF file: one line for trace and for eval; `auto` leaves
+    such a model to the other engines."""
+    from moesift.evaluation.eval_gguf import uses_llamacpp as evaluates
+    from moesift.record.gguf_trace import uses_llamacpp as traces
+
+    folder = tiny_dir("qwen3_moe")
+    with pytest.raises(MoesiftError, match="llama.cpp traces a GGUF file; .* is not one"):
+        traces(folder, "llama.cpp", False)
+    with pytest.raises(MoesiftError, match="llama.cpp evaluates a GGUF file; .* is not one"):
+        evaluates(folder, "llama.cpp", (), "auto", None)
+    assert not traces(folder, "auto", False) and not evaluates(folder, "auto", (), "auto", None)

@@ -4,10 +4,12 @@ naming the extra to install), then ask its module to check or open a trimmed che
 from __future__ import annotations
 
 import importlib
+import os
 from pathlib import Path
 from typing import Any
 
 from ..core.errors import MoesiftError
+from ..formats.gguf import is_gguf
 from . import llamacpp, mlx
 from .runner import ENGINES, NAMES, Runner
 
@@ -28,6 +30,17 @@ def require(engine: str) -> Any:
                 f"install it with: pip install \"moesift[{extra}]\""
             ) from None
     return MODULES[engine]
+
+
+def runs_in_llamacpp(model: Any, engine: str, verb: str) -> bool:
+    """Whether `model` runs in llama.cpp: `engine` "llama.cpp", or "auto" and a GGUF file. One error line when
+    llama.cpp is asked for something that is not a GGUF file (`verb`: what the command does with it)."""
+    gguf = isinstance(model, (str, os.PathLike)) and is_gguf(model)
+    if engine != "llama.cpp" and not (engine == "auto" and gguf):
+        return False
+    if not gguf:
+        raise MoesiftError(f"--engine llama.cpp {verb} a GGUF file; {str(model)!r} is not one")
+    return True
 
 
 def check_engine(engine: str, trimmed: str | Path, record: dict[str, Any] | None) -> None:

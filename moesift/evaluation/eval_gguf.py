@@ -14,7 +14,7 @@ from typing import Any
 
 from ..apply.trim_gguf import trim_gguf
 from ..core.errors import MoesiftError
-from ..engines.choose import require
+from ..engines.choose import require, runs_in_llamacpp
 from ..engines.hf import load_tokenizer
 from ..engines.llamacpp_eval import eval_files
 from ..formats.checkpoint import resolve_model_dir
@@ -25,11 +25,8 @@ from ..formats.workload import read_documents
 def uses_llamacpp(model: Any, engine: str, top_p: Sequence[float], device: str, dtype: str | None) -> bool:
     """Whether `model` is evaluated in llama.cpp (`engine` "llama.cpp", or "auto" and a GGUF file); one error
     line for an option llama.cpp evaluation does not take."""
-    gguf = isinstance(model, (str, os.PathLike)) and is_gguf(model)
-    if engine != "llama.cpp" and not (engine == "auto" and gguf):
+    if not runs_in_llamacpp(model, engine, "evaluates"):
         return False
-    if not gguf:
-        raise MoesiftError(f"--engine llama.cpp evaluates a GGUF file; {str(model)!r} is not one")
     if top_p:
         raise MoesiftError("--top-p is not supported with --engine llama.cpp; use --plan or --top-k")
     if dtype not in (None, "float32"):

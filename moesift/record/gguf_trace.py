@@ -33,11 +33,11 @@ from ..core.errors import MoesiftError
 from ..core.identity import config_hash, model_config_hash
 from ..core.progress import progress_bar
 from ..core.version import __version__
-from ..engines.choose import require
+from ..engines.choose import require, runs_in_llamacpp
 from ..engines.hf import load_tokenizer
 from ..engines.llamacpp_session import GGUFSession, GGUFTokenizer, llama_cpp_version
 from ..formats.checkpoint import load_config_dict, resolve_model_dir
-from ..formats.gguf import GGUFIndex, is_gguf, read_gguf
+from ..formats.gguf import GGUFIndex, read_gguf
 from ..formats.trace import Trace
 from .documents import log_arrays, model_section, split_log, tokenize_workload, workload_section
 from .recorder import Recorder
@@ -46,11 +46,8 @@ from .recorder import Recorder
 def uses_llamacpp(model: Any, engine: str, saliency: bool) -> bool:
     """Whether `model` is traced in llama.cpp (`engine` "llama.cpp", or "auto" and a GGUF file); one error line
     for what llama.cpp tracing does not do."""
-    gguf = isinstance(model, (str, os.PathLike)) and is_gguf(model)
-    if engine != "llama.cpp" and not (engine == "auto" and gguf):
+    if not runs_in_llamacpp(model, engine, "traces"):
         return False
-    if not gguf:
-        raise MoesiftError(f"--engine llama.cpp traces a GGUF file; {str(model)!r} is not one")
     if saliency:
         raise MoesiftError("--saliency is not supported with --engine llama.cpp; trace the transformers checkpoint "
                            "for saliency")
