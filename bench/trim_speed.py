@@ -106,6 +106,20 @@ print(json.dumps({"wall": time.perf_counter() - t}))
 """
 
 
+def write_plan(path: Path, layers: int, experts: int, keep_fraction: float) -> int:
+    """A qwen3_moe plan keeping `keep_fraction` of the experts of every layer, drawn at random (seed 1), written
+    to `path`; returns the experts kept per layer."""
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    kept = max(1, round(experts * keep_fraction))
+    plan = {"schema": "moesift-plan/1", "model": {"model_type": "qwen3_moe", "n_experts": experts},
+            "layers": [{"layer": i, "resident": sorted(rng.choice(experts, kept, replace=False).tolist())}
+                       for i in range(layers)]}
+    path.write_text(json.dumps(plan))
+    return kept
+
+
 def _cp(src: Path, dst: Path) -> float:
     """Seconds `cp` takes to copy the safetensors shards of `src` into a fresh `dst`."""
     shutil.rmtree(dst, ignore_errors=True)
@@ -233,16 +247,9 @@ def write_gguf(path: Path, size_gb: float, experts: int = 64) -> tuple[int, int]
 
 def gguf_main(args: argparse.Namespace, work: Path) -> None:
     """Trim a synthetic GGUF file against cp of the source file and of the trimmed file (warm page cache)."""
-    import numpy as np
-
     src, out = work / "model.gguf", work / "trimmed.gguf"
     n_layers, E = write_gguf(src, args.size_gb)
-    rng = np.random.default_rng(1)
-    kept = max(1, round(E * args.keep_fraction))
-    plan = {"schema": "moesift-plan/1", "model": {"model_type": "qwen3_moe", "n_experts": E},
-            "layers": [{"layer": i, "resident": sorted(rng.choice(E, kept, replace=False).tolist())}
-                       for i in range(n_layers)]}
-    (work / "plan.json").write_text(json.dumps(plan))
+    kept = write_plan(work / "plan.json", n_layers, E, args.keep_fraction)
     _run(GGUF_TRIM, str(src), str(work / "plan.json"), str(out), "none")  # warm-up
     times: dict[str, list[float]] = {}
 
@@ -304,7 +311,6 @@ def main() -> None:
     ap.add_argument("--no-cold", action="store_true", help="warm page cache only")
     ap.add_argument("--gguf", action="store_true", help="time the trim of a synthetic GGUF file instead")
     args = ap.parse_args()
-    import numpy as np
 
     work = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="moesift-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -326,12 +332,7 @@ def main() -> None:
         else:
             L, E, largest = write_synthetic(src, args.size_gb)
         t_write = time.perf_counter() - t0
-        rng = np.random.default_rng(1)
-        kept = max(1, round(E * args.keep_fraction))
-        plan = {"schema": "moesift-plan/1", "model": {"model_type": "qwen3_moe", "n_experts": E},
-                "layers": [{"layer": i, "resident": sorted(rng.choice(E, kept, replace=False).tolist())}
-                           for i in range(L)]}
-        (work / "plan.json").write_text(json.dumps(plan))
+        kept = write_plan(work / "plan.json", L, E, args.keep_fraction)
         src_bytes = sum(f.stat().st_size for f in src.glob("*.safetensors"))
         _run(TRIM, str(src), str(work / "plan.json"), str(out), "none", args.max_shard_size)  # warm-up
         out_bytes = sum(f.stat().st_size for f in out.glob("*.safetensors"))
