@@ -148,3 +148,26 @@ def mlx_gpt_oss_source(hf: Path, directory: Path) -> Path:
             out[name] = x
     save_file(out, str(directory / "model.safetensors"), metadata={"format": "mlx"})
     return directory
+
+
+def keep_router_outputs(model, layers: list[int], block: str = "mlp", attr: str = "gate", record=None) -> list[list]:
+    """Replace the router module (`attr` of `block`) of each decoder layer in `layers` of an mlx-lm model by a
+    test-local module that returns what the router returns and appends it (or `record(router, x, out)`) to
+    that layer's list; returns the lists, one per layer in `layers`."""
+    import mlx.nn as nn
+
+    class Keep(nn.Module):
+        def __init__(self, inner, sink):
+            super().__init__()
+            self.inner, self.sink = inner, sink
+
+        def __call__(self, x):
+            out = self.inner(x)
+            self.sink.append(out if record is None else record(self.inner, x, out))
+            return out
+
+    seen: list[list] = [[] for _ in layers]
+    for sink, layer in zip(seen, layers, strict=True):
+        blk = getattr(model.model.layers[layer], block)
+        setattr(blk, attr, Keep(getattr(blk, attr), sink))
+    return seen

@@ -19,6 +19,7 @@ import pytest
 from engine_models import (
     MLX_CONVERSIONS,
     MLX_FAMILY_SIZES,
+    keep_router_outputs,
     mlx_convert,
     mlx_gpt_oss_source,
     mlx_source,
@@ -111,31 +112,19 @@ def _recount(folder, mt: str, docs: list[list[int]], layers: list[int], E: int):
     applied here in numpy to the logits (and checked against a selecting gate's own ids), counts by
     np.bincount."""
     import mlx.core as mx
-    import mlx.nn as nn
 
     model = _load(folder)
     cfg = json.loads((folder / "config.json").read_text())
     block, attr = ROUTER.get(mt, ("mlp", "gate"))
-    seen: list[list] = [[] for _ in layers]
 
-    class Keep(nn.Module):
-        def __init__(self, inner, sink):
-            super().__init__()
-            self.inner, self.sink = inner, sink
+    def record(router, x, out):  # the logits, and the ids a selecting gate picked
+        if mt in GATES:
+            return x @ router.weight.T, out[0]
+        return (router.layer(x) if mt == "granitemoe" else out), None
 
-        def __call__(self, x):
-            out = self.inner(x)
-            if mt in GATES:
-                self.sink.append((x @ self.inner.weight.T, out[0]))
-            else:
-                self.sink.append((self.inner.layer(x) if mt == "granitemoe" else out, None))
-            return out
-
-    biases = []
-    for i, layer in enumerate(layers):
-        blk = getattr(model.model.layers[layer], block)
-        biases.append(np.array(blk.gate.e_score_correction_bias) if mt in BIASED else None)
-        setattr(blk, attr, Keep(getattr(blk, attr), seen[i]))
+    biases = [np.array(getattr(model.model.layers[layer], block).gate.e_score_correction_bias) if mt in BIASED
+              else None for layer in layers]
+    seen = keep_router_outputs(model, layers, block, attr, record)
     sel = []
     for ids in docs:
         mx.eval(model(mx.array([ids])))

@@ -13,7 +13,7 @@ import shutil
 
 import numpy as np
 import pytest
-from engine_models import mlx_convert, mlx_source, per_family
+from engine_models import keep_router_outputs, mlx_convert, mlx_source, per_family
 from hostile import assert_one_error, run_cli
 
 import moesift
@@ -49,27 +49,12 @@ def _greedy_recount(folder, docs, layers, E, K, n_new, eos):
     tokens fed for N new ones; an end-of-sequence token is not fed), top-k of the softmax by numpy's argsort.
     Returns (decode counts [L, E], decode selections [tokens, L, K] sorted per token, the tokens fed)."""
     import mlx.core as mx
-    import mlx.nn as nn
     from mlx_lm.models.cache import make_prompt_cache
     from mlx_lm.utils import load_model
 
     model, _ = load_model(folder, lazy=False, strict=True)
     model.set_dtype(mx.float32)
-    seen: list[list] = [[] for _ in layers]
-
-    class Keep(nn.Module):
-        def __init__(self, inner, sink):
-            super().__init__()
-            self.inner, self.sink = inner, sink
-
-        def __call__(self, x):
-            out = self.inner(x)
-            self.sink.append(out)
-            return out
-
-    for i, layer in enumerate(layers):
-        blk = model.model.layers[layer].mlp
-        blk.gate = Keep(blk.gate, seen[i])
+    seen = keep_router_outputs(model, layers)
 
     def selections():
         per = []

@@ -11,7 +11,7 @@ import shutil
 
 import numpy as np
 import pytest
-from engine_models import MLX_SIZES, mlx_convert, mlx_source, per_family
+from engine_models import MLX_SIZES, keep_router_outputs, mlx_convert, mlx_source, per_family
 from hostile import assert_one_error, run_cli
 
 import moesift
@@ -61,27 +61,12 @@ def _recount(folder, mt: str, docs: list[list[int]], layers: list[int], E: int, 
     decoder layer's router module replaced by a test-local module that keeps its logits, one document per
     forward (no padding), top-k of the softmax by numpy's argsort, counts by np.bincount."""
     import mlx.core as mx
-    import mlx.nn as nn
     from mlx_lm.utils import load_model
 
     model, _ = load_model(folder, lazy=False, strict=True)
     model.set_dtype(mx.float32)
     n_layers = len(layers)
-    seen: list[list] = [[] for _ in range(n_layers)]
-
-    class Keep(nn.Module):
-        def __init__(self, inner, sink):
-            super().__init__()
-            self.inner, self.sink = inner, sink
-
-        def __call__(self, x):
-            out = self.inner(x)
-            self.sink.append(out)
-            return out
-
-    for i in range(n_layers):
-        blk = getattr(model.model.layers[layers[i]], BLOCK[mt])
-        blk.gate = Keep(blk.gate, seen[i])
+    seen = keep_router_outputs(model, layers, BLOCK[mt])
     sel = []
     for ids in docs:
         mx.eval(model(mx.array([ids])))
