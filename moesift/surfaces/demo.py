@@ -46,10 +46,12 @@ from .demo_parts import (
     domain_row,
     eval_summary,
     fewer_experts,
+    mark_output,
     model_card,
     plan_summary,
     settings,
     sweep_summary,
+    workload_files,
     workloads_summary,
 )
 from .report import compare as compare_traces
@@ -168,14 +170,12 @@ class _Pipeline:
         self.quick, self.model, self.domain = quick, model, domain
         self.st = settings(quick)
         self.models = {name: assets.reference_model(name) for name in assets.MODELS}
-        self.trace_files = {d: assets.workload(d, "trace") for d in assets.DOMAINS}
-        self.eval_files = {d: assets.workload(d, "eval") for d in assets.DOMAINS}
+        self.trace_files, self.eval_files = workload_files("trace"), workload_files("eval")
 
     def start(self, tmp: Path) -> None:
         """Mark `tmp` as a demo output; the summary so far."""
         self.tmp, st = tmp, self.st
-        (tmp / MARKER).write_text("moesift demo output; `moesift demo` may replace this directory\n")
-        (tmp / "traces").mkdir()
+        mark_output(tmp)
         self.res: dict[str, Any] = {"schema": "moesift-demo/1", "quick": self.quick,
                                     "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in st.items()},
                                     "plan_model": self.model, "plan_domain": self.domain, "models": {}}

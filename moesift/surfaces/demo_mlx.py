@@ -26,14 +26,15 @@ from ..formats.checkpoint import CheckpointIndex
 from ..record.tracer import trace
 from ..selection.planner import plan as make_plan
 from .demo_parts import (
-    MARKER,
     domain_row,
     eval_summary,
     fewer_experts,
+    mark_output,
     model_card,
     plan_summary,
     settings,
     sweep_summary,
+    workload_files,
     workloads_summary,
 )
 from .report import compare as compare_traces
@@ -64,14 +65,12 @@ class MlxPipeline:
         self.quick, self.domain, self.model = quick, domain, SOURCE
         self.st = {**settings(quick), "strategies": ("frequency", "saliency", "random")}
         self.source = assets.reference_model(SOURCE)
-        self.trace_files = {d: assets.workload(d, "trace") for d in assets.DOMAINS}
-        self.eval_files = {d: assets.workload(d, "eval") for d in assets.DOMAINS}
+        self.trace_files, self.eval_files = workload_files("trace"), workload_files("eval")
 
     def start(self, tmp: Path) -> None:
         """Mark `tmp` as a demo output, and convert the reference model into it with mlx-lm's converter."""
         self.tmp, st = tmp, self.st
-        (tmp / MARKER).write_text("moesift demo output; `moesift demo` may replace this directory\n")
-        (tmp / "traces").mkdir()
+        mark_output(tmp)
         self.name = f"{SOURCE}-mlx-4bit"
         self.mdir = tmp / self.name
         convert_reference(self.source, self.mdir)

@@ -8,10 +8,22 @@ import math
 from pathlib import Path
 from typing import Any
 
+from .. import assets
 from ..arch.registry import adapter_for
 from ..formats.checkpoint import CheckpointIndex
 
 MARKER = ".moesift-demo"
+
+
+def mark_output(tmp: Path) -> None:
+    """Mark `tmp` as a demo output (`moesift demo` may replace such a directory) and make its traces folder."""
+    (tmp / MARKER).write_text("moesift demo output; `moesift demo` may replace this directory\n")
+    (tmp / "traces").mkdir()
+
+
+def workload_files(kind: str) -> dict[str, Path]:
+    """The bundled workload file of every domain, of split `kind` ("trace" or "eval")."""
+    return {d: assets.workload(d, kind) for d in assets.DOMAINS}
 
 
 def settings(quick: bool) -> dict[str, Any]:
