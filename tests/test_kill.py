@@ -92,10 +92,12 @@ def _fork_trim(args: list) -> int:
     return pid
 
 
-def _wait_for(path: Path, pid: int, timeout: float = 30.0) -> bool:
+def _wait_for_claim(folder: Path, pid: int, timeout: float = 30.0) -> bool:
+    """Wait until process `pid` has claimed the output: its own partial folder exists. (The lock file is
+    no sign of it: a killed trim leaves its lock file behind, released, for the next one to take.)"""
     t = time.monotonic()
     while time.monotonic() - t < timeout:
-        if path.exists():
+        if any(n.startswith(".out.") and f".{pid}." in n and n.endswith(".partial") for n in os.listdir(folder)):
             return True
         if os.waitpid(pid, os.WNOHANG) != (0, 0):
             return False
@@ -114,11 +116,10 @@ def _valid(out: Path) -> None:
 def test_kill_9_during_trim_then_next_trim_cleans_up(big, tmp_path, monkeypatch, capsys):
     src, plan = big
     out = tmp_path / "out"
-    lock = tmp_path / ".out.moesift-lock"
     args = ["trim", src, "--plan", plan, "--out", out, "--max-shard-size", "40MB", "--force"]
     # one undisturbed run: how long the work takes once the output is claimed
     pid = _fork_trim(args)
-    assert _wait_for(lock, pid)
+    assert _wait_for_claim(tmp_path, pid)
     t0 = time.monotonic()
     _, status = os.waitpid(pid, 0)
     work = time.monotonic() - t0
@@ -128,7 +129,7 @@ def test_kill_9_during_trim_then_next_trim_cleans_up(big, tmp_path, monkeypatch,
     left_partial = 0
     for i in range(12):
         pid = _fork_trim(args)
-        claimed = _wait_for(lock, pid)
+        claimed = _wait_for_claim(tmp_path, pid)
         time.sleep(rng.uniform(0, work * 1.1))
         sig = signal.SIGTERM if i == 5 else signal.SIGKILL
         os.kill(pid, sig)
@@ -158,8 +159,12 @@ def test_two_concurrent_trims_one_wins(big, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     args = ["trim", src, "--plan", plan, "--out", out]
     pid = _fork_trim(args)
-    assert _wait_for(tmp_path / ".out.moesift-lock", pid)
-    code, _, err = run_cli(args, monkeypatch, capsys)
+    assert _wait_for_claim(tmp_path, pid)
+    os.kill(pid, signal.SIGSTOP)  # paused with the output claimed: the second trim meets it whatever the timing
+    try:
+        code, _, err = run_cli(args, monkeypatch, capsys)
+    finally:
+        os.kill(pid, signal.SIGCONT)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert_one_error(code, err, f"{str(out)!r} is being written by another moesift process (pid {pid})")
