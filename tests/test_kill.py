@@ -92,17 +92,37 @@ def _fork_trim(args: list) -> int:
     return pid
 
 
-def _wait_for_claim(folder: Path, pid: int, timeout: float = 30.0) -> bool:
-    """Wait until process `pid` has claimed the output: its own partial folder exists. (The lock file is
-    no sign of it: a killed trim leaves its lock file behind, released, for the next one to take.)"""
+def _wait_for_claim(folder: Path, pid: int, timeout: float = 30.0) -> Path | None:
+    """Wait until process `pid` has claimed the output: its own partial folder exists, which is returned (None
+    if the process ended first). The lock file is no sign of it: a killed trim leaves its lock file behind,
+    released, for the next one to take."""
     t = time.monotonic()
     while time.monotonic() - t < timeout:
-        if any(n.startswith(".out.") and f".{pid}." in n and n.endswith(".partial") for n in os.listdir(folder)):
-            return True
+        for n in os.listdir(folder):
+            if n.startswith(".out.") and f".{pid}." in n and n.endswith(".partial"):
+                return folder / n
+        if os.waitpid(pid, os.WNOHANG) != (0, 0):
+            return None
+        time.sleep(0.002)
+    return None
+
+
+def _written(folder: Path) -> int | None:
+    """Bytes in the files of a partial output folder; None once it is gone (committed or removed)."""
+    try:
+        return sum(e.stat().st_size for e in os.scandir(folder))
+    except FileNotFoundError:
+        return None
+
+
+def _wait_for_bytes(folder: Path, pid: int, target: int) -> bool:
+    """Wait until the trim writing `folder` has written `target` bytes or has committed it: a moment chosen by
+    progress, not by the clock (how fast a trim runs varies several-fold with the machine's load). False if
+    the process ended (and was reaped) meanwhile."""
+    while (n := _written(folder)) is not None and n < target:
         if os.waitpid(pid, os.WNOHANG) != (0, 0):
             return False
-        time.sleep(0.002)
-    return False
+    return True
 
 
 def _valid(out: Path) -> None:
@@ -117,24 +137,25 @@ def test_kill_9_during_trim_then_next_trim_cleans_up(big, tmp_path, monkeypatch,
     src, plan = big
     out = tmp_path / "out"
     args = ["trim", src, "--plan", plan, "--out", out, "--max-shard-size", "40MB", "--force"]
-    # one undisturbed run: how long the work takes once the output is claimed
+    # one undisturbed run: how many bytes the work writes once the output is claimed
     pid = _fork_trim(args)
     assert _wait_for_claim(tmp_path, pid)
-    t0 = time.monotonic()
     _, status = os.waitpid(pid, 0)
-    work = time.monotonic() - t0
     assert os.waitstatus_to_exitcode(status) == 0
     _valid(out)
+    total = sum(f.stat().st_size for f in out.iterdir())
     rng = random.Random(13)
     left_partial = 0
     for i in range(12):
         pid = _fork_trim(args)
         claimed = _wait_for_claim(tmp_path, pid)
-        time.sleep(rng.uniform(0, work * 1.1))
-        sig = signal.SIGTERM if i == 5 else signal.SIGKILL
-        os.kill(pid, sig)
-        _, status = os.waitpid(pid, 0)  # reaped: its pid is no longer running
         assert claimed
+        # killed when a random share of the output is written (past the end: after the commit)
+        running = _wait_for_bytes(claimed, pid, int(rng.uniform(0, 1.1) * total))
+        sig = signal.SIGTERM if i == 5 else signal.SIGKILL
+        if running:
+            os.kill(pid, sig)
+            os.waitpid(pid, 0)  # reaped: its pid is no longer running
         stale = [n for n in leftovers(tmp_path, "out") if n.endswith(".partial")]
         left_partial += any(f".{pid}." in n for n in stale)
         if sig == signal.SIGTERM:
