@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -220,6 +220,7 @@ class CheckpointIndex:
     config: dict[str, Any]
     adapter: Adapter
     tensors: list[TensorEntry]
+    header_sizes: dict[str, int] = field(default_factory=dict)  # shard file -> size of its header block
 
     @classmethod
     def build(cls, model: str | os.PathLike) -> CheckpointIndex:
@@ -228,14 +229,22 @@ class CheckpointIndex:
         config = load_config_dict(d)
         adapter = adapter_for(config)
         tensors = []
-        for f, (header, _) in checked_headers(d).items():
+        sizes: dict[str, int] = {}
+        for f, (header, size) in checked_headers(d).items():
+            sizes[f] = size
             for name, info in header.items():
                 if name == "__metadata__":
                     continue
                 s, e = info["data_offsets"]
                 role = adapter.classify(name, config)
                 tensors.append(TensorEntry(name, f, info["dtype"], tuple(info["shape"]), s, e, role))
-        return cls(directory=d, config=config, adapter=adapter, tensors=tensors)
+        return cls(directory=d, config=config, adapter=adapter, tensors=tensors, header_sizes=sizes)
+
+    def header_size(self, file: str) -> int:
+        """Size of shard `file`'s header block (its 8-byte length included): where its tensor data starts."""
+        if file not in self.header_sizes:
+            self.header_sizes[file] = read_header(self.directory / file)[1]
+        return self.header_sizes[file]
 
     @property
     def spec(self):

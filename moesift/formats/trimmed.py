@@ -15,7 +15,7 @@ from safetensors import safe_open
 
 from ..arch.base import Adapter
 from ..core.errors import MoesiftError
-from .checkpoint import DTYPE_BYTES, read_header
+from .checkpoint import DTYPE_BYTES
 
 FORMAT = "moesift-trimmed/1"
 
@@ -69,7 +69,7 @@ def stored_output(index: Any) -> OutTensor | None:
     emb = names.get(ad.embed_name)
     if not cfg.get("tie_word_embeddings") or ad.lm_head_name in names or emb is None:
         return None
-    base = read_header(index.directory / emb.file)[1]
+    base = index.header_size(emb.file)
     return OutTensor(ad.lm_head_name, emb.name, emb.file, emb.dtype, list(emb.shape), emb.nbytes,
                      [(base + emb.start, emb.nbytes)], role=emb.role)
 
@@ -78,12 +78,11 @@ def plan_layout(index: Any, resident: Mapping[int, Sequence[int]]) -> list[OutTe
     """The output tensors, in source order, with where their bytes come from. Reads only headers."""
     cfg, ad = index.config, index.adapter
     E = index.spec.n_experts
-    header_size = {f: read_header(index.directory / f)[1] for f in sorted({t.file for t in index.tensors})}
     custom_slice = type(ad).slice_experts is not Adapter.slice_experts
     drop_mtp = drops_mtp(index, resident)
     out: list[OutTensor] = []
     for t in sorted(index.tensors, key=lambda t: (t.file, t.start)):
-        base = header_size[t.file]
+        base = index.header_size(t.file)
         r = t.role
         if r.kind == "mtp" and drop_mtp:
             continue
