@@ -5,6 +5,7 @@ spaces, as safetensors allows), so that the kernel copies pages whole; packed sh
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -71,6 +72,19 @@ def test_one_shard_per_source_shard_and_page_offsets_kept(tmp_path):
                     assert torch.equal(a.get_tensor(k), b.get_tensor(k)), k
 
 
+def _joined(ranges: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """Sorted (file, offset, length) ranges with neighbours joined; an overlap fails."""
+    out: list[tuple[int, int, int]] = []
+    for f, off, n in ranges:
+        if out and out[-1][0] == f:
+            assert out[-1][1] + out[-1][2] <= off, "a byte hinted twice"
+            if out[-1][1] + out[-1][2] == off:
+                out[-1] = (f, out[-1][1], out[-1][2] + n)
+                continue
+        out.append((f, off, n))
+    return out
+
+
 def test_read_ahead_hints_change_nothing_and_their_absence_is_fine(tmp_path, monkeypatch):
     """The writer asks the kernel for the ranges ahead of the copy; where the hint is missing (macOS) or
     refused by the file system, the same bytes are written."""
@@ -79,13 +93,16 @@ def test_read_ahead_hints_change_nothing_and_their_absence_is_fine(tmp_path, mon
     src = make_saved(tmp_path / "src", max_shard_size="60KB")
     spec = CheckpointIndex.build(src).spec
     resident = {layer: list(range(0, spec.n_experts, 2)) for layer in spec.moe_layers}
-    asked: list[tuple[int, int]] = []
+    asked: list[tuple[int, int, int]] = []
     real = writer._ADVISE
-    monkeypatch.setattr(writer, "_ADVISE", lambda fd, off, n, advice: (asked.append((off, n)), real(fd, off, n, advice)))
+    monkeypatch.setattr(writer, "_ADVISE", lambda fd, off, n, advice: (asked.append((os.fstat(fd).st_ino, off, n)),
+                                                                     real(fd, off, n, advice)))
     base = trim(src, resident, tmp_path / "base", progress=False)
     layout = plan_layout(CheckpointIndex.build(src), resident)
-    copied = sorted((off, k) for t in layout if t.slice_keep is None for off, k in t.ranges)
-    assert sorted(asked) == copied  # every copied range hinted once
+    copied = sorted(((src / t.src_file).stat().st_ino, off, k) for t in layout if t.slice_keep is None
+                    for off, k in t.ranges)
+    assert _joined(sorted(asked)) == _joined(copied)  # every copied byte hinted, none twice
+    assert len(_joined(sorted(asked))) == len(asked) < len(copied)  # one hint per run of neighbouring ranges
     outs = [base]
 
     def refuse(fd, off, n, advice):

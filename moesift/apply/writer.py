@@ -49,7 +49,13 @@ class RangeWriter:
         """The source ranges (fd, offset, length) that `copy` will be given next, in order. Each is asked of
         the kernel (POSIX_FADV_WILLNEED) a window ahead of the copy, so that from a cold page cache the reads
         of scattered experts queue up on the disk instead of waiting one range at a time."""
-        self.ahead, self.ahead_i, self.advised, self.copied = list(ranges), 0, 0, 0
+        joined: list[tuple[int, int, int]] = []
+        for fd, off, n in ranges:  # one hint per run of neighbouring ranges
+            if joined and joined[-1][0] == fd and joined[-1][1] + joined[-1][2] == off:
+                joined[-1] = (fd, joined[-1][1], joined[-1][2] + n)
+            else:
+                joined.append((fd, off, n))
+        self.ahead, self.ahead_i, self.advised, self.copied = joined, 0, 0, 0
 
     def _hash(self) -> None:
         buf = bytearray(_HASH_BUF)
