@@ -69,9 +69,11 @@ def big(tmp_path_factory):
     return src, plan_file(d / "p.json", half_plan(idx.spec))
 
 
-def _fork_trim(args: list) -> int:
+def _fork_trim(args: list, pace: float = 0.0) -> int:
     """Run `moesift ARGS` in a forked child (this process's imports are already done: a start costs
-    milliseconds, so the random moments fall inside the work)."""
+    milliseconds, so the random moments fall inside the work). `pace`: seconds of pause before each copied
+    range, so that the work spans many moments even where the file system copies by reference (reflinks
+    on XFS or Btrfs finish a trim of this size in milliseconds)."""
     pid = os.fork()
     if pid == 0:  # child
         code = 1
@@ -80,6 +82,18 @@ def _fork_trim(args: list) -> int:
             os.dup2(fd, 1)
             os.dup2(fd, 2)
             from moesift.cli import main
+
+            if pace:
+                from moesift.apply.writer import RangeWriter
+
+                flush = RangeWriter.flush
+
+                def paced(self):
+                    if self.pending is not None:
+                        time.sleep(pace)
+                    flush(self)
+
+                RangeWriter.flush = paced
 
             sys.argv = ["moesift", *[str(a) for a in args]]
             try:
@@ -133,12 +147,15 @@ def _valid(out: Path) -> None:
         assert file_checksum(out / name, rec.get("checksum", "sha256")) == digest, name
 
 
+PACE = 0.002
+
+
 def test_kill_9_during_trim_then_next_trim_cleans_up(big, tmp_path, monkeypatch, capsys):
     src, plan = big
     out = tmp_path / "out"
     args = ["trim", src, "--plan", plan, "--out", out, "--max-shard-size", "40MB", "--force"]
     # one undisturbed run: how many bytes the work writes once the output is claimed
-    pid = _fork_trim(args)
+    pid = _fork_trim(args, PACE)
     assert _wait_for_claim(tmp_path, pid)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
@@ -147,7 +164,7 @@ def test_kill_9_during_trim_then_next_trim_cleans_up(big, tmp_path, monkeypatch,
     rng = random.Random(13)
     left_partial = 0
     for i in range(12):
-        pid = _fork_trim(args)
+        pid = _fork_trim(args, PACE)
         claimed = _wait_for_claim(tmp_path, pid)
         assert claimed
         # killed when a random share of the output is written (past the end: after the commit)
