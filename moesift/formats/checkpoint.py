@@ -279,7 +279,9 @@ class CheckpointIndex:
             r = t.role
             if r.kind not in ("expert", "router", "router_bias") or r.layer is None:
                 continue
-            per = out.setdefault(r.layer, {e: 0 for e in range(E)})
+            per = out.get(r.layer)
+            if per is None:  # (not setdefault: that would build a dict of E entries for every tensor)
+                per = out[r.layer] = dict.fromkeys(range(E), 0)
             if r.expert is not None:
                 per[r.expert] += t.nbytes
             else:
