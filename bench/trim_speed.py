@@ -7,10 +7,11 @@ per round (seed 0), with a warm page cache and with a cold one:
     without checksums,
   - copies as many bytes as the trim writes from the source shards (`copy_file_range`), and
   - runs `cp` of the trimmed shards (the same bytes),
-and reports MB/s of bytes written side by side, as ratios to `cp` (of the medians, and the median of the
-ratios within a round: a shared machine's slow spells hit both sides of a pair), and the trimming process's
-peak RSS (getrusage) against the target "1 GB plus the largest tensor". The target is met when both ratios
-of the default trim are at most 1.25x. Nothing is timed in the test suite.
+and reports MB/s of bytes written side by side, as ratios to `cp` (of the medians; the median of the
+ratios within a round: a shared machine's slow spells hit both sides of a pair; and of the fastest runs:
+interference only slows a run down, so the fastest is the nearest to the quiet machine), and the trimming
+process's peak RSS (getrusage) against the target "1 GB plus the largest tensor". The target is met when
+all three ratios of the default trim are at most 1.25x. Nothing is timed in the test suite.
 
 Before every timed run `os.sync()` writes back what earlier runs left dirty (it is not charged to the next
 run); then, cold cache: `os.posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED)` evicts every file the run reads
@@ -191,7 +192,7 @@ def _row(label: str, key: str, res: dict, caches: list[str]) -> str:
         m = res[c]
         runs = f"({', '.join(f'{t:.2f}' for t in m[key + '_s'])} s)"
         cells.append(f"{m[key + '_mb_s']:5.0f} MB/s {m[key + '_to_cp']:5.2f}x {m[key + '_paired_to_cp']:5.2f}x "
-                     f"{runs:24}")
+                     f"{m[key + '_fastest_to_cp']:5.2f}x {runs:24}")
     return f"{label:34}" + "   ".join(cells)
 
 
@@ -387,7 +388,8 @@ def summarize(args: argparse.Namespace, runs: dict[str, list[dict[str, float]]],
             med = statistics.median(ts)
             m.update({f"{key}_s": ts, f"{key}_median_s": med, f"{key}_mb_s": out_bytes / 1e6 / med,
                       f"{key}_to_cp": med / cp,
-                      f"{key}_paired_to_cp": statistics.median(r[key] / r["cp"] for r in runs[c])})
+                      f"{key}_paired_to_cp": statistics.median(r[key] / r["cp"] for r in runs[c]),
+                      f"{key}_fastest_to_cp": min(ts) / min(r["cp"] for r in runs[c])})
         res[c] = m
     w = res["warm"]
     res.update({
@@ -400,7 +402,8 @@ def summarize(args: argparse.Namespace, runs: dict[str, list[dict[str, float]]],
         "ratio_trim_to_copy": w["trim_blake3_median_s"] / w["copy_median_s"],
         "ratio_trim_no_checksums_to_copy": w["trim_none_median_s"] / w["copy_median_s"],
     })
-    res["ok"] = all(max(res[c]["trim_blake3_to_cp"], res[c]["trim_blake3_paired_to_cp"]) <= 1.25 for c in caches)
+    res["ok"] = all(max(res[c][f"trim_blake3_{k}"] for k in ("to_cp", "paired_to_cp", "fastest_to_cp")) <= 1.25
+                    for c in caches)
     return res
 
 
@@ -414,8 +417,9 @@ def report(res: dict, caches: list[str]) -> str:
         f"MB/s of bytes written (median), time / cp time, and every run's seconds; cold: {res['cold_method']}"
         + (f" ({res['cold_cache_bytes_left_after_evict'] / 2**20:.0f} MiB of the source still cached after one "
            "eviction, per fincore)" if res.get("cold_cache_bytes_left_after_evict") is not None else ""),
-        "x cp: median time over median cp time; paired: median over rounds of time / cp time in the same round",
-        f"{'':34}" + "   ".join(f"{c + ' cache: MB/s, x cp, paired, runs':54}" for c in caches),
+        "x cp: median time over median cp time; paired: median over rounds of time / cp time in the same round; "
+        "fastest: fastest run over cp's fastest (a shared machine's interference only slows a run down)",
+        f"{'':34}" + "   ".join(f"{c + ' cache: MB/s, x cp, paired, fastest, runs':61}" for c in caches),
     ]
     for label, key in [("trim, blake3 (default)", "trim_blake3"), ("trim, sha256", "trim_sha256"),
                        ("trim, no checksums", "trim_none"), ("kernel copy of as many bytes", "copy"),
