@@ -93,3 +93,24 @@ def test_tied_output_stays_tied(tiny_dir):
     idx = CheckpointIndex.build(src)
     m = load_resident(src, plan_for(idx.spec, uniform=True), device="cpu")
     assert m.lm_head.weight.data_ptr() == m.model.embed_tokens.weight.data_ptr()
+
+
+def test_without_linux_only_calls_the_same_models(tiny_dir, tmp_path, monkeypatch):
+    """Where Python has no `os.copy_file_range`, `os.preadv` or `os.posix_fadvise` (macOS), the trim copies
+    with reads and writes and the loaders read with `os.pread`: the same files, checksums and models."""
+    import os
+
+    import moesift.apply.writer as writer
+
+    src = tiny_dir("qwen3_moe")
+    plan = plan_for(CheckpointIndex.build(src).spec, uniform=False)
+    linux = trim(src, plan, tmp_path / "linux", progress=False)
+    resident = load_resident(src, plan, device="cpu")
+    for name in ("copy_file_range", "preadv", "posix_fadvise"):
+        monkeypatch.delattr(os, name, raising=False)
+    monkeypatch.setattr(writer, "_ADVISE", None)
+    other = trim(src, plan, tmp_path / "other", progress=False)
+    for f in sorted(linux.iterdir()):  # the record too: the same checksums
+        assert (other / f.name).read_bytes() == f.read_bytes(), f.name
+    _same(load_resident(src, plan, device="cpu"), resident)
+    _same(load_trimmed(other, device="cpu")[0], load_trimmed(linux, device="cpu")[0])

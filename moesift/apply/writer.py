@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import MoesiftError
-from ..core.io import new_checksum
+from ..core.io import new_checksum, pread_into
 
 _BUF = 8 << 20  # the copy buffer where the kernel cannot copy
 _HASH_BUF = 1 << 20  # read-back buffer of the checksum thread: hashed while it is still in the core's L2 cache
@@ -40,7 +40,7 @@ class RangeWriter:
         if self.t:
             self.t.start()
         self.closed = False
-        self.kernel_copy = True
+        self.kernel_copy = hasattr(os, "copy_file_range")  # Linux; macOS copies with reads and writes
         self.pending: tuple[int, int, int, str] | None = None
         self.ahead: list[tuple[int, int, int]] = []
         self.ahead_i, self.advised, self.copied = 0, 0, 0
@@ -68,7 +68,7 @@ class RangeWriter:
                 if isinstance(item, tuple):
                     fd, off, n = item
                     while n > 0:
-                        k = os.preadv(fd, [mv[: min(n, _HASH_BUF)]], off)
+                        k = pread_into(fd, mv[: min(n, _HASH_BUF)], off)
                         if k <= 0:
                             raise OSError(f"short read at {off}")
                         self.h.update(mv[:k])

@@ -554,3 +554,14 @@ def file_checksum(path: str | os.PathLike, algorithm: str = "sha256", chunk: int
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return file_checksum(path, "sha256", chunk)
+
+
+def pread_into(fd: int, buf: memoryview, offset: int) -> int:
+    """Read up to len(buf) bytes of `fd` at `offset` into `buf`; the count read (0 at the end of the file).
+    `os.preadv` reads straight into the buffer; where Python lacks it (some macOS builds), `os.pread`
+    and a copy."""
+    if hasattr(os, "preadv"):
+        return os.preadv(fd, [buf], offset)
+    data = os.pread(fd, len(buf), offset)
+    buf[: len(data)] = data
+    return len(data)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import MoesiftError
+from ..core.io import pread_into
 from ..formats.trimmed import OutTensor, sliced_bytes
 from .assemble import TensorSpec, model_sources
 from .hf import TORCH_DTYPES
@@ -56,7 +57,7 @@ def _extents(pieces: list[_Piece]) -> list[tuple[str, int, int, list[_Piece]]]:
 def _pread_into(fd: int, mv: memoryview, offset: int, path: str) -> None:
     got = 0
     while got < len(mv):
-        k = os.preadv(fd, [mv[got:]], offset + got)
+        k = pread_into(fd, mv[got:], offset + got)
         if k <= 0:
             raise MoesiftError(f"{path!r} ended early; the checkpoint is damaged")
         got += k
