@@ -6,6 +6,8 @@ expert and selection biases; and the fast arrangement is the one taken, not a fa
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from test_trim import _inputs, plan_for
@@ -98,8 +100,6 @@ def test_tied_output_stays_tied(tiny_dir):
 def test_without_linux_only_calls_the_same_models(tiny_dir, tmp_path, monkeypatch):
     """Where Python has no `os.copy_file_range`, `os.preadv` or `os.posix_fadvise` (macOS), the trim copies
     with reads and writes and the loaders read with `os.pread`: the same files, checksums and models."""
-    import os
-
     import moesift.apply.writer as writer
 
     src = tiny_dir("qwen3_moe")

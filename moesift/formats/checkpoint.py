@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -220,7 +220,7 @@ class CheckpointIndex:
     config: dict[str, Any]
     adapter: Adapter
     tensors: list[TensorEntry]
-    header_sizes: dict[str, int] = field(default_factory=dict)  # shard file -> size of its header block
+    header_sizes: dict[str, int]  # shard file -> size of its header block (8-byte length included): data start
 
     @classmethod
     def build(cls, model: str | os.PathLike) -> CheckpointIndex:
@@ -239,12 +239,6 @@ class CheckpointIndex:
                 role = adapter.classify(name, config)
                 tensors.append(TensorEntry(name, f, info["dtype"], tuple(info["shape"]), s, e, role))
         return cls(directory=d, config=config, adapter=adapter, tensors=tensors, header_sizes=sizes)
-
-    def header_size(self, file: str) -> int:
-        """Size of shard `file`'s header block (its 8-byte length included): where its tensor data starts."""
-        if file not in self.header_sizes:
-            self.header_sizes[file] = read_header(self.directory / file)[1]
-        return self.header_sizes[file]
 
     @property
     def spec(self):

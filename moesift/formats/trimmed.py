@@ -69,7 +69,7 @@ def stored_output(index: Any) -> OutTensor | None:
     emb = names.get(ad.embed_name)
     if not cfg.get("tie_word_embeddings") or ad.lm_head_name in names or emb is None:
         return None
-    base = index.header_size(emb.file)
+    base = index.header_sizes[emb.file]
     return OutTensor(ad.lm_head_name, emb.name, emb.file, emb.dtype, list(emb.shape), emb.nbytes,
                      [(base + emb.start, emb.nbytes)], role=emb.role)
 
@@ -82,7 +82,7 @@ def plan_layout(index: Any, resident: Mapping[int, Sequence[int]]) -> list[OutTe
     drop_mtp = drops_mtp(index, resident)
     out: list[OutTensor] = []
     for t in sorted(index.tensors, key=lambda t: (t.file, t.start)):
-        base = index.header_size(t.file)
+        base = index.header_sizes[t.file]
         r = t.role
         if r.kind == "mtp" and drop_mtp:
             continue
