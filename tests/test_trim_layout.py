@@ -95,6 +95,13 @@ def test_read_ahead_hints_change_nothing_and_their_absence_is_fine(tmp_path, mon
     resident = {layer: list(range(0, spec.n_experts, 2)) for layer in spec.moe_layers}
     asked: list[tuple[int, int, int]] = []
     real = writer._ADVISE
+
+    def stop_when_done(self):  # the hint thread gives up once its file is copied: here it may finish first
+        if self.hinter is not None:
+            self.hinter.join()
+            self.hinter = None
+
+    monkeypatch.setattr(writer.RangeWriter, "_stop_hints", stop_when_done)
     monkeypatch.setattr(writer, "_ADVISE", lambda fd, off, n, advice: (asked.append((os.fstat(fd).st_ino, off, n)),
                                                                      real(fd, off, n, advice)))
     base = trim(src, resident, tmp_path / "base", progress=False)
@@ -113,3 +120,39 @@ def test_read_ahead_hints_change_nothing_and_their_absence_is_fine(tmp_path, mon
         outs.append(trim(src, resident, tmp_path / f"o{i}", progress=False))
     for f in sorted(base.glob("*.safetensors")):
         assert all((o / f.name).read_bytes() == f.read_bytes() for o in outs[1:]), f.name
+
+
+def test_hint_thread_stops_with_its_file(tmp_path, monkeypatch):
+    """The hints run in their own thread, at most a window ahead of the copy, and end when the file is
+    finished, before its source files may close."""
+    import threading
+
+    import moesift.apply.writer as writer
+
+    src = tmp_path / "src.bin"
+    src.write_bytes(os.urandom(1 << 20))
+    gate = threading.Event()
+    asked: list[tuple[int, int]] = []
+
+    def slow(fd, off, n, advice):
+        gate.wait(5)
+        asked.append((off, n))
+
+    monkeypatch.setattr(writer, "_ADVISE", slow)
+    monkeypatch.setattr(writer, "_AHEAD", 64 << 10)
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        w = writer.RangeWriter(tmp_path / "out.bin", checksum=None)
+        ranges = [(fd, off, 64 << 10) for off in range(0, 1 << 20, 128 << 10)]  # 8 separate runs
+        w.expect(ranges)
+        for f, off, n in ranges[:2]:
+            w.copy(f, off, n, "t")
+        gate.set()
+        w.finish()
+        assert w.hinter is None
+        assert all(not t.name.startswith("moesift-hints") for t in threading.enumerate())
+    finally:
+        os.close(fd)
+    assert asked == [(off, n) for _, off, n in ranges[: len(asked)]] and 1 <= len(asked) < len(ranges)
+    data = src.read_bytes()
+    assert (tmp_path / "out.bin").read_bytes() == data[: 64 << 10] + data[128 << 10: 192 << 10]

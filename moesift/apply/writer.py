@@ -42,20 +42,48 @@ class RangeWriter:
         self.closed = False
         self.kernel_copy = hasattr(os, "copy_file_range")  # Linux; macOS copies with reads and writes
         self.pending: tuple[int, int, int, str] | None = None
-        self.ahead: list[tuple[int, int, int]] = []
-        self.ahead_i, self.advised, self.copied = 0, 0, 0
+        self.hinter: threading.Thread | None = None
+        self.more = threading.Event()  # set when the copy has moved on: the hint thread may ask further ahead
+        self.advised, self.copied = 0, 0
 
     def expect(self, ranges: list[tuple[int, int, int]]) -> None:
-        """The source ranges (fd, offset, length) that `copy` will be given next, in order. Each is asked of
-        the kernel (POSIX_FADV_WILLNEED) a window ahead of the copy, so that from a cold page cache the reads
-        of scattered experts queue up on the disk instead of waiting one range at a time."""
+        """The source ranges (fd, offset, length) that `copy` will be given next, in order. A thread asks the
+        kernel for each (POSIX_FADV_WILLNEED) up to a window ahead of the copy, so that from a cold page cache
+        the reads of scattered experts queue up on the disk instead of waiting one range at a time; the hints
+        are off the copy's path (on cached pages each still costs a walk of the page cache)."""
+        self._stop_hints()
         joined: list[tuple[int, int, int]] = []
         for fd, off, n in ranges:  # one hint per run of neighbouring ranges
             if joined and joined[-1][0] == fd and joined[-1][1] + joined[-1][2] == off:
                 joined[-1] = (fd, joined[-1][1], joined[-1][2] + n)
             else:
                 joined.append((fd, off, n))
-        self.ahead, self.ahead_i, self.advised, self.copied = joined, 0, 0, 0
+        self.advised, self.copied = 0, 0
+        if _ADVISE is None or not joined:
+            return
+        self.more.clear()
+        self.hinter = threading.Thread(target=self._hints, args=(joined, _ADVISE), name="moesift-hints",
+                                       daemon=True)
+        self.hinter.start()
+
+    def _hints(self, joined: list[tuple[int, int, int]], advise: Any) -> None:
+        for fd, off, k in joined:
+            while self.advised >= self.copied + _AHEAD and self.hinter is not None:
+                self.more.wait()
+                self.more.clear()
+            if self.hinter is None:  # the file is finished (or failed): its sources may close
+                return
+            try:
+                advise(fd, off, k, os.POSIX_FADV_WILLNEED)
+            except OSError:
+                return  # a file system without the hint: the copy goes on without it
+            self.advised += k
+
+    def _stop_hints(self) -> None:
+        t, self.hinter = self.hinter, None
+        if t is not None:
+            self.more.set()
+            t.join()
 
     def _hash(self) -> None:
         buf = bytearray(_HASH_BUF)
@@ -96,27 +124,15 @@ class RangeWriter:
     def copy(self, src_fd: int, off: int, n: int, name: str) -> None:
         """Append bytes [off, off + n) of the open source file `src_fd` (contiguous ranges are joined and
         copied in one go: neighbouring resident experts are neighbours on disk)."""
-        if self.ahead_i < len(self.ahead):
-            self._advise(n)
+        self.copied += n
+        if self.hinter is not None and self.advised < self.copied + _AHEAD:
+            self.more.set()
         p = self.pending
         if p is not None and p[0] == src_fd and p[1] + p[2] == off and p[2] < (1 << 30):
             self.pending = (src_fd, p[1], p[2] + n, name)
             return
         self.flush()
         self.pending = (src_fd, off, n, name)
-
-    def _advise(self, n: int) -> None:
-        self.copied += n
-        while self.ahead_i < len(self.ahead) and self.advised < self.copied + _AHEAD:
-            fd, off, k = self.ahead[self.ahead_i]
-            self.ahead_i += 1
-            self.advised += k
-            if _ADVISE is not None:
-                try:
-                    _ADVISE(fd, off, k, os.POSIX_FADV_WILLNEED)
-                except OSError:
-                    self.ahead = []  # a file system without the hint: copy without it
-                    return
 
     def flush(self) -> None:
         if self.pending is None:
@@ -150,6 +166,7 @@ class RangeWriter:
             try:
                 self.flush()
             finally:
+                self._stop_hints()
                 if self.t:
                     self.q.put(None)
                 os.close(self.fd)
