@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import threading
 from pathlib import Path
 
 import torch
@@ -125,7 +126,6 @@ def test_read_ahead_hints_change_nothing_and_their_absence_is_fine(tmp_path, mon
 def test_hint_thread_stops_with_its_file(tmp_path, monkeypatch):
     """The hints run in their own thread, at most a window ahead of the copy, and end when the file is
     finished, before its source files may close."""
-    import threading
 
     import moesift.apply.writer as writer
 
@@ -156,3 +156,39 @@ def test_hint_thread_stops_with_its_file(tmp_path, monkeypatch):
     assert asked == [(off, n) for _, off, n in ranges[: len(asked)]] and 1 <= len(asked) < len(ranges)
     data = src.read_bytes()
     assert (tmp_path / "out.bin").read_bytes() == data[: 64 << 10] + data[128 << 10: 192 << 10]
+
+
+def test_shards_written_at_once_give_the_same_files(tmp_path, monkeypatch):
+    """Output shards are written by several threads at once (one per core, at most 4): one writer, four, and
+    four with plain reads and writes (no kernel copy) give the same files and the same recorded checksums;
+    a truncated source is one error that stops every writer and leaves no output."""
+    import moesift.apply.trim as trim_mod
+    from moesift.core.errors import MoesiftError
+
+    src = make_saved(tmp_path / "src", max_shard_size="60KB")
+    spec = CheckpointIndex.build(src).spec
+    resident = {layer: list(range(1, spec.n_experts, 2)) for layer in spec.moe_layers}
+    assert len(list(src.glob("*.safetensors"))) >= 4
+    outs = []
+    for i, (n, kernel) in enumerate(((1, True), (4, True), (4, False))):
+        monkeypatch.setattr(trim_mod, "shard_writers", lambda shards, n=n: min(n, shards))
+        if not kernel:
+            monkeypatch.delattr(os, "copy_file_range")
+        outs.append(trim(src, resident, tmp_path / f"o{i}", progress=False))
+    base = sorted(p.name for p in outs[0].iterdir())
+    for o in outs[1:]:
+        assert sorted(p.name for p in o.iterdir()) == base
+        for name in base:
+            assert (o / name).read_bytes() == (outs[0] / name).read_bytes(), name
+    shard = max(src.glob("*.safetensors"), key=lambda p: p.stat().st_size)
+    os.truncate(shard, shard.stat().st_size - 5000)  # the header still claims the bytes
+    import moesift.formats.checkpoint as checkpoint
+    monkeypatch.setattr(checkpoint, "check_header", lambda *a: None)  # past the check, into the copy
+    try:
+        trim(src, resident, tmp_path / "bad", progress=False)
+    except MoesiftError as e:
+        assert "ended early" in str(e)
+    else:
+        raise AssertionError("a truncated source was trimmed")
+    assert not (tmp_path / "bad").exists()
+    assert not [t for t in threading.enumerate() if t.name.startswith("moesift-")]

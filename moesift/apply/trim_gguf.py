@@ -160,9 +160,9 @@ def _write_file(path: Path, f: GGUFFile, header: bytes, tensors: list[_Out], adv
                 w.write(b"\0" * pad)
         return w.close()
     finally:
-        if w is not None:  # after an error: stop the checksum thread before the source closes
+        if w is not None:  # after an error: stop the writer's threads before the source closes
             with contextlib.suppress(Exception):
-                w.close()
+                w.abort()
         os.close(src)
 
 

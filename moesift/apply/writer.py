@@ -23,7 +23,8 @@ class RangeWriter:
     are copied by the kernel (`copy_file_range`, no trip through this process's memory; plain reads and
     writes where the filesystem cannot); the checksum of the file (`checksum`: an algorithm of CHECKSUMS, or
     None) is computed in a second thread that reads the same ranges back from the source (`preadv` into a
-    fixed buffer) while the copy proceeds, so hashing overlaps copying and memory stays bounded.
+    fixed buffer) while the copy proceeds, so hashing overlaps copying and memory stays bounded. (Writes
+    to one file take the file's lock in the kernel: copies run in parallel only into different files.)
     `existing`: `path` is an empty file already claimed for the output (opened without truncation: ext4
     would write a file truncated on open back to disk when it is closed); else it is created or truncated.
     `source` names the input in the error a short source file gives."""
@@ -42,6 +43,8 @@ class RangeWriter:
         self.closed = False
         self.kernel_copy = hasattr(os, "copy_file_range")  # Linux; macOS copies with reads and writes
         self.pending: tuple[int, int, int, str] | None = None
+        self.aborted = False
+        self.hash_told = False  # the checksum thread has been sent its end
         self.hinter: threading.Thread | None = None
         self.more = threading.Event()  # set when the copy has moved on: the hint thread may ask further ahead
         self.advised, self.copied = 0, 0
@@ -93,6 +96,8 @@ class RangeWriter:
                 item = self.q.get()
                 if item is None:
                     return
+                if self.aborted:
+                    continue
                 if isinstance(item, tuple):
                     fd, off, n = item
                     while n > 0:
@@ -159,17 +164,41 @@ class RangeWriter:
         if self.h is not None:
             self.q.put((src_fd, off, n))
 
+    def _teardown(self) -> None:
+        """Stop the hints and the checksum's input, then close the file, each step even when another was cut
+        short (SIGTERM unwinds as an exception); a second call completes an interrupted one."""
+        try:
+            self._stop_hints()
+        finally:
+            try:
+                if self.t is not None and not self.hash_told:
+                    self.q.put(None)
+                    self.hash_told = True
+            finally:
+                if self.fd >= 0:
+                    os.close(self.fd)
+                    self.fd = -1
+
     def finish(self) -> None:
         """Write what is pending and close the file; its hash may still be computing (close() waits)."""
         if not self.closed:
             self.closed = True
             try:
                 self.flush()
+            except BaseException:
+                self.aborted = True
+                raise
             finally:
-                self._stop_hints()
-                if self.t:
-                    self.q.put(None)
-                os.close(self.fd)
+                self._teardown()
+        else:
+            self._teardown()
+
+    def abort(self) -> None:
+        """After an error: drop what is pending, stop the threads and close the file."""
+        self.aborted, self.pending, self.closed = True, None, True
+        self._teardown()
+        if self.t:
+            self.t.join()
 
     def close(self) -> str | None:
         """finish(), wait for the hash, and return its hex digest (None without checksums)."""
