@@ -100,7 +100,7 @@ def run_domain(name: str, m: Any, tok: Any, mdir: Path, tr_file: Path, ev_file: 
     if st["in_sample"]:
         ins = scored(m, tok, tr_file, st["trace_docs"], L)
         sets["calibration"] = (ins, window_nll(m, ins))
-    auto_mod._FITS.clear()
+    auto_mod.forget_fits()
     res: dict[str, Any] = {"points": {}, "auto": {}, "experts": {}}
     with auto_mod.keep_fits():  # auto's fit keeps its model for every budget, as in a sweep
         points(res, tr, cal, mdir, tr_file, sets, st, m)
@@ -133,7 +133,7 @@ def points(res: dict[str, Any], tr: Any, cal: Any, mdir: Path, tr_file: Path, se
                                          "seconds": a["seconds"], "timed": time.perf_counter() - t0}
                 # not timed: auto's own calibrated candidates (its fit calibration) scored on the eval split too,
                 # so that other choice rules can be checked against the table offline
-                fit_cal = next(iter(auto_mod._FITS.values())).rounds[0].calibration
+                fit_cal = auto_mod.fit_calibration()
                 for fa in (False, True):
                     q = moesift.plan(tr, keep=k, strategy="calibrated", model=mdir, allocate=fa, calibration=fit_cal)
                     for w, (bl, _) in sets.items():

@@ -29,7 +29,7 @@ def work(tmp_path_factory, tiny_dir):
 
 
 def _auto_plan(model, d, seed=0):
-    auto._FITS.clear()  # a fresh fit: nothing carried over from another call
+    auto.forget_fits()  # a fresh fit: nothing carried over from another call
     return moesift.plan(d / "sal.trace", keep=0.5, model=model, calib=str(d / "calib.jsonl"), calib_length=32,
                         seed=seed, device="cpu", progress=False)
 
@@ -69,7 +69,7 @@ def test_auto_never_reads_the_evaluation_data(work, monkeypatch):
         return real(paths, *args, **kwargs)
 
     monkeypatch.setattr(auto, "read_documents", spy)
-    auto._FITS.clear()
+    auto.forget_fits()
     r = sweep(model, d / "sal.trace", d / "eval.jsonl", keep="0.5", calib=str(d / "calib.jsonl"), json=True,
               progress=False, timing=False, max_length=32, calib_length=32, device="cpu")
     pt = r["points"][1]
@@ -102,7 +102,7 @@ def test_auto_on_the_trained_models_of_other_families(name, tmp_path):
     model = reference_model(name)
     t = moesift.trace(model, workload("code", "trace"), out=tmp_path / "code.trace", saliency=True, max_samples=8,
                       max_length=64, progress=False)
-    auto._FITS.clear()
+    auto.forget_fits()
     p = moesift.plan(t, keep=0.25, model=model, calib=str(workload("code", "trace")), calib_samples=16,
                      calib_length=64, device="cpu", progress=False)
     a = p.provenance["auto"]
@@ -122,7 +122,7 @@ def test_a_kept_fit_is_not_used_once_its_calibration_text_changed(work, tmp_path
     calib = tmp_path / "c.jsonl"
     lines = (d / "calib.jsonl").read_text().splitlines(keepends=True)
     calib.write_text("".join(lines))
-    auto._FITS.clear()
+    auto.forget_fits()
 
     def fit_docs():
         p = moesift.plan(d / "sal.trace", keep=0.5, model=model, calib=str(calib), calib_length=32, device="cpu",
@@ -150,12 +150,12 @@ def test_auto_ranks_by_its_fit_calibration_and_calibrates_once(work, monkeypatch
     p = _auto_plan(model, d)
     a = p.provenance["auto"]
     assert calls == [1] and a["chosen"] == "calibrated" and a["final_calibration"] == "the fit documents"
-    fit_cal = next(iter(auto._FITS.values())).rounds[0].calibration
+    fit_cal = auto.fit_calibration()
     ref = moesift.plan(d / "sal.trace", keep=0.5, model=model, strategy="calibrated", calibration=fit_cal)
     assert [e["resident"] for e in p.layers] == [e["resident"] for e in ref.layers]
     # a given calibration (here one of all 16 documents, saved) ranks the plan instead
     full = moesift.calibrate(model, d / "calib.jsonl", out=d / "all.calib", max_length=32, progress=False)
-    auto._FITS.clear()
+    auto.forget_fits()
     q = moesift.plan(d / "sal.trace", keep=0.5, model=model, calib=str(d / "calib.jsonl"), calib_length=32,
                      calibration=d / "all.calib", device="cpu", progress=False)
     ref2 = moesift.plan(d / "sal.trace", keep=0.5, model=model, strategy="calibrated", calibration=full)
@@ -168,11 +168,11 @@ def test_plan_lets_the_model_go_and_a_sweep_keeps_it(work):
     loads the model again when asked for another budget); inside `keep_fits` (a sweep) the model stays."""
     model, d = work
     p = _auto_plan(model, d)
-    f = next(iter(auto._FITS.values()))
+    f = auto.held_fit()
     assert f.model is None and f.rounds and f.rounds[0].calibration is not None
     again = moesift.plan(d / "sal.trace", keep=0.5, model=model, calib=str(d / "calib.jsonl"), calib_length=32,
                          device="cpu", progress=False)  # the kept fit, the model loaded again
-    assert next(iter(auto._FITS.values())) is f and f.model is None
+    assert auto.held_fit() is f and f.model is None
     assert again.provenance["auto"]["candidates"] == p.provenance["auto"]["candidates"] and again.layers == p.layers
     with auto.keep_fits():
         moesift.plan(d / "sal.trace", keep=0.25, model=model, calib=str(d / "calib.jsonl"), calib_length=32,

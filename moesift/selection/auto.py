@@ -99,6 +99,23 @@ def keep_fits() -> Any:
                 f.model = None
 
 
+def forget_fits() -> None:
+    """Drop every held fit: the next choice fits afresh (its trace, calibration and held-out scores)."""
+    _FITS.clear()
+
+
+def held_fit() -> _Fit | None:
+    """The fit held now (one at a time), or None."""
+    return next(iter(_FITS.values()), None)
+
+
+def fit_calibration() -> Any:
+    """The calibration of the fit documents of the fit held now (its first round), or None: what `auto`'s
+    calibrated candidates ranked by, for scoring them elsewhere."""
+    f = held_fit()
+    return f.rounds[0].calibration if f is not None and f.rounds else None
+
+
 def _stamp(paths: Any) -> tuple:
     """Path, size and modification time of every file behind `paths` (a model directory: its config and
     safetensors): a fit kept for the process is used again only while its inputs are unchanged."""
