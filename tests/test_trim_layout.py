@@ -192,3 +192,39 @@ def test_shards_written_at_once_give_the_same_files(tmp_path, monkeypatch):
         raise AssertionError("a truncated source was trimmed")
     assert not (tmp_path / "bad").exists()
     assert not [t for t in threading.enumerate() if t.name.startswith("moesift-")]
+
+
+def test_a_stop_cut_short_is_completed(tmp_path, monkeypatch):
+    """SIGTERM unwinds as an exception, also while a writer is stopping its threads: the checksum thread is
+    still told to end and the file is closed, so the clean-up after it returns instead of waiting for the
+    checksum thread forever."""
+    import moesift.apply.writer as writer
+
+    src = tmp_path / "src.bin"
+    src.write_bytes(os.urandom(1 << 18))
+    real = writer.RangeWriter._stop_hints
+    calls = []
+
+    def interrupted(self):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # as a signal handler's exception would, mid-teardown
+        real(self)
+
+    monkeypatch.setattr(writer.RangeWriter, "_stop_hints", interrupted)
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        w = writer.RangeWriter(tmp_path / "out.bin", checksum="sha256")
+        w.copy(fd, 0, 1 << 18, "t")
+        try:
+            w.finish()
+        except KeyboardInterrupt:
+            pass
+        else:
+            raise AssertionError("the interrupt was lost")
+        done = threading.Event()
+        threading.Thread(target=lambda: (w.close(), done.set()), daemon=True).start()
+        assert done.wait(10), "close() waited for a checksum thread that was never told to end"
+        assert w.fd == -1 and not w.t.is_alive()
+    finally:
+        os.close(fd)
