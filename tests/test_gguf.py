@@ -148,6 +148,26 @@ def test_split_model_in_and_out(tmp_path, monkeypatch, capsys):
     assert code == 1 and "FAILED   trim" in stdout and "output.weight" in stdout, stdout
 
 
+def test_splits_written_at_once_give_the_same_files(tmp_path, monkeypatch):
+    """The splits of a split model are written by several threads at once: one thread and three give the same
+    files and the same recorded checksums."""
+    import moesift.apply.trim_gguf as trim_gguf
+    from moesift.formats.gguf import record_path
+
+    first = write_model(tmp_path / "s.gguf", "qwen3moe", "Q8_0", split_max_tensors=10)
+    keep = _plan(first)
+    outs = []
+    for n in (1, 3):
+        monkeypatch.setattr(trim_gguf, "files_at_once", lambda files, n=n: min(n, files))
+        (tmp_path / f"t{n}").mkdir()
+        outs.append(moesift.trim(first, keep, tmp_path / f"t{n}" / "t.gguf", progress=False))
+    for i in (1, 2, 3):
+        name = f"t-0000{i}-of-00003.gguf"
+        assert (tmp_path / "t1" / name).read_bytes() == (tmp_path / "t3" / name).read_bytes(), name
+    r1, r3 = (json.loads(record_path(o).read_text()) for o in outs)
+    assert r1["files"] == r3["files"] and len(r1["files"]) == 3
+
+
 def test_plan_from_a_transformers_trace_travels(tmp_path, monkeypatch, capsys):
     src = write_model(tmp_path / "m.gguf", "qwen3moe", "Q8_0")
     cfg = {"model_type": "qwen3_moe", "hidden_size": 64, "num_hidden_layers": 3, "num_experts": 8,

@@ -159,7 +159,7 @@ def test_hint_thread_stops_with_its_file(tmp_path, monkeypatch):
 
 
 def test_shards_written_at_once_give_the_same_files(tmp_path, monkeypatch):
-    """Output shards are written by several threads at once (one per core, at most 4): one writer, four, and
+    """Output shards are written by several threads at once (one per core, at most 4): one thread, four, and
     four with plain reads and writes (no kernel copy) give the same files and the same recorded checksums;
     a truncated source is one error that stops every writer and leaves no output."""
     import moesift.apply.trim as trim_mod
@@ -171,7 +171,7 @@ def test_shards_written_at_once_give_the_same_files(tmp_path, monkeypatch):
     assert len(list(src.glob("*.safetensors"))) >= 4
     outs = []
     for i, (n, kernel) in enumerate(((1, True), (4, True), (4, False))):
-        monkeypatch.setattr(trim_mod, "shard_writers", lambda shards, n=n: min(n, shards))
+        monkeypatch.setattr(trim_mod, "files_at_once", lambda files, n=n: min(n, files))
         if not kernel:
             monkeypatch.delattr(os, "copy_file_range")
         outs.append(trim(src, resident, tmp_path / f"o{i}", progress=False))

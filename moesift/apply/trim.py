@@ -23,7 +23,7 @@ complete, so an interrupted trim leaves no directory that looks like a finished 
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import json
 import os
 import shutil
@@ -60,7 +60,7 @@ from ..formats.trimmed import (
     stored_output,
 )
 from .trim_gguf import checksum_or_none, trim_gguf
-from .writer import RangeWriter
+from .writer import FileJobs, RangeWriter, files_at_once
 
 DEFAULT_SHARD_SIZE = 5 * 1000**3
 # files of the source directory that are not copied: weights (rewritten), config (rewritten), pickles
@@ -138,17 +138,6 @@ class _Batched:
 def _copy_range(src_fd: int, w: RangeWriter, off: int, n: int, name: str, advance: Any) -> None:
     w.copy(src_fd, off, n, name)
     advance(n)
-
-
-def shard_writers(n_shards: int) -> int:
-    """Output shards written at once: one per core, at most 4. From the page cache a copy is bound by one
-    core's memory copy, and the kernel takes one file's lock for each write into it, so copies run in
-    parallel only into different files; from a disk, more streams than that only contend for it."""
-    return max(1, min(4, os.cpu_count() or 1, n_shards))
-
-
-class _Stopped(Exception):
-    """Another shard writer failed: this one stops too."""
 
 
 def _checksum_algorithm(checksums: bool, checksum: str | None) -> str | None:
@@ -234,24 +223,17 @@ def _new_config(ad: Any, cfg: dict[str, Any], full: dict[int, list[int]], standa
 
 def _write_shards(idx: Any, tmp: Path, names: list[str], shards: list[list[OutTensor]], checksum: str | None,
                   advance: Any, fmt: str = "pt") -> tuple[dict[str, str | None], dict[str, str]]:
-    """Write every output shard (header, then its tensors), `shard_writers()` shards at a time, each by its own
-    thread; returns (checksum per shard, weight map). The first error stops every writer and is raised."""
+    """Write every output shard (header, then its tensors), `files_at_once()` shards at a time, each by its
+    own thread; returns (checksum per shard, weight map). The first error stops every writer and is raised."""
     src, ad, cfg = idx.directory, idx.adapter, idx.config
-    hashes: dict[str, str | None] = {}
     weight_map = {t.name: fname for fname, tensors in zip(names, shards, strict=True) for t in tensors}
     advance = _Batched(advance)
-    jobs = list(zip(names, shards, strict=True))
-    jobs_lock = threading.Lock()
+    files = FileJobs(files_at_once(len(names)))
     sliced = threading.Lock()  # one tensor sliced in memory at a time: memory stays at one tensor
-    stop = threading.Event()
-    errors: list[BaseException] = []
-    writers: list[RangeWriter] = []  # every writer opened, for the clean-up after an error
     fds: dict[str, int] = {}
 
     def write_shard(fname: str, tensors: list[OutTensor]) -> RangeWriter:
-        w = RangeWriter(tmp / fname, checksum=checksum)
-        with jobs_lock:
-            writers.append(w)
+        w = files.writer(tmp / fname, checksum=checksum)
         w.write(_header_bytes(tensors, fmt))
         w.expect([(fds[t.src_file], off, k) for t in tensors if t.slice_keep is None for off, k in t.ranges])
         for t in tensors:
@@ -264,58 +246,21 @@ def _write_shards(idx: Any, tmp: Path, names: list[str], shards: list[list[OutTe
                 continue
             fd = fds[t.src_file]
             for off, k in t.ranges:
-                if stop.is_set():
-                    raise _Stopped
+                files.check()
                 _copy_range(fd, w, off, k, t.src_file, advance)
         w.finish()
         return w
 
-    def worker() -> None:
-        # a finished shard's checksum may still be computing while this thread copies its next shard (sha256
-        # runs at about 1-2 GB/s on one core, slower than a kernel copy); it is awaited before the one after
-        behind: tuple[str, RangeWriter] | None = None
-        try:
-            while not stop.is_set():
-                with jobs_lock:
-                    if not jobs:
-                        break
-                    fname, tensors = jobs.pop(0)
-                w = write_shard(fname, tensors)
-                if behind is not None:
-                    hashes[behind[0]] = behind[1].close()
-                behind = (fname, w)
-            if behind is not None and not stop.is_set():
-                hashes[behind[0]] = behind[1].close()
-        except _Stopped:
-            pass
-        except BaseException as e:  # noqa: BLE001 - raised by the calling thread
-            errors.append(e)
-            stop.set()
-
-    threads = [threading.Thread(target=worker, name="moesift-shard", daemon=True)
-               for _ in range(shard_writers(len(jobs)))]
     try:
-        for t in {t.src_file for ts in shards for t in ts if t.slice_keep is None}:
-            fds[t] = os.open(src / t, os.O_RDONLY)
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if errors:
-            raise errors[0]
+        for f in {t.src_file for ts in shards for t in ts if t.slice_keep is None}:
+            fds[f] = os.open(src / f, os.O_RDONLY)
+        hashes = files.run([(fname, functools.partial(write_shard, fname, tensors))
+                            for fname, tensors in zip(names, shards, strict=True)])
         advance.flush()
     finally:
-        stop.set()  # after an error or an interrupt (SIGTERM unwinds here): every writer stops at its next range
-        for t in threads:
-            if t.is_alive():
-                t.join()
-        for w0 in writers:  # stop every unfinished writer's threads before the source files close
-            if w0.fd >= 0 or (w0.t is not None and w0.t.is_alive()):
-                with contextlib.suppress(Exception):
-                    w0.abort()
-        for fd in fds.values():
+        for fd in fds.values():  # every writer has stopped (`run`)
             os.close(fd)
-    return {f: hashes[f] for f in names}, weight_map
+    return hashes, weight_map
 
 
 def _copy_files(src: Path, tmp: Path) -> tuple[list[str], list[str]]:

@@ -13,6 +13,7 @@ re-checks."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import struct
@@ -40,7 +41,7 @@ from ..formats.gguf import (
 from ..formats.gguf_identity import gguf_index_for, plan_differences  # noqa: F401 - re-exported
 from ..formats.plan import as_plan
 from ..formats.trimmed import FORMAT
-from .writer import RangeWriter
+from .writer import FileJobs, RangeWriter, files_at_once
 
 
 @dataclass
@@ -141,29 +142,23 @@ def _header(f: GGUFFile, tensors: list[_Out], rewrites: dict[str, Any]) -> bytes
     return head + b"\0" * ((-len(head)) % f.alignment)
 
 
-def _write_file(path: Path, f: GGUFFile, header: bytes, tensors: list[_Out], advance: Any,
-                checksum: str | None) -> str | None:
-    """Write the output file `path` (an empty file claimed for it) from the source `f`; returns its checksum,
-    computed while the file is written."""
-    src = os.open(f.path, os.O_RDONLY)
-    w = None
-    try:
-        w = RangeWriter(path, checksum, existing=True, source="GGUF file")
-        w.write(header)
-        w.expect([(src, off, n) for t in tensors for off, n in t.ranges])
-        for t in tensors:
-            for off, n in t.ranges:
-                w.copy(src, off, n, str(f.path))
-                advance(n)
-            pad = (-t.nbytes) % f.alignment
-            if pad:
-                w.write(b"\0" * pad)
-        return w.close()
-    finally:
-        if w is not None:  # after an error: stop the writer's threads before the source closes
-            with contextlib.suppress(Exception):
-                w.abort()
-        os.close(src)
+def _write_file(files: FileJobs, path: Path, f: GGUFFile, src: int, header: bytes, tensors: list[_Out],
+                advance: Any, checksum: str | None) -> RangeWriter:
+    """Write the output file `path` (an empty file claimed for it) from the source `f` (open as `src`); returns
+    the writer, finished, its checksum computing."""
+    w = files.writer(path, checksum=checksum, existing=True, source="GGUF file")
+    w.write(header)
+    w.expect([(src, off, n) for t in tensors for off, n in t.ranges])
+    for t in tensors:
+        for off, n in t.ranges:
+            files.check()
+            w.copy(src, off, n, str(f.path))
+            advance(n)
+        pad = (-t.nbytes) % f.alignment
+        if pad:
+            w.write(b"\0" * pad)
+    w.finish()
+    return w
 
 
 def output_paths(idx: GGUFIndex, out: Path) -> list[Path]:
@@ -198,16 +193,24 @@ def trim_gguf(model: str | os.PathLike, plan: Any, out: str | os.PathLike, force
     predicted = idx.predicted_bytes(full)
     if written != predicted:
         raise MoesiftError(f"internal check failed: the layout has {written} tensor bytes, the plan predicts {predicted}")
-    hashes: dict[str, str | None] = {}
     with contextlib.ExitStack() as stack, progress_bar(progress, transfer=True, remaining=True) as bar:
         task = bar.add_task("trimming", total=written)
         rec_tmp = stack.enter_context(atomic_path(record_file, force, inputs=inputs))  # renamed last
-        for f, o, ts in zip(idx.files, outs, layouts, strict=True):
-            tmp = stack.enter_context(atomic_path(o, force, inputs=inputs))
-            rw = dict(rewrites) if f is idx.files[0] else {k: v for k, v in rewrites.items() if k in f.kv}
-            if SPLIT_TENSORS in f.kv and drop:
-                rw[SPLIT_TENSORS] = total
-            hashes[o.name] = _write_file(tmp, f, _header(f, ts, rw), ts, lambda k: bar.advance(task, k), checksum)
+        files = FileJobs(files_at_once(len(outs)))  # the splits of a split model are written at once
+        jobs, srcs = [], []
+        try:
+            for f, o, ts in zip(idx.files, outs, layouts, strict=True):
+                tmp = stack.enter_context(atomic_path(o, force, inputs=inputs))
+                rw = dict(rewrites) if f is idx.files[0] else {k: v for k, v in rewrites.items() if k in f.kv}
+                if SPLIT_TENSORS in f.kv and drop:
+                    rw[SPLIT_TENSORS] = total
+                srcs.append(os.open(f.path, os.O_RDONLY))
+                jobs.append((o.name, functools.partial(_write_file, files, tmp, f, srcs[-1], _header(f, ts, rw), ts,
+                                                       lambda k: bar.advance(task, k), checksum)))
+            hashes = files.run(jobs)
+        finally:
+            for fd in srcs:  # every writer has stopped (`run`)
+                os.close(fd)
         rec = _record(idx, p, full, rewrites, drop, written, predicted, hashes, checksum, outs)
         rec_tmp.write_text(json.dumps(rec, indent=2) + "\n")
     return outs[0]

@@ -1,8 +1,10 @@
 """Write one output file of a trim from header bytes and byte ranges of the source files, with its checksum
-computed beside the copy (`RangeWriter`; used by the safetensors and the GGUF trim)."""
+computed beside the copy (`RangeWriter`), and several files at once (`FileJobs`); used by the safetensors
+and the GGUF trim."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import threading
@@ -208,3 +210,85 @@ class RangeWriter:
         if self.error is not None:
             raise MoesiftError(f"could not checksum the output: {self.error}")
         return self.h.hexdigest() if self.h is not None else None
+
+
+def files_at_once(n_files: int) -> int:
+    """Output files written at once: one per core, at most 4. From the page cache a copy is bound by one
+    core's memory copy, and the kernel takes a file's lock for each write into it, so copies run in parallel
+    only into different files; from a disk, more streams than that only contend for it."""
+    return max(1, min(4, os.cpu_count() or 1, n_files))
+
+
+class Stopped(Exception):
+    """Another file's writer failed: this one stops too."""
+
+
+class FileJobs:
+    """Writes several output files at once, `threads` at a time, each by a job that opens its writer with
+    `writer()`, calls `check()` before each range and returns the writer finished. A finished file's checksum
+    may still be computing while its thread writes the next file (sha256 runs at about 1-2 GB/s on one core,
+    slower than a kernel copy); it is awaited before the one after. The first error stops every job and is
+    raised by `run`; every writer left unfinished is aborted before `run` returns, so the caller may close
+    the source files then."""
+
+    def __init__(self, threads: int):
+        self.threads = threads
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.writers: list[RangeWriter] = []
+
+    def writer(self, path: Path, **kwargs: Any) -> RangeWriter:
+        w = RangeWriter(path, **kwargs)
+        with self.lock:
+            self.writers.append(w)
+        return w
+
+    def check(self) -> None:
+        if self.stop.is_set():
+            raise Stopped
+
+    def run(self, jobs: list[tuple[str, Any]]) -> dict[str, str | None]:
+        """Run `jobs` ((name, job) pairs; job() writes one file); the checksum of each file by name."""
+        todo = list(jobs)
+        hashes: dict[str, str | None] = {}
+        errors: list[BaseException] = []
+
+        def worker() -> None:
+            behind: tuple[str, RangeWriter] | None = None
+            try:
+                while not self.stop.is_set():
+                    with self.lock:
+                        if not todo:
+                            break
+                        name, job = todo.pop(0)
+                    w = job()
+                    if behind is not None:
+                        hashes[behind[0]] = behind[1].close()
+                    behind = (name, w)
+                if behind is not None and not self.stop.is_set():
+                    hashes[behind[0]] = behind[1].close()
+            except Stopped:
+                pass
+            except BaseException as e:  # noqa: BLE001 - raised by the calling thread
+                errors.append(e)
+                self.stop.set()
+
+        threads = [threading.Thread(target=worker, name="moesift-file", daemon=True)
+                   for _ in range(min(self.threads, len(todo)) or 1)]
+        try:
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            if errors:
+                raise errors[0]
+        finally:
+            self.stop.set()  # after an error or an interrupt (SIGTERM unwinds here): every job stops at its next range
+            for t in threads:
+                if t.is_alive():
+                    t.join()
+            for w in self.writers:  # every unfinished writer's threads end before the source files may close
+                if w.fd >= 0 or (w.t is not None and w.t.is_alive()):
+                    with contextlib.suppress(Exception):
+                        w.abort()
+        return {name: hashes[name] for name, _ in jobs}
