@@ -183,17 +183,15 @@ class RangeWriter:
 
     def finish(self) -> None:
         """Write what is pending and close the file; its hash may still be computing (close() waits)."""
-        if not self.closed:
-            self.closed = True
-            try:
+        try:
+            if not self.closed:
+                self.closed = True
                 self.flush()
-            except BaseException:
-                self.aborted = True
-                raise
-            finally:
-                self._teardown()
-        else:
-            self._teardown()
+        except BaseException:
+            self.aborted = True
+            raise
+        finally:
+            self._teardown()  # also completes a teardown an interrupt cut short
 
     def abort(self) -> None:
         """After an error: drop what is pending, stop the threads and close the file."""
@@ -288,7 +286,6 @@ class FileJobs:
                 if t.is_alive():
                     t.join()
             for w in self.writers:  # every unfinished writer's threads end before the source files may close
-                if w.fd >= 0 or (w.t is not None and w.t.is_alive()):
-                    with contextlib.suppress(Exception):
-                        w.abort()
+                with contextlib.suppress(Exception):
+                    w.abort()  # a no-op on a writer already closed
         return {name: hashes[name] for name, _ in jobs}
