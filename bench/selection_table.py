@@ -4,7 +4,8 @@ domain, at 25/50/75%: perplexity ratio to the full model with paired standard er
 For each model and domain: the domain's trace split is traced (``--trace-docs`` prompts, saliency recorded)
 and calibrated once on the same prompts (``moesift.calibrate``, what `calibrated` ranks by); `auto` plans with
 the same prompts as its calibration text (``moesift.plan(strategy="auto", calib=...)``: its own fit on folds
-of them, never the eval split, and where `calibrated` wins the fit calibration). Every plan is scored on the
+of them, never the eval split; where `calibrated` wins, the calibration of all of them from the same pass). Every
+plan is scored on the
 same windows of the domain's eval split
 (``--eval-docs`` texts, ``--max-length`` tokens, float32, CPU), one forward per batch of windows under
 ``moesift.restrict``. Per point: the perplexity ratio to the full model, and for every strategy its gap in mean

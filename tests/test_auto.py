@@ -134,32 +134,37 @@ def test_a_kept_fit_is_not_used_once_its_calibration_text_changed(work, tmp_path
     assert fit_docs() == [9]
 
 
-def test_auto_ranks_by_its_fit_calibration_and_calibrates_once(work, monkeypatch):
-    """Where calibrated wins, the plan ranks by the calibration of the fit documents (the sets that were
-    validated; no second calibration); a given calibration is used instead when there is one."""
+def test_auto_ranks_by_a_calibration_of_all_the_text_from_one_pass(work, monkeypatch):
+    """Where calibrated wins, the plan ranks by the calibration of all the calibration documents, which the
+    fit's one calibration pass gave (no second pass): the plan equals `plan --strategy calibrated` with
+    `moesift.calibrate` on all of them. A given calibration is used instead when there is one."""
     model, d = work
     calls: list[int] = []
-    real = auto.calibrate
+    real = auto.calibrate_split
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(auto, "calibrate", counting)
+    monkeypatch.setattr(auto, "calibrate_split", counting)
     monkeypatch.setattr(auto, "candidates", lambda bank, allocate, allow: [("calibrated", False)])
     p = _auto_plan(model, d)
     a = p.provenance["auto"]
-    assert calls == [1] and a["chosen"] == "calibrated" and a["final_calibration"] == "the fit documents"
-    fit_cal = auto.fit_calibration()
-    ref = moesift.plan(d / "sal.trace", keep=0.5, model=model, strategy="calibrated", calibration=fit_cal)
-    assert [e["resident"] for e in p.layers] == [e["resident"] for e in ref.layers]
-    # a given calibration (here one of all 16 documents, saved) ranks the plan instead
+    assert calls == [1] and a["chosen"] == "calibrated"
+    assert a["final_calibration"] == "all the calibration documents"
     full = moesift.calibrate(model, d / "calib.jsonl", out=d / "all.calib", max_length=32, progress=False)
+    ref = moesift.plan(d / "sal.trace", keep=0.5, model=model, strategy="calibrated", calibration=full)
+    assert [e["resident"] for e in p.layers] == [e["resident"] for e in ref.layers]
+    # the validated sets came from the fit documents' calibration (12 of 16), not from all of them
+    assert auto.fit_calibration().settings["documents"] == 12 and full.settings["documents"] == 16
+    # a given calibration (here one of a different half of the text, saved) ranks the plan instead
+    half = moesift.calibrate(model, d / "calib.jsonl", out=d / "half.calib", max_samples=8, max_length=32,
+                             progress=False)
     auto.forget_fits()
     q = moesift.plan(d / "sal.trace", keep=0.5, model=model, calib=str(d / "calib.jsonl"), calib_length=32,
-                     calibration=d / "all.calib", device="cpu", progress=False)
-    ref2 = moesift.plan(d / "sal.trace", keep=0.5, model=model, strategy="calibrated", calibration=full)
-    assert q.provenance["auto"]["final_calibration"] == str(d / "all.calib")
+                     calibration=d / "half.calib", device="cpu", progress=False)
+    ref2 = moesift.plan(d / "sal.trace", keep=0.5, model=model, strategy="calibrated", calibration=half)
+    assert q.provenance["auto"]["final_calibration"] == str(d / "half.calib")
     assert [e["resident"] for e in q.layers] == [e["resident"] for e in ref2.layers]
 
 

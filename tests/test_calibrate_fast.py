@@ -128,3 +128,43 @@ def test_bundled_models_same_orders(name, tmp_path, monkeypatch):
         assert np.allclose(a["error"], b["error"], rtol=1e-4, atol=1e-9)
         if a.get("equal"):
             assert a["equal"]["order"] == b["equal"]["order"]
+
+
+@pytest.mark.parametrize("name", ["qwen3moe-ref", "deepseekv3-ref"])
+def test_split_calibration_equals_calibrating_each_part(name, tmp_path):
+    """`calibrate_split` (one capture and one scorer per layer, a greedy for the fit documents and one for
+    all of them; auto's fit) gives what `moesift.calibrate` gives on the fit documents alone and on all of
+    them: the same removal orders, floors, equal-group orders and end-to-end sets."""
+    from moesift.formats.workload import read_documents
+
+    mdir = assets.reference_model(name)
+    vocab = json.loads((Path(mdir) / "config.json").read_text())["vocab_size"]
+    rng = np.random.default_rng(5)  # documents of different lengths: the capture batches them longest first
+    data = tmp_path / "calib.jsonl"
+    data.write_text("".join(json.dumps({"input_ids": rng.integers(2, vocab, n).tolist()}) + "\n"
+                            for n in (40, 64, 23, 64, 51, 9, 37, 60)))
+    docs = read_documents([data], max_samples=8)
+    fit = [0, 2, 3, 5, 6, 7]
+    (tmp_path / "fit.jsonl").write_text("".join(json.dumps(docs[i]) + "\n" for i in fit))
+    loaded = moesift.load_model(mdir, device="cpu", dtype="float32")
+    fit_cal, final = calibrate_mod.calibrate_split(mdir, docs, fit, max_length=64, device="cpu", dtype="float32",
+                                                  loaded=loaded)
+    all_cal = final(loaded[0])
+    assert final(None) is all_cal  # computed once
+    assert fit_cal.settings["documents"] == 6 and all_cal.settings["documents"] == 8
+    assert fit_cal.settings["subset"]["documents"] == fit
+    refs = {"fit": moesift.calibrate(mdir, tmp_path / "fit.jsonl", max_samples=None, max_length=64, dtype="float32",
+                                     progress=False, loaded=loaded),
+            "all": moesift.calibrate(mdir, data, max_samples=8, max_length=64, dtype="float32", progress=False,
+                                     loaded=loaded)}
+    for got, ref in ((fit_cal, refs["fit"]), (all_cal, refs["all"])):
+        assert (got.settings["end_to_end"] is None) == (ref.settings["end_to_end"] is None)
+        for a, b in zip(got.layers, ref.layers, strict=True):
+            assert a["order"] == b["order"] and a["floor"] == b["floor"] and a["tokens"] == b["tokens"]
+            assert np.allclose(a["error"], b["error"], rtol=1e-4, atol=1e-9)
+            if b.get("equal"):
+                assert a["equal"]["order"] == b["equal"]["order"]
+            if b.get("e2e"):
+                assert a["e2e"]["sets"] == b["e2e"]["sets"]
+    if name == "deepseekv3-ref":  # group-limited: the end-to-end phase ran for both
+        assert fit_cal.settings["end_to_end"] and all_cal.settings["end_to_end"]

@@ -8,18 +8,23 @@ calibration text itself, never on the evaluation data:
 1. The calibration documents (`calib`, the first `calib_samples`) are shuffled with `seed` and dealt into
    `folds` folds. In each of `rounds` rounds (1 by default; `rounds=folds` is full cross-validation) one
    fold is held out for validation and the others are the fit documents.
-2. On the fit documents the model is traced (with saliency) and calibrated once (`moesift.calibrate`): the
-   statistics every candidate ranks by.
+2. On the fit documents the model is traced (with saliency) and calibrated (`moesift.calibrate`): the
+   statistics every candidate ranks by. The calibration runs over all the calibration documents in one pass
+   (`calibrate_split`: one capture, and per layer one set of expert computations), with the layer greedy on
+   the fit documents' tokens and on all of them; so a calibration of all the documents is at hand without
+   a second pass.
 3. Per budget, every candidate (frequency, weighted, contribution, calibrated, each with and without
    `--allocate`, as far as the budget and the traces allow) chooses its sets from the fit statistics,
    and the model restricted to each set scores the held-out documents, whole, in windows of `calib_length`
    tokens. The candidate with the lowest held-out perplexity is chosen; ties go to the cheaper candidate
    (the order above).
-4. The plan is then built by the chosen candidate: from the given traces for a trace-scored strategy, and
-   for `calibrated` from the fit calibration of step 2 (with one round; a given `calibration` instead, and
-   with several rounds a calibration on all the calibration documents). So with one round `auto` costs a
-   trace and a calibration of the fit documents plus, per budget, one forward over the held-out documents
-   per distinct candidate set.
+4. The plan is then built by the chosen candidate on all the calibration text, as the candidate was
+   validated on less of it: from the given traces for a trace-scored strategy, and for `calibrated` from
+   the calibration of all the calibration documents of step 2 (a given `calibration` instead), whose end-to-
+   end phase, for families that have one, runs when `calibrated` is first chosen. So with one round `auto`
+   costs a trace of the fit documents, one calibration pass over all the calibration documents with two
+   layer greedies, where `calibrated` wins a second end-to-end phase, and per budget one forward over the
+   held-out documents per distinct candidate set.
 
 The choice, every candidate's held-out perplexity ratio to the full model, its gap in mean log-perplexity
 to the chosen one with a paired standard error (windows as the units), and the cost of each step are
@@ -47,11 +52,12 @@ from typing import Any
 import numpy as np
 
 from ..core.errors import MoesiftError
+from ..core.io import sha256_file
 from ..engines.hf import load_model, resolve_device
 from ..engines.restrict import restrict
 from ..formats.workload import batches, encode_documents, read_documents
 from ..record.tracer import trace as record_trace
-from .calibrate import calibrate
+from .calibrate import calibrate_split
 
 AUTO = "auto"
 CANDIDATES = ("frequency", "weighted", "contribution", "calibrated")
@@ -78,6 +84,7 @@ class _Fit:
     rounds: list[_Round]
     settings: dict[str, Any]
     seconds: dict[str, float] = field(default_factory=dict)
+    final: Callable[[Any], Any] | None = None  # the calibration of all the calibration documents (given the model)
 
 
 _FITS: dict[tuple, _Fit] = {}
@@ -200,19 +207,27 @@ def fit(model: Any, calib: Any, calib_samples: int | None, calib_length: int, fo
         "calibration_data": list(files), "documents": len(docs), "folds": folds, "rounds": rounds, "seed": seed,
         "max_length": calib_length, "device": device})
     out.seconds["load_s"] = time.perf_counter() - t0
+    info = [{"path": f, "sha256": sha256_file(f) if Path(f).is_file() else None} for f in files]
     with tempfile.TemporaryDirectory(prefix="moesift-auto-") as tmp:
         for r in range(rounds):
-            fit_docs = [d for i, d in enumerate(docs) if fold_of[i] != r]
-            val_docs = [d for i, d in enumerate(docs) if fold_of[i] == r]
-            out.rounds.append(_fit_round(model, m, tok, Path(tmp) / f"fit{r}.jsonl", fit_docs, val_docs,
-                                         calib_length, device, dtype, progress))
+            fit_idx = [i for i in range(len(docs)) if fold_of[i] != r]
+            rd, final = _fit_round(model, m, tok, Path(tmp) / f"fit{r}.jsonl", docs, fit_idx, calib_length, device,
+                                   dtype, progress, info, whole=r == 0)
+            out.rounds.append(rd)
+            out.final = out.final or final
     _FITS[key] = out
     return out
 
 
-def _fit_round(model: Any, m: Any, tok: Any, path: Path, fit_docs: list[dict[str, Any]],
-               val_docs: list[dict[str, Any]], length: int, device: str, dtype: str | None, progress: bool) -> _Round:
-    """Trace and calibrate on the fit documents; the held-out windows and the full model's NLL on them."""
+def _fit_round(model: Any, m: Any, tok: Any, path: Path, docs: list[dict[str, Any]], fit_idx: list[int], length: int,
+               device: str, dtype: str | None, progress: bool, info: list[dict[str, Any]],
+               whole: bool) -> tuple[_Round, Callable[[Any], Any] | None]:
+    """Trace and calibrate on the fit documents `fit_idx` (with `whole`, in the same pass the layer greedy of
+    all of `docs`: the function returned gives that calibration); the held-out windows and the full model's
+    NLL on them."""
+    fit_set = set(fit_idx)
+    fit_docs = [docs[i] for i in fit_idx]
+    val_docs = [d for i, d in enumerate(docs) if i not in fit_set]
     with open(path, "w", encoding="utf-8") as f:
         for d in fit_docs:
             f.write(json.dumps(d) + "\n")
@@ -220,8 +235,8 @@ def _fit_round(model: Any, m: Any, tok: Any, path: Path, fit_docs: list[dict[str
     tr = record_trace(m, path, max_length=length, saliency=True, progress=False, tokenizer=tok, label="auto-fit",
                       folds=min(8, len(fit_docs)))
     t1 = time.perf_counter()
-    cal = calibrate(model, path, max_samples=None, max_length=length, device=device, dtype=dtype, progress=progress,
-                    loaded=(m, tok))
+    cal, final = calibrate_split(model, docs, fit_idx, max_length=length, device=device, dtype=dtype,
+                                 loaded=(m, tok), progress=progress, data_info=info, whole=whole)
     t2 = time.perf_counter()
     wins = [ids[i:i + length] for ids in encode_documents(val_docs, tok) for i in range(0, len(ids), length)]
     wins = [w for w in wins if len(w) >= 2]
@@ -232,7 +247,7 @@ def _fit_round(model: Any, m: Any, tok: Any, path: Path, fit_docs: list[dict[str
     full = window_nll(m, bl)
     return _Round(trace=tr, calibration=cal, batches=bl, full=full, fit_documents=len(fit_docs),
                   validation_documents=len(val_docs),
-                  seconds={"trace_s": t1 - t0, "calibrate_s": t2 - t1, "full_s": time.perf_counter() - t2})
+                  seconds={"trace_s": t1 - t0, "calibrate_s": t2 - t1, "full_s": time.perf_counter() - t2}), final
 
 
 def window_nll(m: Any, batch_list: list[tuple[Any, Any]], resident: dict[int, list[int]] | None = None) -> np.ndarray:
@@ -263,9 +278,8 @@ def window_nll(m: Any, batch_list: list[tuple[Any, Any]], resident: dict[int, li
 
 @dataclass
 class Choice:
-    """What `auto` chose: the strategy, --allocate, the calibration the plan ranks by (for calibrated: the fit
-    round's with one round, else None: one on all the calibration documents) and the record kept in the plan's
-    provenance."""
+    """What `auto` chose: the strategy, --allocate, the calibration the plan ranks by (for calibrated: the one of
+    all the calibration documents, from the fit's pass) and the record kept in the plan's provenance."""
 
     strategy: str
     allocate: bool
@@ -290,12 +304,17 @@ def choose(bank: Any, select: Callable[[Any, str, bool, Any], list[list[int]]], 
     t0 = time.perf_counter()
     if f.model is None:  # let go after an earlier choice
         f.model = load_model(model, device=f.settings["device"], dtype=dtype)[0].eval()
+    cal, t_final = None, None
     try:
         rows, nll, full = _validate(f, bank, select, moe_layers, allocate, allow_allocate, make_bank)
+        best = min(nll, key=lambda k: nll[k].sum())  # dict order: the cheaper candidate first on ties
+        if best.removesuffix("+allocate") == "calibrated" and f.final is not None:
+            t1 = time.perf_counter()
+            cal = f.final(f.model)  # all the calibration documents (its end-to-end phase on first use)
+            t_final = time.perf_counter() - t1
     finally:
         if not _KEEP[0]:
             f.model = None
-    best = min(nll, key=lambda k: nll[k].sum())  # dict order: the cheaper candidate first on ties
     T = full[:, 1]
     for row in rows:
         if row["strategy"] in nll:
@@ -306,15 +325,14 @@ def choose(bank: Any, select: Callable[[Any, str, bool, Any], list[list[int]]], 
               "fit_documents": [r.fit_documents for r in f.rounds],
               "validation_documents": [r.validation_documents for r in f.rounds],
               **f.settings,
-              "seconds": {**f.seconds, **_round_seconds(f), "validate_s": time.perf_counter() - t0},
+              "seconds": {**f.seconds, **_round_seconds(f), "validate_s": time.perf_counter() - t0 - (t_final or 0.0)},
               "note": ("held-out perplexity of each candidate's sets chosen from the other folds, as a ratio to the "
                        "full model; gap: mean log-perplexity minus the chosen one's, se: its paired standard error "
                        "(windows as units)")}
-    cal = None
     if s_best == "calibrated":
-        one = len(f.rounds) == 1
-        record["final_calibration"] = "the fit documents" if one else "all the calibration documents"
-        cal = f.rounds[0].calibration if one else None
+        record["final_calibration"] = "all the calibration documents"
+        if t_final is not None:
+            record["seconds"]["final_calibration_s"] = t_final
     return Choice(s_best, a_best, cal, record)
 
 

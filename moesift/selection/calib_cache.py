@@ -89,7 +89,8 @@ class BlockScorer:
     def __init__(self, blk: BlockRunner, x: Any, note: str | None = None):
         self.blk, self.x, self.note = blk, x, note
         self.full, self.full_ids = blk.run(x, None)
-        self.norm2 = float((self.full.double() ** 2).sum()) or 1.0
+        self.tok_norm2 = (self.full.double() ** 2).sum(dim=1)
+        self.norm2 = float(self.tok_norm2.sum()) or 1.0
         self.forwards = 1
 
     def rows(self, idx: Any, resident: Sequence[int]) -> tuple[Any, Any]:
@@ -161,7 +162,8 @@ class CachedScorer:
         self.routing, self.logits, self.gram = routing, logits, gram
         self.E = routing.E
         self.flat = gram.reshape(-1)
-        self.norm2 = float((full.double() ** 2).sum()) or 1.0
+        self.tok_norm2 = (full.double() ** 2).sum(dim=1)
+        self.norm2 = float(self.tok_norm2.sum()) or 1.0
         every = torch.ones(self.E, dtype=torch.bool, device=logits.device)
         self.full_ids, self.full_w = routing.route(logits, every)
         self.forwards = 1
@@ -198,6 +200,29 @@ class CachedScorer:
         at = (idx * (self.E * self.E)).view(n, 1, 1) + sup.unsqueeze(-1) * self.E + sup.unsqueeze(1)
         g = self.flat.index_select(0, at.reshape(-1)).view(n, 2 * K, 2 * K).double()
         return (torch.bmm(g, coef.unsqueeze(-1)).squeeze(-1) * coef).sum(dim=1).clamp(min=0.0)
+
+
+class SubsetScorer:
+    """A scorer over some of another scorer's tokens (`rows`, indices into them): the greedy of a subset of
+    the calibration documents from the one pass (capture, Gram matrices or block) over all of them. Scores are
+    the parent's on those tokens, so a subset's greedy is the greedy those tokens alone would give, up to the
+    rounding of the batches they were computed in."""
+
+    def __init__(self, parent: Any, rows: Any):
+        self.parent = parent
+        self.sel = rows.to(parent.full_ids.device)
+        self.full_ids = parent.full_ids[self.sel]
+        self.tok_norm2 = parent.tok_norm2[self.sel.to(parent.tok_norm2.device)]
+        self.norm2 = float(self.tok_norm2.sum()) or 1.0
+        self.kind, self.note = parent.kind, parent.note
+
+    @property
+    def forwards(self) -> int:
+        return self.parent.forwards
+
+    def rows(self, idx: Any, resident: Sequence[int]) -> tuple[Any, Any]:
+        """As the parent's `rows`, `idx` indexing this subset's tokens (None: all of them)."""
+        return self.parent.rows(self.sel if idx is None else self.sel[idx.to(self.sel.device)], resident)
 
 
 def expert_grams(adapter: Any, frame: Any, layer: int, x: Any, n_experts: int,
@@ -279,7 +304,8 @@ def _fallback(blk: BlockRunner, x: Any, full: Any, ids: Any, why: str) -> BlockS
     sc = BlockScorer.__new__(BlockScorer)
     sc.blk, sc.x, sc.note = blk, x, f"block forward per candidate: {why}"
     sc.full, sc.full_ids = full, ids
-    sc.norm2 = float((full.double() ** 2).sum()) or 1.0
+    sc.tok_norm2 = (full.double() ** 2).sum(dim=1)
+    sc.norm2 = float(sc.tok_norm2.sum()) or 1.0
     sc.forwards = 1
     return sc
 

@@ -43,7 +43,7 @@ def greedy_layer(blk: BlockRunner, x: Any, units: list[list[int]], n_floor: int,
     sc = make_scorer(blk, x, scorer)
     ids_full = sc.full_ids
     norm2 = sc.norm2
-    N = x.shape[0]
+    N = ids_full.shape[0]
     remaining = list(range(len(units)))
     resident = set(range(blk.E))
     cur_ids = ids_full.clone()

@@ -58,6 +58,8 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +74,7 @@ from ..engines.hf import config_obj, hf_progress, load_model, model_class, parse
 from ..formats.calibration import Calibration
 from ..formats.checkpoint import CheckpointIndex
 from ..formats.workload import batches, encode_documents, read_documents
-from .calib_cache import BlockRunner, make_scorer
+from .calib_cache import BlockRunner, SubsetScorer, make_scorer
 from .calib_greedy import greedy_layer
 from .endtoend import choose_end_to_end
 
@@ -233,56 +235,158 @@ def calibrate(
     _check_settings(kl_top, end_to_end_loss, max_length)
     if out is not None:
         check_output_path(out, force, inputs=input_paths(data))
-    index = CheckpointIndex.build(model)
-    index.check_consistent()
-    spec = index.spec
     paths = [data] if isinstance(data, (str, os.PathLike)) else list(data)
     docs = read_documents(paths, field=field, max_samples=max_samples)
-    t0 = time.perf_counter()
+    data_info = [{"path": str(q), "sha256": sha256_file(q) if Path(q).is_file() else None} for q in paths]
+    opts = _Options(max_samples, max_length, batch_size, device, dtype, end_to_end, kl_top, end_to_end_samples,
+                    end_to_end_loss)
     with progress_bar(progress, remaining=True) as bar:
-        if loaded is not None:
-            m, tok = loaded
-        else:
-            with hf_progress(False):
-                m, tok = load_model(model, device=device, dtype=dtype)
-        toks = [ids[:max_length] for ids in encode_documents(docs, tok)]
-        toks = [t for t in toks if t]
-        if not toks:
-            raise MoesiftError(f"calibration data {paths[0]!s} tokenized to nothing; give a file with text")
-        work_dtype = next(m.parameters()).dtype
-        inputs = capture_inputs(m, index.adapter, spec, toks, batch_size=batch_size, progress=bar)
-        t_capture = time.perf_counter() - t0
-        units = units_of(spec)
-        n_floor = floor_units(spec, units)
-        e2e_wanted = end_to_end and len(units[0]) > 1 and len(units) > n_floor
-        if loaded is None and not e2e_wanted:
-            del m
-        run_dev = resolve_device("auto" if device == "spread" else device)
-        equal = equal_units(spec, index.adapter)
-        layers_out, per_layer_s = _calibrate_layers(index, inputs, units, n_floor, equal, run_dev, work_dtype, bar)
-        e2e = None
-        if e2e_wanted:
-            e2e_toks = toks[:end_to_end_samples] if end_to_end_samples else toks
-            e2e = _end_to_end(m, spec, layers_out, units, n_floor, equal[0], e2e_toks, batch_size, kl_top,
-                              end_to_end_loss, bar)
-            if e2e is not None:
-                per_layer_s = [e["seconds"] for e in layers_out if e.get("order") is not None]
-            if loaded is None:
-                del m
-    info = {k: v for k, v in spec.to_dict().items()} if hasattr(spec, "to_dict") else {}
-    info["checkpoint"] = str(index.directory)
-    settings = {"data": [{"path": str(q), "sha256": sha256_file(q) if Path(q).is_file() else None} for q in paths],
-                "max_samples": max_samples, "max_length": max_length, "documents": len(toks),
-                "tokens": int(sum(len(t) for t in toks)), "device": run_dev, "end_to_end": e2e,
-                "dtype": str(parse_dtype(dtype)).replace("torch.", "") if dtype else str(work_dtype).replace("torch.", "")}
-    timing = {"capture_s": t_capture, "per_layer_s": per_layer_s,
-              "end_to_end_s": e2e["seconds"] if e2e else None,
-              "mean_layer_s": float(np.mean(per_layer_s)) if per_layer_s else None,
-              "total_s": time.perf_counter() - t0}
-    cal = Calibration(model=info, layers=layers_out, settings=settings, timing=timing)
+        cal = _calibrate_docs(model, docs, {"all": None}, data_info, opts, loaded, bar, defer=False)["all"](None)
     if out is not None:
         cal.save(out, force=force, inputs=input_paths(data))
     return cal
+
+
+def calibrate_split(model: str | os.PathLike, docs: list[dict[str, Any]], fit: Sequence[int], max_length: int = 256,
+                    batch_size: int = 8, device: str = "auto", dtype: str | None = None, loaded: Any = None,
+                    progress: bool = False, data_info: list[dict[str, Any]] | None = None,
+                    whole: bool = True) -> tuple[Calibration, Callable[[Any], Calibration] | None]:
+    """The calibrations of the documents `fit` (indices into `docs`) and of all of `docs`, from one pass: one
+    capture of the MoE inputs and, per layer, one scorer (Gram matrices or block) over every token, with the
+    greedy run on the fit documents' tokens and on all of them. Returns the fit calibration, whole, and a
+    function that gives the calibration of all the documents: its layer greedy ran in the pass, and its
+    end-to-end phase (where the family has one) runs on the first call, with the loaded model given to it
+    (the model is not held in between); None with `whole=False` (the fit documents alone). Each is what
+    `calibrate` gives on those documents, up to the rounding of the batches the tokens were computed in."""
+    _check_settings(64, "kl", max_length)
+    opts = _Options(None, max_length, batch_size, resolve_device(device), dtype, True, 64, None, "kl")
+    with progress_bar(progress, remaining=True) as bar:
+        subsets: dict[str, list[int] | None] = {"fit": list(fit), **({"all": None} if whole else {})}
+        out = _calibrate_docs(model, docs, subsets, data_info or [], opts, loaded, bar, defer=True)
+    if not whole:
+        return out["fit"](None), None
+    done: dict[str, Calibration] = {}
+
+    def final(m: Any) -> Calibration:
+        if "all" not in done:
+            with progress_bar(progress, remaining=True) as b:
+                done["all"] = out["all"](m, b)
+        return done["all"]
+
+    return out["fit"](None), final
+
+
+@dataclass
+class _Options:
+    max_samples: int | None
+    max_length: int
+    batch_size: int
+    device: str
+    dtype: str | None
+    end_to_end: bool
+    kl_top: int
+    end_to_end_samples: int | None
+    end_to_end_loss: str
+
+
+def _calibrate_docs(model: Any, docs: list[dict[str, Any]], subsets: dict[str, list[int] | None],
+                    data_info: list[dict[str, Any]], o: _Options, loaded: Any, bar: Any,
+                    defer: bool) -> dict[str, Callable[..., Calibration]]:
+    """{subset name: a function giving its Calibration}: `subsets` maps a name to document indices (None:
+    every document). One capture over all the documents, one scorer per layer, a greedy per subset. The end-
+    to-end phase runs in this call, except with `defer` for the subsets over every document, whose function
+    then takes the loaded model and a progress bar and runs it."""
+    index = CheckpointIndex.build(model)
+    index.check_consistent()
+    spec = index.spec
+    t0 = time.perf_counter()
+    if loaded is not None:
+        m, tok = loaded
+    else:
+        with hf_progress(False):
+            m, tok = load_model(model, device=o.device, dtype=o.dtype)
+    enc = [ids[:o.max_length] for ids in encode_documents(docs, tok)]
+    kept = [i for i, t in enumerate(enc) if t]  # documents that tokenized to something
+    toks = [enc[i] for i in kept]
+    if not toks:
+        where = data_info[0]["path"] if data_info else "the calibration documents"
+        raise MoesiftError(f"calibration data {where!s} tokenized to nothing; give a file with text")
+    work_dtype = next(m.parameters()).dtype
+    inputs = capture_inputs(m, index.adapter, spec, toks, batch_size=o.batch_size, progress=bar)
+    t_capture = time.perf_counter() - t0
+    rows, docs_of = _subset_rows(toks, kept, subsets)
+    units = units_of(spec)
+    n_floor = floor_units(spec, units)
+    e2e_wanted = o.end_to_end and len(units[0]) > 1 and len(units) > n_floor
+    if loaded is None and not (e2e_wanted and not defer):
+        del m
+        m = None
+    run_dev = resolve_device("auto" if o.device == "spread" else o.device)
+    equal = equal_units(spec, index.adapter)
+    per_subset = _calibrate_layers(index, inputs, units, n_floor, equal, run_dev, work_dtype, bar, rows)
+    info = {k: v for k, v in spec.to_dict().items()} if hasattr(spec, "to_dict") else {}
+    info["checkpoint"] = str(index.directory)
+    shared_s = time.perf_counter() - t0
+
+    def finish(name: str, model_now: Any, b: Any) -> Calibration:
+        t1 = time.perf_counter()
+        layers_out, per_layer_s = per_subset[name]
+        sub_toks = [toks[j] for j in docs_of[name]]
+        e2e = None
+        if e2e_wanted:
+            if model_now is None:
+                raise MoesiftError("the end-to-end phase of this calibration needs the loaded model")
+            e2e_toks = sub_toks[:o.end_to_end_samples] if o.end_to_end_samples else sub_toks
+            e2e = _end_to_end(model_now, spec, layers_out, units, n_floor, equal[0], e2e_toks, o.batch_size,
+                              o.kl_top, o.end_to_end_loss, b)
+            if e2e is not None:
+                per_layer_s = [e["seconds"] for e in layers_out if e.get("order") is not None]
+        settings = {"data": data_info, "max_samples": o.max_samples, "max_length": o.max_length,
+                    "documents": len(sub_toks), "tokens": int(sum(len(t) for t in sub_toks)), "device": run_dev,
+                    "end_to_end": e2e,
+                    "dtype": str(parse_dtype(o.dtype)).replace("torch.", "") if o.dtype
+                    else str(work_dtype).replace("torch.", "")}
+        if subsets[name] is not None:
+            settings["subset"] = {"documents": [int(kept[j]) for j in docs_of[name]], "of": len(docs)}
+        timing = {"capture_s": t_capture, "per_layer_s": per_layer_s,
+                  "end_to_end_s": e2e["seconds"] if e2e else None,
+                  "mean_layer_s": float(np.mean(per_layer_s)) if per_layer_s else None,
+                  "total_s": shared_s + time.perf_counter() - t1}
+        return Calibration(model=info, layers=layers_out, settings=settings, timing=timing)
+
+    out: dict[str, Callable[..., Calibration]] = {}
+    for name, sel in subsets.items():
+        if defer and sel is None:
+            out[name] = lambda model_now, b, _n=name: finish(_n, model_now, b)
+        else:
+            cal = finish(name, m, bar)
+            out[name] = lambda *_a, _c=cal: _c
+    del m
+    return out
+
+
+def _subset_rows(toks: list[list[int]], kept: list[int],
+                 subsets: dict[str, list[int] | None]) -> tuple[dict[str, Any], dict[str, list[int]]]:
+    """Per subset: the rows of its tokens among the captured ones (None: all) and its positions in `toks`.
+    `capture_inputs` stores the tokens batch by batch in the order of `batches`: longest first, ties by
+    position."""
+    import torch
+
+    order = sorted(range(len(toks)), key=lambda i: (-len(toks[i]), i))
+    doc_of_row = np.repeat(np.asarray(order, dtype=np.int64), [len(toks[i]) for i in order])
+    pos = {d: j for j, d in enumerate(kept)}
+    rows: dict[str, Any] = {}
+    docs_of: dict[str, list[int]] = {}
+    for name, sel in subsets.items():
+        if sel is None:
+            rows[name], docs_of[name] = None, list(range(len(toks)))
+            continue
+        js = sorted(pos[d] for d in set(sel) if d in pos)
+        if not js:
+            raise MoesiftError(f"the {name} documents of the calibration tokenized to nothing; give more text")
+        rows[name] = torch.from_numpy(np.flatnonzero(np.isin(doc_of_row, js)))
+        docs_of[name] = js
+    return rows, docs_of
 
 
 def _check_settings(kl_top: int, end_to_end_loss: str, max_length: int) -> None:
@@ -308,46 +412,52 @@ def equal_units(spec: Any, ad: Any) -> tuple[int, list[list[int]], list[int]]:
 
 def _calibrate_layers(index: Any, inputs: dict[int, Any], units: list[list[int]], n_floor: int,
                       equal: tuple[int, list[list[int]], list[int]], run_dev: str, work_dtype: Any,
-                      bar: Any) -> tuple[list[dict[str, Any]], list[float]]:
-    """(one calibration entry per MoE layer, seconds per calibrated layer): each block loaded alone from the
-    checkpoint, greedy removal on its captured inputs (popped from `inputs`), and freed."""
+                      bar: Any, rows: dict[str, Any]) -> dict[str, tuple[list[dict[str, Any]], list[float]]]:
+    """Per subset of the captured tokens (`rows`: name -> row indices, None for all): (one calibration entry
+    per MoE layer, seconds per calibrated layer). Each block is loaded alone from the checkpoint, its scorer
+    built once on its captured inputs (popped from `inputs`), the greedy run for every subset, and the block
+    freed. A subset's seconds are the shared ones (load, scorer) plus its own greedy."""
     import torch
 
     spec, ad = index.spec, index.adapter
     frame = skeleton(index.config)
     # group-limited routers: also the order for plans that keep the same number in every group
     eq_floor, eq_units, eq_balance = equal
-    layers_out: list[dict[str, Any]] = []
+    out: dict[str, tuple[list[dict[str, Any]], list[float]]] = {name: ([], []) for name in rows}
     steps = sum(0 if layer in spec.hash_layers else len(units) - n_floor + (spec.n_experts - eq_floor if eq_floor
-                else 0) for layer in spec.moe_layers)
+                else 0) for layer in spec.moe_layers) * len(rows)
     task = bar.add_task("calibrating", total=steps)
-    per_layer_s = []
     for p, layer in enumerate(spec.moe_layers):
         if layer in spec.hash_layers:
-            layers_out.append({"layer": layer, "moe_index": p, "order": None, "floor": None, "error": None,
-                               "note": "hash-routed: kept whole"})
+            for layers_out, _ in out.values():
+                layers_out.append({"layer": layer, "moe_index": p, "order": None, "floor": None, "error": None,
+                                   "note": "hash-routed: kept whole"})
             continue
         bar.update(task, description=f"calibrating layer {layer} ({p + 1}/{len(spec.moe_layers)})")
         ts = time.perf_counter()
         load_block(index, frame, layer, device=run_dev, dtype=work_dtype)
         blk = BlockRunner(frame, ad, spec, layer)
         x = inputs.pop(layer).to(run_dev, dtype=work_dtype)
-        sc = make_scorer(blk, x, SCORER)  # one per layer, for both orders
-        built = sc.forwards  # the block forwards that built and checked it
-        r = greedy_layer(blk, x, units, n_floor, tick=lambda: bar.update(task, advance=1), scorer=sc)
-        r["forwards"] += built
-        if eq_floor:
-            q = greedy_layer(blk, x, eq_units, eq_floor, tick=lambda: bar.update(task, advance=1),
-                             balance=eq_balance, scorer=sc)
-            r["equal"] = {**{k: q[k] for k in ("order", "floor", "error", "forwards")}, "groups": spec.n_group}
+        whole = make_scorer(blk, x, SCORER)  # one per layer, for both orders and every subset
+        built = whole.forwards  # the block forwards that built and checked it
+        shared = time.perf_counter() - ts
+        for name, sel in rows.items():
+            tg = time.perf_counter()
+            sc = whole if sel is None else SubsetScorer(whole, sel)
+            r = greedy_layer(blk, x, units, n_floor, tick=lambda: bar.update(task, advance=1), scorer=sc)
+            r["forwards"] += built
+            if eq_floor:
+                q = greedy_layer(blk, x, eq_units, eq_floor, tick=lambda: bar.update(task, advance=1),
+                                 balance=eq_balance, scorer=sc)
+                r["equal"] = {**{k: q[k] for k in ("order", "floor", "error", "forwards")}, "groups": spec.n_group}
+            if run_dev.startswith("cuda"):
+                torch.cuda.synchronize()
+            dt = shared + time.perf_counter() - tg
+            out[name][1].append(dt)
+            out[name][0].append({"layer": layer, "moe_index": p, **r, "seconds": dt})
         unload_block(frame, ad, layer)
-        del x, sc
-        if run_dev.startswith("cuda"):
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - ts
-        per_layer_s.append(dt)
-        layers_out.append({"layer": layer, "moe_index": p, **r, "seconds": dt})
-    return layers_out, per_layer_s
+        del x, whole, sc
+    return out
 
 
 def _end_to_end(m: Any, spec: Any, layers_out: list[dict[str, Any]], units: list[list[int]], n_floor: int,
