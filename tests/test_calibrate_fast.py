@@ -54,6 +54,10 @@ def test_cached_greedy_equals_block_greedy(model_type):
     assert got["forwards"] == 0 and ref["forwards"] > len(units)  # no block forward per candidate
     # no renormalisation: every token moves, measured on all; renormalised top-k: on each expert's tokens
     assert ref["local"] == (model_type == "qwen3_moe")
+    # softmax over the resident experts without renormalisation (one expert per unit): the others' outputs
+    # are rescaled in closed form, and the order is still the block's
+    if model_type in ("olmoe", "qwen2_moe"):
+        assert got["others"] == "rescaled" and ref["others"] == "measured"
     if spec.n_group and spec.n_group > 1:  # the equal-count order: single experts in rounds over groups
         eq_floor, eq_units, balance = equal_units(spec, ad)
         q = greedy_layer(blk, x, eq_units, eq_floor, balance=balance, scorer=sc)
@@ -168,3 +172,26 @@ def test_split_calibration_equals_calibrating_each_part(name, tmp_path):
                 assert a["e2e"]["sets"] == b["e2e"]["sets"]
     if name == "deepseekv3-ref":  # group-limited: the end-to-end phase ran for both
         assert fit_cal.settings["end_to_end"] and all_cal.settings["end_to_end"]
+
+
+def test_rescaled_greedy_refuses_a_router_it_does_not_reproduce(monkeypatch):
+    """The closed form for the other tokens is used only where one removal measured on every token agrees
+    with it: where it does not (here the measured change is made 0.1% larger), every token is measured for
+    every candidate instead, with the same order."""
+    from moesift.selection import calib_greedy
+
+    blk, x, spec, _ = _layer("olmoe")
+    units = units_of(spec)
+    n_floor = floor_units(spec, units)
+    sc = make_scorer(blk, x, "cache")
+    fast = greedy_layer(blk, x, units, n_floor, scorer=sc)
+    real = calib_greedy._Rescaled.check
+
+    def off(sc_, probe, change):  # a probe that disagrees: the closed form must not be used
+        return real(sc_, probe, change * 1.001)
+
+    monkeypatch.setattr(calib_greedy._Rescaled, "check", staticmethod(off))
+    slow = greedy_layer(blk, x, units, n_floor, scorer=sc)
+    assert fast["others"] == "rescaled" and slow["others"] == "measured"
+    assert fast["order"] == slow["order"] and np.allclose(fast["error"], slow["error"], rtol=1e-9)
+    assert fast["evaluations"] <= slow["evaluations"]

@@ -186,6 +186,16 @@ class CachedScorer:
         ids, w = self.routing.route(self.logits[idx], self.keep(resident))
         return self.error(idx, self.full_ids[idx], self.full_w[idx], ids, w), ids
 
+    def inner(self, idx: Any, ids_a: Any, w_a: Any, ids_b: Any, w_b: Any) -> Any:
+        """<sum_k w_a o_{ids_a}, sum_k w_b o_{ids_b}> per token (float64), from the Gram matrices."""
+        import torch
+
+        n, K = ids_a.shape
+        E = self.E
+        at = (idx * (E * E)).view(n, 1, 1) + ids_a.unsqueeze(-1) * E + ids_b.unsqueeze(1)
+        g = self.flat.index_select(0, at.reshape(-1)).view(n, K, ids_b.shape[1]).double()
+        return torch.bmm(torch.bmm(w_a.unsqueeze(1), g), w_b.unsqueeze(-1)).reshape(n)
+
     def error(self, idx: Any, ids_a: Any, w_a: Any, ids_b: Any, w_b: Any) -> Any:
         """||sum_k w_a o_{ids_a} - sum_k w_b o_{ids_b}||^2 per token, from the Gram matrices; an expert in
         both selections gets one coefficient (the difference of its weights: exactly 0 when unchanged)."""

@@ -54,14 +54,25 @@ def greedy_layer(blk: BlockRunner, x: Any, units: list[list[int]], n_floor: int,
     forwards0 = sc.forwards
     evaluations = 0
     local = not grouped
+    fast = None  # the others' outputs rescaled, not measured (see `_Rescaled`)
     if local and len(units) > n_floor:
         # does removing one expert move the outputs of tokens it does not serve? (then measure on all tokens)
         evaluations += 1
-        local = not _moves_others(sc, cur_ids, resident, used)
+        probe = int(np.argmax(used))
+        change = sc.rows(None, sorted(resident - {probe}))[0]
+        local = not _moves_others(change, cur_ids, probe)
+        if not local:
+            fast = _Rescaled.check(sc, probe, change)
 
     def measure(u: int) -> float:
         nonlocal evaluations
         R = sorted(resident - set(units[u]))
+        if fast is not None:
+            fast.at(resident)
+            idx = _served(fast.ids, units[u])
+            evaluations += 1
+            served = sc.rows(idx, R)[0] if idx.numel() else None
+            return fast.total_without(units[u][0], idx, served) - fast.total
         if local:
             idx = _served(cur_ids, units[u])
             if idx.numel() == 0:
@@ -109,6 +120,10 @@ def greedy_layer(blk: BlockRunner, x: Any, units: list[list[int]], n_floor: int,
                 touched = set(torch.unique(torch.cat([old.reshape(-1), new_ids.reshape(-1).to(old.dtype)])).tolist())
                 stale |= {u for u in remaining if any(e in touched for e in units[u])}
             total = float(err_tok.sum())
+        elif fast is not None:
+            fast.at(resident)  # the new state: its exact per-token errors
+            total = fast.total
+            stale = set(remaining)
         else:
             total += d
             stale = set(remaining)
@@ -117,6 +132,7 @@ def greedy_layer(blk: BlockRunner, x: Any, units: list[list[int]], n_floor: int,
             tick()
     floor = [units[u] for u in remaining]
     return {"order": order, "floor": floor, "error": errors, "local": local,
+            **({} if local or grouped else {"others": "rescaled" if fast is not None else "measured"}),
             "forwards": sc.forwards - (0 if isinstance(scorer, str) else forwards0),
             "evaluations": evaluations, "scorer": sc.kind, "output_norm2": norm2, "tokens": int(N),
             "routed": [int(v) for v in used], **({"scorer_note": sc.note} if sc.note else {})}
@@ -142,14 +158,87 @@ def _pop_best(heap: list, stale: set[int], balance: Sequence[int] | None, taken:
     return d, best
 
 
-def _moves_others(sc: Any, cur_ids: Any, resident: set[int], used: np.ndarray) -> bool:
-    """Whether removing the most used expert moves the outputs of tokens it does not serve (one forward).
-    Renormalising routers leave the other tokens as they were up to rounding (bf16: ~1e-5 of the served
-    tokens' change); routers that do not renormalise move them by the removed expert's probability share."""
-    probe = int(np.argmax(used))
-    change, _ = sc.rows(None, sorted(resident - {probe}))
+def _moves_others(change: Any, cur_ids: Any, probe: int) -> bool:
+    """Whether removing the most used expert (`probe`; `change`: each token's squared output change) moves
+    the outputs of tokens it does not serve. Renormalising routers leave the other tokens as they were up to
+    rounding (bf16: ~1e-5 of the served tokens' change); routers that do not renormalise move them by the
+    removed expert's probability share."""
     served = (cur_ids == probe).any(dim=1).to(change.device)
     return bool((~served).any() and served.any() and float(change[~served].mean()) > 1e-4 * float(change[served].mean()))
+
+
+class _Rescaled:
+    """Non-local layers whose router keeps every other token's experts when one goes and scales their weights
+    (softmax over the resident experts, weights not renormalised over the top-k: OLMoE, Qwen2-MoE). Removing
+    expert u from the resident set R leaves token t's selection as it was unless u served t, and multiplies
+    its weights by s_tu = 1 / (1 - p_tu) (p: the router's probabilities over R). So with the full model's
+    routed output f_t and R's r_t, a token u does not serve has error ||f_t - s_tu r_t||^2 = A_t - 2 s_tu B_t
+    + s_tu^2 C_t (A = ||f||^2, B = <f, r>, C = ||r||^2, from the Gram matrices), and every candidate's sum
+    over all tokens is two matrix-vector products per state. Only the tokens u serves are re-routed and
+    scored exactly. Used where one removal measured on every token agrees (`check`), else every token is
+    measured for every candidate."""
+
+    def __init__(self, base: Any, rows: Any):
+        import torch
+
+        self.base, self.rows = base, rows  # the CachedScorer and the rows of its tokens (a subset's)
+        self.logits = base.logits[rows]
+        self.full_ids, self.full_w = base.full_ids[rows], base.full_w[rows]
+        self.A = base.inner(rows, self.full_ids, self.full_w, self.full_ids, self.full_w)
+        self.state: frozenset[int] | None = None
+        self.T = torch.zeros(0)
+
+    @staticmethod
+    def check(sc: Any, probe: int, change: Any) -> _Rescaled | None:
+        """A `_Rescaled` for scorer `sc` when its router qualifies and the probe removal (`change`: each
+        token's squared output change, measured) is reproduced to 1e-6 of its size; else None."""
+        import torch
+
+        base, rows = sc, None
+        if getattr(sc, "parent", None) is not None:
+            base, rows = sc.parent, sc.sel
+        r = getattr(base, "routing", None)
+        if base.kind != "cache" or r is None or r.scoring != "softmax" or r.groups is not None or r.bias is not None:
+            return None
+        if rows is None:
+            rows = torch.arange(base.logits.shape[0], device=base.logits.device)
+        fast = _Rescaled(base, rows)
+        every = set(range(base.E))
+        fast.at(every)
+        idx = _served(fast.ids, [probe])
+        exact = float(change.sum())
+        got = fast.total_without(probe, idx, change[idx.to(change.device)])
+        return fast if abs(got - exact) <= 1e-6 * max(exact, 1e-30) else None
+
+    def at(self, resident: set[int]) -> None:
+        """The per-token quantities of the state `resident` (recomputed only when it changed)."""
+        import torch
+
+        key = frozenset(resident)
+        if key == self.state:
+            return
+        base = self.base
+        keep = base.keep(sorted(resident))
+        mask = torch.zeros(base.E, dtype=torch.float32, device=self.logits.device)
+        mask[~keep] = float("-inf")
+        p = torch.softmax(self.logits.float() + mask, dim=-1).double()
+        self.ids, w = base.routing.route(self.logits, keep)
+        B = base.inner(self.rows, self.full_ids, self.full_w, self.ids, w)
+        C = base.inner(self.rows, self.ids, w, self.ids, w)
+        S = 1.0 / (1.0 - p).clamp(min=1e-300)
+        self.B, self.C, self.S = B, C, S
+        self.per = (self.A.sum() - 2.0 * (B @ S) + (C @ (S * S)))  # [E]: every candidate, all tokens rescaled
+        self.total = float((self.A - 2.0 * B + C).clamp(min=0.0).sum())
+        self.state = key
+
+    def total_without(self, u: int, idx: Any, served: Any) -> float:
+        """The layer's summed error with expert u gone: the rescaled sum, its served tokens (`idx`) replaced by
+        their measured errors `served`."""
+        if idx.numel() == 0:
+            return float(self.per[u])
+        s = self.S[idx, u]
+        approx = (self.A[idx] - 2.0 * s * self.B[idx] + s * s * self.C[idx]).sum()
+        return float(self.per[u] - approx + served.sum())
 
 
 def _served(cur_ids: Any, unit: list[int]) -> Any:

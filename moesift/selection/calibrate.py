@@ -31,8 +31,11 @@ Only the tokens an expert currently serves change when it is removed, for router
 renormalised over the selection (or do not depend on the other experts); for those, a candidate's error is
 measured on its tokens alone, which is exact. Whether a router is such is measured, not assumed: on the
 first step one removal is evaluated on every token, and when another token's output moved the layer is
-calibrated on every token for every candidate. Group-limited layers (a handful of groups) are always
-evaluated on every token.
+calibrated on every token for every candidate. Where the router keeps the other tokens' experts and only
+scales their weights (softmax over the resident experts without renormalising the top-k: OLMoE,
+Qwen2-MoE), the other tokens' errors are a closed form of the scale, and only each candidate's own tokens
+are re-routed (`calib_greedy._Rescaled`; used where the first removal, measured on every token, agrees).
+Group-limited layers (a handful of groups) are always evaluated on every token.
 
 Group-limited layers get a second order, for plans that keep the same number of experts in every group
 (``plan --groups equal``: the budgets below the whole-group floor): single experts removed in rounds that
