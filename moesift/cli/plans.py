@@ -25,7 +25,7 @@ def plan_cmd(
     strategy: str = typer.Option(
         "auto", "--strategy",
         help="auto (the default: per budget, the strategy below, with or without --allocate, whose sets score the "
-        "lowest perplexity on held-out folds of --calib, with --model; without them contribution for a --saliency "
+        "lowest perplexity on held-out folds of --calib, then planned on all of it, with --model; without them contribution for a --saliency "
         "trace, else weighted) | frequency (selection counts) | weighted (router-weight mass) | contribution (summed gate x expert "
         "output norm over this workload's routed tokens; needs a --saliency trace: the score for a workload's "
         "resident set) | saliency (REAP's mean of gate x output norm per routed token: pruning for all traffic, "
