@@ -165,6 +165,7 @@ def test_auto_ranks_by_a_calibration_of_all_the_text_from_one_pass(work, monkeyp
                      calibration=d / "half.calib", device="cpu", progress=False)
     ref2 = moesift.plan(d / "sal.trace", keep=0.5, model=model, strategy="calibrated", calibration=half)
     assert q.provenance["auto"]["final_calibration"] == str(d / "half.calib")
+    assert "final_calibration_s" not in q.provenance["auto"]["seconds"]  # nothing finished that goes unused
     assert [e["resident"] for e in q.layers] == [e["resident"] for e in ref2.layers]
 
 

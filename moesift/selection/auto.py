@@ -290,10 +290,11 @@ class Choice:
 def choose(bank: Any, select: Callable[[Any, str, bool, Any], list[list[int]]], moe_layers: list[int],
            model: Any, calib: Any, allocate: bool, allow_allocate: bool, calib_samples: int | None,
            calib_length: int, folds: int, rounds: int, seed: int, device: str, dtype: str | None,
-           progress: bool, make_bank: Callable[[Any], Any]) -> Choice:
+           progress: bool, make_bank: Callable[[Any], Any], final: bool = True) -> Choice:
     """The candidate with the lowest perplexity on the held-out calibration folds. `select(bank, strategy,
     allocate, calibration)` gives a candidate's resident ids per MoE layer under the plan's budget;
-    `make_bank(trace)` the bank of one fit trace. Without `calib` or `model`: the trace-only choice."""
+    `make_bank(trace)` the bank of one fit trace. Without `calib` or `model`: the trace-only choice.
+    `final=False`: where calibrated wins, the plan ranks by a calibration of its own (none is finished here)."""
     if calib is None or model is None:
         s = trace_only_choice(bank)
         why = "no calibration text (--calib)" if calib is None else "no --model to score the calibration text with"
@@ -308,7 +309,7 @@ def choose(bank: Any, select: Callable[[Any, str, bool, Any], list[list[int]]], 
     try:
         rows, nll, full = _validate(f, bank, select, moe_layers, allocate, allow_allocate, make_bank)
         best = min(nll, key=lambda k: nll[k].sum())  # dict order: the cheaper candidate first on ties
-        if best.removesuffix("+allocate") == "calibrated" and f.final is not None:
+        if final and best.removesuffix("+allocate") == "calibrated" and f.final is not None:
             t1 = time.perf_counter()
             cal = f.final(f.model)  # all the calibration documents (its end-to-end phase on first use)
             t_final = time.perf_counter() - t1

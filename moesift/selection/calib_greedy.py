@@ -53,26 +53,17 @@ def greedy_layer(blk: BlockRunner, x: Any, units: list[list[int]], n_floor: int,
     grouped = len(units[0]) > 1 or balance is not None
     forwards0 = sc.forwards
     evaluations = 0
-    local = not grouped
-    fast = None  # the others' outputs rescaled, not measured (see `_Rescaled`)
+    local, fast = not grouped, None  # fast: the others' outputs rescaled, not measured (see `_Rescaled`)
     if local and len(units) > n_floor:
-        # does removing one expert move the outputs of tokens it does not serve? (then measure on all tokens)
         evaluations += 1
-        probe = int(np.argmax(used))
-        change = sc.rows(None, sorted(resident - {probe}))[0]
-        local = not _moves_others(change, cur_ids, probe)
-        if not local:
-            fast = _Rescaled.check(sc, probe, change)
+        local, fast = _how_others_move(sc, cur_ids, used)
 
     def measure(u: int) -> float:
         nonlocal evaluations
         R = sorted(resident - set(units[u]))
         if fast is not None:
-            fast.at(resident)
-            idx = _served(fast.ids, units[u])
             evaluations += 1
-            served = sc.rows(idx, R)[0] if idx.numel() else None
-            return fast.total_without(units[u][0], idx, served) - fast.total
+            return fast.damage(sc, resident, units[u][0], R)
         if local:
             idx = _served(cur_ids, units[u])
             if idx.numel() == 0:
@@ -93,8 +84,7 @@ def greedy_layer(blk: BlockRunner, x: Any, units: list[list[int]], n_floor: int,
 
     # lazy greedy: every candidate is measured on the first step; afterwards only candidates whose tokens
     # changed are stale, and a stale candidate is re-measured only when it reaches the top of the heap
-    order, errors = [], [0.0]
-    total = 0.0
+    order, errors, total = [], [0.0], 0.0
     heap = [key(u, measure(u)) for u in remaining]
     heapq.heapify(heap)
     stale: set[int] = set()
@@ -122,11 +112,9 @@ def greedy_layer(blk: BlockRunner, x: Any, units: list[list[int]], n_floor: int,
             total = float(err_tok.sum())
         elif fast is not None:
             fast.at(resident)  # the new state: its exact per-token errors
-            total = fast.total
-            stale = set(remaining)
+            total, stale = fast.total, set(remaining)
         else:
-            total += d
-            stale = set(remaining)
+            total, stale = total + d, set(remaining)
         errors.append(total / norm2)
         if tick:
             tick()
@@ -156,6 +144,16 @@ def _pop_best(heap: list, stale: set[int], balance: Sequence[int] | None, taken:
     for h in held:
         heapq.heappush(heap, h)
     return d, best
+
+
+def _how_others_move(sc: Any, cur_ids: Any, used: np.ndarray) -> tuple[bool, _Rescaled | None]:
+    """(local, rescaled): does removing one expert (the most used) move the outputs of tokens it does not
+    serve (then every token is scored), and if so, are they rescaled in closed form (`_Rescaled`)?"""
+    probe = int(np.argmax(used))
+    change = sc.rows(None, sorted(set(range(len(used))) - {probe}))[0]
+    if not _moves_others(change, cur_ids, probe):
+        return True, None
+    return False, _Rescaled.check(sc, probe, change)
 
 
 def _moves_others(change: Any, cur_ids: Any, probe: int) -> bool:
@@ -230,6 +228,13 @@ class _Rescaled:
         self.per = (self.A.sum() - 2.0 * (B @ S) + (C @ (S * S)))  # [E]: every candidate, all tokens rescaled
         self.total = float((self.A - 2.0 * B + C).clamp(min=0.0).sum())
         self.state = key
+
+    def damage(self, sc: Any, resident: set[int], u: int, R: list[int]) -> float:
+        """How much removing expert u from `resident` (leaving `R`) adds to the layer's summed error: its
+        served tokens re-routed and scored by `sc`, every other token in closed form."""
+        self.at(resident)
+        idx = _served(self.ids, [u])
+        return self.total_without(u, idx, sc.rows(idx, R)[0] if idx.numel() else None) - self.total
 
     def total_without(self, u: int, idx: Any, served: Any) -> float:
         """The layer's summed error with expert u gone: the rescaled sum, its served tokens (`idx`) replaced by

@@ -321,7 +321,7 @@ def _calibrate_docs(model: Any, docs: list[dict[str, Any]], subsets: dict[str, l
     units = units_of(spec)
     n_floor = floor_units(spec, units)
     e2e_wanted = o.end_to_end and len(units[0]) > 1 and len(units) > n_floor
-    if loaded is None and not (e2e_wanted and not defer):
+    if loaded is None and not e2e_wanted:
         del m
         m = None
     run_dev = resolve_device("auto" if o.device == "spread" else o.device)

@@ -296,7 +296,7 @@ def plan(
     if strategy == AUTO:
         choice = _choose_auto(bank, sp, budget, kind, seed, groups, allocate, uniform, index, offload, cache_slots,
                               model, calib, calib_samples, calib_length, auto_folds, auto_rounds, device, dtype,
-                              progress)
+                              progress, final=calibration is None)
         strategy, allocate, cal, auto = choice.strategy, choice.allocate, choice.calibration, choice.record
         if calibration is not None and strategy == "calibrated":
             cal, auto["final_calibration"] = None, str(calibration)  # the given calibration
@@ -353,8 +353,9 @@ def _budget(keep: Any, keep_experts: Any, coverage: Any, memory: Any, strategy: 
 def _choose_auto(bank: Bank, sp: SelectionSpec, budget: dict[str, Any], kind: str, seed: int, groups: str,
                  allocate: bool, uniform: bool, index: Any, offload: bool, cache_slots: int | None, model: Any,
                  calib: Any, calib_samples: int | None, calib_length: int, folds: int, rounds: int, device: str,
-                 dtype: str | None, progress: bool) -> Any:
-    """`auto`'s choice (`moesift.selection.auto.choose`), every candidate selected as `plan` selects it."""
+                 dtype: str | None, progress: bool, final: bool = True) -> Any:
+    """`auto`'s choice (`moesift.selection.auto.choose`), every candidate selected as `plan` selects it;
+    `final=False` when a calibration is given (the plan ranks by it where calibrated wins)."""
 
     def select(b: Bank, strategy: str, alloc: bool, cal: Any) -> list[list[int]]:
         sp2, _, resident = _select_sets(sp, b, b.counts(), budget, strategy, seed, groups, cal, alloc, uniform,
@@ -364,7 +365,7 @@ def _choose_auto(bank: Bank, sp: SelectionSpec, budget: dict[str, Any], kind: st
 
     layers = [int(x) if x is not None else p for p, x in enumerate(sp.moe_layers)]
     return choose(bank, select, layers, model, calib, allocate, not uniform and kind != "coverage", calib_samples,
-                  calib_length, folds, rounds, seed, device, dtype, progress, lambda t: _load_bank([t]))
+                  calib_length, folds, rounds, seed, device, dtype, progress, lambda t: _load_bank([t]), final)
 
 
 def _bank_and_spec(traces: Any, model: Any, force_plan: bool, groups: str) -> tuple[Bank, Any, SelectionSpec]:
