@@ -12,6 +12,7 @@ import moesift
 from moesift.core.errors import MoesiftError
 from moesift.evaluation.sweep import sweep
 from moesift.selection import auto
+from moesift.selection.planner import format_plan
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +153,7 @@ def test_auto_ranks_by_a_calibration_of_all_the_text_from_one_pass(work, monkeyp
     a = p.provenance["auto"]
     assert calls == [1] and a["chosen"] == "calibrated"
     assert a["final_calibration"] == "all the calibration documents"
+    assert "ranks by the calibration of all the calibration documents" in format_plan(p)
     full = moesift.calibrate(model, d / "calib.jsonl", out=d / "all.calib", max_length=32, progress=False)
     ref = moesift.plan(d / "sal.trace", keep=0.5, model=model, strategy="calibrated", calibration=full)
     assert [e["resident"] for e in p.layers] == [e["resident"] for e in ref.layers]

@@ -397,4 +397,6 @@ def format_choice(record: dict[str, Any]) -> list[str]:
             lines.append(f"    {r['strategy']:<24} skipped: {r['skipped']}")
         else:
             lines.append(f"    {r['strategy']:<24} x{r['ppl_ratio']:.4f}  gap {r['gap']:+.5f} (se {r['se']:.5f})")
+    if record.get("final_calibration"):
+        lines.append(f"  auto: the plan ranks by the calibration of {record['final_calibration']}")
     return lines
