@@ -14,8 +14,10 @@ linearised ratio estimator of ``bench/paired_gap.py``). `auto` is "within" when 
 standard errors (inside the paired 95% interval of the best) or it is the best.
 
 Cost per model and domain (seconds, same run): trace-scored strategies the trace; `calibrated` the trace, a
-load of the model and the calibration; `auto` the trace, its own fit (model load, trace and calibration of the fit folds, the
-full model on the held-out fold) and its validations at every budget. With ``--in-sample`` every plan is also
+load of the model and the calibration; `auto` the trace, its own fit (model load, trace of the fit folds, one calibration
+pass over all the prompts with a greedy for the fit folds and one for all of them, the full model on the held-out
+fold), its validations at every budget and, where `calibrated` wins, the end-to-end phase of the calibration of all
+the prompts (group-limited routers). With ``--in-sample`` every plan is also
 scored on the calibration prompts themselves (what the calibrated greedy saw): the gap between that and the
 eval split is how much a strategy overfits its calibration tokens.
 
