@@ -34,7 +34,8 @@ first step one removal is evaluated on every token, and when another token's out
 calibrated on every token for every candidate. Where the router keeps the other tokens' experts and only
 scales their weights (softmax over the resident experts without renormalising the top-k: OLMoE,
 Qwen2-MoE), the other tokens' errors are a closed form of the scale, and only each candidate's own tokens
-are re-routed (`calib_greedy._Rescaled`; used where the first removal, measured on every token, agrees).
+are re-routed (`calib_greedy._Rescaled`; used where the first removal, measured on every token, agrees:
+with float32 weights, not where the family rounds them to bfloat16).
 Group-limited layers (a handful of groups) are always evaluated on every token.
 
 Group-limited layers get a second order, for plans that keep the same number of experts in every group
