@@ -48,6 +48,9 @@ def test_auto_records_every_candidate_and_is_reproducible(work):
     assert scored and all(c["ppl_ratio"] > 0 and c["se"] >= 0 for c in scored)
     best = min(scored, key=lambda c: c["gap"])
     assert best["strategy"] == a["chosen"] and best["gap"] == 0.0 and all(c["gap"] >= 0 for c in scored)
+    # near ties: the others at most one standard error behind, named in the record and the printed plan
+    assert a["ties"] == [c["strategy"] for c in scored if c["strategy"] != a["chosen"] and c["gap"] <= c["se"]]
+    assert all(t in format_plan(p) for t in a["ties"]) and (not a["ties"] or "near tie" in format_plan(p))
     assert prov["allocate"] == a["chosen"].endswith("+allocate")
     assert a["fit_documents"] == [12] and a["validation_documents"] == [4] and a["seed"] == 0
     # the same seed gives the same choice, figures and sets; the plan file keeps the record

@@ -321,7 +321,10 @@ def choose(bank: Any, select: Callable[[Any, str, bool, Any], list[list[int]]], 
         if row["strategy"] in nll:
             row["gap"], row["se"] = paired_gap(nll[best], nll[row["strategy"]], T)
     s_best, a_best = best.removesuffix("+allocate"), best.endswith("+allocate")
-    record = {"chosen": best, "validated": True, "candidates": rows,
+    # candidates the held-out text does not tell from the chosen one (behind by at most one standard error):
+    # the choice among them is a near tie that other text may reverse
+    ties = [r["strategy"] for r in rows if r["strategy"] != best and "gap" in r and r["gap"] <= r["se"]]
+    record = {"chosen": best, "validated": True, "candidates": rows, "ties": ties,
               "validation_windows": int(len(T)), "validation_tokens": int(T.sum()),
               "fit_documents": [r.fit_documents for r in f.rounds],
               "validation_documents": [r.validation_documents for r in f.rounds],
@@ -397,6 +400,9 @@ def format_choice(record: dict[str, Any]) -> list[str]:
             lines.append(f"    {r['strategy']:<24} skipped: {r['skipped']}")
         else:
             lines.append(f"    {r['strategy']:<24} x{r['ppl_ratio']:.4f}  gap {r['gap']:+.5f} (se {r['se']:.5f})")
+    if record.get("ties"):
+        lines.append(f"  auto: near tie, within one standard error on the held-out text (other text may reverse it): "
+                     f"{', '.join(record['ties'])}")
     if record.get("final_calibration"):
         lines.append(f"  auto: the plan ranks by the calibration of {record['final_calibration']}")
     return lines
