@@ -177,14 +177,11 @@ class _Rescaled:
     measured for every candidate."""
 
     def __init__(self, base: Any, rows: Any):
-        import torch
-
         self.base, self.rows = base, rows  # the CachedScorer and the rows of its tokens (a subset's)
         self.logits = base.logits[rows]
         self.full_ids, self.full_w = base.full_ids[rows], base.full_w[rows]
         self.A = base.inner(rows, self.full_ids, self.full_w, self.full_ids, self.full_w)
         self.state: frozenset[int] | None = None
-        self.T = torch.zeros(0)
 
     @staticmethod
     def check(sc: Any, probe: int, change: Any) -> _Rescaled | None:
