@@ -31,19 +31,18 @@ def main() -> None:
     ap.add_argument("--docs", type=int, default=32, help="calibration documents (32)")
     ap.add_argument("--max-length", type=int, default=256)
     a = ap.parse_args()
-    check = calib_greedy._Rescaled.check
     for name in a.models:
         m, tok = moesift.load_model(name, device="cpu", dtype="float32")
         for dom in a.domains:
             got = {}
             for mode in ("rescaled", "measured"):
-                calib_greedy._Rescaled.check = staticmethod(check if mode == "rescaled" else (lambda *_: None))
+                calib_greedy.RESCALE = mode == "rescaled"
                 t = time.perf_counter()
                 cal = moesift.calibrate(name, a.corpus / f"{dom}.trace.jsonl", max_samples=a.docs,
                                         max_length=a.max_length, progress=False, loaded=(m, tok), dtype="float32",
                                         device="cpu")
                 got[mode] = (cal, time.perf_counter() - t)
-            calib_greedy._Rescaled.check = check
+            calib_greedy.RESCALE = True
             (r, tr), (s, ts) = got["rescaled"], got["measured"]
             same = all(x["order"] == y["order"] for x, y in zip(r.layers, s.layers, strict=True))
             diff = max(float(np.max(np.abs(np.subtract(x["error"], y["error"])) / (np.asarray(y["error"]) + 1e-12)))

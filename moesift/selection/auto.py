@@ -52,12 +52,11 @@ from typing import Any
 import numpy as np
 
 from ..core.errors import MoesiftError
-from ..core.io import sha256_file
 from ..engines.hf import load_model, resolve_device
 from ..engines.restrict import restrict
 from ..formats.workload import batches, encode_documents, read_documents
 from ..record.tracer import trace as record_trace
-from .calibrate import calibrate_split
+from .calibrate import calibrate_split, data_record
 
 AUTO = "auto"
 CANDIDATES = ("frequency", "weighted", "contribution", "calibrated")
@@ -207,7 +206,7 @@ def fit(model: Any, calib: Any, calib_samples: int | None, calib_length: int, fo
         "calibration_data": list(files), "documents": len(docs), "folds": folds, "rounds": rounds, "seed": seed,
         "max_length": calib_length, "device": device})
     out.seconds["load_s"] = time.perf_counter() - t0
-    info = [{"path": f, "sha256": sha256_file(f) if Path(f).is_file() else None} for f in files]
+    info = data_record(list(files))
     with tempfile.TemporaryDirectory(prefix="moesift-auto-") as tmp:
         for r in range(rounds):
             fit_idx = [i for i in range(len(docs)) if fold_of[i] != r]

@@ -22,6 +22,9 @@ from .calib_cache import BlockRunner, make_scorer
 # damages below this fraction of the layer's output energy (sum_t ||y_full||^2) are rounding, not damage
 # (float32 outputs differ by ~1e-7 of their size, so such scores are ~1e-14 of it): they tie
 TIE = 1e-12
+# score the other tokens of a removal in closed form where the router allows it (`_Rescaled`); False measures
+# every token for every candidate (`bench/calibrate_rescaled.py` compares the two)
+RESCALE = True
 
 
 def greedy_layer(blk: BlockRunner, x: Any, units: list[list[int]], n_floor: int,
@@ -153,7 +156,7 @@ def _how_others_move(sc: Any, cur_ids: Any, used: np.ndarray) -> tuple[bool, _Re
     change = sc.rows(None, sorted(set(range(len(used))) - {probe}))[0]
     if not _moves_others(change, cur_ids, probe):
         return True, None
-    return False, _Rescaled.check(sc, probe, change)
+    return False, _Rescaled.check(sc, probe, change) if RESCALE else None
 
 
 def _moves_others(change: Any, cur_ids: Any, probe: int) -> bool:

@@ -59,6 +59,7 @@ most routed experts, by the model's KL.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -241,11 +242,10 @@ def calibrate(
         check_output_path(out, force, inputs=input_paths(data))
     paths = [data] if isinstance(data, (str, os.PathLike)) else list(data)
     docs = read_documents(paths, field=field, max_samples=max_samples)
-    data_info = [{"path": str(q), "sha256": sha256_file(q) if Path(q).is_file() else None} for q in paths]
     opts = _Options(max_samples, max_length, batch_size, device, dtype, end_to_end, kl_top, end_to_end_samples,
                     end_to_end_loss)
     with progress_bar(progress, remaining=True) as bar:
-        cal = _calibrate_docs(model, docs, {"all": None}, data_info, opts, loaded, bar, defer=False)["all"](None)
+        cal = _calibrate_docs(model, docs, {"all": None}, data_record(paths), opts, loaded, bar, defer=False)[0]["all"]
     if out is not None:
         cal.save(out, force=force, inputs=input_paths(data))
     return cal
@@ -262,22 +262,27 @@ def calibrate_split(model: str | os.PathLike, docs: list[dict[str, Any]], fit: S
     end-to-end phase (where the family has one) runs on the first call, with the loaded model given to it
     (the model is not held in between); None with `whole=False` (the fit documents alone). Each is what
     `calibrate` gives on those documents, up to the rounding of the batches the tokens were computed in."""
-    _check_settings(64, "kl", max_length)
-    opts = _Options(None, max_length, batch_size, resolve_device(device), dtype, True, 64, None, "kl")
+    opts = _Options(None, max_length, batch_size, resolve_device(device), dtype)
+    _check_settings(opts.kl_top, opts.end_to_end_loss, max_length)
     with progress_bar(progress, remaining=True) as bar:
         subsets: dict[str, list[int] | None] = {"fit": list(fit), **({"all": None} if whole else {})}
-        out = _calibrate_docs(model, docs, subsets, data_info or [], opts, loaded, bar, defer=True)
+        ready, pending = _calibrate_docs(model, docs, subsets, data_info or [], opts, loaded, bar, defer=True)
     if not whole:
-        return out["fit"](None), None
+        return ready["fit"], None
     done: dict[str, Calibration] = {}
 
     def final(m: Any) -> Calibration:
         if "all" not in done:
             with progress_bar(progress, remaining=True) as b:
-                done["all"] = out["all"](m, b)
+                done["all"] = pending["all"](m, b)
         return done["all"]
 
-    return out["fit"](None), final
+    return ready["fit"], final
+
+
+def data_record(paths: list[Any]) -> list[dict[str, Any]]:
+    """What a calibration records of its data files: each path and its sha256 (None for a non-file)."""
+    return [{"path": str(q), "sha256": sha256_file(q) if Path(q).is_file() else None} for q in paths]
 
 
 @dataclass
@@ -287,19 +292,19 @@ class _Options:
     batch_size: int
     device: str
     dtype: str | None
-    end_to_end: bool
-    kl_top: int
-    end_to_end_samples: int | None
-    end_to_end_loss: str
+    end_to_end: bool = True
+    kl_top: int = 64
+    end_to_end_samples: int | None = None
+    end_to_end_loss: str = "kl"
 
 
 def _calibrate_docs(model: Any, docs: list[dict[str, Any]], subsets: dict[str, list[int] | None],
                     data_info: list[dict[str, Any]], o: _Options, loaded: Any, bar: Any,
-                    defer: bool) -> dict[str, Callable[..., Calibration]]:
-    """{subset name: a function giving its Calibration}: `subsets` maps a name to document indices (None:
-    every document). One capture over all the documents, one scorer per layer, a greedy per subset. The end-
-    to-end phase runs in this call, except with `defer` for the subsets over every document, whose function
-    then takes the loaded model and a progress bar and runs it."""
+                    defer: bool) -> tuple[dict[str, Calibration], dict[str, Callable[[Any, Any], Calibration]]]:
+    """({subset name: its Calibration}, {subset name: a function finishing its Calibration}): `subsets` maps
+    a name to document indices (None: every document). One capture over all the documents, one scorer per
+    layer, a greedy per subset. The end-to-end phase runs in this call, except with `defer` for the subsets
+    over every document: those are pending, and their function takes the loaded model and a progress bar."""
     index = CheckpointIndex.build(model)
     index.check_consistent()
     spec = index.spec
@@ -358,15 +363,10 @@ def _calibrate_docs(model: Any, docs: list[dict[str, Any]], subsets: dict[str, l
                   "total_s": shared_s + time.perf_counter() - t1}
         return Calibration(model=info, layers=layers_out, settings=settings, timing=timing)
 
-    out: dict[str, Callable[..., Calibration]] = {}
-    for name, sel in subsets.items():
-        if defer and sel is None:
-            out[name] = lambda model_now, b, _n=name: finish(_n, model_now, b)
-        else:
-            cal = finish(name, m, bar)
-            out[name] = lambda *_a, _c=cal: _c
+    ready = {name: finish(name, m, bar) for name, sel in subsets.items() if not (defer and sel is None)}
+    pending = {name: functools.partial(finish, name) for name in subsets if name not in ready}
     del m
-    return out
+    return ready, pending
 
 
 def _subset_rows(toks: list[list[int]], kept: list[int],
