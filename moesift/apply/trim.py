@@ -125,14 +125,16 @@ class _Batched:
         with self.lock:
             self.n += n
             if self.n >= self.step:
-                self.advance(self.n)
-                self.n = 0
+                self._emit()
 
     def flush(self) -> None:
         with self.lock:
-            if self.n:
-                self.advance(self.n)
-                self.n = 0
+            self._emit()
+
+    def _emit(self) -> None:  # under the lock
+        if self.n:
+            self.advance(self.n)
+            self.n = 0
 
 
 def _copy_range(src_fd: int, w: RangeWriter, off: int, n: int, name: str, advance: Any) -> None:
