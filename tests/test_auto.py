@@ -63,6 +63,28 @@ def test_auto_records_every_candidate_and_is_reproducible(work):
     assert r.provenance["auto"]["candidates"] != a["candidates"]
 
 
+def test_auto_standard_errors_take_held_out_documents_as_units(work):
+    """Documents longer than the window length are scored in several windows; the standard errors sum each
+    held-out document's windows (its windows are not independent of each other)."""
+    import numpy as np
+
+    model, d = work
+    auto.forget_fits()
+    p = moesift.plan(d / "sal.trace", keep=0.5, model=model, calib=str(d / "calib.jsonl"), calib_length=8, seed=3,
+                     device="cpu", progress=False)
+    a = p.provenance["auto"]
+    docs = [json.loads(x)["input_ids"] for x in (d / "calib.jsonl").read_text().splitlines()]
+    fold = np.empty(len(docs), dtype=np.int64)
+    fold[np.random.default_rng(3).permutation(len(docs))] = np.arange(len(docs)) % 4
+    held = [ids for i, ids in enumerate(docs) if fold[i] == 0]
+    # scored tokens of each held-out document: every window of 8 tokens (at least 2) predicts all but its first
+    want = [sum(len(ids[i:i + 8]) - 1 for i in range(0, len(ids), 8) if len(ids[i:i + 8]) >= 2) for ids in held]
+    r = auto.held_fit().rounds[0]
+    assert np.bincount(r.documents, weights=r.full[:, 1]).tolist() == want
+    assert a["validation_units"] == len(held) == 4 and a["validation_windows"] > len(held)
+    assert f"of {len(held)} documents" in format_plan(p)
+
+
 def test_auto_never_reads_the_evaluation_data(work, monkeypatch):
     model, d = work
     read: list[str] = []

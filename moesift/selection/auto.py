@@ -27,7 +27,8 @@ calibration text itself, never on the evaluation data:
    held-out documents per distinct candidate set.
 
 The choice, every candidate's held-out perplexity ratio to the full model, its gap in mean log-perplexity
-to the chosen one with a paired standard error (windows as the units), and the cost of each step are
+to the chosen one with a paired standard error (the held-out documents as the units: windows of one document
+are not independent), and the cost of each step are
 recorded in the plan's provenance (``auto``).
 
 Without calibration text (no `calib`, or no `model` to score it with) `auto` chooses from the traces alone:
@@ -72,6 +73,7 @@ class _Round:
     calibration: Any
     batches: list[tuple[Any, Any]]
     full: np.ndarray  # [windows, 2]: summed NLL, scored tokens
+    documents: np.ndarray  # [windows]: the held-out document of each window (batch order)
     fit_documents: int
     validation_documents: int
     seconds: dict[str, float]
@@ -237,14 +239,18 @@ def _fit_round(model: Any, m: Any, tok: Any, path: Path, docs: list[dict[str, An
     cal, final = calibrate_split(model, docs, fit_idx, max_length=length, device=device, dtype=dtype,
                                  loaded=(m, tok), progress=progress, data_info=info, whole=whole)
     t2 = time.perf_counter()
-    wins = [ids[i:i + length] for ids in encode_documents(val_docs, tok) for i in range(0, len(ids), length)]
-    wins = [w for w in wins if len(w) >= 2]
+    wins = [(j, ids[i:i + length]) for j, ids in enumerate(encode_documents(val_docs, tok))
+            for i in range(0, len(ids), length)]
+    wins = [(j, w) for j, w in wins if len(w) >= 2]
     if not wins:
         raise MoesiftError("auto's held-out calibration documents tokenized to nothing; give more calibration text")
     pad = getattr(tok, "pad_token_id", None) if tok is not None else None
-    bl = batches(wins, 8, pad_id=int(pad) if pad is not None else 0)
+    bl = batches([w for _, w in wins], 8, pad_id=int(pad) if pad is not None else 0)
+    # `batches` puts the longest windows first (ties in order): the document of each row, for the standard errors
+    order = sorted(range(len(wins)), key=lambda i: (-len(wins[i][1]), i))
+    doc_of = np.asarray([wins[i][0] for i in order], dtype=np.int64)
     full = window_nll(m, bl)
-    return _Round(trace=tr, calibration=cal, batches=bl, full=full, fit_documents=len(fit_docs),
+    return _Round(trace=tr, calibration=cal, batches=bl, full=full, documents=doc_of, fit_documents=len(fit_docs),
                   validation_documents=len(val_docs),
                   seconds={"trace_s": t1 - t0, "calibrate_s": t2 - t1, "full_s": time.perf_counter() - t2}), final
 
@@ -315,23 +321,31 @@ def choose(bank: Any, select: Callable[[Any, str, bool, Any], list[list[int]]], 
     finally:
         if not _KEEP[0]:
             f.model = None
+    # the standard errors take the held-out documents as the units: windows of one document are not independent
+    doc, base = [], 0
+    for r in f.rounds:
+        doc.append(r.documents + base)
+        base += r.validation_documents
+    unit = np.concatenate(doc)
     T = full[:, 1]
     for row in rows:
         if row["strategy"] in nll:
-            row["gap"], row["se"] = paired_gap(nll[best], nll[row["strategy"]], T)
+            a, b, t = (np.bincount(unit, weights=x) for x in (nll[best], nll[row["strategy"]], T))
+            row["gap"], row["se"] = paired_gap(a, b, t)
     s_best, a_best = best.removesuffix("+allocate"), best.endswith("+allocate")
     # candidates the held-out text does not tell from the chosen one (behind by at most one standard error):
     # the choice among them is a near tie that other text may reverse
     ties = [r["strategy"] for r in rows if r["strategy"] != best and "gap" in r and r["gap"] <= r["se"]]
     record = {"chosen": best, "validated": True, "candidates": rows, "ties": ties,
               "validation_windows": int(len(T)), "validation_tokens": int(T.sum()),
+              "validation_units": int(len(np.unique(unit))),
               "fit_documents": [r.fit_documents for r in f.rounds],
               "validation_documents": [r.validation_documents for r in f.rounds],
               **f.settings,
               "seconds": {**f.seconds, **_round_seconds(f), "validate_s": time.perf_counter() - t0 - (t_final or 0.0)},
               "note": ("held-out perplexity of each candidate's sets chosen from the other folds, as a ratio to the "
                        "full model; gap: mean log-perplexity minus the chosen one's, se: its paired standard error "
-                       "(windows as units)")}
+                       "(held-out documents as units)")}
     if s_best == "calibrated":
         record["final_calibration"] = "all the calibration documents"
         if t_final is not None:
@@ -378,8 +392,8 @@ def _round_seconds(f: _Fit) -> dict[str, float]:
 
 
 def paired_gap(a: np.ndarray, b: np.ndarray, tokens: np.ndarray) -> tuple[float, float]:
-    """(mean log-perplexity of b minus a, token-weighted; its paired standard error with windows as units,
-    linearised ratio estimator)."""
+    """(mean log-perplexity of b minus a, token-weighted; its paired standard error, linearised ratio estimator).
+    `a`, `b`: summed NLL per unit (window or document), `tokens`: the unit's scored tokens."""
     d = b - a
     T = float(tokens.sum())
     gap = float(d.sum() / T)
@@ -392,8 +406,9 @@ def format_choice(record: dict[str, Any]) -> list[str]:
     """Lines about an `auto` choice for `format_plan`."""
     if not record.get("validated"):
         return [f"  auto: chose {record['chosen']} from the traces alone ({record.get('reason')})"]
+    docs = f" of {record['validation_units']} documents" if "validation_units" in record else ""
     lines = [f"  auto: chose {record['chosen']} by held-out perplexity on {record['validation_windows']} windows "
-             f"({record['validation_tokens']} tokens) of the calibration text:"]
+             f"({record['validation_tokens']} tokens){docs} of the calibration text:"]
     for r in record["candidates"]:
         if "skipped" in r:
             lines.append(f"    {r['strategy']:<24} skipped: {r['skipped']}")
