@@ -4,13 +4,13 @@ domain, at 25/50/75%: perplexity ratio to the full model with paired standard er
 For each model and domain: the domain's trace split is traced (``--trace-docs`` prompts, saliency recorded)
 and calibrated once on the same prompts (``moesift.calibrate``, what `calibrated` ranks by); `auto` plans with
 the same prompts as its calibration text (``moesift.plan(strategy="auto", calib=...)``: its own fit on folds
-of them, never the eval split; where `calibrated` wins, the calibration of all of them from the same pass). Every
-plan is scored on the
-same windows of the domain's eval split
-(``--eval-docs`` texts, ``--max-length`` tokens, float32, CPU), one forward per batch of windows under
-``moesift.restrict``. Per point: the perplexity ratio to the full model, and for every strategy its gap in mean
-log-perplexity to the point's best strategy with the paired standard error (windows as the units, the
-linearised ratio estimator of ``bench/paired_gap.py``). `auto` is "within" when its gap is at most 1.96
+of them, never the eval split; where `calibrated` wins, the calibration of all of them from the same pass).
+Every plan is scored on the same windows of the domain's eval split (``--eval-docs`` texts: their first
+``--max-length`` tokens, or with ``--whole`` every window of ``--max-length`` tokens as `moesift sweep` scores
+them; float32, CPU), one forward per batch of windows under ``moesift.restrict``. Per point: the perplexity
+ratio to the full model, and for every strategy its gap in mean log-perplexity to the point's best strategy
+with the paired standard error (the eval texts as the units, the linearised ratio estimator of
+``bench/paired_gap.py``). `auto` is "within" when its gap is at most 1.96
 standard errors (inside the paired 95% interval of the best) or it is the best.
 
 Cost per model and domain (seconds, same run): trace-scored strategies the trace; `calibrated` the trace, a
@@ -19,7 +19,10 @@ pass over all the prompts with a greedy for the fit folds and one for all of the
 fold), its validations at every budget and, where `calibrated` wins, the end-to-end phase of the calibration of all
 the prompts (group-limited routers). With ``--in-sample`` every plan is also
 scored on the calibration prompts themselves (what the calibrated greedy saw): the gap between that and the
-eval split is how much a strategy overfits its calibration tokens.
+eval split is how much a strategy overfits its calibration tokens. With ``--replicate`` every plan is also
+scored on the next ``--eval-docs`` eval texts, a second eval split of the same size: the summary says how
+often `auto` is within on each, and how often the best strategy of one split (a choice that saw that split)
+is within on the other.
 
 Models: bundled names (``qwen3moe-ref``, ``deepseekv3-ref``, ``olmoe-ref``, ``qwen2moe-ref``; workloads from
 ``moesift/assets/workloads``) or model directories (workloads ``{domain}.trace.jsonl`` / ``{domain}.eval.jsonl``
@@ -65,15 +68,25 @@ def workload_files(model: str, domain: str, corpus: Path) -> tuple[Path, Path, P
     return Path(model), corpus / f"{domain}.trace.jsonl", corpus / f"{domain}.eval.jsonl"
 
 
-def scored(m: Any, tok: Any, path: Path, n: int, length: int) -> list:
-    docs = read_documents([path], max_samples=n)
-    wins = windows([ids[:length] for ids in encode_documents(docs, tok)], length)
+def scored(m: Any, tok: Any, path: Path, n: int, length: int, skip: int = 0, whole: bool = False) -> tuple[list, Any]:
+    """(batches, the document of each batch row) of documents skip..skip+n of `path`: their first `length`
+    tokens, or with `whole` every window of `length` tokens (as `moesift sweep` scores them)."""
+    docs = read_documents([path], max_samples=skip + n)[skip:]
+    if len(docs) < n:
+        raise SystemExit(f"{path} has {skip + len(docs)} documents; the table needs {skip + n}")
+    wins = [(j, w) for j, ids in enumerate(encode_documents(docs, tok))
+            for w in windows([ids if whole else ids[:length]], length)]
     pad = getattr(tok, "pad_token_id", None)
-    return batches(wins, 8, pad_id=int(pad) if pad is not None else 0)
+    order = sorted(range(len(wins)), key=lambda i: (-len(wins[i][1]), i))  # the row order of `batches`
+    return (batches([w for _, w in wins], 8, pad_id=int(pad) if pad is not None else 0),
+            np.asarray([wins[i][0] for i in order], dtype=np.int64))
 
 
-def point(full: np.ndarray, nll: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Ratios, the best strategy and every strategy's paired gap to it."""
+def point(full: np.ndarray, nll: dict[str, np.ndarray], units: np.ndarray) -> dict[str, Any]:
+    """Ratios, the best strategy and every strategy's paired gap to it (the documents as units: `units` is the
+    document of each window)."""
+    full = np.stack([np.bincount(units, weights=full[:, c]) for c in (0, 1)], axis=1)
+    nll = {s: np.bincount(units, weights=x) for s, x in nll.items()}
     T = full[:, 1]
     ratio = {s: math.exp((x.sum() - full[:, 0].sum()) / T.sum()) for s, x in nll.items()}
     best = min((s for s in nll if not s.startswith("auto")), key=lambda s: nll[s].sum())
@@ -98,11 +111,14 @@ def run_domain(name: str, m: Any, tok: Any, mdir: Path, tr_file: Path, ev_file: 
     t0 = time.perf_counter()  # `plan --strategy calibrated` loads the model once, as auto's fit does
     moesift.load_model(mdir, device="cpu", dtype="float32")  # timed, then dropped
     t_load = time.perf_counter() - t0
-    ev = scored(m, tok, ev_file, st["eval_docs"], L)
-    sets = {"eval": (ev, window_nll(m, ev))}
+    ev, units = scored(m, tok, ev_file, st["eval_docs"], L, whole=st["whole"])
+    sets = {"eval": (ev, window_nll(m, ev), units)}
+    if st["replicate"]:  # the next eval texts: a second, disjoint eval split scored the same way
+        rep, units = scored(m, tok, ev_file, st["eval_docs"], L, skip=st["eval_docs"], whole=st["whole"])
+        sets["replicate"] = (rep, window_nll(m, rep), units)
     if st["in_sample"]:
-        ins = scored(m, tok, tr_file, st["trace_docs"], L)
-        sets["calibration"] = (ins, window_nll(m, ins))
+        ins, units = scored(m, tok, tr_file, st["trace_docs"], L)
+        sets["calibration"] = (ins, window_nll(m, ins), units)
     auto_mod.forget_fits()
     res: dict[str, Any] = {"points": {}, "auto": {}, "experts": {}}
     with auto_mod.keep_fits():  # auto's fit keeps its model for every budget, as in a sweep
@@ -139,7 +155,7 @@ def points(res: dict[str, Any], tr: Any, cal: Any, mdir: Path, tr_file: Path, se
                 fit_cal = auto_mod.fit_calibration()
                 for fa in (False, True):
                     q = moesift.plan(tr, keep=k, strategy="calibrated", model=mdir, allocate=fa, calibration=fit_cal)
-                    for w, (bl, _) in sets.items():
+                    for w, (bl, _, _) in sets.items():
                         nll[w]["auto-fit:calibrated" + ("+allocate" if fa else "")] = window_nll(
                             m, bl, {e["layer"]: e["resident"] for e in q.layers})[:, 0]
             else:
@@ -147,9 +163,9 @@ def points(res: dict[str, Any], tr: Any, cal: Any, mdir: Path, tr_file: Path, se
                                  calibration=cal if base == "calibrated" else None)
             res["experts"][f"{s} {k:g}"] = p.counts()
             resident = {e["layer"]: e["resident"] for e in p.layers}
-            for w, (bl, _) in sets.items():
+            for w, (bl, _, _) in sets.items():
                 nll[w][s] = window_nll(m, bl, resident)[:, 0]
-        res["points"][f"{k:g}"] = {w: point(sets[w][1], nll[w]) for w in sets}
+        res["points"][f"{k:g}"] = {w: point(sets[w][1], nll[w], sets[w][2]) for w in sets}
 
 
 def print_model(name: str, r: dict[str, Any], strategies: list[str]) -> None:
@@ -172,11 +188,33 @@ def print_model(name: str, r: dict[str, Any], strategies: list[str]) -> None:
         c = x["seconds"]["cost"]
         print(f"    {'':11}cost s: trace-scored {c['trace-scored']:.1f}, calibrated {c['calibrated']:.1f}, auto "
               f"{c['auto']:.1f}; {x['eval_windows']} eval windows, {x['eval_tokens']} tokens", flush=True)
+        if "replicate" in x["points"]["0.25"]:
+            for k in KEEPS:
+                pt = x["points"][f"{k:g}"]["replicate"]
+                print("    " + "(replicate)".ljust(11) + f"{k:<6g}" + "".join(
+                    f"{pt['ratio'][s]:.3f}{'*' if s == pt['best'] else ' '}".rjust(10) for s in strategies)
+                    + (f"   auto within: {'yes' if pt['auto_within'] else 'NO'}" if "auto_within" in pt else ""),
+                    flush=True)
         if "calibration" in x["points"]["0.25"]:
             for k in KEEPS:
                 pt = x["points"][f"{k:g}"]["calibration"]
                 print("    " + "(in-sample)".ljust(11) + f"{k:<6g}" + "".join(
                     f"{pt['ratio'][s]:.3f}{'*' if s == pt['best'] else ' '}".rjust(10) for s in strategies), flush=True)
+
+
+def replicate_summary(pts: list[dict[str, Any]]) -> None:
+    """How reproducible "within the paired 95% interval of the best" is: auto on each eval split, and the best
+    strategy of one split (an oracle that saw that split) judged on the other."""
+    def within(pt: dict[str, Any], s: str) -> bool:
+        g = pt["gaps"][s]
+        return bool(g["gap"] <= 1.96 * g["se"] + 1e-12)
+
+    n = len(pts)
+    auto = [sum(within(pt[w], "auto") for pt in pts) for w in ("eval", "replicate")]
+    cross = [sum(within(pt[b], pt[a]["best"]) for pt in pts) for a, b in (("eval", "replicate"), ("replicate", "eval"))]
+    print(f"replicate: auto within at {auto[0]} of {n} points on the eval split, {auto[1]} on the replicate split; "
+          f"the best of the eval split within on the replicate at {cross[0]}, the best of the replicate within on the "
+          f"eval split at {cross[1]}", flush=True)
 
 
 def main() -> None:
@@ -192,14 +230,22 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="auto's fold seed")
     ap.add_argument("--auto-rounds", type=int, default=1, help="auto's rounds (folds held out in turn; 1)")
     ap.add_argument("--in-sample", action="store_true", help="also score every plan on the calibration prompts")
+    ap.add_argument("--whole", action="store_true",
+                    help="score the eval texts whole, in windows of --max-length tokens, as `moesift sweep` does "
+                         "(default: the first --max-length tokens of each)")
+    ap.add_argument("--replicate", action="store_true",
+                    help="also score every plan on the next --eval-docs eval texts (a second eval split): how often "
+                         "the best of one split is within the paired 95%% interval of the best on the other")
     ap.add_argument("--json-out", type=Path)
     a = ap.parse_args()
     import torch
 
     st = {"trace_docs": a.trace_docs, "eval_docs": a.eval_docs, "max_length": a.max_length, "seed": a.seed,
-          "auto_rounds": a.auto_rounds, "in_sample": a.in_sample, "strategies": a.strategies.split(",")}
-    print(f"selection table: {st['trace_docs']} trace = calibration prompts, {st['eval_docs']} eval texts, "
-          f"{st['max_length']} tokens, float32, CPU, torch threads {torch.get_num_threads()}", flush=True)
+          "auto_rounds": a.auto_rounds, "in_sample": a.in_sample, "replicate": a.replicate, "whole": a.whole,
+          "strategies": a.strategies.split(",")}
+    print(f"selection table: {st['trace_docs']} trace = calibration prompts, {st['eval_docs']} eval texts "
+          f"({'whole, in windows of' if a.whole else 'the first'} {st['max_length']} tokens), float32, CPU, torch "
+          f"threads {torch.get_num_threads()}", flush=True)
     result: dict[str, Any] = {"settings": st, "models": {}}
     for name in a.models:
         mdir = workload_files(name, a.domains[0], a.corpus)[0]
@@ -217,6 +263,9 @@ def main() -> None:
         del m
     within = [pt["eval"]["auto_within"] for r in result["models"].values() for x in r["domains"].values()
               for pt in x["points"].values() if "auto_within" in pt["eval"]]
+    if st["replicate"]:
+        replicate_summary([pt for r in result["models"].values() for x in r["domains"].values()
+                           for pt in x["points"].values()])
     if within:
         print(f"auto within the paired 95% interval of the best (or best) at {sum(within)} of {len(within)} points",
               flush=True)
