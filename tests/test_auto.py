@@ -85,6 +85,16 @@ def test_auto_standard_errors_take_held_out_documents_as_units(work):
     assert f"of {len(held)} documents" in format_plan(p)
 
 
+def test_auto_names_each_reason_once_when_no_candidate_meets_the_plan(work):
+    model, d = work
+    auto.forget_fits()
+    with pytest.raises(MoesiftError) as e:  # fewer experts than the router's top-k: every candidate fails alike
+        moesift.plan(d / "sal.trace", keep=0.01, model=model, calib=str(d / "calib.jsonl"), calib_length=32,
+                     device="cpu", progress=False)
+    msg = str(e.value)
+    assert msg.startswith("auto: no candidate strategy could meet the plan") and msg.count("below top-k") == 1
+
+
 def test_auto_never_reads_the_evaluation_data(work, monkeypatch):
     model, d = work
     read: list[str] = []

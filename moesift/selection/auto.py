@@ -378,8 +378,8 @@ def _validate(f: _Fit, bank: Any, select: Callable[[Any, str, bool, Any], list[l
         nll[name] = x[:, 0]
         rows.append({"strategy": name, "ppl_ratio": math.exp((x[:, 0].sum() - full[:, 0].sum()) / full[:, 1].sum())})
     if not nll:
-        raise MoesiftError("auto: no candidate strategy could meet the plan: "
-                           + "; ".join(r["skipped"] for r in rows if "skipped" in r))
+        why = dict.fromkeys(r["skipped"] for r in rows if "skipped" in r)  # each reason once, in order
+        raise MoesiftError("auto: no candidate strategy could meet the plan: " + "; ".join(why))
     return rows, nll, full
 
 
