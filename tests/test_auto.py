@@ -206,6 +206,40 @@ def test_auto_ranks_by_a_calibration_of_all_the_text_from_one_pass(work, monkeyp
     assert [e["resident"] for e in q.layers] == [e["resident"] for e in ref2.layers]
 
 
+def test_auto_rounds_share_one_calibration_pass(work, monkeypatch):
+    """With --auto-rounds 2 two folds are held out in turn; one calibration pass gives both rounds' fit
+    calibrations, each what `moesift.calibrate` gives on that round's fit documents, and the candidates are
+    scored on both held-out folds."""
+    import numpy as np
+
+    model, d = work
+    calls: list[int] = []
+    real = auto.calibrate_split
+
+    def counting(*args, **kwargs):
+        calls.append(len(args[2]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(auto, "calibrate_split", counting)
+    auto.forget_fits()
+    p = moesift.plan(d / "sal.trace", keep=0.5, model=model, calib=str(d / "calib.jsonl"), calib_length=32,
+                     auto_rounds=2, device="cpu", progress=False)
+    a = p.provenance["auto"]
+    assert calls == [2] and a["rounds"] == 2
+    assert a["fit_documents"] == [12, 12] and a["validation_documents"] == [4, 4] and a["validation_units"] == 8
+    f = auto.held_fit()
+    assert a["validation_windows"] == sum(len(r.full) for r in f.rounds)
+    lines = (d / "calib.jsonl").read_text().splitlines()
+    fold = np.empty(len(lines), dtype=np.int64)
+    fold[np.random.default_rng(0).permutation(len(lines))] = np.arange(len(lines)) % 4
+    for r, rd in enumerate(f.rounds):
+        fit = [i for i in range(len(lines)) if fold[i] != r]
+        assert rd.calibration.settings["subset"]["documents"] == fit
+        (d / f"round{r}.jsonl").write_text("".join(lines[i] + "\n" for i in fit))
+        ref = moesift.calibrate(model, d / f"round{r}.jsonl", max_length=32, progress=False)
+        assert [e["order"] for e in rd.calibration.layers] == [e["order"] for e in ref.layers]
+
+
 def test_plan_lets_the_model_go_and_a_sweep_keeps_it(work):
     """`moesift.plan` does not hold the loaded model once it returns (a kept fit keeps only its statistics and
     loads the model again when asked for another budget); inside `keep_fits` (a sweep) the model stays."""

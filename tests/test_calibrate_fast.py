@@ -151,8 +151,8 @@ def test_split_calibration_equals_calibrating_each_part(name, tmp_path):
     fit = [0, 2, 3, 5, 6, 7]
     (tmp_path / "fit.jsonl").write_text("".join(json.dumps(docs[i]) + "\n" for i in fit))
     loaded = moesift.load_model(mdir, device="cpu", dtype="float32")
-    fit_cal, final = calibrate_mod.calibrate_split(mdir, docs, fit, max_length=64, device="cpu", dtype="float32",
-                                                  loaded=loaded)
+    (fit_cal,), final = calibrate_mod.calibrate_split(mdir, docs, [fit], max_length=64, device="cpu",
+                                                     dtype="float32", loaded=loaded)
     all_cal = final(loaded[0])
     assert final(None) is all_cal  # computed once
     assert fit_cal.settings["documents"] == 6 and all_cal.settings["documents"] == 8

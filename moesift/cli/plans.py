@@ -55,7 +55,7 @@ def plan_cmd(
     auto_folds: int = typer.Option(4, "--auto-folds", help="auto: folds of the calibration documents; one is "
                                    "held out for validation, the others fit every candidate."),
     auto_rounds: int = typer.Option(1, "--auto-rounds", help="auto: how many folds are held out in turn (up to "
-                                    "--auto-folds: full cross-validation, one calibration per round)."),
+                                    "--auto-folds: full cross-validation); one calibration pass serves every round."),
     force: bool = typer.Option(False, "--force", help="Overwrite --out."),
     offload: bool = typer.Option(False, "--offload", help="Plan for `moesift generate` / load_offloaded: --memory "
                                  "is device memory for non-expert weights + resident experts + cache slots; "

@@ -11,8 +11,8 @@ calibration text itself, never on the evaluation data:
 2. On the fit documents the model is traced (with saliency) and calibrated (`moesift.calibrate`): the
    statistics every candidate ranks by. The calibration runs over all the calibration documents in one pass
    (`calibrate_split`: one capture, and per layer one set of expert computations), with the layer greedy on
-   the fit documents' tokens and on all of them; so a calibration of all the documents is at hand without
-   a second pass.
+   each round's fit documents' tokens and on all of them; so more rounds add a greedy each, not a pass,
+   and a calibration of all the documents is at hand without a second pass.
 3. Per budget, every candidate (frequency, weighted, contribution, calibrated, each with and without
    `--allocate`, as far as the budget and the traces allow) chooses its sets from the fit statistics,
    and the model restricted to each set scores the held-out documents, whole, in windows of `calib_length`
@@ -208,23 +208,22 @@ def fit(model: Any, calib: Any, calib_samples: int | None, calib_length: int, fo
         "calibration_data": list(files), "documents": len(docs), "folds": folds, "rounds": rounds, "seed": seed,
         "max_length": calib_length, "device": device})
     out.seconds["load_s"] = time.perf_counter() - t0
-    info = data_record(list(files))
+    fits = [[i for i in range(len(docs)) if fold_of[i] != r] for r in range(rounds)]
+    t0 = time.perf_counter()
+    # one calibration pass for every round's fit documents and for all of them
+    cals, out.final = calibrate_split(model, docs, fits, max_length=calib_length, device=device, dtype=dtype,
+                                      loaded=(m, tok), progress=progress, data_info=data_record(list(files)))
+    out.seconds["calibrate_s"] = time.perf_counter() - t0
     with tempfile.TemporaryDirectory(prefix="moesift-auto-") as tmp:
-        for r in range(rounds):
-            fit_idx = [i for i in range(len(docs)) if fold_of[i] != r]
-            rd, final = _fit_round(model, m, tok, Path(tmp) / f"fit{r}.jsonl", docs, fit_idx, calib_length, device,
-                                   dtype, progress, info, whole=r == 0)
-            out.rounds.append(rd)
-            out.final = out.final or final
+        for r, (fit_idx, cal) in enumerate(zip(fits, cals, strict=True)):
+            out.rounds.append(_fit_round(m, tok, Path(tmp) / f"fit{r}.jsonl", docs, fit_idx, cal, calib_length))
     _FITS[key] = out
     return out
 
 
-def _fit_round(model: Any, m: Any, tok: Any, path: Path, docs: list[dict[str, Any]], fit_idx: list[int], length: int,
-               device: str, dtype: str | None, progress: bool, info: list[dict[str, Any]],
-               whole: bool) -> tuple[_Round, Callable[[Any], Any] | None]:
-    """Trace and calibrate on the fit documents `fit_idx` (with `whole`, in the same pass the layer greedy of
-    all of `docs`: the function returned gives that calibration); the held-out windows and the full model's
+def _fit_round(m: Any, tok: Any, path: Path, docs: list[dict[str, Any]], fit_idx: list[int], cal: Any,
+               length: int) -> _Round:
+    """Trace the fit documents `fit_idx` (`cal`: their calibration); the held-out windows and the full model's
     NLL on them."""
     fit_set = set(fit_idx)
     fit_docs = [docs[i] for i in fit_idx]
@@ -236,9 +235,6 @@ def _fit_round(model: Any, m: Any, tok: Any, path: Path, docs: list[dict[str, An
     tr = record_trace(m, path, max_length=length, saliency=True, progress=False, tokenizer=tok, label="auto-fit",
                       folds=min(8, len(fit_docs)))
     t1 = time.perf_counter()
-    cal, final = calibrate_split(model, docs, fit_idx, max_length=length, device=device, dtype=dtype,
-                                 loaded=(m, tok), progress=progress, data_info=info, whole=whole)
-    t2 = time.perf_counter()
     wins = [(j, ids[i:i + length]) for j, ids in enumerate(encode_documents(val_docs, tok))
             for i in range(0, len(ids), length)]
     wins = [(j, w) for j, w in wins if len(w) >= 2]
@@ -252,7 +248,7 @@ def _fit_round(model: Any, m: Any, tok: Any, path: Path, docs: list[dict[str, An
     full = window_nll(m, bl)
     return _Round(trace=tr, calibration=cal, batches=bl, full=full, documents=doc_of, fit_documents=len(fit_docs),
                   validation_documents=len(val_docs),
-                  seconds={"trace_s": t1 - t0, "calibrate_s": t2 - t1, "full_s": time.perf_counter() - t2}), final
+                  seconds={"trace_s": t1 - t0, "full_s": time.perf_counter() - t1})
 
 
 def window_nll(m: Any, batch_list: list[tuple[Any, Any]], resident: dict[int, list[int]] | None = None) -> np.ndarray:

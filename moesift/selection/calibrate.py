@@ -251,24 +251,26 @@ def calibrate(
     return cal
 
 
-def calibrate_split(model: str | os.PathLike, docs: list[dict[str, Any]], fit: Sequence[int], max_length: int = 256,
-                    batch_size: int = 8, device: str = "auto", dtype: str | None = None, loaded: Any = None,
-                    progress: bool = False, data_info: list[dict[str, Any]] | None = None,
-                    whole: bool = True) -> tuple[Calibration, Callable[[Any], Calibration] | None]:
-    """The calibrations of the documents `fit` (indices into `docs`) and of all of `docs`, from one pass: one
-    capture of the MoE inputs and, per layer, one scorer (Gram matrices or block) over every token, with the
-    greedy run on the fit documents' tokens and on all of them. Returns the fit calibration, whole, and a
-    function that gives the calibration of all the documents: its layer greedy ran in the pass, and its
+def calibrate_split(model: str | os.PathLike, docs: list[dict[str, Any]], fits: Sequence[Sequence[int]],
+                    max_length: int = 256, batch_size: int = 8, device: str = "auto", dtype: str | None = None,
+                    loaded: Any = None, progress: bool = False, data_info: list[dict[str, Any]] | None = None,
+                    whole: bool = True) -> tuple[list[Calibration], Callable[[Any], Calibration] | None]:
+    """The calibrations of each set of documents in `fits` (indices into `docs`) and of all of `docs`, from one
+    pass: one capture of the MoE inputs and, per layer, one scorer (Gram matrices or block) over every token,
+    with the greedy run on each set's tokens and on all of them. Returns the calibration of each set, whole,
+    and a function that gives the calibration of all the documents: its layer greedy ran in the pass, and its
     end-to-end phase (where the family has one) runs on the first call, with the loaded model given to it
-    (the model is not held in between); None with `whole=False` (the fit documents alone). Each is what
-    `calibrate` gives on those documents, up to the rounding of the batches the tokens were computed in."""
+    (the model is not held in between); None with `whole=False` (the sets alone). Each is what `calibrate`
+    gives on those documents, up to the rounding of the batches the tokens were computed in."""
     opts = _Options(None, max_length, batch_size, resolve_device(device), dtype)
     _check_settings(opts.kl_top, opts.end_to_end_loss, max_length)
+    names = [f"round {r + 1} fit" for r in range(len(fits))]
     with progress_bar(progress, remaining=True) as bar:
-        subsets: dict[str, list[int] | None] = {"fit": list(fit), **({"all": None} if whole else {})}
+        subsets: dict[str, list[int] | None] = {**{n: list(f) for n, f in zip(names, fits, strict=True)},
+                                                **({"all": None} if whole else {})}
         ready, pending = _calibrate_docs(model, docs, subsets, data_info or [], opts, loaded, bar, defer=True)
     if not whole:
-        return ready["fit"], None
+        return [ready[n] for n in names], None
     done: dict[str, Calibration] = {}
 
     def final(m: Any) -> Calibration:
@@ -277,7 +279,7 @@ def calibrate_split(model: str | os.PathLike, docs: list[dict[str, Any]], fit: S
                 done["all"] = pending["all"](m, b)
         return done["all"]
 
-    return ready["fit"], final
+    return [ready[n] for n in names], final
 
 
 def data_record(paths: list[Any]) -> list[dict[str, Any]]:
