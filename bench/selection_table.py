@@ -47,7 +47,7 @@ import numpy as np
 import moesift
 from moesift import assets
 from moesift.core.io import json_default
-from moesift.formats.workload import batches, encode_documents, read_documents, windows
+from moesift.formats.workload import batch_order, batches, encode_documents, read_documents, windows
 from moesift.selection import auto as auto_mod
 from moesift.selection.auto import paired_gap, window_nll
 
@@ -77,9 +77,9 @@ def scored(m: Any, tok: Any, path: Path, n: int, length: int, skip: int = 0, who
     wins = [(j, w) for j, ids in enumerate(encode_documents(docs, tok))
             for w in windows([ids if whole else ids[:length]], length)]
     pad = getattr(tok, "pad_token_id", None)
-    order = sorted(range(len(wins)), key=lambda i: (-len(wins[i][1]), i))  # the row order of `batches`
-    return (batches([w for _, w in wins], 8, pad_id=int(pad) if pad is not None else 0),
-            np.asarray([wins[i][0] for i in order], dtype=np.int64))
+    ws = [w for _, w in wins]
+    return (batches(ws, 8, pad_id=int(pad) if pad is not None else 0),
+            np.asarray([wins[i][0] for i in batch_order(ws)], dtype=np.int64))
 
 
 def point(full: np.ndarray, nll: dict[str, np.ndarray], units: np.ndarray) -> dict[str, Any]:

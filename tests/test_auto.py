@@ -35,6 +35,15 @@ def _auto_plan(model, d, seed=0):
                         seed=seed, device="cpu", progress=False)
 
 
+def _folds(n, seed, folds=4):
+    """The fold of each of n calibration documents, dealt as auto deals them (written out here, not imported)."""
+    import numpy as np
+
+    fold = np.empty(n, dtype=np.int64)
+    fold[np.random.default_rng(seed).permutation(n)] = np.arange(n) % folds
+    return fold
+
+
 def test_auto_records_every_candidate_and_is_reproducible(work):
     model, d = work
     p = _auto_plan(model, d)
@@ -74,8 +83,7 @@ def test_auto_standard_errors_take_held_out_documents_as_units(work):
                      device="cpu", progress=False)
     a = p.provenance["auto"]
     docs = [json.loads(x)["input_ids"] for x in (d / "calib.jsonl").read_text().splitlines()]
-    fold = np.empty(len(docs), dtype=np.int64)
-    fold[np.random.default_rng(3).permutation(len(docs))] = np.arange(len(docs)) % 4
+    fold = _folds(len(docs), seed=3)
     held = [ids for i, ids in enumerate(docs) if fold[i] == 0]
     # scored tokens of each held-out document: every window of 8 tokens (at least 2) predicts all but its first
     want = [sum(len(ids[i:i + 8]) - 1 for i in range(0, len(ids), 8) if len(ids[i:i + 8]) >= 2) for ids in held]
@@ -210,8 +218,6 @@ def test_auto_rounds_share_one_calibration_pass(work, monkeypatch):
     """With --auto-rounds 2 two folds are held out in turn; one calibration pass gives both rounds' fit
     calibrations, each what `moesift.calibrate` gives on that round's fit documents, and the candidates are
     scored on both held-out folds."""
-    import numpy as np
-
     model, d = work
     calls: list[int] = []
     real = auto.calibrate_split
@@ -230,8 +236,7 @@ def test_auto_rounds_share_one_calibration_pass(work, monkeypatch):
     f = auto.held_fit()
     assert a["validation_windows"] == sum(len(r.full) for r in f.rounds)
     lines = (d / "calib.jsonl").read_text().splitlines()
-    fold = np.empty(len(lines), dtype=np.int64)
-    fold[np.random.default_rng(0).permutation(len(lines))] = np.arange(len(lines)) % 4
+    fold = _folds(len(lines), seed=0)
     for r, rd in enumerate(f.rounds):
         fit = [i for i in range(len(lines)) if fold[i] != r]
         assert rd.calibration.settings["subset"]["documents"] == fit

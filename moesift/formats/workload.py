@@ -359,13 +359,18 @@ def windows(token_lists: list[list[int]], max_length: int) -> list[list[int]]:
     return out
 
 
+def batch_order(wins: list[list[int]]) -> list[int]:
+    """The order in which `batches` lays out the windows, row after row: longest first, ties in order."""
+    return sorted(range(len(wins)), key=lambda i: (-len(wins[i]), i))
+
+
 def batches(wins: list[list[int]], batch_size: int, pad_id: int = 0) -> list[tuple[Any, Any]]:
-    """(input_ids [B, S], attention_mask [B, S]) batches, right-padded, longest windows first."""
+    """(input_ids [B, S], attention_mask [B, S]) batches, right-padded, longest windows first (`batch_order`)."""
     import torch
 
     if batch_size < 1:
         raise MoesiftError(f"--batch-size must be at least 1 (got {batch_size})")
-    order = sorted(range(len(wins)), key=lambda i: (-len(wins[i]), i))
+    order = batch_order(wins)
     out = []
     for s in range(0, len(order), batch_size):
         group = [wins[i] for i in order[s : s + batch_size]]

@@ -55,7 +55,7 @@ import numpy as np
 from ..core.errors import MoesiftError
 from ..engines.hf import load_model, resolve_device
 from ..engines.restrict import restrict
-from ..formats.workload import batches, encode_documents, read_documents
+from ..formats.workload import batch_order, batches, encode_documents, read_documents
 from ..record.tracer import trace as record_trace
 from .calibrate import calibrate_split, data_record
 
@@ -241,10 +241,9 @@ def _fit_round(m: Any, tok: Any, path: Path, docs: list[dict[str, Any]], fit_idx
     if not wins:
         raise MoesiftError("auto's held-out calibration documents tokenized to nothing; give more calibration text")
     pad = getattr(tok, "pad_token_id", None) if tok is not None else None
-    bl = batches([w for _, w in wins], 8, pad_id=int(pad) if pad is not None else 0)
-    # `batches` puts the longest windows first (ties in order): the document of each row, for the standard errors
-    order = sorted(range(len(wins)), key=lambda i: (-len(wins[i][1]), i))
-    doc_of = np.asarray([wins[i][0] for i in order], dtype=np.int64)
+    ws = [w for _, w in wins]
+    bl = batches(ws, 8, pad_id=int(pad) if pad is not None else 0)
+    doc_of = np.asarray([wins[i][0] for i in batch_order(ws)], dtype=np.int64)  # for the standard errors
     full = window_nll(m, bl)
     return _Round(trace=tr, calibration=cal, batches=bl, full=full, documents=doc_of, fit_documents=len(fit_docs),
                   validation_documents=len(val_docs),

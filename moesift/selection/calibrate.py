@@ -78,7 +78,7 @@ from ..core.progress import progress_bar
 from ..engines.hf import config_obj, hf_progress, load_model, model_class, parse_dtype, resolve_device
 from ..formats.calibration import Calibration
 from ..formats.checkpoint import CheckpointIndex
-from ..formats.workload import batches, encode_documents, read_documents
+from ..formats.workload import batch_order, batches, encode_documents, read_documents
 from .calib_cache import BlockRunner, SubsetScorer, make_scorer
 from .calib_greedy import greedy_layer
 from .endtoend import choose_end_to_end
@@ -253,24 +253,22 @@ def calibrate(
 
 def calibrate_split(model: str | os.PathLike, docs: list[dict[str, Any]], fits: Sequence[Sequence[int]],
                     max_length: int = 256, batch_size: int = 8, device: str = "auto", dtype: str | None = None,
-                    loaded: Any = None, progress: bool = False, data_info: list[dict[str, Any]] | None = None,
-                    whole: bool = True) -> tuple[list[Calibration], Callable[[Any], Calibration] | None]:
+                    loaded: Any = None, progress: bool = False,
+                    data_info: list[dict[str, Any]] | None = None) -> tuple[list[Calibration], Callable[[Any], Calibration]]:
     """The calibrations of each set of documents in `fits` (indices into `docs`) and of all of `docs`, from one
     pass: one capture of the MoE inputs and, per layer, one scorer (Gram matrices or block) over every token,
     with the greedy run on each set's tokens and on all of them. Returns the calibration of each set, whole,
     and a function that gives the calibration of all the documents: its layer greedy ran in the pass, and its
     end-to-end phase (where the family has one) runs on the first call, with the loaded model given to it
-    (the model is not held in between); None with `whole=False` (the sets alone). Each is what `calibrate`
-    gives on those documents, up to the rounding of the batches the tokens were computed in."""
+    (the model is not held in between). Each is what `calibrate` gives on those documents, up to the
+    rounding of the batches the tokens were computed in."""
     opts = _Options(None, max_length, batch_size, resolve_device(device), dtype)
     _check_settings(opts.kl_top, opts.end_to_end_loss, max_length)
     names = [f"round {r + 1} fit" for r in range(len(fits))]
     with progress_bar(progress, remaining=True) as bar:
         subsets: dict[str, list[int] | None] = {**{n: list(f) for n, f in zip(names, fits, strict=True)},
-                                                **({"all": None} if whole else {})}
+                                                "all": None}
         ready, pending = _calibrate_docs(model, docs, subsets, data_info or [], opts, loaded, bar, defer=True)
-    if not whole:
-        return [ready[n] for n in names], None
     done: dict[str, Calibration] = {}
 
     def final(m: Any) -> Calibration:
@@ -374,11 +372,10 @@ def _calibrate_docs(model: Any, docs: list[dict[str, Any]], subsets: dict[str, l
 def _subset_rows(toks: list[list[int]], kept: list[int],
                  subsets: dict[str, list[int] | None]) -> tuple[dict[str, Any], dict[str, list[int]]]:
     """Per subset: the rows of its tokens among the captured ones (None: all) and its positions in `toks`.
-    `capture_inputs` stores the tokens batch by batch in the order of `batches`: longest first, ties by
-    position."""
+    `capture_inputs` stores the tokens batch by batch in the order of `batches` (`batch_order`)."""
     import torch
 
-    order = sorted(range(len(toks)), key=lambda i: (-len(toks[i]), i))
+    order = batch_order(toks)
     doc_of_row = np.repeat(np.asarray(order, dtype=np.int64), [len(toks[i]) for i in order])
     pos = {d: j for j, d in enumerate(kept)}
     rows: dict[str, Any] = {}
