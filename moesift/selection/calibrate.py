@@ -253,8 +253,8 @@ def calibrate(
 
 def calibrate_split(model: str | os.PathLike, docs: list[dict[str, Any]], fits: Sequence[Sequence[int]],
                     max_length: int = 256, batch_size: int = 8, device: str = "auto", dtype: str | None = None,
-                    loaded: Any = None, progress: bool = False,
-                    data_info: list[dict[str, Any]] | None = None) -> tuple[list[Calibration], Callable[[Any], Calibration]]:
+                    loaded: Any = None, progress: bool = False, data_info: list[dict[str, Any]] | None = None,
+                    ) -> tuple[list[Calibration], Callable[[Any], Calibration]]:
     """The calibrations of each set of documents in `fits` (indices into `docs`) and of all of `docs`, from one
     pass: one capture of the MoE inputs and, per layer, one scorer (Gram matrices or block) over every token,
     with the greedy run on each set's tokens and on all of them. Returns the calibration of each set, whole,
