@@ -19,6 +19,7 @@ not depend on training, so no quality figure is printed), and for one workload t
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import tempfile
 import time
@@ -29,24 +30,28 @@ from moesift import assets
 from moesift.selection import auto as auto_mod
 
 KEEPS = (0.25, 0.5, 0.75)
-EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")  # transformers' spellings
 
 
 def build(base: Path, experts: int, top_k: int | None, out: Path, seed: int) -> None:
     """A model of `base`'s config with `experts` routed experts (and `top_k`), random weights, saved with
-    `save_pretrained` beside `base`'s tokenizer files."""
+    `save_pretrained` beside `base`'s tokenizer files. The config keys are the family adapter's."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = AutoConfig.from_pretrained(base)
-    key = next((k for k in EXPERT_KEYS if getattr(cfg, k, None)), None)
-    if key is None:
-        raise SystemExit(f"{base}: no routed expert count in its config ({', '.join(EXPERT_KEYS)})")
-    setattr(cfg, key, experts)
+    from moesift.arch.registry import adapter_for
+
+    cfg = json.loads((base / "config.json").read_text())
+    ad = adapter_for(cfg)
+    cfg = ad.rewrite_config(cfg, {0: list(range(experts))})  # the expert count, under the family's own keys
     if top_k:
-        cfg.num_experts_per_tok = top_k
+        key = next((k for k in getattr(ad, "top_k_keys", ()) if cfg.get(k) is not None), None)
+        if key is None:
+            raise SystemExit(f"{base}: the {cfg.get('model_type')} adapter names no top-k key in its config")
+        cfg[key] = top_k
+    out.mkdir(parents=True)
+    (out / "config.json").write_text(json.dumps(cfg))
     torch.manual_seed(seed)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(out)).save_pretrained(out)
     for f in base.iterdir():
         if f.name.startswith(("tokenizer", "special_tokens")):
             shutil.copy(f, out / f.name)
